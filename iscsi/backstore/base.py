@@ -1,0 +1,36 @@
+"""The small interface every backstore implements (DESIGN.md: read, write, flush, unmap, lba status, size)."""
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Backstore(Protocol):
+    """Where the blocks of one logical unit live.
+
+    Offsets and lengths are in bytes and always multiples of ``block_size``.
+    ``read``/``write`` are synchronous (pread/pwrite on a page-cached file cost
+    microseconds, less than a thread hop); ``flush`` may block for milliseconds,
+    so callers run it in a worker thread.
+    """
+
+    block_size: int
+    read_only: bool
+
+    @property
+    def size(self) -> int: ...
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def unmap(self, offset: int, length: int) -> None: ...
+
+    def is_mapped(self, offset: int) -> tuple[bool, int]:
+        """Return (mapped, length in bytes of the run of same state starting at ``offset``)."""
+        ...
+
+    def resize(self, new_size: int) -> None: ...
+
+    def close(self) -> None: ...
