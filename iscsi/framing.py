@@ -1,0 +1,126 @@
+"""Sans-IO PDU stream framing for one TCP connection (RFC 7143 §11.1, §12.1).
+
+:class:`PduReader` takes whatever bytes the socket delivered and returns the
+complete PDUs found so far; :func:`encode` turns a PDU into the buffers to
+write.  Both know about header/data digests and the negotiated limits but
+nothing about sockets, so the target and the initiator share them and tests
+feed them byte by byte.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .digest import crc32c, digest_bytes, unpack_digest
+from .pdu import BHS_LEN, Pdu, PduFormatError, RejectReason, decode, pad4, parse_bhs
+
+# RFC 7143 §13.12 caps MaxRecvDataSegmentLength at 2^24-1; login PDUs are limited to 8192
+# bytes of data before negotiation (§13.12: "the default ... is 8192").
+LOGIN_MAX_DATA_SEGMENT = 8192
+# AHS of more than 1 KiB has no legitimate use (the longest standard one is a 260-byte CDB).
+MAX_AHS_LENGTH = 1024
+
+
+class HeaderDigestError(Exception):
+    """The header digest did not match: lengths cannot be trusted, drop the connection (§7.8)."""
+
+
+@dataclass(slots=True)
+class DataDigestFailure:
+    """A PDU whose header was sound but whose data digest did not match (RFC 7143 §7.8).
+
+    The connection survives: the target answers with a Reject (reason 0x02) and, at
+    ErrorRecoveryLevel 0, the affected task is ended by the caller.
+    """
+
+    pdu: Pdu
+    header: bytes
+
+
+class PduReader:
+    """Incremental parser of a PDU stream.
+
+    ``max_data_segment`` is *our* MaxRecvDataSegmentLength: a peer that sends more
+    broke the protocol (§13.12) and gets a :class:`PduFormatError`.
+    """
+
+    __slots__ = ("allowed", "header_digest", "data_digest", "max_data_segment", "_buf", "_pos")
+
+    def __init__(self, *, allowed: frozenset[int] | None = None, header_digest: bool = False,
+                 data_digest: bool = False, max_data_segment: int = LOGIN_MAX_DATA_SEGMENT) -> None:
+        self.allowed = allowed
+        self.header_digest = header_digest
+        self.data_digest = data_digest
+        self.max_data_segment = max_data_segment
+        self._buf = bytearray()
+        self._pos = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete PDU."""
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Pdu | DataDigestFailure]:
+        """Add received bytes; return every PDU now complete, in order."""
+        buf = self._buf
+        buf += data
+        out: list[Pdu | DataDigestFailure] = []
+        pos = self._pos
+        end = len(buf)
+        hd = 4 if self.header_digest else 0
+        dd = 4 if self.data_digest else 0
+        while end - pos >= BHS_LEN:
+            _op, ahs_len, data_len = parse_bhs(memoryview(buf)[pos:pos + BHS_LEN])
+            if ahs_len > MAX_AHS_LENGTH:
+                raise PduFormatError(f"TotalAHSLength {ahs_len} too large", RejectReason.PROTOCOL_ERROR)
+            if data_len > self.max_data_segment:
+                raise PduFormatError(
+                    f"data segment of {data_len} bytes exceeds MaxRecvDataSegmentLength {self.max_data_segment}",
+                    RejectReason.PROTOCOL_ERROR)
+            hdr_end = pos + BHS_LEN + ahs_len
+            data_start = hdr_end + hd
+            total = data_start - pos + (data_len + pad4(data_len) + dd if data_len else 0)
+            if end - pos < total:
+                break
+            header = bytes(buf[pos:hdr_end])
+            if hd and crc32c(header) != unpack_digest(buf[hdr_end:data_start]):
+                raise HeaderDigestError("header digest mismatch")
+            payload = bytes(buf[data_start:data_start + data_len]) if data_len else b""
+            pdu = decode(header[:BHS_LEN], header[BHS_LEN:], payload, allowed=self.allowed)
+            pos += total
+            if dd and data_len:
+                padded_end = data_start + data_len + pad4(data_len)
+                if crc32c(memoryview(buf)[data_start:padded_end]) != unpack_digest(buf[padded_end:padded_end + 4]):
+                    out.append(DataDigestFailure(pdu, header[:BHS_LEN]))
+                    continue
+            out.append(pdu)
+        # Compact once per feed, not once per PDU.
+        if pos:
+            del buf[:pos]
+            pos = 0
+        self._pos = pos
+        return out
+
+
+def encode(pdu: Pdu, *, header_digest: bool = False, data_digest: bool = False) -> list[bytes | memoryview]:
+    """Buffers for one PDU on the wire (header [+digest], data, padding [+digest]).
+
+    The data segment is not copied: a memoryview passed as ``pdu.data`` goes out as is.
+    """
+    header = pdu.header()
+    parts: list[bytes | memoryview] = [header]
+    if header_digest:
+        parts.append(digest_bytes(header))
+    data = pdu.data
+    n = len(data)
+    if n:
+        parts.append(data)
+        pad = pad4(n)
+        if pad:
+            parts.append(b"\0" * pad)
+        if data_digest:
+            parts.append(digest_bytes(bytes(data) + b"\0" * pad if pad else data))
+    return parts
+
+
+def encode_bytes(pdu: Pdu, *, header_digest: bool = False, data_digest: bool = False) -> bytes:
+    return b"".join(encode(pdu, header_digest=header_digest, data_digest=data_digest))
