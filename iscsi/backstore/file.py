@@ -1,0 +1,233 @@
+"""Sparse image file backstore (DESIGN.md: pread/pwrite, fdatasync, fallocate(PUNCH_HOLE), SEEK_DATA/SEEK_HOLE).
+
+The image is created with ftruncate and never preallocated, so a fresh 1 GiB LUN
+costs a few kilobytes of disk.  Freed ranges are punched back out of the file.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+
+# linux/falloc.h
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+SUPPORTED_BLOCK_SIZES = (512, 4096)
+
+# Zero-filling falls back to writing this much per pwrite: big enough to amortise the
+# syscall, small enough not to matter as a permanent allocation.
+ZERO_CHUNK = 1 << 20
+_ZEROES = bytes(ZERO_CHUNK)
+
+
+def _load_fallocate():
+    """glibc's fallocate(2) wrapper; Python's os module only exposes posix_fallocate (no mode flags)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate = _load_fallocate()
+
+
+def parse_size(text: str) -> int:
+    """Parse ``1G``, ``512M``, ``4096`` ... (binary multiples) into bytes."""
+    text = text.strip()
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    mult = 1
+    if text and text[-1].upper() in units:
+        mult = units[text[-1].upper()]
+        text = text[:-1]
+    elif text[-1:] in ("B", "b"):
+        text = text[:-1]
+    value = int(text) * mult
+    if value <= 0:
+        raise ValueError("size must be positive")
+    return value
+
+
+class FileBackstore:
+    """A logical unit's blocks in a (sparse) regular file.
+
+    ``read``/``write`` are synchronous pread/pwrite (a page-cache hit costs less than a
+    thread hop); ``flush`` calls fdatasync and may block, so the SCSI core runs it in a
+    worker thread.  ``write(..., fua=True)`` is synchronous too and is meant for direct
+    users of the backstore, not for the event loop.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        size: int | None = None,
+        block_size: int = 512,
+        read_only: bool = False,
+        create: bool = True,
+    ) -> None:
+        if block_size not in SUPPORTED_BLOCK_SIZES:
+            raise ValueError(f"block size {block_size} not supported (use one of {SUPPORTED_BLOCK_SIZES})")
+        self.path = os.fspath(path)
+        self.block_size = block_size
+        self.read_only = read_only
+        flags = os.O_CLOEXEC | (os.O_RDONLY if read_only else os.O_RDWR)
+        exists = os.path.exists(self.path)
+        if not exists:
+            if not create or read_only:
+                raise FileNotFoundError(errno.ENOENT, "image file does not exist", self.path)
+            if size is None:
+                raise ValueError("a size is needed to create a new image file")
+            flags |= os.O_CREAT | os.O_EXCL
+        self._fd = os.open(self.path, flags, 0o600)
+        try:
+            current = os.fstat(self._fd).st_size
+            if size is None:
+                size = current
+            if size <= 0 or size % block_size:
+                raise ValueError(f"size {size} is not a positive multiple of the block size {block_size}")
+            if current < size:
+                if read_only:
+                    raise ValueError(f"read-only image {self.path} is smaller ({current}) than requested ({size})")
+                os.ftruncate(self._fd, size)  # sparse: no blocks are allocated
+            elif current > size:
+                raise ValueError(f"refusing to shrink existing image {self.path} from {current} to {size} bytes")
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._size = size
+        self._punch_ok = _fallocate is not None
+        self._zero_range_ok = _fallocate is not None
+
+    # -- properties ---------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def fileno(self) -> int:
+        return self._fd
+
+    # Thin provisioning: unmapped ranges read back as zeroes (SBC-4 LBPRZ=1).
+    unmap_reads_zero = True
+
+    # -- I/O ------------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self._fd, length, offset)
+        if len(data) < length:  # a short read only happens at EOF; the LU never reads past size
+            data += bytes(length - len(data))
+        return data
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        view = memoryview(data)
+        fd = self._fd
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view = view[n:]
+            offset += n
+        if fua:
+            os.fdatasync(fd)
+
+    def flush(self) -> None:
+        os.fdatasync(self._fd)
+
+    def _fallocate(self, mode: int, offset: int, length: int) -> bool:
+        if _fallocate is None:
+            return False
+        if _fallocate(self._fd, mode, offset, length) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return False
+        raise OSError(err, os.strerror(err), self.path)
+
+    def unmap(self, offset: int, length: int) -> None:
+        """Deallocate: punch a hole (partial filesystem blocks are zeroed by the kernel)."""
+        if length <= 0:
+            return
+        if self._punch_ok and self._fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+            return
+        self._punch_ok = False
+        self._write_zero_buffers(offset, length)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make a range read as zeroes and stay allocated (FALLOC_FL_ZERO_RANGE, else zero buffers)."""
+        if length <= 0:
+            return
+        if self._zero_range_ok and self._fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length):
+            return
+        self._zero_range_ok = False
+        self._write_zero_buffers(offset, length)
+
+    def _write_zero_buffers(self, offset: int, length: int) -> None:
+        end = offset + length
+        while offset < end:
+            n = min(ZERO_CHUNK, end - offset)
+            self.write(offset, memoryview(_ZEROES)[:n])
+            offset += n
+
+    def is_mapped(self, offset: int) -> tuple[bool, int]:
+        """Mapping state at ``offset`` and the byte length of the run that shares it.
+
+        Runs are whole blocks: a block that is partly allocated counts as mapped.
+        """
+        bs = self.block_size
+        size = self._size
+        if offset >= size:
+            return (False, 0)
+        try:
+            data = os.lseek(self._fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data at or after offset
+                return (False, size - offset)
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no SEEK_DATA here: all mapped
+                return (True, size - offset)
+            raise
+        if data > offset:
+            # Hole from offset to data; the block holding ``data`` is (partly) mapped.
+            hole_end = min(data - data % bs, size)
+            if hole_end > offset:
+                return (False, hole_end - offset)
+        hole = os.lseek(self._fd, max(data, offset), os.SEEK_HOLE)
+        hole = min(size, -(-hole // bs) * bs)  # round up: a partly mapped block is mapped
+        return (True, max(hole - offset, bs))
+
+    def prefetch(self, offset: int, length: int) -> None:
+        """Hint the kernel to read ahead (SBC-4 PRE-FETCH)."""
+        try:
+            os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except (OSError, AttributeError):
+            pass
+
+    def resize(self, new_size: int) -> None:
+        if self.read_only:
+            raise PermissionError("read-only backstore cannot be resized")
+        if new_size <= 0 or new_size % self.block_size:
+            raise ValueError(f"size {new_size} is not a positive multiple of the block size {self.block_size}")
+        os.ftruncate(self._fd, new_size)
+        self._size = new_size
+
+    def allocated_bytes(self) -> int:
+        """Bytes the image really occupies on disk (st_blocks is in 512-byte units)."""
+        return os.fstat(self._fd).st_blocks * 512
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "FileBackstore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"FileBackstore({self.path!r}, size={self._size}, block_size={self.block_size}, read_only={self.read_only})"
