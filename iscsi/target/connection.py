@@ -1,0 +1,541 @@
+"""One iSCSI connection on the target: the asyncio edge around the sans-IO core.
+
+Bytes from the socket go through :class:`~iscsi.framing.PduReader`; login PDUs go
+to :class:`~iscsi.target.login.TargetLogin`; in Full Feature Phase the PDUs are
+dispatched here to the session (command window, R2T bookkeeping from
+iscsi/session.py) and to the SCSI core (``LunMap.execute``).  Everything that
+is written goes through :meth:`TargetConnection.send`, which stamps StatSN,
+ExpCmdSN and MaxCmdSN in one place.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+from .. import keys as K
+from .. import pdu as P
+from ..framing import DataDigestFailure, HeaderDigestError, PduReader, encode
+from ..log import event
+from ..scsi.types import ITNexus, ScsiCommand, ScsiResult, Status, TaskAttr
+from ..session import DataOutError, StatSequence, WriteTransfer, residual
+from .login import FULL_FEATURE, LoginError, LoginFailure, LoginSuccess, TargetLogin
+
+if TYPE_CHECKING:
+    from .server import IscsiServer, TargetSession
+
+log = logging.getLogger("iscsi.target.connection")
+
+# A connection must finish its login within this time, or it is dropped: a peer
+# that opens sockets and never logs in must not hold resources (LIO uses 15 s;
+# ESXi's own login timeout is 5 s, so real initiators finish far sooner).
+LOGIN_TIMEOUT = 15.0
+# Ping an idle initiator after this many seconds without any PDU from it, and drop
+# the connection if the NOP-Out answer does not come back in NOP_TIMEOUT (the same
+# 5 s / 5 s that open-iscsi applies in the other direction).
+NOP_INTERVAL = 5.0
+NOP_TIMEOUT = 15.0
+# Stop reading from a connection whose unsent output exceeds this (back-pressure).
+WRITE_HIGH_WATER = 4 * 1024 * 1024
+
+
+class Task:
+    """One SCSI command in flight on this connection."""
+
+    __slots__ = ("pdu", "lun", "itt", "transfer", "ready", "started", "aborted", "future",
+                 "needed", "cmdsn")
+
+    def __init__(self, pdu: P.ScsiCommandPdu, lun: int) -> None:
+        self.pdu = pdu
+        self.lun = lun
+        self.itt = pdu.itt
+        self.cmdsn = pdu.cmdsn
+        self.transfer: WriteTransfer | None = None
+        self.ready = False        # its turn in CmdSN order has come
+        self.started = False
+        self.aborted = False
+        self.future: asyncio.Task | None = None
+        self.needed: int | None = None  # Data-Out bytes the CDB asks for
+
+
+class TargetConnection(asyncio.Protocol):
+    def __init__(self, server: "IscsiServer") -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.reader = PduReader(allowed=P.INITIATOR_OPCODES)
+        self.login: TargetLogin | None = None
+        self.session: "TargetSession | None" = None
+        self.cid = 0
+        self.stat = StatSequence(int.from_bytes(os.urandom(2), "big"))
+        self.params: K.SessionParams | None = None
+        self.header_digest = False
+        self.data_digest = False
+        self.max_send_segment = 8192
+        self.tasks: dict[int, Task] = {}
+        self.ttt_map: dict[int, Task] = {}
+        self._next_ttt = 1
+        self.closed = False
+        self.peer = ("?", 0)
+        self.local = ("?", 0)
+        self._login_timer: asyncio.TimerHandle | None = None
+        self._nop_timer: asyncio.TimerHandle | None = None
+        self._nop_outstanding: int | None = None
+        self._last_rx = time.monotonic()
+        self._paused = False
+        self.logging_out = False
+        self.loop = asyncio.get_running_loop()
+
+    # ------------------------------------------------------------------
+    # asyncio.Protocol
+    # ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        local = transport.get_extra_info("sockname") or ("?", 0)
+        self.peer, self.local = (peer[0], peer[1]), (local[0], local[1])
+        self.login = TargetLogin(self.server.registry, self.local[0], self.local[1],
+                                 self.server.allocate_tsih, self.stat.statsn)
+        self._login_timer = self.loop.call_later(LOGIN_TIMEOUT, self._login_timeout)
+        self.server.connections.add(self)
+        try:
+            transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        except Exception:  # pragma: no cover
+            pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        for timer in (self._login_timer, self._nop_timer):
+            if timer is not None:
+                timer.cancel()
+        self.server.connections.discard(self)
+        for task in list(self.tasks.values()):
+            self._cancel_task(task)
+        self.tasks.clear()
+        self.ttt_map.clear()
+        if self.session is not None:
+            self.session.connection_lost(self)
+
+    def pause_writing(self) -> None:
+        # The peer does not read fast enough: stop taking new commands from it.
+        if self.transport is not None and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and self._paused:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_rx = time.monotonic()
+        try:
+            pdus = self.reader.feed(data)
+        except HeaderDigestError:
+            event(log, "conn.header_digest_error", logging.WARNING, peer=self._peer_str())
+            self.close()
+            return
+        except P.PduFormatError as err:
+            self._protocol_violation(str(err), err.reason)
+            return
+        for item in pdus:
+            if self.closed:
+                return
+            if isinstance(item, DataDigestFailure):
+                self._data_digest_failure(item)
+                continue
+            try:
+                if self.session is None:
+                    self._login_pdu(item)
+                else:
+                    self._ffp_pdu(item)
+            except P.PduFormatError as err:
+                self._reject(item, err.reason)
+            except Exception:  # never let one bad PDU take the daemon down
+                log.exception("conn.internal_error peer=%s", self._peer_str())
+                self.close()
+                return
+
+    # ------------------------------------------------------------------
+    # Output
+    # ------------------------------------------------------------------
+    def _peer_str(self) -> str:
+        return f"{self.peer[0]}:{self.peer[1]}"
+
+    def send(self, pdu: P.Pdu, *, status: bool = True) -> None:
+        """Stamp sequence numbers and write one PDU.
+
+        ``status`` PDUs take the next StatSN (§4.2.2.2); others carry the current one.
+        """
+        if self.closed or self.transport is None:
+            return
+        if isinstance(pdu, P._TargetPdu):
+            if status:
+                pdu.statsn = self.stat.next()
+            else:
+                pdu.statsn = self.stat.statsn
+            if self.session is not None:
+                window = self.session.window
+                pdu.expcmdsn = window.expcmdsn
+                pdu.maxcmdsn = window.maxcmdsn
+        self.transport.writelines(encode(pdu, header_digest=self.header_digest, data_digest=self.data_digest))
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.close()
+
+    def abort_connection(self) -> None:
+        if self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+
+    def _reject(self, pdu: P.Pdu | None, reason: int, header: bytes | None = None) -> None:
+        hdr = header if header is not None else (pdu.header()[:P.BHS_LEN] if pdu is not None else b"")
+        event(log, "conn.reject", logging.WARNING, peer=self._peer_str(), reason=f"0x{reason:02x}",
+              opcode=f"0x{hdr[0] & 0x3f:02x}" if hdr else None)
+        self.send(P.Reject(reason=reason, data=hdr))
+
+    def _protocol_violation(self, why: str, reason: int = P.RejectReason.PROTOCOL_ERROR) -> None:
+        """The byte stream cannot be trusted any more: Reject if we can, then drop (§7.1)."""
+        event(log, "conn.protocol_error", logging.WARNING, peer=self._peer_str(), why=why)
+        if self.session is not None:
+            self.send(P.Reject(reason=reason, data=b"\0" * P.BHS_LEN))
+        self.close()
+
+    # ------------------------------------------------------------------
+    # Login phase
+    # ------------------------------------------------------------------
+    def _login_timeout(self) -> None:
+        if self.session is None and not self.closed:
+            event(log, "login.timeout", logging.WARNING, peer=self._peer_str())
+            self.abort_connection()
+
+    def _login_pdu(self, pdu: P.Pdu) -> None:
+        assert self.login is not None
+        if not isinstance(pdu, P.LoginRequest):
+            # §6.1: only Login Requests before Full Feature Phase; anything else ends it.
+            event(log, "login.unexpected_pdu", logging.WARNING, peer=self._peer_str(),
+                  opcode=f"0x{type(pdu).OPCODE:02x}")
+            self.close()
+            return
+        for resp in self.login.receive(pdu):
+            self.transport.writelines(encode(resp))  # type: ignore[union-attr]
+        outcome = self.login.outcome
+        if isinstance(outcome, LoginFailure):
+            self.close()
+        elif isinstance(outcome, LoginSuccess):
+            self.stat.statsn = outcome.statsn
+            self.stat.expstatsn = outcome.statsn
+            self._enter_full_feature(outcome)
+
+    def _enter_full_feature(self, ok: LoginSuccess) -> None:
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
+        params = ok.params
+        self.params = params
+        self.cid = ok.cid
+        self.header_digest = params.header_digest
+        self.data_digest = params.data_digest
+        self.max_send_segment = params.max_send_data_segment_length
+        self.reader.header_digest = params.header_digest
+        self.reader.data_digest = params.data_digest
+        self.reader.max_data_segment = params.max_recv_data_segment_length
+        self.session = self.server.bind_session(self, ok)
+        event(log, "login.ok", initiator=ok.initiator_name, target=ok.target.name if ok.target else None,
+              type=ok.session_type, isid=f"{ok.isid:012x}", tsih=ok.tsih, cid=ok.cid, tpgt=ok.tpgt,
+              peer=self._peer_str(), portal=f"{self.local[0]}:{self.local[1]}",
+              user=ok.authenticated_as,
+              params=" ".join(f"{k}={v}" for k, v in params.describe().items()))
+        self._schedule_nop()
+
+    # ------------------------------------------------------------------
+    # NOP-In pings of idle initiators
+    # ------------------------------------------------------------------
+    def _schedule_nop(self) -> None:
+        if not self.closed:
+            self._nop_timer = self.loop.call_later(self.server.nop_interval, self._nop_tick)
+
+    def _nop_tick(self) -> None:
+        if self.closed or self.session is None:
+            return
+        now = time.monotonic()
+        if self._nop_outstanding is not None:
+            if now - self._nop_sent_at > self.server.nop_timeout:
+                event(log, "conn.nop_timeout", logging.WARNING, peer=self._peer_str())
+                self.abort_connection()
+                return
+        elif now - self._last_rx >= self.server.nop_interval and self.session.session_type == "Normal":
+            ttt = self._new_ttt()
+            self._nop_outstanding = ttt
+            self._nop_sent_at = now
+            self.send(P.NopIn(ttt=ttt, itt=P.RESERVED_TAG), status=False)
+        self._schedule_nop()
+
+    # ------------------------------------------------------------------
+    # Full Feature Phase dispatch
+    # ------------------------------------------------------------------
+    def _ffp_pdu(self, pdu: P.Pdu) -> None:
+        session = self.session
+        assert session is not None
+        op = type(pdu).OPCODE
+        if op in (P.Opcode.SCSI_COMMAND, P.Opcode.NOP_OUT, P.Opcode.TEXT_REQUEST,
+                  P.Opcode.TASK_MGMT_REQUEST, P.Opcode.LOGOUT_REQUEST):
+            self.stat.acknowledge(pdu.expstatsn)  # type: ignore[attr-defined]
+        if op == P.Opcode.DATA_OUT:
+            self._data_out(pdu)  # type: ignore[arg-type]
+            return
+        if op == P.Opcode.LOGIN_REQUEST:
+            # §6.1: a Login Request in Full Feature Phase is a protocol error.
+            self._protocol_violation("Login Request in Full Feature Phase")
+            return
+        if op == P.Opcode.SNACK_REQUEST:
+            # ErrorRecoveryLevel=0: SNACK is not supported (§11.16 / §7.1).
+            self._reject(pdu, P.RejectReason.PROTOCOL_ERROR)
+            return
+        if session.session_type == "Discovery" and op in (P.Opcode.SCSI_COMMAND, P.Opcode.TASK_MGMT_REQUEST):
+            # §4.3: a discovery session carries only Text, NOP and Logout.
+            self._reject(pdu, P.RejectReason.PROTOCOL_ERROR)
+            return
+        if op == P.Opcode.SCSI_COMMAND:
+            self._scsi_command_arrived(pdu)  # type: ignore[arg-type]
+            return
+        if op == P.Opcode.NOP_OUT and pdu.itt == P.RESERVED_TAG:  # type: ignore[attr-defined]
+            # Answer to our NOP-In (TTT echoed) or a pure ExpStatSN update: no reply (§11.18).
+            if pdu.ttt != P.RESERVED_TAG and pdu.ttt == self._nop_outstanding:  # type: ignore[attr-defined]
+                self._nop_outstanding = None
+            if not pdu.immediate:
+                # §11.18.1: ITT=0xffffffff NOP-Out must be immediate; tolerate but do not
+                # consume a CmdSN.
+                pass
+            return
+        # NOP-Out (ping), Text, TMF, Logout: ordered by CmdSN unless immediate.
+        for item in session.window.arrive(pdu.cmdsn, pdu, pdu.immediate):  # type: ignore[attr-defined]
+            self._run_in_order(item)
+
+    def _run_in_order(self, item: object) -> None:
+        """A PDU whose CmdSN turn has come (or an immediate one)."""
+        if isinstance(item, Task):
+            item.ready = True
+            self._maybe_execute(item)
+        elif isinstance(item, P.NopOut):
+            # §11.19: echo the ping data at once; never queued behind SCSI work.
+            self.send(P.NopIn(itt=item.itt, ttt=P.RESERVED_TAG, lun=item.lun, data=item.data))
+        elif isinstance(item, P.TextRequest):
+            self.session.text_request(self, item)  # type: ignore[union-attr]
+        elif isinstance(item, P.TaskMgmtRequest):
+            self.loop.create_task(self.session.task_management(self, item))  # type: ignore[union-attr]
+        elif isinstance(item, P.LogoutRequest):
+            self.loop.create_task(self.session.logout(self, item))  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------
+    # SCSI commands
+    # ------------------------------------------------------------------
+    def _new_ttt(self) -> int:
+        ttt = self._next_ttt
+        self._next_ttt = (ttt + 1) & 0x7FFFFFFF or 1
+        return ttt
+
+    def _scsi_command_arrived(self, pdu: P.ScsiCommandPdu) -> None:
+        session = self.session
+        assert session is not None
+        if not pdu.immediate and not session.window.in_window(pdu.cmdsn):
+            # §4.2.2.1: silently ignore commands outside the window.
+            event(log, "cmd.outside_window", logging.DEBUG, cmdsn=pdu.cmdsn,
+                  expcmdsn=session.window.expcmdsn)
+            return
+        if pdu.itt in self.tasks:
+            self._reject(pdu, P.RejectReason.TASK_IN_PROGRESS)
+            return
+        lun = P.decode_lun(pdu.lun)
+        task = Task(pdu, lun)
+        params = self.params
+        assert params is not None
+        if pdu.data and not pdu.write:
+            self._reject(pdu, P.RejectReason.PROTOCOL_ERROR)  # data on a non-write command
+            return
+        if pdu.data and not params.immediate_data:
+            self._reject(pdu, P.RejectReason.PROTOCOL_ERROR)  # §13.11: ImmediateData=No
+            return
+        if pdu.write and pdu.edtl:
+            needed = session.luns.data_out_length(lun, pdu.cdb)
+            task.needed = needed
+            total = pdu.edtl if needed is None else min(needed, pdu.edtl)
+            transfer = WriteTransfer(
+                total=total, edtl=pdu.edtl, max_burst=params.max_burst_length,
+                first_burst=params.first_burst_length,
+                max_outstanding_r2t=params.max_outstanding_r2t, initial_r2t=params.initial_r2t)
+            try:
+                transfer.start(pdu.data, pdu.final)
+            except DataOutError as err:
+                event(log, "cmd.data_error", logging.WARNING, peer=self._peer_str(), why=str(err))
+                self._reject(pdu, P.RejectReason.PROTOCOL_ERROR)
+                return
+            task.transfer = transfer
+        self.tasks[pdu.itt] = task
+        session.window.in_flight += 1
+        if task.transfer is not None:
+            self._send_r2ts(task)
+        for item in session.window.arrive(pdu.cmdsn, task, pdu.immediate):
+            self._run_in_order(item)
+
+    def _send_r2ts(self, task: Task) -> None:
+        transfer = task.transfer
+        assert transfer is not None
+        for ttt, r2tsn, offset, length in transfer.r2ts(self._new_ttt):
+            self.ttt_map[ttt] = task
+            self.send(P.R2T(lun=task.pdu.lun, itt=task.itt, ttt=ttt, r2tsn=r2tsn, offset=offset,
+                            length=length), status=False)
+
+    def _data_out(self, pdu: P.DataOut) -> None:
+        task = self.ttt_map.get(pdu.ttt) if pdu.ttt != P.RESERVED_TAG else self.tasks.get(pdu.itt)
+        if task is None or task.itt != pdu.itt or task.transfer is None:
+            # §11.7.4: Data-Out for a task we do not know (perhaps aborted): Reject.
+            self._reject(pdu, P.RejectReason.INVALID_PDU_FIELD)
+            return
+        try:
+            task.transfer.data_out(pdu)
+        except DataOutError as err:
+            event(log, "cmd.data_error", logging.WARNING, peer=self._peer_str(), itt=f"0x{task.itt:x}",
+                  why=str(err))
+            self._fail_task(task, err)
+            return
+        if pdu.final and pdu.ttt != P.RESERVED_TAG and pdu.ttt not in task.transfer.outstanding:
+            self.ttt_map.pop(pdu.ttt, None)
+        if pdu.final:
+            self._send_r2ts(task)
+        self._maybe_execute(task)
+
+    def _fail_task(self, task: Task, err: Exception) -> None:
+        """A data-transfer error ends the task with CHECK CONDITION (ABORTED COMMAND)."""
+        from ..scsi.sense import SenseKey, build_sense
+
+        for ttt in [t for t, tk in self.ttt_map.items() if tk is task]:
+            del self.ttt_map[ttt]
+        task.transfer = None
+        # Keep the ITT known until the command's CmdSN turn so the window stays right.
+        sense = build_sense(SenseKey.ABORTED_COMMAND, (0x0C, 0x0D) if False else (0x4B, 0x00))
+        task.aborted = True
+        self._finish_task(task, ScsiResult(status=Status.CHECK_CONDITION, sense=sense), force=True)
+
+    def _maybe_execute(self, task: Task) -> None:
+        if task.started or task.aborted or not task.ready:
+            return
+        if task.transfer is not None and not task.transfer.complete:
+            return
+        task.started = True
+        task.future = self.loop.create_task(self._execute(task))
+
+    async def _execute(self, task: Task) -> None:
+        session = self.session
+        assert session is not None
+        pdu = task.pdu
+        data_out = b""
+        if task.transfer is not None:
+            data_out = memoryview(task.transfer.buffer)[:max(0, min(task.transfer.received, task.transfer.total))]
+        cmd = ScsiCommand(cdb=pdu.cdb, lun=task.lun, nexus=session.nexus, data_out=data_out,
+                          expected_length=pdu.edtl, task_attr=TaskAttr(pdu.attr if pdu.attr <= 4 else 1),
+                          task_tag=task.itt)
+        try:
+            result = await session.luns.execute(cmd)
+        except asyncio.CancelledError:
+            self._forget(task)
+            raise
+        except Exception:
+            log.exception("cmd.internal_error cdb=%s", bytes(pdu.cdb[:16]).hex())
+            from ..scsi.sense import INTERNAL_TARGET_FAILURE, SenseKey, build_sense
+            result = ScsiResult(status=Status.CHECK_CONDITION,
+                                sense=build_sense(SenseKey.HARDWARE_ERROR, INTERNAL_TARGET_FAILURE))
+        if task.aborted:
+            self._forget(task)
+            return
+        self._finish_task(task, result)
+
+    def _forget(self, task: Task) -> None:
+        if self.tasks.get(task.itt) is task:
+            del self.tasks[task.itt]
+            if self.session is not None:
+                self.session.window.in_flight = max(0, self.session.window.in_flight - 1)
+        if task.transfer is not None:
+            for ttt in [t for t, tk in self.ttt_map.items() if tk is task]:
+                del self.ttt_map[ttt]
+
+    def _finish_task(self, task: Task, result: ScsiResult, force: bool = False) -> None:
+        """Send the Data-In and/or SCSI Response for a completed command (§11.4, §11.7)."""
+        self._forget(task)
+        pdu = task.pdu
+        status = result.status
+        data = result.data if pdu.read else b""
+        produced = len(result.data)
+        edtl = pdu.edtl
+        lun_field = pdu.lun
+        if pdu.read:
+            overflow, underflow, resid = residual(edtl, produced)
+            if overflow:
+                data = memoryview(data)[:edtl] if not isinstance(data, memoryview) else data[:edtl]
+        elif pdu.write:
+            wanted = task.needed if task.needed is not None else edtl
+            overflow, underflow, resid = residual(edtl, wanted)
+        else:
+            # Neither R nor W: whatever the CDB would transfer counts as overflow.
+            overflow, underflow, resid = residual(edtl, produced if produced else edtl)
+        n = len(data)
+        if n:
+            collapse = status == Status.GOOD and not result.sense
+            step = self.max_send_segment
+            datasn = 0
+            offset = 0
+            if not isinstance(data, memoryview):
+                data = memoryview(data)
+            while offset < n:
+                chunk = data[offset:offset + step]
+                last = offset + len(chunk) >= n
+                if last and collapse:
+                    # Phase collapse: the last Data-In carries status (§11.7.2, S bit).
+                    self.send(P.DataIn(itt=task.itt, lun=lun_field, ttt=P.RESERVED_TAG, datasn=datasn,
+                                       offset=offset, has_status=True, status=status, overflow=overflow,
+                                       underflow=underflow, residual=resid, data=chunk), status=True)
+                else:
+                    self.send(P.DataIn(itt=task.itt, lun=lun_field, ttt=P.RESERVED_TAG, datasn=datasn,
+                                       offset=offset, final=last, data=chunk), status=False)
+                datasn += 1
+                offset += len(chunk)
+            if collapse:
+                return
+            expdatasn = datasn
+        else:
+            expdatasn = 0
+        self.send(P.ScsiResponse(
+            itt=task.itt, response=0, status=status, overflow=overflow, underflow=underflow,
+            residual=resid, expdatasn=expdatasn,
+            data=P.ScsiResponse.sense_segment(bytes(result.sense)) if result.sense else b""))
+
+    def _cancel_task(self, task: Task) -> None:
+        task.aborted = True
+        if task.future is not None and not task.future.done():
+            task.future.cancel()
+        self._forget(task)
+
+    def abort_tasks(self, predicate) -> int:
+        """Abort every task matching ``predicate(task)``; no response is sent for them (§4.2.3.3)."""
+        victims = [t for t in self.tasks.values() if predicate(t)]
+        for task in victims:
+            self._cancel_task(task)
+        return len(victims)
+
+    def _data_digest_failure(self, item: DataDigestFailure) -> None:
+        """RFC 7143 §7.8: Reject the PDU with reason Data Digest Error; ERL 0 then fails the task."""
+        event(log, "conn.data_digest_error", logging.WARNING, peer=self._peer_str())
+        self._reject(None, P.RejectReason.DATA_DIGEST_ERROR, header=item.header)
+        pdu = item.pdu
+        task = None
+        if isinstance(pdu, P.DataOut):
+            task = self.ttt_map.get(pdu.ttt) if pdu.ttt != P.RESERVED_TAG else self.tasks.get(pdu.itt)
+        elif isinstance(pdu, P.ScsiCommandPdu):
+            # The command itself is unharmed but its immediate data is lost; at ERL 0
+            # we cannot ask for it again, so the command is not executed.
+            return
+        if task is not None:
+            self._fail_task(task, DataOutError("data digest error"))

@@ -1,0 +1,338 @@
+"""Target side of the iSCSI login phase, without I/O (RFC 7143 §6, §11.12, §11.13).
+
+One :class:`TargetLogin` per new TCP connection.  The connection feeds it every
+Login Request PDU and sends back what :meth:`TargetLogin.receive` returns.
+When ``outcome`` is set, the login is over: either a :class:`LoginSuccess`
+(the connection goes to Full Feature Phase) or a :class:`LoginFailure` (the
+failure response has been produced; the connection is then closed, §6.7).
+
+Stages (CSG/NSG, §11.12.3): 0 = SecurityNegotiation, 1 = LoginOperationalNegotiation,
+3 = FullFeaturePhase.  Allowed moves form the table ``_TRANSITIONS``; anything
+else is a protocol error answered with status 0x0200 / 0x020B.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Callable
+
+from .. import keys as K
+from .. import pdu as P
+from ..auth import ChapTargetAuth
+from ..log import event
+from .registry import AccessGrant, ChapCredentials, TargetAccess, TargetRegistry
+
+log = logging.getLogger("iscsi.target.login")
+
+SECURITY, OPERATIONAL, FULL_FEATURE = 0, 1, 3
+# Legal (current stage → next stage) moves when T=1 (RFC 7143 §6.3, §11.12.3).
+_TRANSITIONS = {SECURITY: {OPERATIONAL, FULL_FEATURE}, OPERATIONAL: {FULL_FEATURE}}
+
+# The only iSCSI version there is (RFC 7143 §11.12.4: Version-max/min 0x00).
+ISCSI_VERSION = 0x00
+# A login that has not reached Full Feature Phase after this many PDUs is a peer
+# looping on us (a real login needs ≤ 6: security, CHAP_A, CHAP_N/R, operational, …).
+MAX_LOGIN_PDUS = 64
+# Total text a login may accumulate across C-bit continuations (8 PDUs of 8 KiB).
+MAX_LOGIN_TEXT = 65536
+
+
+class LoginStatus(IntEnum):
+    """RFC 7143 §11.13.5 Status-Class << 8 | Status-Detail."""
+
+    SUCCESS = 0x0000
+    TARGET_MOVED_TEMPORARILY = 0x0101
+    TARGET_MOVED_PERMANENTLY = 0x0102
+    INITIATOR_ERROR = 0x0200
+    AUTHENTICATION_FAILURE = 0x0201
+    AUTHORIZATION_FAILURE = 0x0202
+    NOT_FOUND = 0x0203
+    TARGET_REMOVED = 0x0204
+    UNSUPPORTED_VERSION = 0x0205
+    TOO_MANY_CONNECTIONS = 0x0206
+    MISSING_PARAMETER = 0x0207
+    CANT_INCLUDE_IN_SESSION = 0x0208
+    SESSION_TYPE_NOT_SUPPORTED = 0x0209
+    SESSION_DOES_NOT_EXIST = 0x020A
+    INVALID_DURING_LOGIN = 0x020B
+    TARGET_ERROR = 0x0300
+    SERVICE_UNAVAILABLE = 0x0301
+    OUT_OF_RESOURCES = 0x0302
+
+
+class LoginError(Exception):
+    def __init__(self, status: LoginStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass
+class LoginSuccess:
+    initiator_name: str
+    initiator_alias: str | None
+    session_type: str  # "Normal" | "Discovery"
+    target: TargetAccess | None
+    grant: AccessGrant | None
+    isid: int
+    tsih: int  # as sent by the initiator (0 = new session)
+    cid: int
+    tpgt: int
+    cmdsn: int  # ExpCmdSN at the start of Full Feature Phase
+    statsn: int  # next StatSN to use on this connection
+    params: "K.SessionParams"
+    offered: list[tuple[str, str]] = field(default_factory=list)
+    answered: list[tuple[str, str]] = field(default_factory=list)
+    authenticated_as: str | None = None
+
+
+@dataclass
+class LoginFailure:
+    status: LoginStatus
+    reason: str
+
+
+class TargetLogin:
+    """Sans-IO login negotiation for one connection.
+
+    ``allocate_tsih(isid, initiator, target, tsih)`` is called once the initiator
+    is authenticated and authorised, just before the final response: it returns
+    the TSIH to report (a new one for TSIH=0, the same one for a connection
+    reinstatement) or raises :class:`LoginError` (e.g. session does not exist).
+    """
+
+    def __init__(self, registry: TargetRegistry, local_host: str, local_port: int,
+                 allocate_tsih: Callable[[int, str, str, int, int], int],
+                 statsn_start: int = 0) -> None:
+        self.registry = registry
+        self.local_host, self.local_port = local_host, local_port
+        self.allocate_tsih = allocate_tsih
+        self.outcome: LoginSuccess | LoginFailure | None = None
+        self._statsn = statsn_start
+        self._pdus = 0
+        self._first: P.LoginRequest | None = None
+        self._stage = SECURITY
+        self._text = K.TextAccumulator(MAX_LOGIN_TEXT)
+        self._pending_out: list[bytes] = []   # remaining chunks of a long response (C bit)
+        self._initiator_name: str | None = None
+        self._initiator_alias: str | None = None
+        self._session_type = "Normal"
+        self._target: TargetAccess | None = None
+        self._grant: AccessGrant | None = None
+        self._tpgt = 1
+        self._auth: ChapTargetAuth | None = None
+        self._auth_required = False
+        self._auth_done = False
+        self._negotiator: K.Negotiator | None = None
+        self._declared_once = False
+        self._offered: list[tuple[str, str]] = []
+        self._answered: list[tuple[str, str]] = []
+        self._max_send_segment = K.LOGIN_MAX_RECV_DATA_SEGMENT  # 8192 until negotiated
+
+    # ------------------------------------------------------------------
+    def receive(self, req: P.LoginRequest) -> list[P.Pdu]:
+        """Process one Login Request; return the response PDU(s) to send."""
+        if self.outcome is not None:
+            raise RuntimeError("login already finished")
+        try:
+            return [self._receive(req)]
+        except LoginError as err:
+            return [self._fail(req, err.status, err.reason)]
+        except K.NegotiationError as err:
+            return [self._fail(req, LoginStatus(getattr(err, "status", 0x0200)), str(err))]
+
+    def _receive(self, req: P.LoginRequest) -> P.LoginResponse:
+        self._pdus += 1
+        if self._pdus > MAX_LOGIN_PDUS:
+            raise LoginError(LoginStatus.INITIATOR_ERROR, "login takes too many PDUs")
+        first = self._first
+        if first is None:
+            self._first = first = req
+            if req.version_min > ISCSI_VERSION:
+                raise LoginError(LoginStatus.UNSUPPORTED_VERSION,
+                                 f"version {req.version_min}..{req.version_max} not supported")
+            self._stage = req.csg
+        elif (req.isid, req.tsih, req.cid, req.itt) != (first.isid, first.tsih, first.cid, first.itt):
+            # §11.12: ISID, TSIH, CID and ITT stay the same through one login.
+            raise LoginError(LoginStatus.INITIATOR_ERROR, "ISID/TSIH/CID/ITT changed during login")
+        if req.csg != self._stage:
+            raise LoginError(LoginStatus.INITIATOR_ERROR, f"CSG {req.csg} while in stage {self._stage}")
+        if req.csg not in (SECURITY, OPERATIONAL):
+            raise LoginError(LoginStatus.INITIATOR_ERROR, f"invalid CSG {req.csg}")
+        if req.transit and req.cont:
+            raise LoginError(LoginStatus.INITIATOR_ERROR, "T and C both set")  # §11.12.2
+        if req.transit and req.nsg not in _TRANSITIONS[req.csg]:
+            raise LoginError(LoginStatus.INITIATOR_ERROR, f"invalid NSG {req.nsg} from CSG {req.csg}")
+
+        # The initiator is still receiving a long response of ours (§6.2 C bit).
+        if self._pending_out:
+            if req.data:
+                raise LoginError(LoginStatus.INITIATOR_ERROR, "text while target response continues")
+            return self._response(req, self._next_chunk(), transit=False)
+
+        complete = self._text.append(req.data, req.cont)
+        if complete is None:  # more text to come: answer with an empty response (§6.2)
+            return self._response(req, b"", transit=False)
+        received = K.parse_text(complete)
+
+        if self._initiator_name is None:
+            self._leading_keys(received)
+        answers: list[tuple[str, str]] = []
+        self._offered.extend(received)
+
+        if req.csg == SECURITY:
+            answers += self._security(received, req)
+            can_transit = self._auth_done
+        else:
+            if self._auth_required and not self._auth_done:
+                raise LoginError(LoginStatus.AUTHENTICATION_FAILURE,
+                                 "operational stage reached without the required authentication")
+            answers += self._operational(received)
+            can_transit = True
+
+        if not self._declared_once and (req.csg == OPERATIONAL or (req.transit and can_transit)):
+            answers += self._declarations()
+
+        transit = bool(req.transit and can_transit)
+        if transit:
+            self._stage = req.nsg
+        self._answered.extend(answers)
+        text = K.encode_text(answers)
+        chunks = K.split_text(text, self._max_send_segment) if text else [b""]
+        self._pending_out = chunks[1:]
+        if self._pending_out:
+            transit = False
+            self._stage = req.csg
+        resp = self._response(req, chunks[0], transit=transit, cont=bool(self._pending_out))
+        if transit and req.nsg == FULL_FEATURE:
+            self._finish(req, resp)
+        return resp
+
+    def _next_chunk(self) -> bytes:
+        return self._pending_out.pop(0)
+
+    # ------------------------------------------------------------------
+    def _leading_keys(self, received: list[tuple[str, str]]) -> None:
+        """Keys of the first login request (§13.5, §13.6, §13.21): who, to whom, what kind."""
+        values = dict(received)
+        name = values.get("InitiatorName")
+        if not name:
+            raise LoginError(LoginStatus.MISSING_PARAMETER, "InitiatorName missing")
+        self._initiator_name = name
+        self._initiator_alias = values.get("InitiatorAlias")
+        stype = values.get("SessionType", "Normal")
+        if stype not in ("Normal", "Discovery"):
+            raise LoginError(LoginStatus.SESSION_TYPE_NOT_SUPPORTED, f"SessionType {stype!r}")
+        self._session_type = stype
+        if stype == "Normal":
+            tname = values.get("TargetName")
+            if not tname:
+                raise LoginError(LoginStatus.MISSING_PARAMETER, "TargetName missing")
+            target = self.registry.find_target(tname)
+            if target is None:
+                raise LoginError(LoginStatus.NOT_FOUND, f"no target {tname}")
+            tpgt = target.portal_group_tag(self.local_host, self.local_port)
+            if tpgt is None:
+                raise LoginError(LoginStatus.NOT_FOUND, f"target {tname} not offered on this portal")
+            grant = target.authorize(name)
+            if grant is None:
+                raise LoginError(LoginStatus.AUTHORIZATION_FAILURE, "initiator not in the target's ACL")
+            self._target, self._grant, self._tpgt = target, grant, tpgt
+            creds = grant.chap
+            local = dict(grant.params)
+        else:
+            creds = self.registry.discovery_auth()
+            local = {}
+            self._tpgt = 1
+        self._auth_required = creds is not None
+        self._auth = ChapTargetAuth(creds) if creds is not None else None
+        if not self._auth_required:
+            self._auth_done = True
+        self._negotiator = K.Negotiator("target", session_type=stype, local=local)
+
+    def _security(self, received: list[tuple[str, str]], req: P.LoginRequest) -> list[tuple[str, str]]:
+        sec = [(k, v) for k, v in received if k == "AuthMethod" or k.startswith("CHAP_")]
+        rest = [(k, v) for k, v in received if not (k == "AuthMethod" or k.startswith("CHAP_"))]
+        answers: list[tuple[str, str]] = []
+        if sec or self._auth_required:
+            if self._auth is None:
+                # No authentication configured: answer AuthMethod=None (if offered).
+                for key, value in sec:
+                    if key == "AuthMethod":
+                        choices = [v.strip() for v in value.split(",")]
+                        answers.append(("AuthMethod", "None" if "None" in choices else "Reject"))
+                        if "None" not in choices:
+                            raise LoginError(LoginStatus.AUTHENTICATION_FAILURE,
+                                             f"initiator offers only AuthMethod={value}")
+                    else:
+                        answers.append((key, "Irrelevant"))
+            else:
+                step = self._auth.step(sec)
+                answers += step.answers
+                if step.failed:
+                    raise LoginError(LoginStatus(step.status), step.reason)
+                if step.done:
+                    self._auth_done = True
+                    event(log, "login.auth.ok", initiator=self._initiator_name,
+                          user=self._auth.username)
+        # Operational keys may already come in the security stage (§6.3.1 allows them
+        # in any login PDU after the stage they belong to is reached?  No: only
+        # security keys are allowed in CSG=0 other than the leading declarations).
+        answers += self._negotiator.respond(rest, phase="security")  # type: ignore[union-attr]
+        return answers
+
+    def _operational(self, received: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        sec = [k for k, _ in received if k == "AuthMethod" or k.startswith("CHAP_")]
+        if sec:
+            raise LoginError(LoginStatus.INITIATOR_ERROR, f"security keys {sec} in the operational stage")
+        return self._negotiator.respond(received, phase="operational")  # type: ignore[union-attr]
+
+    def _declarations(self) -> list[tuple[str, str]]:
+        self._declared_once = True
+        out = self._negotiator.pending_declarations()  # type: ignore[union-attr]
+        if self._session_type == "Normal" and not any(k == "TargetPortalGroupTag" for k, _ in out):
+            # §13.9: the target declares its TPGT in the first login response of a
+            # Normal session — open-iscsi takes it from there.
+            out = out + [("TargetPortalGroupTag", str(self._tpgt))]
+        if self._target is not None and self._target.alias and not any(k == "TargetAlias" for k, _ in out):
+            out = out + [("TargetAlias", self._target.alias)]
+        return out
+
+    # ------------------------------------------------------------------
+    def _response(self, req: P.LoginRequest, data: bytes, *, transit: bool, cont: bool = False,
+                  status: int = 0, tsih: int | None = None) -> P.LoginResponse:
+        statsn = self._statsn
+        if status == 0:
+            self._statsn = (self._statsn + 1) & 0xFFFFFFFF
+        return P.LoginResponse(
+            transit=transit, cont=cont, csg=req.csg, nsg=req.nsg if transit else 0,
+            version_max=ISCSI_VERSION, version_active=ISCSI_VERSION,
+            isid=req.isid, tsih=req.tsih if tsih is None else tsih, itt=req.itt,
+            statsn=statsn, expcmdsn=req.cmdsn, maxcmdsn=req.cmdsn,
+            status_class=status >> 8, status_detail=status & 0xFF, data=data,
+        )
+
+    def _fail(self, req: P.LoginRequest, status: LoginStatus, reason: str) -> P.LoginResponse:
+        self.outcome = LoginFailure(status, reason)
+        event(log, "login.failed", logging.WARNING, initiator=self._initiator_name,
+              target=self._target.name if self._target else None, status=f"0x{status:04x}",
+              reason=reason, portal=f"{self.local_host}:{self.local_port}")
+        resp = self._response(req, b"", transit=False, status=int(status))
+        resp.csg, resp.nsg = req.csg, 0
+        return resp
+
+    def _finish(self, req: P.LoginRequest, resp: P.LoginResponse) -> None:
+        """Allocate the TSIH and record the outcome; a LoginError here fails the login."""
+        assert self._negotiator is not None and self._initiator_name is not None
+        target_name = self._target.name if self._target else ""
+        tsih = self.allocate_tsih(req.isid, self._initiator_name, target_name, req.tsih, req.cid)
+        resp.tsih = tsih
+        params = self._negotiator.negotiated()
+        self.outcome = LoginSuccess(
+            initiator_name=self._initiator_name, initiator_alias=self._initiator_alias,
+            session_type=self._session_type, target=self._target, grant=self._grant,
+            isid=req.isid, tsih=tsih, cid=req.cid, tpgt=self._tpgt, cmdsn=req.cmdsn,
+            statsn=self._statsn, params=params, offered=self._offered, answered=self._answered,
+            authenticated_as=self._auth.username if self._auth else None,
+        )

@@ -1,0 +1,385 @@
+"""The iSCSI target server: portals, the session table, and session-wide operations.
+
+:class:`IscsiServer` listens on any number of portals (IPv4 and IPv6), creates a
+:class:`~iscsi.target.connection.TargetConnection` per TCP connection and keeps
+the table of sessions keyed by (initiator name, ISID, target) for TSIH
+allocation and session reinstatement (RFC 7143 §6.3.5).  The registry (the
+daemon) answers who may see and log in to what.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+from .. import keys as K
+from .. import pdu as P
+from ..log import event
+from ..scsi.types import ITNexus
+from ..session import CommandWindow
+from .connection import NOP_INTERVAL, NOP_TIMEOUT, TargetConnection
+from .login import LoginError, LoginStatus, LoginSuccess
+from .registry import TargetRegistry
+
+log = logging.getLogger("iscsi.target.server")
+
+# Bound on concurrent sessions: each costs a few KiB idle, so this is about
+# refusing a connection flood rather than memory (issue 6 asks for 256 to work).
+MAX_SESSIONS = 4096
+# Logout response Time2Wait/Time2Retain at ERL 0 (RFC 7143 §11.15.2/3): no
+# connection recovery is offered, so retain 0; wait the open-iscsi default 2 s.
+LOGOUT_TIME2WAIT = 2
+LOGOUT_TIME2RETAIN = 0
+# How long shutdown waits for in-flight commands before closing connections.
+SHUTDOWN_DRAIN_TIMEOUT = 10.0
+
+
+def format_portal(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class TargetSession:
+    """One iSCSI session (MaxConnections=1, so one connection at a time)."""
+
+    def __init__(self, server: "IscsiServer", ok: LoginSuccess, conn: TargetConnection) -> None:
+        self.server = server
+        self.initiator_name = ok.initiator_name
+        self.initiator_alias = ok.initiator_alias
+        self.session_type = ok.session_type
+        self.target = ok.target
+        self.target_name = ok.target.name if ok.target else ""
+        self.isid = ok.isid
+        self.tsih = ok.tsih
+        self.tpgt = ok.tpgt
+        self.params = ok.params
+        self.luns = ok.grant.luns if ok.grant is not None else None
+        self.window = CommandWindow(ok.cmdsn)
+        self.connection: TargetConnection | None = conn
+        self.offered = ok.offered
+        self.answered = ok.answered
+        self.nexus = ITNexus(
+            initiator_port=f"{ok.initiator_name},i,0x{ok.isid:012x}",
+            target_port=f"{self.target_name},t,0x{ok.tpgt:04x}",
+            relative_port_id=ok.tpgt, target_port_group=ok.tpgt,
+        )
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return (self.initiator_name, self.isid, self.target_name)
+
+    def connection_lost(self, conn: TargetConnection) -> None:
+        if self.connection is conn:
+            self.connection = None
+            # ErrorRecoveryLevel 0, DefaultTime2Retain 0: the session ends with its
+            # only connection (§6.3.5, §7.1.1); the I_T nexus is lost.
+            self.server.end_session(self, reason="connection lost" if not conn.logging_out else "logout")
+
+    # -- Text (SendTargets, negotiation in FFP) --------------------------------
+    def text_request(self, conn: TargetConnection, req: P.TextRequest) -> None:
+        acc = conn.__dict__.setdefault("_text_acc", K.TextAccumulator(65536))
+        pending: list[bytes] = conn.__dict__.setdefault("_text_pending", [])
+        if pending and req.ttt != P.RESERVED_TAG:
+            # Continuation of a long answer of ours (§11.11.1).
+            chunk = pending.pop(0)
+            conn.send(P.TextResponse(itt=req.itt, cont=bool(pending), final=not pending,
+                                     ttt=0x7FFF0001 if pending else P.RESERVED_TAG, data=chunk))
+            return
+        pending.clear()
+        complete = acc.append(req.data, req.cont)
+        if complete is None:
+            conn.send(P.TextResponse(itt=req.itt, final=False, ttt=0x7FFF0000, data=b""))
+            return
+        try:
+            received = K.parse_text(complete)
+        except K.NegotiationError:
+            conn._reject(req, P.RejectReason.PROTOCOL_ERROR)
+            return
+        answers: list[tuple[str, str]] = []
+        rest = []
+        for key, value in received:
+            if key == "SendTargets":
+                answers += self.send_targets(conn, value)
+            else:
+                rest.append((key, value))
+        if rest:
+            negotiator = K.Negotiator("target", session_type=self.session_type, local={})
+            answers += negotiator.respond(rest, phase="ffp")
+        text = K.encode_text(answers)
+        chunks = K.split_text(text, conn.max_send_segment) if text else [b""]
+        first, pending[:] = chunks[0], chunks[1:]
+        conn.send(P.TextResponse(itt=req.itt, cont=bool(pending), final=not pending,
+                                 ttt=0x7FFF0001 if pending else P.RESERVED_TAG, data=first))
+
+    def send_targets(self, conn: TargetConnection, value: str) -> list[tuple[str, str]]:
+        """RFC 7143 §13.3 / Appendix C: SendTargets=All | <target name> | (empty)."""
+        registry = self.server.registry
+        listed = registry.discovery_targets(self.initiator_name, conn.local[0], conn.local[1])
+        if self.session_type == "Normal":
+            # In a Normal session only the session's own target is reported (§13.3).
+            wanted = self.target_name if value in ("", "All") else value
+            listed = [(n, a) for n, a in listed if n == wanted == self.target_name]
+        elif value not in ("All", ""):
+            listed = [(n, a) for n, a in listed if n == value]
+        elif value == "":
+            listed = []
+        out: list[tuple[str, str]] = []
+        for name, addresses in listed:
+            out.append(("TargetName", name))
+            out += [("TargetAddress", a) for a in addresses]
+        return out
+
+    # -- Task management (§11.5) -----------------------------------------------
+    async def task_management(self, conn: TargetConnection, req: P.TaskMgmtRequest) -> None:
+        fn = req.function
+        lun = P.decode_lun(req.lun)
+        R = P.TmfResponse
+        response = R.COMPLETE
+        luns = self.luns
+        if fn == P.TmfFunction.ABORT_TASK:
+            task = conn.tasks.get(req.rtt)
+            if task is None:
+                # §11.5.1: an unknown task whose CmdSN is before ExpCmdSN already completed.
+                response = R.TASK_DOES_NOT_EXIST
+            elif task.lun != lun:
+                response = R.TASK_DOES_NOT_EXIST
+            else:
+                conn.abort_tasks(lambda t: t is task)
+        elif fn in (P.TmfFunction.ABORT_TASK_SET, P.TmfFunction.CLEAR_TASK_SET):
+            if not luns.has_lun(lun):
+                response = R.LUN_DOES_NOT_EXIST
+            else:
+                conn.abort_tasks(lambda t: t.lun == lun)
+                if fn == P.TmfFunction.CLEAR_TASK_SET:
+                    self.server.abort_tasks_everywhere(self, luns.logical_unit(lun), lun_only=True)
+                await luns.task_management(lun, fn, self.nexus)
+        elif fn == P.TmfFunction.LOGICAL_UNIT_RESET:
+            if not luns.has_lun(lun):
+                response = R.LUN_DOES_NOT_EXIST
+            else:
+                self.server.abort_tasks_everywhere(self, luns.logical_unit(lun), lun_only=False)
+                await luns.task_management(lun, fn, self.nexus)
+        elif fn in (P.TmfFunction.TARGET_WARM_RESET, P.TmfFunction.TARGET_COLD_RESET):
+            for other in list(self.server.session_table.values()):
+                if other.target_name == self.target_name and other.connection is not None:
+                    other.connection.abort_tasks(lambda t: True)
+            await luns.task_management(None, fn, self.nexus)
+            if fn == P.TmfFunction.TARGET_COLD_RESET:
+                conn.send(P.TaskMgmtResponse(itt=req.itt, response=R.COMPLETE))
+                # §11.5.1: a cold reset also closes every connection of the target.
+                for other in list(self.server.session_table.values()):
+                    if other.target_name == self.target_name and other.connection is not None:
+                        other.connection.close()
+                return
+        elif fn == P.TmfFunction.TASK_REASSIGN:
+            response = R.REASSIGNMENT_NOT_SUPPORTED  # ErrorRecoveryLevel 0 (§11.5.1)
+        else:
+            response = R.NOT_SUPPORTED
+        event(log, "tmf", initiator=self.initiator_name, function=fn, lun=lun, response=int(response))
+        conn.send(P.TaskMgmtResponse(itt=req.itt, response=response))
+
+    # -- Logout (§11.14) ---------------------------------------------------------
+    async def logout(self, conn: TargetConnection, req: P.LogoutRequest) -> None:
+        conn.logging_out = True
+        if req.reason == P.LogoutReason.REMOVE_CONNECTION_FOR_RECOVERY:
+            response = 2  # connection recovery not supported at ERL 0 (§11.15.1)
+            conn.send(P.LogoutResponse(itt=req.itt, response=response))
+            return
+        # Let commands already running finish before the response (§6.3.4: all
+        # outstanding commands complete or are terminated before logout response).
+        pending = [t.future for t in conn.tasks.values() if t.future is not None and not t.future.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=SHUTDOWN_DRAIN_TIMEOUT)
+        conn.send(P.LogoutResponse(itt=req.itt, response=0, time2wait=LOGOUT_TIME2WAIT,
+                                   time2retain=LOGOUT_TIME2RETAIN))
+        event(log, "logout", initiator=self.initiator_name, target=self.target_name,
+              isid=f"{self.isid:012x}", tsih=self.tsih)
+        conn.close()
+
+    def describe(self) -> dict[str, Any]:
+        conn = self.connection
+        return {
+            "target": self.target_name,
+            "initiator": self.initiator_name,
+            "alias": self.initiator_alias,
+            "type": self.session_type,
+            "isid": f"{self.isid:012x}",
+            "tsih": self.tsih,
+            "tpgt": self.tpgt,
+            "connections": [] if conn is None else [{
+                "cid": conn.cid,
+                "peer": format_portal(*conn.peer),
+                "local": format_portal(*conn.local),
+                "tasks": len(conn.tasks),
+                "params": self.params.describe(),
+            }],
+        }
+
+
+class IscsiServer:
+    """All portals and sessions of one daemon."""
+
+    def __init__(self, registry: TargetRegistry, *, nop_interval: float = NOP_INTERVAL,
+                 nop_timeout: float = NOP_TIMEOUT) -> None:
+        self.registry = registry
+        self.nop_interval = nop_interval
+        self.nop_timeout = nop_timeout
+        self.portals: dict[tuple[str, int], asyncio.base_events.Server] = {}
+        self.session_table: dict[tuple[str, int, str], TargetSession] = {}
+        self.by_tsih: dict[int, TargetSession] = {}
+        self.connections: set[TargetConnection] = set()
+        self._next_tsih = 1
+        self.accepting = True
+
+    # -- portals -------------------------------------------------------------
+    async def add_portal(self, host: str, port: int) -> tuple[str, int]:
+        """Listen on host:port; returns the bound address (port 0 picks a free one)."""
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server = await loop.create_server(lambda: TargetConnection(self), host=host, port=port,
+                                          family=family, reuse_address=True, backlog=256)
+        for sock in server.sockets:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # pragma: no cover
+                pass
+        bound = server.sockets[0].getsockname()
+        key = (host, bound[1])
+        self.portals[key] = server
+        event(log, "portal.listen", portal=format_portal(host, bound[1]))
+        return key
+
+    async def remove_portal(self, host: str, port: int) -> None:
+        server = self.portals.pop((host, port), None)
+        if server is None:
+            raise KeyError(f"no portal {format_portal(host, port)}")
+        server.close()
+        await server.wait_closed()
+        event(log, "portal.closed", portal=format_portal(host, port))
+
+    # -- sessions ------------------------------------------------------------
+    def allocate_tsih(self, isid: int, initiator: str, target: str, tsih: int, cid: int) -> int:
+        """Called by the login just before Full Feature Phase (RFC 7143 §6.3.5)."""
+        if not self.accepting:
+            raise LoginError(LoginStatus.SERVICE_UNAVAILABLE, "target is shutting down")
+        if tsih == 0:
+            if len(self.session_table) >= MAX_SESSIONS:
+                raise LoginError(LoginStatus.OUT_OF_RESOURCES, "too many sessions")
+            # New session; an existing one with the same ISID is reinstated in bind_session.
+            for _ in range(0x10000):
+                candidate = self._next_tsih
+                self._next_tsih = candidate % 0xFFFF + 1  # TSIH 0 is reserved
+                if candidate not in self.by_tsih:
+                    return candidate
+            raise LoginError(LoginStatus.OUT_OF_RESOURCES, "no free TSIH")
+        existing = self.by_tsih.get(tsih)
+        if existing is None or existing.key != (initiator, isid, target):
+            raise LoginError(LoginStatus.SESSION_DOES_NOT_EXIST, f"no session with TSIH {tsih}")
+        old = existing.connection
+        if old is not None and old.cid != cid:
+            raise LoginError(LoginStatus.TOO_MANY_CONNECTIONS, "MaxConnections=1")
+        return tsih
+
+    def bind_session(self, conn: TargetConnection, ok: LoginSuccess) -> TargetSession:
+        key = (ok.initiator_name, ok.isid, ok.target.name if ok.target else "")
+        existing = self.by_tsih.get(ok.tsih)
+        if existing is not None and existing.key == key:
+            # Connection reinstatement (same TSIH, same CID): the old connection goes.
+            old = existing.connection
+            existing.connection = conn
+            existing.window = existing.window  # CmdSN continues in the same session
+            if old is not None and old is not conn:
+                old.session = None
+                old.abort_tasks(lambda t: True)
+                old.abort_connection()
+            return existing
+        previous = self.session_table.get(key)
+        if previous is not None and ok.session_type == "Normal":
+            # Session reinstatement (§6.3.5): same initiator port, TSIH 0 → the old
+            # session is closed and its tasks are aborted.
+            event(log, "session.reinstated", initiator=ok.initiator_name, isid=f"{ok.isid:012x}",
+                  old_tsih=previous.tsih, new_tsih=ok.tsih)
+            old = previous.connection
+            self.end_session(previous, reason="reinstated")
+            if old is not None:
+                old.session = None
+                old.abort_tasks(lambda t: True)
+                old.abort_connection()
+        session = TargetSession(self, ok, conn)
+        if ok.session_type == "Normal":
+            self.session_table[key] = session
+        self.by_tsih[ok.tsih] = session
+        if session.luns is not None:
+            session.luns.nexus_added(session.nexus)
+        return session
+
+    def end_session(self, session: TargetSession, reason: str) -> None:
+        if self.session_table.get(session.key) is session:
+            del self.session_table[session.key]
+        if self.by_tsih.get(session.tsih) is session:
+            del self.by_tsih[session.tsih]
+            if session.luns is not None:
+                session.luns.nexus_lost(session.nexus)
+            event(log, "session.end", initiator=session.initiator_name, target=session.target_name,
+                  tsih=session.tsih, reason=reason)
+
+    def abort_tasks_everywhere(self, origin: TargetSession, lu: Any, lun_only: bool) -> None:
+        """Abort tasks on logical unit ``lu`` in every session (LUN RESET, CLEAR TASK SET)."""
+        for session in list(self.session_table.values()):
+            conn = session.connection
+            if conn is None or session.luns is None:
+                continue
+            conn.abort_tasks(lambda t, s=session: s.luns.logical_unit(t.lun) is lu)
+
+    def sessions_info(self) -> list[dict[str, Any]]:
+        seen = set()
+        out = []
+        for session in list(self.by_tsih.values()):
+            if id(session) not in seen:
+                seen.add(id(session))
+                out.append(session.describe())
+        return out
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """Status rows for the admin CLI: one per session, with its connection and parameters."""
+        return self.sessions_info()
+
+    async def drop_sessions(self, target: str | None = None, initiator: str | None = None) -> int:
+        dropped = 0
+        for session in list(self.by_tsih.values()):
+            if (target is None or session.target_name == target) and \
+               (initiator is None or session.initiator_name == initiator):
+                if session.connection is not None:
+                    session.connection.abort_connection()
+                dropped += 1
+        return dropped
+
+    def notify_luns_changed(self, target: str) -> None:
+        """Tell logged-in initiators of ``target`` that its LUN inventory changed (§11.9.1 event 0)."""
+        from ..scsi.sense import REPORTED_LUNS_DATA_HAS_CHANGED, SenseKey, build_sense
+
+        sense = build_sense(SenseKey.UNIT_ATTENTION, REPORTED_LUNS_DATA_HAS_CHANGED)
+        for session in list(self.session_table.values()):
+            conn = session.connection
+            if session.target_name == target and conn is not None:
+                conn.send(P.AsyncMessage(event=P.AsyncEvent.SCSI_ASYNC_EVENT,
+                                         data=P.ScsiResponse.sense_segment(sense)))
+
+    async def shutdown(self, drain_timeout: float = SHUTDOWN_DRAIN_TIMEOUT) -> None:
+        """Stop accepting, ask initiators to log out, let in-flight commands finish, close."""
+        self.accepting = False
+        for key in list(self.portals):
+            server = self.portals.pop(key)
+            server.close()
+        for session in list(self.by_tsih.values()):
+            conn = session.connection
+            if conn is not None and session.session_type == "Normal":
+                # §11.9.1 event 1: the target requests a logout within Parameter3 seconds.
+                conn.send(P.AsyncMessage(event=P.AsyncEvent.LOGOUT_REQUEST, param3=int(drain_timeout)))
+        pending = [t.future for c in list(self.connections) for t in c.tasks.values()
+                   if t.future is not None and not t.future.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=drain_timeout)
+        for conn in list(self.connections):
+            conn.close()
+        await asyncio.sleep(0)
