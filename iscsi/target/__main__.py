@@ -1,0 +1,4 @@
+"""``python -m iscsi.target`` is ``iscsi-target``."""
+from .cli import main
+
+main()

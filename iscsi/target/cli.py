@@ -1,0 +1,681 @@
+"""``iscsi-target``: run the target daemon and change it at run time.
+
+Exit codes: 0 done; 1 the request failed (the message says why); 2 bad usage;
+3 no daemon is running on the control socket.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import click
+
+from . import config as C
+from .config import Config, ConfigError, Lun, PortalGroup, Target
+from .control import SYSTEM_SOCKET, ControlClient, ControlError, DaemonNotRunning
+
+DEFAULT_TARGET = "iqn.2026-11.org.sanstack:default"
+DEFAULT_LUN_FILE = "lun0.img"
+DEFAULT_LUN_SIZE = 1 << 30  # issue 2: "one 1 GiB sparse LUN"
+DEFAULT_PORTAL = f"{C.LOOPBACK_V4}:{C.DEFAULT_PORT}"  # loopback unless told otherwise (issue 7)
+EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON = 1, 2, 3
+
+
+class Failed(click.ClickException):
+    exit_code = EXIT_FAILED
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"iscsi-target: error: {self.format_message()}", err=True)
+
+
+class NoDaemon(Failed):
+    exit_code = EXIT_NO_DAEMON
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def default_data_dir() -> Path:
+    """Where images and the config live when nothing says otherwise."""
+    env = os.environ.get("SANSTACK_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    if os.geteuid() == 0:
+        return Path("/var/lib/sanstack")
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "sanstack"
+
+
+def default_control_path() -> Path:
+    """One well-known socket per user, independent of --data-dir, so admin commands find it."""
+    env = os.environ.get("SANSTACK_CONTROL")
+    if env:
+        return Path(env).expanduser()
+    if os.geteuid() == 0:
+        return Path(SYSTEM_SOCKET)
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "sanstack" / "iscsi-target.sock"
+    return default_data_dir() / "control.sock"
+
+
+# --------------------------------------------------------------------------- config builders
+
+
+def default_config(data_dir: Path, portal: str = DEFAULT_PORTAL) -> Config:
+    """First run: one open target with one 1 GiB sparse LUN on loopback."""
+    target = Target(
+        iqn=DEFAULT_TARGET,
+        alias="sanstack default target",
+        portal_groups=[PortalGroup(1, [C.canonical_portal(portal)])],
+        luns=[Lun(number=0, path=DEFAULT_LUN_FILE, size=DEFAULT_LUN_SIZE)],
+        open_access=True,
+    )
+    cfg = Config(data_dir=str(data_dir), targets=[target])
+    target.luns[0].serial = C.default_serial(target.iqn, 0, str(cfg.resolve_path(DEFAULT_LUN_FILE)))
+    cfg.validate()
+    return cfg
+
+
+def quickstart_config(target_name: str, lun_specs: Iterable[str], portals: Iterable[str],
+                      alias: str | None = None) -> Config:
+    """The ``serve --portal --target --lun`` form: open access, no CHAP, one TPG per portal.
+
+    One portal group per ``--portal`` (tags 1, 2, ...) gives each path its own relative
+    target port and target port group, which is what multipath/ALUA initiators need.
+    """
+    luns: list[Lun] = []
+    for spec in lun_specs:
+        lun = C.parse_lun_spec(spec)
+        lun.path = os.path.abspath(os.path.expanduser(lun.path))
+        luns.append(lun)
+    used = {l.number for l in luns if l.number >= 0}
+    for lun in luns:
+        if lun.number < 0:
+            lun.number = C.next_free(used)
+            used.add(lun.number)
+        if lun.size is None and not os.path.exists(lun.path):
+            raise ConfigError(f"--lun {lun.path}: the image does not exist; add a size to create it, e.g. {lun.path}:1G")
+    groups = [PortalGroup(tag, [C.canonical_portal(p)]) for tag, p in enumerate(portals or [DEFAULT_PORTAL], 1)]
+    target = Target(iqn=target_name, alias=alias, portal_groups=groups, luns=luns, open_access=True)
+    cfg = Config(data_dir=None, targets=[target])
+    cfg.validate()
+    return cfg
+
+
+# --------------------------------------------------------------------------- output helpers
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """Plain aligned table: columns are (key, heading)."""
+    cells = [[h for _, h in columns]] + [["" if r.get(k) is None else _cell(r.get(k)) for k, _ in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_cell(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={_cell(v)}" for k, v in value.items()) or "-"
+    return str(value)
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+# --------------------------------------------------------------------------- control plumbing
+
+
+def _control_option(fn: Callable) -> Callable:
+    return click.option(
+        "--control", "control", type=click.Path(dir_okay=False, path_type=Path), default=None,
+        help="Control socket of the daemon [default: $SANSTACK_CONTROL, /run/sanstack/iscsi-target.sock as root].",
+    )(fn)
+
+
+def _json_option(fn: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(fn)
+
+
+def _call(control: Path | None, op: str, **args: Any) -> Any:
+    ctx = click.get_current_context()
+    path = control or (ctx.find_root().obj or {}).get("control") or default_control_path()
+    try:
+        return ControlClient(path).call(op, **args)
+    except DaemonNotRunning as e:
+        raise NoDaemon(f"{e}; start the daemon with `iscsi-target serve` (or pass --control PATH)") from None
+    except ControlError as e:
+        raise Failed(str(e)) from None
+
+
+def _check(fn: Callable[[], Any]) -> Any:
+    """Run a local validation; user mistakes become one-line errors."""
+    try:
+        return fn()
+    except ConfigError as e:
+        raise Failed(str(e)) from None
+
+
+# --------------------------------------------------------------------------- root group
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--control", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Control socket for admin commands (also per command).")
+@click.pass_context
+def main(ctx: click.Context, control: Path | None) -> None:
+    """sanstack iSCSI target daemon and its admin commands.
+
+    \b
+    iscsi-target serve                      default target, 1 GiB LUN, 127.0.0.1:3260
+    iscsi-target serve --portal 127.0.0.1:3261 --target iqn.2026-11.org.example:t1 --lun /path/disk.img:1G
+    iscsi-target status
+
+    Exit codes: 0 ok, 1 failed, 2 usage, 3 daemon not running.
+    """
+    ctx.ensure_object(dict)
+    if control is not None:
+        ctx.obj["control"] = control
+
+
+# --------------------------------------------------------------------------- serve
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Serve from this config file (changes are saved to it).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="SANSTACK_DATA_DIR",
+              help="Config and default images [default: /var/lib/sanstack as root, else ~/.local/share/sanstack].")
+@click.option("--portal", "portals", multiple=True, metavar="HOST:PORT",
+              help="Quick start: listen here; repeat for multipath (one portal group each).")
+@click.option("--target", "target_name", metavar="IQN", help="Quick start: the target's name.")
+@click.option("--lun", "luns", multiple=True, metavar="PATH[:SIZE][:ro][:removable][:bs=4096]",
+              help="Quick start: an image, created sparse if missing; repeat for more LUNs.")
+@click.option("--alias", help="Quick start: TargetAlias.")
+@_control_option
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def serve(config_file: Path | None, data_dir: Path | None, portals: tuple[str, ...], target_name: str | None,
+          luns: tuple[str, ...], alias: str | None, control: Path | None, log_level: str) -> None:
+    """Run the target daemon (until SIGTERM; SIGHUP reloads the config file)."""
+    from .. import log as logsetup
+    from .daemon import TargetDaemon
+
+    quick = bool(target_name or luns)
+    if quick and config_file:
+        raise click.UsageError("give either --config or the quick-start options (--target/--lun/--portal), not both")
+    if quick and not (target_name and luns):
+        raise click.UsageError("quick start needs --target IQN and at least one --lun PATH[:SIZE]")
+    if portals and not quick:
+        raise click.UsageError(
+            "--portal belongs to the quick-start form (with --target and --lun); "
+            "to add a portal to a configured daemon use `iscsi-target portal add`"
+        )
+    logsetup.setup(log_level)
+
+    config_path: Path | None
+    if quick:
+        cfg = _check(lambda: quickstart_config(target_name, luns, portals, alias))
+        config_path = None
+    else:
+        data = (data_dir or default_data_dir()).expanduser().absolute()
+        config_path = (config_file.expanduser().absolute() if config_file else data / C.CONFIG_FILENAME)
+        if config_path.exists() or config_file is not None:
+            cfg = _check(lambda: C.load_config(config_path))
+            if not C.file_is_private(config_path):
+                click.echo(f"iscsi-target: warning: {config_path} is readable by others and may hold CHAP secrets; "
+                           "chmod 600 it", err=True)
+        else:
+            cfg = default_config(data)
+            _check(lambda: _save_first(cfg, config_path))
+            click.echo(f"iscsi-target: created {config_path} with target {DEFAULT_TARGET} "
+                       f"(LUN 0: {data / DEFAULT_LUN_FILE}, 1 GiB sparse) on {DEFAULT_PORTAL}", err=True)
+
+    control_path = control or (click.get_current_context().find_root().obj or {}).get("control") or default_control_path()
+    try:
+        daemon = TargetDaemon(cfg, config_path, control_path=control_path)
+        _run(daemon.run())
+    except ConfigError as e:
+        raise Failed(str(e)) from None
+    except OSError as e:
+        raise Failed(f"{e.strerror or e}{': ' + e.filename if getattr(e, 'filename', None) else ''}") from None
+    except ImportError as e:
+        raise Failed(f"this installation lacks a part of the target ({e.name}): {e}") from None
+    except Exception as e:
+        from .control import OperationFailed
+
+        if isinstance(e, OperationFailed):
+            raise Failed(str(e)) from None
+        raise
+
+
+def _save_first(cfg: Config, path: Path) -> None:
+    try:
+        C.save_config(cfg, path)
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _run(coro: Any) -> None:
+    """uvloop when installed (DESIGN.md); the plain loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+        return
+    uvloop.run(coro)
+
+
+# --------------------------------------------------------------------------- target
+
+
+@main.group()
+def target() -> None:
+    """Add, remove, change and list targets."""
+
+
+@target.command("add")
+@click.argument("iqn")
+@click.option("--alias")
+@click.option("--portal", "portals", multiple=True, metavar="HOST:PORT",
+              help=f"One portal group per portal [default: {DEFAULT_PORTAL}].")
+@click.option("--open-access", is_flag=True, help="Any initiator may log in (no ACL needed).")
+@_control_option
+def target_add(iqn: str, alias: str | None, portals: tuple[str, ...], open_access: bool, control: Path | None) -> None:
+    """Create a target."""
+    name = _check(lambda: C.canonical_iscsi_name(iqn))
+    canon = _check(lambda: [C.canonical_portal(p) for p in portals])
+    _call(control, "target.add", iqn=name, alias=alias, portals=canon or None, open_access=open_access)
+    click.echo(f"target {name} added")
+
+
+@target.command("remove")
+@click.argument("iqn")
+@click.option("--force", is_flag=True, help="Log out its sessions first.")
+@_control_option
+def target_remove(iqn: str, force: bool, control: Path | None) -> None:
+    """Delete a target (its images stay on disk)."""
+    res = _call(control, "target.remove", iqn=iqn, force=force)
+    click.echo(f"target {res['target']} removed")
+
+
+@target.command("set")
+@click.argument("iqn")
+@click.option("--alias")
+@click.option("--no-alias", is_flag=True, help="Remove the alias.")
+@click.option("--open-access/--no-open-access", default=None, help="Let any initiator in, or only ACLs.")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Target-side iSCSI key preference, e.g. HeaderDigest=CRC32C (require) or CRC32C,None.")
+@click.option("--clear-param", "clear_params", multiple=True, metavar="KEY")
+@_control_option
+def target_set(iqn: str, alias: str | None, no_alias: bool, open_access: bool | None, params: tuple[str, ...],
+               clear_params: tuple[str, ...], control: Path | None) -> None:
+    """Change a target's alias, access mode or iSCSI parameters."""
+    parsed = _check(lambda: dict(C.canonical_param(*_key_value(p)) for p in params))
+    res = _call(control, "target.set", iqn=iqn, alias=alias, clear_alias=no_alias, open_access=open_access,
+                params=parsed, clear_params=list(clear_params))
+    click.echo(f"target {res['iqn']}: open_access={_cell(res['open_access'])} params={_cell(res['params'])}")
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"{text!r} is not KEY=VALUE")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+@target.command("list")
+@_json_option
+@_control_option
+def target_list(as_json: bool, control: Path | None) -> None:
+    """List targets."""
+    rows = _call(control, "target.list")
+    if as_json:
+        _echo_json(rows)
+        return
+    for r in rows:
+        r["access"] = "open" if r["open_access"] else "acl"
+        r["portals"] = [f"{p},{g['tag']}" for g in r["portal_groups"] for p in g["portals"]]
+        r["auth"] = ("mutual-chap" if r["mutual_chap"] else "chap") if r["chap"] else "none"
+    click.echo(_table(rows, [("iqn", "TARGET"), ("alias", "ALIAS"), ("portals", "PORTALS,TPGT"), ("luns", "LUNS"),
+                             ("access", "ACCESS"), ("auth", "CHAP"), ("sessions", "SESSIONS")]))
+
+
+# --------------------------------------------------------------------------- lun
+
+
+@main.group()
+def lun() -> None:
+    """Add, remove, resize and list LUNs (initiators get REPORTED LUNS / CAPACITY DATA HAS CHANGED)."""
+
+
+@lun.command("add")
+@click.argument("iqn")
+@click.argument("spec", metavar="PATH[:SIZE][:ro][:removable][:bs=4096]")
+@click.option("--lun", "number", type=int, help="LUN number [default: lowest free].")
+@click.option("--size", help="Size, e.g. 1G (needed when the image does not exist).")
+@click.option("--block-size", type=click.Choice(["512", "4096"]))
+@click.option("--read-only", is_flag=True, default=None)
+@click.option("--removable", is_flag=True, default=None)
+@click.option("--serial")
+@click.option("--vendor")
+@click.option("--product")
+@_control_option
+def lun_add(iqn: str, spec: str, number: int | None, size: str | None, block_size: str | None,
+            read_only: bool | None, removable: bool | None, serial: str | None, vendor: str | None,
+            product: str | None, control: Path | None) -> None:
+    """Add an image as a LUN (created sparse if missing)."""
+    parsed = _check(lambda: C.parse_lun_spec(spec))
+    if size is not None:
+        parsed.size = _check(lambda: C.parse_size(size))
+    if block_size is not None:
+        parsed.block_size = int(block_size)
+    path = os.path.abspath(os.path.expanduser(parsed.path))  # the daemon's cwd is not ours
+    res = _call(
+        control, "lun.add", iqn=iqn, path=path,
+        number=number if number is not None else (parsed.number if parsed.number >= 0 else None),
+        size=parsed.size, block_size=parsed.block_size,
+        read_only=parsed.read_only if read_only is None else read_only,
+        removable=parsed.removable if removable is None else removable,
+        serial=serial or parsed.serial, vendor=vendor, product=product,
+    )
+    click.echo(f"{res['target']}: LUN {res['lun']} added ({path}, serial {res['serial']})")
+
+
+@lun.command("remove")
+@click.argument("iqn")
+@click.argument("number", type=int)
+@_control_option
+def lun_remove(iqn: str, number: int, control: Path | None) -> None:
+    """Remove a LUN (the image stays on disk)."""
+    res = _call(control, "lun.remove", iqn=iqn, number=number)
+    click.echo(f"{res['target']}: LUN {res['lun']} removed")
+
+
+@lun.command("resize")
+@click.argument("iqn")
+@click.argument("number", type=int)
+@click.argument("size")
+@click.option("--force", is_flag=True, help="Allow shrinking (destroys data past the new end).")
+@_control_option
+def lun_resize(iqn: str, number: int, size: str, force: bool, control: Path | None) -> None:
+    """Grow (or with --force shrink) a LUN online."""
+    new_size = _check(lambda: C.parse_size(size))
+    res = _call(control, "lun.resize", iqn=iqn, number=number, size=new_size, force=force)
+    click.echo(f"{res['target']}: LUN {res['lun']} resized {C.format_size(res['was'])} -> {C.format_size(res['size'])}")
+
+
+@lun.command("list")
+@click.argument("iqn", required=False)
+@_json_option
+@_control_option
+def lun_list(iqn: str | None, as_json: bool, control: Path | None) -> None:
+    """List LUNs (of one target or all)."""
+    rows = _call(control, "lun.list", iqn=iqn)
+    if as_json:
+        _echo_json(rows)
+        return
+    for r in rows:
+        r["size_h"] = C.format_size(r["size"]) if r.get("size") is not None else "-"
+        r["mode"] = ("ro" if r["read_only"] else "rw") + (",removable" if r["removable"] else "")
+    click.echo(_table(rows, [("target", "TARGET"), ("lun", "LUN"), ("size_h", "SIZE"), ("block_size", "BS"),
+                             ("mode", "MODE"), ("serial", "SERIAL"), ("path", "IMAGE")]))
+
+
+# --------------------------------------------------------------------------- acl
+
+
+@main.group()
+def acl() -> None:
+    """Which initiators may log in to a target, and which LUNs they see."""
+
+
+@acl.command("add")
+@click.argument("iqn")
+@click.argument("initiator")
+@click.option("--map", "maps", multiple=True, metavar="ACL_LUN=TARGET_LUN",
+              help="Show target LUN as ACL_LUN to this initiator; repeat. [default: every LUN as itself]")
+@_control_option
+def acl_add(iqn: str, initiator: str, maps: tuple[str, ...], control: Path | None) -> None:
+    """Allow an initiator."""
+    name = _check(lambda: C.canonical_iscsi_name(initiator))
+
+    def parse() -> dict[str, int] | None:
+        if not maps:
+            return None
+        out = {}
+        for m in maps:
+            a, t = _key_value(m)
+            if not (a.isdigit() and t.isdigit()):
+                raise ConfigError(f"--map {m!r}: expected ACL_LUN=TARGET_LUN, e.g. 0=3")
+            out[a] = int(t)
+        return out
+
+    lun_map = _check(parse)
+    res = _call(control, "acl.add", iqn=iqn, initiator=name, lun_map=lun_map)
+    click.echo(f"{res['target']}: ACL for {res['initiator']} added")
+
+
+@acl.command("remove")
+@click.argument("iqn")
+@click.argument("initiator")
+@_control_option
+def acl_remove(iqn: str, initiator: str, control: Path | None) -> None:
+    """Disallow an initiator (its sessions are logged out)."""
+    res = _call(control, "acl.remove", iqn=iqn, initiator=initiator)
+    click.echo(f"{res['target']}: ACL for {res['initiator']} removed")
+
+
+@acl.command("list")
+@click.argument("iqn", required=False)
+@_json_option
+@_control_option
+def acl_list(iqn: str | None, as_json: bool, control: Path | None) -> None:
+    """List ACLs."""
+    rows = _call(control, "acl.list", iqn=iqn)
+    if as_json:
+        _echo_json(rows)
+        return
+    for r in rows:
+        r["luns"] = [f"{a}->{t}" for a, t in r["lun_map"].items()]
+        r["auth"] = r["chap"] + (" (mutual)" if r["mutual_chap"] else "")
+    click.echo(_table(rows, [("target", "TARGET"), ("initiator", "INITIATOR"), ("luns", "LUNS (ACL->TARGET)"),
+                             ("auth", "CHAP"), ("params", "PARAMS")]))
+
+
+# --------------------------------------------------------------------------- chap
+
+
+def _scope_options(fn: Callable) -> Callable:
+    fn = click.option("--initiator", metavar="IQN", help="The ACL of this initiator (with --target).")(fn)
+    fn = click.option("--target", "target_iqn", metavar="IQN", help="A target (all its ACLs without own CHAP).")(fn)
+    fn = click.option("--discovery", is_flag=True, help="Discovery (SendTargets) sessions.")(fn)
+    return fn
+
+
+def _scope(discovery: bool, target_iqn: str | None, initiator: str | None) -> str:
+    if discovery and (target_iqn or initiator):
+        raise click.UsageError("--discovery cannot be combined with --target/--initiator")
+    if discovery:
+        return "discovery"
+    if not target_iqn:
+        raise click.UsageError("say whose CHAP: --discovery, --target IQN, or --target IQN --initiator IQN")
+    return "acl" if initiator else "target"
+
+
+def _read_secret(secret_file: str | None, what: str) -> str:
+    """From a file ('-' = stdin; one trailing newline dropped) or a hidden prompt; never echoed."""
+    if secret_file is not None:
+        try:
+            text = sys.stdin.read() if secret_file == "-" else Path(secret_file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise Failed(f"cannot read {what} from {secret_file}: {e.strerror or e}") from None
+        secret = text[:-1] if text.endswith("\n") else text
+    else:
+        secret = click.prompt(f"{what}", hide_input=True, confirmation_prompt=True)
+    _check(lambda: C.validate_chap_secret(secret, what))
+    return secret
+
+
+@main.group()
+def chap() -> None:
+    """CHAP credentials (secrets are read from a prompt or a file, never shown)."""
+
+
+@chap.command("set")
+@_scope_options
+@click.option("--username", required=True, help="CHAP_N the initiator must send.")
+@click.option("--secret-file", metavar="FILE", help="Read the secret from FILE ('-' = stdin) instead of a prompt.")
+@click.option("--mutual-username", help="Name the target answers with (mutual CHAP).")
+@click.option("--mutual-secret-file", metavar="FILE", help="Mutual secret from FILE ('-' = stdin).")
+@_control_option
+def chap_set(discovery: bool, target_iqn: str | None, initiator: str | None, username: str,
+             secret_file: str | None, mutual_username: str | None, mutual_secret_file: str | None,
+             control: Path | None) -> None:
+    """Require CHAP (RFC 7143 §12.1.3; secrets of at least 12 bytes)."""
+    scope = _scope(discovery, target_iqn, initiator)
+    if secret_file == "-" and mutual_secret_file == "-":
+        raise click.UsageError("only one secret can come from stdin")
+    secret = _read_secret(secret_file, "CHAP secret")
+    mutual_secret = None
+    if mutual_username:
+        mutual_secret = _read_secret(mutual_secret_file, "mutual CHAP secret")
+        if mutual_secret == secret:
+            raise Failed("the mutual secret must differ from the initiator's secret")
+    elif mutual_secret_file:
+        raise click.UsageError("--mutual-secret-file needs --mutual-username")
+    res = _call(control, "chap.set", scope=scope, iqn=target_iqn, initiator=initiator, username=username,
+                secret=secret, mutual_username=mutual_username, mutual_secret=mutual_secret)
+    click.echo(f"CHAP set for {res['scope']} (user {res['username']}{', mutual' if res['mutual'] else ''})")
+
+
+@chap.command("clear")
+@_scope_options
+@_control_option
+def chap_clear(discovery: bool, target_iqn: str | None, initiator: str | None, control: Path | None) -> None:
+    """Remove CHAP credentials."""
+    scope = _scope(discovery, target_iqn, initiator)
+    res = _call(control, "chap.clear", scope=scope, iqn=target_iqn, initiator=initiator)
+    click.echo(f"CHAP cleared for {res['scope']}")
+
+
+# --------------------------------------------------------------------------- portal
+
+
+@main.group()
+def portal() -> None:
+    """Network portals (address:port) of a target, each in a portal group (TPGT)."""
+
+
+@portal.command("add")
+@click.argument("iqn")
+@click.argument("address", metavar="HOST:PORT")
+@click.option("--tpgt", type=click.IntRange(C.MIN_TPGT, C.MAX_TPGT),
+              help="Add to this portal group [default: a new group].")
+@_control_option
+def portal_add(iqn: str, address: str, tpgt: int | None, control: Path | None) -> None:
+    """Offer a target on one more portal."""
+    canon = _check(lambda: C.canonical_portal(address))
+    res = _call(control, "portal.add", iqn=iqn, portal=canon, tag=tpgt)
+    click.echo(f"{res['target']}: portal {res['portal']} added (TPGT {res['tag']})")
+
+
+@portal.command("remove")
+@click.argument("iqn")
+@click.argument("address", metavar="HOST:PORT")
+@_control_option
+def portal_remove(iqn: str, address: str, control: Path | None) -> None:
+    """Stop offering a target on a portal."""
+    canon = _check(lambda: C.canonical_portal(address))
+    res = _call(control, "portal.remove", iqn=iqn, portal=canon)
+    click.echo(f"{res['target']}: portal {res['portal']} removed (TPGT {res['tag']})")
+
+
+@portal.command("list")
+@click.argument("iqn", required=False)
+@_json_option
+@_control_option
+def portal_list(iqn: str | None, as_json: bool, control: Path | None) -> None:
+    """List portals."""
+    rows = _call(control, "portal.list", iqn=iqn)
+    if as_json:
+        _echo_json(rows)
+        return
+    click.echo(_table(rows, [("target", "TARGET"), ("portal", "PORTAL"), ("tag", "TPGT"), ("listening", "LISTENING")]))
+
+
+# --------------------------------------------------------------------------- status / config
+
+
+def _render_status(st: dict) -> str:
+    lines = [
+        f"config:   {st['config'] or '(quick start, not saved)'}",
+        f"portals:  {', '.join(st['portals']) or '-'}",
+        f"discovery CHAP: {_cell(st['discovery_chap'])}",
+        "",
+    ]
+    targets = st["targets"]
+    for r in targets:
+        r["access"] = "open" if r["open_access"] else "acl"
+        r["auth"] = ("mutual-chap" if r["mutual_chap"] else "chap") if r["chap"] else "none"
+    lines.append(_table(targets, [("iqn", "TARGET"), ("luns", "LUNS"), ("acls", "ACLS"), ("access", "ACCESS"),
+                                  ("auth", "CHAP"), ("sessions", "SESSIONS")]))
+    sessions = st["sessions"]
+    lines.append("")
+    if not sessions:
+        lines.append("no sessions")
+        return "\n".join(lines)
+    lines.append(_table(sessions, [("target", "TARGET"), ("initiator", "INITIATOR"), ("isid", "ISID"),
+                                   ("tsih", "TSIH")]))
+    for s in sessions:
+        for c in s.get("connections") or []:
+            params = c.get("params") or {}
+            head = f"  {s.get('initiator')} cid={c.get('cid', '-')} {c.get('peer', '?')} -> {c.get('local', '?')}"
+            lines.append(head)
+            if params:
+                lines.append("    " + " ".join(f"{k}={v}" for k, v in sorted(params.items())))
+    return "\n".join(lines)
+
+
+@main.command()
+@_json_option
+@_control_option
+def status(as_json: bool, control: Path | None) -> None:
+    """Portals, targets, sessions, connections and negotiated parameters."""
+    st = _call(control, "status")
+    if as_json:
+        _echo_json(st)
+    else:
+        click.echo(_render_status(st))
+
+
+@main.group("config")
+def config_group() -> None:
+    """Show or reload the running configuration."""
+
+
+@config_group.command("show")
+@_control_option
+def config_show(control: Path | None) -> None:
+    """Print the running configuration (secrets masked)."""
+    _echo_json(_call(control, "config.show"))
+
+
+@config_group.command("reload")
+@_control_option
+def config_reload(control: Path | None) -> None:
+    """Re-read the config file and apply the difference (same as SIGHUP)."""
+    res = _call(control, "config.reload")
+    click.echo(f"reloaded: {res['targets']} target(s)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

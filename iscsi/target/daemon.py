@@ -1,0 +1,938 @@
+"""The target daemon: owns the configuration, the logical units and the listener.
+
+Every runtime change goes through one path (:meth:`TargetDaemon.change`):
+
+1. under one asyncio.Lock (concurrent admin commands must not race each other,
+   targetcli-fb PR #161), copy the config and let the operation edit the copy;
+2. validate the copy;
+3. *prepare* what can fail: open new images, resize, bind new portals;
+4. save the copy atomically (if the daemon has a config file);
+5. *commit* what cannot fail: swap LUN maps in place (REPORTED LUNS DATA HAS
+   CHANGED goes out), drop sessions that lost their access, unbind old portals,
+   close images nobody uses any more.
+
+A failure in 2-4 undoes 3 and leaves the running daemon and the file exactly as
+they were.  SIGHUP re-reads the file and goes through 2-5 with the file's
+content; SIGTERM stops the listener, lets in-flight commands finish, then
+flushes and closes every image.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import ipaddress
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from ..log import event
+from . import config as C
+from .control import OperationFailed
+from .config import Acl, ChapConfig, Config, ConfigError, Lun, PortalGroup, Target
+from .registry import AccessGrant, ChapCredentials
+
+log = logging.getLogger("iscsi.target.daemon")
+
+# Secret-looking keys removed from anything the daemon reports (status, lists).
+_SECRET_WORDS = ("secret", "password", "passwd", "chap_r", "chap_c")
+
+
+class AdminError(ConfigError):
+    """An admin request that cannot be done as asked; the message says why."""
+
+
+class DaemonError(OperationFailed):
+    """The daemon cannot start or apply its configuration."""
+
+
+# --------------------------------------------------------------------------- collaborators
+
+
+class Server(Protocol):
+    """What the daemon needs from iscsi.target.server.IscsiServer."""
+
+    async def add_portal(self, host: str, port: int) -> None: ...
+    async def remove_portal(self, host: str, port: int) -> None: ...
+    def sessions(self) -> list[dict]: ...
+    async def drop_sessions(self, target: str | None = None, initiator: str | None = None) -> None: ...
+    async def shutdown(self) -> None: ...
+
+
+@dataclass
+class Unit:
+    """One opened LUN: the SCSI logical unit and the backstore under it."""
+
+    lu: Any
+    backstore: Any
+    lun: Lun
+    image: Path
+
+    @property
+    def size(self) -> int:
+        return int(self.backstore.size)
+
+
+class UnitProvider(Protocol):
+    """Builds logical units and LUN maps (the SCSI core); replaceable in tests."""
+
+    def open(self, cfg: Config, target: Target, lun: Lun) -> Unit: ...
+    def new_map(self, luns: dict[int, Any]) -> Any: ...
+    def update_map(self, lun_map: Any, luns: dict[int, Any]) -> None: ...
+    def resize(self, unit: Unit, new_size: int) -> None: ...
+    def close(self, unit: Unit) -> None: ...
+
+
+def _accepted_kwargs(fn: Callable, **kwargs: Any) -> dict:
+    """Keep only the keyword arguments ``fn`` accepts (the SCSI core grows options over time)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+class ScsiUnitProvider:
+    """The real provider: sparse image files (iscsi.backstore.file) under iscsi.scsi LUs."""
+
+    def open(self, cfg: Config, target: Target, lun: Lun) -> Unit:
+        from ..backstore.file import FileBackstore
+        from ..scsi.lu import LogicalUnit
+
+        image = cfg.resolve_path(lun.path)
+        exists = image.exists()
+        if not exists and lun.size is None:
+            raise AdminError(f"{target.iqn} LUN {lun.number}: image {image} does not exist; give a size to create it")
+        if not exists:
+            image.parent.mkdir(parents=True, exist_ok=True)
+        backstore = FileBackstore(
+            str(image),
+            size=None if exists else lun.size,
+            block_size=lun.block_size,
+            read_only=lun.read_only,
+            create=not exists,
+        )
+        try:
+            actual = int(backstore.size)
+            if lun.size is not None and actual < lun.size and not lun.read_only:
+                # The config says bigger: an interrupted resize or a copied image. Growing
+                # never loses data; shrinking at start would, so a bigger file is served as is.
+                backstore.resize(lun.size)
+                event(log, "lun.grown", target=target.iqn, lun=lun.number, size=lun.size, was=actual)
+            elif lun.size is not None and actual != lun.size:
+                event(log, "lun.size_differs", logging.WARNING, target=target.iqn, lun=lun.number,
+                      configured=lun.size, image=actual)
+            lu = LogicalUnit(
+                backstore,
+                **_accepted_kwargs(
+                    LogicalUnit,
+                    serial=cfg.serial_for(target, lun),
+                    lun_id=lun.number,
+                    read_only=lun.read_only,
+                    removable=lun.removable,
+                    vendor=lun.vendor,
+                    product=lun.product,
+                ),
+            )
+        except BaseException:
+            backstore.close()
+            raise
+        return Unit(lu=lu, backstore=backstore, lun=lun, image=image)
+
+    def new_map(self, luns: dict[int, Any]) -> Any:
+        from ..scsi.target import LunMap
+
+        return LunMap(dict(luns))
+
+    def update_map(self, lun_map: Any, luns: dict[int, Any]) -> None:
+        """Change a map in place (sessions hold it) and raise REPORTED LUNS DATA HAS CHANGED."""
+        if hasattr(lun_map, "replace"):
+            lun_map.replace(dict(luns))
+        else:  # a mapping-like LunMap
+            for key in list(lun_map.keys()):
+                if key not in luns:
+                    del lun_map[key]
+            for key, lu in luns.items():
+                lun_map[key] = lu
+        lun_map.report_luns_changed()
+
+    def resize(self, unit: Unit, new_size: int) -> None:
+        resize = getattr(unit.lu, "resize", None)
+        if resize is not None:
+            resize(new_size)  # raises CAPACITY DATA HAS CHANGED on every nexus (SBC-4 §4.10)
+        else:
+            unit.backstore.resize(new_size)
+
+    def close(self, unit: Unit) -> None:
+        close = getattr(unit.lu, "close", None)
+        if close is not None:
+            close()
+            return
+        try:
+            if not unit.lun.read_only:
+                unit.backstore.flush()
+        finally:
+            unit.backstore.close()
+
+
+def _default_server(registry: "TargetDaemon") -> Server:
+    from .server import IscsiServer
+
+    return IscsiServer(registry)
+
+
+# --------------------------------------------------------------------------- address helpers
+
+
+def _normal_host(host: str) -> str:
+    """Local address of a connection as a comparable string (no zone, v4-mapped unwrapped)."""
+    host = host.split("%", 1)[0]
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return str(addr)
+
+
+def _portal_match(portal: str, local_host: str, local_port: int) -> int:
+    """2 = exact address match, 1 = wildcard portal on that port, 0 = no match."""
+    host, port = C.parse_portal(portal)
+    if port != local_port:
+        return 0
+    if host == local_host:
+        return 2
+    if C.is_wildcard(host):
+        local_is_v6 = ":" in local_host
+        # [::] usually listens dual-stack, so it also takes IPv4 connections.
+        return 1 if (":" in host or not local_is_v6) else 0
+    return 0
+
+
+def _scrub(value: Any) -> Any:
+    """Replace any secret-looking field in reported data (defence in depth)."""
+    if isinstance(value, dict):
+        return {
+            k: ("***" if isinstance(k, str) and any(w in k.lower() for w in _SECRET_WORDS) and v is not None else _scrub(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def _creds(chap: ChapConfig | None) -> ChapCredentials | None:
+    if chap is None:
+        return None
+    return ChapCredentials(chap.username, chap.secret, chap.mutual_username, chap.mutual_secret)
+
+
+# --------------------------------------------------------------------------- per-target runtime
+
+
+class TargetRuntime:
+    """One target as the server sees it (TargetAccess): portals, LUN maps, authorization."""
+
+    def __init__(self, target: Target) -> None:
+        self.cfg = target
+        self.name = target.iqn
+        self.units: dict[int, Unit] = {}
+        # initiator IQN (lowercase) -> LunMap of its ACL; None -> the open-access map.
+        self.maps: dict[str | None, Any] = {}
+
+    @property
+    def alias(self) -> str | None:
+        return self.cfg.alias
+
+    def portal_group_tag(self, local_host: str, local_port: int) -> int | None:
+        host = _normal_host(local_host)
+        best, best_tag = 0, None
+        for tag, portal in self.cfg.portals():
+            score = _portal_match(portal, host, local_port)
+            if score > best:
+                best, best_tag = score, tag
+        return best_tag
+
+    def authorize(self, initiator_name: str) -> AccessGrant | None:
+        try:
+            initiator = C.canonical_iscsi_name(initiator_name)
+        except ConfigError:
+            return None
+        acl = self.cfg.acl(initiator)
+        if acl is not None and initiator in self.maps:
+            params = {**self.cfg.params, **acl.params}
+            return AccessGrant(self.maps[initiator], _creds(acl.chap or self.cfg.chap), params)
+        if self.cfg.open_access and None in self.maps:
+            return AccessGrant(self.maps[None], _creds(self.cfg.chap), dict(self.cfg.params))
+        return None
+
+    def addresses(self, local_host: str) -> list[str]:
+        """TargetAddress values (RFC 7143 §13.8): ``addr:port,tpgt``; wildcards become ``local_host``."""
+        out: list[str] = []
+        for tag, portal in self.cfg.portals():
+            host, port = C.parse_portal(portal)
+            if C.is_wildcard(host):
+                host = local_host
+            text = f"{C.format_portal(host, port)},{tag}"
+            if text not in out:
+                out.append(text)
+        return out
+
+    def wanted_maps(self) -> dict[str | None, dict[int, Any]]:
+        """What every LUN map of this target must contain under the current config."""
+        wanted: dict[str | None, dict[int, Any]] = {}
+        for acl in self.cfg.acls:
+            wanted[acl.initiator] = {a: self.units[t].lu for a, t in acl.mapping(self.cfg).items()}
+        if self.cfg.open_access:
+            wanted[None] = {n: u.lu for n, u in sorted(self.units.items())}
+        return wanted
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+def _needs_reopen(old: Lun, new: Lun, old_cfg: Config, new_cfg: Config) -> bool:
+    """A LUN whose image or identity changed is closed and opened again (not just resized)."""
+    return (
+        old_cfg.resolve_path(old.path) != new_cfg.resolve_path(new.path)
+        or old.block_size != new.block_size
+        or old.read_only != new.read_only
+        or old.removable != new.removable
+        or old.serial != new.serial
+        or old.vendor != new.vendor
+        or old.product != new.product
+    )
+
+
+class TargetDaemon:
+    """Implements :class:`iscsi.target.registry.TargetRegistry` for the server."""
+
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | os.PathLike | None = None,
+        *,
+        provider: UnitProvider | None = None,
+        server_factory: Callable[["TargetDaemon"], Server] | None = None,
+        control_path: str | os.PathLike | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        # None = quick start: changes apply to the running daemon only and are not saved.
+        self.config_path = Path(config_path) if config_path is not None else None
+        self.control_path = Path(control_path) if control_path is not None else None
+        self.provider: UnitProvider = provider or ScsiUnitProvider()
+        self._server_factory = server_factory or _default_server
+        self.server: Server | None = None
+        self._control: Any = None
+        self._targets: dict[str, TargetRuntime] = {}
+        self._listening: set[tuple[str, int]] = set()
+        self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._running = False
+
+    # ------------------------------------------------------------------ registry (server-facing)
+
+    def discovery_auth(self) -> ChapCredentials | None:
+        return _creds(self.config.discovery_auth)
+
+    def discovery_targets(self, initiator_name: str, local_host: str, local_port: int) -> list[tuple[str, list[str]]]:
+        host = _normal_host(local_host)
+        out = []
+        for rt in self._targets.values():
+            if rt.portal_group_tag(host, local_port) is None:
+                continue
+            if rt.authorize(initiator_name) is None:
+                continue
+            out.append((rt.name, rt.addresses(host)))
+        return out
+
+    def find_target(self, name: str) -> TargetRuntime | None:
+        return self._targets.get(name.lower())
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Open every LUN and bind every portal, all or nothing."""
+        if self._running:
+            raise DaemonError("daemon already started")
+        empty = Config(data_dir=self.config.data_dir)
+        target_cfg, self.config = self.config, empty
+        self.server = self._server_factory(self)
+        try:
+            async with self._lock:
+                await self._apply(target_cfg, save=False)
+            if self.control_path is not None:
+                from .control import ControlServer
+
+                self._control = ControlServer(self.control_path, self.handle_request)
+                await self._control.start()
+        except BaseException:
+            await self._close_all()
+            self.config = target_cfg
+            raise
+        self._running = True
+        event(log, "daemon.started", targets=len(self.config.targets),
+              portals=",".join(C.format_portal(h, p) for h, p in sorted(self._listening)),
+              config=self.config_path, control=self.control_path)
+
+    async def stop(self) -> None:
+        """SIGTERM path: stop the listener, let in-flight commands finish, flush and close."""
+        self._stop.set()
+        if not self._running:
+            return
+        self._running = False
+        await self._close_all()
+        event(log, "daemon.stopped")
+
+    async def _close_all(self) -> None:
+        if self._control is not None:
+            await self._control.close()
+            self._control = None
+        if self.server is not None:
+            try:
+                await self.server.shutdown()
+            except Exception as e:  # still flush the images below
+                event(log, "server.shutdown_failed", logging.ERROR, error=repr(e))
+        self._listening.clear()
+        for rt in list(self._targets.values()):
+            for unit in rt.units.values():
+                await self._close_unit(rt.name, unit)
+        self._targets.clear()
+
+    async def _close_unit(self, target: str, unit: Unit) -> None:
+        try:
+            await asyncio.to_thread(self.provider.close, unit)
+            event(log, "lun.closed", target=target, lun=unit.lun.number, image=unit.image)
+        except Exception as e:
+            event(log, "lun.close_failed", logging.ERROR, target=target, lun=unit.lun.number, error=repr(e))
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT (SIGHUP reloads), then stop cleanly."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        installed = []
+        for sig, handler in (
+            (signal.SIGTERM, self._stop.set),
+            (signal.SIGINT, self._stop.set),
+            (signal.SIGHUP, lambda: asyncio.ensure_future(self.reload_quietly())),
+        ):
+            try:
+                loop.add_signal_handler(sig, handler)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+        try:
+            await self._stop.wait()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    # ------------------------------------------------------------------ changes
+
+    async def change(self, mutate: Callable[[Config], Any], what: str = "change") -> Any:
+        """Apply one admin change: serialized, validated, persisted, rolled back on failure."""
+        async with self._lock:
+            new = self.config.copy()
+            result = mutate(new)
+            if inspect.isawaitable(result):
+                result = await result
+            await self._apply(new, save=True)
+        event(log, "config.changed", op=what, persisted=self.config_path is not None)
+        return result
+
+    async def reload(self) -> dict:
+        """SIGHUP: read the file again and apply the difference; the old config stays on error."""
+        if self.config_path is None:
+            raise AdminError("this daemon was started without a config file (quick start); nothing to reload")
+        async with self._lock:
+            new = await asyncio.to_thread(C.load_config, self.config_path)
+            await self._apply(new, save=False)
+        event(log, "config.reloaded", path=self.config_path, targets=len(self.config.targets))
+        return {"targets": len(self.config.targets)}
+
+    async def reload_quietly(self) -> None:
+        try:
+            await self.reload()
+        except Exception as e:
+            event(log, "config.reload_failed", logging.ERROR, path=self.config_path, error=str(e))
+
+    async def _apply(self, new: Config, save: bool) -> None:
+        """Move the running daemon from self.config to ``new`` (see module docstring)."""
+        new.validate()
+        old = self.config
+        opened: dict[tuple[str, int], Unit] = {}
+        resized: list[tuple[Unit, int, int]] = []
+        bound: list[tuple[str, int]] = []
+        try:
+            # ---- prepare: everything that can fail
+            for target in new.targets:
+                rt = self._targets.get(target.iqn)
+                old_target = old.target(target.iqn)
+                for lun in target.luns:
+                    unit = rt.units.get(lun.number) if rt else None
+                    old_lun = old_target.lun(lun.number) if old_target else None
+                    if unit is None or old_lun is None or _needs_reopen(old_lun, lun, old, new):
+                        opened[(target.iqn, lun.number)] = await self._open(new, target, lun)
+                    elif lun.size is not None and lun.size != unit.size:
+                        before = unit.size
+                        self.provider.resize(unit, lun.size)
+                        resized.append((unit, before, lun.size))
+                        event(log, "lun.resized", target=target.iqn, lun=lun.number, size=lun.size, was=before)
+            for host, port in sorted(new.all_portals() - self._listening):
+                try:
+                    await self.server.add_portal(host, port)
+                except OSError as e:
+                    raise DaemonError(f"cannot listen on {C.format_portal(host, port)}: {e.strerror or e}") from None
+                bound.append((host, port))
+                event(log, "portal.listening", portal=C.format_portal(host, port))
+            # ---- persist
+            if save and self.config_path is not None:
+                try:
+                    await asyncio.to_thread(C.save_config, new, self.config_path)
+                except OSError as e:
+                    raise DaemonError(f"cannot save {self.config_path}: {e.strerror or e}; nothing was changed") from None
+        except BaseException:
+            await self._undo(opened, resized, bound)
+            raise
+        await self._commit(old, new, opened, bound)
+
+    async def _open(self, cfg: Config, target: Target, lun: Lun) -> Unit:
+        try:
+            unit = await asyncio.to_thread(self.provider.open, cfg, target, lun)
+        except ConfigError:
+            raise
+        except OSError as e:
+            raise DaemonError(
+                f"{target.iqn} LUN {lun.number}: cannot open {cfg.resolve_path(lun.path)}: {e.strerror or e}"
+            ) from None
+        event(log, "lun.opened", target=target.iqn, lun=lun.number, image=unit.image, size=unit.size,
+              block_size=lun.block_size, read_only=lun.read_only, removable=lun.removable)
+        return unit
+
+    async def _undo(self, opened: dict, resized: list, bound: list) -> None:
+        for unit, before, _after in reversed(resized):
+            try:
+                self.provider.resize(unit, before)
+            except Exception as e:
+                event(log, "lun.resize_undo_failed", logging.ERROR, lun=unit.lun.number, error=repr(e))
+        for (iqn, _n), unit in opened.items():
+            await self._close_unit(iqn, unit)
+        for host, port in bound:
+            try:
+                await self.server.remove_portal(host, port)
+            except Exception as e:
+                event(log, "portal.undo_failed", logging.ERROR, portal=C.format_portal(host, port), error=repr(e))
+
+    async def _commit(self, old: Config, new: Config, opened: dict, bound: list) -> None:
+        to_close: list[tuple[str, Unit]] = []
+        drops: list[tuple[str, str | None]] = []
+        self._listening.update(bound)
+        new_names = {t.iqn for t in new.targets}
+        for iqn in list(self._targets):
+            if iqn not in new_names:
+                rt = self._targets.pop(iqn)
+                to_close.extend((iqn, u) for u in rt.units.values())
+                drops.append((iqn, None))
+                event(log, "target.removed", target=iqn)
+        for target in new.targets:
+            rt = self._targets.get(target.iqn)
+            if rt is None:
+                rt = self._targets[target.iqn] = TargetRuntime(target)
+                event(log, "target.added", target=target.iqn, alias=target.alias)
+            old_target = rt.cfg
+            rt.cfg = target
+            numbers = {l.number for l in target.luns}
+            for number in list(rt.units):
+                if number not in numbers or (target.iqn, number) in opened:
+                    to_close.append((target.iqn, rt.units.pop(number)))
+            for (iqn, number), unit in opened.items():
+                if iqn == target.iqn:
+                    rt.units[number] = unit
+            for number, unit in rt.units.items():
+                unit.lun = target.lun(number)
+            wanted = rt.wanted_maps()
+            for key in list(rt.maps):
+                if key not in wanted:
+                    del rt.maps[key]
+                    if key is not None:
+                        drops.append((target.iqn, key))
+            for key, luns in wanted.items():
+                if key in rt.maps:
+                    current = self._map_contents(rt.maps[key])
+                    if current != {n: id(lu) for n, lu in luns.items()}:
+                        self.provider.update_map(rt.maps[key], luns)
+                else:
+                    rt.maps[key] = self.provider.new_map(luns)
+            if old_target.open_access and not target.open_access and self.server is not None:
+                # Initiators that came in through open access and have no ACL lose access.
+                allowed = {a.initiator for a in target.acls}
+                for row in self._sessions():
+                    who = str(row.get("initiator", "")).lower()
+                    if str(row.get("target", "")).lower() == target.iqn and who not in allowed:
+                        drops.append((target.iqn, who))
+        self.config = new
+        for host, port in sorted(self._listening - new.all_portals()):
+            self._listening.discard((host, port))
+            try:
+                await self.server.remove_portal(host, port)
+                event(log, "portal.closed", portal=C.format_portal(host, port))
+            except Exception as e:
+                event(log, "portal.close_failed", logging.ERROR, portal=C.format_portal(host, port), error=repr(e))
+        for iqn, initiator in dict.fromkeys(drops):
+            try:
+                await self.server.drop_sessions(target=iqn, initiator=initiator)
+                event(log, "sessions.dropped", target=iqn, initiator=initiator)
+            except Exception as e:
+                event(log, "sessions.drop_failed", logging.ERROR, target=iqn, error=repr(e))
+        for iqn, unit in to_close:
+            await self._close_unit(iqn, unit)
+
+    @staticmethod
+    def _map_contents(lun_map: Any) -> dict[int, int]:
+        items = lun_map.items() if hasattr(lun_map, "items") else getattr(lun_map, "luns", {}).items()
+        return {n: id(lu) for n, lu in items}
+
+    def _sessions(self) -> list[dict]:
+        if self.server is None:
+            return []
+        try:
+            return list(self.server.sessions())
+        except Exception as e:
+            event(log, "sessions.list_failed", logging.ERROR, error=repr(e))
+            return []
+
+    # ------------------------------------------------------------------ admin operations
+
+    def _target(self, cfg: Config, iqn: str) -> Target:
+        try:
+            name = C.canonical_iscsi_name(iqn)
+        except ConfigError as e:
+            raise AdminError(str(e)) from None
+        target = cfg.target(name)
+        if target is None:
+            known = ", ".join(t.iqn for t in cfg.targets) or "none"
+            raise AdminError(f"no target {name} (targets: {known})")
+        return target
+
+    async def target_add(self, iqn: str, alias: str | None = None, portals: list[str] | None = None,
+                         open_access: bool = False) -> dict:
+        name = C.canonical_iscsi_name(iqn)
+
+        def mutate(cfg: Config) -> dict:
+            if cfg.target(name) is not None:
+                raise AdminError(f"target {name} already exists")
+            groups = [PortalGroup(tag, [C.canonical_portal(p)]) for tag, p in enumerate(portals or [f"{C.LOOPBACK_V4}:{C.DEFAULT_PORT}"], 1)]
+            cfg.targets.append(Target(iqn=name, alias=alias, portal_groups=groups, open_access=open_access))
+            return {"target": name}
+
+        return await self.change(mutate, "target.add")
+
+    async def target_remove(self, iqn: str, force: bool = False) -> dict:
+        def mutate(cfg: Config) -> dict:
+            target = self._target(cfg, iqn)
+            busy = [r for r in self._sessions() if str(r.get("target", "")).lower() == target.iqn]
+            if busy and not force:
+                raise AdminError(f"target {target.iqn} has {len(busy)} session(s); use --force to log them out")
+            cfg.targets.remove(target)
+            return {"target": target.iqn}
+
+        return await self.change(mutate, "target.remove")
+
+    async def target_set(self, iqn: str, alias: str | None = None, clear_alias: bool = False,
+                         open_access: bool | None = None, params: dict[str, str] | None = None,
+                         clear_params: list[str] | None = None) -> dict:
+        def mutate(cfg: Config) -> dict:
+            target = self._target(cfg, iqn)
+            if alias is not None:
+                target.alias = alias
+            if clear_alias:
+                target.alias = None
+            if open_access is not None:
+                target.open_access = bool(open_access)
+            for key in clear_params or []:
+                name = {"header_digest": "HeaderDigest", "data_digest": "DataDigest"}.get(key, key)
+                target.params.pop(name, None)
+            for key, value in (params or {}).items():
+                k, v = C.canonical_param(key, value)
+                target.params[k] = v
+            return self._target_row(target)
+
+        return await self.change(mutate, "target.set")
+
+    def _target_row(self, target: Target) -> dict:
+        rt = self._targets.get(target.iqn)
+        return {
+            "iqn": target.iqn,
+            "alias": target.alias,
+            "open_access": target.open_access,
+            "chap": target.chap is not None,
+            "mutual_chap": bool(target.chap and target.chap.mutual),
+            "params": dict(target.params),
+            "portal_groups": [{"tag": g.tag, "portals": list(g.portals)} for g in target.portal_groups],
+            "luns": [l.number for l in target.luns],
+            "acls": [a.initiator for a in target.acls],
+            "sessions": sum(1 for r in self._sessions() if str(r.get("target", "")).lower() == target.iqn)
+            if rt else 0,
+        }
+
+    async def target_list(self) -> list[dict]:
+        return [self._target_row(t) for t in self.config.targets]
+
+    async def lun_add(self, iqn: str, path: str, number: int | None = None, size: int | str | None = None,
+                      block_size: int = 512, read_only: bool = False, removable: bool = False,
+                      serial: str | None = None, vendor: str | None = None, product: str | None = None) -> dict:
+        def mutate(cfg: Config) -> dict:
+            target = self._target(cfg, iqn)
+            used = {l.number for l in target.luns}
+            n = C.next_free(used) if number is None or number < 0 else int(number)
+            if n in used:
+                raise AdminError(f"target {target.iqn} already has LUN {n}")
+            lun = Lun(number=n, path=path, size=None if size is None else C.parse_size(size),
+                      block_size=int(block_size), read_only=bool(read_only), removable=bool(removable),
+                      serial=serial, vendor=vendor, product=product)
+            if lun.serial is None:  # fixed now, so moving the image later keeps the LU's identity
+                lun.serial = C.default_serial(target.iqn, n, str(cfg.resolve_path(path)))
+            target.luns.append(lun)
+            target.luns.sort(key=lambda l: l.number)
+            return {"target": target.iqn, "lun": n, "serial": lun.serial}
+
+        return await self.change(mutate, "lun.add")
+
+    async def lun_remove(self, iqn: str, number: int) -> dict:
+        def mutate(cfg: Config) -> dict:
+            target = self._target(cfg, iqn)
+            lun = target.lun(int(number))
+            if lun is None:
+                raise AdminError(f"target {target.iqn} has no LUN {number}")
+            target.luns.remove(lun)
+            for acl in target.acls:  # a removed LUN leaves every explicit mapping too
+                if acl.lun_map is not None:
+                    acl.lun_map = {a: t for a, t in acl.lun_map.items() if t != lun.number}
+            return {"target": target.iqn, "lun": lun.number}
+
+        return await self.change(mutate, "lun.remove")
+
+    async def lun_resize(self, iqn: str, number: int, size: int | str, force: bool = False) -> dict:
+        new_size = C.parse_size(size)
+
+        def mutate(cfg: Config) -> dict:
+            target = self._target(cfg, iqn)
+            lun = target.lun(int(number))
+            if lun is None:
+                raise AdminError(f"target {target.iqn} has no LUN {number}")
+            if lun.read_only:
+                raise AdminError(f"{target.iqn} LUN {lun.number} is read-only; it cannot be resized")
+            rt = self._targets.get(target.iqn)
+            unit = rt.units.get(lun.number) if rt else None
+            current = unit.size if unit is not None else (lun.size or 0)
+            if new_size < current and not force:
+                raise AdminError(
+                    f"{target.iqn} LUN {lun.number}: shrinking from {C.format_size(current)} to "
+                    f"{C.format_size(new_size)} destroys the data at the end; use --force"
+                )
+            lun.size = new_size
+            return {"target": target.iqn, "lun": lun.number, "size": new_size, "was": current}
+
+        return await self.change(mutate, "lun.resize")
+
+    def _lun_row(self, target: Target, lun: Lun) -> dict:
+        rt = self._targets.get(target.iqn)
+        unit = rt.units.get(lun.number) if rt else None
+        return {
+            "target": target.iqn,
+            "lun": lun.number,
+            "path": str(self.config.resolve_path(lun.path)),
+            "size": unit.size if unit is not None else lun.size,
+            "block_size": lun.block_size,
+            "read_only": lun.read_only,
+            "removable": lun.removable,
+            "serial": self.config.serial_for(target, lun),
+        }
+
+    async def lun_list(self, iqn: str | None = None) -> list[dict]:
+        targets = [self._target(self.config, iqn)] if iqn else self.config.targets
+        return [self._lun_row(t, l) for t in targets for l in t.luns]
+
+    async def acl_add(self, iqn: str, initiator: str, lun_map: dict | None = None) -> dict:
+        name = C.canonical_iscsi_name(initiator)
+
+        def mutate(cfg: Config) -> dict:
+            target = self._target(cfg, iqn)
+            if target.acl(name) is not None:
+                raise AdminError(f"target {target.iqn} already has an ACL for {name}")
+            mapping = None if lun_map is None else {int(k): int(v) for k, v in lun_map.items()}
+            target.acls.append(Acl(initiator=name, lun_map=mapping))
+            return {"target": target.iqn, "initiator": name}
+
+        return await self.change(mutate, "acl.add")
+
+    async def acl_remove(self, iqn: str, initiator: str) -> dict:
+        def mutate(cfg: Config) -> dict:
+            target = self._target(cfg, iqn)
+            acl = target.acl(initiator)
+            if acl is None:
+                raise AdminError(f"target {target.iqn} has no ACL for {initiator}")
+            target.acls.remove(acl)
+            return {"target": target.iqn, "initiator": acl.initiator}
+
+        return await self.change(mutate, "acl.remove")
+
+    async def acl_list(self, iqn: str | None = None) -> list[dict]:
+        targets = [self._target(self.config, iqn)] if iqn else self.config.targets
+        return [
+            {
+                "target": t.iqn,
+                "initiator": a.initiator,
+                "lun_map": {str(k): v for k, v in a.mapping(t).items()},
+                "chap": "own" if a.chap else ("target" if t.chap else "none"),
+                "mutual_chap": bool((a.chap or t.chap) and (a.chap or t.chap).mutual),
+                "params": dict(a.params),
+            }
+            for t in targets
+            for a in t.acls
+        ]
+
+    def _chap_holder(self, cfg: Config, scope: str, iqn: str | None, initiator: str | None) -> tuple[Any, str, str]:
+        if scope == "discovery":
+            return cfg, "discovery_auth", "discovery"
+        if not iqn:
+            raise AdminError(f"CHAP scope {scope!r} needs a target")
+        target = self._target(cfg, iqn)
+        if scope == "target":
+            return target, "chap", f"target {target.iqn}"
+        if scope == "acl":
+            if not initiator:
+                raise AdminError("CHAP for an ACL needs the initiator name")
+            acl = target.acl(initiator)
+            if acl is None:
+                raise AdminError(f"target {target.iqn} has no ACL for {initiator}")
+            return acl, "chap", f"ACL {acl.initiator} of {target.iqn}"
+        raise AdminError(f"unknown CHAP scope {scope!r} (discovery, target or acl)")
+
+    async def chap_set(self, scope: str, username: str, secret: str, iqn: str | None = None,
+                       initiator: str | None = None, mutual_username: str | None = None,
+                       mutual_secret: str | None = None) -> dict:
+        def mutate(cfg: Config) -> dict:
+            holder, attr, label = self._chap_holder(cfg, scope, iqn, initiator)
+            setattr(holder, attr, ChapConfig(username, secret, mutual_username, mutual_secret))
+            return {"scope": label, "username": username, "mutual": mutual_username is not None}
+
+        return await self.change(mutate, "chap.set")
+
+    async def chap_clear(self, scope: str, iqn: str | None = None, initiator: str | None = None) -> dict:
+        def mutate(cfg: Config) -> dict:
+            holder, attr, label = self._chap_holder(cfg, scope, iqn, initiator)
+            setattr(holder, attr, None)
+            return {"scope": label}
+
+        return await self.change(mutate, "chap.clear")
+
+    async def portal_add(self, iqn: str, portal: str, tag: int | None = None) -> dict:
+        canon = C.canonical_portal(portal)
+
+        def mutate(cfg: Config) -> dict:
+            target = self._target(cfg, iqn)
+            if any(C.parse_portal(p) == C.parse_portal(canon) for _, p in target.portals()):
+                raise AdminError(f"target {target.iqn} already has portal {canon}")
+            group_tag = tag if tag is not None else C.next_free({g.tag for g in target.portal_groups}, C.MIN_TPGT)
+            group = target.portal_group(int(group_tag))
+            if group is None:
+                group = PortalGroup(int(group_tag), [])
+                target.portal_groups.append(group)
+                target.portal_groups.sort(key=lambda g: g.tag)
+            group.portals.append(canon)
+            return {"target": target.iqn, "portal": canon, "tag": group.tag}
+
+        return await self.change(mutate, "portal.add")
+
+    async def portal_remove(self, iqn: str, portal: str) -> dict:
+        wanted = C.parse_portal(portal)
+
+        def mutate(cfg: Config) -> dict:
+            target = self._target(cfg, iqn)
+            for group in target.portal_groups:
+                for p in group.portals:
+                    if C.parse_portal(p) == wanted:
+                        group.portals.remove(p)
+                        if not group.portals:
+                            target.portal_groups.remove(group)
+                        return {"target": target.iqn, "portal": p, "tag": group.tag}
+            raise AdminError(f"target {target.iqn} has no portal {C.format_portal(*wanted)}")
+
+        return await self.change(mutate, "portal.remove")
+
+    async def portal_list(self, iqn: str | None = None) -> list[dict]:
+        targets = [self._target(self.config, iqn)] if iqn else self.config.targets
+        return [
+            {"target": t.iqn, "portal": p, "tag": tag,
+             "listening": C.parse_portal(p) in self._listening}
+            for t in targets
+            for tag, p in t.portals()
+        ]
+
+    async def status(self) -> dict:
+        return _scrub(
+            {
+                "config": str(self.config_path) if self.config_path else None,
+                "persistent": self.config_path is not None,
+                "portals": [C.format_portal(h, p) for h, p in sorted(self._listening)],
+                "discovery_chap": self.config.discovery_auth is not None,
+                "targets": [self._target_row(t) for t in self.config.targets],
+                "sessions": self._sessions(),
+            }
+        )
+
+    async def config_show(self) -> dict:
+        return C.to_dict(self.config, mask_secrets=True)
+
+    async def ping(self) -> dict:
+        return {"pid": os.getpid(), "config": str(self.config_path) if self.config_path else None}
+
+    # ------------------------------------------------------------------ control socket dispatch
+
+    OPS: dict[str, str] = {
+        "ping": "ping",
+        "status": "status",
+        "config.show": "config_show",
+        "config.reload": "reload",
+        "target.add": "target_add",
+        "target.remove": "target_remove",
+        "target.set": "target_set",
+        "target.list": "target_list",
+        "lun.add": "lun_add",
+        "lun.remove": "lun_remove",
+        "lun.resize": "lun_resize",
+        "lun.list": "lun_list",
+        "acl.add": "acl_add",
+        "acl.remove": "acl_remove",
+        "acl.list": "acl_list",
+        "chap.set": "chap_set",
+        "chap.clear": "chap_clear",
+        "portal.add": "portal_add",
+        "portal.remove": "portal_remove",
+        "portal.list": "portal_list",
+    }
+
+    async def handle_request(self, op: str, args: dict) -> Any:
+        """Run one control request; raises AdminError/ConfigError for the caller's mistakes."""
+        name = self.OPS.get(op)
+        if name is None:
+            raise AdminError(f"unknown operation {op!r}")
+        method = getattr(self, name)
+        if not isinstance(args, dict):
+            raise AdminError("args must be an object")
+        try:
+            inspect.signature(method).bind(**args)
+        except TypeError as e:
+            raise AdminError(f"{op}: {e}") from None
+        return await method(**args)
