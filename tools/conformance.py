@@ -1,0 +1,562 @@
+"""Run libiscsi's conformance suite (``iscsi-test-cu``) against a target and judge each test.
+
+Outcome per test (``Suite.Test``), from the suite's verbose CUnit output:
+- ``pass``   -- CUnit passed and the test printed no ``[SKIPPED]`` line (a clean pass);
+- ``skip``   -- CUnit passed but the test skipped itself (``CU_PASS("[SKIPPED] ...")``: feature
+               not implemented, LU not thin-provisioned, flag not given...);
+- ``fail``   -- CUnit FAILED;
+- ``hang``   -- no output for ``idle_timeout`` seconds: the run was killed in this test;
+- ``crash``  -- the suite process died in this test (or the target died under it);
+- ``notrun`` -- never reached (time budget spent, target gone, suite set-up failed).
+
+Some tests log ``[FAILED]`` for a probe that is *expected* to fail and still pass (e.g.
+WriteSame10.UnmapVPD when WRITE SAME UNMAP is not offered); those stay clean passes. The
+stricter reading (any ``[FAILED]`` line disqualifies) is reported separately as ``strict_pass``
+because that is how the "tgt passes 157 of 230" figure in issue 2 was counted.
+
+A target that hangs in one test does not cost the rest of the run: after a kill, the rest of the
+interrupted suite runs one test per process and the remaining suites run together again.
+
+    python -m tools.conformance --peer tgt                 # start tgtd, run, print the table
+    python -m tools.conformance --peer sanstack --compare tests/conformance/sanstack-expected.json
+    python -m tools.conformance --peer sanstack --write-expected   # refresh the expectation file
+    python -m tools.conformance --url iscsi://127.0.0.1:3260/iqn.../0   # an already running target
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+SUITE_TOOL = "iscsi-test-cu"
+INITIATOR_1 = "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test"
+INITIATOR_2 = "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test-2"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXPECT_DIR = REPO_ROOT / "tests" / "conformance"
+
+#: The slowest tests against tgt take ~2 s; libiscsi's own command timeouts are far shorter than
+#: this. 60 s of silence means the target stopped answering.
+IDLE_TIMEOUT = 60.0
+#: Whole run (all 230 tests) against tgt: ~15 s on the 2-core CI machine. A Python target is
+#: slower; 15 min keeps CI bounded even if many tests run into the idle timeout.
+RUN_TIMEOUT = 900.0
+#: Restarts after a hang/crash; each restart costs at most one idle timeout.
+MAX_RUNS = 40
+
+PASS, SKIP, FAIL, HANG, CRASH, NOTRUN = "pass", "skip", "fail", "hang", "crash", "notrun"
+OUTCOMES = (PASS, SKIP, FAIL, HANG, CRASH, NOTRUN)
+#: Ordering for regressions: lower is worse.
+RANK = {PASS: 3, SKIP: 2, FAIL: 1, HANG: 0, CRASH: 0, NOTRUN: 0}
+
+PROFILES = {
+    # Issue 2's yardstick: how the "tgt passes 157 of 230" figure was taken.
+    "basic": {"flags": ["--dataloss"], "multipath": False},
+    # Issue 3's goal: everything, with a second portal for the MultipathIO suite.
+    "full": {"flags": ["--dataloss", "--allow-sanitize"], "multipath": True},
+}
+
+
+@dataclass
+class TestResult:
+    name: str
+    outcome: str
+    detail: str = ""
+    #: Passed but logged a "[FAILED]" line (an expected-failure probe or cleanup noise).
+    logged_failure: bool = False
+
+    @property
+    def reason(self) -> str:
+        """The first line that says why (for skips and failures), else ''."""
+        for line in self.detail.splitlines():
+            line = line.strip()
+            if line.startswith(("[SKIPPED]", "[FAILED]")) or re.match(r"\d+\. \S+:\d+", line):
+                return line
+        return self.detail.strip().splitlines()[0].strip() if self.detail.strip() else ""
+
+
+@dataclass
+class Report:
+    results: dict[str, TestResult] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+    runs: int = 0
+    elapsed: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def outcome(self, name: str) -> str:
+        r = self.results.get(name)
+        return r.outcome if r else NOTRUN
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(self.outcome(n) for n in self.order)
+        out = {k: c.get(k, 0) for k in OUTCOMES}
+        out["total"] = len(self.order)
+        out["strict_pass"] = sum(
+            1 for n in self.order if self.outcome(n) == PASS and not self.results[n].logged_failure
+        )
+        return out
+
+    def outcomes(self) -> dict[str, str]:
+        return {n: self.outcome(n) for n in self.order}
+
+    def broken(self) -> list[str]:
+        """Tests in which the target hung or the run died: never acceptable."""
+        return [n for n in self.order if self.outcome(n) in (HANG, CRASH)]
+
+
+# --------------------------------------------------------------------------- parsing
+
+_SUITE_RE = re.compile(r"^Suite: (\S+)\s*$")
+_TEST_RE = re.compile(r"^  Test: (\S+) \.\.\.(.*)$")
+_RESULT_RE = re.compile(r"^(passed|FAILED)(?=\s|$)")
+
+
+def parse_output(text: str) -> tuple[dict[str, TestResult], str | None, str]:
+    """Parse verbose CUnit output into results.
+
+    Returns (finished results, the test that started but never finished or None, and the
+    partial output of that unfinished test).
+    """
+    results: dict[str, TestResult] = {}
+    suite = "?"
+    current: str | None = None
+    buf: list[str] = []
+    last: TestResult | None = None  # collects the "  1. file.c:NN - CU_ASSERT..." lines
+
+    def finish(token: str, rest: str) -> TestResult:
+        detail = "\n".join(buf)
+        if token == "FAILED":
+            res = TestResult(current, FAIL, detail)
+        elif "[SKIPPED]" in detail:
+            res = TestResult(current, SKIP, detail)
+        else:
+            res = TestResult(current, PASS, detail, logged_failure="[FAILED]" in detail + rest)
+        results[current] = res
+        return res
+
+    for line in text.splitlines():
+        m = _SUITE_RE.match(line)
+        if m:
+            suite, current, last = m.group(1), None, None
+            continue
+        m = _TEST_RE.match(line)
+        if m:
+            current, buf, last = f"{suite}.{m.group(1)}", [], None
+            line = m.group(2)
+            # fall through: the result may sit on the same line ("Test: X ...passed")
+        if current is None:
+            if last is not None and last.outcome == FAIL and line.strip():
+                last.detail += ("\n" if last.detail else "") + line.strip()
+            continue
+        r = _RESULT_RE.match(line)
+        if r:
+            last = finish(r.group(1), line[r.end():])
+            current, buf = None, []
+        elif line.strip():
+            buf.append(line.strip())
+    return results, current, "\n".join(buf)
+
+
+# --------------------------------------------------------------------------- test inventory
+
+def list_tests(tool: str = SUITE_TOOL) -> list[str]:
+    """Every test of the ALL family as ``Suite.Test``, in the suite's own order."""
+    out = subprocess.run([tool, "--list"], capture_output=True, text=True, timeout=30, check=True).stdout
+    names = []
+    for line in out.splitlines():
+        parts = line.strip().split(".")
+        if len(parts) == 3 and parts[0] == "ALL":
+            names.append(f"{parts[1]}.{parts[2]}")
+    return names
+
+
+def _spec_tests(spec: str, inventory: list[str]) -> list[str]:
+    """The tests a ``-t`` spec selects (only the forms this module builds)."""
+    wanted: list[str] = []
+    for part in spec.split(","):
+        bits = part.split(".")
+        if bits == ["ALL"]:
+            wanted += inventory
+        elif len(bits) == 2:
+            wanted += [n for n in inventory if n.split(".")[0] == bits[1]]
+        elif len(bits) == 3:
+            wanted += [f"{bits[1]}.{bits[2]}"]
+    return wanted
+
+
+def _resume_specs(remaining: list[str], partial_suite: str | None) -> list[str]:
+    """Specs for the rest: the interrupted suite one test per run, whole suites in one run.
+
+    (iscsi-test-cu registers a suite once per pattern, so two patterns of one suite in one
+    process fail with a duplicate-suite error: a partial suite needs one process per test.)
+    """
+    singles = [f"ALL.{n}" for n in remaining if n.split(".")[0] == partial_suite]
+    suites: list[str] = []
+    for n in remaining:
+        s = n.split(".")[0]
+        if s != partial_suite and s not in suites:
+            suites.append(s)
+    specs = singles
+    if suites:
+        specs.append(",".join(f"ALL.{s}" for s in suites))
+    return specs
+
+
+# --------------------------------------------------------------------------- running
+
+@dataclass
+class RunOutput:
+    text: str
+    returncode: int | None
+    killed: str | None  # None, "idle" or "deadline"
+
+
+def _run_once(cmd: list[str], idle_timeout: float, deadline: float, log: Path | None) -> RunOutput:
+    """Run one suite process unbuffered, killing it after ``idle_timeout`` s of silence."""
+    if shutil.which("stdbuf"):
+        # CUnit prints "Test: X ..." without a newline and stdio buffers pipes: without this
+        # a killed run loses the very line that names the hanging test.
+        cmd = ["stdbuf", "-o0", "-e0", *cmd]
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    chunks: list[bytes] = []
+    last_output = [time.monotonic()]
+
+    def reader() -> None:
+        while True:
+            data = os.read(proc.stdout.fileno(), 65536)
+            if not data:
+                return
+            chunks.append(data)
+            last_output[0] = time.monotonic()
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    killed = None
+    while proc.poll() is None:
+        now = time.monotonic()
+        if now - last_output[0] > idle_timeout:
+            killed = "idle"
+        elif now > deadline:
+            killed = "deadline"
+        if killed:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=10)
+            break
+        time.sleep(0.1)
+    t.join(timeout=10)
+    proc.stdout.close()
+    text = b"".join(chunks).decode("utf-8", "replace")
+    if log is not None:
+        with open(log, "a") as f:
+            f.write(f"### {' '.join(cmd)}\n{text}\n### exit={proc.returncode} killed={killed}\n")
+    return RunOutput(text, proc.returncode, killed)
+
+
+def run_suite(
+    urls: Sequence[str],
+    *,
+    flags: Sequence[str] = PROFILES["full"]["flags"],
+    initiators: tuple[str, str] = (INITIATOR_1, INITIATOR_2),
+    tests: str = "ALL",
+    idle_timeout: float = IDLE_TIMEOUT,
+    timeout: float = RUN_TIMEOUT,
+    log: Path | None = None,
+    target_alive: Callable[[], bool] = lambda: True,
+    tool: str = SUITE_TOOL,
+    progress: Callable[[str], None] | None = None,
+) -> Report:
+    """Run the suite against ``urls`` (a second URL enables the MultipathIO tests)."""
+    inventory = list_tests(tool)
+    report = Report(order=_spec_tests(tests, inventory) if tests != "ALL" else inventory)
+    start = time.monotonic()
+    deadline = start + timeout
+    queue = [tests]
+    base = [tool, "-i", initiators[0], "-I", initiators[1], *flags]
+    while queue:
+        spec = queue.pop(0)
+        selected = [n for n in _spec_tests(spec, inventory) if n not in report.results]
+        if not selected:
+            continue
+        if report.runs >= MAX_RUNS or time.monotonic() > deadline:
+            why = "run limit reached" if report.runs >= MAX_RUNS else "time budget spent"
+            _mark(report, selected, NOTRUN, why)
+            continue
+        if not target_alive():
+            _mark(report, selected, NOTRUN, "target process is gone")
+            continue
+        report.runs += 1
+        out = _run_once([*base, "-t", spec, *urls], idle_timeout, deadline, log)
+        finished, unfinished, partial = parse_output(out.text)
+        report.results.update({k: v for k, v in finished.items() if k in selected})
+        if progress:
+            progress(f"run {report.runs}: -t {spec[:60]}: {len(finished)} finished"
+                     + (f", interrupted in {unfinished} ({out.killed or 'exit %s' % out.returncode})" if unfinished else ""))
+        if unfinished is not None and unfinished in selected:
+            if out.killed == "idle":
+                outcome, why = HANG, f"no output for {idle_timeout:.0f}s; killed"
+            elif out.killed == "deadline":
+                outcome, why = NOTRUN, "time budget spent during this test"
+            else:
+                outcome, why = CRASH, f"suite process ended (exit {out.returncode}) inside this test"
+            if not target_alive():
+                outcome, why = CRASH, "the target died during this test"
+                report.notes.append(f"target died during {unfinished}")
+            report.results[unfinished] = TestResult(unfinished, outcome, (partial + "\n" + why).strip())
+        remaining = [n for n in selected if n not in report.results]
+        if not remaining:
+            continue
+        if unfinished is None and not finished:
+            # Nothing ran at all: the suite could not even log in or set up. Say why, once.
+            tail = "\n".join(out.text.strip().splitlines()[-5:])
+            _mark(report, remaining, NOTRUN, f"suite did not start: {tail}")
+            report.notes.append(f"iscsi-test-cu -t {spec[:60]} ran nothing: {tail}")
+            continue
+        if unfinished is None and out.killed is None:
+            # Clean exit with tests missing: their suite's set-up (login) failed.
+            _mark(report, remaining, NOTRUN, "not run (suite initialisation failed?)")
+            continue
+        partial_suite = unfinished.split(".")[0] if unfinished else None
+        queue[:0] = _resume_specs(remaining, partial_suite)
+    report.elapsed = time.monotonic() - start
+    return report
+
+
+def _mark(report: Report, names: Iterable[str], outcome: str, why: str) -> None:
+    for n in names:
+        report.results.setdefault(n, TestResult(n, outcome, why))
+
+
+# --------------------------------------------------------------------------- expectations
+
+def load_expected(path: Path) -> dict:
+    data = json.loads(Path(path).read_text())
+    data.setdefault("results", {})
+    return data
+
+
+def compare(report: Report, expected: dict[str, str]) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+    """(regressions, improvements) as (test, expected, now); tests missing from ``expected``
+    count as improvements when they pass clean and are otherwise not judged."""
+    regressions, improvements = [], []
+    for name in report.order:
+        now = report.outcome(name)
+        want = expected.get(name)
+        if want is None:
+            if now == PASS:
+                improvements.append((name, "-", now))
+            continue
+        if RANK[now] < RANK[want]:
+            regressions.append((name, want, now))
+        elif RANK[now] > RANK[want]:
+            improvements.append((name, want, now))
+    return regressions, improvements
+
+
+def expectation_document(report: Report, *, peer: str, profile: str, flags: Sequence[str], urls: int,
+                         peer_version: str = "", extra: dict | None = None) -> dict:
+    doc = {
+        "about": "Per-test outcome of iscsi-test-cu against this peer; written by "
+                 "`python -m tools.conformance --write-expected`. pass = clean pass (no [SKIPPED]).",
+        "peer": peer,
+        "peer_version": peer_version,
+        "suite": f"iscsi-test-cu ({_libiscsi_version()})",
+        "profile": profile,
+        "command": f"iscsi-test-cu -t ALL -i {INITIATOR_1} -I {INITIATOR_2} {' '.join(flags)} "
+                   + " ".join(["URL"] * urls),
+        "recorded": _dt.date.today().isoformat(),
+        "counts": report.counts(),
+        **(extra or {}),
+        "results": report.outcomes(),
+        "reasons": {n: report.results[n].reason for n in report.order
+                    if n in report.results and report.outcome(n) != PASS},
+    }
+    return doc
+
+
+def _libiscsi_version() -> str:
+    try:
+        out = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "libiscsi-bin"],
+                             capture_output=True, text=True, timeout=10)
+        return f"libiscsi-bin {out.stdout.strip()}" if out.returncode == 0 else "libiscsi"
+    except (OSError, subprocess.SubprocessError):
+        return "libiscsi"
+
+
+def tgt_version() -> str:
+    try:
+        return subprocess.run(["tgtd", "-V"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+# --------------------------------------------------------------------------- printing
+
+def format_table(report: Report, expected: dict[str, str] | None = None) -> str:
+    lines = []
+    width = max((len(n) for n in report.order), default=20)
+    for name in report.order:
+        r = report.results.get(name)
+        outcome = report.outcome(name)
+        mark = ""
+        if expected is not None and name in expected and expected[name] != outcome:
+            mark = f" (expected {expected[name]})"
+        why = r.reason if r and outcome != PASS else ""
+        lines.append(f"{name:<{width}}  {outcome:<6}{mark}  {why[:100]}".rstrip())
+    return "\n".join(lines)
+
+
+def format_summary(report: Report) -> str:
+    c = report.counts()
+    return (f"{c['pass']} clean pass, {c['skip']} skipped, {c['fail']} failed, {c['hang']} hung, "
+            f"{c['crash']} crashed, {c['notrun']} not run, of {c['total']} "
+            f"(strict clean: {c['strict_pass']}; {report.runs} suite run(s), {report.elapsed:.0f}s)")
+
+
+# --------------------------------------------------------------------------- peers
+
+def run_against_peer(peer_kind: str, workdir: Path, *, profile: str = "full", size: str = "1G",
+                     tests: str = "ALL", idle_timeout: float = IDLE_TIMEOUT, timeout: float = RUN_TIMEOUT,
+                     progress: Callable[[str], None] | None = None, peer_kwargs: dict | None = None):
+    """Start a fresh peer with a scratch LUN, run the suite, stop the peer. Returns (report, peer)."""
+    from tools.peers import make_peer
+
+    prof = PROFILES[profile]
+    peer = make_peer(peer_kind, workdir, size=size, portals=2 if prof["multipath"] else 1, **(peer_kwargs or {}))
+    peer.start()
+    try:
+        urls = [peer.url(0, portal=p) for p in range(len(peer.portals))]
+        report = run_suite(urls, flags=prof["flags"], tests=tests, idle_timeout=idle_timeout, timeout=timeout,
+                           log=workdir / "iscsi-test-cu.log", target_alive=peer.alive, progress=progress)
+    finally:
+        if peer.alive():
+            status = peer.stop()
+            if peer.kind == "sanstack" and status not in (0, None):
+                # Not a conformance outcome, but worth a line: SIGTERM should stop it cleanly.
+                report_note = f"daemon exit status after SIGTERM: {status}"
+                if "report" in locals():
+                    report.notes.append(report_note)
+        else:
+            if "report" in locals():
+                report.notes.append(f"target was not running at the end (exit {peer.proc.returncode})")
+    return report, peer
+
+
+def default_expectation_path(peer: str, profile: str) -> Path:
+    if peer == "tgt":
+        return EXPECT_DIR / ("tgt-baseline.json" if profile == "basic" else "tgt-full.json")
+    return EXPECT_DIR / ("sanstack-expected.json" if profile == "full" else f"sanstack-{profile}.json")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--peer", choices=["sanstack", "tgt"], default="sanstack",
+                    help="start this target on free loopback ports with a scratch LUN (default sanstack)")
+    ap.add_argument("--url", action="append", help="run against an already running target instead (repeat for multipath)")
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="full",
+                    help="full: --dataloss --allow-sanitize + 2 portals; basic: --dataloss, 1 portal (issue 2)")
+    ap.add_argument("--size", default="1G", help="scratch LUN size (default 1G)")
+    ap.add_argument("-t", "--tests", default="ALL", help="ALL, ALL.Suite, ALL.Suite.Test or a comma list")
+    ap.add_argument("--compare", type=Path, help="expectation file: exit 1 on any regression")
+    ap.add_argument("--write-expected", nargs="?", const="", metavar="FILE",
+                    help="write the results as the expectation file (default tests/conformance/<peer>-...json)")
+    ap.add_argument("--json", type=Path, help="also write the full report here")
+    ap.add_argument("--workdir", type=Path, help="keep images and logs here (default: a temp dir, removed)")
+    ap.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT)
+    ap.add_argument("--timeout", type=float, default=RUN_TIMEOUT)
+    ap.add_argument("-q", "--quiet", action="store_true", help="summary only, no per-test table")
+    args = ap.parse_args(argv)
+
+    if shutil.which(SUITE_TOOL) is None:
+        print(f"{SUITE_TOOL} not found: apt-get install libiscsi-bin", file=sys.stderr)
+        return 2
+    prof = PROFILES[args.profile]
+    progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    tmp = None
+    workdir = args.workdir
+    if workdir is None:
+        tmp = tempfile.mkdtemp(prefix="conformance-")
+        workdir = Path(tmp)
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.url:
+            report = run_suite(args.url, flags=prof["flags"], tests=args.tests, idle_timeout=args.idle_timeout,
+                               timeout=args.timeout, log=workdir / "iscsi-test-cu.log", progress=progress)
+            peer_name = "url"
+        else:
+            report, _ = run_against_peer(args.peer, workdir, profile=args.profile, size=args.size, tests=args.tests,
+                                         idle_timeout=args.idle_timeout, timeout=args.timeout, progress=progress)
+            peer_name = args.peer
+        expected = None
+        if args.compare:
+            expected = load_expected(args.compare)["results"]
+        if not args.quiet:
+            print(format_table(report, expected))
+            print()
+        for note in report.notes:
+            print(f"note: {note}")
+        print(format_summary(report))
+        rc = 0
+        if report.broken():
+            print(f"BROKEN (hang/crash): {', '.join(report.broken())}")
+            rc = 1
+        if expected is not None:
+            regressions, improvements = compare(report, expected)
+            for name, want, now in improvements:
+                print(f"improved: {name}: {want} -> {now}")
+            for name, want, now in regressions:
+                print(f"REGRESSION: {name}: expected {want}, got {now}")
+            print(f"{len(regressions)} regression(s), {len(improvements)} improvement(s) against {args.compare}")
+            rc = rc or (1 if regressions else 0)
+        if args.write_expected is not None:
+            path = Path(args.write_expected) if args.write_expected else default_expectation_path(peer_name, args.profile)
+            extra = {}
+            if peer_name == "sanstack":
+                extra = parity_fields(report, args.profile)
+            doc = expectation_document(report, peer=peer_name, profile=args.profile, flags=prof["flags"],
+                                       urls=2 if prof["multipath"] else 1,
+                                       peer_version=tgt_version() if peer_name == "tgt" else "", extra=extra)
+            path.write_text(json.dumps(doc, indent=1) + "\n")
+            print(f"wrote {path}")
+        if args.json:
+            args.json.write_text(json.dumps({
+                "counts": report.counts(), "notes": report.notes,
+                "results": {n: {"outcome": report.outcome(n), "detail": report.results[n].detail if n in report.results else ""}
+                            for n in report.order},
+            }, indent=1) + "\n")
+        return rc
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def parity_fields(report: Report, profile: str) -> dict:
+    """For our target: how it stands against tgt run the same way (issue 2's yardstick)."""
+    path = default_expectation_path("tgt", profile)
+    if not path.exists():
+        return {}
+    tgt = load_expected(path)
+    ours, theirs = report.counts()["pass"], tgt["counts"]["pass"]
+    return {"tgt_clean_pass": theirs, "meets_tgt_baseline": ours >= theirs}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
