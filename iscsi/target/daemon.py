@@ -535,7 +535,9 @@ class TargetDaemon:
 
     async def _commit(self, old: Config, new: Config, opened: dict, bound: list) -> None:
         to_close: list[tuple[str, Unit]] = []
+        # (target, initiator in lowercase or None for every initiator) whose sessions must go
         drops: list[tuple[str, str | None]] = []
+        notify_targets: list[str] = []
         self._listening.update(bound)
         new_names = {t.iqn for t in new.targets}
         for iqn in list(self._targets):
@@ -566,20 +568,24 @@ class TargetDaemon:
                     del rt.maps[key]
                     if key is not None:
                         drops.append((target.iqn, key))
+            changed_maps = False
             for key, luns in wanted.items():
                 if key in rt.maps:
                     current = self._map_contents(rt.maps[key])
                     if current != {n: id(lu) for n, lu in luns.items()}:
                         self.provider.update_map(rt.maps[key], luns)
+                        changed_maps = True
                 else:
                     rt.maps[key] = self.provider.new_map(luns)
-            if old_target.open_access and not target.open_access and self.server is not None:
+            if old_target.open_access and not target.open_access:
                 # Initiators that came in through open access and have no ACL lose access.
                 allowed = {a.initiator for a in target.acls}
                 for row in self._sessions():
                     who = str(row.get("initiator", "")).lower()
                     if str(row.get("target", "")).lower() == target.iqn and who not in allowed:
                         drops.append((target.iqn, who))
+            if changed_maps:
+                notify_targets.append(target.iqn)
         self.config = new
         for host, port in sorted(self._listening - new.all_portals()):
             self._listening.discard((host, port))
@@ -588,14 +594,36 @@ class TargetDaemon:
                 event(log, "portal.closed", portal=C.format_portal(host, port))
             except Exception as e:
                 event(log, "portal.close_failed", logging.ERROR, portal=C.format_portal(host, port), error=repr(e))
-        for iqn, initiator in dict.fromkeys(drops):
+        await self._drop(drops)
+        notify = getattr(self.server, "notify_luns_changed", None)
+        for iqn in notify_targets if notify is not None else ():
+            try:
+                notify(iqn)  # RFC 7143 §11.9.1 AsyncEvent 0 carrying REPORTED LUNS DATA HAS CHANGED
+            except Exception as e:
+                event(log, "luns.notify_failed", logging.ERROR, target=iqn, error=repr(e))
+        for iqn, unit in to_close:
+            await self._close_unit(iqn, unit)
+
+    async def _drop(self, drops: list[tuple[str, str | None]]) -> None:
+        """Log out sessions that lost their access; initiator names match case-insensitively."""
+        if not drops or self.server is None:
+            return
+        rows = self._sessions()
+        calls: dict[tuple[str, str | None], None] = {}
+        for iqn, who in drops:
+            if who is None:
+                calls[(iqn, None)] = None
+                continue
+            for row in rows:
+                name = str(row.get("initiator", ""))
+                if str(row.get("target", "")).lower() == iqn and name.lower() == who:
+                    calls[(iqn, name)] = None
+        for iqn, initiator in calls:
             try:
                 await self.server.drop_sessions(target=iqn, initiator=initiator)
                 event(log, "sessions.dropped", target=iqn, initiator=initiator)
             except Exception as e:
                 event(log, "sessions.drop_failed", logging.ERROR, target=iqn, error=repr(e))
-        for iqn, unit in to_close:
-            await self._close_unit(iqn, unit)
 
     @staticmethod
     def _map_contents(lun_map: Any) -> dict[int, int]:
