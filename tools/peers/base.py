@@ -232,3 +232,27 @@ class TargetPeer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def serve_until_signal(peer: "TargetPeer") -> None:
+    """CLI helper: start ``peer``, print its URLs, run until Ctrl-C/SIGTERM/SIGHUP, then stop it.
+
+    SIGTERM must unwind through the ``with`` block, or the daemon (in its own session) would
+    outlive its wrapper.
+    """
+
+    def _raise(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise)
+    try:
+        with peer:
+            for i in range(len(peer.luns)):
+                for p in range(len(peer.portals)):
+                    print(peer.url(i, portal=p), flush=True)
+            while peer.alive():
+                time.sleep(0.5)
+            print(f"{peer.kind} exited with status {peer.proc.returncode}{log_tail(peer.log_path)}", flush=True)
+    except KeyboardInterrupt:
+        pass

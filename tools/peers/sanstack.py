@@ -19,8 +19,10 @@ import argparse
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ from .base import (
     format_size,
     free_portals,
     parse_size,
+    serve_until_signal,
     stop_process,
     wait_listening,
 )
@@ -61,6 +64,29 @@ class SanstackPeer(TargetPeer):
     use_config: bool = False
     python: str = sys.executable
     start_timeout: float = START_TIMEOUT
+    _ctldir: str | None = field(default=None, repr=False)
+
+    @property
+    def control_path(self) -> Path:
+        """The daemon's control socket (admin commands: ``iscsi-target --control PATH ...``).
+
+        Kept in a short private /tmp directory: a socket path must fit sun_path (108 bytes) and
+        the default (/run/sanstack/... as root) would be shared by every instance.
+        """
+        if self._ctldir is None:
+            self._ctldir = tempfile.mkdtemp(prefix="sst-", dir="/tmp")
+        return Path(self._ctldir) / "ctl.sock"
+
+    def admin(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+        """Run ``python -m iscsi.target --control SOCK ARGS`` against this daemon."""
+        cmd = [self.python, "-m", "iscsi.target", "--control", str(self.control_path), *args]
+        return subprocess.run(cmd, cwd=self.workdir, env=self._env(), capture_output=True, text=True, timeout=timeout)
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        return env
 
     @classmethod
     def create(
@@ -92,11 +118,10 @@ class SanstackPeer(TargetPeer):
             or self.chap is not None
             or self.acl is not None
             or bool(self.params)
-            or any(spec.block_size != 512 for spec in self.luns)
         )
 
     def command(self) -> list[str]:
-        cmd = [self.python, "-m", "iscsi.target", "serve"]
+        cmd = [self.python, "-m", "iscsi.target", "serve", "--control", str(self.control_path)]
         if self.data_dir is not None:
             cmd += ["--data-dir", str(self.data_dir)]
         if self.needs_config():
@@ -107,7 +132,8 @@ class SanstackPeer(TargetPeer):
                 cmd += ["--portal", str(portal)]
             cmd += ["--target", self.iqn]
             for spec in self.luns:
-                cmd += ["--lun", f"{spec.path}:{format_size(spec.size)}"]
+                bs = f":bs={spec.block_size}" if spec.block_size != 512 else ""
+                cmd += ["--lun", f"{spec.path}:{format_size(spec.size)}{bs}"]
         return cmd + list(self.extra_args)
 
     def config_dict(self) -> dict:
@@ -122,7 +148,8 @@ class SanstackPeer(TargetPeer):
             "open_access": self.acl is None,
             "chap": chap,
             "params": dict(self.params),
-            "portal_groups": [{"tag": 1, "portals": [str(p) for p in self.portals]}],
+            # Like the quick-start form: one portal group (and target port) per portal.
+            "portal_groups": [{"tag": n, "portals": [str(p)]} for n, p in enumerate(self.portals, 1)],
             "luns": [
                 {"number": n, "path": str(spec.path), "size": spec.size, "block_size": spec.block_size}
                 for n, spec in enumerate(self.luns)
@@ -146,9 +173,7 @@ class SanstackPeer(TargetPeer):
             self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / "sanstack.log"
         self.lun_ids = list(range(len(self.luns)))
-        env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        env = self._env()
         cmd = self.command()
         with open(self.log_path, "ab") as log:
             log.write(("### " + " ".join(cmd) + "\n").encode())
@@ -161,6 +186,7 @@ class SanstackPeer(TargetPeer):
             wait_listening(self.portals, self.proc, self.start_timeout, self.log_path)
         except BaseException:
             self.kill()
+            self.cleanup()
             raise
         return self
 
@@ -169,6 +195,16 @@ class SanstackPeer(TargetPeer):
         if self.proc is None:
             return None
         return stop_process(self.proc, signal.SIGTERM, timeout)
+
+    def cleanup(self) -> None:
+        """Remove the private control-socket directory (after the last stop)."""
+        if self._ctldir is not None:
+            shutil.rmtree(self._ctldir, ignore_errors=True)
+            self._ctldir = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.cleanup()
 
     def restart(self) -> "SanstackPeer":
         """Start again with the same images, portals and configuration (after stop/kill)."""
@@ -192,15 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.dir, size=args.size, luns=args.luns, portals=args.portals, iqn=args.iqn, chap=chap,
         params=dict(p.split("=", 1) for p in args.param),
     )
-    with peer:
-        for i in range(len(peer.luns)):
-            for p in range(len(peer.portals)):
-                print(peer.url(i, portal=p), flush=True)
-        try:
-            while peer.alive():
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
+    serve_until_signal(peer)
     return 0
 
 

@@ -38,6 +38,7 @@ from .base import (
     free_portals,
     log_tail,
     parse_size,
+    serve_until_signal,
     stop_process,
     wait_listening,
 )
@@ -216,15 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.dir, size=args.size, luns=args.luns, portals=args.portals, iqn=args.iqn,
         chap=_parse_chap(args.chap), acl=args.acl, params=params,
     )
-    with peer:
-        for i in range(len(peer.luns)):
-            for p in range(len(peer.portals)):
-                print(peer.url(i, portal=p), flush=True)
-        try:
-            while peer.alive():
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
+    serve_until_signal(peer)
     return 0
 
 
