@@ -208,9 +208,9 @@ def _portal_match(portal: str, local_host: str, local_port: int) -> int:
     if host == local_host:
         return 2
     if C.is_wildcard(host):
-        local_is_v6 = ":" in local_host
-        # [::] usually listens dual-stack, so it also takes IPv4 connections.
-        return 1 if (":" in host or not local_is_v6) else 0
+        # Same family only: asyncio binds IPv6 sockets with IPV6_V6ONLY, so [::] never
+        # receives IPv4 connections (and 0.0.0.0 never IPv6 ones).
+        return 1 if (":" in host) == (":" in local_host) else 0
     return 0
 
 
