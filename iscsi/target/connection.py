@@ -21,7 +21,7 @@ from ..framing import DataDigestFailure, HeaderDigestError, PduReader, encode
 from ..log import event
 from ..scsi.types import ITNexus, ScsiCommand, ScsiResult, Status, TaskAttr
 from ..session import DataOutError, StatSequence, WriteTransfer, residual
-from .login import FULL_FEATURE, LoginError, LoginFailure, LoginSuccess, TargetLogin
+from .login import LoginFailure, LoginSuccess, TargetLogin, describe_params
 
 if TYPE_CHECKING:
     from .server import IscsiServer, TargetSession
@@ -69,7 +69,7 @@ class TargetConnection(asyncio.Protocol):
         self.session: "TargetSession | None" = None
         self.cid = 0
         self.stat = StatSequence(int.from_bytes(os.urandom(2), "big"))
-        self.params: K.SessionParams | None = None
+        self.params: K.SessionParams | None = None  # session-wide values in force
         self.header_digest = False
         self.data_digest = False
         self.max_send_segment = 8192
@@ -220,8 +220,10 @@ class TargetConnection(asyncio.Protocol):
                   opcode=f"0x{type(pdu).OPCODE:02x}")
             self.close()
             return
-        for resp in self.login.receive(pdu):
-            self.transport.writelines(encode(resp))  # type: ignore[union-attr]
+        responses = self.login.receive(pdu)
+        if not self.login.drop_without_response:
+            for resp in responses:
+                self.transport.writelines(encode(resp))  # type: ignore[union-attr]
         outcome = self.login.outcome
         if isinstance(outcome, LoginFailure):
             self.close()
@@ -234,21 +236,21 @@ class TargetConnection(asyncio.Protocol):
         if self._login_timer is not None:
             self._login_timer.cancel()
             self._login_timer = None
-        params = ok.params
-        self.params = params
+        conn_params = ok.params.connection
+        self.params = ok.params.session
         self.cid = ok.cid
-        self.header_digest = params.header_digest
-        self.data_digest = params.data_digest
-        self.max_send_segment = params.max_send_data_segment_length
-        self.reader.header_digest = params.header_digest
-        self.reader.data_digest = params.data_digest
-        self.reader.max_data_segment = params.max_recv_data_segment_length
+        self.header_digest = conn_params.header_digest
+        self.data_digest = conn_params.data_digest
+        self.max_send_segment = conn_params.max_send_data_segment_length
+        self.reader.header_digest = conn_params.header_digest
+        self.reader.data_digest = conn_params.data_digest
+        self.reader.max_data_segment = conn_params.max_recv_data_segment_length
         self.session = self.server.bind_session(self, ok)
         event(log, "login.ok", initiator=ok.initiator_name, target=ok.target.name if ok.target else None,
               type=ok.session_type, isid=f"{ok.isid:012x}", tsih=ok.tsih, cid=ok.cid, tpgt=ok.tpgt,
               peer=self._peer_str(), portal=f"{self.local[0]}:{self.local[1]}",
               user=ok.authenticated_as,
-              params=" ".join(f"{k}={v}" for k, v in params.describe().items()))
+              params=" ".join(f"{k}={v}" for k, v in describe_params(ok.params).items()))
         self._schedule_nop()
 
     # ------------------------------------------------------------------

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import Callable
 
 from .. import keys as K
 from .. import pdu as P
-from ..auth import ChapTargetAuth
+from .. import auth as A
+from ..auth import AuthState, ChapTargetAuth
 from ..log import event
 from .registry import AccessGrant, ChapCredentials, TargetAccess, TargetRegistry
 
@@ -38,27 +38,26 @@ MAX_LOGIN_PDUS = 64
 MAX_LOGIN_TEXT = 65536
 
 
-class LoginStatus(IntEnum):
-    """RFC 7143 §11.13.5 Status-Class << 8 | Status-Detail."""
+# Login Response status codes (RFC 7143 §11.13.5) live with the key rules.
+LoginStatus = K.LoginStatus
 
-    SUCCESS = 0x0000
-    TARGET_MOVED_TEMPORARILY = 0x0101
-    TARGET_MOVED_PERMANENTLY = 0x0102
-    INITIATOR_ERROR = 0x0200
-    AUTHENTICATION_FAILURE = 0x0201
-    AUTHORIZATION_FAILURE = 0x0202
-    NOT_FOUND = 0x0203
-    TARGET_REMOVED = 0x0204
-    UNSUPPORTED_VERSION = 0x0205
-    TOO_MANY_CONNECTIONS = 0x0206
-    MISSING_PARAMETER = 0x0207
-    CANT_INCLUDE_IN_SESSION = 0x0208
-    SESSION_TYPE_NOT_SUPPORTED = 0x0209
-    SESSION_DOES_NOT_EXIST = 0x020A
-    INVALID_DURING_LOGIN = 0x020B
-    TARGET_ERROR = 0x0300
-    SERVICE_UNAVAILABLE = 0x0301
-    OUT_OF_RESOURCES = 0x0302
+
+def describe_params(neg: "K.Negotiated") -> dict[str, str]:
+    """The values in force, by RFC key name, for logs and the admin status output."""
+    s, c = neg.session, neg.connection
+    yes = lambda b: "Yes" if b else "No"  # noqa: E731
+    return {
+        "HeaderDigest": "CRC32C" if c.header_digest else "None",
+        "DataDigest": "CRC32C" if c.data_digest else "None",
+        "MaxRecvDataSegmentLength": str(c.max_recv_data_segment_length),
+        "MaxXmitDataSegmentLength": str(c.max_send_data_segment_length),
+        "InitialR2T": yes(s.initial_r2t), "ImmediateData": yes(s.immediate_data),
+        "FirstBurstLength": str(s.first_burst_length), "MaxBurstLength": str(s.max_burst_length),
+        "MaxOutstandingR2T": str(s.max_outstanding_r2t), "MaxConnections": str(s.max_connections),
+        "ErrorRecoveryLevel": str(s.error_recovery_level),
+        "DefaultTime2Wait": str(s.default_time2wait), "DefaultTime2Retain": str(s.default_time2retain),
+        "DataPDUInOrder": yes(s.data_pdu_in_order), "DataSequenceInOrder": yes(s.data_sequence_in_order),
+    }
 
 
 class LoginError(Exception):
@@ -81,7 +80,7 @@ class LoginSuccess:
     tpgt: int
     cmdsn: int  # ExpCmdSN at the start of Full Feature Phase
     statsn: int  # next StatSN to use on this connection
-    params: "K.SessionParams"
+    params: "K.Negotiated"
     offered: list[tuple[str, str]] = field(default_factory=list)
     answered: list[tuple[str, str]] = field(default_factory=list)
     authenticated_as: str | None = None
@@ -91,6 +90,18 @@ class LoginSuccess:
 class LoginFailure:
     status: LoginStatus
     reason: str
+
+
+def _chap_for(creds: ChapCredentials | None) -> ChapTargetAuth:
+    """A CHAP responder for the configured credentials (None: AuthMethod=None only)."""
+    if creds is None:
+        return ChapTargetAuth(None, required=False)
+    mutual = None
+    if creds.mutual_username and creds.mutual_secret:
+        mutual = A.ChapCredentials(creds.mutual_username, creds.mutual_secret)
+    expected_name, secret = creds.username, creds.secret
+    return ChapTargetAuth(lambda name: secret if name == expected_name else None,
+                          required=True, mutual=mutual)
 
 
 class TargetLogin:
@@ -125,10 +136,10 @@ class TargetLogin:
         self._auth_required = False
         self._auth_done = False
         self._negotiator: K.Negotiator | None = None
-        self._declared_once = False
         self._offered: list[tuple[str, str]] = []
         self._answered: list[tuple[str, str]] = []
-        self._max_send_segment = K.LOGIN_MAX_RECV_DATA_SEGMENT  # 8192 until negotiated
+        self.drop_without_response = False  # reflected CHAP challenge: just close (§12.1.3)
+        self._max_send_segment = 8192  # RFC 7143 §13.12 default until declared
 
     # ------------------------------------------------------------------
     def receive(self, req: P.LoginRequest) -> list[P.Pdu]:
@@ -139,8 +150,8 @@ class TargetLogin:
             return [self._receive(req)]
         except LoginError as err:
             return [self._fail(req, err.status, err.reason)]
-        except K.NegotiationError as err:
-            return [self._fail(req, LoginStatus(getattr(err, "status", 0x0200)), str(err))]
+        except K.ProtocolError as err:
+            return [self._fail(req, LoginStatus(err.status), str(err))]
 
     def _receive(self, req: P.LoginRequest) -> P.LoginResponse:
         self._pdus += 1
@@ -191,8 +202,10 @@ class TargetLogin:
             answers += self._operational(received)
             can_transit = True
 
-        if not self._declared_once and (req.csg == OPERATIONAL or (req.transit and can_transit)):
-            answers += self._declarations()
+        answers += self._declarations("security" if req.csg == SECURITY else "operational")
+        if req.csg == SECURITY and req.transit and can_transit and req.nsg == FULL_FEATURE:
+            # Skipping the operational stage: our declarations must still go out (§13.12).
+            answers += self._declarations("operational")
 
         transit = bool(req.transit and can_transit)
         if transit:
@@ -241,45 +254,36 @@ class TargetLogin:
             self._target, self._grant, self._tpgt = target, grant, tpgt
             creds = grant.chap
             local = dict(grant.params)
+            local["TargetPortalGroupTag"] = str(tpgt)
+            if target.alias:
+                local["TargetAlias"] = target.alias
         else:
             creds = self.registry.discovery_auth()
             local = {}
             self._tpgt = 1
         self._auth_required = creds is not None
-        self._auth = ChapTargetAuth(creds) if creds is not None else None
+        self._auth = _chap_for(creds)
         if not self._auth_required:
             self._auth_done = True
         self._negotiator = K.Negotiator("target", session_type=stype, local=local)
 
     def _security(self, received: list[tuple[str, str]], req: P.LoginRequest) -> list[tuple[str, str]]:
+        """Security stage (§6.3.1, §12): names are declared, AuthMethod/CHAP answered by auth.py."""
+        assert self._negotiator is not None and self._auth is not None
         sec = [(k, v) for k, v in received if k == "AuthMethod" or k.startswith("CHAP_")]
         rest = [(k, v) for k, v in received if not (k == "AuthMethod" or k.startswith("CHAP_"))]
-        answers: list[tuple[str, str]] = []
-        if sec or self._auth_required:
-            if self._auth is None:
-                # No authentication configured: answer AuthMethod=None (if offered).
-                for key, value in sec:
-                    if key == "AuthMethod":
-                        choices = [v.strip() for v in value.split(",")]
-                        answers.append(("AuthMethod", "None" if "None" in choices else "Reject"))
-                        if "None" not in choices:
-                            raise LoginError(LoginStatus.AUTHENTICATION_FAILURE,
-                                             f"initiator offers only AuthMethod={value}")
-                    else:
-                        answers.append((key, "Irrelevant"))
-            else:
-                step = self._auth.step(sec)
-                answers += step.answers
-                if step.failed:
-                    raise LoginError(LoginStatus(step.status), step.reason)
-                if step.done:
-                    self._auth_done = True
-                    event(log, "login.auth.ok", initiator=self._initiator_name,
-                          user=self._auth.username)
-        # Operational keys may already come in the security stage (§6.3.1 allows them
-        # in any login PDU after the stage they belong to is reached?  No: only
-        # security keys are allowed in CSG=0 other than the leading declarations).
-        answers += self._negotiator.respond(rest, phase="security")  # type: ignore[union-attr]
+        answers = self._negotiator.respond(rest, phase="security")
+        if self._auth_done and not sec:
+            return answers
+        step = self._auth.step(sec)
+        answers += step.keys
+        if step.state is AuthState.FAILURE:
+            self.drop_without_response = step.drop_connection
+            raise LoginError(LoginStatus(step.status), step.reason)
+        if step.state is AuthState.SUCCESS and not self._auth_done:
+            self._auth_done = True
+            if self._auth.method == "CHAP":
+                event(log, "login.auth.ok", initiator=self._initiator_name, user=self._auth.peer_name)
         return answers
 
     def _operational(self, received: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -288,16 +292,10 @@ class TargetLogin:
             raise LoginError(LoginStatus.INITIATOR_ERROR, f"security keys {sec} in the operational stage")
         return self._negotiator.respond(received, phase="operational")  # type: ignore[union-attr]
 
-    def _declarations(self) -> list[tuple[str, str]]:
-        self._declared_once = True
-        out = self._negotiator.pending_declarations()  # type: ignore[union-attr]
-        if self._session_type == "Normal" and not any(k == "TargetPortalGroupTag" for k, _ in out):
-            # §13.9: the target declares its TPGT in the first login response of a
-            # Normal session — open-iscsi takes it from there.
-            out = out + [("TargetPortalGroupTag", str(self._tpgt))]
-        if self._target is not None and self._target.alias and not any(k == "TargetAlias" for k, _ in out):
-            out = out + [("TargetAlias", self._target.alias)]
-        return out
+    def _declarations(self, phase: str) -> list[tuple[str, str]]:
+        """What the target sends unasked: TPGT/alias first (§13.9), MaxRecvDataSegmentLength
+        and offers of values it needs, in the operational stage."""
+        return self._negotiator.pending_declarations(phase)  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------
     def _response(self, req: P.LoginRequest, data: bytes, *, transit: bool, cont: bool = False,
@@ -334,5 +332,5 @@ class TargetLogin:
             session_type=self._session_type, target=self._target, grant=self._grant,
             isid=req.isid, tsih=tsih, cid=req.cid, tpgt=self._tpgt, cmdsn=req.cmdsn,
             statsn=self._statsn, params=params, offered=self._offered, answered=self._answered,
-            authenticated_as=self._auth.username if self._auth else None,
+            authenticated_as=self._auth.peer_name if self._auth else None,
         )

@@ -19,7 +19,7 @@ from ..log import event
 from ..scsi.types import ITNexus
 from ..session import CommandWindow
 from .connection import NOP_INTERVAL, NOP_TIMEOUT, TargetConnection
-from .login import LoginError, LoginStatus, LoginSuccess
+from .login import LoginError, LoginStatus, LoginSuccess, describe_params
 from .registry import TargetRegistry
 
 log = logging.getLogger("iscsi.target.server")
@@ -92,7 +92,7 @@ class TargetSession:
             return
         try:
             received = K.parse_text(complete)
-        except K.NegotiationError:
+        except K.ProtocolError:
             conn._reject(req, P.RejectReason.PROTOCOL_ERROR)
             return
         answers: list[tuple[str, str]] = []
@@ -211,7 +211,7 @@ class TargetSession:
                 "peer": format_portal(*conn.peer),
                 "local": format_portal(*conn.local),
                 "tasks": len(conn.tasks),
-                "params": self.params.describe(),
+                "params": describe_params(self.params),
             }],
         }
 
