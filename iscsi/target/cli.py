@@ -145,7 +145,7 @@ def _json_option(fn: Callable) -> Callable:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(fn)
 
 
-def _call(control: Path | None, op: str, **args: Any) -> Any:
+def _call(control: Path | None, op: str, /, **args: Any) -> Any:
     ctx = click.get_current_context()
     path = control or (ctx.find_root().obj or {}).get("control") or default_control_path()
     try:

@@ -196,7 +196,7 @@ class ControlClient:
         self.path = Path(path)
         self.timeout = timeout
 
-    def call(self, op: str, **args: Any) -> Any:
+    def call(self, op: str, /, **args: Any) -> Any:
         request = json.dumps({"op": op, "args": args}).encode() + b"\n"
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(self.timeout)
