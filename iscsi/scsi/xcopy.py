@@ -440,7 +440,7 @@ class CopyManager:
     def _failed_segment_details(result: CopyResult) -> bytes:
         if result.status != STATUS_ERRORS or not result.sense:
             return struct.pack(">I", 0)  # nothing failed: no details to report
-        body = bytearray(56)
+        body = bytearray(52)  # bytes 4..55 reserved
         body += bytes((0x02, 0))  # COPY COMMAND STATUS: CHECK CONDITION
         body += len(result.sense).to_bytes(2, "big") + result.sense
         return struct.pack(">I", len(body)) + bytes(body)
