@@ -241,7 +241,7 @@ def serve(config_file: Path | None, data_dir: Path | None, portals: tuple[str, .
 
     control_path = control or (click.get_current_context().find_root().obj or {}).get("control") or default_control_path()
     try:
-        daemon = TargetDaemon(cfg, config_path, control_path=control_path)
+        daemon = TargetDaemon(cfg, config_path, control_path=control_path, control_optional=quick)
         _run(daemon.run())
     except ConfigError as e:
         raise Failed(str(e)) from None

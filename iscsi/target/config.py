@@ -752,7 +752,11 @@ def loads(text: str) -> Config:
 
 
 def load_config(path: str | os.PathLike) -> Config:
-    """Load a config file, all or nothing.  Errors name the file and the bad entry."""
+    """Load a config file, all or nothing.  Errors name the file and the bad entry.
+
+    Without a ``data_dir`` in the file, relative image paths are taken from the
+    file's own directory (never from the daemon's working directory).
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -761,9 +765,12 @@ def load_config(path: str | os.PathLike) -> Config:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read: {e}") from None
     try:
-        return loads(text)
+        cfg = loads(text)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    if cfg.data_dir is None:  # relative image paths then live beside the file
+        cfg.data_dir = str(path.absolute().parent)
+    return cfg
 
 
 def file_is_private(path: str | os.PathLike) -> bool:

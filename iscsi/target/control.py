@@ -46,6 +46,10 @@ class OperationFailed(Exception):
     """A request failed for a reason the user can act on (the message says which)."""
 
 
+class ControlSocketBusy(ConfigError):
+    """Another live daemon already serves this control socket path."""
+
+
 class ControlError(Exception):
     """The daemon refused or failed a request; the message is for the user."""
 
@@ -96,7 +100,7 @@ class ControlServer:
             if not stat.S_ISSOCK(self.path.lstat().st_mode):
                 raise ConfigError(f"control socket path {self.path} exists and is not a socket")
             if _someone_listening(self.path):
-                raise ConfigError(
+                raise ControlSocketBusy(
                     f"another iscsi-target daemon is already listening on {self.path} "
                     "(stop it, or give this one another --control path)"
                 )

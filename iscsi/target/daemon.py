@@ -320,12 +320,16 @@ class TargetDaemon:
         provider: UnitProvider | None = None,
         server_factory: Callable[["TargetDaemon"], Server] | None = None,
         control_path: str | os.PathLike | None = None,
+        control_optional: bool = False,
     ) -> None:
         config.validate()
         self.config = config
         # None = quick start: changes apply to the running daemon only and are not saved.
         self.config_path = Path(config_path) if config_path is not None else None
         self.control_path = Path(control_path) if control_path is not None else None
+        # Quick start: when another daemon already owns the control socket, serve anyway
+        # (without runtime administration) instead of refusing to start.
+        self.control_optional = control_optional
         self.provider: UnitProvider = provider or ScsiUnitProvider()
         self._server_factory = server_factory or _default_server
         self.server: Server | None = None
@@ -368,10 +372,17 @@ class TargetDaemon:
             async with self._lock:
                 await self._apply(target_cfg, save=False)
             if self.control_path is not None:
-                from .control import ControlServer
+                from .control import ControlServer, ControlSocketBusy
 
-                self._control = ControlServer(self.control_path, self.handle_request)
-                await self._control.start()
+                control = ControlServer(self.control_path, self.handle_request)
+                try:
+                    await control.start()
+                    self._control = control
+                except ControlSocketBusy as e:
+                    if not self.control_optional:
+                        raise
+                    event(log, "control.unavailable", logging.WARNING, reason=str(e))
+                    self.control_path = None
         except BaseException:
             await self._close_all()
             self.config = target_cfg
@@ -495,6 +506,10 @@ class TargetDaemon:
                     raise DaemonError(f"cannot listen on {C.format_portal(host, port)}: {e.strerror or e}") from None
                 bound.append((host, port))
                 event(log, "portal.listening", portal=C.format_portal(host, port))
+                if not C.is_loopback(host):
+                    # issue 7: loopback unless told otherwise; this config told otherwise.
+                    event(log, "portal.exposed", logging.WARNING, portal=C.format_portal(host, port),
+                          note="reachable from other hosts")
             # ---- persist
             if save and self.config_path is not None:
                 try:

@@ -416,3 +416,13 @@ def test_save_fsyncs_file_and_directory(tmp_path, monkeypatch):
     monkeypatch.setattr(C.os, "fsync", spy)
     C.save_config(make_config(tmp_path), tmp_path / "target.json")
     assert synced == [False, True]
+
+
+def test_relative_images_live_beside_a_file_without_data_dir(tmp_path, monkeypatch):
+    (tmp_path / "etc").mkdir()
+    path = tmp_path / "etc" / "t.json"
+    path.write_text(json.dumps({"version": 1, "targets": [
+        {"iqn": "iqn.2026-11.org.example:t1", "luns": [{"number": 0, "path": "d.img", "size": "1M"}]}]}))
+    monkeypatch.chdir("/")
+    cfg = C.load_config(path)
+    assert cfg.resolve_path("d.img") == tmp_path / "etc" / "d.img"

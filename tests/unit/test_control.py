@@ -185,3 +185,22 @@ async def test_daemon_over_the_control_socket(tmp_path, sockdir):
     finally:
         await daemon.stop()
     assert not ctl.exists()
+
+
+async def test_quick_start_daemon_runs_without_a_busy_control_socket(tmp_path, sockdir):
+    ctl = sockdir / "busy.sock"
+    holder = ControlServer(ctl, echo_handler)
+    await holder.start()
+    try:
+        strict = TargetDaemon(base_config(tmp_path), None, provider=FakeProvider(), server_factory=FakeServer,
+                              control_path=ctl)
+        with pytest.raises(ConfigError, match="already listening"):
+            await strict.start()
+        quick = TargetDaemon(base_config(tmp_path), None, provider=FakeProvider(), server_factory=FakeServer,
+                             control_path=ctl, control_optional=True)
+        await quick.start()
+        assert quick.control_path is None and quick.find_target(T1) is not None
+        await quick.stop()
+        assert await call(ctl, "echo", alive=True) == {"alive": True}  # the first owner keeps it
+    finally:
+        await holder.close()

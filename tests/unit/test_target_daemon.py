@@ -416,3 +416,33 @@ async def test_handle_request_checks_op_and_args(env):
         await daemon.handle_request("lun.add", {"iqn": T1, "colour": "red"})
     rows = await daemon.handle_request("lun.list", {"iqn": T1})
     assert [r["lun"] for r in rows] == [0, 1]
+
+
+# ------------------------------------------------------------------ signals
+
+
+async def test_sighup_reloads_and_sigterm_stops_cleanly(env):
+    import os
+    import signal
+
+    daemon, provider, servers, path = env
+    task = asyncio.create_task(daemon.run())
+    for _ in range(100):
+        if daemon._running:
+            break
+        await asyncio.sleep(0.01)
+    assert daemon._running
+    edited = C.load_config(path)
+    edited.targets[1].alias = "after-hup"
+    C.save_config(edited, path)
+    os.kill(os.getpid(), signal.SIGHUP)
+    for _ in range(100):
+        if daemon.find_target(T2).alias == "after-hup":
+            break
+        await asyncio.sleep(0.01)
+    assert daemon.find_target(T2).alias == "after-hup"
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.wait_for(task, 5)
+    assert servers[0].shut_down
+    assert len(provider.closed) == len(provider.opened) == 3
+    assert all(u.backstore.flushed for u in provider.closed)
