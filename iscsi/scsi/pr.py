@@ -34,8 +34,6 @@ from enum import IntEnum
 from typing import Callable, Iterable, Mapping
 
 from .sense import (
-    INVALID_FIELD_IN_CDB,
-    INVALID_FIELD_IN_PARAMETER_LIST,
     PARAMETER_LIST_LENGTH_ERROR,
     REGISTRATIONS_PREEMPTED,
     RESERVATIONS_PREEMPTED,
@@ -55,6 +53,7 @@ __all__ = [
     "PersistentReservations",
     "encode_iscsi_transport_id",
     "parse_iscsi_transport_id",
+    "nexus_matches",
     "STATE_VERSION",
 ]
 
@@ -336,6 +335,18 @@ def parse_iscsi_transport_id(data: bytes | memoryview, base: int = 0) -> tuple[s
     return text, length
 
 
+def nexus_matches(pattern: ITNexus, nexus: ITNexus) -> bool:
+    """Whether ``nexus`` is one of the I_T nexuses ``pattern`` names in a ``ua_sink`` call or an
+    ``abort_nexuses`` list: same initiator port (or iSCSI name, when ``pattern`` has no ISID)
+    and same target port (any, when ``pattern.target_port`` is ``""``).  Relative port id and
+    target port group are not compared: the port names identify the nexus."""
+    if pattern.target_port and pattern.target_port != nexus.target_port:
+        return False
+    if pattern.initiator_port == nexus.initiator_port:
+        return True
+    return "," not in pattern.initiator_port and pattern.initiator_port == nexus.initiator_name
+
+
 # --------------------------------------------------------------------------------------------
 # Registrations
 # --------------------------------------------------------------------------------------------
@@ -353,11 +364,7 @@ class Registration:
         return self.target_port is None
 
     def covers(self, nexus: ITNexus) -> bool:
-        if self.target_port is not None and self.target_port != nexus.target_port:
-            return False
-        if self.initiator_port == nexus.initiator_port:
-            return True
-        return "," not in self.initiator_port and self.initiator_port == nexus.initiator_name
+        return nexus_matches(self.as_nexus(), nexus)
 
     def as_nexus(self) -> ITNexus:
         """The registration as an :class:`ITNexus` (``target_port == ""`` for every target port)."""

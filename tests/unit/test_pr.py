@@ -13,6 +13,7 @@ from iscsi.scsi.pr import (
     PrOutAction,
     PrType,
     encode_iscsi_transport_id,
+    nexus_matches,
     parse_iscsi_transport_id,
 )
 from iscsi.scsi.sense import SenseError, SenseKey
@@ -812,3 +813,25 @@ def test_state_is_json_and_reports_reserve6_holder():
     st = pr.state()
     assert json.loads(json.dumps(st)) == st
     assert st["registrations"] == [] and st["reservation"] is None and st["scsi2_holder"] is None
+
+
+def test_nexus_matches_patterns():
+    a2 = nexus("a", port=PORT2, rel=2)
+    a_isid2 = nexus("a", isid="400001370000")
+    tpg2 = ITNexus(A.initiator_port, A.target_port, 1, 2)
+    assert nexus_matches(A, A) and nexus_matches(A, tpg2)
+    assert not nexus_matches(A, a2) and not nexus_matches(A, a_isid2) and not nexus_matches(A, B)
+    every_port = ITNexus(A.initiator_port, "")
+    assert nexus_matches(every_port, a2) and not nexus_matches(every_port, a_isid2)
+    every_isid = ITNexus("iqn.1994-05.com.example:a", PORT1)
+    assert nexus_matches(every_isid, a_isid2) and not nexus_matches(every_isid, a2)
+
+
+async def test_ua_targets_of_all_tg_pt_registration_reach_every_port(h):
+    await h.register(A, KA, all_tg_pt=True)
+    await h.register(B, KB)
+    await h.ok(B, PrOutAction.CLEAR, KB)
+    (target, asc, except_nexus), = h.uas
+    assert asc == sense.RESERVATIONS_PREEMPTED and except_nexus == B
+    assert nexus_matches(target, A) and nexus_matches(target, nexus("a", port=PORT2, rel=2))
+    assert not nexus_matches(target, B)
