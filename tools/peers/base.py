@@ -77,6 +77,16 @@ class LunSpec:
     block_size: int = 512
 
 
+def lun_specs(workdir: Path, prefix: str, size: int | str, luns: int,
+              sizes: list[int | str] | None = None, block_size: int = 512) -> list[LunSpec]:
+    """Image files ``<workdir>/<prefix>-lun<N>.img``: ``luns`` of ``size``, or one per ``sizes``."""
+    all_sizes = sizes if sizes is not None else [size] * luns
+    return [
+        LunSpec(Path(workdir) / f"{prefix}-lun{i}.img", parse_size(s) if isinstance(s, str) else s, block_size)
+        for i, s in enumerate(all_sizes)
+    ]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now (the kernel's pick; tiny race accepted)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -220,6 +230,12 @@ class TargetPeer:
         if self.proc is None:
             return None
         return stop_process(self.proc, signal.SIGKILL)
+
+    def restart(self) -> "TargetPeer":
+        """Start again with the same images, portals and configuration (after stop/kill)."""
+        if self.alive():
+            raise RuntimeError("restart() while the daemon still runs; stop() or kill() it first")
+        return self.start()
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

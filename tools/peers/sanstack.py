@@ -36,6 +36,7 @@ from .base import (
     TargetPeer,
     format_size,
     free_portals,
+    lun_specs,
     parse_size,
     serve_until_signal,
     stop_process,
@@ -99,11 +100,11 @@ class SanstackPeer(TargetPeer):
         host: str = "127.0.0.1",
         iqn: str = DEFAULT_IQN,
         block_size: int = 512,
+        sizes: list[int | str] | None = None,
         **kwargs,
     ) -> "SanstackPeer":
         workdir = Path(workdir)
-        nbytes = parse_size(size) if isinstance(size, str) else size
-        specs = [LunSpec(workdir / f"sanstack-lun{i}.img", nbytes, block_size) for i in range(luns)]
+        specs = lun_specs(workdir, "sanstack", size, luns, sizes, block_size)
         kwargs.setdefault("data_dir", workdir / "data")
         return cls(iqn=iqn, portals=free_portals(portals, host), luns=specs, workdir=workdir, **kwargs)
 
@@ -205,13 +206,6 @@ class SanstackPeer(TargetPeer):
     def __exit__(self, *exc: object) -> None:
         self.stop()
         self.cleanup()
-
-    def restart(self) -> "SanstackPeer":
-        """Start again with the same images, portals and configuration (after stop/kill)."""
-        if self.alive():
-            raise RuntimeError("restart() while the daemon still runs; stop() or kill() it first")
-        return self.start()
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run our target on free loopback ports until Ctrl-C.")

@@ -36,6 +36,7 @@ from .base import (
     TargetPeer,
     create_sparse,
     free_portals,
+    lun_specs,
     log_tail,
     parse_size,
     serve_until_signal,
@@ -81,12 +82,12 @@ class TgtPeer(TargetPeer):
         host: str = "127.0.0.1",
         iqn: str = DEFAULT_IQN,
         block_size: int = 512,
+        sizes: list[int | str] | None = None,
         **kwargs,
     ) -> "TgtPeer":
         """A peer with ``luns`` sparse images of ``size`` under ``workdir`` (not started yet)."""
         workdir = Path(workdir)
-        nbytes = parse_size(size) if isinstance(size, str) else size
-        specs = [LunSpec(workdir / f"tgt-lun{i}.img", nbytes, block_size) for i in range(luns)]
+        specs = lun_specs(workdir, "tgt", size, luns, sizes, block_size)
         return cls(iqn=iqn, portals=free_portals(portals, host), luns=specs, workdir=workdir, **kwargs)
 
     # -- process ----------------------------------------------------------------------------
