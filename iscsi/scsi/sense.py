@@ -70,6 +70,20 @@ TOO_MANY_TARGET_DESCRIPTORS = (0x26, 0x06)
 TOO_MANY_SEGMENT_DESCRIPTORS = (0x26, 0x08)
 INSUFFICIENT_RESOURCES = (0x55, 0x03)
 OVERLAPPED_COMMANDS_ATTEMPTED = (0x4E, 0x00)
+NO_ADDITIONAL_SENSE = (0x00, 0x00)
+PARAMETER_VALUE_INVALID = (0x26, 0x02)
+PARAMETER_NOT_SUPPORTED = (0x26, 0x01)
+MEDIUM_NOT_PRESENT_TRAY_CLOSED = (0x3A, 0x01)
+MEDIUM_NOT_PRESENT_TRAY_OPEN = (0x3A, 0x02)
+DEFECT_LIST_NOT_FOUND = (0x1C, 0x00)
+WRITE_AFTER_SANITIZE_REQUIRED = (0x30, 0x14)
+LOGICAL_UNIT_NOT_READY_MANUAL_INTERVENTION = (0x04, 0x03)
+MODE_PARAMETERS_CHANGED_ANY = (0x2A, 0x00)
+ASYMMETRIC_ACCESS_STATE_CHANGED = (0x2A, 0x06)
+SCSI_BUS_RESET_OCCURRED = BUS_RESET
+BUS_DEVICE_RESET_FUNCTION_OCCURRED = DEVICE_RESET
+INVALID_MESSAGE_ERROR = (0x49, 0x00)
+NOT_READY_TO_READY_CHANGE = (0x28, 0x00)
 
 
 class SenseError(Exception):
@@ -153,8 +167,9 @@ def build_sense(
     buf[0] = 0x70
     buf[2] = key & 0xF
     if information is not None:
-        buf[0] |= 0x80  # VALID: INFORMATION field is meaningful
         buf[3:7] = struct.pack(">I", information & 0xFFFFFFFF)
+        if information <= 0xFFFFFFFF:
+            buf[0] |= 0x80  # VALID: the 4-byte INFORMATION field holds the whole value (SPC-4 §4.5.3)
     buf[7] = 10  # additional sense length
     buf[12] = asc
     buf[13] = ascq

@@ -1,0 +1,492 @@
+"""One logical unit: command dispatch, unit attentions, task set, medium and reset state.
+
+The transport calls :meth:`LogicalUnit.execute` for every SCSI command (usually via
+:class:`iscsi.scsi.target.LunMap`) and :meth:`LogicalUnit.data_out_length` to know how
+much Data-Out to solicit.  Every session and portal reaching this LU shares the same
+object, hence the same data, reservations, mode pages and COMPARE AND WRITE lock.
+
+Per-command order of checks (SAM-5 §5.14, SPC-4 §5.14, SBC-4 §4.11):
+unit attention -> operation code known -> sanitize in progress -> reservation
+conflict -> medium present -> task attribute -> handler.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import weakref
+from typing import Awaitable, Callable, Iterable
+
+from . import commands as C
+from . import sense as S
+from . import vpd
+from .modepages import ModePages
+from .sense import SenseError, SenseKey, build_sense
+from .taskset import TaskSet
+from .types import ITNexus, ScsiCommand, ScsiResult, Status, TaskAttr
+from .ua import UnitAttentions
+
+log = logging.getLogger(__name__)
+
+# -- limits advertised in the Block Limits VPD page (SBC-4 §6.6.4) ------------------------
+# Largest READ/WRITE in blocks: libiscsi's WriteSame16.Unmap writes 65536 blocks with one
+# WRITE(16), and 32 MiB (at 512-byte blocks) stays a sane buffer for one Python command.
+MAX_TRANSFER_BLOCKS = 0x10000
+# Linux and ESXi size their I/O on the optimal length; 1 MiB amortises the per-command cost.
+OPTIMAL_TRANSFER_BYTES = 1 << 20
+# COMPARE AND WRITE: ESXi ATS and our vmfs use 1 block; 255 is the CDB's one-byte maximum.
+MAX_COMPARE_AND_WRITE_BLOCKS = 255
+# UNMAP: punching a hole costs the same for any length, so no LBA count limit (FFFFFFFFh);
+# 256 descriptors fit a 4 KiB parameter list, more than Linux (1) or ESXi sends at once.
+MAX_UNMAP_LBA_COUNT = 0xFFFFFFFF
+MAX_UNMAP_DESCRIPTORS = 256
+# WRITE SAME of a non-zero pattern writes every block synchronously; 65536 blocks
+# (32 MiB at 512 bytes) keeps one command well under the initiators' 30 s timeout.
+MAX_WRITE_SAME_BLOCKS = 0x10000
+# Sparse images live on filesystems with 4 KiB blocks: report that as the physical block
+# so initiators align discards and writes to it (READ CAPACITY(16) LBPPBE).
+PHYSICAL_BLOCK_BYTES = 4096
+
+# LUs by NAA designator, for EXTENDED COPY target descriptors that name another LU.
+_registry: "weakref.WeakValueDictionary[bytes, LogicalUnit]" = weakref.WeakValueDictionary()
+
+
+def find_lu_by_designator(naa: bytes) -> "LogicalUnit | None":
+    """The live LogicalUnit whose VPD 83h NAA designator is ``naa`` (8 bytes), if any."""
+    return _registry.get(bytes(naa))
+
+
+def _import_optional(module: str):
+    try:
+        return __import__(f"iscsi.scsi.{module}", fromlist=["_"])
+    except ImportError as e:  # the module is written by someone else and may not exist yet
+        if e.name and e.name.endswith(module):
+            return None
+        raise
+
+
+def _construct(cls, lu: "LogicalUnit"):
+    """Build the optional PR object with the LU if its constructor takes an argument."""
+    try:
+        params = [p for p in inspect.signature(cls).parameters.values()
+                  if p.default is inspect.Parameter.empty
+                  and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    return cls(lu) if params else cls()
+
+
+async def _maybe_await(value):
+    if inspect.isawaitable(value):
+        value = await value
+    return value
+
+
+class LogicalUnit:
+    """A direct-access block device (SBC-4) on top of a :class:`~iscsi.backstore.base.Backstore`."""
+
+    def __init__(
+        self,
+        backstore,
+        *,
+        serial: str,
+        name: str | None = None,
+        vendor: str = "SANSTACK",
+        product: str = "VIRTUAL-DISK",
+        revision: str = "0001",
+        read_only: bool = False,
+        lun_id: int = 0,
+        removable: bool = False,
+        enable_pr: bool = True,
+        enable_xcopy: bool = True,
+    ) -> None:
+        self.backstore = backstore
+        self.block_size: int = backstore.block_size
+        self.num_blocks: int = backstore.size // self.block_size
+        self.read_only = bool(read_only or getattr(backstore, "read_only", False))
+        self.lun_id = lun_id
+        self.removable = removable
+        self.identity = vpd.Identity(vendor, product, revision, serial, name or serial)
+        self.naa = self.identity.naa()
+        _registry[self.naa] = self
+
+        # thin provisioning: the backstore can deallocate and unmapped blocks read as zero
+        self.thin = callable(getattr(backstore, "unmap", None)) and callable(getattr(backstore, "is_mapped", None))
+        self.lbprz = self.thin and bool(getattr(backstore, "unmap_reads_zero", False))
+        self.lbppbe = max(0, (PHYSICAL_BLOCK_BYTES // self.block_size).bit_length() - 1)
+
+        # limits
+        self.max_transfer = MAX_TRANSFER_BLOCKS
+        self.max_atomic_transfer = MAX_TRANSFER_BLOCKS
+        self.max_compare_and_write = MAX_COMPARE_AND_WRITE_BLOCKS
+        self.max_unmap_lba_count = MAX_UNMAP_LBA_COUNT
+        self.max_unmap_descriptors = MAX_UNMAP_DESCRIPTORS
+        self.max_write_same = MAX_WRITE_SAME_BLOCKS
+
+        # state
+        self.ua = UnitAttentions()
+        self.tasks = TaskSet()
+        self.mode = ModePages()
+        self._caw_lock = asyncio.Lock()
+        self.medium_present = True
+        self.sanitizing = False
+        self._sanitize_task: asyncio.Task | None = None
+        self._prevent: set[ITNexus] = set()
+
+        # providers the target level may replace
+        self.lun_numbers: Callable[[], list[int]] = lambda: [self.lun_id]
+        self.port_groups: Callable[[ITNexus], list[tuple[int, int, list[int]]]] = self._default_port_groups
+
+        # optional collaborators
+        pr_mod = _import_optional("pr") if enable_pr else None
+        pr_cls = getattr(pr_mod, "PersistentReservations", None) if pr_mod else None
+        self.pr = _construct(pr_cls, self) if pr_cls is not None else None
+        self.xcopy = _import_optional("xcopy") if enable_xcopy else None
+        if self.xcopy is not None and not hasattr(self.xcopy, "extended_copy"):
+            self.xcopy = None
+
+        self._build_table()
+        self._build_inquiry()
+
+    # -- construction ------------------------------------------------------------------
+    def _build_table(self) -> None:
+        specs = C.base_commands()
+        if self.pr is not None:
+            pr = self.pr
+
+            def wrap(fn):
+                return lambda lu, cmd: _maybe_await(fn(cmd))
+
+            specs += C.pr_commands(
+                wrap(pr.persistent_reserve_in), wrap(pr.persistent_reserve_out),
+                wrap(pr.reserve6), wrap(pr.release6), wrap(pr.reserve10), wrap(pr.release10),
+            )
+        if self.xcopy is not None:
+            xc = self.xcopy
+            specs += C.xcopy_commands(
+                lambda lu, cmd: _maybe_await(xc.extended_copy(lu, cmd)),
+                lambda lu, cmd: _maybe_await(xc.receive_copy_results(lu, cmd)),
+            )
+        table: list[C.CommandSpec | None] = [None] * 256
+        for s in specs:
+            table[s.opcode] = s
+        self._table = table
+        self._supported = sorted(
+            [sub for s in specs if s.sub for sub in s.sub.values()] + [s for s in specs if not s.sub],
+            key=lambda s: (s.opcode, s.sa or 0),
+        )
+
+    def _build_inquiry(self) -> None:
+        self.standard_inquiry = vpd.standard_inquiry(
+            self.identity, removable=self.removable, tpgs=1, three_pc=self.xcopy is not None,
+        )
+        self._vpd_static: dict[int, bytes] = {
+            vpd.PAGE_SERIAL: vpd.serial_page(self.identity),
+            vpd.PAGE_EXTENDED_INQUIRY: vpd.extended_inquiry_page(write_cache=True),
+            vpd.PAGE_BLOCK_DEVICE_CHARACTERISTICS: vpd.block_device_characteristics_page(sanitize=True),
+            vpd.PAGE_LOGICAL_BLOCK_PROVISIONING: vpd.logical_block_provisioning_page(thin=self.thin),
+        }
+        self._refresh_block_limits()
+
+    def _refresh_block_limits(self) -> None:
+        phys = 1 << self.lbppbe
+        self._vpd_static[vpd.PAGE_BLOCK_LIMITS] = vpd.block_limits_page(vpd.BlockLimits(
+            max_compare_and_write=self.max_compare_and_write,
+            optimal_granularity=phys,
+            max_transfer=self.max_transfer,
+            optimal_transfer=max(1, OPTIMAL_TRANSFER_BYTES // self.block_size),
+            max_prefetch=self.max_transfer,
+            max_unmap_lba_count=self.max_unmap_lba_count if self.thin else 0,
+            max_unmap_descriptors=self.max_unmap_descriptors if self.thin else 0,
+            unmap_granularity=phys if self.thin else 0,
+            max_write_same=self.max_write_same,
+            max_atomic_transfer=self.max_atomic_transfer,
+        ))
+
+    # -- INQUIRY support -----------------------------------------------------------------
+    def vpd_pages(self) -> list[int]:
+        pages = [vpd.PAGE_SUPPORTED, vpd.PAGE_DEVICE_ID, *self._vpd_static]
+        if self.xcopy is not None and hasattr(self.xcopy, "third_party_copy_vpd"):
+            pages.append(vpd.PAGE_THIRD_PARTY_COPY)
+        return sorted(pages)
+
+    def vpd_page(self, page: int, nexus: ITNexus | None) -> bytes | None:
+        data = self._vpd_static.get(page)
+        if data is not None:
+            return data
+        if page == vpd.PAGE_SUPPORTED:
+            return vpd.supported_pages(self.vpd_pages())
+        if page == vpd.PAGE_DEVICE_ID:
+            return vpd.device_id_page(self.identity, nexus)
+        if page == vpd.PAGE_THIRD_PARTY_COPY and self.xcopy is not None and hasattr(self.xcopy, "third_party_copy_vpd"):
+            return self.xcopy.third_party_copy_vpd(self)
+        return None
+
+    def _default_port_groups(self, nexus: ITNexus) -> list[tuple[int, int, list[int]]]:
+        """One target port group holding the port the command came through, active/optimized."""
+        return [(nexus.target_port_group, 0, [nexus.relative_port_id])]
+
+    # -- REPORT SUPPORTED OPERATION CODES support ------------------------------------------
+    def supported_commands(self) -> list[C.CommandSpec]:
+        return self._supported
+
+    def opcode_has_service_actions(self, opcode: int) -> bool:
+        s = self._table[opcode]
+        return s is not None and s.sub is not None
+
+    def opcode_supported(self, opcode: int) -> bool:
+        return self._table[opcode] is not None
+
+    # -- state used by handlers ----------------------------------------------------------
+    @property
+    def write_protected(self) -> bool:
+        return self.read_only or self.mode.swp
+
+    def check_writable(self) -> None:
+        """DATA PROTECT: WRITE PROTECTED for a read-only LU, SOFTWARE WRITE PROTECTED with SWP=1 (SPC-4 §7.5.8)."""
+        if self.read_only:
+            raise SenseError(SenseKey.DATA_PROTECT, S.WRITE_PROTECTED)
+        if self.mode.swp:
+            raise SenseError(SenseKey.DATA_PROTECT, S.SOFTWARE_WRITE_PROTECTED)
+
+    @property
+    def not_ready(self) -> tuple[int, int] | None:
+        if self.sanitizing:
+            return S.LOGICAL_UNIT_NOT_READY_SANITIZE_IN_PROGRESS
+        if not self.medium_present:
+            return S.MEDIUM_NOT_PRESENT
+        return None
+
+    async def _flush(self) -> None:
+        await asyncio.to_thread(self.backstore.flush)
+
+    async def flushed(self, result: ScsiResult) -> ScsiResult:
+        """Return ``result`` once everything written so far is on stable storage (in a worker thread)."""
+        await asyncio.to_thread(self.backstore.flush)
+        return result
+
+    async def compare_and_write(self, lba: int, compare, write, fua: bool) -> ScsiResult:
+        """Compare then write under the LU's lock (SBC-4 §5.3).
+
+        Read, compare and write happen in one synchronous step, so no other command of any
+        session can slip in between; the lock keeps that true if backstore I/O ever moves
+        off the event loop.
+        """
+        from .sbc import first_difference
+
+        bs = self.block_size
+        async with self._caw_lock:
+            medium = self.backstore.read(lba * bs, len(compare))
+            off = first_difference(compare, medium)
+            if off >= 0:
+                raise SenseError(SenseKey.MISCOMPARE, S.MISCOMPARE_DURING_VERIFY, information=off)
+            self.backstore.write(lba * bs, write)
+        if fua or not self.mode.wce:
+            await self._flush()
+        return ScsiResult()
+
+    # -- removable medium ------------------------------------------------------------------
+    def set_prevent(self, nexus: ITNexus, prevent: bool) -> None:
+        if not self.removable:
+            return
+        if prevent:
+            self._prevent.add(nexus)
+        else:
+            self._prevent.discard(nexus)
+
+    def removal_prevented(self) -> bool:
+        return bool(self._prevent)
+
+    def set_medium(self, present: bool, nexus: ITNexus | None = None) -> None:
+        """Load or eject; a load is announced to the other nexuses (NOT READY TO READY CHANGE, SBC-4 §4.4)."""
+        if present and not self.medium_present:
+            self.ua.establish(S.NOT_READY_TO_READY_CHANGE, except_nexus=nexus)
+        self.medium_present = present
+
+    # -- sanitize ---------------------------------------------------------------------------
+    def run_sanitize(self, job, immed: bool):
+        """Start a SANITIZE job in a worker thread; TMFs do not abort it (SBC-4 §4.11.3)."""
+        kind, block, _count = job
+        bs = self.block_size
+        size = self.num_blocks * bs
+        backstore = self.backstore
+
+        def work() -> None:
+            if kind == "erase":
+                backstore.unmap(0, size)
+                return
+            zero = not any(block)
+            if zero and self.thin and self.lbprz:
+                backstore.unmap(0, size)
+                return
+            chunk = block * max(1, (1 << 20) // bs)
+            off = 0
+            while off < size:
+                k = min(len(chunk), size - off)
+                backstore.write(off, memoryview(chunk)[:k])
+                off += k
+            backstore.flush()
+
+        async def runner() -> None:
+            try:
+                await asyncio.to_thread(work)
+            finally:
+                self.sanitizing = False
+                self._sanitize_task = None
+
+        self.sanitizing = True
+        task = asyncio.get_running_loop().create_task(runner())
+        self._sanitize_task = task
+        if immed:
+            return ScsiResult()
+
+        async def wait() -> ScsiResult:
+            await asyncio.shield(task)
+            return ScsiResult()
+
+        return wait()
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def data_out_length(self, cdb: bytes) -> int | None:
+        """Data-Out bytes the CDB asks for (0: none); None for an operation code this LU does not know.
+
+        The transport should solicit min(this, Expected Data Transfer Length).
+        """
+        spec = self._table[cdb[0]]
+        if spec is None:
+            return None
+        if spec.dout is None:
+            if spec.sub is not None:
+                sub = spec.sub.get(cdb[1] & 0x1F)
+                if sub is not None and sub.dout is not None:
+                    return sub.dout(cdb, self.block_size)
+            return 0
+        try:
+            return spec.dout(cdb, self.block_size)
+        except IndexError:  # a CDB shorter than its opcode's length
+            return 0
+
+    def _sense(self, key: int, asc_ascq: tuple[int, int]) -> ScsiResult:
+        return ScsiResult(Status.CHECK_CONDITION, b"", build_sense(key, asc_ascq, descriptor=self.mode.d_sense))
+
+    def _error(self, e: SenseError) -> ScsiResult:
+        return ScsiResult(Status.CHECK_CONDITION, b"", e.to_bytes(self.mode.d_sense))
+
+    def _unit_attention(self, cmd: ScsiCommand, spec: C.CommandSpec | None) -> ScsiResult | None:
+        """Report a pending UA unless the command is exempt (SPC-4 §5.14: INQUIRY, REPORT LUNS, REQUEST SENSE)."""
+        if spec is not None and spec.flags & C.F_UA_EXEMPT:
+            self.ua.peek(cmd.nexus)  # registers a first contact without reporting it
+            return None
+        ua = self.ua.pop(cmd.nexus)
+        if ua is None:
+            return None
+        return self._sense(SenseKey.UNIT_ATTENTION, ua)
+
+    async def execute(self, cmd: ScsiCommand) -> ScsiResult:
+        """Execute one SCSI command and return its status, Data-In (cut to the allocation length) and sense."""
+        cdb = cmd.cdb
+        spec = self._table[cdb[0]]
+        q = self.ua.get(cmd.nexus)
+        if q is None or q:
+            r = self._unit_attention(cmd, spec)
+            if r is not None:
+                return r
+        if spec is None:
+            return self._sense(SenseKey.ILLEGAL_REQUEST, S.INVALID_COMMAND_OPERATION_CODE)
+        try:
+            if spec.sub is not None:
+                sub = spec.sub.get(cdb[1] & 0x1F)
+                if sub is None:
+                    raise S.illegal_field(1, 4)
+                spec = sub
+            n = spec.cdb_len
+            if len(cdb) < n:
+                cmd.cdb = cdb = bytes(cdb).ljust(n, b"\x00")
+            if cdb[n - 1] & 0x04:
+                raise S.illegal_field(n - 1, 2)  # NACA: ACA is not supported (SAM-5 §5.9.1.4)
+            if self.sanitizing and not spec.flags & C.F_SANITIZE_OK:
+                raise SenseError(SenseKey.NOT_READY, S.LOGICAL_UNIT_NOT_READY_SANITIZE_IN_PROGRESS)
+            pr = self.pr
+            if pr is not None and pr.check_conflict(cmd.nexus, cdb):
+                return ScsiResult(Status.RESERVATION_CONFLICT)
+            if not self.medium_present and spec.flags & C.F_MEDIUM:
+                raise SenseError(SenseKey.NOT_READY, S.MEDIUM_NOT_PRESENT)
+            handler = spec.handler
+            attr = cmd.task_attr
+            if attr <= TaskAttr.SIMPLE and not self.tasks.blocked:
+                r = handler(self, cmd)
+                if r.__class__ is ScsiResult:
+                    return r
+                return await self.tasks.track(r)
+            return await self.tasks.run(attr, lambda: handler(self, cmd))
+        except SenseError as e:
+            return self._error(e)
+        except OSError as e:
+            log.error("backstore I/O error on opcode 0x%02x: %s", cdb[0], e)
+            writes = spec is not None and spec.dout is not None
+            return self._sense(SenseKey.MEDIUM_ERROR, S.WRITE_ERROR if writes else S.UNRECOVERED_READ_ERROR)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("internal error executing opcode 0x%02x", cdb[0])
+            return self._sense(SenseKey.HARDWARE_ERROR, S.INTERNAL_TARGET_FAILURE)
+
+    # -- events from the transport and the daemon --------------------------------------------
+    def establish_ua(self, asc_ascq: tuple[int, int], except_nexus: ITNexus | None = None) -> None:
+        """Queue a unit attention for every I_T nexus that has used this LU (but ``except_nexus``)."""
+        self.ua.establish(asc_ascq, except_nexus=except_nexus)
+
+    def nexus_lost(self, nexus: ITNexus) -> None:
+        """I_T nexus loss (session closed or reinstated, SAM-5 §6.3.4)."""
+        self.ua.nexus_lost(nexus)
+        self._prevent.discard(nexus)
+        if self.pr is not None:
+            self.pr.nexus_lost(nexus)
+
+    def clear_task_set(self, nexus: ITNexus, affected: Iterable[ITNexus] = ()) -> None:
+        """CLEAR TASK SET from ``nexus``: other nexuses whose tasks were aborted learn it (SAM-5 §7.5)."""
+        for other in set(affected):
+            if other != nexus:
+                self.ua.establish(S.COMMANDS_CLEARED_BY_ANOTHER_INITIATOR, nexus=other)
+
+    def abort_task_set(self, nexus: ITNexus) -> None:
+        """ABORT TASK SET: the transport cancels the tasks; nothing else changes (SAM-5 §7.3)."""
+
+    def _reset(self, asc_ascq: tuple[int, int]) -> None:
+        self.tasks.release_all()
+        self._prevent.clear()
+        self.mode.reset_to_saved()
+        self.ua.establish(asc_ascq)
+
+    def lun_reset(self) -> None:
+        """LOGICAL UNIT RESET (SAM-5 §7.7): BUS DEVICE RESET FUNCTION OCCURRED for every nexus."""
+        self._reset(S.DEVICE_RESET)
+        if self.pr is not None:
+            self.pr.lun_reset()
+
+    def warm_reset(self) -> None:
+        """TARGET WARM RESET (RFC 7143 §11.5.1): a hard reset of every LU (SAM-5 §6.3.2)."""
+        self._reset(S.BUS_RESET)
+        if self.pr is not None:
+            fn = getattr(self.pr, "target_reset", None) or self.pr.lun_reset
+            fn()
+
+    def cold_reset(self) -> None:
+        """TARGET COLD RESET (RFC 7143 §11.5.1): as if power-cycled (POWER ON OCCURRED)."""
+        self._reset(S.POWER_ON_OCCURRED)
+        if self.pr is not None:
+            fn = getattr(self.pr, "power_on", None) or getattr(self.pr, "target_reset", None) or self.pr.lun_reset
+            fn()
+
+    def resize(self, new_size: int) -> None:
+        """Grow or shrink the backstore; every nexus sees CAPACITY DATA HAS CHANGED (SBC-4 §4.6)."""
+        self.backstore.resize(new_size)
+        self.num_blocks = self.backstore.size // self.block_size
+        self.ua.establish(S.CAPACITY_DATA_HAS_CHANGED)
+
+    def close(self) -> None:
+        _registry.pop(self.naa, None)
+        self.backstore.close()
+
+    def __repr__(self) -> str:
+        return f"LogicalUnit(lun={self.lun_id}, serial={self.identity.serial!r}, blocks={self.num_blocks}x{self.block_size})"

@@ -1,0 +1,658 @@
+"""Block commands (SBC-4): READ/WRITE and friends, thin provisioning, COMPARE AND WRITE.
+
+Handlers take ``(lu, cmd)`` and return a :class:`ScsiResult`, or an awaitable of one
+when they must wait (flush to stable storage, the COMPARE AND WRITE lock).  The hot
+path (READ/WRITE 10/16) decodes with precompiled structs and does one pread/pwrite.
+
+Data-Out rules (RFC 7143 §11.4.5.2 residuals, libiscsi test_write10_residuals):
+the initiator may send less than the CDB asks (overflow): only the whole blocks
+received are written and the command still ends GOOD; extra bytes are ignored.
+"""
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import TYPE_CHECKING
+
+from . import sense as S
+from .cdb import RW6, RW10, RW12, RW16, U16, U32, be16, be32, be64
+from .sense import SenseError, SenseKey
+from .types import ScsiCommand, ScsiResult, Status
+
+if TYPE_CHECKING:
+    from .lu import LogicalUnit
+
+
+def _protect(byte: int = 1) -> SenseError:
+    """RDPROTECT/WRPROTECT/VRPROTECT/ORPROTECT non-zero on a device without protection information.
+
+    SBC-4 §5.x: with PROTECT=0 in the standard INQUIRY data, a non-zero protect field is
+    an INVALID FIELD IN CDB.
+    """
+    return S.illegal_field(byte, 7)
+
+
+def _oob() -> SenseError:
+    return SenseError(SenseKey.ILLEGAL_REQUEST, S.LBA_OUT_OF_RANGE)
+
+
+def check_range(lu: LogicalUnit, lba: int, n: int) -> None:
+    """SBC-4 §4.5: LBA + transfer length beyond the capacity is LBA OUT OF RANGE.
+
+    With a zero transfer length the LBA itself must still address a block.
+    """
+    if lba + (n or 1) > lu.num_blocks:
+        raise _oob()
+
+
+def _length_limit(n: int, field: int, limit: int) -> None:
+    if n > limit:
+        raise S.illegal_field(field)
+
+
+def _whole_blocks(lu: LogicalUnit, data, want: int) -> memoryview:
+    """The Data-Out bytes to use: at most ``want``, and only whole blocks of what arrived."""
+    got = len(data)
+    if got >= want:
+        return memoryview(data)[:want]
+    return memoryview(data)[: got - got % lu.block_size]
+
+
+# -- READ ---------------------------------------------------------------------------------
+
+def _read(lu: LogicalUnit, lba: int, n: int, len_field: int) -> ScsiResult:
+    if lba + (n or 1) > lu.num_blocks:
+        raise _oob()
+    if n > lu.max_transfer:
+        raise S.illegal_field(len_field)
+    if not n:
+        return ScsiResult()
+    bs = lu.block_size
+    return ScsiResult(Status.GOOD, lu.backstore.read(lba * bs, n * bs))
+
+
+def read_6(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
+    """READ(6) (SBC-4 §5.15): a TRANSFER LENGTH of 0 means 256 blocks."""
+    w = RW6.unpack_from(cmd.cdb)[0]
+    return _read(lu, (w >> 8) & 0x1FFFFF, (w & 0xFF) or 256, 4)
+
+
+def read_10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
+    flags, lba, _g, n = RW10.unpack_from(cmd.cdb)
+    if flags & 0xE0:
+        raise _protect()
+    return _read(lu, lba, n, 7)
+
+
+def read_12(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
+    flags, lba, n = RW12.unpack_from(cmd.cdb)
+    if flags & 0xE0:
+        raise _protect()
+    return _read(lu, lba, n, 6)
+
+
+def read_16(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
+    flags, lba, n, _g = RW16.unpack_from(cmd.cdb)
+    if flags & 0xE0:
+        raise _protect()
+    return _read(lu, lba, n, 10)
+
+
+# -- WRITE --------------------------------------------------------------------------------
+
+def _write(lu: LogicalUnit, cmd: ScsiCommand, lba: int, n: int, len_field: int, fua: bool):
+    if lba + (n or 1) > lu.num_blocks:
+        raise _oob()
+    if n > lu.max_transfer:
+        raise S.illegal_field(len_field)
+    lu.check_writable()
+    if not n:
+        return ScsiResult()
+    bs = lu.block_size
+    want = n * bs
+    data = cmd.data_out
+    if len(data) != want:
+        data = _whole_blocks(lu, data, want)
+        if not data:
+            return ScsiResult()
+    lu.backstore.write(lba * bs, data)
+    if fua or not lu.mode.wce:
+        return lu.flushed(ScsiResult())
+    return ScsiResult()
+
+
+def write_6(lu: LogicalUnit, cmd: ScsiCommand):
+    w = RW6.unpack_from(cmd.cdb)[0]
+    return _write(lu, cmd, (w >> 8) & 0x1FFFFF, (w & 0xFF) or 256, 4, False)
+
+
+def write_10(lu: LogicalUnit, cmd: ScsiCommand):
+    flags, lba, _g, n = RW10.unpack_from(cmd.cdb)
+    if flags & 0xE0:
+        raise _protect()
+    return _write(lu, cmd, lba, n, 7, bool(flags & 0x08))
+
+
+def write_12(lu: LogicalUnit, cmd: ScsiCommand):
+    flags, lba, n = RW12.unpack_from(cmd.cdb)
+    if flags & 0xE0:
+        raise _protect()
+    return _write(lu, cmd, lba, n, 6, bool(flags & 0x08))
+
+
+def write_16(lu: LogicalUnit, cmd: ScsiCommand):
+    flags, lba, n, _g = RW16.unpack_from(cmd.cdb)
+    if flags & 0xE0:
+        raise _protect()
+    return _write(lu, cmd, lba, n, 10, bool(flags & 0x08))
+
+
+def write_atomic_16(lu: LogicalUnit, cmd: ScsiCommand):
+    """WRITE ATOMIC(16) (SBC-4 §5.46): bytes 10-11 ATOMIC BOUNDARY, 12-13 TRANSFER LENGTH.
+
+    One pwrite runs inside one event-loop step, so no other command of this target can
+    observe or interleave with a partial write (atomic with respect to other commands;
+    a power cut can still tear it, as with any file).
+    """
+    cdb = cmd.cdb
+    flags = cdb[1]
+    if flags & 0xE0:
+        raise _protect()
+    lba = be64(cdb, 2)
+    boundary = be16(cdb, 10)
+    n = be16(cdb, 12)
+    if boundary:
+        raise S.illegal_field(10)  # MAXIMUM ATOMIC BOUNDARY SIZE is 0: boundaries not supported
+    if lba + (n or 1) > lu.num_blocks:
+        raise _oob()
+    if n > lu.max_atomic_transfer:
+        raise S.illegal_field(12)
+    return _write(lu, cmd, lba, n, 12, bool(flags & 0x08))
+
+
+# -- WRITE AND VERIFY / VERIFY ------------------------------------------------------------
+
+def _bytchk(flags: int) -> int:
+    return (flags >> 1) & 0x03
+
+
+def _write_verify(lu: LogicalUnit, cmd: ScsiCommand, flags: int, lba: int, n: int, len_field: int):
+    """WRITE AND VERIFY (SBC-4 §5.42-5.44): write, then make it stable (the "verify" reads the medium)."""
+    if flags & 0xE0:
+        raise _protect()
+    if _bytchk(flags) > 1:
+        raise S.illegal_field(1, 2)
+    return _write(lu, cmd, lba, n, len_field, True)
+
+
+def write_and_verify_10(lu: LogicalUnit, cmd: ScsiCommand):
+    flags, lba, _g, n = RW10.unpack_from(cmd.cdb)
+    return _write_verify(lu, cmd, flags, lba, n, 7)
+
+
+def write_and_verify_12(lu: LogicalUnit, cmd: ScsiCommand):
+    flags, lba, n = RW12.unpack_from(cmd.cdb)
+    return _write_verify(lu, cmd, flags, lba, n, 6)
+
+
+def write_and_verify_16(lu: LogicalUnit, cmd: ScsiCommand):
+    flags, lba, n, _g = RW16.unpack_from(cmd.cdb)
+    return _write_verify(lu, cmd, flags, lba, n, 10)
+
+
+def first_difference(a, b) -> int:
+    """Offset of the first differing byte of two equal-length buffers (-1 if equal), in C speed."""
+    if a == b:
+        return -1
+    x = int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
+    return len(a) - (x.bit_length() + 7) // 8
+
+
+def _miscompare(offset: int) -> SenseError:
+    """MISCOMPARE DURING VERIFY OPERATION with the byte offset in INFORMATION (SBC-4 §5.3, §5.38)."""
+    return SenseError(SenseKey.MISCOMPARE, S.MISCOMPARE_DURING_VERIFY, information=offset)
+
+
+def _verify(lu: LogicalUnit, cmd: ScsiCommand, flags: int, lba: int, n: int, len_field: int) -> ScsiResult:
+    """VERIFY (SBC-4 §5.38-5.40). BYTCHK 00b: check the medium; 01b: compare n blocks; 11b: one block against each."""
+    if flags & 0xE0:
+        raise _protect()
+    bytchk = _bytchk(flags)
+    if bytchk == 2:
+        raise S.illegal_field(1, 2)
+    if lba + (n or 1) > lu.num_blocks:
+        raise _oob()
+    if n > lu.max_transfer:
+        raise S.illegal_field(len_field)
+    if not n or not bytchk:
+        return ScsiResult()
+    bs = lu.block_size
+    if bytchk == 1:
+        data = _whole_blocks(lu, cmd.data_out, n * bs)
+        if not data:
+            return ScsiResult()
+        medium = lu.backstore.read(lba * bs, len(data))
+        off = first_difference(data, medium)
+        if off >= 0:
+            raise _miscompare(off)
+        return ScsiResult()
+    pattern = bytes(cmd.data_out[:bs])
+    if len(pattern) < bs:
+        return ScsiResult()
+    for i in range(n):
+        medium = lu.backstore.read((lba + i) * bs, bs)
+        off = first_difference(pattern, medium)
+        if off >= 0:
+            raise _miscompare(i * bs + off)
+    return ScsiResult()
+
+
+def verify_10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
+    flags, lba, _g, n = RW10.unpack_from(cmd.cdb)
+    return _verify(lu, cmd, flags, lba, n, 7)
+
+
+def verify_12(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
+    flags, lba, n = RW12.unpack_from(cmd.cdb)
+    return _verify(lu, cmd, flags, lba, n, 6)
+
+
+def verify_16(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
+    flags, lba, n, _g = RW16.unpack_from(cmd.cdb)
+    return _verify(lu, cmd, flags, lba, n, 10)
+
+
+def verify_data_out_length(cdb: bytes, block_size: int) -> int:
+    """Data-Out bytes of VERIFY 10/12/16 (BYTCHK 01b: n blocks, 11b: one block, else none)."""
+    op = cdb[0]
+    bytchk = (cdb[1] >> 1) & 0x03
+    if op == 0x2F:
+        n = be16(cdb, 7)
+    elif op == 0xAF:
+        n = be32(cdb, 6)
+    else:
+        n = be32(cdb, 10)
+    if bytchk == 1:
+        return n * block_size
+    if bytchk == 3 and n:
+        return block_size
+    return 0
+
+
+# -- SYNCHRONIZE CACHE / PRE-FETCH ----------------------------------------------------------
+
+def _sync(lu: LogicalUnit, lba: int, n: int):
+    """SYNCHRONIZE CACHE (SBC-4 §5.24): the whole file is flushed whatever the range (fdatasync has no range)."""
+    if lba + (n or 1) > lu.num_blocks:
+        raise _oob()
+    return lu.flushed(ScsiResult())
+
+
+def synchronize_cache_10(lu: LogicalUnit, cmd: ScsiCommand):
+    _flags, lba, _g, n = RW10.unpack_from(cmd.cdb)
+    return _sync(lu, lba, n)
+
+
+def synchronize_cache_16(lu: LogicalUnit, cmd: ScsiCommand):
+    _flags, lba, n, _g = RW16.unpack_from(cmd.cdb)
+    return _sync(lu, lba, n)
+
+
+def _prefetch(lu: LogicalUnit, lba: int, n: int) -> ScsiResult:
+    """PRE-FETCH (SBC-4 §5.11): a read-ahead hint; GOOD since nothing is promised to stay cached."""
+    if lba + (n or 1) > lu.num_blocks:
+        raise _oob()
+    hint = getattr(lu.backstore, "prefetch", None)
+    if hint is not None and n:
+        bs = lu.block_size
+        hint(lba * bs, n * bs)
+    return ScsiResult()
+
+
+def pre_fetch_10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
+    _flags, lba, _g, n = RW10.unpack_from(cmd.cdb)
+    return _prefetch(lu, lba, n)
+
+
+def pre_fetch_16(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
+    _flags, lba, n, _g = RW16.unpack_from(cmd.cdb)
+    return _prefetch(lu, lba, n)
+
+
+# -- READ CAPACITY ------------------------------------------------------------------------
+
+_RC10 = struct.Struct(">II")
+_RC16 = struct.Struct(">QIBBH16x")
+
+
+def read_capacity_10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
+    """READ CAPACITY(10) (SBC-4 §5.19): FFFFFFFFh tells the initiator to use READ CAPACITY(16)."""
+    cdb = cmd.cdb
+    pmi = cdb[8] & 0x01
+    if not pmi and be32(cdb, 2):
+        raise S.illegal_field(2)  # SBC-3: LBA must be 0 when PMI is 0
+    last = lu.num_blocks - 1
+    return ScsiResult(data=_RC10.pack(min(last, 0xFFFFFFFF), lu.block_size))
+
+
+def read_capacity_16(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
+    """READ CAPACITY(16) (SBC-4 §5.20): LBPPBE, LBPME and LBPRZ for thin provisioning."""
+    alloc = be32(cmd.cdb, 10)
+    b14 = 0
+    if lu.thin:
+        b14 = 0x80 | (0x40 if lu.lbprz else 0)  # LBPME, LBPRZ; LOWEST ALIGNED LBA 0
+    data = _RC16.pack(lu.num_blocks - 1, lu.block_size, 0, lu.lbppbe & 0x0F, b14 << 8)
+    return ScsiResult(data=data[:alloc])
+
+
+# -- thin provisioning: UNMAP, WRITE SAME, GET LBA STATUS ------------------------------------
+
+def _deallocate(lu: LogicalUnit, lba: int, n: int) -> None:
+    bs = lu.block_size
+    lu.backstore.unmap(lba * bs, n * bs)
+
+
+def _zero(lu: LogicalUnit, lba: int, n: int) -> None:
+    """Write zeroes and keep the blocks mapped (WRITE SAME with UNMAP=0)."""
+    bs = lu.block_size
+    zero = getattr(lu.backstore, "write_zeroes", None)
+    if zero is not None:
+        zero(lba * bs, n * bs)
+    else:
+        _fill(lu, lba, n, bytes(bs))
+
+
+# Pattern writes go out in pieces of this size: one pwrite per MiB, not per block.
+_FILL_CHUNK = 1 << 20
+
+
+def _fill(lu: LogicalUnit, lba: int, n: int, block: bytes) -> None:
+    bs = lu.block_size
+    per = max(1, _FILL_CHUNK // bs)
+    chunk = block * min(per, n)
+    off = lba * bs
+    end = (lba + n) * bs
+    view = memoryview(chunk)
+    while off < end:
+        k = min(len(chunk), end - off)
+        lu.backstore.write(off, view[:k])
+        off += k
+
+
+def _write_same(lu: LogicalUnit, cmd: ScsiCommand, flags: int, lba: int, n: int, ndob: bool, len_field: int):
+    """WRITE SAME(10)/(16) (SBC-4 §5.47, §5.48).
+
+    - ANCHOR: anchored LBAs are not supported (ANC_SUP=0), so ANCHOR=1 is invalid;
+    - NUMBER OF LOGICAL BLOCKS 0 means "up to the last LBA" (WSNZ=0);
+    - UNMAP=1 with a block that reads like an unmapped one (zeroes, LBPRZ=1) deallocates
+      the range (partial physical blocks are zeroed); any other block is written;
+    - NDOB=1: no Data-Out, the block is zeroes.
+    """
+    if flags & 0xE0:
+        raise _protect()
+    anchor = flags & 0x10
+    unmap = flags & 0x08
+    if anchor:
+        raise S.illegal_field(1, 4)
+    nb = lu.num_blocks
+    if lba >= nb:
+        raise _oob()
+    if n == 0:
+        n = nb - lba
+    elif lba + n > nb:
+        raise _oob()
+    if n > lu.max_write_same:
+        raise S.illegal_field(len_field)
+    lu.check_writable()
+    bs = lu.block_size
+    if ndob:
+        block = None
+    else:
+        data = cmd.data_out
+        exp = cmd.expected_length
+        if len(data) < bs or (exp and exp != bs):
+            raise S.illegal_field(len_field)  # exactly one block of Data-Out is expected
+        block = bytes(data[:bs])
+    zero = block is None or not any(block)
+    if zero and unmap and lu.thin and lu.lbprz:
+        _deallocate(lu, lba, n)
+    elif zero:
+        _zero(lu, lba, n)
+    else:
+        _fill(lu, lba, n, block)
+    if not lu.mode.wce:
+        return lu.flushed(ScsiResult())
+    return ScsiResult()
+
+
+def write_same_10(lu: LogicalUnit, cmd: ScsiCommand):
+    flags, lba, _g, n = RW10.unpack_from(cmd.cdb)
+    if flags & 0x01:
+        raise S.illegal_field(1, 0)  # NDOB does not exist in WRITE SAME(10)
+    return _write_same(lu, cmd, flags, lba, n, False, 7)
+
+
+def write_same_16(lu: LogicalUnit, cmd: ScsiCommand):
+    flags, lba, n, _g = RW16.unpack_from(cmd.cdb)
+    return _write_same(lu, cmd, flags, lba, n, bool(flags & 0x01), 10)
+
+
+def write_same_data_out_length(cdb: bytes, block_size: int) -> int:
+    if cdb[0] == 0x93 and cdb[1] & 0x01:
+        return 0  # NDOB
+    return block_size
+
+
+_UNMAP_DESC = struct.Struct(">QI4x")
+
+
+def unmap(lu: LogicalUnit, cmd: ScsiCommand):
+    """UNMAP (SBC-4 §5.32): every descriptor is checked before any range is deallocated."""
+    cdb = cmd.cdb
+    if cdb[1] & 0x01:
+        raise S.illegal_field(1, 0)  # ANCHOR: anchored state not supported (ANC_SUP=0)
+    plen = be16(cdb, 7)
+    if plen == 0:
+        return ScsiResult()
+    if plen < 8:
+        raise SenseError(SenseKey.ILLEGAL_REQUEST, S.PARAMETER_LIST_LENGTH_ERROR)
+    lu.check_writable()
+    params = cmd.data_out[:plen]
+    if len(params) < 8:
+        raise SenseError(SenseKey.ILLEGAL_REQUEST, S.PARAMETER_LIST_LENGTH_ERROR)
+    bd_len = be16(params, 2)
+    avail = min(bd_len, len(params) - 8)
+    count = avail // 16  # a trailing partial descriptor is ignored (SBC-4 §5.32.2)
+    if count > lu.max_unmap_descriptors:
+        raise S.illegal_param(2)
+    ranges = []
+    total = 0
+    nb = lu.num_blocks
+    for i in range(count):
+        lba, n = _UNMAP_DESC.unpack_from(params, 8 + 16 * i)
+        if lba + n > nb:
+            raise _oob()
+        total += n
+        if n:
+            ranges.append((lba, n))
+    if total > lu.max_unmap_lba_count:
+        raise S.illegal_param(8)
+    for lba, n in ranges:
+        _deallocate(lu, lba, n)
+    return ScsiResult()
+
+
+_LBA_STATUS_HDR = struct.Struct(">I4x")
+_LBA_STATUS_DESC = struct.Struct(">QIB3x")
+# One GET LBA STATUS answer describes at most this many extents: the allocation length
+# bounds it anyway, this bounds the SEEK_DATA/SEEK_HOLE calls spent on one command.
+MAX_LBA_STATUS_DESCRIPTORS = 512
+
+
+def get_lba_status(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
+    """GET LBA STATUS (SBC-4 §5.8): mapped (0) / deallocated (1) extents from the backstore map."""
+    cdb = cmd.cdb
+    lba = be64(cdb, 2)
+    alloc = be32(cdb, 10)
+    nb = lu.num_blocks
+    if lba >= nb:
+        raise _oob()
+    bs = lu.block_size
+    room = max(1, min(MAX_LBA_STATUS_DESCRIPTORS, (alloc - 8) // 16 if alloc >= 24 else 1))
+    descs = bytearray()
+    cur = lba
+    while cur < nb and room:
+        mapped, length = lu.backstore.is_mapped(cur * bs)
+        n = max(1, length // bs)
+        n = min(n, nb - cur, 0xFFFFFFFF)
+        descs += _LBA_STATUS_DESC.pack(cur, n, 0 if mapped else 1)
+        cur += n
+        room -= 1
+    data = _LBA_STATUS_HDR.pack(len(descs) + 4) + bytes(descs)
+    return ScsiResult(data=data[:alloc])
+
+
+# -- COMPARE AND WRITE / ORWRITE -----------------------------------------------------------
+
+def compare_and_write(lu: LogicalUnit, cmd: ScsiCommand):
+    """COMPARE AND WRITE (SBC-4 §5.3): atomic per LU across every session and portal.
+
+    The Data-Out buffer is n blocks to compare followed by n blocks to write; its size
+    must be exactly 2n blocks.
+    """
+    cdb = cmd.cdb
+    flags = cdb[1]
+    if flags & 0xE0:
+        raise _protect()
+    lba = be64(cdb, 2)
+    n = cdb[13]
+    bs = lu.block_size
+    want = 2 * n * bs
+    exp = cmd.expected_length
+    if (exp and exp != want) or len(cmd.data_out) < want:
+        raise S.illegal_field(13)  # Data-Out does not match NUMBER OF LOGICAL BLOCKS
+    if n > lu.max_compare_and_write:
+        raise S.illegal_field(13)
+    if lba + (n or 1) > lu.num_blocks:
+        raise _oob()
+    lu.check_writable()
+    if not n:
+        return ScsiResult()
+    data = memoryview(cmd.data_out)
+    return lu.compare_and_write(lba, data[: n * bs], data[n * bs: want], bool(flags & 0x08))
+
+
+def orwrite_16(lu: LogicalUnit, cmd: ScsiCommand):
+    """ORWRITE(16) (SBC-4 §5.10): medium := medium OR Data-Out."""
+    flags, lba, n, _g = RW16.unpack_from(cmd.cdb)
+    if flags & 0xE0:
+        raise _protect()
+    if lba + (n or 1) > lu.num_blocks:
+        raise _oob()
+    if n > lu.max_transfer:
+        raise S.illegal_field(10)
+    lu.check_writable()
+    if not n:
+        return ScsiResult()
+    bs = lu.block_size
+    data = _whole_blocks(lu, cmd.data_out, n * bs)
+    if not data:
+        return ScsiResult()
+    off = lba * bs
+    medium = lu.backstore.read(off, len(data))
+    ored = (int.from_bytes(medium, "big") | int.from_bytes(data, "big")).to_bytes(len(data), "big")
+    lu.backstore.write(off, ored)
+    if flags & 0x08 or not lu.mode.wce:
+        return lu.flushed(ScsiResult())
+    return ScsiResult()
+
+
+# -- READ DEFECT DATA ------------------------------------------------------------------------
+
+def read_defect_data_10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
+    """READ DEFECT DATA(10) (SBC-4 §5.16): a file has no defects; an empty list in the format asked."""
+    cdb = cmd.cdb
+    alloc = be16(cdb, 7)
+    data = bytes((0, cdb[2] & 0x1F)) + U16.pack(0)
+    return ScsiResult(data=data[:alloc])
+
+
+def read_defect_data_12(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
+    cdb = cmd.cdb
+    alloc = be32(cdb, 6)
+    data = bytes((0, cdb[1] & 0x1F, 0, 0)) + U32.pack(0)
+    return ScsiResult(data=data[:alloc])
+
+
+# -- START STOP UNIT ------------------------------------------------------------------------
+
+def start_stop_unit(lu: LogicalUnit, cmd: ScsiCommand):
+    """START STOP UNIT (SBC-4 §5.25).
+
+    A POWER CONDITION other than 0 makes START and LOEJ ignored.  On a removable LU,
+    LOEJ ejects (START=0) or loads (START=1) the medium unless an I_T nexus prevents
+    removal (ILLEGAL REQUEST, MEDIUM REMOVAL PREVENTED).  A non-removable LU has no
+    motor to stop and stays ready; stopping still flushes unless NO_FLUSH.
+    """
+    cdb = cmd.cdb
+    power = cdb[4] >> 4
+    no_flush = cdb[4] & 0x04
+    loej = cdb[4] & 0x02
+    start = cdb[4] & 0x01
+    if power:
+        return ScsiResult()
+    if loej and lu.removable:
+        if lu.removal_prevented():
+            raise SenseError(SenseKey.ILLEGAL_REQUEST, S.MEDIUM_REMOVAL_PREVENTED)
+        lu.set_medium(bool(start), cmd.nexus)
+    if not start and not no_flush:
+        return lu.flushed(ScsiResult())
+    return ScsiResult()
+
+
+# -- SANITIZE --------------------------------------------------------------------------------
+
+def sanitize_data_out_length(cdb: bytes, block_size: int) -> int:
+    return be16(cdb, 7)
+
+
+def sanitize(lu: LogicalUnit, cmd: ScsiCommand):
+    """SANITIZE (SBC-4 §5.30): OVERWRITE, BLOCK ERASE, CRYPTOGRAPHIC ERASE, EXIT FAILURE MODE.
+
+    Block and cryptographic erase deallocate every block (reads return zeroes afterwards,
+    WABEREQ/WACEREQ=01b).  While it runs the LU answers NOT READY, SANITIZE IN PROGRESS.
+    """
+    cdb = cmd.cdb
+    sa = cdb[1] & 0x1F
+    immed = cdb[1] & 0x80
+    if cdb[1] & 0x40 or any(cdb[2:7]):
+        raise S.illegal_field(1 if cdb[1] & 0x40 else 2)
+    plen = be16(cdb, 7)
+    if sa == 0x01:  # OVERWRITE
+        if plen < 5 or plen > lu.block_size + 4:
+            raise S.illegal_field(7)
+        params = bytes(cmd.data_out[:plen])
+        if len(params) < plen:
+            raise SenseError(SenseKey.ILLEGAL_REQUEST, S.PARAMETER_LIST_LENGTH_ERROR)
+        count = params[0] & 0x1F
+        pat_len = be16(params, 2)
+        if count == 0 or pat_len == 0 or pat_len > lu.block_size or pat_len + 4 != plen:
+            raise S.illegal_param(0 if count == 0 else 2)
+        if params[0] & 0x80 or params[1]:
+            raise S.illegal_param(0 if params[0] & 0x80 else 1)
+        pattern = params[4:4 + pat_len]
+        bs = lu.block_size
+        block = (pattern * (bs // pat_len + 1))[:bs]
+        job = ("overwrite", block, count)
+    elif sa in (0x02, 0x03):  # BLOCK ERASE, CRYPTOGRAPHIC ERASE
+        if plen:
+            raise S.illegal_field(7)
+        job = ("erase", None, 1)
+    elif sa == 0x1F:  # EXIT FAILURE MODE
+        if plen:
+            raise S.illegal_field(7)
+        return ScsiResult()
+    else:
+        raise S.illegal_field(1, 4)
+    lu.check_writable()
+    return lu.run_sanitize(job, bool(immed))

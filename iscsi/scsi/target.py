@@ -1,0 +1,136 @@
+"""The LUNs of one SCSI target device: dispatch by LUN, and answers for LUNs with no logical unit.
+
+SPC-4 §6.33: REPORT LUNS is valid through any LUN.  For a LUN without a logical
+unit (SPC-4 §6.6.2, SAM-5 §5.9.5): INQUIRY answers peripheral qualifier 011b /
+device type 1Fh, REQUEST SENSE returns LOGICAL UNIT NOT SUPPORTED as its data, and
+every other command ends in CHECK CONDITION, ILLEGAL REQUEST, LOGICAL UNIT NOT SUPPORTED.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from . import sense as S
+from . import spc, vpd
+from .cdb import MAX_LUN, Op, be16, decode_lun, encode_lun
+from .lu import LogicalUnit
+from .sense import SenseError, SenseKey, build_sense
+from .types import ITNexus, ScsiCommand, ScsiResult, Status
+
+__all__ = ["LunMap", "encode_lun", "decode_lun"]
+
+
+class LunMap:
+    """{LUN number: LogicalUnit} for one target (or one ACL's view of it)."""
+
+    def __init__(self, luns: dict[int, LogicalUnit] | None = None) -> None:
+        self._luns: dict[int, LogicalUnit] = {}
+        for n, lu in (luns or {}).items():
+            self._attach(n, lu)
+
+    # -- membership ---------------------------------------------------------------------
+    def _attach(self, number: int, lu: LogicalUnit) -> None:
+        if not 0 <= number <= MAX_LUN:
+            raise ValueError(f"LUN {number} out of range 0..{MAX_LUN}")
+        self._luns[number] = lu
+        lu.lun_numbers = self.numbers
+
+    def add(self, number: int, lu: LogicalUnit) -> None:
+        """Map ``lu`` at ``number`` and tell every initiator REPORTED LUNS DATA HAS CHANGED."""
+        if number in self._luns:
+            raise ValueError(f"LUN {number} already mapped")
+        self._attach(number, lu)
+        self.report_luns_changed()
+
+    def remove(self, number: int) -> LogicalUnit:
+        lu = self._luns.pop(number)
+        self.report_luns_changed()
+        return lu
+
+    def numbers(self) -> list[int]:
+        return sorted(self._luns)
+
+    def get(self, number: int) -> LogicalUnit | None:
+        return self._luns.get(number)
+
+    def __contains__(self, number: int) -> bool:
+        return number in self._luns
+
+    def __len__(self) -> int:
+        return len(self._luns)
+
+    def items(self):
+        return self._luns.items()
+
+    def logical_units(self) -> list[LogicalUnit]:
+        return list(self._luns.values())
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def data_out_length(self, lun: int, cdb: bytes) -> int | None:
+        lu = self._luns.get(lun)
+        if lu is None:
+            return 0  # the command will be refused: solicit nothing
+        return lu.data_out_length(cdb)
+
+    async def execute(self, cmd: ScsiCommand) -> ScsiResult:
+        lu = self._luns.get(cmd.lun)
+        if lu is not None:
+            if cmd.cdb[0] == Op.REPORT_LUNS:
+                return self._report_luns(lu, cmd)
+            return await lu.execute(cmd)
+        return self._no_lu(cmd)
+
+    def _report_luns(self, lu: LogicalUnit | None, cmd: ScsiCommand) -> ScsiResult:
+        try:
+            if lu is not None:
+                lu.ua.peek(cmd.nexus)  # REPORT LUNS is a first contact too, but reports no UA
+            return spc.report_luns(lu, cmd, self.numbers())
+        except SenseError as e:
+            return ScsiResult(Status.CHECK_CONDITION, b"", e.to_bytes(lu.mode.d_sense if lu else False))
+
+    def _no_lu(self, cmd: ScsiCommand) -> ScsiResult:
+        cdb = cmd.cdb
+        op = cdb[0]
+        try:
+            if op == Op.REPORT_LUNS:
+                return self._report_luns(None, cmd)
+            if op == Op.INQUIRY:
+                if cdb[1] & 0x01:
+                    raise SenseError(SenseKey.ILLEGAL_REQUEST, S.LOGICAL_UNIT_NOT_SUPPORTED)
+                return ScsiResult(data=vpd.unmapped_inquiry()[: be16(cdb, 3)])
+            if op == Op.REQUEST_SENSE:
+                data = build_sense(SenseKey.ILLEGAL_REQUEST, S.LOGICAL_UNIT_NOT_SUPPORTED, descriptor=bool(cdb[1] & 1))
+                return ScsiResult(data=data[: cdb[4]])
+            raise SenseError(SenseKey.ILLEGAL_REQUEST, S.LOGICAL_UNIT_NOT_SUPPORTED)
+        except SenseError as e:
+            return ScsiResult(Status.CHECK_CONDITION, b"", e.to_bytes(False))
+
+    # -- events -------------------------------------------------------------------------------
+    def report_luns_changed(self) -> None:
+        """REPORTED LUNS DATA HAS CHANGED on every LU for every nexus (SPC-4 §6.33, libiscsi #153)."""
+        for lu in self._luns.values():
+            lu.establish_ua(S.REPORTED_LUNS_DATA_HAS_CHANGED)
+
+    def nexus_lost(self, nexus: ITNexus) -> None:
+        for lu in self._luns.values():
+            lu.nexus_lost(nexus)
+
+    def lun_reset(self, lun: int) -> bool:
+        """LOGICAL UNIT RESET; False if there is no such LU (the TMF answers "LUN does not exist")."""
+        lu = self._luns.get(lun)
+        if lu is None:
+            return False
+        lu.lun_reset()
+        return True
+
+    def warm_reset(self) -> None:
+        for lu in self._luns.values():
+            lu.warm_reset()
+
+    def cold_reset(self) -> None:
+        for lu in self._luns.values():
+            lu.cold_reset()
+
+    def clear_task_set(self, lun: int, nexus: ITNexus, affected: Iterable[ITNexus] = ()) -> None:
+        lu = self._luns.get(lun)
+        if lu is not None:
+            lu.clear_task_set(nexus, affected)
