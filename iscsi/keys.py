@@ -695,13 +695,11 @@ class Negotiator:
                 if "SessionType" not in self._received:
                     self.session_type = value
         answers: list[tuple[str, str]] = []
-        seen_here: set[str] = set()
         for key, value in received:
+            # A key repeated within one request or across the login is caught by
+            # the same bookkeeping: _received, _answered.
             spec = KEYS.get(key)
             repeatable = spec is not None and spec.repeatable
-            if key in seen_here and not repeatable:
-                raise NegotiationError(f"key {key} sent twice in one request", key=key)
-            seen_here.add(key)
             if key in self._offered:
                 self._absorb_answer(key, value)
                 continue
