@@ -13,6 +13,8 @@ Public API
 ``TextAccumulator`` / ``split_text(data, max_len)``
     Multi-PDU text (the C bit, §11.10.2/§11.12.2): gather continued data segments,
     and cut an answer into pieces no longer than the peer's MaxRecvDataSegmentLength.
+``parse_send_targets(pairs)``, ``parse_target_address(value)``, ``format_target_address``
+    SendTargets answers and TargetAddress values (§13.3, §13.8).
 ``KEYS: Mapping[str, KeySpec]``
     One declarative entry per RFC 7143 §13 key: kind, default, range, scope,
     phases, senders.
@@ -56,6 +58,7 @@ __all__ = [
     "Kind", "Scope", "KeySpec", "KEYS",
     "parse_text", "encode_text", "TextAccumulator", "split_text",
     "parse_number", "decode_binary", "encode_hex",
+    "parse_target_address", "format_target_address", "parse_send_targets",
     "Negotiator", "Negotiated", "SessionParams", "ConnectionParams",
     "TARGET_DEFAULTS", "INITIATOR_DEFAULTS",
 ]
@@ -357,6 +360,58 @@ def split_text(data: bytes, max_len: int) -> list[bytes]:
     if not data:
         return [b""]
     return [data[i:i + max_len] for i in range(0, len(data), max_len)]
+
+
+#: The well-known iSCSI port (RFC 7143 §13.8: the default when TargetAddress has none).
+ISCSI_DEFAULT_PORT = 3260
+
+
+def parse_target_address(value: str) -> tuple[str, int, int | None]:
+    """TargetAddress=domainname[:port][,portal-group-tag] (RFC 7143 §13.8).
+
+    Returns (host, port, tpgt or None); an IPv6 host loses its brackets.
+    """
+    address, _, tag = value.partition(",")
+    tpgt = None
+    if tag:
+        tpgt = parse_number(tag)
+        if tpgt > 65535:
+            raise ProtocolError("portal group tag above 65535")
+    if address.startswith("["):
+        host, sep, rest = address[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ProtocolError(f"bad IPv6 TargetAddress {value[:64]!r}")
+        port_text = rest[1:]
+    else:
+        host, _, port_text = address.partition(":")
+    if not host:
+        raise ProtocolError(f"TargetAddress without host: {value[:64]!r}")
+    port = ISCSI_DEFAULT_PORT
+    if port_text:
+        if not _DECIMAL.match(port_text) or not 0 < int(port_text) < 65536:
+            raise ProtocolError(f"bad port in TargetAddress {value[:64]!r}")
+        port = int(port_text)
+    return host, port, tpgt
+
+
+def format_target_address(host: str, port: int, tpgt: int) -> str:
+    """The inverse of :func:`parse_target_address`; IPv6 hosts get brackets."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"{shown}:{port},{tpgt}"
+
+
+def parse_send_targets(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """Group a SendTargets answer (RFC 7143 Appendix C / §13.3): each TargetName
+    is followed by the TargetAddress values that belong to it."""
+    targets: list[tuple[str, list[str]]] = []
+    for key, value in pairs:
+        if key == "TargetName":
+            targets.append((value, []))
+        elif key == "TargetAddress":
+            if not targets:
+                raise ProtocolError("TargetAddress before any TargetName in SendTargets answer")
+            targets[-1][1].append(value)
+    return targets
 
 
 # --------------------------------------------------------------------------------------
@@ -725,7 +780,7 @@ class Negotiator:
                     answers.append((key, IRRELEVANT))
                     continue
                 raise NegotiationError(violation, key=key)
-            answer = self._answer(spec, value, phase)
+            answer = self._answer(spec, value)
             if answer is not None:
                 answers.append((key, answer))
         self._fix_first_burst(answers)
@@ -744,7 +799,7 @@ class Negotiator:
             return f"{spec.name} may only be negotiated on the leading connection ({spec.ref})"
         return None
 
-    def _answer(self, spec: KeySpec, value: str, phase: str) -> str | None:
+    def _answer(self, spec: KeySpec, value: str) -> str | None:
         kind = spec.kind
         if kind is Kind.AUTH:
             return None
@@ -752,7 +807,7 @@ class Negotiator:
             self.send_targets = value
             return None
         if kind is Kind.DECLARATIVE:
-            self._record_declaration(spec, value, phase)
+            self._record_declaration(spec, value)
             return None
         if kind is Kind.OBSOLETE:
             # §13.25: IFMarkInt/OFMarkInt MUST be answered Reject; IFMarker/OFMarker
@@ -797,7 +852,7 @@ class Negotiator:
         self._values[spec.name] = result
         return result
 
-    def _record_declaration(self, spec: KeySpec, value: str, phase: str) -> None:
+    def _record_declaration(self, spec: KeySpec, value: str) -> None:
         problem = None
         if spec.high:
             try:
@@ -819,10 +874,7 @@ class Negotiator:
                 problem = f"{spec.name} is not a valid iSCSI name (RFC 7143 §4.2.7.1)"
         if problem:
             raise NegotiationError(problem, key=spec.name)
-        if spec.repeatable and spec.name in self.peer_declared:
-            self.peer_declared[spec.name] += "\x00" + value
-        else:
-            self.peer_declared[spec.name] = value
+        self.peer_declared[spec.name] = value   # repeatable keys: the last one
 
     def _absorb_answer(self, key: str, value: str) -> None:
         """Check and apply the peer's answer to our offer (§6.2.1, §6.2.2)."""

@@ -7,8 +7,8 @@ from hypothesis import given, strategies as st
 
 from iscsi.keys import (
     KEYS, Kind, LoginStatus, Negotiated, NegotiationError, Negotiator, ProtocolError,
-    Scope, TextAccumulator, decode_binary, encode_hex, encode_text, parse_number,
-    parse_text, split_text,
+    Scope, TextAccumulator, decode_binary, encode_hex, encode_text, format_target_address,
+    parse_number, parse_send_targets, parse_target_address, parse_text, split_text,
 )
 
 # What open-iscsi 2.1.8 sends in its operational stage (shared/notes/openiscsi-guest.md)
@@ -631,3 +631,36 @@ def test_initiator_and_target_agree():
 def test_bad_local_configuration(local):
     with pytest.raises(ValueError):
         Negotiator("target", local=local)
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("127.0.0.1:3261,1", ("127.0.0.1", 3261, 1)),
+    ("10.0.2.2", ("10.0.2.2", 3260, None)),
+    ("[::1]:3262,7", ("::1", 3262, 7)),
+    ("[fe80::1],2", ("fe80::1", 3260, 2)),
+    ("san.example.org:860", ("san.example.org", 860, None)),
+])
+def test_target_address(value, expected):
+    assert parse_target_address(value) == expected
+    host, port, tpgt = expected
+    if tpgt is not None:
+        assert parse_target_address(format_target_address(host, port, tpgt)) == expected
+
+
+@pytest.mark.parametrize("value", ["", ":3260", "[::1", "[::1]x", "h:0", "h:70000", "h:1,70000",
+                                   "h:port"])
+def test_bad_target_address(value):
+    with pytest.raises(ProtocolError):
+        parse_target_address(value)
+
+
+def test_send_targets_answer_grouping():
+    data = (b"TargetName=iqn.t:1\x00TargetAddress=127.0.0.1:3260,1\x00"
+            b"TargetAddress=[::1]:3260,1\x00TargetName=iqn.t:2\x00")
+    assert parse_send_targets(parse_text(data)) == [
+        ("iqn.t:1", ["127.0.0.1:3260,1", "[::1]:3260,1"]), ("iqn.t:2", [])]
+    with pytest.raises(ProtocolError):
+        parse_send_targets([("TargetAddress", "h:1,1")])
