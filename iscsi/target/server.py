@@ -131,51 +131,58 @@ class TargetSession:
 
     # -- Task management (§11.5) -----------------------------------------------
     async def task_management(self, conn: TargetConnection, req: P.TaskMgmtRequest) -> None:
+        """RFC 7143 §11.5.1 functions; SCSI side effects (UAs, resets) go to the LU (SAM-5 §7)."""
         fn = req.function
         lun = P.decode_lun(req.lun)
         R = P.TmfResponse
         response = R.COMPLETE
         luns = self.luns
+        lu = luns.get(lun) if luns is not None else None
         if fn == P.TmfFunction.ABORT_TASK:
             task = conn.tasks.get(req.rtt)
-            if task is None:
-                # §11.5.1: an unknown task whose CmdSN is before ExpCmdSN already completed.
-                response = R.TASK_DOES_NOT_EXIST
-            elif task.lun != lun:
+            if task is None or task.lun != lun:
+                # §11.5.1: a task we do not have was never received or already completed.
                 response = R.TASK_DOES_NOT_EXIST
             else:
                 conn.abort_tasks(lambda t: t is task)
-        elif fn in (P.TmfFunction.ABORT_TASK_SET, P.TmfFunction.CLEAR_TASK_SET):
-            if not luns.has_lun(lun):
+        elif fn == P.TmfFunction.ABORT_TASK_SET:
+            if lu is None:
                 response = R.LUN_DOES_NOT_EXIST
             else:
                 conn.abort_tasks(lambda t: t.lun == lun)
-                if fn == P.TmfFunction.CLEAR_TASK_SET:
-                    self.server.abort_tasks_everywhere(self, luns.logical_unit(lun), lun_only=True)
-                await luns.task_management(lun, fn, self.nexus)
-        elif fn == P.TmfFunction.LOGICAL_UNIT_RESET:
-            if not luns.has_lun(lun):
+                lu.abort_task_set(self.nexus)
+        elif fn == P.TmfFunction.CLEAR_TASK_SET:
+            if lu is None:
                 response = R.LUN_DOES_NOT_EXIST
             else:
-                self.server.abort_tasks_everywhere(self, luns.logical_unit(lun), lun_only=False)
-                await luns.task_management(lun, fn, self.nexus)
+                affected = self.server.abort_tasks_everywhere(lu)
+                luns.clear_task_set(lun, self.nexus, affected)
+        elif fn == P.TmfFunction.LOGICAL_UNIT_RESET:
+            if lu is None:
+                response = R.LUN_DOES_NOT_EXIST
+            else:
+                self.server.abort_tasks_everywhere(lu)
+                luns.lun_reset(lun)
         elif fn in (P.TmfFunction.TARGET_WARM_RESET, P.TmfFunction.TARGET_COLD_RESET):
             for other in list(self.server.session_table.values()):
                 if other.target_name == self.target_name and other.connection is not None:
                     other.connection.abort_tasks(lambda t: True)
-            await luns.task_management(None, fn, self.nexus)
-            if fn == P.TmfFunction.TARGET_COLD_RESET:
+            if fn == P.TmfFunction.TARGET_WARM_RESET:
+                luns.warm_reset()
+            else:
+                luns.cold_reset()
                 conn.send(P.TaskMgmtResponse(itt=req.itt, response=R.COMPLETE))
-                # §11.5.1: a cold reset also closes every connection of the target.
+                # §11.5.1: after a cold reset the target closes every connection of the target.
                 for other in list(self.server.session_table.values()):
                     if other.target_name == self.target_name and other.connection is not None:
                         other.connection.close()
+                event(log, "tmf", initiator=self.initiator_name, function=int(fn), lun=lun, response=0)
                 return
         elif fn == P.TmfFunction.TASK_REASSIGN:
             response = R.REASSIGNMENT_NOT_SUPPORTED  # ErrorRecoveryLevel 0 (§11.5.1)
         else:
-            response = R.NOT_SUPPORTED
-        event(log, "tmf", initiator=self.initiator_name, function=fn, lun=lun, response=int(response))
+            response = R.NOT_SUPPORTED  # CLEAR ACA: NormACA is not supported
+        event(log, "tmf", initiator=self.initiator_name, function=int(fn), lun=lun, response=int(response))
         conn.send(P.TaskMgmtResponse(itt=req.itt, response=response))
 
     # -- Logout (§11.14) ---------------------------------------------------------
@@ -309,8 +316,6 @@ class IscsiServer:
         if ok.session_type == "Normal":
             self.session_table[key] = session
         self.by_tsih[ok.tsih] = session
-        if session.luns is not None:
-            session.luns.nexus_added(session.nexus)
         return session
 
     def end_session(self, session: TargetSession, reason: str) -> None:
@@ -323,13 +328,19 @@ class IscsiServer:
             event(log, "session.end", initiator=session.initiator_name, target=session.target_name,
                   tsih=session.tsih, reason=reason)
 
-    def abort_tasks_everywhere(self, origin: TargetSession, lu: Any, lun_only: bool) -> None:
-        """Abort tasks on logical unit ``lu`` in every session (LUN RESET, CLEAR TASK SET)."""
+    def abort_tasks_everywhere(self, lu: Any) -> list[ITNexus]:
+        """Abort tasks on logical unit ``lu`` in every session (LUN RESET, CLEAR TASK SET).
+
+        Returns the nexuses that lost tasks (they get COMMANDS CLEARED BY ANOTHER INITIATOR).
+        """
+        affected = []
         for session in list(self.session_table.values()):
             conn = session.connection
             if conn is None or session.luns is None:
                 continue
-            conn.abort_tasks(lambda t, s=session: s.luns.logical_unit(t.lun) is lu)
+            if conn.abort_tasks(lambda t, s=session: s.luns.get(t.lun) is lu):
+                affected.append(session.nexus)
+        return affected
 
     def sessions_info(self) -> list[dict[str, Any]]:
         seen = set()

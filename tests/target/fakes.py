@@ -57,20 +57,27 @@ class FakeLunMap:
         self.tmfs: list = []
         self.gate = None  # an asyncio.Event to hold commands (abort tests)
 
-    def has_lun(self, lun: int) -> bool:
-        return lun == 0
-
-    def logical_unit(self, lun: int):
+    def get(self, lun: int):
         return self if lun == 0 else None
-
-    def nexus_added(self, nexus) -> None:
-        self.nexuses.add(nexus)
 
     def nexus_lost(self, nexus) -> None:
         self.nexuses.discard(nexus)
 
-    async def task_management(self, lun, fn, nexus) -> None:
-        self.tmfs.append((lun, fn))
+    def abort_task_set(self, nexus) -> None:
+        self.tmfs.append(("abort_task_set", 0))
+
+    def clear_task_set(self, lun, nexus, affected) -> None:
+        self.tmfs.append(("clear_task_set", lun))
+
+    def lun_reset(self, lun: int) -> bool:
+        self.tmfs.append(("lun_reset", lun))
+        return True
+
+    def warm_reset(self) -> None:
+        self.tmfs.append(("warm_reset", None))
+
+    def cold_reset(self) -> None:
+        self.tmfs.append(("cold_reset", None))
 
     def data_out_length(self, lun: int, cdb: bytes):
         if cdb[0] == 0x2A:

@@ -185,7 +185,7 @@ async def test_lun_reset_reaches_the_scsi_layer(target):
                                 cmdsn=wire.cmdsn, expstatsn=wire.expstatsn, immediate=True))
     resp = await wire.recv()
     assert resp.response == P.TmfResponse.COMPLETE
-    assert target.luns.tmfs == [(0, P.TmfFunction.LOGICAL_UNIT_RESET)]
+    assert target.luns.tmfs == [("lun_reset", 0)]
 
 
 async def test_logout(target):
