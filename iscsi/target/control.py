@@ -35,6 +35,8 @@ MAX_SOCKET_PATH = 107
 DEFAULT_TIMEOUT = 60.0
 # How long an idle admin connection may stay open before the daemon closes it.
 IDLE_TIMEOUT = 300.0
+# How long a refused peer may take to send the request we discard.
+DENY_READ_TIMEOUT = 1.0
 SYSTEM_SOCKET = "/run/sanstack/iscsi-target.sock"
 
 _PEERCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
@@ -143,6 +145,10 @@ class ControlServer:
             uid = peer_uid(sock) if sock is not None else None
             if uid is None or uid not in self.allowed_uids:
                 event(log, "control.denied", logging.WARNING, uid=uid)
+                # Read (and ignore) the request first: closing with unread data makes the
+                # kernel send RST, and the client could lose this answer.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(reader.readline(), DENY_READ_TIMEOUT)
                 await self._send(writer, {"ok": False, "error": "permission denied: the control socket is for root only"})
                 return
             while True:
@@ -222,6 +228,8 @@ class ControlClient:
                     chunk = s.recv(65536)
                 except socket.timeout:
                     raise ControlError(f"the daemon did not answer {op} within {self.timeout:.0f} s") from None
+                except ConnectionResetError:
+                    raise ControlError("the daemon closed the connection without answering") from None
                 if not chunk:
                     break
                 buf += chunk

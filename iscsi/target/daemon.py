@@ -36,6 +36,8 @@ from .registry import AccessGrant, ChapCredentials
 
 log = logging.getLogger("iscsi.target.daemon")
 
+# At SIGTERM, how long to wait for an admin change in progress before closing anyway.
+STOP_CHANGE_TIMEOUT = 30.0
 # Secret-looking keys removed from anything the daemon reports (status, lists).
 _SECRET_WORDS = ("secret", "password", "passwd", "chap_r", "chap_c")
 
@@ -398,7 +400,18 @@ class TargetDaemon:
         if not self._running:
             return
         self._running = False
-        await self._close_all()
+        # Let an admin change that is half way finish first (it holds the lock), bounded.
+        try:
+            await asyncio.wait_for(self._lock.acquire(), STOP_CHANGE_TIMEOUT)
+            locked = True
+        except asyncio.TimeoutError:
+            event(log, "daemon.stop_while_changing", logging.WARNING)
+            locked = False
+        try:
+            await self._close_all()
+        finally:
+            if locked:
+                self._lock.release()
         event(log, "daemon.stopped")
 
     async def _close_all(self) -> None:
@@ -426,7 +439,6 @@ class TargetDaemon:
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT (SIGHUP reloads), then stop cleanly."""
         loop = asyncio.get_running_loop()
-        await self.start()
         installed = []
         for sig, handler in (
             (signal.SIGTERM, self._stop.set),
@@ -439,6 +451,7 @@ class TargetDaemon:
             except (NotImplementedError, RuntimeError, ValueError):
                 pass
         try:
+            await self.start()  # a SIGTERM during start is honoured right after it
             await self._stop.wait()
         finally:
             for sig in installed:
