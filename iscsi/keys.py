@@ -32,7 +32,15 @@ Public API
       target's TargetPortalGroupTag/TargetAlias in its first Login Response and its
       MaxRecvDataSegmentLength (plus offers of keys whose RFC default this side
       cannot accept); the initiator's names and its whole operational offer.
-    - ``negotiated()`` for the typed result (:class:`Negotiated`).
+    - ``missing_declarations()`` after the peer's first PDU: keys it had to
+      declare and did not (reject with ``LoginStatus.MISSING_PARAMETER``).
+    - ``negotiated()`` for the typed result (:class:`Negotiated`); the peer's raw
+      declarations (names, aliases) are in ``peer_declared``.
+
+    A target handles each Login Request as
+    ``respond(pairs, stage) + <auth keys> + pending_declarations(stage)`` (respond
+    first: it learns SessionType), and leaves the stage only when ``outstanding``
+    is empty.
 
     Security keys (AuthMethod, CHAP_*, SRP_*, KRB_*) are checked for phase and
     repetition here but answered by :mod:`iscsi.auth`; SendTargets is recorded in
