@@ -224,6 +224,6 @@ def xcopy_commands(extended_copy, receive_copy_results) -> list[CommandSpec]:
         C(Op.RECEIVE_COPY_RESULTS, None, "RECEIVE COPY RESULTS", None, b"", 0, sub={
             sa: C(Op.RECEIVE_COPY_RESULTS, sa, "RECEIVE COPY RESULTS", receive_copy_results,
                   usage(0x84, sa, 0xFF, 0, 0, 0, 0, 0, 0, 0, *_ff(4), 0, 0), 0)
-            for sa in (0x00, 0x03)  # COPY STATUS, OPERATING PARAMETERS (LID1)
+            for sa in (0x00, 0x03, 0x04)  # COPY STATUS, OPERATING PARAMETERS, FAILED SEGMENT DETAILS (LID1)
         }),
     ]

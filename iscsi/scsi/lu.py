@@ -65,15 +65,18 @@ def _import_optional(module: str):
         raise
 
 
-def _construct(cls, lu: "LogicalUnit"):
-    """Build the optional PR object with the LU if its constructor takes an argument."""
-    try:
-        params = [p for p in inspect.signature(cls).parameters.values()
-                  if p.default is inspect.Parameter.empty
-                  and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except (TypeError, ValueError):
-        params = []
-    return cls(lu) if params else cls()
+_default_copy_manager = None
+
+
+def default_copy_manager():
+    """The process-wide EXTENDED COPY manager (one per daemon, so copies can cross LUs), or None."""
+    global _default_copy_manager
+    if _default_copy_manager is None:
+        mod = _import_optional("xcopy")
+        cls = getattr(mod, "CopyManager", None) if mod is not None else None
+        if cls is not None:
+            _default_copy_manager = cls()
+    return _default_copy_manager
 
 
 async def _maybe_await(value):
@@ -98,6 +101,9 @@ class LogicalUnit:
         lun_id: int = 0,
         removable: bool = False,
         enable_pr: bool = True,
+        pr_state: dict | None = None,
+        pr_persist: Callable[[dict], None] | None = None,
+        copy_manager=None,
         enable_xcopy: bool = True,
     ) -> None:
         self.backstore = backstore
@@ -137,13 +143,18 @@ class LogicalUnit:
         self.lun_numbers: Callable[[], list[int]] = lambda: [self.lun_id]
         self.port_groups: Callable[[ITNexus], list[tuple[int, int, list[int]]]] = self._default_port_groups
 
-        # optional collaborators
+        # optional collaborators: persistent reservations (pr.py) and the copy manager (xcopy.py)
         pr_mod = _import_optional("pr") if enable_pr else None
         pr_cls = getattr(pr_mod, "PersistentReservations", None) if pr_mod else None
-        self.pr = _construct(pr_cls, self) if pr_cls is not None else None
-        self.xcopy = _import_optional("xcopy") if enable_xcopy else None
-        if self.xcopy is not None and not hasattr(self.xcopy, "extended_copy"):
-            self.xcopy = None
+        self._nexus_matches = getattr(pr_mod, "nexus_matches", None)
+        self.pr = None
+        if pr_cls is not None:
+            self.pr = pr_cls(ua_sink=self._pr_unit_attention, persist=pr_persist, state=pr_state)
+        self.xcopy = None
+        if enable_xcopy:
+            self.xcopy = copy_manager if copy_manager is not None else default_copy_manager()
+        if self.xcopy is not None:
+            self.xcopy.register(self.naa, self)
 
         self._build_table()
         self._build_inquiry()
@@ -206,7 +217,7 @@ class LogicalUnit:
     # -- INQUIRY support -----------------------------------------------------------------
     def vpd_pages(self) -> list[int]:
         pages = [vpd.PAGE_SUPPORTED, vpd.PAGE_DEVICE_ID, *self._vpd_static]
-        if self.xcopy is not None and hasattr(self.xcopy, "third_party_copy_vpd"):
+        if self.xcopy is not None:
             pages.append(vpd.PAGE_THIRD_PARTY_COPY)
         return sorted(pages)
 
@@ -218,9 +229,42 @@ class LogicalUnit:
             return vpd.supported_pages(self.vpd_pages())
         if page == vpd.PAGE_DEVICE_ID:
             return vpd.device_id_page(self.identity, nexus)
-        if page == vpd.PAGE_THIRD_PARTY_COPY and self.xcopy is not None and hasattr(self.xcopy, "third_party_copy_vpd"):
-            return self.xcopy.third_party_copy_vpd(self)
+        if page == vpd.PAGE_THIRD_PARTY_COPY and self.xcopy is not None:
+            return self.xcopy.vpd_8f()
         return None
+
+    # -- collaborators' callbacks -----------------------------------------------------------
+    def _pr_unit_attention(self, target: ITNexus | None, asc_ascq: tuple[int, int], except_nexus: ITNexus | None) -> None:
+        """ua_sink for pr.py: ``target`` may name many nexuses (any target port, any ISID)."""
+        if target is None:
+            self.ua.establish(asc_ascq, except_nexus=except_nexus)
+            return
+        match = self._nexus_matches
+        for n in self.ua.known():
+            if n != except_nexus and (n == target or (match is not None and match(target, n))):
+                self.ua.establish(asc_ascq, nexus=n)
+
+    # CopyTarget protocol of xcopy.py
+    @property
+    def naa_designator(self) -> bytes:
+        return self.naa
+
+    async def read_blocks(self, lba: int, count: int) -> bytes:
+        from .sbc import check_range
+
+        check_range(self, lba, count)
+        bs = self.block_size
+        return self.backstore.read(lba * bs, count * bs)
+
+    async def write_blocks(self, lba: int, data: bytes) -> None:
+        from .sbc import check_range
+
+        bs = self.block_size
+        check_range(self, lba, len(data) // bs)
+        self.check_writable()
+        self.backstore.write(lba * bs, data)
+        if not self.mode.wce:
+            await self._flush()
 
     def _default_port_groups(self, nexus: ITNexus) -> list[tuple[int, int, list[int]]]:
         """One target port group holding the port the command came through, active/optimized."""
@@ -442,6 +486,8 @@ class LogicalUnit:
         self._prevent.discard(nexus)
         if self.pr is not None:
             self.pr.nexus_lost(nexus)
+        if self.xcopy is not None:
+            self.xcopy.nexus_lost(nexus)
 
     def clear_task_set(self, nexus: ITNexus, affected: Iterable[ITNexus] = ()) -> None:
         """CLEAR TASK SET from ``nexus``: other nexuses whose tasks were aborted learn it (SAM-5 §7.5)."""
@@ -486,6 +532,8 @@ class LogicalUnit:
 
     def close(self) -> None:
         _registry.pop(self.naa, None)
+        if self.xcopy is not None:
+            self.xcopy.unregister(self.naa)
         self.backstore.close()
 
     def __repr__(self) -> str:

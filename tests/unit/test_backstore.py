@@ -1,0 +1,146 @@
+"""Backstores: sparse image file and RAM."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from iscsi.backstore.file import FileBackstore, parse_size
+from iscsi.backstore.ram import RamBackstore
+
+GiB = 1 << 30
+
+
+def test_new_image_is_sparse(tmp_path):
+    path = tmp_path / "disk.img"
+    with FileBackstore(path, size=GiB) as b:
+        assert b.size == GiB
+        assert os.path.getsize(path) == GiB
+        # ftruncate, never preallocated: a fresh 1 GiB image occupies (almost) nothing
+        assert os.stat(path).st_blocks * 512 < 64 * 1024
+        b.write(512 * 1000, b"x" * 512)
+        b.write(GiB - 512, b"y" * 512)
+        assert b.allocated_bytes() < 1 << 20
+
+
+def test_read_write_round_trip_and_reopen(tmp_path):
+    path = tmp_path / "disk.img"
+    b = FileBackstore(path, size=1 << 20, block_size=4096)
+    b.write(8192, memoryview(b"abcd" * 1024))
+    assert b.read(8192, 4096) == b"abcd" * 1024
+    assert b.read(0, 4096) == bytes(4096)
+    b.close()
+    b2 = FileBackstore(path, block_size=4096)  # size=None: the file's own size
+    assert b2.size == 1 << 20
+    assert b2.read(8192, 4) == b"abcd"
+    b2.close()
+
+
+def test_unmap_punches_holes(tmp_path):
+    with FileBackstore(tmp_path / "d.img", size=16 << 20) as b:
+        b.write(0, os.urandom(4 << 20))
+        before = b.allocated_bytes()
+        assert before >= 4 << 20
+        b.unmap(1 << 20, 2 << 20)
+        assert b.allocated_bytes() <= before - (2 << 20)
+        assert b.read(1 << 20, 2 << 20) == bytes(2 << 20)
+        assert b.read(0, 16) != bytes(16)
+
+
+def test_unaligned_unmap_zeroes_partial_blocks(tmp_path):
+    with FileBackstore(tmp_path / "d.img", size=1 << 20) as b:
+        b.write(0, b"\xff" * 16384)
+        b.unmap(512, 512)  # inside one 4 KiB filesystem block
+        data = b.read(0, 2048)
+        assert data[:512] == b"\xff" * 512
+        assert data[512:1024] == bytes(512)
+        assert data[1024:] == b"\xff" * 1024
+
+
+def test_is_mapped_runs(tmp_path):
+    with FileBackstore(tmp_path / "d.img", size=1 << 20) as b:
+        assert b.is_mapped(0) == (False, 1 << 20)
+        b.write(65536, b"z" * 4096)
+        assert b.is_mapped(0) == (False, 65536)
+        mapped, n = b.is_mapped(65536)
+        assert mapped and n >= 4096 and n % 512 == 0
+        assert b.is_mapped(65536 + n)[0] is False
+        assert b.is_mapped(1 << 20) == (False, 0)
+
+
+def test_write_zeroes_reads_zero(tmp_path):
+    with FileBackstore(tmp_path / "d.img", size=1 << 20) as b:
+        b.write(0, b"\x01" * 8192)
+        b.write_zeroes(0, 8192)
+        assert b.read(0, 8192) == bytes(8192)
+
+
+def test_fua_and_flush_reach_fdatasync(tmp_path, monkeypatch):
+    calls = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real(fd))[1])
+    with FileBackstore(tmp_path / "d.img", size=1 << 20) as b:
+        b.write(0, b"a" * 512)
+        assert calls == []
+        b.write(0, b"a" * 512, fua=True)
+        assert len(calls) == 1
+        b.flush()
+        assert len(calls) == 2
+
+
+def test_resize_grows_sparse_and_refuses_to_shrink_on_open(tmp_path):
+    path = tmp_path / "d.img"
+    with FileBackstore(path, size=1 << 20) as b:
+        b.resize(2 << 20)
+        assert b.size == 2 << 20 == os.path.getsize(path)
+        with pytest.raises(ValueError):
+            b.resize(1000)  # not a multiple of the block size
+    with pytest.raises(ValueError):
+        FileBackstore(path, size=1 << 20)  # existing image is bigger: never truncate data
+    with FileBackstore(path, size=4 << 20) as b:  # smaller existing image grows
+        assert b.size == 4 << 20
+
+
+def test_validation(tmp_path):
+    with pytest.raises(ValueError):
+        FileBackstore(tmp_path / "a.img", size=1 << 20, block_size=1024)
+    with pytest.raises(ValueError):
+        FileBackstore(tmp_path / "b.img", size=1000)
+    with pytest.raises(FileNotFoundError):
+        FileBackstore(tmp_path / "c.img", size=1 << 20, create=False)
+    with pytest.raises(ValueError):
+        FileBackstore(tmp_path / "d.img")  # no size for a new image
+
+
+def test_read_only_image(tmp_path):
+    path = tmp_path / "ro.img"
+    FileBackstore(path, size=1 << 20).close()
+    with FileBackstore(path, read_only=True) as b:
+        assert b.read_only
+        with pytest.raises(OSError):
+            b.write(0, b"x" * 512)
+
+
+def test_parse_size():
+    assert parse_size("1G") == GiB
+    assert parse_size("512M") == 512 << 20
+    assert parse_size("4096") == 4096
+    with pytest.raises(ValueError):
+        parse_size("0")
+
+
+def test_ram_backstore_mapping_and_unmap():
+    b = RamBackstore(64 * 512, 512)
+    assert b.is_mapped(0) == (False, 64 * 512)
+    b.write(512 * 4, b"q" * 1024)
+    assert b.is_mapped(0) == (False, 4 * 512)
+    assert b.is_mapped(4 * 512) == (True, 2 * 512)
+    b.unmap(4 * 512 + 100, 1024)  # block 4 partly: stays mapped, zeroed from byte 100
+    assert b.read(4 * 512, 100) == b"q" * 100
+    assert b.read(4 * 512 + 100, 1024) == bytes(1024)
+    assert b.is_mapped(4 * 512) == (True, 512)
+    assert b.is_mapped(5 * 512)[0] is False
+    b.flush()
+    assert b.flushes == 1
+    b.resize(128 * 512)
+    assert b.size == 128 * 512 and b.is_mapped(64 * 512)[0] is False
