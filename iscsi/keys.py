@@ -59,6 +59,7 @@ import enum
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Literal
 
 __all__ = [
@@ -145,13 +146,13 @@ _COMMON_DEFAULTS: dict[str, str] = {
 }
 
 #: The target accepts both digest settings and lets the initiator's order decide.
-TARGET_DEFAULTS: Mapping[str, str] = {
+TARGET_DEFAULTS: Mapping[str, str] = MappingProxyType({
     **_COMMON_DEFAULTS, "HeaderDigest": "CRC32C,None", "DataDigest": "CRC32C,None",
-}
+})
 #: The initiator prefers no digests but accepts CRC32C if the target requires it.
-INITIATOR_DEFAULTS: Mapping[str, str] = {
+INITIATOR_DEFAULTS: Mapping[str, str] = MappingProxyType({
     **_COMMON_DEFAULTS, "HeaderDigest": "None,CRC32C", "DataDigest": "None,CRC32C",
-}
+})
 
 # --------------------------------------------------------------------------------------
 # Errors and login status codes
@@ -549,7 +550,7 @@ _TABLE: tuple[KeySpec, ...] = (
 
 #: Every RFC 7143 §13 key (and §12 security key) by name.  X-/X# extension keys
 #: and anything else unknown are answered NotUnderstood (§6.2).
-KEYS: Mapping[str, KeySpec] = {spec.name: spec for spec in _TABLE}
+KEYS: Mapping[str, KeySpec] = MappingProxyType({spec.name: spec for spec in _TABLE})
 
 #: The order in which an initiator offers operational keys (the order open-iscsi
 #: uses, so targets that are picky about order see something familiar).
