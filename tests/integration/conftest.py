@@ -66,8 +66,18 @@ def selected_peers(config) -> list[str]:
 
 
 def pytest_generate_tests(metafunc) -> None:
+    """``peer_kind`` runs over the --peers selection; ``@pytest.mark.peers("sanstack")``
+    narrows a test to the peers a requirement applies to (e.g. SIGTERM semantics)."""
     if "peer_kind" in metafunc.fixturenames:
-        metafunc.parametrize("peer_kind", selected_peers(metafunc.config))
+        kinds = selected_peers(metafunc.config)
+        marker = metafunc.definition.get_closest_marker("peers")
+        if marker is not None:
+            kinds = [k for k in kinds if k in marker.args]
+        metafunc.parametrize("peer_kind", kinds)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "peers(*kinds): run this peer_kind test only against these targets")
 
 
 @pytest.fixture
