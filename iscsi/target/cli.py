@@ -82,7 +82,7 @@ def default_config(data_dir: Path, portal: str = DEFAULT_PORTAL) -> Config:
 
 
 def quickstart_config(target_name: str, lun_specs: Iterable[str], portals: Iterable[str],
-                      alias: str | None = None) -> Config:
+                      alias: str | None = None, data_dir: Path | None = None) -> Config:
     """The ``serve --portal --target --lun`` form: open access, no CHAP, one TPG per portal.
 
     One portal group per ``--portal`` (tags 1, 2, ...) gives each path its own relative
@@ -102,7 +102,8 @@ def quickstart_config(target_name: str, lun_specs: Iterable[str], portals: Itera
             raise ConfigError(f"--lun {lun.path}: the image does not exist; add a size to create it, e.g. {lun.path}:1G")
     groups = [PortalGroup(tag, [C.canonical_portal(p)]) for tag, p in enumerate(portals or [DEFAULT_PORTAL], 1)]
     target = Target(iqn=target_name, alias=alias, portal_groups=groups, luns=luns, open_access=True)
-    cfg = Config(data_dir=None, targets=[target])
+    # data_dir holds only daemon state here (reservations saved with APTPL); images are absolute.
+    cfg = Config(data_dir=str(data_dir) if data_dir else None, targets=[target])
     cfg.validate()
     return cfg
 
@@ -222,11 +223,11 @@ def serve(config_file: Path | None, data_dir: Path | None, portals: tuple[str, .
     logsetup.setup(log_level)
 
     config_path: Path | None
+    data = (data_dir or default_data_dir()).expanduser().absolute()
     if quick:
-        cfg = _check(lambda: quickstart_config(target_name, luns, portals, alias))
+        cfg = _check(lambda: quickstart_config(target_name, luns, portals, alias, data))
         config_path = None
     else:
-        data = (data_dir or default_data_dir()).expanduser().absolute()
         config_path = (config_file.expanduser().absolute() if config_file else data / C.CONFIG_FILENAME)
         if config_path.exists() or config_file is not None:
             cfg = _check(lambda: C.load_config(config_path))

@@ -19,11 +19,14 @@ flushes and closes every image.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import json
 import ipaddress
 import logging
 import os
 import signal
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -109,6 +112,8 @@ class ScsiUnitProvider:
         exists = image.exists()
         if not exists and lun.size is None:
             raise AdminError(f"{target.iqn} LUN {lun.number}: image {image} does not exist; give a size to create it")
+        if not exists and lun.read_only:
+            raise AdminError(f"{target.iqn} LUN {lun.number}: read-only image {image} does not exist")
         if not exists:
             image.parent.mkdir(parents=True, exist_ok=True)
         backstore = FileBackstore(
@@ -128,22 +133,31 @@ class ScsiUnitProvider:
             elif lun.size is not None and actual != lun.size:
                 event(log, "lun.size_differs", logging.WARNING, target=target.iqn, lun=lun.number,
                       configured=lun.size, image=actual)
-            lu = LogicalUnit(
-                backstore,
-                **_accepted_kwargs(
-                    LogicalUnit,
-                    serial=cfg.serial_for(target, lun),
-                    lun_id=lun.number,
-                    read_only=lun.read_only,
-                    removable=lun.removable,
-                    vendor=lun.vendor,
-                    product=lun.product,
-                ),
+            serial = cfg.serial_for(target, lun)
+            pr_file = self.pr_state_path(cfg, serial, image)
+            options = dict(
+                serial=serial,
+                lun_id=lun.number,
+                read_only=lun.read_only,
+                removable=lun.removable,
+                vendor=lun.vendor,
+                product=lun.product,
+                pr_state=_load_pr_state(pr_file),
+                pr_persist=lambda state, path=pr_file: _save_json_atomically(path, state),
             )
+            options = {k: v for k, v in options.items() if v is not None}  # keep the core's defaults
+            lu = LogicalUnit(backstore, **_accepted_kwargs(LogicalUnit, **options))
         except BaseException:
             backstore.close()
             raise
         return Unit(lu=lu, backstore=backstore, lun=lun, image=image)
+
+    @staticmethod
+    def pr_state_path(cfg: Config, serial: str, image: Path) -> Path:
+        """Where APTPL reservations of one LU survive restarts (SPC-4 §5.13.5), keyed by serial."""
+        if cfg.data_dir:
+            return Path(cfg.data_dir).expanduser().absolute() / "pr" / f"{serial}.json"
+        return image.with_name(f".{image.name}.pr.json")
 
     def new_map(self, luns: dict[int, Any]) -> Any:
         from ..scsi.target import LunMap
@@ -152,9 +166,14 @@ class ScsiUnitProvider:
 
     def update_map(self, lun_map: Any, luns: dict[int, Any]) -> None:
         """Change a map in place (sessions hold it) and raise REPORTED LUNS DATA HAS CHANGED."""
-        if hasattr(lun_map, "replace"):
-            lun_map.replace(dict(luns))
-        else:  # a mapping-like LunMap
+        if hasattr(lun_map, "add") and hasattr(lun_map, "remove"):  # iscsi.scsi.target.LunMap
+            for number, lu in list(lun_map.items()):
+                if luns.get(number) is not lu:
+                    lun_map.remove(number)
+            for number, lu in sorted(luns.items()):
+                if lun_map.get(number) is not lu:
+                    lun_map.add(number, lu)
+        else:  # a plain mapping
             for key in list(lun_map.keys()):
                 if key not in luns:
                     del lun_map[key]
@@ -165,20 +184,60 @@ class ScsiUnitProvider:
     def resize(self, unit: Unit, new_size: int) -> None:
         resize = getattr(unit.lu, "resize", None)
         if resize is not None:
-            resize(new_size)  # raises CAPACITY DATA HAS CHANGED on every nexus (SBC-4 §4.10)
+            resize(new_size)  # CAPACITY DATA HAS CHANGED on every nexus (SBC-4 §4.6)
         else:
             unit.backstore.resize(new_size)
 
     def close(self, unit: Unit) -> None:
-        close = getattr(unit.lu, "close", None)
-        if close is not None:
-            close()
-            return
+        """Flush (the image really holds every acknowledged write), then close."""
         try:
             if not unit.lun.read_only:
                 unit.backstore.flush()
         finally:
-            unit.backstore.close()
+            close = getattr(unit.lu, "close", None)
+            if close is not None:
+                close()  # closes the backstore too
+            else:
+                unit.backstore.close()
+
+
+def _load_pr_state(path: Path) -> dict | None:
+    """Saved reservations, or None; a damaged file stops the start (better than lost reservations)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise DaemonError(f"cannot read reservation state {path}: {e.strerror or e}") from None
+    try:
+        state = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: reservation state is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path}: reservation state must be a JSON object")
+    return state
+
+
+def _save_json_atomically(path: Path, data: Any) -> None:
+    """Temp file, fsync, rename, fsync dir: the same discipline as the config file."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _default_server(registry: "TargetDaemon") -> Server:
@@ -272,6 +331,13 @@ class TargetRuntime:
         if self.cfg.open_access and None in self.maps:
             return AccessGrant(self.maps[None], _creds(self.cfg.chap), dict(self.cfg.params))
         return None
+
+    def port_groups(self, nexus: Any) -> list[tuple[int, int, list[int]]]:
+        """REPORT TARGET PORT GROUPS (SPC-4 §6.37) for this target's LUs: each portal group
+        is a target port group holding one target port, numbered by its TPGT as the server
+        numbers nexuses; all active/optimized (implicit ALUA, one LU state on every path)."""
+        groups = [(g.tag, 0, [g.tag]) for g in self.cfg.portal_groups]
+        return groups or [(nexus.target_port_group, 0, [nexus.relative_port_id])]
 
     def addresses(self, local_host: str) -> list[str]:
         """TargetAddress values (RFC 7143 §13.8): ``addr:port,tpgt``; wildcards become ``local_host``."""
@@ -590,6 +656,8 @@ class TargetDaemon:
                     rt.units[number] = unit
             for number, unit in rt.units.items():
                 unit.lun = target.lun(number)
+                if hasattr(unit.lu, "port_groups"):
+                    unit.lu.port_groups = rt.port_groups
             wanted = rt.wanted_maps()
             for key in list(rt.maps):
                 if key not in wanted:
