@@ -361,9 +361,11 @@ class TargetConnection(asyncio.Protocol):
         if pdu.data and not params.immediate_data:
             self._reject(pdu, P.RejectReason.PROTOCOL_ERROR)  # §13.11: ImmediateData=No
             return
+        # Data-Out bytes the CDB calls for, whatever the W bit and EDTL say: a write
+        # with EDTL 0 is a residual overflow of the whole transfer (§11.4.5.1).
+        needed = session.luns.data_out_length(lun, pdu.cdb) if not pdu.read or pdu.write else None
+        task.needed = needed
         if pdu.write and pdu.edtl:
-            needed = session.luns.data_out_length(lun, pdu.cdb)
-            task.needed = needed
             total = pdu.edtl if needed is None else min(needed, pdu.edtl)
             transfer = WriteTransfer(
                 total=total, edtl=pdu.edtl, max_burst=params.max_burst_length,
@@ -477,7 +479,7 @@ class TargetConnection(asyncio.Protocol):
             overflow, underflow, resid = residual(edtl, produced)
             if overflow:
                 data = memoryview(data)[:edtl] if not isinstance(data, memoryview) else data[:edtl]
-        elif pdu.write:
+        elif pdu.write or task.needed:
             wanted = task.needed if task.needed is not None else edtl
             overflow, underflow, resid = residual(edtl, wanted)
         else:
