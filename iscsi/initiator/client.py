@@ -1,0 +1,128 @@
+"""Convenience entry points: URL → logged-in session → BlockDevice, and SendTargets discovery."""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from dataclasses import dataclass
+
+from ..auth import ChapCredentials
+from .device import BlockDevice
+from .errors import LoginRedirect
+from .login import LoginConfig
+from .session import Session, SessionOptions
+from .url import DEFAULT_PORT, IscsiUrl, parse_portal, parse_url
+
+#: Where open-iscsi keeps the host's initiator name; used when present so that ACLs written
+#: for this host's kernel initiator also admit us.
+INITIATOR_NAME_FILE = "/etc/iscsi/initiatorname.iscsi"
+#: Redirects followed before giving up (a loop between two portals would never end).
+MAX_REDIRECTS = 4
+
+
+def default_initiator_name() -> str:
+    env = os.environ.get("ISCSI_INITIATOR_NAME")
+    if env:
+        return env
+    try:
+        with open(INITIATOR_NAME_FILE) as f:
+            for line in f:
+                if line.startswith("InitiatorName="):
+                    return line.split("=", 1)[1].strip()
+    except OSError:
+        pass
+    host = "".join(c if c.isalnum() or c in ".-" else "-" for c in socket.gethostname().lower()) or "host"
+    return f"iqn.2026-11.org.sanstack:initiator:{host}"
+
+
+def login_config(url: IscsiUrl, *, initiator_name: str | None = None, session_type: str = "Normal",
+                 keys: dict[str, str] | None = None) -> LoginConfig:
+    chap = ChapCredentials(url.user, url.password or "") if url.user else None
+    mutual = (ChapCredentials(url.target_user, url.target_password or "")
+              if url.target_user else None)
+    k = dict(keys or {})
+    if url.header_digest:
+        k.setdefault("HeaderDigest", url.header_digest)
+    if url.data_digest:
+        k.setdefault("DataDigest", url.data_digest)
+    if session_type == "Discovery":
+        # open-iscsi declares 32768 on discovery sessions; SendTargets answers are small.
+        k.setdefault("MaxRecvDataSegmentLength", "32768")
+    return LoginConfig(
+        initiator_name=initiator_name or url.initiator_name or default_initiator_name(),
+        target_name=url.target if session_type == "Normal" else None,
+        session_type=session_type, chap=chap, mutual_chap=mutual, keys=k,
+    )
+
+
+async def open_session(url: IscsiUrl | str, *, options: SessionOptions | None = None,
+                       initiator_name: str | None = None, keys: dict[str, str] | None = None) -> Session:
+    """Log in to the target named by ``url`` (following login redirects)."""
+    if isinstance(url, str):
+        url = parse_url(url)
+    cfg = login_config(url, initiator_name=initiator_name, keys=keys)
+    host, port = url.host, url.port
+    for _ in range(MAX_REDIRECTS + 1):
+        try:
+            return await Session.open(host, port, cfg, options)
+        except LoginRedirect as redirect:
+            host, port = parse_portal(redirect.address)
+    raise LoginRedirect(f"{host}:{port}", False)
+
+
+async def open_device(url: IscsiUrl | str, **kw) -> tuple[Session, BlockDevice]:
+    """Session + :class:`BlockDevice` on the URL's LUN."""
+    if isinstance(url, str):
+        url = parse_url(url)
+    session = await open_session(url, **kw)
+    try:
+        dev = await BlockDevice.open(session, url.lun)
+    except BaseException:
+        await session.close()
+        raise
+    return session, dev
+
+
+@dataclass(frozen=True)
+class DiscoveredTarget:
+    name: str
+    portals: tuple[tuple[str, int, int], ...]   # (host, port, tpgt)
+
+
+def parse_send_targets(pairs: list[tuple[str, str]]) -> list[DiscoveredTarget]:
+    """RFC 7143 Appendix C: TargetName starts a record, TargetAddress=host:port,tpgt follow it."""
+    out: list[DiscoveredTarget] = []
+    name: str | None = None
+    portals: list[tuple[str, int, int]] = []
+    for key, value in pairs:
+        if key == "TargetName":
+            if name is not None:
+                out.append(DiscoveredTarget(name, tuple(portals)))
+            name, portals = value, []
+        elif key == "TargetAddress" and name is not None:
+            addr, _, tpgt = value.partition(",")
+            try:
+                host, port = parse_portal(addr)
+            except ValueError:
+                continue
+            portals.append((host, port, int(tpgt) if tpgt.isdigit() else 1))
+    if name is not None:
+        out.append(DiscoveredTarget(name, tuple(portals)))
+    return out
+
+
+async def discover(host: str, port: int = DEFAULT_PORT, *, url: IscsiUrl | None = None,
+                   initiator_name: str | None = None, timeout: float = 15.0) -> list[DiscoveredTarget]:
+    """SendTargets=All over a Discovery session (RFC 7143 §4.3, Appendix C)."""
+    url = url or IscsiUrl(host=host, port=port)
+    cfg = login_config(url, initiator_name=initiator_name, session_type="Discovery")
+    opts = SessionOptions(login_timeout=timeout, noop_interval=0, reconnect=False)
+    session = await Session.open(host, port, cfg, opts)
+    try:
+        pairs = await asyncio.wait_for(session.text_exchange([("SendTargets", "All")]), timeout)
+    finally:
+        await session.close()
+    targets = parse_send_targets(pairs)
+    # A target may report no address for the portal we used (RFC 7143 Appendix C: the
+    # address of the discovery session is implied): fill it in.
+    return [t if t.portals else DiscoveredTarget(t.name, ((host, port, 1),)) for t in targets]

@@ -1,0 +1,394 @@
+"""One initiator TCP connection: the asyncio edge that moves PDUs, nothing more.
+
+Receive path (the hot one).  An :class:`asyncio.BufferedProtocol` so the kernel copies
+straight into our memory: headers land in a staging buffer and many PDUs are parsed per
+read; the payload of a large Data-In is received *directly into the command's buffer*
+(``get_buffer`` returns a view of it), so a 128 KiB read costs no user-space copy.  Every
+BHS is decoded with one ``struct.unpack_from`` — the layout of :mod:`iscsi.pdu` (bytes
+16..47 as words) — and the three per-I/O opcodes (Data-In, SCSI Response, R2T) go to the
+session as that tuple; anything else becomes a typed PDU through :func:`iscsi.pdu.decode`.
+
+Send path.  ``send`` queues buffers (header and data as separate items, data never copied)
+and one ``writelines`` per event-loop iteration puts them on the wire, so 32 commands
+issued back to back cost one system call, not 32.
+
+Digests (RFC 7143 §12.1) are checked/added here with :mod:`iscsi.digest`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections import deque
+from typing import Any, Callable, Protocol
+
+from .. import pdu as P
+from ..digest import crc32c, digest_bytes, unpack_digest
+from ..framing import LOGIN_MAX_DATA_SEGMENT, MAX_AHS_LENGTH, encode as encode_pdu
+from ..log import event
+from .errors import ConnectionLost, ProtocolViolation
+
+log = logging.getLogger("iscsi.initiator.connection")
+
+#: The whole BHS as words, the same layout iscsi.pdu uses (bytes 16..47 = 8 words).
+BHS = struct.Struct(">BBBBIQIIIIIIII")
+BHS_LEN = 48
+#: Staging buffer: room for many small PDUs per read and one whole PDU of our
+#: MaxRecvDataSegmentLength (262144, iscsi.keys default) plus headers and digests.
+STAGING_SIZE = 1 << 20
+#: Data-In payloads at least this big are received straight into the task's buffer once the
+#: staged part is used up; smaller ones are cheaper to copy than to split reads for.
+DIRECT_MIN = 16384
+
+OP_DATA_IN = 0x25
+OP_SCSI_RESPONSE = 0x21
+OP_R2T = 0x31
+
+
+class Sink(Protocol):
+    """What the connection delivers to (the session in full feature phase, a login waiter before)."""
+
+    def rx_data_in_dest(self, itt: int, offset: int, length: int) -> memoryview | None: ...
+    def rx_data_in(self, h: tuple) -> None: ...
+    def rx_response(self, h: tuple, payload: bytes) -> None: ...
+    def rx_r2t(self, h: tuple) -> None: ...
+    def rx_pdu(self, pdu: P.Pdu) -> None: ...
+    def rx_lost(self, conn: "Connection", exc: BaseException | None) -> None: ...
+
+
+class Connection(asyncio.BufferedProtocol):
+    """Framing + digests over one transport. ``sink`` receives what arrives."""
+
+    def __init__(self, *, name: str = "") -> None:
+        self.name = name
+        self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()
+        self.sink: Any = None
+        self.header_digest = False
+        self.data_digest = False
+        self.max_recv = LOGIN_MAX_DATA_SEGMENT
+        self.ffp = False               # full feature phase: use the fast path
+        # After the final Login Response, stop parsing until the session has switched this
+        # connection to full feature phase (digests and limits change at that point, §6.3).
+        self._hold = False
+        self.closed = False
+        self.close_reason: BaseException | None = None
+        self.last_rx = self.loop.time()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._connected = self.loop.create_future()
+        self._login_queue: deque[P.Pdu] = deque()
+        self._login_waiter: asyncio.Future | None = None
+        # receive state
+        self._buf = bytearray(STAGING_SIZE)
+        self._mv = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._direct: memoryview | None = None   # rest of the payload being received in place
+        self._direct_full: memoryview | None = None
+        self._direct_hdr: tuple | None = None
+        self._trailer = 0                          # pad + data digest after a direct payload
+        self._scratch: bytearray | None = None
+        # send state
+        self._out: list = []
+        self._flush_pending = False
+        self._paused = False
+
+    # ------------------------------------------------------------------ asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                import socket
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        if not self._connected.done():
+            self._connected.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._shutdown(exc or ConnectionLost("connection closed by the target"))
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+
+    def eof_received(self) -> bool:
+        return False  # close the transport
+
+    def _shutdown(self, exc: BaseException) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = exc
+        if self._login_waiter is not None and not self._login_waiter.done():
+            self._login_waiter.set_exception(ConnectionLost(str(exc)))
+        if self.transport is not None:
+            self.transport.abort()
+        sink = self.sink
+        if sink is not None:
+            sink.rx_lost(self, exc)
+
+    def abort(self, reason: BaseException | str = "aborted") -> None:
+        """Drop the connection now (protocol violation, dead peer, shutdown)."""
+        if isinstance(reason, str):
+            reason = ConnectionLost(reason)
+        self._shutdown(reason)
+
+    # ------------------------------------------------------------------ receive
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._direct is not None:
+            return self._direct
+        if self._end == len(self._buf):
+            self._compact(len(self._buf) // 2)
+        return self._mv[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.bytes_in += nbytes
+        self.last_rx = self.loop.time()
+        try:
+            if self._direct is not None:
+                self._direct = self._direct[nbytes:]
+                if len(self._direct):
+                    return
+                self._direct = None
+                if self._trailer == 0:
+                    self._direct_complete(None)
+                return
+            self._end += nbytes
+            if not self._hold:
+                self._parse()
+        except (ProtocolViolation, P.PduFormatError) as exc:
+            event(log, "conn.protocol_error", logging.WARNING, conn=self.name, error=exc)
+            self._shutdown(ProtocolViolation(str(exc)))
+
+    def _compact(self, want_free: int) -> None:
+        """Move the unparsed tail to the front (or grow the buffer) so ``want_free`` bytes fit."""
+        start, end = self._start, self._end
+        n = end - start
+        if n + want_free > len(self._buf):
+            new = bytearray(max(len(self._buf) * 2, n + want_free))
+            new[:n] = self._mv[start:end]
+            self._mv.release()
+            self._buf = new
+            self._mv = memoryview(new)
+        elif start:
+            self._buf[:n] = bytes(self._mv[start:end])
+        self._start, self._end = 0, n
+
+    def _parse(self) -> None:
+        mv = self._mv
+        hd = 4 if self.header_digest else 0
+        dd = 4 if self.data_digest else 0
+        ffp = self.ffp
+        while True:
+            start = self._start
+            avail = self._end - start
+            if self._trailer:
+                if avail < self._trailer:
+                    break
+                trailer = bytes(mv[start:start + self._trailer])
+                self._start = start + self._trailer
+                self._trailer = 0
+                self._direct_complete(trailer)
+                continue
+            if avail < BHS_LEN:
+                break
+            h = BHS.unpack_from(mv, start)
+            lw = h[4]
+            ahs_len = (lw >> 24) << 2
+            dlen = lw & 0xFFFFFF
+            if ahs_len > MAX_AHS_LENGTH:
+                raise ProtocolViolation(f"TotalAHSLength {ahs_len}")
+            if dlen > self.max_recv:
+                raise ProtocolViolation(f"data segment {dlen} > MaxRecvDataSegmentLength {self.max_recv}")
+            hlen = BHS_LEN + ahs_len + hd
+            if avail < hlen:
+                if start + hlen > len(self._buf):
+                    self._compact(hlen)
+                break
+            if hd:
+                hdr_end = start + BHS_LEN + ahs_len
+                if crc32c(mv[start:hdr_end]) != unpack_digest(mv[hdr_end:hdr_end + 4]):
+                    raise ProtocolViolation("header digest mismatch (RFC 7143 §7.8: drop the connection)")
+            op = h[0] & 0x3F
+            pad = -dlen & 3
+            total = hlen + (dlen + pad + dd if dlen else 0)
+            if ffp and op == OP_DATA_IN and dlen:
+                pstart = start + hlen
+                have = min(avail - hlen, dlen)
+                if have < dlen and dlen >= DIRECT_MIN:
+                    # Receive the rest in place: copy what is staged, then point get_buffer at the task.
+                    dest = self.sink.rx_data_in_dest(h[6], h[12], dlen) if self.sink else None
+                    if dest is None:
+                        dest = self._scratch_view(dlen)
+                    if have:
+                        dest[:have] = mv[pstart:pstart + have]
+                    self._start = self._end = 0
+                    self._direct_full = dest
+                    self._direct = dest[have:]
+                    self._direct_hdr = h
+                    self._trailer = pad + dd
+                    return
+                if avail < total:
+                    if start + total > len(self._buf):
+                        self._compact(total)
+                    break
+                payload = mv[pstart:pstart + dlen]
+                if dd and crc32c(mv[pstart:pstart + dlen + pad]) != unpack_digest(mv[pstart + dlen + pad:pstart + total - hlen]):
+                    raise ProtocolViolation("data digest mismatch on Data-In")
+                dest = self.sink.rx_data_in_dest(h[6], h[12], dlen)
+                if dest is not None:
+                    dest[:] = payload
+                self._start = start + total
+                self.sink.rx_data_in(h)
+                continue
+            if avail < total:
+                if start + total > len(self._buf):
+                    self._compact(total)
+                break
+            self._start = start + total
+            if ffp and op == OP_DATA_IN:     # no data: status only
+                self.sink.rx_data_in(h)
+                continue
+            if ffp and op == OP_R2T:
+                self.sink.rx_r2t(h)
+                continue
+            pstart = start + hlen
+            if dlen and dd:
+                if crc32c(mv[pstart:pstart + dlen + pad]) != unpack_digest(mv[pstart + dlen + pad:pstart + dlen + pad + 4]):
+                    raise ProtocolViolation(f"data digest mismatch on opcode 0x{op:02x}")
+            payload = bytes(mv[pstart:pstart + dlen]) if dlen else b""
+            if ffp and op == OP_SCSI_RESPONSE:
+                self.sink.rx_response(h, payload)
+                continue
+            ahs = bytes(mv[start + BHS_LEN:start + BHS_LEN + ahs_len]) if ahs_len else b""
+            pdu = P.decode(mv[start:start + BHS_LEN], ahs, payload, allowed=P.TARGET_OPCODES)
+            self._deliver(pdu)
+            if self._hold:
+                return
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(self._buf) - self._end < BHS_LEN * 4:
+            self._compact(BHS_LEN * 4)
+
+    def _scratch_view(self, n: int) -> memoryview:
+        if self._scratch is None or len(self._scratch) < n:
+            self._scratch = bytearray(max(n, 65536))
+        return memoryview(self._scratch)[:n]
+
+    def _direct_complete(self, trailer: bytes | None) -> None:
+        h = self._direct_hdr
+        dest = self._direct_full
+        self._direct_hdr = self._direct_full = None
+        assert h is not None and dest is not None
+        if self.data_digest:
+            assert trailer is not None
+            dlen = len(dest)
+            pad = -dlen & 3
+            data = bytes(dest) + b"\0" * pad if pad else dest
+            if crc32c(data) != unpack_digest(trailer[pad:pad + 4]):
+                raise ProtocolViolation("data digest mismatch on Data-In")
+        self.sink.rx_data_in(h)
+
+    def _deliver(self, pdu: P.Pdu) -> None:
+        if self.ffp and self.sink is not None:
+            self.sink.rx_pdu(pdu)
+            return
+        if (isinstance(pdu, P.LoginResponse) and pdu.transit and pdu.nsg == 3
+                and pdu.status_class == 0):
+            self._hold = True
+        self._login_queue.append(pdu)
+        w = self._login_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def start_ffp(self, sink: Any, *, header_digest: bool, data_digest: bool, max_recv: int) -> None:
+        """Switch to full feature phase with the negotiated digests and MaxRecvDataSegmentLength."""
+        self.header_digest = header_digest
+        self.data_digest = data_digest
+        self.max_recv = max_recv
+        self.sink = sink
+        self.ffp = True
+        self._hold = False
+        if self._end > self._start:
+            try:
+                self._parse()
+            except (ProtocolViolation, P.PduFormatError) as exc:
+                self._shutdown(ProtocolViolation(str(exc)))
+
+    async def recv_pdu(self, timeout: float) -> P.Pdu:
+        """Next PDU before full feature phase (login, discovery text, logout)."""
+        deadline = self.loop.time() + timeout
+        while not self._login_queue:
+            if self.closed:
+                raise ConnectionLost(str(self.close_reason))
+            self._login_waiter = self.loop.create_future()
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                raise asyncio.TimeoutError()
+            try:
+                await asyncio.wait_for(self._login_waiter, remaining)
+            finally:
+                self._login_waiter = None
+        return self._login_queue.popleft()
+
+    # ------------------------------------------------------------------ send
+    def send(self, parts: list | tuple) -> None:
+        """Queue buffers for the wire; flushed once per loop iteration."""
+        if self.closed:
+            return
+        self._out.extend(parts)
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush)
+
+    def send_pdu(self, pdu: P.Pdu) -> None:
+        self.send(encode_pdu(pdu, header_digest=self.header_digest, data_digest=self.data_digest))
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        out = self._out
+        if not out or self.closed or self.transport is None:
+            out.clear()
+            return
+        self._out = []
+        self.bytes_out += sum(len(b) for b in out)
+        self.transport.writelines(out)
+
+    def flush_now(self) -> None:
+        if self._out:
+            self._flush()
+
+    def header_parts(self, header: bytes) -> list:
+        """Header [+ digest] as buffers to send."""
+        if self.header_digest:
+            return [header, digest_bytes(header)]
+        return [header]
+
+    def data_parts(self, data: bytes | memoryview) -> list:
+        """Data segment + padding [+ digest] as buffers to send (data not copied)."""
+        n = len(data)
+        pad = -n & 3
+        parts: list = [data]
+        if pad:
+            parts.append(b"\0" * pad)
+        if self.data_digest:
+            parts.append(digest_bytes(bytes(data) + b"\0" * pad if pad else data))
+        return parts
+
+
+async def open_connection(host: str, port: int, *, timeout: float, name: str = "") -> Connection:
+    """TCP connect with a bound wait; returns the protocol object."""
+    loop = asyncio.get_running_loop()
+    try:
+        _t, conn = await asyncio.wait_for(
+            loop.create_connection(lambda: Connection(name=name or f"{host}:{port}"), host, port), timeout)
+    except asyncio.TimeoutError:
+        raise ConnectionLost(f"connect to {host}:{port} timed out after {timeout:.0f}s") from None
+    except OSError as exc:
+        raise ConnectionLost(f"connect to {host}:{port}: {exc.strerror or exc}") from None
+    return conn

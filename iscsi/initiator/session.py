@@ -1,0 +1,871 @@
+"""An initiator session (ErrorRecoveryLevel 0, one connection): commands in flight, recovery.
+
+What this module does, with the rule it follows:
+
+* login with :class:`~iscsi.initiator.login.InitiatorLogin` over a
+  :class:`~iscsi.initiator.connection.Connection`;
+* numbers commands with CmdSN and never sends a non-immediate one beyond MaxCmdSN
+  (RFC 7143 §4.2.2.1) — the rest wait in order; ExpStatSN acknowledges status (§4.2.2.2);
+* write data: immediate data in the command PDU and unsolicited Data-Out up to
+  FirstBurstLength when ImmediateData / InitialR2T allow it (§3.2.4.2), then one
+  Data-Out sequence per R2T (§11.8), each PDU ≤ the target's MaxRecvDataSegmentLength;
+* read data: Data-In placed at its Buffer Offset, DataSN checked, status in the last
+  Data-In (phase collapse, §11.7.4) or a SCSI Response; residuals (§11.4.5);
+* NOP (§11.18/§11.19): answer target pings, ping an idle target, drop a dead connection;
+* task management (§11.5), async messages (§11.9), logout (§11.14);
+* session recovery (§6.3.5, §7.1 at ERL 0): on connection loss log in again with the
+  *same ISID* and TSIH 0 (session reinstatement: the target discards the old session) and
+  re-issue every unfinished command, with exponential backoff, for at most
+  ``replacement_timeout`` seconds (open-iscsi's node.session.timeo.replacement_timeout,
+  120 s) before failing them.
+
+The public surface is :meth:`Session.execute` (await one command) and :meth:`Session.submit`
+(callback style, used by the benchmark where a coroutine per I/O would be the bottleneck).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .. import pdu as P
+from ..log import event
+from ..session import sn_add, sn_gt, sn_le
+from .connection import BHS, Connection, open_connection
+from .errors import (
+    CommandTimeout, ConnectionLost, IscsiError, LoginError, ProtocolViolation, SessionFailed,
+    TargetFailure, TaskAborted, TmfError, decode_sense,
+)
+from .login import InitiatorLogin, LoginConfig, LoginResult, random_isid
+
+log = logging.getLogger("iscsi.initiator.session")
+
+# Timers, open-iscsi's defaults (iscsid.conf) unless said otherwise.
+#: node.conn[0].timeo.login_timeout
+LOGIN_TIMEOUT = 15.0
+#: node.conn[0].timeo.noop_out_interval / noop_out_timeout
+NOOP_INTERVAL = 5.0
+NOOP_TIMEOUT = 5.0
+#: node.session.timeo.replacement_timeout: how long commands wait for a reconnect.
+REPLACEMENT_TIMEOUT = 120.0
+#: Reconnect backoff: first retry quickly (a restarted target is usually back within a
+#: second), then double up to 5 s so a dead target is not hammered.
+RECONNECT_FIRST_DELAY = 0.2
+RECONNECT_MAX_DELAY = 5.0
+#: A TMF / logout / text exchange that takes longer than this means the target is stuck.
+MGMT_TIMEOUT = 30.0
+#: How long a logout waits for in-flight commands to drain when the target asks for it.
+LOGOUT_DRAIN_MAX = 10.0
+
+SN_MASK = 0xFFFFFFFF
+SN_HALF = 0x80000000
+RESERVED = P.RESERVED_TAG
+
+# Task attributes, RFC 7143 §11.3.1 / SAM-5.
+ATTR_UNTAGGED, ATTR_SIMPLE, ATTR_ORDERED, ATTR_HEAD_OF_QUEUE, ATTR_ACA = 0, 1, 2, 3, 4
+
+#: SCSI Command BHS (RFC 7143 §11.3) in one pack: the same bytes iscsi.pdu.ScsiCommandPdu
+#: produces for a CDB of at most 16 bytes (cross-checked in the unit tests).
+_CMD = struct.Struct(">BBBBIQIIII16s")
+_NOP_OUT = P.Opcode.NOP_OUT
+
+
+class State:
+    NEW = "new"
+    LOGGING_IN = "logging-in"
+    LOGGED_IN = "logged-in"
+    RECOVERING = "recovering"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+@dataclass
+class SessionOptions:
+    login_timeout: float = LOGIN_TIMEOUT
+    noop_interval: float = NOOP_INTERVAL      # 0 disables pings from our side
+    noop_timeout: float = NOOP_TIMEOUT
+    replacement_timeout: float = REPLACEMENT_TIMEOUT
+    #: Fail in-flight commands at once on connection loss instead of retrying them after the
+    #: reconnect (multipath sets this: another path can take them sooner).
+    fail_fast: bool = False
+    reconnect: bool = True
+    command_timeout: float | None = None
+
+
+class Task:
+    """One SCSI command from submission to status."""
+
+    __slots__ = ("itt", "lun", "lun_field", "cdb", "read_len", "buf", "view", "out", "attr",
+                 "cmdsn", "status", "sense_data", "residual", "underflow", "overflow",
+                 "next_datasn", "received", "cb", "exc", "response", "done", "tries", "sent",
+                 "user")
+
+    def __init__(self, lun: int, cdb: bytes, read_len: int = 0, out: bytes | memoryview | None = None,
+                 buf: bytearray | memoryview | None = None, attr: int = ATTR_SIMPLE,
+                 cb: Callable[["Task"], None] | None = None) -> None:
+        self.itt = RESERVED
+        self.lun = lun
+        self.lun_field = P.encode_lun(lun)
+        self.cdb = cdb
+        self.read_len = read_len
+        if read_len and buf is None:
+            buf = bytearray(read_len)
+        self.buf = buf
+        self.view = memoryview(buf) if buf is not None else None
+        self.out = memoryview(out) if out is not None and not isinstance(out, memoryview) else out
+        self.attr = attr
+        self.cmdsn = 0
+        self.status = -1
+        self.sense_data = b""
+        self.residual = 0
+        self.underflow = False
+        self.overflow = False
+        self.next_datasn = 0
+        self.received = 0
+        self.cb = cb
+        self.exc: BaseException | None = None
+        self.response = 0
+        self.done = False
+        self.tries = 0
+        self.sent = 0.0
+        self.user: Any = None
+
+    @property
+    def data(self) -> memoryview:
+        """Data-In actually transferred (read_len minus an underflow residual)."""
+        if self.view is None:
+            return memoryview(b"")
+        n = self.read_len - self.residual if self.underflow else self.read_len
+        return self.view[:max(0, n)]
+
+    @property
+    def sense(self):
+        return decode_sense(self.sense_data) if self.sense_data else None
+
+    def _reset_for_retry(self) -> None:
+        self.itt = RESERVED
+        self.status = -1
+        self.sense_data = b""
+        self.residual = 0
+        self.underflow = self.overflow = False
+        self.next_datasn = 0
+        self.received = 0
+
+
+class Session:
+    """One iSCSI session to one portal.  Create with :meth:`open` (logs in)."""
+
+    def __init__(self, host: str, port: int, cfg: LoginConfig, options: SessionOptions | None = None,
+                 *, isid: int | None = None) -> None:
+        self.host, self.port = host, port
+        self.cfg = cfg
+        self.opts = options or SessionOptions()
+        self.isid = isid if isid is not None else random_isid()
+        self.loop = asyncio.get_running_loop()
+        self.state = State.NEW
+        self.conn: Connection | None = None
+        self.login_result: LoginResult | None = None
+        self.params = None
+        self.tsih = 0
+        # sequence numbers
+        self._cmdsn = 1
+        self._expcmdsn = 1
+        self._maxcmdsn = 1
+        self._expstatsn = 0
+        self._itt = 0
+        # tasks
+        self._tasks: dict[int, Task] = {}
+        self._waiting: deque[Task] = deque()
+        self._mgmt: dict[int, asyncio.Future] = {}
+        # negotiated, cached for the hot path
+        self._max_send = 8192
+        self._first_burst = 65536
+        self._immediate = False
+        self._initial_r2t = True
+        # recovery and timers
+        self._recovery: asyncio.Task | None = None
+        self._keepalive: asyncio.Task | None = None
+        self._expired = False
+        self._next_delay: float | None = None
+        self._closing = False
+        self.generation = 0          # bumps on every successful (re)login
+        self.reconnects = 0
+        self.listeners: list[Callable[[str, dict], None]] = []
+        self._state_waiters: list[asyncio.Future] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    async def open(cls, host: str, port: int, cfg: LoginConfig, options: SessionOptions | None = None,
+                   **kw) -> "Session":
+        s = cls(host, port, cfg, options, **kw)
+        await s.login()
+        return s
+
+    @property
+    def portal(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def queued(self) -> int:
+        return len(self._tasks) + len(self._waiting)
+
+    @property
+    def is_up(self) -> bool:
+        return self.state == State.LOGGED_IN
+
+    def _emit(self, name: str, **info: Any) -> None:
+        for cb in list(self.listeners):
+            try:
+                cb(name, info)
+            except Exception:  # a listener bug must not break the session
+                log.exception("session listener failed on %s", name)
+
+    def _set_state(self, state: str) -> None:
+        if state == self.state:
+            return
+        self.state = state
+        for w in self._state_waiters:
+            if not w.done():
+                w.set_result(state)
+        self._state_waiters.clear()
+        self._emit("state", state=state)
+
+    async def wait_state(self, *states: str, timeout: float) -> str:
+        deadline = self.loop.time() + timeout
+        while self.state not in states:
+            fut = self.loop.create_future()
+            self._state_waiters.append(fut)
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                raise asyncio.TimeoutError(f"session still {self.state}")
+            await asyncio.wait_for(fut, remaining)
+        return self.state
+
+    async def login(self) -> LoginResult:
+        """Connect and log in (first time or after a loss); sets up full feature phase."""
+        if self.state == State.NEW:
+            self._set_state(State.LOGGING_IN)
+        conn = await open_connection(self.host, self.port, timeout=self.opts.login_timeout,
+                                     name=self.portal)
+        try:
+            result = await asyncio.wait_for(self._login_on(conn), self.opts.login_timeout)
+        except asyncio.TimeoutError:
+            conn.abort("login timed out")
+            raise ConnectionLost(f"login to {self.portal} timed out after {self.opts.login_timeout:.0f}s") from None
+        except BaseException:
+            conn.abort("login failed")
+            raise
+        self._enter_ffp(conn, result)
+        return result
+
+    async def _login_on(self, conn: Connection) -> LoginResult:
+        itt = self._new_itt()
+        login = InitiatorLogin(self.cfg, isid=self.isid, tsih=0, cid=0, cmdsn=self._cmdsn, itt=itt)
+        req = login.start()
+        while req is not None:
+            conn.send_pdu(req)
+            resp = await conn.recv_pdu(self.opts.login_timeout)
+            if not isinstance(resp, P.LoginResponse):
+                raise LoginError(f"unexpected {type(resp).__name__} during login")
+            req = login.receive(resp)
+        assert login.result is not None
+        return login.result
+
+    def _enter_ffp(self, conn: Connection, result: LoginResult) -> None:
+        params = result.params
+        self.login_result = result
+        self.params = params
+        self.tsih = result.tsih
+        sp, cp = params.session, params.connection
+        self._max_send = cp.max_send_data_segment_length
+        self._first_burst = sp.first_burst_length
+        self._immediate = sp.immediate_data
+        self._initial_r2t = sp.initial_r2t
+        self._expstatsn = (result.statsn + 1) & SN_MASK
+        self._cmdsn = result.expcmdsn
+        self._expcmdsn = result.expcmdsn
+        self._maxcmdsn = result.maxcmdsn
+        self.conn = conn
+        self.generation += 1
+        self._expired = False
+        self._set_state(State.LOGGED_IN)
+        event(log, "session.login", initiator=self.cfg.initiator_name, target=self.cfg.target_name,
+              portal=self.portal, isid=f"{self.isid:012x}", tsih=self.tsih,
+              digests=f"{cp.header_digest}/{cp.data_digest}", mrdsl=cp.max_send_data_segment_length,
+              first_burst=sp.first_burst_length, max_burst=sp.max_burst_length,
+              initial_r2t=sp.initial_r2t, immediate=sp.immediate_data, generation=self.generation)
+        # Anything that arrived after the final Login Response is full-feature traffic.
+        conn.start_ffp(self, header_digest=cp.header_digest, data_digest=cp.data_digest,
+                       max_recv=cp.max_recv_data_segment_length)
+        if self.opts.noop_interval > 0 and (self._keepalive is None or self._keepalive.done()):
+            self._keepalive = self.loop.create_task(self._keepalive_loop())
+        self._drain()
+
+    async def close(self, *, logout: bool = True) -> None:
+        """Log out (close the session, RFC 7143 §11.14) and stop; pending commands fail."""
+        if self.state == State.CLOSED:
+            return
+        self._closing = True
+        if self._recovery is not None:
+            self._recovery.cancel()
+        if logout and self.state == State.LOGGED_IN and self.conn is not None and not self.conn.closed:
+            self._set_state(State.CLOSING)
+            try:
+                await self._logout(P.LogoutReason.CLOSE_SESSION)
+            except (IscsiError, asyncio.TimeoutError) as exc:
+                event(log, "session.logout_failed", logging.WARNING, portal=self.portal, error=exc)
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        if self.conn is not None:
+            self.conn.abort("session closed")
+        self._fail_all(SessionFailed("session closed"))
+        self._set_state(State.CLOSED)
+
+    async def _logout(self, reason: int) -> P.LogoutResponse:
+        conn = self.conn
+        assert conn is not None
+        itt = self._new_itt()
+        fut = self.loop.create_future()
+        self._mgmt[itt] = fut
+        # A logout is sent as an immediate command (§11.14): CmdSN not advanced.
+        conn.send_pdu(P.LogoutRequest(immediate=True, reason=reason, cid=0, cmdsn=self._cmdsn,
+                                      expstatsn=self._expstatsn, itt=itt))
+        try:
+            resp = await asyncio.wait_for(fut, MGMT_TIMEOUT)
+        finally:
+            self._mgmt.pop(itt, None)
+        conn.abort("logged out")
+        event(log, "session.logout", portal=self.portal, response=resp.response)
+        return resp
+
+    # ------------------------------------------------------------------ numbering
+    def _new_itt(self) -> int:
+        itt = self._itt
+        while True:
+            itt = (itt + 1) & SN_MASK
+            if itt != RESERVED and itt not in self._tasks and itt not in self._mgmt:
+                self._itt = itt
+                return itt
+
+    def _window_open(self) -> bool:
+        return ((self._maxcmdsn - self._cmdsn) & SN_MASK) < SN_HALF
+
+    def _update_window(self, expcmdsn: int, maxcmdsn: int) -> None:
+        """RFC 7143 §4.2.2.1: take newer ExpCmdSN/MaxCmdSN; ignore MaxCmdSN < ExpCmdSN - 1."""
+        if ((maxcmdsn + 1 - expcmdsn) & SN_MASK) >= SN_HALF:
+            return
+        if ((maxcmdsn - self._maxcmdsn) & SN_MASK) < SN_HALF:
+            self._maxcmdsn = maxcmdsn
+        if ((expcmdsn - self._expcmdsn) & SN_MASK) < SN_HALF:
+            self._expcmdsn = expcmdsn
+        if self._waiting:
+            self._drain()
+
+    def _status_seen(self, statsn: int) -> None:
+        if ((statsn + 1 - self._expstatsn) & SN_MASK) < SN_HALF:
+            self._expstatsn = (statsn + 1) & SN_MASK
+
+    # ------------------------------------------------------------------ submission
+    def submit(self, task: Task) -> None:
+        """Queue ``task``; ``task.cb(task)`` runs when it completes (status or ``task.exc``)."""
+        state = self.state
+        if state == State.LOGGED_IN and not self._waiting and self._window_open():
+            self._send(task)
+            return
+        if state in (State.CLOSED, State.CLOSING) or self._closing:
+            self._finish(task, SessionFailed("session closed"))
+        elif state == State.RECOVERING and (self._expired or self.opts.fail_fast):
+            self._finish(task, ConnectionLost(f"path {self.portal} is down") if self.opts.fail_fast
+                         else SessionFailed(f"session to {self.portal} not recovered within "
+                                            f"{self.opts.replacement_timeout:.0f}s"))
+        else:
+            self._waiting.append(task)
+
+    async def execute(self, lun: int, cdb: bytes, *, read_len: int = 0,
+                      data: bytes | bytearray | memoryview | None = None,
+                      buf: bytearray | memoryview | None = None, attr: int = ATTR_SIMPLE,
+                      timeout: float | None = None) -> Task:
+        """Run one command; returns the finished :class:`Task` (status not checked here).
+
+        Raises :class:`IscsiError` subclasses for transport-level failures.
+        """
+        fut = self.loop.create_future()
+        task = Task(lun, cdb, read_len, data, buf, attr, fut_cb(fut))
+        self.submit(task)
+        timeout = timeout if timeout is not None else self.opts.command_timeout
+        if timeout is None:
+            await fut
+        else:
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), timeout)
+            except asyncio.TimeoutError:
+                await self._abort_quietly(task)
+                raise CommandTimeout(f"no status after {timeout:.0f}s for opcode 0x{cdb[0]:02x}") from None
+        if task.exc is not None:
+            raise task.exc
+        return task
+
+    def _drain(self) -> None:
+        waiting = self._waiting
+        while waiting and self.state == State.LOGGED_IN and self._window_open():
+            self._send(waiting.popleft())
+
+    def _send(self, task: Task) -> None:
+        conn = self.conn
+        assert conn is not None
+        itt = self._new_itt()
+        task.itt = itt
+        task.tries += 1
+        self._tasks[itt] = task
+        cmdsn = self._cmdsn
+        task.cmdsn = cmdsn
+        self._cmdsn = (cmdsn + 1) & SN_MASK
+        out = task.out
+        cdb = task.cdb
+        read = task.read_len > 0
+        edtl = len(out) if out is not None else task.read_len
+        imm = 0
+        final = True
+        unsolicited = 0
+        if out is not None and edtl:
+            if self._initial_r2t:
+                unsolicited = 0
+                if self._immediate:
+                    imm = min(edtl, self._first_burst, self._max_send)
+            else:
+                unsolicited = min(edtl, self._first_burst)
+                if self._immediate:
+                    imm = min(unsolicited, self._max_send)
+                final = imm >= unsolicited
+        if len(cdb) > 16:
+            pdu = P.ScsiCommandPdu(read=read, write=out is not None, attr=task.attr, lun=task.lun_field,
+                                   edtl=edtl, cmdsn=cmdsn, expstatsn=self._expstatsn, cdb=cdb, itt=itt,
+                                   final=final, data=out[:imm] if imm else b"")
+            conn.send_pdu(pdu)
+        else:
+            flags = (0x80 if final else 0) | (0x40 if read else 0) | (0x20 if out is not None else 0) | task.attr
+            header = _CMD.pack(0x01, flags, 0, 0, imm, task.lun_field, itt, edtl, cmdsn,
+                               self._expstatsn, cdb)
+            if conn.header_digest:
+                parts = conn.header_parts(header)
+                if imm:
+                    parts += conn.data_parts(out[:imm])
+                conn.send(parts)
+            elif imm:
+                conn.send(conn.header_parts(header) + conn.data_parts(out[:imm]))
+            else:
+                conn.send((header,))
+        if unsolicited > imm:
+            self._send_data_out(task, RESERVED, imm, unsolicited - imm)
+
+    def _send_data_out(self, task: Task, ttt: int, offset: int, length: int) -> None:
+        """One Data-Out sequence (RFC 7143 §11.7): DataSN from 0, PDUs ≤ MaxXmitDataSegmentLength."""
+        conn = self.conn
+        assert conn is not None and task.out is not None
+        out = task.out
+        step = self._max_send
+        end = offset + length
+        datasn = 0
+        parts: list = []
+        pack = BHS.pack
+        lun_field, itt, expstatsn = task.lun_field, task.itt, self._expstatsn
+        while offset < end:
+            n = min(step, end - offset)
+            last = offset + n >= end
+            header = pack(0x05, 0x80 if last else 0, 0, 0, n, lun_field, itt, ttt, 0, expstatsn, 0,
+                          datasn, offset, 0)
+            parts += conn.header_parts(header)
+            parts += conn.data_parts(out[offset:offset + n])
+            offset += n
+            datasn += 1
+        conn.send(parts)
+
+    # ------------------------------------------------------------------ completion
+    def _finish(self, task: Task, exc: BaseException | None = None) -> None:
+        if task.done:
+            return
+        task.done = True
+        task.exc = exc
+        cb = task.cb
+        if cb is not None:
+            try:
+                cb(task)
+            except Exception:  # a caller's callback must not tear down the connection
+                log.exception("task completion callback failed")
+
+    def _fail_all(self, exc: BaseException) -> None:
+        tasks = list(self._tasks.values()) + list(self._waiting)
+        self._tasks.clear()
+        self._waiting.clear()
+        for t in tasks:
+            self._finish(t, exc)
+        for fut in self._mgmt.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._mgmt.clear()
+
+    # ------------------------------------------------------------------ receive (Sink)
+    def rx_data_in_dest(self, itt: int, offset: int, length: int) -> memoryview | None:
+        task = self._tasks.get(itt)
+        if task is None or task.view is None:
+            return None
+        if offset + length > task.read_len:
+            raise ProtocolViolation(f"Data-In beyond the expected length ({offset}+{length} > {task.read_len})")
+        return task.view[offset:offset + length]
+
+    def rx_data_in(self, h: tuple) -> None:
+        # h: op, flags, _, status, lenword, lun, itt, ttt, statsn, expcmdsn, maxcmdsn, datasn, offset, residual
+        self._update_window(h[9], h[10])
+        task = self._tasks.get(h[6])
+        if task is None:
+            return  # aborted or timed out meanwhile; its data was discarded
+        if h[11] != task.next_datasn:
+            # ERL 0 cannot recover a lost Data-In (§7.1): drop the connection, the command is retried.
+            raise ProtocolViolation(f"DataSN {h[11]} where {task.next_datasn} was expected")
+        task.next_datasn += 1
+        task.received += h[4] & 0xFFFFFF
+        flags = h[1]
+        if flags & 0x01:  # S bit: status follows in this PDU (§11.7.4)
+            self._status_seen(h[8])
+            task.status = h[3]
+            task.overflow = bool(flags & 0x04)
+            task.underflow = bool(flags & 0x02)
+            task.residual = h[13] if flags & 0x06 else 0
+            del self._tasks[h[6]]
+            self._finish(task)
+
+    def rx_response(self, h: tuple, payload: bytes) -> None:
+        # h: op, flags, response, status, lenword, _, itt, snacktag, statsn, expcmdsn, maxcmdsn,
+        #    expdatasn, bidi_residual, residual
+        self._status_seen(h[8])
+        self._update_window(h[9], h[10])
+        task = self._tasks.pop(h[6], None)
+        if task is None:
+            return
+        flags = h[1]
+        task.status = h[3]
+        task.response = h[2]
+        task.overflow = bool(flags & 0x04)
+        task.underflow = bool(flags & 0x02)
+        task.residual = h[13] if flags & 0x06 else 0
+        if len(payload) >= 2:
+            n = (payload[0] << 8) | payload[1]
+            task.sense_data = payload[2:2 + n]
+        if h[2] != 0:  # iSCSI response: target failure (§11.4.3)
+            self._finish(task, TargetFailure(f"target failure (response 0x{h[2]:02x})"))
+            return
+        self._finish(task)
+
+    def rx_r2t(self, h: tuple) -> None:
+        # h: op, flags, _, _, lenword, lun, itt, ttt, statsn, expcmdsn, maxcmdsn, r2tsn, offset, length
+        self._update_window(h[9], h[10])
+        task = self._tasks.get(h[6])
+        if task is None:
+            return
+        if task.out is None or h[12] + h[13] > len(task.out) or h[13] == 0:
+            raise ProtocolViolation(f"R2T for bytes {h[12]}+{h[13]} of a {len(task.out or b'')}-byte write")
+        self._send_data_out(task, h[7], h[12], h[13])
+
+    def rx_pdu(self, pdu: P.Pdu) -> None:
+        maxcmdsn = getattr(pdu, "maxcmdsn", None)
+        if maxcmdsn is not None:
+            self._update_window(pdu.expcmdsn, maxcmdsn)
+        if isinstance(pdu, P.NopIn):
+            self._on_nop_in(pdu)
+        elif isinstance(pdu, (P.TaskMgmtResponse, P.LogoutResponse, P.TextResponse)):
+            self._status_seen(pdu.statsn)
+            fut = self._mgmt.get(pdu.itt)
+            if fut is not None and not fut.done():
+                fut.set_result(pdu)
+        elif isinstance(pdu, P.AsyncMessage):
+            self._status_seen(pdu.statsn)
+            self._on_async(pdu)
+        elif isinstance(pdu, P.Reject):
+            self._status_seen(pdu.statsn)
+            self._on_reject(pdu)
+        else:
+            raise ProtocolViolation(f"unexpected {type(pdu).__name__} in full feature phase")
+
+    def rx_lost(self, conn: Connection, exc: BaseException | None) -> None:
+        if conn is not self.conn:
+            return
+        event(log, "session.connection_lost", logging.WARNING if not self._closing else logging.INFO,
+              portal=self.portal, reason=exc, in_flight=len(self._tasks), queued=len(self._waiting))
+        for fut in self._mgmt.values():
+            if not fut.done():
+                fut.set_exception(ConnectionLost(str(exc)))
+        self._mgmt.clear()
+        if self._closing or self.state in (State.CLOSING, State.CLOSED):
+            return
+        unfinished = list(self._tasks.values())
+        self._tasks.clear()
+        if self.opts.fail_fast or not self.opts.reconnect:
+            for t in unfinished:
+                self._finish(t, ConnectionLost(f"connection to {self.portal} lost: {exc}"))
+        else:
+            # Re-issue in the order they were first sent, ahead of commands not yet sent.
+            for t in reversed(unfinished):
+                t._reset_for_retry()
+                self._waiting.appendleft(t)
+        if not self.opts.reconnect:
+            self._fail_all(SessionFailed(f"connection to {self.portal} lost: {exc}"))
+            self._set_state(State.CLOSED)
+            return
+        self._set_state(State.RECOVERING)
+        if self._recovery is None or self._recovery.done():
+            self._recovery = self.loop.create_task(self._recover())
+
+    # ------------------------------------------------------------------ NOP
+    def _on_nop_in(self, pdu: P.NopIn) -> None:
+        if pdu.itt != RESERVED:  # answer to our ping (§11.19): StatSN advances
+            self._status_seen(pdu.statsn)
+            fut = self._mgmt.get(pdu.itt)
+            if fut is not None and not fut.done():
+                fut.set_result(pdu)
+            return
+        if pdu.ttt != RESERVED and self.conn is not None:
+            # A ping from the target: answer with its TTT and LUN, ITT reserved, immediate (§11.18).
+            self.conn.send_pdu(P.NopOut(immediate=True, lun=pdu.lun, ttt=pdu.ttt, itt=RESERVED,
+                                        cmdsn=self._cmdsn, expstatsn=self._expstatsn, data=pdu.data))
+
+    async def ping(self, timeout: float = NOOP_TIMEOUT, data: bytes = b"") -> float:
+        """NOP-Out with a reply requested; returns the round trip in seconds."""
+        conn = self.conn
+        if conn is None or self.state != State.LOGGED_IN:
+            raise ConnectionLost("not logged in")
+        itt = self._new_itt()
+        fut = self.loop.create_future()
+        self._mgmt[itt] = fut
+        t0 = self.loop.time()
+        conn.send_pdu(P.NopOut(immediate=True, itt=itt, ttt=RESERVED, cmdsn=self._cmdsn,
+                               expstatsn=self._expstatsn, data=data))
+        try:
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            self._mgmt.pop(itt, None)
+        return self.loop.time() - t0
+
+    async def _keepalive_loop(self) -> None:
+        """Ping when nothing came in for noop_interval; no byte for noop_timeout after = dead."""
+        interval, timeout = self.opts.noop_interval, self.opts.noop_timeout
+        try:
+            while not self._closing:
+                await asyncio.sleep(interval / 2)
+                conn = self.conn
+                if conn is None or conn.closed or self.state != State.LOGGED_IN:
+                    continue
+                if self.loop.time() - conn.last_rx < interval:
+                    continue
+                sent_at = self.loop.time()
+                try:
+                    await self.ping(timeout)
+                except asyncio.TimeoutError:
+                    if conn.last_rx < sent_at and conn is self.conn and not conn.closed:
+                        event(log, "session.nop_timeout", logging.WARNING, portal=self.portal,
+                              timeout=timeout)
+                        conn.abort(ConnectionLost(f"no answer to NOP-Out within {timeout:.0f}s"))
+                except IscsiError:
+                    pass
+        except asyncio.CancelledError:
+            pass
+
+    # ------------------------------------------------------------------ async events, reject
+    def _on_async(self, pdu: P.AsyncMessage) -> None:
+        ev = pdu.event
+        event(log, "session.async_event", portal=self.portal, async_event=ev, lun=P.decode_lun(pdu.lun),
+              param1=pdu.param1, param2=pdu.param2, param3=pdu.param3)
+        if ev == P.AsyncEvent.SCSI_ASYNC_EVENT:
+            sense = decode_sense(pdu.data[2:]) if len(pdu.data) > 2 else None
+            self._emit("scsi_event", lun=P.decode_lun(pdu.lun), sense=sense)
+            if sense is not None and sense.asc_ascq == (0x3F, 0x0E):
+                self._emit("luns_changed", lun=P.decode_lun(pdu.lun))
+        elif ev == P.AsyncEvent.LOGOUT_REQUEST:
+            # §11.9.1: log out within Parameter3 seconds; we drain, log out and log in again.
+            self.loop.create_task(self._requested_logout(pdu.param3 or LOGOUT_DRAIN_MAX))
+        elif ev in (P.AsyncEvent.CONNECTION_DROP, P.AsyncEvent.SESSION_DROP):
+            # The target will drop us; Parameter2 = Time2Wait before reconnecting.
+            self._next_delay = float(pdu.param2)
+        elif ev == P.AsyncEvent.NEGOTIATION_REQUEST:
+            # §11.9.1 event 4: the target wants a Text negotiation; an empty Text Request
+            # lets it make its offers.
+            self.loop.create_task(self._renegotiate())
+        self._emit("async", event=ev, lun=P.decode_lun(pdu.lun))
+
+    async def _requested_logout(self, within: float) -> None:
+        if self.state != State.LOGGED_IN:
+            return
+        conn = self.conn
+        # Stop sending new commands: hold them in the queue until the new login.
+        self._set_state(State.RECOVERING)
+        deadline = self.loop.time() + max(0.0, min(within, LOGOUT_DRAIN_MAX) - 0.5)
+        while self._tasks and self.loop.time() < deadline and conn is self.conn and not conn.closed:
+            await asyncio.sleep(0.01)
+        if conn is None or conn.closed or conn is not self.conn:
+            return
+        try:
+            await self._logout(P.LogoutReason.CLOSE_SESSION)
+        except (IscsiError, asyncio.TimeoutError):
+            conn.abort("logout requested by target")
+        # rx_lost has moved unfinished tasks back to the queue and started recovery.
+        if self._recovery is None or self._recovery.done():
+            self._recovery = self.loop.create_task(self._recover())
+
+    async def _renegotiate(self) -> None:
+        try:
+            await self.text_exchange([])
+        except (IscsiError, asyncio.TimeoutError) as exc:
+            event(log, "session.renegotiate_failed", logging.WARNING, portal=self.portal, error=exc)
+
+    def _on_reject(self, pdu: P.Reject) -> None:
+        rejected_itt = struct.unpack_from(">I", bytes(pdu.data), 16)[0] if len(pdu.data) >= 20 else RESERVED
+        event(log, "session.reject", logging.WARNING, portal=self.portal, reason=pdu.reason,
+              itt=rejected_itt)
+        task = self._tasks.pop(rejected_itt, None)
+        if task is not None:
+            self._finish(task, ProtocolViolation(f"target rejected the command (reason 0x{pdu.reason:02x})"))
+        fut = self._mgmt.get(rejected_itt)
+        if fut is not None and not fut.done():
+            fut.set_exception(ProtocolViolation(f"target rejected the request (reason 0x{pdu.reason:02x})"))
+
+    # ------------------------------------------------------------------ recovery
+    async def _recover(self) -> None:
+        """Session reinstatement with backoff until the replacement timeout (RFC 7143 §6.3.5)."""
+        start = self.loop.time()
+        deadline = start + self.opts.replacement_timeout
+        delay = RECONNECT_FIRST_DELAY
+        attempt = 0
+        try:
+            while not self._closing:
+                wait = self._next_delay if self._next_delay is not None else (delay if attempt else 0.0)
+                self._next_delay = None
+                if wait:
+                    await asyncio.sleep(min(wait, max(0.05, deadline - self.loop.time()) if not self._expired else wait))
+                attempt += 1
+                try:
+                    await self.login()
+                    self.reconnects += 1
+                    event(log, "session.recovered", portal=self.portal, attempts=attempt,
+                          seconds=round(self.loop.time() - start, 2), retried=len(self._waiting) + len(self._tasks))
+                    self._emit("recovered", attempts=attempt)
+                    return
+                except (IscsiError, OSError, asyncio.TimeoutError) as exc:
+                    event(log, "session.reconnect_failed", logging.INFO, portal=self.portal,
+                          attempt=attempt, error=exc)
+                if not self._expired and self.loop.time() >= deadline:
+                    self._expired = True
+                    event(log, "session.replacement_timeout", logging.ERROR, portal=self.portal,
+                          seconds=self.opts.replacement_timeout, failed=len(self._waiting))
+                    waiting = list(self._waiting)
+                    self._waiting.clear()
+                    for t in waiting:
+                        self._finish(t, SessionFailed(
+                            f"session to {self.portal} not recovered within {self.opts.replacement_timeout:.0f}s"))
+                    self._emit("expired")
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
+        except asyncio.CancelledError:
+            pass
+
+    # ------------------------------------------------------------------ task management
+    async def task_management(self, function: int, lun: int = 0, rtt: int = RESERVED,
+                              refcmdsn: int = 0) -> int:
+        """Send a TMF request (immediate, §11.5) and return the response code (§11.6.1)."""
+        conn = self.conn
+        if conn is None or self.state != State.LOGGED_IN:
+            raise ConnectionLost("not logged in")
+        itt = self._new_itt()
+        fut = self.loop.create_future()
+        self._mgmt[itt] = fut
+        conn.send_pdu(P.TaskMgmtRequest(immediate=True, function=function, lun=P.encode_lun(lun), rtt=rtt,
+                                        cmdsn=self._cmdsn, expstatsn=self._expstatsn, refcmdsn=refcmdsn,
+                                        itt=itt))
+        try:
+            resp = await asyncio.wait_for(fut, MGMT_TIMEOUT)
+        finally:
+            self._mgmt.pop(itt, None)
+        event(log, "session.tmf", portal=self.portal, function=function, lun=lun, response=resp.response)
+        return resp.response
+
+    async def abort_task(self, task: Task) -> bool:
+        """ABORT TASK (§11.5.1 function 1); True if the task ended aborted, False if it had finished."""
+        if task.done:
+            return False
+        if task.itt not in self._tasks:
+            # Not sent yet: just take it out of the queue.
+            try:
+                self._waiting.remove(task)
+            except ValueError:
+                return False
+            self._finish(task, TaskAborted("aborted before it was sent"))
+            return True
+        resp = await self.task_management(P.TmfFunction.ABORT_TASK, task.lun, task.itt, task.cmdsn)
+        if resp not in (P.TmfResponse.COMPLETE, P.TmfResponse.TASK_DOES_NOT_EXIST):
+            raise TmfError(f"ABORT TASK refused (response {resp})", resp)
+        if not task.done:
+            self._tasks.pop(task.itt, None)
+            self._finish(task, TaskAborted("aborted by ABORT TASK"))
+            return True
+        return False
+
+    async def _abort_quietly(self, task: Task) -> None:
+        try:
+            await self.abort_task(task)
+        except (IscsiError, asyncio.TimeoutError):
+            if not task.done:
+                self._tasks.pop(task.itt, None)
+                self._finish(task, CommandTimeout("command timed out; abort failed"))
+
+    async def lun_reset(self, lun: int) -> None:
+        """LOGICAL UNIT RESET (§11.5.1 function 5): every task on ``lun`` is ended by the target."""
+        resp = await self.task_management(P.TmfFunction.LOGICAL_UNIT_RESET, lun)
+        if resp != P.TmfResponse.COMPLETE:
+            raise TmfError(f"LOGICAL UNIT RESET refused (response {resp})", resp)
+        for itt, task in list(self._tasks.items()):
+            if task.lun == lun:
+                del self._tasks[itt]
+                self._finish(task, TaskAborted("ended by LOGICAL UNIT RESET"))
+
+    # ------------------------------------------------------------------ text (full feature phase)
+    async def text_exchange(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """One Text Request/Response exchange (§11.10), following C-bit continuations."""
+        from .. import keys as K
+        conn = self.conn
+        if conn is None or self.state != State.LOGGED_IN:
+            raise ConnectionLost("not logged in")
+        acc = K.TextAccumulator()
+        itt = self._new_itt()
+        ttt = RESERVED
+        data = K.encode_text(pairs) if pairs else b""
+        # Text Requests are non-immediate here, so they take a CmdSN (§11.10).
+        for _ in range(1024):  # bound: 1024 continuation PDUs = 8 MiB of text at 8 KiB each
+            fut = self.loop.create_future()
+            self._mgmt[itt] = fut
+            cmdsn = self._cmdsn
+            self._cmdsn = (cmdsn + 1) & SN_MASK
+            conn.send_pdu(P.TextRequest(final=True, itt=itt, ttt=ttt, cmdsn=cmdsn,
+                                        expstatsn=self._expstatsn, data=data))
+            try:
+                resp = await asyncio.wait_for(fut, MGMT_TIMEOUT)
+            finally:
+                self._mgmt.pop(itt, None)
+            whole = acc.append(resp.data, resp.cont)
+            if whole is not None:
+                return K.parse_text(whole)
+            data = b""
+            ttt = resp.ttt
+        raise ProtocolViolation("text response never ends")
+
+
+def fut_cb(fut: asyncio.Future) -> Callable[[Task], None]:
+    def done(task: Task) -> None:
+        if not fut.done():
+            fut.set_result(None)
+    return done
