@@ -444,8 +444,10 @@ def acl() -> None:
 @click.argument("initiator")
 @click.option("--map", "maps", multiple=True, metavar="ACL_LUN=TARGET_LUN",
               help="Show target LUN as ACL_LUN to this initiator; repeat. [default: every LUN as itself]")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="iSCSI key preference for this initiator only, e.g. DataDigest=CRC32C.")
 @_control_option
-def acl_add(iqn: str, initiator: str, maps: tuple[str, ...], control: Path | None) -> None:
+def acl_add(iqn: str, initiator: str, maps: tuple[str, ...], params: tuple[str, ...], control: Path | None) -> None:
     """Allow an initiator."""
     name = _check(lambda: C.canonical_iscsi_name(initiator))
 
@@ -461,7 +463,8 @@ def acl_add(iqn: str, initiator: str, maps: tuple[str, ...], control: Path | Non
         return out
 
     lun_map = _check(parse)
-    res = _call(control, "acl.add", iqn=iqn, initiator=name, lun_map=lun_map)
+    parsed = _check(lambda: dict(C.canonical_param(*_key_value(p)) for p in params))
+    res = _call(control, "acl.add", iqn=iqn, initiator=name, lun_map=lun_map, params=parsed or None)
     click.echo(f"{res['target']}: ACL for {res['initiator']} added")
 
 

@@ -887,15 +887,19 @@ class TargetDaemon:
         targets = [self._target(self.config, iqn)] if iqn else self.config.targets
         return [self._lun_row(t, l) for t in targets for l in t.luns]
 
-    async def acl_add(self, iqn: str, initiator: str, lun_map: dict | None = None) -> dict:
+    async def acl_add(self, iqn: str, initiator: str, lun_map: dict | None = None,
+                      params: dict[str, str] | None = None) -> dict:
         name = C.canonical_iscsi_name(initiator)
 
         def mutate(cfg: Config) -> dict:
             target = self._target(cfg, iqn)
             if target.acl(name) is not None:
                 raise AdminError(f"target {target.iqn} already has an ACL for {name}")
-            mapping = None if lun_map is None else {int(k): int(v) for k, v in lun_map.items()}
-            target.acls.append(Acl(initiator=name, lun_map=mapping))
+            try:
+                mapping = None if lun_map is None else {int(k): int(v) for k, v in lun_map.items()}
+            except (TypeError, ValueError):
+                raise AdminError("lun_map must map ACL LUN numbers to target LUN numbers") from None
+            target.acls.append(Acl(initiator=name, lun_map=mapping, params=dict(params or {})))
             return {"target": target.iqn, "initiator": name}
 
         return await self.change(mutate, "acl.add")

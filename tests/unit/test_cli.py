@@ -255,10 +255,10 @@ def test_target_and_portal_and_acl_commands(live):
     assert live.cli("portal", "add", t3, "127.0.0.2:3270", "--tpgt", "1").exit_code == 0
     assert live.cli("portal", "remove", t3, "[::1]:3270").exit_code == 0
     assert ("::1", 3270) not in live.server.portals
-    assert live.cli("acl", "add", T2, H1, "--map", "0=0").exit_code == 0
+    assert live.cli("acl", "add", T2, H1, "--map", "0=0", "--param", "data_digest=crc32c").exit_code == 0
     acls = json.loads(live.cli("acl", "list", T2, "--json").output)
     assert acls == [{"target": T2, "initiator": H1, "lun_map": {"0": 0}, "chap": "none", "mutual_chap": False,
-                     "params": {}}]
+                     "params": {"DataDigest": "CRC32C"}}]
     r = live.cli("acl", "add", T2, H1)
     assert r.exit_code == 1 and "already has an ACL" in r.output
     assert live.cli("target", "set", t3, "--open-access", "--param", "HeaderDigest=CRC32C").exit_code == 0
