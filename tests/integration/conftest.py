@@ -49,7 +49,8 @@ def require_qemu_iscsi() -> None:
 
 def run(cmd: list[str], *, timeout: float = CLIENT_TIMEOUT, check: bool = True, **kw) -> subprocess.CompletedProcess:
     """Run a client command, bounded; on failure the message carries its output."""
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kw)
+    res = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout,
+                         stdin=subprocess.DEVNULL, **kw)
     if check and res.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {res.returncode}\nstdout:\n{res.stdout[-3000:]}\nstderr:\n{res.stderr[-3000:]}"
