@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .. import keys as K
+from .. import eager
 from .. import pdu as P
 from ..framing import DataDigestFailure, HeaderDigestError, PduReader, encode
 from ..log import event
@@ -86,6 +87,8 @@ class TargetConnection(asyncio.Protocol):
         self._paused = False
         self.logging_out = False
         self.loop = asyncio.get_running_loop()
+        self._out: list = []
+        self._flush_scheduled = False
 
     # ------------------------------------------------------------------
     # asyncio.Protocol
@@ -170,19 +173,29 @@ class TargetConnection(asyncio.Protocol):
         """
         if self.closed or self.transport is None:
             return
-        if isinstance(pdu, P._TargetPdu):
-            if status:
-                pdu.statsn = self.stat.next()
-            else:
-                pdu.statsn = self.stat.statsn
-            if self.session is not None:
-                window = self.session.window
-                pdu.expcmdsn = window.expcmdsn
-                pdu.maxcmdsn = window.maxcmdsn
-        self.transport.writelines(encode(pdu, header_digest=self.header_digest, data_digest=self.data_digest))
+        pdu.statsn = self.stat.next() if status else self.stat.statsn  # type: ignore[attr-defined]
+        session = self.session
+        if session is not None:
+            window = session.window
+            pdu.expcmdsn = window.expcmdsn  # type: ignore[attr-defined]
+            pdu.maxcmdsn = window.maxcmdsn  # type: ignore[attr-defined]
+        self._out += encode(pdu, header_digest=self.header_digest, data_digest=self.data_digest)
+        if not self._flush_scheduled:
+            # Coalesce every PDU produced in this turn of the loop into one writev:
+            # a syscall per PDU was the largest cost per command.
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and not self.closed and self.transport is not None:
+            out, self._out = self._out, []
+            self.transport.writelines(out)
 
     def close(self) -> None:
+        """Close after what was queued has been written (e.g. a Logout Response)."""
         if not self.closed and self.transport is not None:
+            self._flush()
             self.closed = True
             self.transport.close()
 
@@ -430,7 +443,9 @@ class TargetConnection(asyncio.Protocol):
         if task.transfer is not None and not task.transfer.complete:
             return
         task.started = True
-        task.future = self.loop.create_task(self._execute(task))
+        # Most commands complete without waiting (page-cache pread/pwrite): run them
+        # now and only make a Task for the ones that block (flush, locks, threads).
+        task.future = eager.start(self._execute(task), self.loop)
 
     async def _execute(self, task: Task) -> None:
         session = self.session

@@ -1,0 +1,53 @@
+"""Run a coroutine eagerly: synchronously until it first has to wait.
+
+Most SCSI commands never wait (a pread from the page cache), yet wrapping each in
+an ``asyncio.Task`` costs a task object, a trip through the event loop and a
+context switch per command.  Python 3.12 has ``asyncio.eager_task_factory`` for
+this; on 3.11 :func:`start` does the same for one coroutine: it steps the
+coroutine at once and only when it really blocks hands the rest to a task.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
+
+
+async def _resume(coro: Coroutine, yielded: Any) -> Any:
+    """Finish ``coro``, which already ran up to a suspension that yielded ``yielded``."""
+    while True:
+        try:
+            if yielded is None:
+                await asyncio.sleep(0)  # a bare yield: give the loop one turn
+            else:
+                await yielded  # the future the coroutine is blocked on
+        except asyncio.CancelledError as exc:
+            # Our task was cancelled: deliver it where the coroutine is waiting.
+            if isinstance(yielded, asyncio.Future) and not yielded.done():
+                yielded.cancel()
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+            continue
+        except BaseException:
+            pass  # the coroutine will see the exception from its own future.result()
+        try:
+            yielded = coro.send(None)
+        except StopIteration as stop:
+            return stop.value
+
+
+def start(coro: Coroutine, loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Task | None:
+    """Step ``coro`` now; None if it finished, else the Task that finishes it.
+
+    Exceptions raised before the first suspension propagate to the caller.
+    """
+    try:
+        yielded = coro.send(None)
+    except StopIteration:
+        return None
+    if isinstance(yielded, asyncio.Future):
+        # Undo the "blocking" mark the Future set for a Task driving it; _resume awaits it itself.
+        yielded._asyncio_future_blocking = False
+    return (loop or asyncio.get_running_loop()).create_task(_resume(coro, yielded))

@@ -1,0 +1,83 @@
+"""iscsi.eager.start: synchronous completion, suspension, exceptions and cancellation."""
+import asyncio
+
+import pytest
+
+from iscsi import eager
+
+
+async def test_finishes_synchronously_without_a_task():
+    seen = []
+
+    async def quick():
+        seen.append(1)
+        return 5
+
+    assert eager.start(quick()) is None
+    assert seen == [1]
+
+
+async def test_continues_in_a_task_after_suspension():
+    fut = asyncio.get_running_loop().create_future()
+    log = []
+
+    async def waits():
+        log.append("before")
+        value = await fut
+        log.append(value)
+        await asyncio.sleep(0)
+        return value * 2
+
+    task = eager.start(waits())
+    assert log == ["before"] and task is not None
+    fut.set_result(21)
+    assert await task == 42
+    assert log == ["before", 21]
+
+
+async def test_exception_from_awaited_future_reaches_the_coroutine():
+    fut = asyncio.get_running_loop().create_future()
+
+    async def waits():
+        try:
+            await fut
+        except ValueError:
+            return "handled"
+
+    task = eager.start(waits())
+    fut.set_exception(ValueError("x"))
+    assert await task == "handled"
+
+
+async def test_cancellation_is_delivered_inside():
+    cleaned = []
+
+    async def waits():
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cleaned.append(True)
+            raise
+
+    task = eager.start(waits())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cleaned == [True]
+
+
+async def test_synchronous_exception_propagates():
+    async def bad():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        eager.start(bad())
+
+
+async def test_to_thread_work_completes():
+    async def uses_thread():
+        return await asyncio.to_thread(lambda: 7)
+
+    task = eager.start(uses_thread())
+    assert await task == 7
