@@ -43,9 +43,9 @@ MAX_UNMAP_DESCRIPTORS = 256
 # WRITE SAME of a non-zero pattern writes every block synchronously; 65536 blocks
 # (32 MiB at 512 bytes) keeps one command well under the initiators' 30 s timeout.
 MAX_WRITE_SAME_BLOCKS = 0x10000
-# Sparse images live on filesystems with 4 KiB blocks: report that as the physical block
-# so initiators align discards and writes to it (READ CAPACITY(16) LBPPBE).
-PHYSICAL_BLOCK_BYTES = 4096
+# Sparse images live on filesystems with 4 KiB blocks: UNMAP is most effective in whole
+# 4 KiB pieces (Block Limits OPTIMAL UNMAP GRANULARITY).
+UNMAP_GRANULARITY_BYTES = 4096
 
 # LUs by NAA designator, for EXTENDED COPY target descriptors that name another LU.
 _registry: "weakref.WeakValueDictionary[bytes, LogicalUnit]" = weakref.WeakValueDictionary()
@@ -100,6 +100,7 @@ class LogicalUnit:
         read_only: bool = False,
         lun_id: int = 0,
         removable: bool = False,
+        physical_block_size: int | None = None,
         enable_pr: bool = True,
         pr_state: dict | None = None,
         pr_persist: Callable[[dict], None] | None = None,
@@ -119,7 +120,14 @@ class LogicalUnit:
         # thin provisioning: the backstore can deallocate and unmapped blocks read as zero
         self.thin = callable(getattr(backstore, "unmap", None)) and callable(getattr(backstore, "is_mapped", None))
         self.lbprz = self.thin and bool(getattr(backstore, "unmap_reads_zero", False))
-        self.lbppbe = max(0, (PHYSICAL_BLOCK_BYTES // self.block_size).bit_length() - 1)
+        # READ CAPACITY(16) LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT.  Default: physical =
+        # logical.  libiscsi's GetLBAStatus.UnmapSingle only holds for LBPPB=1 (it expects the
+        # first descriptor at a physical boundary past the LBA asked for), so 4 KiB physical
+        # blocks under 512-byte LBAs are opt-in.
+        phys = physical_block_size or self.block_size
+        if phys < self.block_size or phys % self.block_size or (phys // self.block_size) & (phys // self.block_size - 1):
+            raise ValueError(f"physical block size {phys} is not a power-of-two multiple of {self.block_size}")
+        self.lbppbe = (phys // self.block_size).bit_length() - 1
 
         # limits
         self.max_transfer = MAX_TRANSFER_BLOCKS
@@ -201,6 +209,7 @@ class LogicalUnit:
 
     def _refresh_block_limits(self) -> None:
         phys = 1 << self.lbppbe
+        unmap_gran = max(phys, UNMAP_GRANULARITY_BYTES // self.block_size)
         self._vpd_static[vpd.PAGE_BLOCK_LIMITS] = vpd.block_limits_page(vpd.BlockLimits(
             max_compare_and_write=self.max_compare_and_write,
             optimal_granularity=phys,
@@ -209,7 +218,7 @@ class LogicalUnit:
             max_prefetch=self.max_transfer,
             max_unmap_lba_count=self.max_unmap_lba_count if self.thin else 0,
             max_unmap_descriptors=self.max_unmap_descriptors if self.thin else 0,
-            unmap_granularity=phys if self.thin else 0,
+            unmap_granularity=unmap_gran if self.thin else 0,
             max_write_same=self.max_write_same,
             max_atomic_transfer=self.max_atomic_transfer,
         ))

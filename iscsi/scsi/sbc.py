@@ -384,8 +384,9 @@ def _write_same(lu: LogicalUnit, cmd: ScsiCommand, flags: int, lba: int, n: int,
 
     - ANCHOR: anchored LBAs are not supported (ANC_SUP=0), so ANCHOR=1 is invalid;
     - NUMBER OF LOGICAL BLOCKS 0 means "up to the last LBA" (WSNZ=0);
-    - UNMAP=1 with a block that reads like an unmapped one (zeroes, LBPRZ=1) deallocates
-      the range (partial physical blocks are zeroed); any other block is written;
+    - UNMAP=1 (ANCHOR=0) deallocates the range on a thin LU (SBC-4 Table "ANCHOR bit,
+      UNMAP bit and ANC_SUP bit relationships": unmap), whatever the Data-Out block;
+      with LBPRZ=1 the LBAs then read as zeroes (libiscsi WriteSame10.UnmapUntilEnd);
     - NDOB=1: no Data-Out, the block is zeroes.
     """
     if flags & 0xE0:
@@ -414,7 +415,7 @@ def _write_same(lu: LogicalUnit, cmd: ScsiCommand, flags: int, lba: int, n: int,
             raise S.illegal_field(len_field)  # exactly one block of Data-Out is expected
         block = bytes(data[:bs])
     zero = block is None or not any(block)
-    if zero and unmap and lu.thin and lu.lbprz:
+    if unmap and lu.thin:
         _deallocate(lu, lba, n)
     elif zero:
         _zero(lu, lba, n)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from iscsi.scsi.cdb import decode_lun, encode_lun
 from iscsi.scsi.target import LunMap
 
@@ -96,7 +98,7 @@ async def test_block_limits_and_provisioning_pages():
     opt_gran, max_xfer, opt_xfer = struct.unpack_from(">HII", bl, 6)
     max_unmap, max_desc, gran = struct.unpack_from(">III", bl, 20)
     max_ws = struct.unpack_from(">Q", bl, 36)[0]
-    assert max_cmp >= 1 and max_xfer >= 256 and opt_gran == 8  # 4 KiB physical blocks
+    assert max_cmp >= 1 and max_xfer >= 256 and opt_gran == 1  # physical = logical by default
     assert max_unmap >= 8 and max_desc >= 1 and gran == 8
     assert max_ws >= 256
     max_atomic = struct.unpack_from(">I", bl, 44)[0]
@@ -124,11 +126,16 @@ async def test_read_capacity():
 
 
 async def test_read_capacity16_reports_physical_block_exponent():
-    lu = make_lu("ram", block_size=512)
+    ini = Initiator(make_lu("ram", block_size=512))
+    await ini.clear_ua()
+    assert (await ini.ok(read_capacity16())).data[13] & 0x0F == 0
+    lu = make_lu("ram", block_size=512, physical_block_size=4096)
     ini = Initiator(lu)
     await ini.clear_ua()
-    r16 = (await ini.ok(read_capacity16())).data
-    assert r16[13] & 0x0F == 3  # 8 logical blocks per 4 KiB physical block
+    assert (await ini.ok(read_capacity16())).data[13] & 0x0F == 3  # 8 logical blocks per physical block
+    assert struct.unpack_from(">H", (await ini.ok(inquiry(1, 0xB0))).data, 6)[0] == 8
+    with pytest.raises(ValueError):
+        make_lu("ram", block_size=512, physical_block_size=1536)
 
 
 def test_lun_encoding_round_trip():

@@ -111,7 +111,10 @@ async def test_write_same_unmap_and_ndob(kind, tmp_path):
     assert lba_status((await ini.ok(get_lba_status(0))).data)[0] == (0, 16, 1)
     await ini.ok(write_same16(16, 8, flags=0x08 | 0x01))  # NDOB + UNMAP, no Data-Out
     assert (await ini.ok(read10(16, 8))).data == bytes(8 * 512)
-    await ini.ok(write_same16(24, 8, flags=0x08), b"\x01" * 512)  # non-zero block is written
+    await ini.ok(write10(24, 8), b"\xee" * 8 * 512)
+    await ini.ok(write_same16(24, 8, flags=0x08), b"\x01" * 512)  # UNMAP deallocates whatever the block
+    assert (await ini.ok(read10(24, 8))).data == bytes(8 * 512)
+    await ini.ok(write_same16(24, 8), b"\x01" * 512)  # without UNMAP the block is written
     assert (await ini.ok(read10(24, 8))).data == b"\x01" * 8 * 512
 
 
