@@ -1,0 +1,636 @@
+"""``iscsi-initiator``: the command line of the software initiator.
+
+URLs are libiscsi's: ``iscsi://[user[%password]@]host[:port]/target-iqn/lun`` (see
+:mod:`iscsi.initiator.url`).  A password can also come from ``ISCSI_PASSWORD`` /
+``ISCSI_TARGET_PASSWORD`` so it stays out of the process list.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..log import setup as log_setup
+from . import attach as attach_mod
+from . import bench as bench_mod
+from .client import discover as do_discover, open_device, open_session
+from .device import BlockDevice
+from .errors import IscsiError, ScsiError
+from .nodes import NodeRecord, NodeStore
+from .url import IscsiUrl, UrlError, parse_portal, parse_url
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.I)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+#: dd keeps this many chunks in flight (each of ``bs`` bytes).
+DD_QUEUE_DEPTH = 8
+
+
+def parse_size(text: str) -> int:
+    m = _SIZE.match(str(text))
+    if not m:
+        raise click.BadParameter(f"not a size: {text!r} (e.g. 4k, 1M)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def _run(coro):
+    try:
+        import uvloop
+        return uvloop.run(coro) if hasattr(uvloop, "run") else asyncio.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+def _url(text: str, *, require_target: bool = True) -> IscsiUrl:
+    try:
+        u = parse_url(text, require_target=require_target)
+    except UrlError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if u.user and u.password is None and os.environ.get("ISCSI_PASSWORD"):
+        u = replace(u, password=os.environ["ISCSI_PASSWORD"])
+    if u.target_user and u.target_password is None and os.environ.get("ISCSI_TARGET_PASSWORD"):
+        u = replace(u, target_password=os.environ["ISCSI_TARGET_PASSWORD"])
+    return u
+
+
+def _fail(msg: str) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(1)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class _Ctx:
+    initiator_name: str | None = None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--initiator-name", "-i", envvar="ISCSI_INITIATOR_NAME", help="our IQN")
+@click.option("--log-level", default="WARNING", show_default=True)
+@click.pass_context
+def main(ctx: click.Context, initiator_name: str | None, log_level: str) -> None:
+    """Software iSCSI initiator (RFC 7143): discovery, I/O, benchmarks, attach as /dev/loopN."""
+    log_setup(log_level)
+    ctx.obj = _Ctx()
+    ctx.obj.initiator_name = initiator_name
+
+
+def _guard(fn):
+    """Turn iSCSI/SCSI failures into one line on stderr and exit status 1."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except (IscsiError, ScsiError, OSError, asyncio.TimeoutError, ValueError, RuntimeError) as exc:
+            _fail(str(exc) or type(exc).__name__)
+    return wrapper
+
+
+# ---------------------------------------------------------------------------
+# discovery and inventory
+# ---------------------------------------------------------------------------
+
+@main.command()
+@click.argument("portal")
+@click.option("--save", is_flag=True, help="save a node record per target and portal")
+@click.pass_obj
+@_guard
+def discover(obj: _Ctx, portal: str, save: bool) -> None:
+    """SendTargets discovery: PORTAL is host[:port] or iscsi://[user%pw@]host[:port]."""
+    if portal.startswith("iscsi://"):
+        u = _url(portal, require_target=False)
+    else:
+        host, port = parse_portal(portal)
+        u = IscsiUrl(host=host, port=port)
+    targets = _run(do_discover(u.host, u.port, url=u, initiator_name=obj.initiator_name))
+    store = NodeStore() if save else None
+    for t in targets:
+        for host, port, tpgt in t.portals:
+            addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            click.echo(f"{addr},{tpgt} {t.name}")
+            if store is not None:
+                store.upsert(NodeRecord(target=t.name, host=host, port=port, tpgt=tpgt, user=u.user,
+                                        password=u.password, target_user=u.target_user,
+                                        target_password=u.target_password))
+
+
+async def _lun_table(u: IscsiUrl, initiator_name: str | None) -> list[dict]:
+    session = await open_session(u, initiator_name=initiator_name)
+    rows = []
+    try:
+        probe = BlockDevice(session, u.lun)
+        try:
+            luns = await probe.report_luns()
+        except ScsiError:
+            luns = [u.lun]
+        for lun in luns:
+            dev = BlockDevice(session, lun)
+            inq = await dev.inquiry()
+            row: dict[str, Any] = {"lun": lun, "type": inq.device_type, "vendor": inq.vendor,
+                                   "product": inq.product}
+            if inq.device_type == 0 and inq.peripheral_qualifier == 0:
+                try:
+                    await dev.refresh()
+                    row.update(size=dev.size, block_size=dev.block_size, identity=dev.identity)
+                except ScsiError as exc:
+                    row["error"] = str(exc)
+            rows.append(row)
+    finally:
+        await session.close()
+    return rows
+
+
+@main.command("ls")
+@click.argument("url")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@_guard
+def ls_cmd(obj: _Ctx, url: str, as_json: bool) -> None:
+    """List targets (portal URL) or LUNs with sizes (target URL)."""
+    u = _url(url, require_target=False)
+
+    async def go():
+        targets = [u.target] if u.target else [t.name for t in await do_discover(
+            u.host, u.port, url=u, initiator_name=obj.initiator_name)]
+        out = {}
+        for name in targets:
+            out[name] = await _lun_table(replace(u, target=name), obj.initiator_name)
+        return out
+
+    result = _run(go())
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for target, rows in result.items():
+        click.echo(f"Target: {target}")
+        for r in rows:
+            size = f"{_human(r['size'])} ({r['size'] // r['block_size']} x {r['block_size']})" if "size" in r else ""
+            click.echo(f"  Lun:{r['lun']:<3} Type:{r['type']:<2} {r['vendor']} {r['product']} {size}"
+                       f"{'  ' + r['identity'] if r.get('identity') else ''}")
+
+
+@main.command()
+@click.argument("url")
+@click.option("--page", "-e", type=str, default=None, help="VPD page (hex, e.g. 0x83)")
+@click.pass_obj
+@_guard
+def inquiry(obj: _Ctx, url: str, page: str | None) -> None:
+    """Standard INQUIRY data, or a VPD page."""
+    u = _url(url)
+
+    async def go():
+        session = await open_session(u, initiator_name=obj.initiator_name)
+        try:
+            dev = BlockDevice(session, u.lun)
+            if page is not None:
+                return (await dev.vpd(int(page, 0))).hex()
+            inq = await dev.inquiry()
+            return "\n".join(f"{k}: {v}" for k, v in vars(inq).items() if k != "raw")
+        finally:
+            await session.close()
+
+    click.echo(_run(go()))
+
+
+@main.command()
+@click.argument("url")
+@click.pass_obj
+@_guard
+def readcap(obj: _Ctx, url: str) -> None:
+    """READ CAPACITY (16)."""
+    u = _url(url)
+
+    async def go():
+        session = await open_session(u, initiator_name=obj.initiator_name)
+        try:
+            return await BlockDevice(session, u.lun).read_capacity()
+        finally:
+            await session.close()
+
+    cap = _run(go())
+    click.echo(f"Block size: {cap.block_size}\nBlocks: {cap.blocks}\nSize: {cap.size} ({_human(cap.size)})\n"
+               f"Thin provisioning: {'yes' if cap.lbpme else 'no'}")
+
+
+# ---------------------------------------------------------------------------
+# block I/O
+# ---------------------------------------------------------------------------
+
+@main.command()
+@click.argument("url")
+@click.option("--lba", type=int, default=0, show_default=True)
+@click.option("--count", "-n", type=int, default=1, show_default=True, help="blocks")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="file (default: hex dump)")
+@click.pass_obj
+@_guard
+def read(obj: _Ctx, url: str, lba: int, count: int, output: str | None) -> None:
+    """READ (16) COUNT blocks at LBA."""
+    u = _url(url)
+
+    async def go():
+        session, dev = await open_device(u, initiator_name=obj.initiator_name)
+        try:
+            return await dev.read(lba, count)
+        finally:
+            await session.close()
+
+    data = _run(go())
+    if output:
+        Path(output).write_bytes(data)
+    else:
+        for off in range(0, len(data), 16):
+            chunk = data[off:off + 16]
+            text = "".join(chr(c) if 32 <= c < 127 else "." for c in chunk)
+            click.echo(f"{off:08x}  {chunk.hex(' '):<47}  {text}")
+
+
+@main.command()
+@click.argument("url")
+@click.option("--lba", type=int, default=0, show_default=True)
+@click.option("--input", "-i", "input_", type=click.Path(exists=True, dir_okay=False), help="data file")
+@click.option("--pattern", type=str, help="fill with this byte (e.g. 0xab) ...")
+@click.option("--count", "-n", type=int, default=1, help="... for COUNT blocks")
+@click.option("--fua", is_flag=True, help="force unit access (durable on return)")
+@click.pass_obj
+@_guard
+def write(obj: _Ctx, url: str, lba: int, input_: str | None, pattern: str | None, count: int, fua: bool) -> None:
+    """WRITE (16) at LBA from a file (zero-padded to whole blocks) or a byte pattern."""
+    u = _url(url)
+    if (input_ is None) == (pattern is None):
+        raise click.UsageError("give exactly one of --input or --pattern")
+
+    async def go():
+        session, dev = await open_device(u, initiator_name=obj.initiator_name)
+        try:
+            bs = dev.block_size
+            if input_:
+                data = Path(input_).read_bytes()
+                data += b"\0" * (-len(data) % bs)
+            else:
+                data = bytes([int(pattern, 0) & 0xFF]) * (count * bs)
+            await dev.write(lba, data, fua=fua)
+            return len(data) // bs
+        finally:
+            await session.close()
+
+    n = _run(go())
+    click.echo(f"wrote {n} blocks at LBA {lba}")
+
+
+class _FileSide:
+    def __init__(self, path: str, writing: bool) -> None:
+        self.path = path
+        flags = (os.O_WRONLY | os.O_CREAT) if writing else os.O_RDONLY
+        self.fd = os.open(path, flags, 0o644)
+        self.size = os.fstat(self.fd).st_size if not writing else None
+
+    async def read(self, off: int, n: int) -> bytes:
+        return os.pread(self.fd, n, off)
+
+    async def write(self, off: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            k = os.pwrite(self.fd, view, off)
+            view, off = view[k:], off + k
+
+    async def close(self) -> None:
+        os.fsync(self.fd) if self.size is None else None
+        os.close(self.fd)
+
+
+class _LunSide:
+    def __init__(self, session, dev: BlockDevice) -> None:
+        self.session, self.dev = session, dev
+        self.size = dev.size
+
+    async def read(self, off: int, n: int) -> bytes:
+        bs = self.dev.block_size
+        n = min(n, self.size - off)
+        if n <= 0:
+            return b""
+        blocks = (n + bs - 1) // bs
+        data = await self.dev.read(off // bs, blocks)
+        return data[:n]
+
+    async def write(self, off: int, data: bytes) -> None:
+        bs = self.dev.block_size
+        if len(data) % bs:
+            data = bytes(data) + b"\0" * (-len(data) % bs)  # dd conv=sync for the last block
+        await self.dev.write(off // bs, data)
+
+    async def close(self) -> None:
+        try:
+            await self.dev.flush()
+        finally:
+            await self.session.close()
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("operands", nargs=-1)
+@click.option("--no-progress", is_flag=True)
+@click.pass_obj
+@_guard
+def dd(obj: _Ctx, operands: tuple[str, ...], no_progress: bool) -> None:
+    """Copy between files and LUNs: if=SRC of=DST [bs=1M] [count=N] [skip=N] [seek=N] [qd=8].
+
+    SRC/DST are paths or iscsi:// URLs; skip/seek/count are in bs units, as in dd(1).
+    """
+    ops: dict[str, str] = {}
+    for op in operands:
+        if "=" not in op:
+            raise click.UsageError(f"operand {op!r} is not KEY=VALUE")
+        k, v = op.split("=", 1)
+        ops[k] = v
+    unknown = set(ops) - {"if", "of", "bs", "count", "skip", "seek", "qd"}
+    if unknown or "if" not in ops or "of" not in ops:
+        raise click.UsageError("dd if=SRC of=DST [bs=] [count=] [skip=] [seek=] [qd=]")
+    bs = parse_size(ops.get("bs", "1M"))
+    count = int(ops["count"]) if "count" in ops else None
+    skip, seek = int(ops.get("skip", 0)), int(ops.get("seek", 0))
+    qd = int(ops.get("qd", DD_QUEUE_DEPTH))
+    progress = not no_progress and sys.stderr.isatty()
+
+    async def side(spec: str, writing: bool):
+        if spec.startswith("iscsi://"):
+            session, dev = await open_device(_url(spec), initiator_name=obj.initiator_name)
+            if bs % dev.block_size:
+                await session.close()
+                raise ValueError(f"bs={bs} is not a multiple of the LUN block size {dev.block_size}")
+            return _LunSide(session, dev)
+        return _FileSide(spec, writing)
+
+    async def go():
+        src = await side(ops["if"], False)
+        dst = await side(ops["of"], True)
+        try:
+            avail = (src.size - skip * bs) if src.size is not None else None
+            total = count * bs if count is not None else avail
+            if avail is not None and total is not None:
+                total = min(total, avail)
+            if total is None or total < 0:
+                raise ValueError("cannot tell how much to copy: give count=")
+            done = 0
+            t0 = time.monotonic()
+            last_print = 0.0
+            sem = asyncio.Semaphore(qd)
+            errors: list[BaseException] = []
+
+            async def chunk(i: int) -> None:
+                nonlocal done, last_print
+                try:
+                    n = min(bs, total - i * bs)
+                    data = await src.read((skip + i) * bs, n)
+                    if len(data) < n:
+                        raise ValueError(f"short read at chunk {i}")
+                    await dst.write((seek + i) * bs, data)
+                    done += n
+                    now = time.monotonic()
+                    if progress and now - last_print > 0.2:
+                        last_print = now
+                        _progress(done, total, now - t0)
+                except BaseException as exc:
+                    errors.append(exc)
+                finally:
+                    sem.release()
+
+            tasks = []
+            nchunks = (total + bs - 1) // bs
+            for i in range(nchunks):
+                await sem.acquire()
+                if errors:
+                    break
+                tasks.append(asyncio.ensure_future(chunk(i)))
+            await asyncio.gather(*tasks)
+            if errors:
+                raise errors[0]
+            return done, time.monotonic() - t0
+        finally:
+            for s in (src, dst):
+                await s.close()
+
+    done, secs = _run(go())
+    if progress:
+        click.echo("", err=True)
+    rate = done / secs if secs else 0
+    click.echo(f"{done} bytes ({_human(done)}) copied, {secs:.3f} s, {_human(rate)}/s", err=True)
+
+
+def _progress(done: int, total: int, secs: float) -> None:
+    width = 30
+    frac = done / total if total else 1.0
+    bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+    rate = done / secs if secs else 0
+    click.echo(f"\r[{bar}] {frac * 100:5.1f}% {_human(done)} {_human(rate)}/s", err=True, nl=False)
+
+
+# ---------------------------------------------------------------------------
+# benchmark
+# ---------------------------------------------------------------------------
+
+_RW = {"randread": ("random", 100), "randwrite": ("random", 0), "randrw": ("random", None),
+       "read": ("sequential", 100), "write": ("sequential", 0), "rw": ("sequential", None)}
+
+
+@main.command()
+@click.argument("url")
+@click.option("--rw", type=click.Choice(sorted(_RW)), default="randread", show_default=True)
+@click.option("--rwmixread", type=click.IntRange(0, 100), default=70, show_default=True,
+              help="read percentage for randrw/rw")
+@click.option("--bs", default="4k", show_default=True)
+@click.option("--qd", "--iodepth", type=click.IntRange(1, 1024), default=32, show_default=True)
+@click.option("--runtime", "-t", type=float, default=10.0, show_default=True, help="seconds")
+@click.option("--size", default=None, help="limit the region used (e.g. 1G)")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@_guard
+def bench(obj: _Ctx, url: str, rw: str, rwmixread: int, bs: str, qd: int, runtime: float,
+          size: str | None, as_json: bool) -> None:
+    """I/O benchmark: IOPS, MB/s and latency percentiles (writes destroy data!)."""
+    u = _url(url)
+    pattern, read_pct = _RW[rw]
+    read_pct = rwmixread if read_pct is None else read_pct
+    nbytes = parse_size(bs)
+
+    async def go():
+        session, dev = await open_device(u, initiator_name=obj.initiator_name)
+        try:
+            region = parse_size(size) // dev.block_size if size else None
+            return await bench_mod.run(session, dev.lun, block_size=dev.block_size, blocks=dev.blocks,
+                                       bs=nbytes, qd=qd, duration=runtime, pattern=pattern,
+                                       read_pct=read_pct, region_blocks=region)
+        finally:
+            await session.close()
+
+    r = _run(go())
+    s = r.summary()
+    if as_json:
+        click.echo(json.dumps({"rw": rw, "bs": nbytes, "qd": qd} | s))
+        return
+    lat = s["lat_us"]
+    click.echo(f"{rw} bs={nbytes} qd={qd}: {s['iops']:.0f} IOPS, {s['MB/s']:.1f} MB/s "
+               f"({r.reads} reads, {r.writes} writes, {r.errors} errors in {s['seconds']:.1f} s)")
+    click.echo(f"latency us: mean {lat['mean']}  p50 {lat['p50']}  p90 {lat['p90']}  "
+               f"p99 {lat['p99']}  p99.9 {lat['p99.9']}")
+
+
+# ---------------------------------------------------------------------------
+# attach / detach / list
+# ---------------------------------------------------------------------------
+
+@main.command("attach")
+@click.argument("url")
+@click.option("--replacement-timeout", type=float, default=120.0, show_default=True,
+              help="seconds I/O waits for a lost session to come back")
+@_guard
+def attach_cmd(url: str, replacement_timeout: float) -> None:
+    """Expose the LUN as /dev/loopN (FUSE file + loop device; needs root)."""
+    u = _url(url)
+    st = attach_mod.start_daemon(u.to_string(secrets=True), replacement_timeout=replacement_timeout)
+    click.echo(st["loop"])
+
+
+@main.command()
+@click.argument("what", required=False)
+@click.option("--all", "all_", is_flag=True)
+@_guard
+def detach(what: str | None, all_: bool) -> None:
+    """Detach /dev/loopN (or an attachment id or URL); --all detaches everything."""
+    if all_:
+        states = attach_mod.load_states()
+    else:
+        if not what:
+            raise click.UsageError("give a loop device, id or URL, or --all")
+        st = attach_mod.find_attachment(what)
+        if st is None:
+            _fail(f"nothing attached as {what}")
+        states = [st]
+    for st in states:
+        attach_mod.stop_daemon(st)
+        click.echo(f"detached {st.get('loop')}")
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def list_cmd(as_json: bool) -> None:
+    """Attached LUNs."""
+    states = attach_mod.load_states()
+    if as_json:
+        click.echo(json.dumps(states, indent=2))
+        return
+    for st in states:
+        click.echo(f"{st.get('loop')}  {st.get('url')}  {_human(st.get('size', 0))}  pid {st.get('pid')}")
+
+
+# ---------------------------------------------------------------------------
+# node records: node / login / logout / session
+# ---------------------------------------------------------------------------
+
+@main.group()
+def node() -> None:
+    """Saved node records (like iscsiadm -m node)."""
+
+
+@node.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def node_list(as_json: bool) -> None:
+    nodes = NodeStore().load()
+    if as_json:
+        click.echo(json.dumps([n.public() for n in nodes], indent=2))
+        return
+    for n in nodes:
+        click.echo(f"{n.portal},{n.tpgt} {n.target}{'  (chap)' if n.user else ''}")
+
+
+@node.command("add")
+@click.argument("url")
+@click.option("--startup", type=click.Choice(["manual", "automatic"]), default="manual")
+def node_add(url: str, startup: str) -> None:
+    """Save URL (iscsi://[user%pw@]host[:port]/iqn[/lun]) as a node record."""
+    u = _url(url)
+    NodeStore().upsert(NodeRecord(target=u.target or "", host=u.host, port=u.port,
+                                  luns=[u.lun] if url.rstrip("/").count("/") >= 4 else None,
+                                  user=u.user, password=u.password, target_user=u.target_user,
+                                  target_password=u.target_password, header_digest=u.header_digest,
+                                  data_digest=u.data_digest, startup=startup))
+    click.echo(f"saved {u.target} at {u.portal}")
+
+
+@node.command("delete")
+@click.argument("target")
+@click.option("--portal")
+def node_delete(target: str, portal: str | None) -> None:
+    n = NodeStore().delete(target, portal)
+    click.echo(f"deleted {n} record(s)")
+
+
+def _select_nodes(target: str | None, portal: str | None, all_: bool) -> list[NodeRecord]:
+    store = NodeStore()
+    if all_:
+        return [n for n in store.load() if n.startup == "automatic" or target is None]
+    if not target:
+        raise click.UsageError("give a target name or --all")
+    nodes = store.find(target, portal)
+    if not nodes:
+        _fail(f"no node record for {target}")
+    return nodes
+
+
+@main.command()
+@click.argument("target", required=False)
+@click.option("--portal")
+@click.option("--all", "all_", is_flag=True, help="every record")
+@click.pass_obj
+@_guard
+def login(obj: _Ctx, target: str | None, portal: str | None, all_: bool) -> None:
+    """Log in to saved node(s): attach each of their disk LUNs as /dev/loopN."""
+    for n in _select_nodes(target, portal, all_):
+        luns = n.luns
+        if luns is None:
+            rows = _run(_lun_table(n.url(0), obj.initiator_name))
+            luns = [r["lun"] for r in rows if r["type"] == 0 and "size" in r]
+        for lun in luns:
+            url = n.url(lun)
+            if attach_mod.find_attachment(url.to_string()):
+                click.echo(f"{url} already logged in")
+                continue
+            st = attach_mod.start_daemon(url.to_string(secrets=True))
+            click.echo(f"{st['loop']} {url}")
+
+
+@main.command()
+@click.argument("target", required=False)
+@click.option("--portal")
+@click.option("--all", "all_", is_flag=True)
+@_guard
+def logout(target: str | None, portal: str | None, all_: bool) -> None:
+    """Log out of node(s): detach their LUNs."""
+    for st in attach_mod.load_states():
+        if all_ or (st.get("target") == target and (portal is None or st.get("portal") == portal)):
+            attach_mod.stop_daemon(st)
+            click.echo(f"logged out {st.get('url')} ({st.get('loop')})")
+
+
+@main.command()
+def session() -> None:
+    """Active sessions (one per attached LUN)."""
+    for st in attach_mod.load_states():
+        click.echo(f"{st.get('portal')} {st.get('target')} lun {st.get('lun')} -> {st.get('loop')}")
+
+
+if __name__ == "__main__":
+    main()
