@@ -382,6 +382,7 @@ def expectation_document(report: Report, *, peer: str, profile: str, flags: Sequ
         "command": f"iscsi-test-cu -t ALL -i {INITIATOR_1} -I {INITIATOR_2} {' '.join(flags)} "
                    + " ".join(["URL"] * urls),
         "recorded": _dt.date.today().isoformat(),
+        "commit": _git_describe(),
         "counts": report.counts(),
         **(extra or {}),
         "results": report.outcomes(),
@@ -389,6 +390,18 @@ def expectation_document(report: Report, *, peer: str, profile: str, flags: Sequ
                     if n in report.results and report.outcome(n) != PASS},
     }
     return doc
+
+
+def _git_describe() -> str:
+    """The commit the results were taken at; '+dirty' when the work tree had changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("+dirty" if dirty else "") if head else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def _libiscsi_version() -> str:
