@@ -95,9 +95,11 @@ class GuestImage:
     kernel_version: str
     key: str
     modules: tuple[str, ...]
+    #: busybox-static, for the root filesystem of the boot-from-SAN guest
+    busybox: Path
 
     def as_dict(self) -> dict:
-        return {"kernel": str(self.kernel), "initrd": str(self.initrd),
+        return {"kernel": str(self.kernel), "initrd": str(self.initrd), "busybox": str(self.busybox),
                 "kernel_version": self.kernel_version, "key": self.key, "modules": list(self.modules)}
 
 
@@ -390,6 +392,9 @@ def build_initrd(kroot: Path, bbroot: Path, files: dict[str, Path]) -> tuple[byt
         c.file(f"lib/modules/{name}.ko", index[name].read_bytes())
     c.file("lib/modules/load.order", ("\n".join(order) + "\n").encode())
     c.file("init", INIT_SCRIPT.read_bytes(), 0o755)
+    # iscsid resolves the uid of every iscsiadm peer (peeruser_unix) and refuses unknown ones.
+    c.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+    c.file("etc/group", b"root:x:0:\n")
     c.file("etc/sanstack-kernel", (kver + "\n").encode())
     raw = c.finish()
     return gzip.compress(raw, compresslevel=6, mtime=0), kver, order
@@ -424,12 +429,14 @@ def ensure(force: bool = False, log=None) -> GuestImage:
         key = cache_key(kdeb, bdeb, files)
         out = cache_dir() / "images" / key
         manifest = out / "manifest.json"
+        bbroot = unpack_deb(bdeb)
+        busybox = bbroot / "bin" / "busybox"
         if manifest.exists() and not force:
             m = json.loads(manifest.read_text())
-            return GuestImage(out / "vmlinuz", out / "initrd.img", m["kernel_version"], key, tuple(m["modules"]))
+            return GuestImage(out / "vmlinuz", out / "initrd.img", m["kernel_version"], key, tuple(m["modules"]), busybox)
         t0 = time.monotonic()
         say(f"building guest image {key} from {kdeb.name}, {bdeb.name}")
-        kroot, bbroot = unpack_deb(kdeb), unpack_deb(bdeb)
+        kroot = unpack_deb(kdeb)
         initrd, kver, order = build_initrd(kroot, bbroot, files)
         tmp = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=out.parent if out.parent.exists() else None))
         shutil.copyfile(kroot / "boot" / f"vmlinuz-{kver}", tmp / "vmlinuz")
@@ -443,7 +450,7 @@ def ensure(force: bool = False, log=None) -> GuestImage:
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
         say(f"built in {time.monotonic() - t0:.1f}s: initrd {len(initrd) / 1e6:.1f} MB, {len(order)} modules")
-        return GuestImage(out / "vmlinuz", out / "initrd.img", kver, key, tuple(order))
+        return GuestImage(out / "vmlinuz", out / "initrd.img", kver, key, tuple(order), busybox)
 
 
 def main(argv: list[str] | None = None) -> int:
