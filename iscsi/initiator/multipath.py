@@ -1,0 +1,252 @@
+"""Multipath: one logical unit reached through sessions to several portals.
+
+Like dm-multipath with ``queue_if_no_path`` for a bounded time:
+
+* paths are matched by the LU's identity in VPD page 83h (NAA designator first): paths
+  to different LUs are refused;
+* each path's session runs with ``fail_fast`` so a lost connection hands its commands
+  back at once; they are re-issued on another path, and the session reconnects in the
+  background and rejoins when logged in again;
+* ALUA (SPC-4 §5.16): when the LU reports TPGS, REPORT TARGET PORT GROUPS gives each
+  path's asymmetric access state; I/O goes to active/optimized paths, then
+  active/non-optimized ones; standby / unavailable / offline paths are used for nothing
+  but state refreshes; transitioning is retried.  Sense NOT READY 04h/0Ah-0Ch and the
+  UNIT ATTENTION 2Ah/06h (asymmetric access state changed) trigger a refresh;
+* path selection: ``round-robin`` (one command per path in turn) or ``least-queue``
+  (the path with the fewest outstanding commands, dm's queue-length selector).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..log import event
+from . import scsi
+from .device import BlockDevice
+from .errors import ConnectionLost, IscsiError, ScsiError, SessionFailed
+from .session import Session, SessionOptions, State
+
+log = logging.getLogger("iscsi.initiator.multipath")
+
+#: How long I/O waits when no path is usable (dm-multipath's no_path_retry × polling
+#: interval is typically 12 × 5 s = 60 s; open-iscsi's replacement_timeout is 120 s).
+NO_PATH_TIMEOUT = 120.0
+#: Re-issues of one command across path failures before giving up.
+MAX_PATH_RETRIES = 32
+POLICIES = ("round-robin", "least-queue")
+
+_USABLE = (scsi.AluaState.ACTIVE_OPTIMIZED, scsi.AluaState.ACTIVE_NON_OPTIMIZED,
+           scsi.AluaState.LBA_DEPENDENT)
+_ALUA_SENSE = {(0x04, 0x0A), (0x04, 0x0B), (0x04, 0x0C)}  # transitioning / standby / unavailable
+
+
+class MultipathError(IscsiError):
+    pass
+
+
+@dataclass
+class Path:
+    session: Session
+    lun: int
+    identity: str | None = None
+    rel_port: int | None = None
+    group: int | None = None
+    alua: scsi.AluaState | None = None   # None: the LU does not do ALUA
+    failures: int = 0
+
+    @property
+    def up(self) -> bool:
+        return self.session.state == State.LOGGED_IN
+
+    @property
+    def usable(self) -> bool:
+        return self.up and (self.alua is None or self.alua in _USABLE)
+
+    @property
+    def name(self) -> str:
+        return f"{self.session.portal}/lun{self.lun}"
+
+
+class MultipathExecutor:
+    """Has the ``execute`` coroutine of a Session, so a :class:`BlockDevice` runs on it."""
+
+    def __init__(self, paths: list[Path], policy: str = "round-robin",
+                 no_path_timeout: float = NO_PATH_TIMEOUT) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}")
+        if not paths:
+            raise ValueError("no paths")
+        self.paths = paths
+        self.policy = policy
+        self.no_path_timeout = no_path_timeout
+        self.listeners: list[Callable[[str, dict], None]] = []
+        self._rr = 0
+        self._alua = False
+        self._change = asyncio.Event()
+        self._refreshing: asyncio.Task | None = None
+        self.failovers = 0
+        for p in paths:
+            p.session.listeners.append(self._path_event(p))
+
+    def _path_event(self, path: Path):
+        def on_event(name: str, info: dict) -> None:
+            if name == "state":
+                event(log, "multipath.path_state", path=path.name, state=info.get("state"))
+                self._change.set()
+                if info.get("state") == State.LOGGED_IN and self._alua:
+                    self.refresh_alua_soon()
+            for cb in list(self.listeners):
+                cb(name, {**info, "path": path.name})
+        return on_event
+
+    # ------------------------------------------------------------------ path choice
+    def _pick(self) -> Path | None:
+        usable = [p for p in self.paths if p.usable]
+        if not usable:
+            return None
+        best = [p for p in usable if p.alua in (None, scsi.AluaState.ACTIVE_OPTIMIZED)]
+        candidates = best or usable
+        if self.policy == "least-queue":
+            return min(candidates, key=lambda p: p.session.queued)
+        self._rr += 1
+        return candidates[self._rr % len(candidates)]
+
+    async def _wait_for_path(self, deadline: float) -> Path:
+        loop = asyncio.get_running_loop()
+        while True:
+            path = self._pick()
+            if path is not None:
+                return path
+            if all(p.session.state == State.CLOSED for p in self.paths):
+                raise SessionFailed("every path is closed")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise SessionFailed(f"no usable path for {self.no_path_timeout:.0f}s")
+            self._change.clear()
+            try:
+                await asyncio.wait_for(self._change.wait(), min(remaining, 1.0))
+            except asyncio.TimeoutError:
+                pass
+
+    # ------------------------------------------------------------------ execute
+    async def execute(self, lun: int, cdb: bytes, *, read_len: int = 0, data: Any = None, buf: Any = None,
+                      attr: int = 1, timeout: float | None = None):
+        """Run ``cdb`` on some path (``lun`` is ignored: each path knows its own LUN number)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.no_path_timeout
+        last_exc: BaseException | None = None
+        for _ in range(MAX_PATH_RETRIES):
+            path = await self._wait_for_path(deadline)
+            try:
+                task = await path.session.execute(path.lun, cdb, read_len=read_len, data=data, buf=buf,
+                                                  attr=attr, timeout=timeout)
+            except (ConnectionLost, SessionFailed) as exc:
+                last_exc = exc
+                path.failures += 1
+                self.failovers += 1
+                event(log, "multipath.failover", logging.WARNING, path=path.name, error=exc)
+                self._change.set()
+                continue
+            if task.status == 2 and task.sense_data:
+                sense = task.sense
+                if sense is not None and sense.key == 0x2 and sense.asc_ascq in _ALUA_SENSE:
+                    # The path's port group cannot serve I/O right now: learn the new states, try another.
+                    path.alua = scsi.AluaState.TRANSITIONING if sense.ascq == 0x0A else scsi.AluaState.STANDBY
+                    self.refresh_alua_soon()
+                    await asyncio.sleep(0.05)
+                    continue
+                if sense is not None and sense.key == 0x6 and sense.asc_ascq == (0x2A, 0x06):
+                    self.refresh_alua_soon()
+            return task
+        raise SessionFailed(f"command failed on every path: {last_exc}")
+
+    # ------------------------------------------------------------------ ALUA
+    def refresh_alua_soon(self) -> None:
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh_quietly())
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.refresh_alua()
+        except (IscsiError, ScsiError, asyncio.TimeoutError) as exc:
+            event(log, "multipath.alua_refresh_failed", logging.WARNING, error=exc)
+
+    async def refresh_alua(self) -> None:
+        """REPORT TARGET PORT GROUPS through any live path; map states to paths by port group."""
+        if not self._alua:
+            return
+        for p in self.paths:
+            if not p.up:
+                continue
+            dev = BlockDevice(p.session, p.lun)
+            groups = await dev.report_target_port_groups()
+            by_group = {g.group: g.state for g in groups}
+            by_port = {port: g.state for g in groups for port in g.ports}
+            for q in self.paths:
+                state = None
+                if q.group is not None and q.group in by_group:
+                    state = by_group[q.group]
+                elif q.rel_port is not None and q.rel_port in by_port:
+                    state = by_port[q.rel_port]
+                if state is not None and state != q.alua:
+                    event(log, "multipath.alua", path=q.name, state=state.name)
+                    q.alua = state
+            self._change.set()
+            return
+
+    # ------------------------------------------------------------------ lifecycle
+    async def close(self) -> None:
+        await asyncio.gather(*(p.session.close() for p in self.paths), return_exceptions=True)
+
+
+async def probe_path(session: Session, lun: int) -> Path:
+    """Identity (VPD 83h LU designator) and port (relative port, port group) of one path."""
+    dev = BlockDevice(session, lun)
+    inq = await dev.inquiry()
+    designators = scsi.parse_vpd83(await dev.vpd(0x83))
+    rel, tpg = scsi.port_identity(designators)
+    path = Path(session, lun, scsi.lu_identity(designators), rel, tpg)
+    if inq.tpgs:
+        path.alua = scsi.AluaState.ACTIVE_OPTIMIZED  # until REPORT TARGET PORT GROUPS says otherwise
+    return path
+
+
+async def open_multipath(urls: list, *, policy: str = "round-robin", initiator_name: str | None = None,
+                         options: SessionOptions | None = None,
+                         no_path_timeout: float = NO_PATH_TIMEOUT) -> tuple[MultipathExecutor, BlockDevice]:
+    """Log in through every URL (same LU, different portals) and return the executor and device."""
+    from .client import open_session
+    from .url import parse_url
+
+    opts = options or SessionOptions()
+    opts.fail_fast = True
+    parsed = [parse_url(u) if isinstance(u, str) else u for u in urls]
+    sessions = await asyncio.gather(*(open_session(u, options=SessionOptions(**vars(opts)),
+                                                   initiator_name=initiator_name) for u in parsed),
+                                    return_exceptions=True)
+    live = [(s, u) for s, u in zip(sessions, parsed) if isinstance(s, Session)]
+    if not live:
+        raise MultipathError(f"no path could log in: {sessions[0]}")
+    paths = []
+    try:
+        for s, u in live:
+            paths.append(await probe_path(s, u.lun))
+        ids = {p.identity for p in paths}
+        if None in ids or len(ids) != 1:
+            raise MultipathError(f"paths lead to different logical units: {sorted(map(str, ids))}")
+    except BaseException:
+        await asyncio.gather(*(s.close() for s, _ in live), return_exceptions=True)
+        raise
+    mp = MultipathExecutor(paths, policy, no_path_timeout)
+    mp._alua = any(p.alua is not None for p in paths)
+    if mp._alua:
+        try:
+            await mp.refresh_alua()
+        except ScsiError:
+            mp._alua = False
+            for p in paths:
+                p.alua = None
+    dev = await BlockDevice.open(mp, paths[0].lun)
+    return mp, dev
