@@ -13,8 +13,10 @@ from collections.abc import Coroutine
 from typing import Any
 
 
-async def _resume(coro: Coroutine, yielded: Any) -> Any:
+async def resume(coro: Coroutine, yielded: Any) -> Any:
     """Finish ``coro``, which already ran up to a suspension that yielded ``yielded``."""
+    if isinstance(yielded, asyncio.Future):
+        yielded._asyncio_future_blocking = False  # we await it ourselves, not a Task
     while True:
         try:
             if yielded is None:
@@ -47,7 +49,4 @@ def start(coro: Coroutine, loop: asyncio.AbstractEventLoop | None = None) -> asy
         yielded = coro.send(None)
     except StopIteration:
         return None
-    if isinstance(yielded, asyncio.Future):
-        # Undo the "blocking" mark the Future set for a Task driving it; _resume awaits it itself.
-        yielded._asyncio_future_blocking = False
-    return (loop or asyncio.get_running_loop()).create_task(_resume(coro, yielded))
+    return (loop or asyncio.get_running_loop()).create_task(resume(coro, yielded))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import struct
 import time
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,11 @@ NOP_INTERVAL = 5.0
 NOP_TIMEOUT = 15.0
 # Stop reading from a connection whose unsent output exceeds this (back-pressure).
 WRITE_HIGH_WATER = 4 * 1024 * 1024
+
+
+_BHS = struct.Struct(">BBBBIQ8I")  # the same layout iscsi.pdu uses for every BHS
+_TASK_ATTRS = tuple(TaskAttr(i) for i in range(5))
+decode_lun = P.decode_lun
 
 
 class Task:
@@ -180,6 +186,9 @@ class TargetConnection(asyncio.Protocol):
             pdu.expcmdsn = window.expcmdsn  # type: ignore[attr-defined]
             pdu.maxcmdsn = window.maxcmdsn  # type: ignore[attr-defined]
         self._out += encode(pdu, header_digest=self.header_digest, data_digest=self.data_digest)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             # Coalesce every PDU produced in this turn of the loop into one writev:
             # a syscall per PDU was the largest cost per command.
@@ -356,7 +365,17 @@ class TargetConnection(asyncio.Protocol):
     def _scsi_command_arrived(self, pdu: P.ScsiCommandPdu) -> None:
         session = self.session
         assert session is not None
-        if not pdu.immediate and not session.window.in_window(pdu.cmdsn):
+        window = session.window
+        # Fast lane: the next command in CmdSN order, all its data already here (a read,
+        # or a write whose immediate data is the whole transfer), nothing held back.
+        if (pdu.cmdsn == window.expcmdsn and not pdu.immediate and not window.waiting
+                and pdu.itt not in self.tasks
+                and (not pdu.write or (pdu.final and len(pdu.data) == pdu.edtl and self.params.immediate_data))
+                and (pdu.write or not pdu.data)):
+            window.expcmdsn = (pdu.cmdsn + 1) & 0xFFFFFFFF
+            self._run_now(pdu, session)
+            return
+        if not pdu.immediate and not window.in_window(pdu.cmdsn):
             # §4.2.2.1: silently ignore commands outside the window.
             event(log, "cmd.outside_window", logging.DEBUG, cmdsn=pdu.cmdsn,
                   expcmdsn=session.window.expcmdsn)
@@ -397,6 +416,57 @@ class TargetConnection(asyncio.Protocol):
             self._send_r2ts(task)
         for item in session.window.arrive(pdu.cmdsn, task, pdu.immediate):
             self._run_in_order(item)
+
+    def _run_now(self, pdu: P.ScsiCommandPdu, session: "TargetSession") -> None:
+        """Execute a command whose turn it is and whose data is complete, without a Task
+        unless the SCSI layer has to wait (flush, lock, worker thread)."""
+        luns = session.luns
+        lun = decode_lun(pdu.lun)
+        cdb = pdu.cdb
+        needed = luns.data_out_length(lun, cdb) if pdu.write or not pdu.read else None
+        data_out = pdu.data
+        if needed is not None and len(data_out) > needed:
+            data_out = memoryview(data_out)[:needed]
+        attr = pdu.attr
+        cmd = ScsiCommand(cdb, lun, session.nexus, data_out, pdu.edtl,
+                          _TASK_ATTRS[attr] if attr < 5 else TaskAttr.SIMPLE, pdu.itt)
+        coro = luns.execute(cmd)
+        try:
+            yielded = coro.send(None)
+        except StopIteration as stop:
+            self._respond(pdu.itt, pdu.lun, pdu.read, pdu.write, pdu.edtl, needed, stop.value)
+            return
+        except Exception:
+            self._respond(pdu.itt, pdu.lun, pdu.read, pdu.write, pdu.edtl, needed, self._internal_error(cdb))
+            return
+        # It has to wait: from here on it is an ordinary task (abortable, counted).
+        task = Task(pdu, lun)
+        task.needed = needed
+        task.ready = task.started = True
+        self.tasks[pdu.itt] = task
+        session.window.in_flight += 1
+        task.future = self.loop.create_task(self._finish_suspended(task, eager.resume(coro, yielded)))
+
+    async def _finish_suspended(self, task: Task, pending) -> None:
+        try:
+            result = await pending
+        except asyncio.CancelledError:
+            self._forget(task)
+            raise
+        except Exception:
+            result = self._internal_error(task.pdu.cdb)
+        if task.aborted:
+            self._forget(task)
+            return
+        self._finish_task(task, result)
+
+    @staticmethod
+    def _internal_error(cdb: bytes) -> ScsiResult:
+        from ..scsi.sense import INTERNAL_TARGET_FAILURE, SenseKey, build_sense
+
+        log.exception("cmd.internal_error cdb=%s", bytes(cdb[:16]).hex())
+        return ScsiResult(status=Status.CHECK_CONDITION,
+                          sense=build_sense(SenseKey.HARDWARE_ERROR, INTERNAL_TARGET_FAILURE))
 
     def _send_r2ts(self, task: Task) -> None:
         transfer = task.transfer
@@ -455,7 +525,7 @@ class TargetConnection(asyncio.Protocol):
         if task.transfer is not None:
             data_out = memoryview(task.transfer.buffer)[:max(0, min(task.transfer.received, task.transfer.total))]
         cmd = ScsiCommand(cdb=pdu.cdb, lun=task.lun, nexus=session.nexus, data_out=data_out,
-                          expected_length=pdu.edtl, task_attr=TaskAttr(pdu.attr if pdu.attr <= 4 else 1),
+                          expected_length=pdu.edtl, task_attr=_TASK_ATTRS[pdu.attr] if pdu.attr < 5 else TaskAttr.SIMPLE,
                           task_tag=task.itt)
         try:
             result = await session.luns.execute(cmd)
@@ -463,10 +533,7 @@ class TargetConnection(asyncio.Protocol):
             self._forget(task)
             raise
         except Exception:
-            log.exception("cmd.internal_error cdb=%s", bytes(pdu.cdb[:16]).hex())
-            from ..scsi.sense import INTERNAL_TARGET_FAILURE, SenseKey, build_sense
-            result = ScsiResult(status=Status.CHECK_CONDITION,
-                                sense=build_sense(SenseKey.HARDWARE_ERROR, INTERNAL_TARGET_FAILURE))
+            result = self._internal_error(pdu.cdb)
         if task.aborted:
             self._forget(task)
             return
@@ -482,54 +549,83 @@ class TargetConnection(asyncio.Protocol):
                 del self.ttt_map[ttt]
 
     def _finish_task(self, task: Task, result: ScsiResult, force: bool = False) -> None:
-        """Send the Data-In and/or SCSI Response for a completed command (§11.4, §11.7)."""
+        """Send the response of a completed task and forget it."""
         self._forget(task)
         pdu = task.pdu
+        self._respond(pdu.itt, pdu.lun, pdu.read, pdu.write, pdu.edtl, task.needed, result)
+
+    def _respond(self, itt: int, lun_field: int, read: bool, write: bool, edtl: int,
+                 needed: int | None, result: ScsiResult) -> None:
+        """Data-In and/or SCSI Response for a completed command (§11.4, §11.7).
+
+        Headers are packed directly (one struct call each) rather than built as PDU
+        objects: this runs once per I/O.
+        """
+        if self.closed:
+            return
         status = result.status
-        data = result.data if pdu.read else b""
-        produced = len(result.data)
-        edtl = pdu.edtl
-        lun_field = pdu.lun
-        if pdu.read:
+        sense = result.sense
+        data = result.data if read else b""
+        if read:
+            produced = len(result.data)
             overflow, underflow, resid = residual(edtl, produced)
             if overflow:
-                data = memoryview(data)[:edtl] if not isinstance(data, memoryview) else data[:edtl]
-        elif pdu.write or task.needed:
-            wanted = task.needed if task.needed is not None else edtl
-            overflow, underflow, resid = residual(edtl, wanted)
+                data = memoryview(data)[:edtl]
+        elif write or needed:
+            # Writes: what the CDB asked for against what the initiator announced.
+            overflow, underflow, resid = residual(edtl, needed if needed is not None else edtl)
         else:
             # Neither R nor W: whatever the CDB would transfer counts as overflow.
+            produced = len(result.data)
             overflow, underflow, resid = residual(edtl, produced if produced else edtl)
+        flags = (0x04 if overflow else 0) | (0x02 if underflow else 0)
+        window = self.session.window  # type: ignore[union-attr]
+        out = self._out
+        hd, dd = self.header_digest, self.data_digest
         n = len(data)
+        datasn = 0
         if n:
-            collapse = status == Status.GOOD and not result.sense
+            collapse = status == 0 and not sense
             step = self.max_send_segment
-            datasn = 0
+            if n <= step and collapse and not hd and not dd:
+                # The common case: one Data-In that carries the status too (phase collapse).
+                statsn = self.stat.statsn
+                self.stat.statsn = (statsn + 1) & 0xFFFFFFFF
+                out.append(_BHS.pack(0x25, 0x81 | flags, 0, status, n, lun_field, itt, 0xFFFFFFFF,
+                                     statsn, window.expcmdsn, window.maxcmdsn, 0, 0, resid))
+                out.append(data)
+                if n & 3:
+                    out.append(b"\0" * (-n & 3))
+                self._schedule_flush()
+                return
+            view = data if isinstance(data, memoryview) else memoryview(data)
             offset = 0
-            if not isinstance(data, memoryview):
-                data = memoryview(data)
             while offset < n:
-                chunk = data[offset:offset + step]
+                chunk = view[offset:offset + step]
                 last = offset + len(chunk) >= n
                 if last and collapse:
-                    # Phase collapse: the last Data-In carries status (§11.7.2, S bit).
-                    self.send(P.DataIn(itt=task.itt, lun=lun_field, ttt=P.RESERVED_TAG, datasn=datasn,
+                    self.send(P.DataIn(itt=itt, lun=lun_field, ttt=P.RESERVED_TAG, datasn=datasn,
                                        offset=offset, has_status=True, status=status, overflow=overflow,
                                        underflow=underflow, residual=resid, data=chunk), status=True)
-                else:
-                    self.send(P.DataIn(itt=task.itt, lun=lun_field, ttt=P.RESERVED_TAG, datasn=datasn,
-                                       offset=offset, final=last, data=chunk), status=False)
+                    return
+                self.send(P.DataIn(itt=itt, lun=lun_field, ttt=P.RESERVED_TAG, datasn=datasn,
+                                   offset=offset, final=last, data=chunk), status=False)
                 datasn += 1
                 offset += len(chunk)
-            if collapse:
-                return
-            expdatasn = datasn
-        else:
-            expdatasn = 0
-        self.send(P.ScsiResponse(
-            itt=task.itt, response=0, status=status, overflow=overflow, underflow=underflow,
-            residual=resid, expdatasn=expdatasn,
-            data=P.ScsiResponse.sense_segment(bytes(result.sense)) if result.sense else b""))
+        segment = P.ScsiResponse.sense_segment(bytes(sense)) if sense else b""
+        if not hd and not dd:
+            statsn = self.stat.statsn
+            self.stat.statsn = (statsn + 1) & 0xFFFFFFFF
+            out.append(_BHS.pack(0x21, 0x80 | flags, 0, status, len(segment), 0, itt, 0,
+                                 statsn, window.expcmdsn, window.maxcmdsn, datasn, 0, resid))
+            if segment:
+                out.append(segment)
+                if len(segment) & 3:
+                    out.append(b"\0" * (-len(segment) & 3))
+            self._schedule_flush()
+            return
+        self.send(P.ScsiResponse(itt=itt, response=0, status=status, overflow=overflow,
+                                 underflow=underflow, residual=resid, expdatasn=datasn, data=segment))
 
     def _cancel_task(self, task: Task) -> None:
         task.aborted = True

@@ -1,0 +1,124 @@
+"""Per-command CPU cost of the target's hot path, without sockets or a client.
+
+Feeds encoded READ(16)/WRITE(16) command PDUs straight into a TargetConnection
+whose transport only counts bytes, so the figure is the Python work per I/O
+(parse → SCSI dispatch → backstore → response build) that a benchmark over TCP
+hides behind syscalls and the client's own CPU.
+
+    python -m tools.bench_hotpath [--ops 200000] [--profile]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import os
+import pstats
+import struct
+import tempfile
+import time
+
+from iscsi import keys as K
+from iscsi import pdu as P
+from iscsi.backstore.file import FileBackstore
+from iscsi.framing import encode_bytes
+from iscsi.scsi.lu import LogicalUnit
+from iscsi.scsi.target import LunMap
+from iscsi.target.connection import TargetConnection
+from iscsi.target.server import IscsiServer
+from tests.target.fakes import FakeRegistry, FakeTarget
+
+IQN = "iqn.2026-11.org.sanstack:bench"
+
+
+class CountingTransport:
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def writelines(self, parts) -> None:
+        for p in parts:
+            self.bytes += len(p)
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 3260)
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        pass
+
+    def close(self):
+        pass
+
+    def abort(self):
+        pass
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+
+async def run(ops: int, write: bool, profile: bool) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        img = os.path.join(tmp, "lun.img")
+        bs = FileBackstore(img, size=256 << 20, create=True)
+        os.pwrite(bs.fd if hasattr(bs, "fd") else os.open(img, os.O_RDWR), b"\1" * (16 << 20), 0)
+        lu = LogicalUnit(bs, serial="bench0001", lun_id=0)
+        reg = FakeRegistry({IQN: FakeTarget(IQN, luns=LunMap({0: lu}))})
+        server = IscsiServer(reg, nop_interval=3600)
+        conn = TargetConnection(server)
+        transport = CountingTransport()
+        conn.connection_made(transport)
+        login = P.LoginRequest(transit=True, csg=1, nsg=3, isid=0x400000000001, cmdsn=1, itt=1,
+                               data=K.encode_text([("InitiatorName", "iqn.2026-11.org.x:y"),
+                                                   ("TargetName", IQN), ("SessionType", "Normal"),
+                                                   ("MaxRecvDataSegmentLength", "262144"),
+                                                   ("ImmediateData", "Yes"), ("InitialR2T", "No")]))
+        conn.data_received(encode_bytes(login))
+        assert conn.session is not None
+        # clear the power-on unit attention
+        conn.data_received(encode_bytes(P.ScsiCommandPdu(cdb=b"\0" * 6, cmdsn=1, itt=2)))
+        await asyncio.sleep(0)
+        batch = 32
+        cmdsn = 2
+        payload = b"\2" * 4096
+        raws = []
+        for i in range(ops):
+            lba = (i * 7919) % 4096 * 8
+            if write:
+                cdb = struct.pack(">BBQIBB", 0x8A, 0, lba, 8, 0, 0)
+                pdu = P.ScsiCommandPdu(write=True, edtl=4096, cmdsn=cmdsn, itt=10 + i, cdb=cdb, data=payload)
+            else:
+                cdb = struct.pack(">BBQIBB", 0x88, 0, lba, 8, 0, 0)
+                pdu = P.ScsiCommandPdu(read=True, edtl=4096, cmdsn=cmdsn, itt=10 + i, cdb=cdb)
+            cmdsn += 1
+            raws.append(encode_bytes(pdu))
+        chunks = [b"".join(raws[i:i + batch]) for i in range(0, ops, batch)]
+        prof = cProfile.Profile() if profile else None
+        t0 = time.perf_counter()
+        if prof:
+            prof.enable()
+        for chunk in chunks:
+            conn.data_received(chunk)
+            conn._flush()
+            await asyncio.sleep(0)
+        if prof:
+            prof.disable()
+        dt = time.perf_counter() - t0
+        print(f"{'write' if write else 'read'} 4K: {ops} commands, {dt * 1e6 / ops:.2f} us/command "
+              f"({ops / dt:,.0f} commands/s on one core), {transport.bytes >> 20} MiB out")
+        if prof:
+            pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ops", type=int, default=100000)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    for write in (False, True):
+        asyncio.run(run(args.ops, write, args.profile))
+
+
+if __name__ == "__main__":
+    main()
