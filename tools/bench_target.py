@@ -1,0 +1,253 @@
+"""Benchmark our target against tgtd, side by side in one go (issue 2; DESIGN.md: "measure
+before and after each change against tgt, in one run").
+
+Both daemons run at the same time, each with its own sparse image of the same size (not
+pre-written unless ``--prefill``: reads of unwritten blocks then cost both targets the same
+kernel path), on loopback. Workloads run one at a time, alternating between the targets, so
+neither competes with the other for the 2 CPUs; each figure is the median of ``--runs``.
+
+- 4K random read, QD32:      ``iscsi-perf -r -m 32 -b 8 -t DURATION``   (512-byte blocks)
+- 128K sequential read, QD16: ``iscsi-perf -m 16 -b 256 -t DURATION``
+- 4K write, QD32:             ``qemu-img bench -f raw -t none -w -s 4096 -d 32 -c N``
+  (N calibrated per target so one run lasts about DURATION)
+
+The table shows tgt's figure, ours, and ours/tgt, plus each daemon's CPU use during the run
+(from /proc: user+system time of the daemon process over wall time).
+
+    python -m tools.bench_target [--runs 3] [--duration 10] [--size 1G] [--prefill] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from tools.peers import TargetPeer, make_peer, parse_size
+
+#: A run may take this much longer than asked before it counts as hung (login, ramp-up).
+RUN_SLACK = 60.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PREFILL_CHUNK = 1 << 20
+
+
+@dataclass
+class Workload:
+    name: str
+    unit: str  # "IOPS" or "MB/s"
+    run: Callable[[TargetPeer, float], tuple[float, float]]  # -> (figure, seconds)
+
+
+@dataclass
+class Sample:
+    figure: float
+    seconds: float
+    cpu: float  # daemon CPU seconds / wall seconds
+
+
+@dataclass
+class Result:
+    samples: dict[str, list[Sample]] = field(default_factory=dict)  # peer kind -> samples
+
+    def median(self, kind: str) -> float:
+        return statistics.median(s.figure for s in self.samples[kind]) if self.samples.get(kind) else float("nan")
+
+    def cpu(self, kind: str) -> float:
+        return statistics.median(s.cpu for s in self.samples[kind]) if self.samples.get(kind) else float("nan")
+
+
+# --------------------------------------------------------------------------- clients
+
+def _iscsi_perf(peer: TargetPeer, duration: float, *, random: bool, depth: int, blocks: int) -> tuple[str, float]:
+    cmd = ["iscsi-perf", "-m", str(depth), "-b", str(blocks), "-t", str(max(1, round(duration)))]
+    if random:
+        cmd.append("-r")
+    start = time.monotonic()
+    res = subprocess.run([*cmd, peer.url()], capture_output=True, text=True, errors="replace",
+                         timeout=duration + RUN_SLACK, stdin=subprocess.DEVNULL)
+    elapsed = time.monotonic() - start
+    if res.returncode != 0 or "ABORTED" in res.stdout:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stdout[-500:]} {res.stderr[-500:]}")
+    return res.stdout, elapsed
+
+
+def _perf_average(out: str) -> tuple[int, int]:
+    """The final 'iops average N (M MB/s)' of iscsi-perf (it redraws one line with \\r)."""
+    found = re.findall(r"iops average (\d+) \((\d+) MB/s\)", out)
+    if not found:
+        raise RuntimeError(f"no 'iops average' in iscsi-perf output: {out[-300:]}")
+    iops, mbps = found[-1]
+    return int(iops), int(mbps)
+
+
+def rand_read_4k_qd32(peer: TargetPeer, duration: float) -> tuple[float, float]:
+    out, elapsed = _iscsi_perf(peer, duration, random=True, depth=32, blocks=4096 // peer.luns[0].block_size)
+    return float(_perf_average(out)[0]), elapsed
+
+
+def seq_read_128k_qd16(peer: TargetPeer, duration: float) -> tuple[float, float]:
+    block = peer.luns[0].block_size
+    out, elapsed = _iscsi_perf(peer, duration, random=False, depth=16, blocks=(128 << 10) // block)
+    iops, _ = _perf_average(out)
+    return iops * (128 << 10) / 1e6, elapsed  # MB/s from IOPS (iscsi-perf's own MB/s is rounded)
+
+
+def _qemu_bench(peer: TargetPeer, count: int, timeout: float) -> float:
+    cmd = ["qemu-img", "bench", "-f", "raw", "-t", "none", "-w", "-s", "4096", "-d", "32", "-c", str(count), peer.url()]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    m = re.search(r"Run completed in ([\d.]+) seconds", res.stdout)
+    if res.returncode != 0 or not m:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stdout[-300:]} {res.stderr[-300:]}")
+    return float(m.group(1))
+
+
+_write_counts: dict[int, int] = {}
+
+
+def write_4k_qd32(peer: TargetPeer, duration: float) -> tuple[float, float]:
+    """qemu-img bench has a count, not a duration: calibrate once per target (also a warm-up)."""
+    key = id(peer)
+    if key not in _write_counts:
+        probe = 2000
+        secs = _qemu_bench(peer, probe, RUN_SLACK * 2)
+        _write_counts[key] = max(probe, int(probe * duration / max(secs, 1e-3)))
+    count = _write_counts[key]
+    # Writes cover count*4 KiB from offset 0: keep inside the LUN.
+    count = min(count, peer.luns[0].size // 4096)
+    secs = _qemu_bench(peer, count, duration * 10 + RUN_SLACK)
+    return count / secs, secs
+
+
+WORKLOADS = [
+    Workload("4K random read QD32 (iscsi-perf)", "IOPS", rand_read_4k_qd32),
+    Workload("128K seq read QD16 (iscsi-perf)", "MB/s", seq_read_128k_qd16),
+    Workload("4K write QD32 (qemu-img bench)", "IOPS", write_4k_qd32),
+]
+
+
+# --------------------------------------------------------------------------- measuring
+
+def _cpu_seconds(pid: int) -> float:
+    """user+system CPU time of a process, all threads (proc(5): fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def measure(peer: TargetPeer, workload: Workload, duration: float) -> Sample:
+    if not peer.alive():
+        raise RuntimeError(f"{peer.kind} is not running{peer.log_text()[-1000:]}")
+    cpu0, t0 = _cpu_seconds(peer.proc.pid), time.monotonic()
+    figure, seconds = workload.run(peer, duration)
+    cpu = (_cpu_seconds(peer.proc.pid) - cpu0) / max(time.monotonic() - t0, 1e-6)
+    return Sample(figure, seconds, cpu)
+
+
+def prefill(path: Path, size: int) -> None:
+    """Write every block (a repeating random MiB) so reads hit data, not holes."""
+    block = os.urandom(PREFILL_CHUNK)
+    with open(path, "r+b" if path.exists() else "wb") as f:
+        for _ in range(size // PREFILL_CHUNK):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_bench(kinds: Sequence[str], workdir: Path, *, runs: int, duration: float, size: str,
+              do_prefill: bool, workloads: Sequence[Workload] = WORKLOADS,
+              log: Callable[[str], None] = print) -> dict[str, Result]:
+    peers = [make_peer(kind, workdir / kind, size=size) for kind in kinds]
+    if do_prefill:
+        for peer in peers:
+            for spec in peer.luns:
+                log(f"prefilling {spec.path} ({spec.size >> 20} MiB)")
+                prefill(spec.path, spec.size)
+    results = {w.name: Result() for w in workloads}
+    try:
+        for peer in peers:
+            peer.start()
+        for r in range(runs):
+            for w in workloads:
+                for peer in peers:
+                    sample = measure(peer, w, duration)
+                    results[w.name].samples.setdefault(peer.kind, []).append(sample)
+                    log(f"run {r + 1}/{runs}  {w.name:<34} {peer.kind:<9} {sample.figure:>10.0f} {w.unit}"
+                        f"  cpu {sample.cpu * 100:.0f}%")
+    finally:
+        for peer in peers:
+            if peer.alive():
+                peer.stop()
+            if hasattr(peer, "cleanup"):
+                peer.cleanup()
+    return results
+
+
+def format_table(results: dict[str, Result], kinds: Sequence[str], runs: int) -> str:
+    base, ours = ("tgt", "sanstack") if set(kinds) == {"tgt", "sanstack"} else (kinds[0], None)
+    head = f"{'workload (median of %d)' % runs:<36}{base:>16}"
+    if ours:
+        head += f"{ours:>16}{'ratio':>8}{'cpu ' + base:>10}{'cpu ' + ours:>14}"
+    lines = [head, "-" * len(head)]
+    for name, res in results.items():
+        unit = next(w.unit for w in WORKLOADS if w.name == name) if any(w.name == name for w in WORKLOADS) else ""
+        row = f"{name:<36}{res.median(base):>11.0f} {unit:<4}"
+        if ours:
+            ratio = res.median(ours) / res.median(base) if res.median(base) else float("nan")
+            row += f"{res.median(ours):>11.0f} {unit:<4}{ratio:>8.2f}{res.cpu(base) * 100:>9.0f}%{res.cpu(ours) * 100:>13.0f}%"
+        else:
+            row += f"{'cpu %.0f%%' % (res.cpu(base) * 100):>12}"
+        lines.append(row)
+    if ours:
+        lines.append(f"ratio = {ours} / {base}; cpu = daemon CPU time / wall time (100% = one core)")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Benchmark our target against tgtd side by side.")
+    ap.add_argument("--runs", type=int, default=3, help="median of this many runs (default 3)")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per measurement (default 10)")
+    ap.add_argument("--size", default="1G", help="image size per target (default 1G, sparse)")
+    ap.add_argument("--prefill", action="store_true", help="write the images fully first (reads hit data)")
+    ap.add_argument("--peers", default="tgt,sanstack", help="comma list; default tgt,sanstack")
+    ap.add_argument("--workdir", type=Path, help="keep images and logs here (default: temp dir, removed)")
+    ap.add_argument("--json", type=Path, help="write all samples here")
+    args = ap.parse_args(argv)
+    kinds = [k.strip() for k in args.peers.split(",") if k.strip()]
+    missing = [t for t in ("iscsi-perf", "qemu-img") if shutil.which(t) is None]
+    if missing:
+        print(f"missing {', '.join(missing)} (apt-get install libiscsi-bin qemu-utils qemu-block-extra)", file=sys.stderr)
+        return 2
+    parse_size(args.size)
+    tmp = None
+    workdir = args.workdir
+    if workdir is None:
+        tmp = tempfile.mkdtemp(prefix="bench-")
+        workdir = Path(tmp)
+    try:
+        results = run_bench(kinds, workdir, runs=args.runs, duration=args.duration, size=args.size,
+                            do_prefill=args.prefill, log=lambda m: print(m, file=sys.stderr, flush=True))
+        print(format_table(results, kinds, args.runs))
+        print(f"(images: {args.size} {'prefilled' if args.prefill else 'sparse, not pre-written'}; "
+              f"{args.duration:g}s per measurement; {os.cpu_count()} CPUs)")
+        if args.json:
+            args.json.write_text(json.dumps({
+                name: {kind: [s.__dict__ for s in samples] for kind, samples in res.samples.items()}
+                for name, res in results.items()
+            }, indent=1) + "\n")
+        return 0
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
