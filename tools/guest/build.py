@@ -438,7 +438,8 @@ def ensure(force: bool = False, log=None) -> GuestImage:
         say(f"building guest image {key} from {kdeb.name}, {bdeb.name}")
         kroot = unpack_deb(kdeb)
         initrd, kver, order = build_initrd(kroot, bbroot, files)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=out.parent if out.parent.exists() else None))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=out.parent))
         shutil.copyfile(kroot / "boot" / f"vmlinuz-{kver}", tmp / "vmlinuz")
         (tmp / "initrd.img").write_bytes(initrd)
         (tmp / "manifest.json").write_text(json.dumps({
@@ -449,6 +450,9 @@ def ensure(force: bool = False, log=None) -> GuestImage:
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
+        for old in out.parent.iterdir():  # images of earlier inputs are never used again
+            if old != out:
+                shutil.rmtree(old, ignore_errors=True)
         say(f"built in {time.monotonic() - t0:.1f}s: initrd {len(initrd) / 1e6:.1f} MB, {len(order)} modules")
         return GuestImage(out / "vmlinuz", out / "initrd.img", kver, key, tuple(order), busybox)
 

@@ -320,7 +320,7 @@ expect_login_fails() {  # expect_login_fails IQN WHY [KEY VALUE]...
         iscsiadm -m node -T "$_q" -p "$HOST:$PORT" --logout >/dev/null 2>&1
         return 1
     fi
-    info "login refused as expected ($_why): $(tail -n 1 /tmp/out)"
+    info "login refused as expected ($_why): $(grep -m1 "reported error" /tmp/out)"
     iscsiadm -m node -o delete -T "$_q" -p "$HOST:$PORT" >/dev/null 2>&1
     return 0
 }

@@ -501,6 +501,9 @@ def inner_sanboot(args: argparse.Namespace) -> int:
     url = f"iscsi://{T.HOST}:{T.PORTS[0]}/{d.iqn}/{T.disk_lun(args.target)}"
     token = secrets.token_hex(8)
     ok, problems = False, []
+    from .logincap import LoginCapture
+
+    cap = LoginCapture(T.PORTS).start()
     try:
         t0 = time.monotonic()
         cp = subprocess.run([QEMU_IMG, "convert", "-n", "-f", "raw", "-O", "raw", str(image), url],
@@ -522,9 +525,13 @@ def inner_sanboot(args: argparse.Namespace) -> int:
             if not ok:
                 problems.append("guest did not report PASS\n--- console tail ---\n" + _tail(console, 40))
     finally:
+        cap.stop()
         target.stop()
         if hasattr(target, "cleanup"):
             target.cleanup()
+    keys = login_report(cap)
+    (workdir / "login-keys.txt").write_text(keys)
+    print("login keys on the wire (qemu-img, then qemu's libiscsi):\n" + keys, flush=True)
     if ok:
         problems += _check_root_image(target.image(d.name), token)
     if args.target == "sanstack":
