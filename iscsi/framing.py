@@ -11,11 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .digest import crc32c, crc32c_extend, digest_bytes, pack_digest, unpack_digest
-from .pdu import BHS_LEN, Pdu, PduFormatError, RejectReason, decode, pad4, parse_bhs
+import struct
+
+from .pdu import BHS_LEN, Pdu, PduFormatError, RejectReason, decode, pad4
 
 # RFC 7143 §13.12 caps MaxRecvDataSegmentLength at 2^24-1; login PDUs are limited to 8192
 # bytes of data before negotiation (§13.12: "the default ... is 8192").
 LOGIN_MAX_DATA_SEGMENT = 8192
+_LENGTH_WORD = struct.Struct(">I")  # TotalAHSLength(8) | DataSegmentLength(24) at byte 4
 # AHS of more than 1 KiB has no legitimate use (the longest standard one is a 260-byte CDB).
 MAX_AHS_LENGTH = 1024
 
@@ -68,27 +71,34 @@ class PduReader:
         end = len(buf)
         hd = 4 if self.header_digest else 0
         dd = 4 if self.data_digest else 0
+        max_data = self.max_data_segment
+        allowed = self.allowed
         while end - pos >= BHS_LEN:
-            _op, ahs_len, data_len = parse_bhs(memoryview(buf)[pos:pos + BHS_LEN])
+            length_word = _LENGTH_WORD.unpack_from(buf, pos + 4)[0]
+            ahs_len = (length_word >> 24) << 2
+            data_len = length_word & 0xFFFFFF
             if ahs_len > MAX_AHS_LENGTH:
                 raise PduFormatError(f"TotalAHSLength {ahs_len} too large", RejectReason.PROTOCOL_ERROR)
-            if data_len > self.max_data_segment:
+            if data_len > max_data:
                 raise PduFormatError(
-                    f"data segment of {data_len} bytes exceeds MaxRecvDataSegmentLength {self.max_data_segment}",
+                    f"data segment of {data_len} bytes exceeds MaxRecvDataSegmentLength {max_data}",
                     RejectReason.PROTOCOL_ERROR)
             hdr_end = pos + BHS_LEN + ahs_len
             data_start = hdr_end + hd
-            total = data_start - pos + (data_len + pad4(data_len) + dd if data_len else 0)
+            total = data_start - pos + ((data_len + 3) & ~3) + dd if data_len else data_start - pos
             if end - pos < total:
                 break
             header = bytes(buf[pos:hdr_end])
             if hd and crc32c(header) != unpack_digest(buf[hdr_end:data_start]):
                 raise HeaderDigestError("header digest mismatch")
             payload = bytes(buf[data_start:data_start + data_len]) if data_len else b""
-            pdu = decode(header[:BHS_LEN], header[BHS_LEN:], payload, allowed=self.allowed)
+            if ahs_len:
+                pdu = decode(header[:BHS_LEN], header[BHS_LEN:], payload, allowed=allowed)
+            else:
+                pdu = decode(header, b"", payload, allowed=allowed)
             pos += total
             if dd and data_len:
-                padded_end = data_start + data_len + pad4(data_len)
+                padded_end = data_start + ((data_len + 3) & ~3)
                 if crc32c(memoryview(buf)[data_start:padded_end]) != unpack_digest(buf[padded_end:padded_end + 4]):
                     out.append(DataDigestFailure(pdu, header[:BHS_LEN]))
                     continue

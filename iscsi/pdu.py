@@ -776,18 +776,38 @@ def decode(bhs: bytes | bytearray | memoryview, ahs: bytes = b"",
     opcodes); anything else raises :class:`PduFormatError` with reason
     COMMAND_NOT_SUPPORTED (RFC 7143 §11.17.1: unknown opcodes are rejected).
     """
-    b0, b1, b2, b3, _lw, lun, itt, *words = _BHS.unpack_from(bhs)
+    fields = _BHS.unpack_from(bhs)
+    b0 = fields[0]
     opcode = b0 & 0x3F
+    if opcode == 0x01 and not ahs and (allowed is None or opcode in allowed):
+        # The hot path: a SCSI Command without AHS, decoded inline (no _load call).
+        pdu = ScsiCommandPdu.__new__(ScsiCommandPdu)
+        b1 = fields[1]
+        pdu.immediate = b0 & 0x40 != 0
+        pdu.final = b1 & 0x80 != 0
+        pdu.read = b1 & 0x40 != 0
+        pdu.write = b1 & 0x20 != 0
+        pdu.attr = b1 & 7
+        pdu.lun = fields[5]
+        pdu.itt = fields[6]
+        pdu.edtl = fields[7]
+        pdu.cmdsn = fields[8]
+        pdu.expstatsn = fields[9]
+        pdu.cdb = bhs[32:48] if type(bhs) is bytes else bytes(bhs[32:48])
+        pdu.bidi_read_length = None
+        pdu.ahs = b""
+        pdu.data = data
+        return pdu
     cls = PDU_CLASSES.get(opcode)
     if cls is None or (allowed is not None and opcode not in allowed):
         raise PduFormatError(f"unsupported opcode 0x{opcode:02x}", RejectReason.COMMAND_NOT_SUPPORTED)
     pdu = cls.__new__(cls)
     pdu.immediate = bool(b0 & 0x40)
-    pdu.final = bool(b1 & 0x80)
-    pdu.itt = itt
+    pdu.final = bool(fields[1] & 0x80)
+    pdu.itt = fields[6]
     pdu.ahs = bytes(ahs)
     pdu.data = data
-    pdu._load(b1, b2, b3, lun, words)
+    pdu._load(fields[1], fields[2], fields[3], fields[5], fields[7:])
     return pdu
 
 

@@ -111,7 +111,8 @@ class StatSequence:
         return sn
 
     def acknowledge(self, expstatsn: int) -> None:
-        if sn_le(self.expstatsn, expstatsn) and sn_le(expstatsn, self.statsn):
+        """Record the initiator's ExpStatSN if it lies in [ExpStatSN, StatSN] (serial arithmetic)."""
+        if expstatsn != self.expstatsn and sn_le(self.expstatsn, expstatsn) and sn_le(expstatsn, self.statsn):
             self.expstatsn = expstatsn
 
 

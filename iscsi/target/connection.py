@@ -304,6 +304,10 @@ class TargetConnection(asyncio.Protocol):
     def _ffp_pdu(self, pdu: P.Pdu) -> None:
         session = self.session
         assert session is not None
+        if type(pdu) is P.ScsiCommandPdu and session.luns is not None:
+            self.stat.acknowledge(pdu.expstatsn)
+            self._scsi_command_arrived(pdu)
+            return
         op = type(pdu).OPCODE
         if op in (P.Opcode.SCSI_COMMAND, P.Opcode.NOP_OUT, P.Opcode.TEXT_REQUEST,
                   P.Opcode.TASK_MGMT_REQUEST, P.Opcode.LOGOUT_REQUEST):
