@@ -19,6 +19,8 @@ from .session import Session, Task
 
 #: Latency samples kept (reservoir) so a long run does not grow memory without bound.
 MAX_LATENCY_SAMPLES = 2_000_000
+#: Pre-drawn random slots (a power of two); 64 K offsets repeat only after 64 K I/Os.
+RANDOM_TABLE = 1 << 16
 
 
 @dataclass
@@ -84,12 +86,17 @@ async def run(session: Session, lun: int, *, block_size: int, blocks: int, bs: i
     first_error: list[BaseException] = []
     read16, write16 = scsi.read16, scsi.write16
 
+    # Random offsets are drawn up front (like fio's random map) so the hot loop only indexes.
+    table = [] if sequential else [randrange(slots_max) * nblk for _ in range(RANDOM_TABLE)]
+    tmask = RANDOM_TABLE - 1
+
     def next_lba() -> int:
+        p = state["pos"]
         if sequential:
-            p = state["pos"]
             state["pos"] = p + 1 if p + 1 < slots_max else 0
             return p * nblk
-        return randrange(slots_max) * nblk
+        state["pos"] = (p + 1) & tmask
+        return table[p]
 
     def issue(task: Task) -> None:
         lba = next_lba()

@@ -49,7 +49,7 @@ class Sink(Protocol):
     """What the connection delivers to (the session in full feature phase, a login waiter before)."""
 
     def rx_data_in_dest(self, itt: int, offset: int, length: int) -> memoryview | None: ...
-    def rx_data_in(self, h: tuple) -> None: ...
+    def rx_data_in(self, h: tuple, payload: memoryview | None) -> None: ...
     def rx_response(self, h: tuple, payload: bytes) -> None: ...
     def rx_r2t(self, h: tuple) -> None: ...
     def rx_pdu(self, pdu: P.Pdu) -> None: ...
@@ -75,7 +75,6 @@ class Connection(asyncio.BufferedProtocol):
         self.close_reason: BaseException | None = None
         self.last_rx = self.loop.time()
         self.bytes_in = 0
-        self.bytes_out = 0
         self._connected = self.loop.create_future()
         self._login_queue: deque[P.Pdu] = deque()
         self._login_waiter: asyncio.Future | None = None
@@ -237,14 +236,10 @@ class Connection(asyncio.BufferedProtocol):
                     if start + total > len(self._buf):
                         self._compact(total)
                     break
-                payload = mv[pstart:pstart + dlen]
                 if dd and crc32c(mv[pstart:pstart + dlen + pad]) != unpack_digest(mv[pstart + dlen + pad:pstart + total - hlen]):
                     raise ProtocolViolation("data digest mismatch on Data-In")
-                dest = self.sink.rx_data_in_dest(h[6], h[12], dlen)
-                if dest is not None:
-                    dest[:] = payload
                 self._start = start + total
-                self.sink.rx_data_in(h)
+                self.sink.rx_data_in(h, mv[pstart:pstart + dlen])
                 continue
             if avail < total:
                 if start + total > len(self._buf):
@@ -252,7 +247,7 @@ class Connection(asyncio.BufferedProtocol):
                 break
             self._start = start + total
             if ffp and op == OP_DATA_IN:     # no data: status only
-                self.sink.rx_data_in(h)
+                self.sink.rx_data_in(h, None)
                 continue
             if ffp and op == OP_R2T:
                 self.sink.rx_r2t(h)
@@ -292,7 +287,7 @@ class Connection(asyncio.BufferedProtocol):
             data = bytes(dest) + b"\0" * pad if pad else dest
             if crc32c(data) != unpack_digest(trailer[pad:pad + 4]):
                 raise ProtocolViolation("data digest mismatch on Data-In")
-        self.sink.rx_data_in(h)
+        self.sink.rx_data_in(h, None)   # payload already in place
 
     def _deliver(self, pdu: P.Pdu) -> None:
         if self.ffp and self.sink is not None:
@@ -346,6 +341,15 @@ class Connection(asyncio.BufferedProtocol):
             self._flush_pending = True
             self.loop.call_soon(self._flush)
 
+    def send1(self, buf: bytes) -> None:
+        """Queue one buffer (a header without digest: the per-command fast path)."""
+        if self.closed:
+            return
+        self._out.append(buf)
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush)
+
     def send_pdu(self, pdu: P.Pdu) -> None:
         self.send(encode_pdu(pdu, header_digest=self.header_digest, data_digest=self.data_digest))
 
@@ -356,7 +360,6 @@ class Connection(asyncio.BufferedProtocol):
             out.clear()
             return
         self._out = []
-        self.bytes_out += sum(len(b) for b in out)
         self.transport.writelines(out)
 
     def flush_now(self) -> None:

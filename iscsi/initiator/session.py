@@ -422,15 +422,24 @@ class Session:
     def _send(self, task: Task) -> None:
         conn = self.conn
         assert conn is not None
-        itt = self._new_itt()
+        tasks = self._tasks
+        itt = (self._itt + 1) & SN_MASK
+        if itt == RESERVED or itt in tasks or itt in self._mgmt:
+            itt = self._new_itt()
+        self._itt = itt
         task.itt = itt
         task.tries += 1
-        self._tasks[itt] = task
+        tasks[itt] = task
         cmdsn = self._cmdsn
         task.cmdsn = cmdsn
         self._cmdsn = (cmdsn + 1) & SN_MASK
         out = task.out
         cdb = task.cdb
+        if out is None and not conn.header_digest and len(cdb) <= 16:
+            # The common read / no-data command: one header, one buffer, no branches below.
+            conn.send1(_CMD.pack(0x01, 0xC0 | task.attr if task.read_len else 0x80 | task.attr, 0, 0, 0,
+                                 task.lun_field, itt, task.read_len, cmdsn, self._expstatsn, cdb))
+            return
         read = task.read_len > 0
         edtl = len(out) if out is not None else task.read_len
         imm = 0
@@ -522,12 +531,21 @@ class Session:
             raise ProtocolViolation(f"Data-In beyond the expected length ({offset}+{length} > {task.read_len})")
         return task.view[offset:offset + length]
 
-    def rx_data_in(self, h: tuple) -> None:
+    def rx_data_in(self, h: tuple, payload: memoryview | None) -> None:
         # h: op, flags, _, status, lenword, lun, itt, ttt, statsn, expcmdsn, maxcmdsn, datasn, offset, residual
-        self._update_window(h[9], h[10])
-        task = self._tasks.get(h[6])
+        if h[10] != self._maxcmdsn or h[9] != self._expcmdsn:
+            self._update_window(h[9], h[10])
+        itt = h[6]
+        task = self._tasks.get(itt)
         if task is None:
-            return  # aborted or timed out meanwhile; its data was discarded
+            return  # aborted or timed out meanwhile; its data is discarded
+        if payload is not None:
+            off = h[12]
+            end = off + len(payload)
+            view = task.view
+            if view is None or end > task.read_len:
+                raise ProtocolViolation(f"Data-In beyond the expected length ({end} > {task.read_len})")
+            view[off:end] = payload
         if h[11] != task.next_datasn:
             # ERL 0 cannot recover a lost Data-In (§7.1): drop the connection, the command is retried.
             raise ProtocolViolation(f"DataSN {h[11]} where {task.next_datasn} was expected")
@@ -535,13 +553,24 @@ class Session:
         task.received += h[4] & 0xFFFFFF
         flags = h[1]
         if flags & 0x01:  # S bit: status follows in this PDU (§11.7.4)
-            self._status_seen(h[8])
+            statsn = h[8]
+            if ((statsn + 1 - self._expstatsn) & SN_MASK) < SN_HALF:
+                self._expstatsn = (statsn + 1) & SN_MASK
             task.status = h[3]
-            task.overflow = bool(flags & 0x04)
-            task.underflow = bool(flags & 0x02)
-            task.residual = h[13] if flags & 0x06 else 0
-            del self._tasks[h[6]]
-            self._finish(task)
+            if flags & 0x06:
+                task.overflow = bool(flags & 0x04)
+                task.underflow = bool(flags & 0x02)
+                task.residual = h[13]
+            del self._tasks[itt]
+            if task.done:
+                return
+            task.done = True
+            cb = task.cb
+            if cb is not None:
+                try:
+                    cb(task)
+                except Exception:  # a caller's callback must not tear down the connection
+                    log.exception("task completion callback failed")
 
     def rx_response(self, h: tuple, payload: bytes) -> None:
         # h: op, flags, response, status, lenword, _, itt, snacktag, statsn, expcmdsn, maxcmdsn,
