@@ -21,7 +21,7 @@ ALL_STEP_IDS = [sid for _, sid in STEPS]
 
 
 def _section(text: str, start: str, end: str | None) -> str:
-    body = text.split(start, 1)[-1] if start in text else ""
+    body = start + text.split(start, 1)[-1] if start in text else ""
     return body.split(end, 1)[0] if end and end in body else body
 
 
