@@ -80,6 +80,8 @@ HOST_PACKAGES = {"iscsid": "open-iscsi", "iscsiadm": "open-iscsi", "iscsistart":
 DOWNLOAD_TIMEOUT = 600
 #: One ldd / dpkg -x call.
 TOOL_TIMEOUT = 120
+#: Age after which an image built from other inputs is deleted.
+STALE_IMAGE_AGE = 3600
 #: Seconds to wait for another process building the same cache.
 LOCK_TIMEOUT = 900
 
@@ -450,8 +452,9 @@ def ensure(force: bool = False, log=None) -> GuestImage:
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
-        for old in out.parent.iterdir():  # images of earlier inputs are never used again
-            if old != out:
+        for old in out.parent.iterdir():  # images of earlier inputs are not used again...
+            # ...except by a run that started just before the inputs changed: leave it a while.
+            if old != out and time.time() - old.stat().st_mtime > STALE_IMAGE_AGE:
                 shutil.rmtree(old, ignore_errors=True)
         say(f"built in {time.monotonic() - t0:.1f}s: initrd {len(initrd) / 1e6:.1f} MB, {len(order)} modules")
         return GuestImage(out / "vmlinuz", out / "initrd.img", kver, key, tuple(order), busybox)

@@ -215,6 +215,20 @@ def remove_netns(ns: str) -> None:
     subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
 
 
+NETNS_RE = re.compile(r"sanstack-(\d+)-[0-9a-f]{4}")
+
+
+def remove_stale_netns() -> None:
+    """Namespaces of earlier runs whose process died without cleaning up (e.g. SIGKILL)."""
+    res = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
+    for line in res.stdout.splitlines():
+        name = line.split(" ", 1)[0]
+        m = NETNS_RE.fullmatch(name)
+        if m and not os.path.exists(f"/proc/{m.group(1)}"):
+            say(f"removing stale namespace {name}")
+            remove_netns(name)
+
+
 def outer(args: argparse.Namespace, argv: list[str]) -> int:
     if os.geteuid() != 0:
         print("run: needs root (network namespace)", file=sys.stderr)
@@ -232,6 +246,7 @@ def outer(args: argparse.Namespace, argv: list[str]) -> int:
     say(f"guest image {img.key}: kernel {img.kernel_version} ({time.monotonic() - t0:.1f}s)")
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sanstack-guest-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    remove_stale_netns()
     ns = f"sanstack-{os.getpid()}-{secrets.token_hex(2)}"
     subprocess.run(["ip", "netns", "add", ns], check=True, timeout=10)
     rc = 1
