@@ -179,49 +179,46 @@ class Connection(asyncio.BufferedProtocol):
         self._start, self._end = 0, n
 
     def _parse(self) -> None:
+        """Parse every complete PDU in the staging buffer (the per-PDU hot loop)."""
         mv = self._mv
         hd = 4 if self.header_digest else 0
         dd = 4 if self.data_digest else 0
         ffp = self.ffp
+        sink = self.sink
+        max_recv = self.max_recv
+        unpack = BHS.unpack_from
+        start = self._start
+        end = self._end
         while True:
-            start = self._start
-            avail = self._end - start
+            avail = end - start
             if self._trailer:
                 if avail < self._trailer:
                     break
                 trailer = bytes(mv[start:start + self._trailer])
-                self._start = start + self._trailer
+                start += self._trailer
+                self._start = start
                 self._trailer = 0
                 self._direct_complete(trailer)
                 continue
             if avail < BHS_LEN:
                 break
-            h = BHS.unpack_from(mv, start)
+            h = unpack(mv, start)
             lw = h[4]
-            ahs_len = (lw >> 24) << 2
             dlen = lw & 0xFFFFFF
-            if ahs_len > MAX_AHS_LENGTH:
-                raise ProtocolViolation(f"TotalAHSLength {ahs_len}")
-            if dlen > self.max_recv:
-                raise ProtocolViolation(f"data segment {dlen} > MaxRecvDataSegmentLength {self.max_recv}")
+            ahs_len = (lw >> 24) << 2
+            if dlen > max_recv or ahs_len > MAX_AHS_LENGTH:
+                raise ProtocolViolation(f"data segment {dlen} (MaxRecvDataSegmentLength {max_recv}) "
+                                        f"or AHS {ahs_len} too long")
             hlen = BHS_LEN + ahs_len + hd
-            if avail < hlen:
-                if start + hlen > len(self._buf):
-                    self._compact(hlen)
-                break
-            if hd:
-                hdr_end = start + BHS_LEN + ahs_len
-                if crc32c(mv[start:hdr_end]) != unpack_digest(mv[hdr_end:hdr_end + 4]):
-                    raise ProtocolViolation("header digest mismatch (RFC 7143 §7.8: drop the connection)")
+            total = hlen + dlen + (-dlen & 3) + dd if dlen else hlen
             op = h[0] & 0x3F
-            pad = -dlen & 3
-            total = hlen + (dlen + pad + dd if dlen else 0)
-            if ffp and op == OP_DATA_IN and dlen:
-                pstart = start + hlen
-                have = min(avail - hlen, dlen)
-                if have < dlen and dlen >= DIRECT_MIN:
-                    # Receive the rest in place: copy what is staged, then point get_buffer at the task.
-                    dest = self.sink.rx_data_in_dest(h[6], h[12], dlen) if self.sink else None
+            if avail < total:
+                if avail >= hlen and ffp and op == OP_DATA_IN and dlen >= DIRECT_MIN:
+                    # Receive the rest in place: copy what is staged, point get_buffer at the task.
+                    self._check_header_digest(mv, start, hlen, hd)
+                    pstart = start + hlen
+                    have = avail - hlen
+                    dest = sink.rx_data_in_dest(h[6], h[12], dlen)
                     if dest is None:
                         dest = self._scratch_view(dlen)
                     if have:
@@ -230,45 +227,59 @@ class Connection(asyncio.BufferedProtocol):
                     self._direct_full = dest
                     self._direct = dest[have:]
                     self._direct_hdr = h
-                    self._trailer = pad + dd
+                    self._trailer = (-dlen & 3) + dd
                     return
-                if avail < total:
-                    if start + total > len(self._buf):
-                        self._compact(total)
-                    break
-                if dd and crc32c(mv[pstart:pstart + dlen + pad]) != unpack_digest(mv[pstart + dlen + pad:pstart + total - hlen]):
-                    raise ProtocolViolation("data digest mismatch on Data-In")
-                self._start = start + total
-                self.sink.rx_data_in(h, mv[pstart:pstart + dlen])
-                continue
-            if avail < total:
+                self._start = start
                 if start + total > len(self._buf):
                     self._compact(total)
-                break
-            self._start = start + total
-            if ffp and op == OP_DATA_IN:     # no data: status only
-                self.sink.rx_data_in(h, None)
-                continue
-            if ffp and op == OP_R2T:
-                self.sink.rx_r2t(h)
-                continue
+                return
+            if hd:
+                self._check_header_digest(mv, start, hlen, hd)
             pstart = start + hlen
+            start += total
+            if ffp:
+                if op == OP_DATA_IN:
+                    if dlen:
+                        if dd:
+                            self._check_data_digest(mv, pstart, dlen)
+                        sink.rx_data_in(h, mv[pstart:pstart + dlen])
+                    else:
+                        sink.rx_data_in(h, None)
+                    continue
+                if op == OP_R2T:
+                    sink.rx_r2t(h)
+                    continue
             if dlen and dd:
-                if crc32c(mv[pstart:pstart + dlen + pad]) != unpack_digest(mv[pstart + dlen + pad:pstart + dlen + pad + 4]):
-                    raise ProtocolViolation(f"data digest mismatch on opcode 0x{op:02x}")
+                self._check_data_digest(mv, pstart, dlen)
             payload = bytes(mv[pstart:pstart + dlen]) if dlen else b""
             if ffp and op == OP_SCSI_RESPONSE:
-                self.sink.rx_response(h, payload)
+                sink.rx_response(h, payload)
                 continue
-            ahs = bytes(mv[start + BHS_LEN:start + BHS_LEN + ahs_len]) if ahs_len else b""
-            pdu = P.decode(mv[start:start + BHS_LEN], ahs, payload, allowed=P.TARGET_OPCODES)
+            hstart = pstart - hlen
+            ahs = bytes(mv[hstart + BHS_LEN:hstart + BHS_LEN + ahs_len]) if ahs_len else b""
+            pdu = P.decode(mv[hstart:hstart + BHS_LEN], ahs, payload, allowed=P.TARGET_OPCODES)
+            self._start = start
             self._deliver(pdu)
             if self._hold:
                 return
-        if self._start == self._end:
+        self._start = start
+        if start == end:
             self._start = self._end = 0
-        elif len(self._buf) - self._end < BHS_LEN * 4:
+        elif len(self._buf) - end < BHS_LEN * 4:
             self._compact(BHS_LEN * 4)
+
+    @staticmethod
+    def _check_header_digest(mv: memoryview, start: int, hlen: int, hd: int) -> None:
+        if hd:
+            hdr_end = start + hlen - hd
+            if crc32c(mv[start:hdr_end]) != unpack_digest(mv[hdr_end:hdr_end + 4]):
+                raise ProtocolViolation("header digest mismatch (RFC 7143 §7.8: drop the connection)")
+
+    @staticmethod
+    def _check_data_digest(mv: memoryview, pstart: int, dlen: int) -> None:
+        padded = pstart + dlen + (-dlen & 3)
+        if crc32c(mv[pstart:padded]) != unpack_digest(mv[padded:padded + 4]):
+            raise ProtocolViolation("data digest mismatch (RFC 7143 §7.8)")
 
     def _scratch_view(self, n: int) -> memoryview:
         if self._scratch is None or len(self._scratch) < n:

@@ -378,7 +378,8 @@ class Session:
     def submit(self, task: Task) -> None:
         """Queue ``task``; ``task.cb(task)`` runs when it completes (status or ``task.exc``)."""
         state = self.state
-        if state == State.LOGGED_IN and not self._waiting and self._window_open():
+        if (state == "logged-in" and not self._waiting
+                and ((self._maxcmdsn - self._cmdsn) & SN_MASK) < SN_HALF):
             self._send(task)
             return
         if state in (State.CLOSED, State.CLOSING) or self._closing:
@@ -533,8 +534,16 @@ class Session:
 
     def rx_data_in(self, h: tuple, payload: memoryview | None) -> None:
         # h: op, flags, _, status, lenword, lun, itt, ttt, statsn, expcmdsn, maxcmdsn, datasn, offset, residual
-        if h[10] != self._maxcmdsn or h[9] != self._expcmdsn:
-            self._update_window(h[9], h[10])
+        exp, mx = h[9], h[10]
+        if mx != self._maxcmdsn or exp != self._expcmdsn:
+            # _update_window inlined (RFC 7143 §4.2.2.1); this runs for every Data-In.
+            if ((mx + 1 - exp) & SN_MASK) < SN_HALF:
+                if ((mx - self._maxcmdsn) & SN_MASK) < SN_HALF:
+                    self._maxcmdsn = mx
+                if ((exp - self._expcmdsn) & SN_MASK) < SN_HALF:
+                    self._expcmdsn = exp
+                if self._waiting:
+                    self._drain()
         itt = h[6]
         task = self._tasks.get(itt)
         if task is None:
