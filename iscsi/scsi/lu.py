@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 import weakref
 from typing import Awaitable, Callable, Iterable
 
@@ -23,7 +24,7 @@ from . import vpd
 from .modepages import ModePages
 from .sense import SenseError, SenseKey, build_sense
 from .taskset import TaskSet
-from .types import ITNexus, ScsiCommand, ScsiResult, Status, TaskAttr
+from .types import ITNexus, ScsiCommand, ScsiResult, Status
 from .ua import UnitAttentions
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,12 @@ MAX_WRITE_SAME_BLOCKS = 0x10000
 # Sparse images live on filesystems with 4 KiB blocks: UNMAP is most effective in whole
 # 4 KiB pieces (Block Limits OPTIMAL UNMAP GRANULARITY).
 UNMAP_GRANULARITY_BYTES = 4096
+
+# SANITIZE OVERWRITE runs in a worker thread at no more than this rate, so that it does
+# not starve the other LUs whose images share the disk (a sanitize is a background job:
+# SBC-4 §4.11 lets it take as long as it needs while the LU reports it in progress).
+SANITIZE_BYTES_PER_SECOND = 128 << 20
+SANITIZE_CHUNK_BYTES = 4 << 20
 
 # LUs by NAA designator, for EXTENDED COPY target descriptors that name another LU.
 _registry: "weakref.WeakValueDictionary[bytes, LogicalUnit]" = weakref.WeakValueDictionary()
@@ -139,11 +146,14 @@ class LogicalUnit:
 
         # state
         self.ua = UnitAttentions()
+        self._ua_pending = self.ua._pending  # hot path: one dict lookup per command
         self.tasks = TaskSet()
         self.mode = ModePages()
         self._caw_lock = asyncio.Lock()
         self.medium_present = True
         self.sanitizing = False
+        self.sanitize_failed = False
+        self._abnormal = False  # any of: sanitizing, sanitize failed, no medium
         self._sanitize_task: asyncio.Task | None = None
         self._prevent: set[ITNexus] = set()
 
@@ -355,39 +365,57 @@ class LogicalUnit:
         if present and not self.medium_present:
             self.ua.establish(S.NOT_READY_TO_READY_CHANGE, except_nexus=nexus)
         self.medium_present = present
+        self._update_state()
 
     # -- sanitize ---------------------------------------------------------------------------
     def run_sanitize(self, job, immed: bool):
-        """Start a SANITIZE job in a worker thread; TMFs do not abort it (SBC-4 §4.11.3)."""
+        """Start a SANITIZE job in a worker thread; TMFs and resets do not abort it (SBC-4 §4.11).
+
+        While it runs, every command but INQUIRY, REPORT LUNS and REQUEST SENSE gets NOT
+        READY, SANITIZE IN PROGRESS.  A failure leaves the LU in sanitize failure mode
+        (MEDIUM ERROR, SANITIZE COMMAND FAILED) until EXIT FAILURE MODE.
+        """
         kind, block, _count = job
         bs = self.block_size
         size = self.num_blocks * bs
         backstore = self.backstore
+        thin_zero = self.thin and self.lbprz
 
         def work() -> None:
             if kind == "erase":
-                backstore.unmap(0, size)
+                backstore.unmap(0, size)  # block/crypto erase: every LBA deallocated, reads zero
                 return
             zero = not any(block)
-            if zero and self.thin and self.lbprz:
-                backstore.unmap(0, size)
-                return
-            chunk = block * max(1, (1 << 20) // bs)
+            chunk = block * max(1, SANITIZE_CHUNK_BYTES // bs)
+            view = memoryview(chunk)
+            started = time.monotonic()
             off = 0
             while off < size:
                 k = min(len(chunk), size - off)
-                backstore.write(off, memoryview(chunk)[:k])
+                if zero and thin_zero:
+                    backstore.unmap(off, k)  # an all-zero pattern keeps the image sparse
+                else:
+                    backstore.write(off, view[:k])
                 off += k
+                ahead = off / SANITIZE_BYTES_PER_SECOND - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
             backstore.flush()
 
         async def runner() -> None:
             try:
                 await asyncio.to_thread(work)
+                self.sanitize_failed = False
+            except Exception:
+                log.exception("SANITIZE failed")
+                self.sanitize_failed = True
             finally:
                 self.sanitizing = False
                 self._sanitize_task = None
+                self._update_state()
 
         self.sanitizing = True
+        self._update_state()
         task = asyncio.get_running_loop().create_task(runner())
         self._sanitize_task = task
         if immed:
@@ -395,9 +423,15 @@ class LogicalUnit:
 
         async def wait() -> ScsiResult:
             await asyncio.shield(task)
+            if self.sanitize_failed:
+                raise SenseError(SenseKey.MEDIUM_ERROR, S.SANITIZE_COMMAND_FAILED)
             return ScsiResult()
 
         return wait()
+
+    def exit_sanitize_failure_mode(self) -> None:
+        self.sanitize_failed = False
+        self._update_state()
 
     # -- dispatch ---------------------------------------------------------------------------
     def data_out_length(self, cdb: bytes) -> int | None:
@@ -435,11 +469,24 @@ class LogicalUnit:
             return None
         return self._sense(SenseKey.UNIT_ATTENTION, ua)
 
+    def _check_state(self, spec: C.CommandSpec, cdb: bytes) -> None:
+        """Not-ready and failure states (SBC-4 §4.11 sanitize, §4.4 medium): only looked at when one is set."""
+        if self.sanitizing and not spec.flags & C.F_SANITIZE_OK:
+            raise SenseError(SenseKey.NOT_READY, S.LOGICAL_UNIT_NOT_READY_SANITIZE_IN_PROGRESS)
+        if spec.flags & C.F_MEDIUM:
+            if not self.medium_present:
+                raise SenseError(SenseKey.NOT_READY, S.MEDIUM_NOT_PRESENT)
+            if self.sanitize_failed and cdb[0] != 0x48:
+                raise SenseError(SenseKey.MEDIUM_ERROR, S.SANITIZE_COMMAND_FAILED)
+
+    def _update_state(self) -> None:
+        self._abnormal = self.sanitizing or self.sanitize_failed or not self.medium_present
+
     async def execute(self, cmd: ScsiCommand) -> ScsiResult:
         """Execute one SCSI command and return its status, Data-In (cut to the allocation length) and sense."""
         cdb = cmd.cdb
         spec = self._table[cdb[0]]
-        q = self.ua.get(cmd.nexus)
+        q = self._ua_pending.get(cmd.nexus)
         if q is None or q:
             r = self._unit_attention(cmd, spec)
             if r is not None:
@@ -457,21 +504,20 @@ class LogicalUnit:
                 cmd.cdb = cdb = bytes(cdb).ljust(n, b"\x00")
             if cdb[n - 1] & 0x04:
                 raise S.illegal_field(n - 1, 2)  # NACA: ACA is not supported (SAM-5 §5.9.1.4)
-            if self.sanitizing and not spec.flags & C.F_SANITIZE_OK:
-                raise SenseError(SenseKey.NOT_READY, S.LOGICAL_UNIT_NOT_READY_SANITIZE_IN_PROGRESS)
+            if self._abnormal:
+                self._check_state(spec, cdb)
             pr = self.pr
             if pr is not None and pr.check_conflict(cmd.nexus, cdb):
                 return ScsiResult(Status.RESERVATION_CONFLICT)
-            if not self.medium_present and spec.flags & C.F_MEDIUM:
-                raise SenseError(SenseKey.NOT_READY, S.MEDIUM_NOT_PRESENT)
             handler = spec.handler
             attr = cmd.task_attr
-            if attr <= TaskAttr.SIMPLE and not self.tasks.blocked:
+            tasks = self.tasks
+            if attr <= 1 and tasks._ordered is None:  # UNTAGGED or SIMPLE, no ORDERED barrier
                 r = handler(self, cmd)
                 if r.__class__ is ScsiResult:
                     return r
-                return await self.tasks.track(r)
-            return await self.tasks.run(attr, lambda: handler(self, cmd))
+                return await tasks.track(r)
+            return await tasks.run(attr, lambda: handler(self, cmd))
         except SenseError as e:
             return self._error(e)
         except OSError as e:

@@ -19,6 +19,8 @@ from .cdb import RW6, RW10, RW12, RW16, U16, U32, be16, be32, be64
 from .sense import SenseError, SenseKey
 from .types import ScsiCommand, ScsiResult, Status
 
+_GOOD = Status.GOOD
+
 if TYPE_CHECKING:
     from .lu import LogicalUnit
 
@@ -68,7 +70,7 @@ def _read(lu: LogicalUnit, lba: int, n: int, len_field: int) -> ScsiResult:
     if not n:
         return ScsiResult()
     bs = lu.block_size
-    return ScsiResult(Status.GOOD, lu.backstore.read(lba * bs, n * bs))
+    return ScsiResult(_GOOD, lu.backstore.read(lba * bs, n * bs))
 
 
 def read_6(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
@@ -621,7 +623,9 @@ def sanitize(lu: LogicalUnit, cmd: ScsiCommand):
     """SANITIZE (SBC-4 §5.30): OVERWRITE, BLOCK ERASE, CRYPTOGRAPHIC ERASE, EXIT FAILURE MODE.
 
     Block and cryptographic erase deallocate every block (reads return zeroes afterwards,
-    WABEREQ/WACEREQ=01b).  While it runs the LU answers NOT READY, SANITIZE IN PROGRESS.
+    WABEREQ/WACEREQ=01b).  OVERWRITE writes the pattern once: a file keeps no remanence
+    of earlier passes, so OVERWRITE COUNT and INVERT do not change the outcome.  While it
+    runs the LU answers NOT READY, SANITIZE IN PROGRESS.
     """
     cdb = cmd.cdb
     sa = cdb[1] & 0x1F
@@ -639,8 +643,8 @@ def sanitize(lu: LogicalUnit, cmd: ScsiCommand):
         pat_len = be16(params, 2)
         if count == 0 or pat_len == 0 or pat_len > lu.block_size or pat_len + 4 != plen:
             raise S.illegal_param(0 if count == 0 else 2)
-        if params[0] & 0x80 or params[1]:
-            raise S.illegal_param(0 if params[0] & 0x80 else 1)
+        if params[0] & 0x60 or params[1]:
+            raise S.illegal_param(0 if params[0] & 0x60 else 1)  # TEST (vendor specific) / reserved
         pattern = params[4:4 + pat_len]
         bs = lu.block_size
         block = (pattern * (bs // pat_len + 1))[:bs]
@@ -652,6 +656,7 @@ def sanitize(lu: LogicalUnit, cmd: ScsiCommand):
     elif sa == 0x1F:  # EXIT FAILURE MODE
         if plen:
             raise S.illegal_field(7)
+        lu.exit_sanitize_failure_mode()
         return ScsiResult()
     else:
         raise S.illegal_field(1, 4)
