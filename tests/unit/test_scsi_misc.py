@@ -245,3 +245,42 @@ async def test_extended_copy_between_two_lus():
     inq = (await a.ok(bytes((0x12, 0, 0, 0, 36, 0)))).data
     assert inq[5] & 0x08  # 3PC
     await a.ok(bytes((0x12, 1, 0x8F, 1, 0, 0)))
+
+
+async def test_sanitize_failure_mode_until_exit():
+    lu = make_lu("ram", size=1 << 20)
+    ini = await ready(lu)
+
+    def broken(off, data, fua=False):
+        raise OSError(5, "EIO")
+
+    real = lu.backstore.write
+    lu.backstore.write = broken
+    params = bytes((0x01, 0, 0, 4)) + b"\x01\x02\x03\x04"
+    s = await ini.fails(sanitize_cdb(0x01, len(params)), params)
+    assert s.code == (0x3, 0x31, 0x03)
+    lu.backstore.write = real
+    assert (await ini.fails(read10(0, 1))).code == (0x3, 0x31, 0x03)
+    await ini.ok(bytes((0x12, 0, 0, 0, 36, 0)))
+    await ini.ok(sanitize_cdb(0x1F))  # EXIT FAILURE MODE
+    await ini.ok(read10(0, 1))
+
+
+def prout(sa: int, key: int, sa_key: int = 0, prtype: int = 0) -> tuple[bytes, bytes]:
+    params = struct.pack(">QQ4xBxH", key, sa_key, 0, 0)
+    return bytes((0x5F, sa, prtype, 0, 0)) + struct.pack(">IB", len(params), 0), params
+
+
+async def test_persistent_reservation_unit_attentions_reach_the_right_nexus():
+    """pr.py's ua_sink targets are mapped onto the LU's nexuses (PREEMPT -> REGISTRATIONS PREEMPTED)."""
+    lu = make_lu("ram")
+    a, b = await ready(lu, NEXUS_A), await ready(lu, NEXUS_B)
+    await a.ok(*prout(0x00, 0, sa_key=0xA))  # REGISTER key A
+    await b.ok(*prout(0x00, 0, sa_key=0xB))  # REGISTER key B
+    await a.ok(*prout(0x01, 0xA, prtype=0x01))  # RESERVE, Write Exclusive
+    r = await b.cmd(write10(0, 1), bytes(512))
+    assert r.status == Status.RESERVATION_CONFLICT
+    await b.ok(read10(0, 1))  # reads pass a Write Exclusive reservation
+    await b.ok(*prout(0x04, 0xB, sa_key=0xA, prtype=0x01))  # PREEMPT A
+    assert (await a.fails(bytes(6))).code == (0x6, 0x2A, 0x05)  # REGISTRATIONS PREEMPTED
+    await b.ok(write10(0, 1), bytes(512))
