@@ -370,7 +370,8 @@ async def test_multipath_survives_losing_a_portal(kind, tmp_path, peers_started)
 
         async def worker(wid: int) -> None:
             while not stop.is_set():
-                lba = rnd.randrange(0, 4096) * 8
+                # Each worker owns its own blocks: concurrent writers of one block would race.
+                lba = (rnd.randrange(0, 512) * 8 + wid) * 8
                 data = os.urandom(4096)
                 try:
                     await dev.write(lba, data)
