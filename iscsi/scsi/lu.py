@@ -150,6 +150,8 @@ class LogicalUnit:
         self.tasks = TaskSet()
         self.mode = ModePages()
         self._caw_lock = asyncio.Lock()
+        self._flush_next: asyncio.Task | None = None
+        self._flush_running: asyncio.Task | None = None
         self.medium_present = True
         self.sanitizing = False
         self.sanitize_failed = False
@@ -320,12 +322,35 @@ class LogicalUnit:
             return S.MEDIUM_NOT_PRESENT
         return None
 
-    async def _flush(self) -> None:
-        await asyncio.to_thread(self.backstore.flush)
+    def _flush(self) -> Awaitable[None]:
+        """Make everything written so far stable: fdatasync in a worker thread, with group commit.
+
+        Flush requests that arrive while no flush has started yet share the next one; a
+        request that arrives while a flush runs waits for it and then for one more (its
+        write may have landed after that flush began).  So N concurrent FUA writes cost at
+        most two fdatasync calls, and none returns before its own data is stable.  The
+        flush runs in its own task: an aborted command does not cancel it for the others.
+        """
+        nxt = self._flush_next
+        if nxt is None:
+            nxt = self._flush_next = asyncio.get_running_loop().create_task(self._flush_after(self._flush_running))
+        return asyncio.shield(nxt)
+
+    async def _flush_after(self, previous: asyncio.Task | None) -> None:
+        if previous is not None:
+            await asyncio.wait((previous,))
+        me = asyncio.current_task()
+        self._flush_next = None  # requests from now on need a flush that starts after this one
+        self._flush_running = me
+        try:
+            await asyncio.to_thread(self.backstore.flush)
+        finally:
+            if self._flush_running is me:
+                self._flush_running = None
 
     async def flushed(self, result: ScsiResult) -> ScsiResult:
-        """Return ``result`` once everything written so far is on stable storage (in a worker thread)."""
-        await asyncio.to_thread(self.backstore.flush)
+        """Return ``result`` once everything written so far is on stable storage."""
+        await self._flush()
         return result
 
     async def compare_and_write(self, lba: int, compare, write, fua: bool) -> ScsiResult:

@@ -126,3 +126,21 @@ async def test_compare_and_write_ping_pong_across_paths():
         await p.ok(compare_and_write(0, 1), old + new)
         s = await p.fails(compare_and_write(0, 1), old + new)
         assert s.code == (0xE, 0x1D, 0x00)
+
+
+async def test_concurrent_fua_writes_share_flushes():
+    """Group commit: a burst of FUA writes costs at most two fdatasyncs, each write still waits for one."""
+    lu = make_lu("ram")
+    ini = Initiator(lu)
+    await ini.clear_ua()
+    gate = GatedFlush(lu)
+    first = asyncio.create_task(ini.cmd(write10(0, 1, 0x08), b"0" * 512))
+    await wait_thread_event(gate.entered)  # flush #1 is running and blocked
+    rest = [asyncio.create_task(ini.cmd(write10(i, 1, 0x08), bytes((i,)) * 512)) for i in range(1, 11)]
+    await asyncio.sleep(0.05)
+    assert not any(t.done() for t in rest)  # their writes came after flush #1 started: they wait
+    before = lu.backstore.flushes
+    gate.gate.set()
+    results = await asyncio.wait_for(asyncio.gather(first, *rest), 10)
+    assert all(r.status == Status.GOOD for r in results)
+    assert lu.backstore.flushes - before == 2  # flush #1 and one shared flush #2
