@@ -6,8 +6,8 @@ much Data-Out to solicit.  Every session and portal reaching this LU shares the 
 object, hence the same data, reservations, mode pages and COMPARE AND WRITE lock.
 
 Per-command order of checks (SAM-5 §5.14, SPC-4 §5.14, SBC-4 §4.11):
-unit attention -> operation code known -> sanitize in progress -> reservation
-conflict -> medium present -> task attribute -> handler.
+unit attention -> operation code (and service action) known -> NACA -> sanitize in
+progress / medium not present -> reservation conflict -> task attribute -> handler.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import asyncio
 import inspect
 import logging
 import time
-import weakref
 from typing import Awaitable, Callable, Iterable
 
 from . import commands as C
@@ -53,15 +52,6 @@ UNMAP_GRANULARITY_BYTES = 4096
 # SBC-4 §4.11 lets it take as long as it needs while the LU reports it in progress).
 SANITIZE_BYTES_PER_SECOND = 128 << 20
 SANITIZE_CHUNK_BYTES = 4 << 20
-
-# LUs by NAA designator, for EXTENDED COPY target descriptors that name another LU.
-_registry: "weakref.WeakValueDictionary[bytes, LogicalUnit]" = weakref.WeakValueDictionary()
-
-
-def find_lu_by_designator(naa: bytes) -> "LogicalUnit | None":
-    """The live LogicalUnit whose VPD 83h NAA designator is ``naa`` (8 bytes), if any."""
-    return _registry.get(bytes(naa))
-
 
 def _import_optional(module: str):
     try:
@@ -122,7 +112,6 @@ class LogicalUnit:
         self.removable = removable
         self.identity = vpd.Identity(vendor, product, revision, serial, name or serial)
         self.naa = self.identity.naa()
-        _registry[self.naa] = self
 
         # thin provisioning: the backstore can deallocate and unmapped blocks read as zero
         self.thin = callable(getattr(backstore, "unmap", None)) and callable(getattr(backstore, "is_mapped", None))
@@ -611,7 +600,6 @@ class LogicalUnit:
         self.ua.establish(S.CAPACITY_DATA_HAS_CHANGED)
 
     def close(self) -> None:
-        _registry.pop(self.naa, None)
         if self.xcopy is not None:
             self.xcopy.unregister(self.naa)
         self.backstore.close()
