@@ -187,6 +187,13 @@ class LogicalUnit:
                 lambda lu, cmd: _maybe_await(xc.extended_copy(lu, cmd)),
                 lambda lu, cmd: _maybe_await(xc.receive_copy_results(lu, cmd)),
             )
+        if not self.thin:
+            # SBC-4 §4.7: without logical block provisioning management there is no UNMAP
+            # and no GET LBA STATUS (WRITE SAME then simply writes).
+            specs = [s for s in specs if s.opcode != 0x42]
+            for s in specs:
+                if s.opcode == 0x9E:
+                    s.sub = {k: v for k, v in s.sub.items() if k != 0x12}
         table: list[C.CommandSpec | None] = [None] * 256
         for s in specs:
             table[s.opcode] = s
@@ -206,12 +213,12 @@ class LogicalUnit:
             vpd.PAGE_BLOCK_DEVICE_CHARACTERISTICS: vpd.block_device_characteristics_page(sanitize=True),
             vpd.PAGE_LOGICAL_BLOCK_PROVISIONING: vpd.logical_block_provisioning_page(thin=self.thin),
         }
-        self._refresh_block_limits()
 
-    def _refresh_block_limits(self) -> None:
+    def block_limits_page(self) -> bytes:
+        """Block Limits VPD page from the current limits (tests and the daemon may tune them)."""
         phys = 1 << self.lbppbe
         unmap_gran = max(phys, UNMAP_GRANULARITY_BYTES // self.block_size)
-        self._vpd_static[vpd.PAGE_BLOCK_LIMITS] = vpd.block_limits_page(vpd.BlockLimits(
+        return vpd.block_limits_page(vpd.BlockLimits(
             max_compare_and_write=self.max_compare_and_write,
             optimal_granularity=phys,
             max_transfer=self.max_transfer,
@@ -226,7 +233,7 @@ class LogicalUnit:
 
     # -- INQUIRY support -----------------------------------------------------------------
     def vpd_pages(self) -> list[int]:
-        pages = [vpd.PAGE_SUPPORTED, vpd.PAGE_DEVICE_ID, *self._vpd_static]
+        pages = [vpd.PAGE_SUPPORTED, vpd.PAGE_DEVICE_ID, vpd.PAGE_BLOCK_LIMITS, *self._vpd_static]
         if self.xcopy is not None:
             pages.append(vpd.PAGE_THIRD_PARTY_COPY)
         return sorted(pages)
@@ -239,6 +246,8 @@ class LogicalUnit:
             return vpd.supported_pages(self.vpd_pages())
         if page == vpd.PAGE_DEVICE_ID:
             return vpd.device_id_page(self.identity, nexus)
+        if page == vpd.PAGE_BLOCK_LIMITS:
+            return self.block_limits_page()
         if page == vpd.PAGE_THIRD_PARTY_COPY and self.xcopy is not None:
             return self.xcopy.vpd_8f()
         return None

@@ -210,3 +210,42 @@ async def test_write_atomic16():
     assert (await ini.fails(wa(0, 1, 0x40), bytes(512))).code == INVALID_FIELD
     assert (await ini.fails(wa(0, 1, boundary=1), bytes(512))).code == INVALID_FIELD
     assert lu.data_out_length(wa(0, 3)) == 3 * 512
+
+
+class _PlainBackstore:
+    """A backstore without thin provisioning (no unmap / is_mapped)."""
+
+    block_size = 512
+    read_only = False
+
+    def __init__(self, size: int) -> None:
+        self._b = bytearray(size)
+        self.size = size
+
+    def read(self, off, n):
+        return bytes(self._b[off:off + n])
+
+    def write(self, off, data, fua=False):
+        self._b[off:off + len(data)] = data
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+async def test_fully_provisioned_backstore_has_no_unmap():
+    from iscsi.scsi.lu import LogicalUnit
+
+    lu = LogicalUnit(_PlainBackstore(1 << 20), serial="plain")
+    ini = await ready(lu)
+    rc = (await ini.ok(struct.pack(">BBQIBB", 0x9E, 0x10, 0, 32, 0, 0))).data
+    assert rc[14] & 0x80 == 0  # LBPME=0
+    p = unmap_params([(0, 1)])
+    assert (await ini.fails(unmap_cdb(len(p)), p)).code == (0x5, 0x20, 0x00)
+    assert (await ini.fails(get_lba_status(0))).code == INVALID_FIELD
+    await ini.ok(write_same10(0, 4, flags=0x08), b"\x05" * 512)  # UNMAP bit ignored: written
+    assert (await ini.ok(read10(0, 4))).data == b"\x05" * 2048
+    bl = (await ini.ok(bytes((0x12, 1, 0xB0, 0, 255, 0)))).data
+    assert struct.unpack_from(">II", bl, 20) == (0, 0)  # no UNMAP limits
