@@ -66,6 +66,11 @@ PROFILES = {
     "basic": {"flags": ["--dataloss"], "multipath": False},
     # Issue 3's goal: everything, with a second portal for the MultipathIO suite.
     "full": {"flags": ["--dataloss", "--allow-sanitize"], "multipath": True},
+    # Issue 3: suites that skip on a plain LU run against a read-only / a removable one.
+    "readonly": {"flags": ["--dataloss"], "multipath": False, "tests": "ALL.ReadOnly",
+                 "lun": {"read_only": True}},
+    "removable": {"flags": ["--dataloss"], "multipath": False,
+                  "tests": "ALL.NoMedia,ALL.PreventAllow,ALL.StartStopUnit", "lun": {"removable": True}},
 }
 
 
@@ -79,12 +84,18 @@ class TestResult:
 
     @property
     def reason(self) -> str:
-        """The first line that says why (for skips and failures), else ''."""
-        for line in self.detail.splitlines():
-            line = line.strip()
-            if line.startswith(("[SKIPPED]", "[FAILED]")) or re.match(r"\d+\. \S+:\d+", line):
-                return line
-        return self.detail.strip().splitlines()[0].strip() if self.detail.strip() else ""
+        """The first line that says why: for a failure its first [FAILED] line or failed
+        assertion, for a skip its [SKIPPED] line; else the first line of the detail."""
+        lines = [l.strip() for l in self.detail.splitlines() if l.strip()]
+        if self.outcome == FAIL:
+            for line in lines:
+                if line.startswith("[FAILED]") or re.match(r"\d+\. \S+:\d+", line):
+                    return line
+        if self.outcome == SKIP:
+            for line in lines:
+                if line.startswith("[SKIPPED]"):
+                    return line
+        return lines[0] if lines else ""
 
 
 @dataclass
@@ -371,7 +382,7 @@ def compare(report: Report, expected: dict[str, str]) -> tuple[list[tuple[str, s
 
 
 def expectation_document(report: Report, *, peer: str, profile: str, flags: Sequence[str], urls: int,
-                         peer_version: str = "", extra: dict | None = None) -> dict:
+                         peer_version: str = "", extra: dict | None = None, tests: str = "ALL") -> dict:
     doc = {
         "about": "Per-test outcome of iscsi-test-cu against this peer; written by "
                  "`python -m tools.conformance --write-expected`. pass = clean pass (no [SKIPPED]).",
@@ -379,7 +390,7 @@ def expectation_document(report: Report, *, peer: str, profile: str, flags: Sequ
         "peer_version": peer_version,
         "suite": f"iscsi-test-cu ({_libiscsi_version()})",
         "profile": profile,
-        "command": f"iscsi-test-cu -t ALL -i {INITIATOR_1} -I {INITIATOR_2} {' '.join(flags)} "
+        "command": f"iscsi-test-cu -t {tests} -i {INITIATOR_1} -I {INITIATOR_2} {' '.join(flags)} "
                    + " ".join(["URL"] * urls),
         "recorded": _dt.date.today().isoformat(),
         "commit": _git_describe(),
@@ -452,7 +463,10 @@ def run_against_peer(peer_kind: str, workdir: Path, *, profile: str = "full", si
     from tools.peers import make_peer
 
     prof = PROFILES[profile]
-    peer = make_peer(peer_kind, workdir, size=size, portals=2 if prof["multipath"] else 1, **(peer_kwargs or {}))
+    if tests == "ALL":
+        tests = prof.get("tests", "ALL")
+    kwargs = {**prof.get("lun", {}), **(peer_kwargs or {})}
+    peer = make_peer(peer_kind, workdir, size=size, portals=2 if prof["multipath"] else 1, **kwargs)
     peer.start()
     try:
         urls = [peer.url(0, portal=p) for p in range(len(peer.portals))]
@@ -474,7 +488,7 @@ def run_against_peer(peer_kind: str, workdir: Path, *, profile: str = "full", si
 
 def default_expectation_path(peer: str, profile: str) -> Path:
     if peer == "tgt":
-        return EXPECT_DIR / ("tgt-baseline.json" if profile == "basic" else "tgt-full.json")
+        return EXPECT_DIR / ("tgt-baseline.json" if profile == "basic" else f"tgt-{profile}.json")
     return EXPECT_DIR / ("sanstack-expected.json" if profile == "full" else f"sanstack-{profile}.json")
 
 
@@ -485,7 +499,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="start this target on free loopback ports with a scratch LUN (default sanstack)")
     ap.add_argument("--url", action="append", help="run against an already running target instead (repeat for multipath)")
     ap.add_argument("--profile", choices=sorted(PROFILES), default="full",
-                    help="full: --dataloss --allow-sanitize + 2 portals; basic: --dataloss, 1 portal (issue 2)")
+                    help="full: --dataloss --allow-sanitize + 2 portals; basic: --dataloss, 1 portal (issue 2); "
+                         "readonly / removable: the suites that need such a LU")
     ap.add_argument("--size", default="1G", help="scratch LUN size (default 1G)")
     ap.add_argument("-t", "--tests", default="ALL", help="ALL, ALL.Suite, ALL.Suite.Test or a comma list")
     ap.add_argument("--compare", type=Path, help="expectation file: exit 1 on any regression")
@@ -511,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         if args.url:
-            report = run_suite(args.url, flags=prof["flags"], tests=args.tests, idle_timeout=args.idle_timeout,
+            report = run_suite(args.url, flags=prof["flags"], tests=prof.get("tests", "ALL") if args.tests == "ALL" else args.tests, idle_timeout=args.idle_timeout,
                                timeout=args.timeout, log=workdir / "iscsi-test-cu.log", progress=progress)
             peer_name = "url"
         else:
@@ -546,6 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 extra = parity_fields(report, args.profile)
             doc = expectation_document(report, peer=peer_name, profile=args.profile, flags=prof["flags"],
                                        urls=2 if prof["multipath"] else 1,
+                                       tests=args.tests if args.tests != "ALL" else prof.get("tests", "ALL"),
                                        peer_version=tgt_version() if peer_name == "tgt" else "", extra=extra)
             path.write_text(json.dumps(doc, indent=1) + "\n")
             print(f"wrote {path}")

@@ -121,7 +121,9 @@ def test_checked_in_expectation_files_are_consistent():
         results = doc["results"]
         assert set(results.values()) <= set(cf.OUTCOMES), path
         if doc.get("counts"):
-            assert doc["counts"]["total"] == len(results) == 230, path
+            assert doc["counts"]["total"] == len(results), path
+            if doc["profile"] in ("basic", "full"):
+                assert len(results) == 230, path
             assert doc["counts"]["pass"] == sum(v == "pass" for v in results.values()), path
     tgt = json.loads((cf.EXPECT_DIR / "tgt-baseline.json").read_text())
     # Issue 2: "tgt 1.0.85 passes 157 of 230 clean" -- the strict reading of the same run.

@@ -34,6 +34,7 @@ from .base import (
     Chap,
     LunSpec,
     TargetPeer,
+    create_sparse,
     format_size,
     free_portals,
     lun_specs,
@@ -101,10 +102,12 @@ class SanstackPeer(TargetPeer):
         iqn: str = DEFAULT_IQN,
         block_size: int = 512,
         sizes: list[int | str] | None = None,
+        read_only: bool = False,
+        removable: bool = False,
         **kwargs,
     ) -> "SanstackPeer":
         workdir = Path(workdir)
-        specs = lun_specs(workdir, "sanstack", size, luns, sizes, block_size)
+        specs = lun_specs(workdir, "sanstack", size, luns, sizes, block_size, read_only, removable)
         kwargs.setdefault("data_dir", workdir / "data")
         return cls(iqn=iqn, portals=free_portals(portals, host), luns=specs, workdir=workdir, **kwargs)
 
@@ -133,8 +136,10 @@ class SanstackPeer(TargetPeer):
                 cmd += ["--portal", str(portal)]
             cmd += ["--target", self.iqn]
             for spec in self.luns:
-                bs = f":bs={spec.block_size}" if spec.block_size != 512 else ""
-                cmd += ["--lun", f"{spec.path}:{format_size(spec.size)}{bs}"]
+                opts = f":bs={spec.block_size}" if spec.block_size != 512 else ""
+                opts += ":ro" if spec.read_only else ""
+                opts += ":removable" if spec.removable else ""
+                cmd += ["--lun", f"{spec.path}:{format_size(spec.size)}{opts}"]
         return cmd + list(self.extra_args)
 
     def config_dict(self) -> dict:
@@ -152,7 +157,8 @@ class SanstackPeer(TargetPeer):
             # Like the quick-start form: one portal group (and target port) per portal.
             "portal_groups": [{"tag": n, "portals": [str(p)]} for n, p in enumerate(self.portals, 1)],
             "luns": [
-                {"number": n, "path": str(spec.path), "size": spec.size, "block_size": spec.block_size}
+                {"number": n, "path": str(spec.path), "size": spec.size, "block_size": spec.block_size,
+                 "read_only": spec.read_only, "removable": spec.removable}
                 for n, spec in enumerate(self.luns)
             ],
             "acls": [{"initiator": name} for name in (self.acl or [])],
@@ -173,6 +179,9 @@ class SanstackPeer(TargetPeer):
         if self.data_dir is not None:
             self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / "sanstack.log"
+        for spec in self.luns:
+            if spec.read_only:  # the daemon (rightly) will not create an image it may not write
+                create_sparse(spec.path, spec.size)
         self.lun_ids = list(range(len(self.luns)))
         env = self._env()
         cmd = self.command()

@@ -83,11 +83,13 @@ class TgtPeer(TargetPeer):
         iqn: str = DEFAULT_IQN,
         block_size: int = 512,
         sizes: list[int | str] | None = None,
+        read_only: bool = False,
+        removable: bool = False,
         **kwargs,
     ) -> "TgtPeer":
         """A peer with ``luns`` sparse images of ``size`` under ``workdir`` (not started yet)."""
         workdir = Path(workdir)
-        specs = lun_specs(workdir, "tgt", size, luns, sizes, block_size)
+        specs = lun_specs(workdir, "tgt", size, luns, sizes, block_size, read_only, removable)
         return cls(iqn=iqn, portals=free_portals(portals, host), luns=specs, workdir=workdir, **kwargs)
 
     # -- process ----------------------------------------------------------------------------
@@ -152,6 +154,10 @@ class TgtPeer(TargetPeer):
             if spec.block_size != 512:
                 args += ["--blocksize", str(spec.block_size)]
             self.tgtadm(*args)
+            flags = [f"{k}=1" for k, on in (("readonly", spec.read_only), ("removable", spec.removable)) if on]
+            if flags:
+                self.tgtadm("--op", "update", "--mode", "logicalunit", "--tid", tid, "--lun", str(n),
+                            "--params", ",".join(flags))
             self.lun_ids.append(n)
         if self.acl is None:
             self.tgtadm("--op", "bind", "--mode", "target", "--tid", tid, "-I", "ALL")
