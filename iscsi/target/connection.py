@@ -34,11 +34,14 @@ log = logging.getLogger("iscsi.target.connection")
 # that opens sockets and never logs in must not hold resources (LIO uses 15 s;
 # ESXi's own login timeout is 5 s, so real initiators finish far sooner).
 LOGIN_TIMEOUT = 15.0
-# Ping an idle initiator after this many seconds without any PDU from it, and drop
-# the connection if the NOP-Out answer does not come back in NOP_TIMEOUT (the same
-# 5 s / 5 s that open-iscsi applies in the other direction).
-NOP_INTERVAL = 5.0
-NOP_TIMEOUT = 15.0
+# Ping an initiator that has sent nothing for NOP_INTERVAL seconds, and drop the
+# connection when it has stayed silent NOP_TIMEOUT seconds after the ping.  Any PDU
+# from it counts as the answer.  The timeout is long on purpose: libiscsi's
+# synchronous API does not read the socket while the application sleeps (its own
+# conformance suite sleeps 60 s), and a dead peer holding reservations is still
+# found within ~2 minutes, inside open-iscsi's 120 s replacement timeout.
+NOP_INTERVAL = 10.0
+NOP_TIMEOUT = 90.0
 # Stop reading from a connection whose unsent output exceeds this (back-pressure).
 WRITE_HIGH_WATER = 4 * 1024 * 1024
 
@@ -139,6 +142,7 @@ class TargetConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_rx = time.monotonic()
+        self._nop_outstanding = None  # the peer is alive; whatever it sent answers our ping
         try:
             pdus = self.reader.feed(data)
         except HeaderDigestError:

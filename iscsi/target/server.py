@@ -197,6 +197,9 @@ class TargetSession:
         pending = [t.future for t in conn.tasks.values() if t.future is not None and not t.future.done()]
         if pending:
             await asyncio.wait(pending, timeout=SHUTDOWN_DRAIN_TIMEOUT)
+        # The session ends now, before the response: an initiator that logs straight
+        # back in must not find its old nexus still holding a RESERVE(6) (SAM-5 §6.3.4).
+        self.server.end_session(self, reason="logout")
         conn.send(P.LogoutResponse(itt=req.itt, response=0, time2wait=LOGOUT_TIME2WAIT,
                                    time2retain=LOGOUT_TIME2RETAIN))
         event(log, "logout", initiator=self.initiator_name, target=self.target_name,
