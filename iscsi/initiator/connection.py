@@ -87,6 +87,9 @@ class Connection(asyncio.BufferedProtocol):
         self._direct_full: memoryview | None = None
         self._direct_hdr: tuple | None = None
         self._trailer = 0                          # pad + data digest after a direct payload
+        # After a large Data-In, read just the next header so a following large payload can go
+        # straight to its task too (no staging copy); any other PDU turns this off again.
+        self._lean = 0
         self._scratch: bytearray | None = None
         # send state
         self._out: list = []
@@ -143,6 +146,11 @@ class Connection(asyncio.BufferedProtocol):
             return self._direct
         if self._end == len(self._buf):
             self._compact(len(self._buf) // 2)
+        lean = self._lean
+        if lean and self._end - self._start < lean:
+            if self._end + lean > len(self._buf):
+                self._compact(lean)
+            return self._mv[self._end:self._start + lean]
         return self._mv[self._end:]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -154,6 +162,7 @@ class Connection(asyncio.BufferedProtocol):
                 if len(self._direct):
                     return
                 self._direct = None
+                self._lean = self._trailer + BHS_LEN + (4 if self.header_digest else 0)
                 if self._trailer == 0:
                     self._direct_complete(None)
                 return
@@ -213,7 +222,7 @@ class Connection(asyncio.BufferedProtocol):
             total = hlen + dlen + (-dlen & 3) + dd if dlen else hlen
             op = h[0] & 0x3F
             if avail < total:
-                if avail >= hlen and ffp and op == OP_DATA_IN and dlen >= DIRECT_MIN:
+                if avail >= hlen and ffp and op == OP_DATA_IN and dlen >= DIRECT_MIN and self.sink is not None:
                     # Receive the rest in place: copy what is staged, point get_buffer at the task.
                     self._check_header_digest(mv, start, hlen, hd)
                     pstart = start + hlen
@@ -230,9 +239,11 @@ class Connection(asyncio.BufferedProtocol):
                     self._trailer = (-dlen & 3) + dd
                     return
                 self._start = start
+                self._lean = 0
                 if start + total > len(self._buf):
                     self._compact(total)
                 return
+            self._lean = 0
             if hd:
                 self._check_header_digest(mv, start, hlen, hd)
             pstart = start + hlen
