@@ -509,6 +509,11 @@ class LogicalUnit:
         """Execute one SCSI command and return its status, Data-In (cut to the allocation length) and sense."""
         cdb = cmd.cdb
         spec = self._table[cdb[0]]
+        if self.sanitizing and spec is not None and not spec.flags & C.F_SANITIZE_OK:
+            # While a sanitize runs the LU executes nothing but the exempt commands; this
+            # is reported ahead of a pending UA, which stays queued (SBC-4 §4.11; libiscsi
+            # Sanitize.Reset logs in again and expects SANITIZE IN PROGRESS first).
+            return self._sense(SenseKey.NOT_READY, S.LOGICAL_UNIT_NOT_READY_SANITIZE_IN_PROGRESS)
         q = self._ua_pending.get(cmd.nexus)
         if q is None or q:
             r = self._unit_attention(cmd, spec)
