@@ -342,10 +342,11 @@ class _LunSide:
 
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("operands", nargs=-1)
-@click.option("--no-progress", is_flag=True)
+@click.option("--progress/--no-progress", default=None,
+              help="progress bar on stderr (default: when stderr is a terminal)")
 @click.pass_obj
 @_guard
-def dd(obj: _Ctx, operands: tuple[str, ...], no_progress: bool) -> None:
+def dd(obj: _Ctx, operands: tuple[str, ...], progress: bool | None) -> None:
     """Copy between files and LUNs: if=SRC of=DST [bs=1M] [count=N] [skip=N] [seek=N] [qd=8].
 
     SRC/DST are paths or iscsi:// URLs; skip/seek/count are in bs units, as in dd(1).
@@ -363,7 +364,8 @@ def dd(obj: _Ctx, operands: tuple[str, ...], no_progress: bool) -> None:
     count = int(ops["count"]) if "count" in ops else None
     skip, seek = int(ops.get("skip", 0)), int(ops.get("seek", 0))
     qd = int(ops.get("qd", DD_QUEUE_DEPTH))
-    progress = not no_progress and sys.stderr.isatty()
+    if progress is None:
+        progress = sys.stderr.isatty()
 
     async def side(spec: str, writing: bool):
         if spec.startswith("iscsi://"):

@@ -196,6 +196,8 @@ class Session:
         self.generation = 0          # bumps on every successful (re)login
         self.reconnects = 0
         self.listeners: list[Callable[[str, dict], None]] = []
+        self.luns: list[int] | None = None      # last REPORT LUNS answer (see rescan)
+        self._rescan: asyncio.Task | None = None
         self._state_waiters: list[asyncio.Future] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -725,7 +727,9 @@ class Session:
             sense = decode_sense(pdu.data[2:]) if len(pdu.data) > 2 else None
             self._emit("scsi_event", lun=P.decode_lun(pdu.lun), sense=sense)
             if sense is not None and sense.asc_ascq == (0x3F, 0x0E):
+                # REPORTED LUNS DATA HAS CHANGED (SPC-4 §6.33): rescan the inventory.
                 self._emit("luns_changed", lun=P.decode_lun(pdu.lun))
+                self.rescan_soon()
         elif ev == P.AsyncEvent.LOGOUT_REQUEST:
             # §11.9.1: log out within Parameter3 seconds; we drain, log out and log in again.
             self.loop.create_task(self._requested_logout(pdu.param3 or LOGOUT_DRAIN_MAX))
@@ -811,6 +815,29 @@ class Session:
                 delay = min(delay * 2, RECONNECT_MAX_DELAY)
         except asyncio.CancelledError:
             pass
+
+    # ------------------------------------------------------------------ LUN inventory
+    def rescan_soon(self) -> None:
+        if self._rescan is None or self._rescan.done():
+            self._rescan = self.loop.create_task(self._rescan_quietly())
+
+    async def _rescan_quietly(self) -> None:
+        try:
+            await self.rescan()
+        except Exception as exc:  # a failed rescan is logged; I/O goes on
+            event(log, "session.rescan_failed", logging.WARNING, portal=self.portal, error=exc)
+
+    async def rescan(self) -> list[int]:
+        """REPORT LUNS through LUN 0 (SPC-4 §6.33: every target answers it there); emits "luns"."""
+        from .device import BlockDevice  # device builds on session, not the other way round
+        luns = await BlockDevice(self, 0).report_luns()
+        added = sorted(set(luns) - set(self.luns or []))
+        removed = sorted(set(self.luns or []) - set(luns))
+        self.luns = luns
+        event(log, "session.rescan", portal=self.portal, luns=",".join(map(str, luns)),
+              added=",".join(map(str, added)) or None, removed=",".join(map(str, removed)) or None)
+        self._emit("luns", luns=luns, added=added, removed=removed)
+        return luns
 
     # ------------------------------------------------------------------ task management
     async def task_management(self, function: int, lun: int = 0, rtt: int = RESERVED,

@@ -122,6 +122,7 @@ class FakeTarget:
         self.window_violations = 0
         self.fixed_maxcmdsn: int | None = None
         self.disk = bytearray(1 << 20)
+        self.luns = [0]
 
     async def start(self) -> "FakeTarget":
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -164,6 +165,9 @@ async def default_handler(target: FakeTarget, conn: FakeConn, pdu: P.Pdu) -> Non
             target.cmds[pdu.itt] = pdu
         elif op in (0x00, 0x35, 0x91):
             conn.status(pdu)
+        elif op == 0xA0:  # REPORT LUNS: LUNs 0 and the ones listed in target.luns
+            body = b"".join(struct.pack(">H6x", lun) for lun in target.luns)
+            conn.data_in(pdu, struct.pack(">I4x", len(body)) + body)
         else:
             conn.status(pdu, 2, bytes([0x70, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x20, 0, 0, 0, 0, 0]))
     elif isinstance(pdu, P.DataOut):
@@ -433,9 +437,11 @@ async def test_async_logout_request_and_lun_change(fake):
     t = await fake()
     s = await open_session(t)
     events = []
-    s.listeners.append(lambda name, info: events.append(name))
+    s.listeners.append(lambda name, info: events.append((name, info)) if name == "luns" else events.append(name))
     try:
         conn = t.conns[-1]
+        assert await s.rescan() == [0]
+        t.luns = [0, 1, 2]
         sense = bytes([0x70, 0, 6, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x3F, 0x0E, 0, 0, 0, 0])
         conn.send(P.AsyncMessage(event=P.AsyncEvent.SCSI_ASYNC_EVENT, statsn=conn.next_statsn(),
                                  data=P.ScsiResponse.sense_segment(sense)))
@@ -445,6 +451,9 @@ async def test_async_logout_request_and_lun_change(fake):
                 break
             await asyncio.sleep(0.02)
         assert "luns_changed" in events
+        # The inventory was re-read with REPORT LUNS.
+        assert s.luns == [0, 1, 2]
+        assert ("luns", {"luns": [0, 1, 2], "added": [1, 2], "removed": []}) in events
         assert any(isinstance(p, P.LogoutRequest) and p.reason == 0 for p in conn.received)
         assert s.reconnects == 1 and s.state == State.LOGGED_IN and len(t.conns) == 2
         await BlockDevice(s, 0).test_unit_ready()
