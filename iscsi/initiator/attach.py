@@ -258,16 +258,17 @@ def _losetup_detach(loopdev: str) -> None:
 # The daemon
 # ---------------------------------------------------------------------------
 
-async def serve(url: str, *, ident: str, report_fd: int | None, replacement_timeout: float) -> int:
+async def serve(urls: list[str], *, ident: str, report_fd: int | None, replacement_timeout: float,
+                policy: str = "round-robin") -> int:
     import pyfuse3
     import pyfuse3.asyncio as fuse_asyncio
 
     fuse_asyncio.enable()
-    u = parse_url(url)
+    u = parse_url(urls[0])
     mnt = STATE_DIR / ident / "mnt"
     mnt.mkdir(parents=True, exist_ok=True, mode=0o700)
     state_path = STATE_DIR / f"{ident}.json"
-    session: Session | None = None
+    session = None   # a Session, or a MultipathExecutor over several
     loopdev = None
     fuse_up = False
 
@@ -279,7 +280,13 @@ async def serve(url: str, *, ident: str, report_fd: int | None, replacement_time
                 pass
 
     try:
-        session, dev = await open_device(u, options=SessionOptions(replacement_timeout=replacement_timeout))
+        options = SessionOptions(replacement_timeout=replacement_timeout)
+        if len(urls) > 1:
+            from .multipath import open_multipath
+            session, dev = await open_multipath(urls, policy=policy, options=options,
+                                                no_path_timeout=replacement_timeout)
+        else:
+            session, dev = await open_device(u, options=options)
         ops = _make_ops(dev)
         options = set(pyfuse3.default_options)
         options |= {"fsname=sanstack-iscsi"}
@@ -292,7 +299,8 @@ async def serve(url: str, *, ident: str, report_fd: int | None, replacement_time
         loopdev = await asyncio.to_thread(_losetup_attach, mnt / DISK_NAME.decode(), dev.block_size)
         st = {"id": ident, "pid": os.getpid(), "url": u.to_string(), "target": u.target, "lun": u.lun,
               "portal": u.portal, "loop": loopdev, "mountpoint": str(mnt), "size": dev.size,
-              "block_size": dev.block_size, "identity": dev.identity, "started": time.time()}
+              "block_size": dev.block_size, "identity": dev.identity, "started": time.time(),
+              "paths": [parse_url(x).portal for x in urls]}
         _write_state(state_path, st)
         event(log, "attach.ready", loop=loopdev, url=u.to_string(), size=dev.size)
         report(f"ok {loopdev}")
@@ -335,24 +343,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-fd", type=int)
     ap.add_argument("--replacement-timeout", type=float, default=120.0)
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--policy", default="round-robin")
     args = ap.parse_args(argv)
     log_setup(args.log_level)
-    url = sys.stdin.readline().strip()  # the URL (with secrets) never appears in argv
+    # URLs (with secrets) come on stdin, one per line (several = multipath): never in argv.
+    urls = [line.strip() for line in sys.stdin.read().splitlines() if line.strip()]
     try:
         import uvloop  # noqa: F401
     except ImportError:
         pass
-    return asyncio.run(serve(url, ident=args.id, report_fd=args.report_fd,
-                             replacement_timeout=args.replacement_timeout))
+    return asyncio.run(serve(urls, ident=args.id, report_fd=args.report_fd,
+                             replacement_timeout=args.replacement_timeout, policy=args.policy))
 
 
 # ---------------------------------------------------------------------------
 # Client side: start / stop daemons
 # ---------------------------------------------------------------------------
 
-def start_daemon(url: str, *, log_file: Path | None = None, replacement_timeout: float = 120.0,
-                 timeout: float = ATTACH_TIMEOUT) -> dict:
-    """Start an attach daemon for ``url``; returns its state (with ``loop``) once it is ready."""
+def start_daemon(url: str | list[str], *, log_file: Path | None = None, replacement_timeout: float = 120.0,
+                 timeout: float = ATTACH_TIMEOUT, policy: str = "round-robin") -> dict:
+    """Start an attach daemon for ``url`` (several URLs of one LU = multipath); returns its
+    state (with ``loop``) once it is ready."""
+    urls = [url] if isinstance(url, str) else list(url)
     problem = fuse_problem()
     if problem:
         raise RuntimeError(problem)
@@ -366,12 +378,12 @@ def start_daemon(url: str, *, log_file: Path | None = None, replacement_timeout:
     with open(log_file, "ab") as logf:
         proc = subprocess.Popen(
             [sys.executable, "-m", "iscsi.initiator.attach", "--id", ident, "--report-fd", str(w),
-             "--replacement-timeout", str(replacement_timeout)],
+             "--replacement-timeout", str(replacement_timeout), "--policy", policy],
             stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT, pass_fds=(w,),
             start_new_session=True, env=env)
     os.close(w)
     assert proc.stdin is not None
-    proc.stdin.write((url + "\n").encode())
+    proc.stdin.write("".join(u + "\n" for u in urls).encode())
     proc.stdin.close()
     deadline = time.monotonic() + timeout
     line = b""

@@ -495,14 +495,19 @@ def bench(obj: _Ctx, url: str, rw: str, rwmixread: int, bs: str, qd: int, runtim
 # ---------------------------------------------------------------------------
 
 @main.command("attach")
-@click.argument("url")
+@click.argument("urls", nargs=-1, required=True)
 @click.option("--replacement-timeout", type=float, default=120.0, show_default=True,
-              help="seconds I/O waits for a lost session to come back")
+              help="seconds I/O waits for a lost session (or every path) to come back")
+@click.option("--policy", type=click.Choice(["round-robin", "least-queue"]), default="round-robin",
+              show_default=True, help="path selection when several URLs (multipath) are given")
 @_guard
-def attach_cmd(url: str, replacement_timeout: float) -> None:
-    """Expose the LUN as /dev/loopN (FUSE file + loop device; needs root)."""
-    u = _url(url)
-    st = attach_mod.start_daemon(u.to_string(secrets=True), replacement_timeout=replacement_timeout)
+def attach_cmd(urls: tuple[str, ...], replacement_timeout: float, policy: str) -> None:
+    """Expose the LUN as /dev/loopN (FUSE file + loop device; needs root).
+
+    Several URLs (portals of the same LU) attach it once through multipath."""
+    parsed = [_url(u) for u in urls]
+    st = attach_mod.start_daemon([u.to_string(secrets=True) for u in parsed],
+                                 replacement_timeout=replacement_timeout, policy=policy)
     click.echo(st["loop"])
 
 

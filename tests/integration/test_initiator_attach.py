@@ -112,3 +112,29 @@ def test_node_records_login_logout(tmp_path, run_dir):
         assert _cli("session", env_extra=env).stdout.strip() == ""
     finally:
         peer.stop()
+
+
+@pytest.mark.parametrize("kind", PEERS)
+def test_multipath_attach(kind, tmp_path, run_dir):
+    peer = start_peer(kind, tmp_path, size="64M", portals=2)
+    env = {"SANSTACK_INITIATOR_RUN": str(run_dir)}
+    try:
+        res = _cli("attach", peer.url(0, portal=0), peer.url(0, portal=1), "--policy", "least-queue",
+                   env_extra=env)
+        assert res.returncode == 0, res.stderr
+        loop = res.stdout.strip()
+        import json
+        states = json.loads(_cli("list", "--json", env_extra=env).stdout)
+        assert len(states) == 1 and len(states[0]["paths"]) == 2
+        data = os.urandom(4 << 20)
+        with open(loop, "r+b", buffering=0) as f:
+            os.pwrite(f.fileno(), data, 1 << 20)
+            os.fsync(f.fileno())
+        res = _cli("detach", loop, env_extra=env)
+        assert res.returncode == 0, res.stderr
+        back = tmp_path / "back.bin"
+        res = _cli("dd", f"if={peer.url()}", f"of={back}", "bs=1M", "skip=1", "count=4", env_extra=env)
+        assert res.returncode == 0, res.stderr
+        assert back.read_bytes() == data
+    finally:
+        peer.stop()
