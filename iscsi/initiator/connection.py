@@ -154,6 +154,8 @@ class Connection(asyncio.BufferedProtocol):
         return self._mv[self._end:]
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.closed:
+            return
         self.bytes_in += nbytes
         self.last_rx = self.loop.time()
         try:

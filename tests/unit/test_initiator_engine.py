@@ -492,3 +492,23 @@ async def test_reject_fails_the_command(fake):
         assert s.state == State.LOGGED_IN
     finally:
         await s.close()
+
+
+async def test_command_timeout_aborts_the_task(fake):
+    async def never(conn, pdu):
+        return isinstance(pdu, P.ScsiCommandPdu) and pdu.cdb[0] == 0x00
+
+    t = await fake(never)
+    s = await open_session(t)
+    try:
+        from iscsi.initiator.errors import CommandTimeout
+        with pytest.raises(CommandTimeout):
+            await s.execute(0, scsi.test_unit_ready(), timeout=0.3)
+        conn = t.conns[-1]
+        cmd = next(p for p in conn.received if isinstance(p, P.ScsiCommandPdu))
+        tmf = [p for p in conn.received if isinstance(p, P.TaskMgmtRequest)]
+        assert tmf and tmf[0].function == P.TmfFunction.ABORT_TASK
+        assert tmf[0].rtt == cmd.itt and tmf[0].refcmdsn == cmd.cmdsn and tmf[0].immediate
+        assert s.in_flight == 0 and s.state == State.LOGGED_IN
+    finally:
+        await s.close()
