@@ -75,17 +75,27 @@ def _human(n: float) -> str:
 
 class _Ctx:
     initiator_name: str | None = None
+    keys: dict[str, str] | None = None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--initiator-name", "-i", envvar="ISCSI_INITIATOR_NAME", help="our IQN")
+@click.option("--key", "-k", "keys", multiple=True, metavar="NAME=VALUE",
+              help="login key preference, e.g. -k MaxBurstLength=262144 -k HeaderDigest=CRC32C")
 @click.option("--log-level", default="WARNING", show_default=True)
 @click.pass_context
-def main(ctx: click.Context, initiator_name: str | None, log_level: str) -> None:
+def main(ctx: click.Context, initiator_name: str | None, keys: tuple[str, ...], log_level: str) -> None:
     """Software iSCSI initiator (RFC 7143): discovery, I/O, benchmarks, attach as /dev/loopN."""
     log_setup(log_level)
     ctx.obj = _Ctx()
     ctx.obj.initiator_name = initiator_name
+    parsed = {}
+    for item in keys:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--key")
+        parsed[name] = value
+    ctx.obj.keys = parsed or None
 
 
 def _guard(fn):
@@ -117,7 +127,7 @@ def discover(obj: _Ctx, portal: str, save: bool) -> None:
     else:
         host, port = parse_portal(portal)
         u = IscsiUrl(host=host, port=port)
-    targets = _run(do_discover(u.host, u.port, url=u, initiator_name=obj.initiator_name))
+    targets = _run(do_discover(u.host, u.port, url=u, initiator_name=obj.initiator_name, keys=obj.keys))
     store = NodeStore() if save else None
     for t in targets:
         for host, port, tpgt in t.portals:
@@ -129,8 +139,8 @@ def discover(obj: _Ctx, portal: str, save: bool) -> None:
                                         target_password=u.target_password))
 
 
-async def _lun_table(u: IscsiUrl, initiator_name: str | None) -> list[dict]:
-    session = await open_session(u, initiator_name=initiator_name)
+async def _lun_table(u: IscsiUrl, initiator_name: str | None, keys: dict | None = None) -> list[dict]:
+    session = await open_session(u, initiator_name=initiator_name, keys=keys)
     rows = []
     try:
         probe = BlockDevice(session, u.lun)
@@ -166,10 +176,10 @@ def ls_cmd(obj: _Ctx, url: str, as_json: bool) -> None:
 
     async def go():
         targets = [u.target] if u.target else [t.name for t in await do_discover(
-            u.host, u.port, url=u, initiator_name=obj.initiator_name)]
+            u.host, u.port, url=u, initiator_name=obj.initiator_name, keys=obj.keys)]
         out = {}
         for name in targets:
-            out[name] = await _lun_table(replace(u, target=name), obj.initiator_name)
+            out[name] = await _lun_table(replace(u, target=name), obj.initiator_name, obj.keys)
         return out
 
     result = _run(go())
@@ -194,7 +204,7 @@ def inquiry(obj: _Ctx, url: str, page: str | None) -> None:
     u = _url(url)
 
     async def go():
-        session = await open_session(u, initiator_name=obj.initiator_name)
+        session = await open_session(u, initiator_name=obj.initiator_name, keys=obj.keys)
         try:
             dev = BlockDevice(session, u.lun)
             if page is not None:
@@ -216,7 +226,7 @@ def readcap(obj: _Ctx, url: str) -> None:
     u = _url(url)
 
     async def go():
-        session = await open_session(u, initiator_name=obj.initiator_name)
+        session = await open_session(u, initiator_name=obj.initiator_name, keys=obj.keys)
         try:
             return await BlockDevice(session, u.lun).read_capacity()
         finally:
@@ -243,7 +253,7 @@ def read(obj: _Ctx, url: str, lba: int, count: int, output: str | None) -> None:
     u = _url(url)
 
     async def go():
-        session, dev = await open_device(u, initiator_name=obj.initiator_name)
+        session, dev = await open_device(u, initiator_name=obj.initiator_name, keys=obj.keys)
         try:
             return await dev.read(lba, count)
         finally:
@@ -275,7 +285,7 @@ def write(obj: _Ctx, url: str, lba: int, input_: str | None, pattern: str | None
         raise click.UsageError("give exactly one of --input or --pattern")
 
     async def go():
-        session, dev = await open_device(u, initiator_name=obj.initiator_name)
+        session, dev = await open_device(u, initiator_name=obj.initiator_name, keys=obj.keys)
         try:
             bs = dev.block_size
             if input_:
@@ -369,7 +379,7 @@ def dd(obj: _Ctx, operands: tuple[str, ...], progress: bool | None) -> None:
 
     async def side(spec: str, writing: bool):
         if spec.startswith("iscsi://"):
-            session, dev = await open_device(_url(spec), initiator_name=obj.initiator_name)
+            session, dev = await open_device(_url(spec), initiator_name=obj.initiator_name, keys=obj.keys)
             if bs % dev.block_size:
                 await session.close()
                 raise ValueError(f"bs={bs} is not a multiple of the LUN block size {dev.block_size}")
@@ -469,7 +479,7 @@ def bench(obj: _Ctx, url: str, rw: str, rwmixread: int, bs: str, qd: int, runtim
     nbytes = parse_size(bs)
 
     async def go():
-        session, dev = await open_device(u, initiator_name=obj.initiator_name)
+        session, dev = await open_device(u, initiator_name=obj.initiator_name, keys=obj.keys)
         try:
             region = parse_size(size) // dev.block_size if size else None
             return await bench_mod.run(session, dev.lun, block_size=dev.block_size, blocks=dev.blocks,
@@ -608,7 +618,7 @@ def login(obj: _Ctx, target: str | None, portal: str | None, all_: bool) -> None
     for n in _select_nodes(target, portal, all_):
         luns = n.luns
         if luns is None:
-            rows = _run(_lun_table(n.url(0), obj.initiator_name))
+            rows = _run(_lun_table(n.url(0), obj.initiator_name, obj.keys))
             luns = [r["lun"] for r in rows if r["type"] == 0 and "size" in r]
         for lun in luns:
             url = n.url(lun)

@@ -112,10 +112,11 @@ def parse_send_targets(pairs: list[tuple[str, str]]) -> list[DiscoveredTarget]:
 
 
 async def discover(host: str, port: int = DEFAULT_PORT, *, url: IscsiUrl | None = None,
-                   initiator_name: str | None = None, timeout: float = 15.0) -> list[DiscoveredTarget]:
+                   initiator_name: str | None = None, timeout: float = 15.0,
+                   keys: dict[str, str] | None = None) -> list[DiscoveredTarget]:
     """SendTargets=All over a Discovery session (RFC 7143 §4.3, Appendix C)."""
     url = url or IscsiUrl(host=host, port=port)
-    cfg = login_config(url, initiator_name=initiator_name, session_type="Discovery")
+    cfg = login_config(url, initiator_name=initiator_name, session_type="Discovery", keys=keys)
     opts = SessionOptions(login_timeout=timeout, noop_interval=0, reconnect=False)
     session = await Session.open(host, port, cfg, opts)
     try:
