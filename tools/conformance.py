@@ -47,9 +47,10 @@ INITIATOR_2 = "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test-2"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPECT_DIR = REPO_ROOT / "tests" / "conformance"
 
-#: The slowest tests against tgt take ~2 s; libiscsi's own command timeouts are far shorter than
-#: this. 60 s of silence means the target stopped answering.
-IDLE_TIMEOUT = 60.0
+#: The slowest tests against tgt take ~2 s, but Sanitize.Reset polls TEST UNIT READY with a
+#: sleep(60) between tries and prints nothing meanwhile; 100 s of silence means the target
+#: stopped answering.
+IDLE_TIMEOUT = 100.0
 #: Whole run (all 230 tests) against tgt: ~15 s on the 2-core CI machine. A Python target is
 #: slower; 15 min keeps CI bounded even if many tests run into the idle timeout.
 RUN_TIMEOUT = 900.0
