@@ -13,7 +13,7 @@ The checked-in corpus (tests/fuzz/corpus/TARGET/) is only read; new inputs go to
 (a temporary directory unless given), and a crashing input is written to
 ``<work>/crash-<sha1>`` and printed.  Exit status 0 = no bug found in the time given,
 1 = a target raised, 2 = usage error.  ``--replay`` just runs every corpus file once.
-``--merge DIR`` (atheris only) minimises ``DIR`` + the corpus into the corpus directory.
+``--merge DIR`` adds the inputs of ``DIR`` that reach new lines of iscsi/ to the corpus.
 """
 from __future__ import annotations
 
@@ -69,7 +69,34 @@ def replay(target: str, corpus: Path | None = None) -> int:
 
 # -- atheris -------------------------------------------------------------------------------
 
-def run_atheris(target: str, seconds: int, work: Path, corpus: Path, merge: Path | None) -> int:
+def merge_into_corpus(target: str, corpus: Path, new: Path) -> int:
+    """Add to ``corpus`` the inputs of ``new`` that reach lines of iscsi/ the corpus does not
+    (smallest first, so the checked-in corpus stays small); returns how many were added."""
+    from tools.fuzz import targets
+
+    _quiet_logs()
+    fn = targets.TARGETS[target]
+    cov = _Coverage()
+    seen: set[tuple[str, int]] = set()
+    for path in corpus_files(target, corpus):
+        seen |= cov.run(fn, path.read_bytes())
+    added = 0
+    for path in sorted((p for p in new.iterdir() if p.is_file()), key=lambda p: p.stat().st_size):
+        data = path.read_bytes()
+        try:
+            lines = cov.run(fn, data)
+        except Exception:  # a crashing input belongs in a bug report, not in the corpus
+            print(f"{path} fails its target; not merged", file=sys.stderr)
+            continue
+        if not lines <= seen:
+            seen |= lines
+            (corpus / hashlib.sha1(data).hexdigest()).write_bytes(data)
+            added += 1
+    print(f"{target}: merged {added} inputs into {corpus}; corpus covers {len(seen)} lines of iscsi/")
+    return 0
+
+
+def run_atheris(target: str, seconds: int, work: Path, corpus: Path) -> int:
     import atheris
 
     with atheris.instrument_imports(include=["iscsi"]):
@@ -78,11 +105,8 @@ def run_atheris(target: str, seconds: int, work: Path, corpus: Path, merge: Path
     fn = targets.TARGETS[target]
     args = [sys.argv[0], f"-max_len={MAX_LEN}", f"-timeout={INPUT_TIMEOUT}", f"-rss_limit_mb={RSS_LIMIT_MB}",
             f"-artifact_prefix={work}/", "-print_final_stats=1"]
-    if merge is not None:
-        args += ["-merge=1", str(corpus), str(merge)]
-    else:
-        args += [f"-max_total_time={seconds}", str(work / "new"), str(corpus)]
-        (work / "new").mkdir(parents=True, exist_ok=True)
+    args += [f"-max_total_time={seconds}", str(work / "new"), str(corpus)]
+    (work / "new").mkdir(parents=True, exist_ok=True)
     atheris.Setup(args, fn)
     atheris.Fuzz()  # exits the process: 0 when the time is up, non-zero on a crash
     return 0
@@ -196,11 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, help="where new inputs and crashes go (default: a temp dir)")
     ap.add_argument("--seed", type=int, help="builtin engine: random seed")
     ap.add_argument("--replay", action="store_true", help="run every corpus input once and stop")
-    ap.add_argument("--merge", type=Path, help="atheris: merge new inputs from this dir into the corpus")
+    ap.add_argument("--merge", type=Path, help="add the inputs of this dir that reach new lines to the corpus")
     args = ap.parse_args(argv)
     corpus = args.corpus or CORPUS_ROOT / args.target
     if args.replay:
         return replay(args.target, corpus)
+    if args.merge:
+        return merge_into_corpus(args.target, corpus, args.merge)
     work = args.work or Path(tempfile.mkdtemp(prefix=f"fuzz-{args.target}-"))
     work.mkdir(parents=True, exist_ok=True)
     engine = args.engine
@@ -212,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             engine = "builtin"
     print(f"{args.target}: engine {engine}, {args.seconds} s, corpus {corpus}, work {work}", flush=True)
     if engine == "atheris":
-        return run_atheris(args.target, args.seconds, work, corpus, args.merge)
+        return run_atheris(args.target, args.seconds, work, corpus)
     return run_builtin(args.target, args.seconds, work, corpus, args.seed)
 
 
