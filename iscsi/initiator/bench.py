@@ -101,7 +101,7 @@ async def run(session: Session, lun: int, *, block_size: int, blocks: int, bs: i
     counts = [0, 0, 0, 0]   # ios, reads, writes, errors (a list: cheaper than a dict per I/O)
     inflight = [0]
 
-    def issue(task: Task) -> None:
+    def issue(task: Task, now: int) -> None:
         lba = next_lba()
         if rpct >= 1.0 or (rpct > 0.0 and rand() < rpct):
             task.cdb = read16(lba, nblk)
@@ -119,7 +119,7 @@ async def run(session: Session, lun: int, *, block_size: int, blocks: int, bs: i
             task.residual = 0
             task.sense_data = b""
             task.exc = None
-        task.sent = clock()
+        task.sent = now
         inflight[0] += 1
         submit(task)
 
@@ -136,7 +136,7 @@ async def run(session: Session, lun: int, *, block_size: int, blocks: int, bs: i
             if len(lat) < MAX_LATENCY_SAMPLES:
                 lat_append(now - task.sent)
         if now < end_ns and counts[0] + inflight[0] < limit and not first_error:
-            issue(task)
+            issue(task, now)
         elif inflight[0] == 0 and not done_fut.done():
             done_fut.set_result(now)
 
@@ -144,7 +144,7 @@ async def run(session: Session, lun: int, *, block_size: int, blocks: int, bs: i
     t0 = clock()
     for _ in range(qd):
         t = Task(lun, b"", bs, None, bytearray(bs), 1, completed)
-        issue(t)
+        issue(t, clock())
     end = await done_fut
     seconds = (end - t0) / 1e9
     if first_error and counts[0] == 0:

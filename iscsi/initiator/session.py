@@ -380,8 +380,25 @@ class Session:
     def submit(self, task: Task) -> None:
         """Queue ``task``; ``task.cb(task)`` runs when it completes (status or ``task.exc``)."""
         state = self.state
+        cmdsn = self._cmdsn
         if (state == "logged-in" and not self._waiting
-                and ((self._maxcmdsn - self._cmdsn) & SN_MASK) < SN_HALF):
+                and ((self._maxcmdsn - cmdsn) & SN_MASK) < SN_HALF):
+            conn = self.conn
+            if task.out is None and not conn.header_digest and len(task.cdb) <= 16:
+                # Fast path (reads and no-data commands): _send's first branch, inlined.
+                tasks = self._tasks
+                itt = (self._itt + 1) & SN_MASK
+                if itt == RESERVED or itt in tasks or itt in self._mgmt:
+                    itt = self._new_itt()
+                self._itt = itt
+                task.itt = itt
+                task.tries += 1
+                tasks[itt] = task
+                task.cmdsn = cmdsn
+                self._cmdsn = (cmdsn + 1) & SN_MASK
+                conn.send1(_CMD.pack(0x01, 0xC0 | task.attr if task.read_len else 0x80 | task.attr, 0, 0, 0,
+                                     task.lun_field, itt, task.read_len, cmdsn, self._expstatsn, task.cdb))
+                return
             self._send(task)
             return
         if state in (State.CLOSED, State.CLOSING) or self._closing:
@@ -561,7 +578,6 @@ class Session:
             # ERL 0 cannot recover a lost Data-In (§7.1): drop the connection, the command is retried.
             raise ProtocolViolation(f"DataSN {h[11]} where {task.next_datasn} was expected")
         task.next_datasn += 1
-        task.received += h[4] & 0xFFFFFF
         flags = h[1]
         if flags & 0x01:  # S bit: status follows in this PDU (§11.7.4)
             statsn = h[8]
