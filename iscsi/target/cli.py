@@ -198,7 +198,7 @@ def main(ctx: click.Context, control: Path | None) -> None:
 @click.option("--portal", "portals", multiple=True, metavar="HOST:PORT",
               help="Quick start: listen here; repeat for multipath (one portal group each).")
 @click.option("--target", "target_name", metavar="IQN", help="Quick start: the target's name.")
-@click.option("--lun", "luns", multiple=True, metavar="PATH[:SIZE][:ro][:removable][:bs=4096]",
+@click.option("--lun", "luns", multiple=True, metavar="PATH[:SIZE][:ro][:removable][:bs=4096][:pbs=4096]",
               help="Quick start: an image, created sparse if missing; repeat for more LUNs.")
 @click.option("--alias", help="Quick start: TargetAlias.")
 @_control_option
@@ -360,7 +360,7 @@ def lun() -> None:
 
 @lun.command("add")
 @click.argument("iqn")
-@click.argument("spec", metavar="PATH[:SIZE][:ro][:removable][:bs=4096]")
+@click.argument("spec", metavar="PATH[:SIZE][:ro][:removable][:bs=4096][:pbs=4096]")
 @click.option("--lun", "number", type=int, help="LUN number [default: lowest free].")
 @click.option("--size", help="Size, e.g. 1G (needed when the image does not exist).")
 @click.option("--block-size", type=click.Choice(["512", "4096"]))

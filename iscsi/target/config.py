@@ -323,6 +323,9 @@ class Lun:
     read_only: bool = False
     removable: bool = False
     serial: str | None = None  # None = derived stably from target, LUN and path
+    # Reported physical block (READ CAPACITY 16 LBPPBE); None = the logical block size.
+    # 4096 on a 512-byte LUN tells initiators to align to 4 KiB (as 512e disks do).
+    physical_block_size: int | None = None
     vendor: str | None = None
     product: str | None = None
 
@@ -537,6 +540,11 @@ def _validate_target(cfg: Config, target: Target, where: str, seen_images: dict[
         seen_images[image] = f"{target.iqn} LUN {lun.number}"
         if lun.block_size not in BLOCK_SIZES:
             raise ConfigError(f"{lw}.block_size: {lun.block_size!r} is not 512 or 4096")
+        if lun.physical_block_size is not None and (
+                lun.physical_block_size not in BLOCK_SIZES or lun.physical_block_size < lun.block_size
+        ):
+            raise ConfigError(f"{lw}.physical_block_size: {lun.physical_block_size!r} must be 512 or 4096 "
+                              f"and not below the block size {lun.block_size}")
         if lun.size is not None:
             if isinstance(lun.size, bool) or not isinstance(lun.size, int) or lun.size <= 0:
                 raise ConfigError(f"{lw}.size: {lun.size!r} is not a positive number of bytes")
@@ -619,6 +627,7 @@ def to_dict(cfg: Config, mask_secrets: bool = False) -> dict:
                         "block_size": l.block_size,
                         "read_only": l.read_only,
                         "removable": l.removable,
+                        "physical_block_size": l.physical_block_size,
                         "serial": l.serial,
                         "vendor": l.vendor,
                         "product": l.product,
@@ -706,7 +715,8 @@ def from_dict(data: Any) -> Config:
             lw = f"{tw}.luns[{li}]"
             ld = _take(
                 l, lw, ("number", "path"),
-                ("size", "block_size", "read_only", "removable", "serial", "vendor", "product"),
+                ("size", "block_size", "read_only", "removable", "serial", "vendor", "product",
+                 "physical_block_size"),
             )
             target.luns.append(
                 Lun(
@@ -716,6 +726,7 @@ def from_dict(data: Any) -> Config:
                     block_size=ld.get("block_size", 512),
                     read_only=ld.get("read_only", False),
                     removable=ld.get("removable", False),
+                    physical_block_size=ld.get("physical_block_size"),
                     serial=ld.get("serial"),
                     vendor=ld.get("vendor"),
                     product=ld.get("product"),
@@ -820,7 +831,7 @@ _FLAG_TOKENS = {"ro": ("read_only", True), "rw": ("read_only", False), "removabl
 
 
 def parse_lun_spec(spec: str) -> Lun:
-    """Parse the command-line LUN form ``PATH[:SIZE][:ro][:removable][:bs=4096][:serial=X][:lun=N]``.
+    """Parse the command-line LUN form ``PATH[:SIZE][:ro][:removable][:bs=4096][:pbs=4096][:serial=X][:lun=N]``.
 
     Options are peeled off the right end, so a path may itself contain ':' as long as
     its last component does not look like an option.  The LUN number is -1 when not
@@ -839,6 +850,11 @@ def parse_lun_spec(spec: str) -> Lun:
                 opts["block_size"] = parse_size(token[3:])
             except ConfigError:
                 raise ConfigError(f"LUN spec {spec!r}: block size {token[3:]!r} is not a number") from None
+        elif low.startswith("pbs="):
+            try:
+                opts["physical_block_size"] = parse_size(token[4:])
+            except ConfigError:
+                raise ConfigError(f"LUN spec {spec!r}: physical block size {token[4:]!r} is not a number") from None
         elif low.startswith("serial="):
             opts["serial"] = token[7:]
         elif low.startswith("lun="):

@@ -140,6 +140,7 @@ class ScsiUnitProvider:
                 lun_id=lun.number,
                 read_only=lun.read_only,
                 removable=lun.removable,
+                physical_block_size=lun.physical_block_size,
                 vendor=lun.vendor,
                 product=lun.product,
                 pr_state=_load_pr_state(pr_file),
@@ -371,6 +372,7 @@ def _needs_reopen(old: Lun, new: Lun, old_cfg: Config, new_cfg: Config) -> bool:
         or old.block_size != new.block_size
         or old.read_only != new.read_only
         or old.removable != new.removable
+        or old.physical_block_size != new.physical_block_size
         or old.serial != new.serial
         or old.vendor != new.vendor
         or old.product != new.product

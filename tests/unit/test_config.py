@@ -426,3 +426,21 @@ def test_relative_images_live_beside_a_file_without_data_dir(tmp_path, monkeypat
     monkeypatch.chdir("/")
     cfg = C.load_config(path)
     assert cfg.resolve_path("d.img") == tmp_path / "etc" / "d.img"
+
+
+def test_lun_spec_physical_block_size_round_trip(tmp_path):
+    from iscsi.target import config as C
+
+    lun = C.parse_lun_spec("/tmp/x.img:1G:pbs=4096")
+    assert lun.physical_block_size == 4096 and lun.block_size == 512 and lun.size == 1 << 30
+
+
+def test_physical_block_below_logical_refused():
+    import pytest
+
+    from iscsi.target import config as C
+
+    with pytest.raises(C.ConfigError, match="physical_block_size"):
+        cfg = C.Config(targets=[C.Target(iqn="iqn.2026-11.org.x:t", luns=[
+            C.Lun(number=0, path="/tmp/a.img", size=1 << 20, block_size=4096, physical_block_size=512)])])
+        cfg.validate()
