@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -32,13 +31,11 @@ from .base import (
     START_TIMEOUT,
     STOP_TIMEOUT,
     Chap,
-    LunSpec,
     TargetPeer,
     create_sparse,
     format_size,
     free_portals,
     lun_specs,
-    parse_size,
     serve_until_signal,
     stop_process,
     wait_listening,
