@@ -389,3 +389,46 @@ def test_write_with_huge_transfer_length_is_refused_without_buffering(daemon, wi
     assert peak - before < 64 << 20, f"target RSS grew by {(peak - before) >> 20} MiB for 4 refused writes"
     assert all(isinstance(a, P.ScsiResponse) and a.status == 0x02 for a in answers.values()) and \
         len(answers) == len(itts), f"expected CHECK CONDITION without R2T, got {answers}"
+
+
+# -- task management, text, logout ------------------------------------------------------------
+
+def test_abort_task_for_unknown_task(daemon, baseline):
+    """§11.6.1: ABORT TASK of a task the target does not have: response 1 (task does not exist)."""
+    s = session(daemon)
+    s.send(P.TaskMgmtRequest(function=P.TmfFunction.ABORT_TASK, rtt=0x5555, itt=s.next_itt(), cmdsn=s.cmdsn,
+                             expstatsn=s.expstatsn, immediate=True))
+    resp = s.recv()
+    assert isinstance(resp, P.TaskMgmtResponse) and resp.response == P.TmfResponse.TASK_DOES_NOT_EXIST, resp
+    still_works(s)
+    s.close()
+
+
+@pytest.mark.parametrize("function", [0, 3, 8, 15, 0x7F])
+def test_unsupported_or_unknown_tmf_function(daemon, baseline, function):
+    s = session(daemon)
+    s.send(P.TaskMgmtRequest(function=function, itt=s.next_itt(), cmdsn=s.cmdsn, expstatsn=s.expstatsn,
+                             immediate=True))
+    resp = s.recv()
+    # §11.6.1: 4 (task reassignment not supported), 5 (function not supported) or 255 (rejected).
+    assert isinstance(resp, P.TaskMgmtResponse) and resp.response in (4, 5, 255), resp
+    still_works(s)
+    s.close()
+
+
+@pytest.mark.parametrize("text", [b"\xff\xfe=\x00", b"novalue\x00", b"K" * 70 + b"=1\x00"])
+def test_garbage_text_request_in_full_feature_phase(daemon, baseline, text):
+    s = session(daemon)
+    req = P.TextRequest(itt=s.next_itt(), cmdsn=s.cmdsn, expstatsn=s.expstatsn, immediate=True, data=text)
+    s.send(req)
+    assert rejected_or_dropped(s, req.header(), reasons=(0x04, 0x09)) in ("reject", "drop")
+    s.close()
+
+
+def test_logout_for_recovery_at_erl0(daemon, baseline):
+    """§11.15.1: reason 2 (remove the connection for recovery) at ERL 0: response 2."""
+    s = session(daemon)
+    s.send(P.LogoutRequest(reason=2, itt=s.next_itt(), cmdsn=s.cmdsn, expstatsn=s.expstatsn, immediate=True))
+    resp = s.recv()
+    assert isinstance(resp, P.LogoutResponse) and resp.response == 2, resp
+    s.close()

@@ -341,7 +341,8 @@ def test_control_socket_is_0600_root_and_refuses_other_users(daemon):
         f"user nobody got through the control socket (child status {status})"
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare (util-linux) not installed")
+@pytest.mark.skipif(shutil.which("unshare") is None or shutil.which("ip") is None,
+                    reason="unshare (util-linux) or ip (iproute2) not installed")
 def test_default_portal_is_loopback_only(tmp_path):
     """`serve` with no --portal, in a private network namespace (port 3260 free, no traffic out):
     every listening socket of the namespace is on 127.0.0.1 or ::1."""
