@@ -155,6 +155,7 @@ def measure(peer: TargetPeer, workload: Workload, duration: float) -> Sample:
 def prefill(path: Path, size: int) -> None:
     """Write every block (a repeating random MiB) so reads hit data, not holes."""
     block = os.urandom(PREFILL_CHUNK)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "r+b" if path.exists() else "wb") as f:
         for _ in range(size // PREFILL_CHUNK):
             f.write(block)
