@@ -29,8 +29,8 @@ def _login(params: dict[str, str]) -> tuple[TargetLogin, list[P.LoginResponse]]:
 
 _UNANSWERED_OFFER = pytest.mark.xfail(strict=True, reason=(
     "bug: iscsi/target/login.py TargetLogin._receive sets can_transit=True in the operational "
-    "stage without checking Negotiator.outstanding; the target's offer HeaderDigest=CRC32C "
-    "(required by the target's params) is never answered and the session runs without digests. "
+    "stage without checking Negotiator.outstanding; the target's offer (e.g. HeaderDigest=CRC32C "
+    "required by the target's params) is never answered and the session runs without digests. "
     "RFC 7143 §6.2: the target must keep T=0 until its offers are answered, or fail the login "
     "(status 0x0200)."))
 
