@@ -201,7 +201,14 @@ class SanstackPeer(TargetPeer):
         """SIGTERM, then SIGKILL after ``timeout``; returns the exit status (negative = signal)."""
         if self.proc is None:
             return None
-        return stop_process(self.proc, signal.SIGTERM, timeout)
+        status = stop_process(self.proc, signal.SIGTERM, timeout)
+        self.cleanup()  # the socket died with the daemon; restart() makes a new directory
+        return status
+
+    def kill(self) -> int | None:
+        status = super().kill()
+        self.cleanup()
+        return status
 
     def cleanup(self) -> None:
         """Remove the private control-socket directory (after the last stop)."""

@@ -185,10 +185,18 @@ class TgtPeer(TargetPeer):
             except (subprocess.TimeoutExpired, OSError):
                 pass
         status = stop_process(self.proc, signal.SIGKILL)
+        self._remove_sockdir()
+        return status
+
+    def kill(self) -> int | None:
+        status = super().kill()
+        self._remove_sockdir()
+        return status
+
+    def _remove_sockdir(self) -> None:
         if self._sockdir:
             shutil.rmtree(self._sockdir, ignore_errors=True)
             self._sockdir = None
-        return status
 
     def show(self) -> str:
         return self.tgtadm("--op", "show", "--mode", "target").stdout
