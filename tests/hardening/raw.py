@@ -56,6 +56,8 @@ class RawSession:
         self.header_digest = self.data_digest = False
         self.max_send = 8192
         self.expcmdsn = self.maxcmdsn = 1
+        self.tsih = 0
+        self.immediate_data = True
 
     # -- bytes ------------------------------------------------------------------------------
     def send_raw(self, data: bytes) -> None:
@@ -134,12 +136,14 @@ class RawSession:
         self.login_answers = dict(K.parse_text(resp.data)) if resp.status_class == 0 else {}
         self.expstatsn = (resp.statsn + 1) & 0xFFFFFFFF
         if resp.status_class == 0:
+            self.tsih = resp.tsih
             self.expcmdsn, self.maxcmdsn = resp.expcmdsn, resp.maxcmdsn
             ans = {**dict(keys), **self.login_answers}
             self.header_digest = ans.get("HeaderDigest") == "CRC32C"
             self.data_digest = ans.get("DataDigest") == "CRC32C"
             self.reader.header_digest, self.reader.data_digest = self.header_digest, self.data_digest
             self.max_send = int(self.login_answers.get("MaxRecvDataSegmentLength", 8192))
+            self.immediate_data = ans.get("ImmediateData", "Yes") == "Yes"
             if ready:
                 self.clear_unit_attentions()
         return resp
@@ -187,7 +191,7 @@ class RawSession:
 
     def write(self, lba: int, payload: bytes, block: int = 512) -> int:
         self.pending_write = payload
-        first = payload[:min(len(payload), self.max_send, 65536)]
+        first = payload[:min(len(payload), self.max_send, 65536)] if self.immediate_data else b""
         itt = self.command(write10(lba, len(payload) // block), write=True, edtl=len(payload), data=first)
         status, _ = self.wait_status(itt)
         return status.status

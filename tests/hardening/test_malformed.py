@@ -432,3 +432,51 @@ def test_logout_for_recovery_at_erl0(daemon, baseline):
     resp = s.recv()
     assert isinstance(resp, P.LogoutResponse) and resp.response == 2, resp
     s.close()
+
+
+# -- other sessions -----------------------------------------------------------------------------
+
+def test_login_with_another_initiators_tsih_is_refused(daemon, baseline, witness):
+    """§6.3.5 / §11.13.5: a TSIH names a session of *this* initiator port; another initiator's
+    TSIH is 0x020A (session does not exist) and the session it names is left alone."""
+    victim_tsih = witness.raw.tsih
+    assert victim_tsih
+    s = RawSession(daemon.portals[0].host, daemon.portals[0].port)
+    keys = K.encode_text([("InitiatorName", "iqn.2026-11.org.sanstack.hardening:intruder"),
+                          ("TargetName", daemon.iqn), ("SessionType", "Normal")])
+    s.send(P.LoginRequest(transit=True, csg=1, nsg=3, isid=0x400000000999, tsih=victim_tsih, itt=1, data=keys))
+    resp = s.recv()
+    assert isinstance(resp, P.LoginResponse) and (resp.status_class, resp.status_detail) == (2, 0x0A), resp
+    s.close()
+    witness.check()
+
+
+@pytest.mark.parametrize("fault", ["datasn", "offset", "overrun", "early-final"])
+def test_broken_data_out_sequence_fails_only_that_task(daemon, baseline, fault):
+    """§11.7: Data-Out with a wrong DataSN, a gap in offsets, more than the R2T asked for, or F
+    before the burst is complete: the task ends with CHECK CONDITION (ERL 0) or the connection
+    drops; never GOOD, and the session (if kept) works on."""
+    s = session(daemon, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
+    itt = s.command(write10(7000, 4), write=True, edtl=2048)
+    r2t = s.recv()
+    assert isinstance(r2t, P.R2T)
+    datasn, offset, data, final = 0, 0, b"\x11" * 2048, True
+    if fault == "datasn":
+        datasn = 5
+    elif fault == "offset":
+        offset, data = 512, b"\x11" * 1536
+    elif fault == "overrun":
+        data = b"\x11" * 2560
+    else:
+        data = b"\x11" * 1024
+    s.send(P.DataOut(itt=itt, ttt=r2t.ttt, datasn=datasn, offset=offset, final=final, expstatsn=s.expstatsn,
+                     data=data))
+    try:
+        resp = s.recv()
+    except Closed:
+        return
+    if isinstance(resp, P.Reject):
+        resp = s.recv()
+    assert isinstance(resp, P.ScsiResponse) and resp.itt == itt and resp.status == 0x02, resp
+    still_works(s)
+    s.close()
