@@ -15,7 +15,9 @@ def test_acknowledged_durable_writes_survive_kill9(tmp_path):
     results = run_trials(tmp_path, TRIALS, seed=20261126, verbose=True)
     print(summary(results))
     assert len(results) == TRIALS
-    assert all(t.durable > 0 for t in results), "a trial acknowledged nothing durable: the test proved nothing"
+    # A kill in the first 100 ms may come before the first acknowledgement; later ones may not.
+    assert all(t.durable > 0 for t in results if t.killed_at >= 0.1), "a trial acknowledged nothing durable"
+    assert sum(t.durable for t in results) > 0, "nothing acknowledged durable: the test proved nothing"
     assert sum(t.fua_acked for t in results) > 0 and sum(t.synced for t in results) > 0
     lost = [(t.index, t.lost, t.lost_after_restart) for t in results if t.lost or t.lost_after_restart]
     assert not lost, f"acknowledged durable writes lost (trial, LBAs in image, LBAs after restart): {lost}"
