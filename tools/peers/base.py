@@ -77,16 +77,18 @@ class LunSpec:
     block_size: int = 512
     read_only: bool = False  # write-protected LU (SBC-4 §4.11): writes fail DATA PROTECT
     removable: bool = False  # RMB=1 medium: START STOP UNIT LOEJ ejects/loads (SBC-4 §5.25)
+    physical_block_size: int | None = None  # e.g. 4096 on a 512-byte LUN (512e): LBPPBE=3
 
 
 def lun_specs(workdir: Path, prefix: str, size: int | str, luns: int,
               sizes: list[int | str] | None = None, block_size: int = 512,
-              read_only: bool = False, removable: bool = False) -> list[LunSpec]:
+              read_only: bool = False, removable: bool = False,
+              physical_block_size: int | None = None) -> list[LunSpec]:
     """Image files ``<workdir>/<prefix>-lun<N>.img``: ``luns`` of ``size``, or one per ``sizes``."""
     all_sizes = sizes if sizes is not None else [size] * luns
     return [
         LunSpec(Path(workdir) / f"{prefix}-lun{i}.img", parse_size(s) if isinstance(s, str) else s, block_size,
-                read_only, removable)
+                read_only, removable, physical_block_size)
         for i, s in enumerate(all_sizes)
     ]
 

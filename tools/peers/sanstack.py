@@ -101,10 +101,12 @@ class SanstackPeer(TargetPeer):
         sizes: list[int | str] | None = None,
         read_only: bool = False,
         removable: bool = False,
+        physical_block_size: int | None = None,
         **kwargs,
     ) -> "SanstackPeer":
         workdir = Path(workdir)
-        specs = lun_specs(workdir, "sanstack", size, luns, sizes, block_size, read_only, removable)
+        specs = lun_specs(workdir, "sanstack", size, luns, sizes, block_size, read_only, removable,
+                          physical_block_size)
         kwargs.setdefault("data_dir", workdir / "data")
         return cls(iqn=iqn, portals=free_portals(portals, host), luns=specs, workdir=workdir, **kwargs)
 
@@ -136,6 +138,7 @@ class SanstackPeer(TargetPeer):
                 opts = f":bs={spec.block_size}" if spec.block_size != 512 else ""
                 opts += ":ro" if spec.read_only else ""
                 opts += ":removable" if spec.removable else ""
+                opts += f":pbs={spec.physical_block_size}" if spec.physical_block_size else ""
                 cmd += ["--lun", f"{spec.path}:{format_size(spec.size)}{opts}"]
         return cmd + list(self.extra_args)
 
@@ -155,7 +158,8 @@ class SanstackPeer(TargetPeer):
             "portal_groups": [{"tag": n, "portals": [str(p)]} for n, p in enumerate(self.portals, 1)],
             "luns": [
                 {"number": n, "path": str(spec.path), "size": spec.size, "block_size": spec.block_size,
-                 "read_only": spec.read_only, "removable": spec.removable}
+                 "read_only": spec.read_only, "removable": spec.removable,
+                 "physical_block_size": spec.physical_block_size}
                 for n, spec in enumerate(self.luns)
             ],
             "acls": [{"initiator": name} for name in (self.acl or [])],

@@ -82,11 +82,13 @@ class TgtPeer(TargetPeer):
         sizes: list[int | str] | None = None,
         read_only: bool = False,
         removable: bool = False,
+        physical_block_size: int | None = None,
         **kwargs,
     ) -> "TgtPeer":
         """A peer with ``luns`` sparse images of ``size`` under ``workdir`` (not started yet)."""
         workdir = Path(workdir)
-        specs = lun_specs(workdir, "tgt", size, luns, sizes, block_size, read_only, removable)
+        specs = lun_specs(workdir, "tgt", size, luns, sizes, block_size, read_only, removable,
+                          physical_block_size)
         return cls(iqn=iqn, portals=free_portals(portals, host), luns=specs, workdir=workdir, **kwargs)
 
     # -- process ----------------------------------------------------------------------------
@@ -151,6 +153,10 @@ class TgtPeer(TargetPeer):
             if spec.block_size != 512:
                 args += ["--blocksize", str(spec.block_size)]
             self.tgtadm(*args)
+            if spec.physical_block_size and spec.physical_block_size > spec.block_size:
+                exponent = (spec.physical_block_size // spec.block_size).bit_length() - 1
+                self.tgtadm("--op", "update", "--mode", "logicalunit", "--tid", tid, "--lun", str(n),
+                            "--params", f"lbppbe={exponent}")
             flags = [f"{k}=1" for k, on in (("readonly", spec.read_only), ("removable", spec.removable)) if on]
             if flags:
                 self.tgtadm("--op", "update", "--mode", "logicalunit", "--tid", tid, "--lun", str(n),
