@@ -28,6 +28,17 @@ class HeaderDigestError(Exception):
 
 
 @dataclass(slots=True)
+class BadPdu:
+    """A PDU whose lengths were sound but whose contents are not acceptable (unknown opcode,
+    unknown AHS type): the stream stays in sync, so the answer is a Reject carrying this
+    header (RFC 7143 §11.17) and the connection goes on."""
+
+    header: bytes
+    reason: int
+    message: str
+
+
+@dataclass(slots=True)
 class DataDigestFailure:
     """A PDU whose header was sound but whose data digest did not match (RFC 7143 §7.8).
 
@@ -62,11 +73,11 @@ class PduReader:
         """Bytes received but not yet part of a complete PDU."""
         return len(self._buf) - self._pos
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Pdu | DataDigestFailure]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Pdu | BadPdu | DataDigestFailure]:
         """Add received bytes; return every PDU now complete, in order."""
         buf = self._buf
         buf += data
-        out: list[Pdu | DataDigestFailure] = []
+        out: list[Pdu | BadPdu | DataDigestFailure] = []
         pos = self._pos
         end = len(buf)
         hd = 4 if self.header_digest else 0
@@ -77,12 +88,13 @@ class PduReader:
             length_word = _LENGTH_WORD.unpack_from(buf, pos + 4)[0]
             ahs_len = (length_word >> 24) << 2
             data_len = length_word & 0xFFFFFF
-            if ahs_len > MAX_AHS_LENGTH:
-                raise PduFormatError(f"TotalAHSLength {ahs_len} too large", RejectReason.PROTOCOL_ERROR)
-            if data_len > max_data:
-                raise PduFormatError(
+            if ahs_len > MAX_AHS_LENGTH or data_len > max_data:
+                err = PduFormatError(
+                    f"TotalAHSLength {ahs_len} too large" if ahs_len > MAX_AHS_LENGTH else
                     f"data segment of {data_len} bytes exceeds MaxRecvDataSegmentLength {max_data}",
                     RejectReason.PROTOCOL_ERROR)
+                err.header = bytes(buf[pos:pos + BHS_LEN])  # type: ignore[attr-defined]
+                raise err
             hdr_end = pos + BHS_LEN + ahs_len
             data_start = hdr_end + hd
             total = data_start - pos + ((data_len + 3) & ~3) + dd if data_len else data_start - pos
@@ -92,10 +104,15 @@ class PduReader:
             if hd and crc32c(header) != unpack_digest(buf[hdr_end:data_start]):
                 raise HeaderDigestError("header digest mismatch")
             payload = bytes(buf[data_start:data_start + data_len]) if data_len else b""
-            if ahs_len:
-                pdu = decode(header[:BHS_LEN], header[BHS_LEN:], payload, allowed=allowed)
-            else:
-                pdu = decode(header, b"", payload, allowed=allowed)
+            try:
+                if ahs_len:
+                    pdu = decode(header[:BHS_LEN], header[BHS_LEN:], payload, allowed=allowed)
+                else:
+                    pdu = decode(header, b"", payload, allowed=allowed)
+            except PduFormatError as err:
+                pos += total
+                out.append(BadPdu(header[:BHS_LEN], err.reason, str(err)))
+                continue
             pos += total
             if dd and data_len:
                 padded_end = data_start + ((data_len + 3) & ~3)

@@ -1026,6 +1026,11 @@ class Negotiator:
             out += self.offer(self._operational_offers(), phase)
         return out
 
+    def operational_offers_pending(self) -> bool:
+        """Whether our operational-stage declarations would include offers needing an answer
+        (e.g. HeaderDigest=CRC32C when digests are required) — then the stage cannot be skipped."""
+        return not self._operational_sent and bool(self._operational_offers())
+
     def _operational_offers(self) -> list[tuple[str, str]]:
         if self.role == "initiator":
             # Everything open-iscsi offers, plus the newer keys only when the caller

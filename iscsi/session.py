@@ -140,6 +140,8 @@ class WriteTransfer:
     first_burst: int
     max_outstanding_r2t: int
     initial_r2t: bool
+    # Grows as data arrives: memory follows what the initiator actually sent, never the
+    # length a CDB merely announces (a 48-byte PDU must not cost gigabytes).
     buffer: bytearray = field(default_factory=bytearray)
     received: int = 0
     next_r2t_offset: int = 0
@@ -148,29 +150,35 @@ class WriteTransfer:
     unsolicited_open: bool = False
     unsolicited_datasn: int = 0
 
-    def __post_init__(self) -> None:
-        self.buffer = bytearray(self.total)
-
     def start(self, immediate: bytes | memoryview, final: bool) -> None:
         """Account for immediate data in the command PDU (§3.2.4.2)."""
         if len(immediate) > self.first_burst:
             raise DataOutError("immediate data beyond FirstBurstLength")
-        self._store(0, immediate)
-        # Unsolicited Data-Out may follow when InitialR2T=No and F=0 (§3.2.4.2).
-        self.unsolicited_open = not final
         if not final and self.initial_r2t:
             raise DataOutError("F=0 on a write command while InitialR2T=Yes")
-        unsolicited_limit = min(self.first_burst, self.edtl)
-        self.next_r2t_offset = unsolicited_limit if self.unsolicited_open else len(immediate)
+        self._store(0, immediate)
+        # Unsolicited Data-Out may follow when InitialR2T=No and F=0 (§3.2.4.2); R2Ts
+        # start where the unsolicited data ends.
+        self.unsolicited_open = not final
+        self.next_r2t_offset = len(immediate)
 
     def _store(self, offset: int, data: bytes | memoryview) -> None:
         n = len(data)
         if offset + n > self.edtl:
             raise DataOutError("Data-Out beyond the Expected Data Transfer Length")
-        keep = min(n, self.total - offset)
-        if keep > 0:
-            self.buffer[offset:offset + keep] = data[:keep]
         self.received += n
+        end = min(offset + n, self.total)
+        if end <= offset:
+            return  # beyond what the command uses: counted, not kept
+        buf = self.buffer
+        have = len(buf)
+        if offset == have:
+            buf += data[:end - offset] if end - offset < n else data
+        elif offset < have:
+            buf[offset:end] = data[:end - offset]
+        else:
+            buf += bytes(offset - have)  # a gap (not in-order data): zero-filled until it comes
+            buf += data[:end - offset]
 
     def data_out(self, pdu: P.DataOut) -> None:
         """Take one Data-Out PDU (solicited or unsolicited)."""
@@ -183,6 +191,9 @@ class WriteTransfer:
                 raise DataOutError("unsolicited data beyond FirstBurstLength")
             self.unsolicited_datasn += 1
             self._store(pdu.offset, pdu.data)
+            end = pdu.offset + len(pdu.data)
+            if end > self.next_r2t_offset:
+                self.next_r2t_offset = end
             if pdu.final:
                 self.unsolicited_open = False
             return

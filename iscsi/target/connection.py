@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 import os
 import struct
 import time
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 from .. import keys as K
 from .. import eager
 from .. import pdu as P
-from ..framing import DataDigestFailure, HeaderDigestError, PduReader, encode
+from ..framing import BadPdu, DataDigestFailure, HeaderDigestError, PduReader, encode
 from ..log import event
 from ..scsi.types import ITNexus, ScsiCommand, ScsiResult, Status, TaskAttr
 from ..session import DataOutError, StatSequence, WriteTransfer, residual
@@ -42,8 +43,12 @@ LOGIN_TIMEOUT = 15.0
 # found within ~2 minutes, inside open-iscsi's 120 s replacement timeout.
 NOP_INTERVAL = 10.0
 NOP_TIMEOUT = 90.0
-# Stop reading from a connection whose unsent output exceeds this (back-pressure).
+# Stop reading from, and starting commands for, a connection whose unsent output exceeds
+# this (back-pressure): a peer that does not read cannot make us buffer without bound.
 WRITE_HIGH_WATER = 4 * 1024 * 1024
+# Tasks one connection may hold: the CmdSN window (128) bounds ordinary commands; this
+# bounds immediate ones too, which the window does not count.
+MAX_TASKS_PER_CONNECTION = 256
 
 
 _BHS = struct.Struct(">BBBBIQ8I")  # the same layout iscsi.pdu uses for every BHS
@@ -97,7 +102,9 @@ class TargetConnection(asyncio.Protocol):
         self.logging_out = False
         self.loop = asyncio.get_running_loop()
         self._out: list = []
+        self._out_bytes = 0  # queued in _out, not yet handed to the transport
         self._flush_scheduled = False
+        self._deferred: deque[Task] = deque()  # ready commands held while output is congested
 
     # ------------------------------------------------------------------
     # asyncio.Protocol
@@ -130,7 +137,8 @@ class TargetConnection(asyncio.Protocol):
             self.session.connection_lost(self)
 
     def pause_writing(self) -> None:
-        # The peer does not read fast enough: stop taking new commands from it.
+        # The peer does not read fast enough: stop reading and starting commands (RFC 7143
+        # §4.2.2.1: the window closes as the held commands count against it).
         if self.transport is not None and not self._paused:
             self._paused = True
             self.transport.pause_reading()
@@ -139,6 +147,18 @@ class TargetConnection(asyncio.Protocol):
         if self.transport is not None and self._paused:
             self._paused = False
             self.transport.resume_reading()
+            self._run_deferred()
+
+    def _congested(self) -> bool:
+        """Output the peer has not taken yet is over the high-water mark: start nothing new."""
+        return self._paused or self._out_bytes > WRITE_HIGH_WATER
+
+    def _run_deferred(self) -> None:
+        deferred = self._deferred
+        while deferred and not self._congested() and not self.closed:
+            task = deferred.popleft()
+            if not task.aborted and self.tasks.get(task.itt) is task:
+                self._maybe_execute(task)
 
     def data_received(self, data: bytes) -> None:
         self._last_rx = time.monotonic()
@@ -150,13 +170,21 @@ class TargetConnection(asyncio.Protocol):
             self.close()
             return
         except P.PduFormatError as err:
-            self._protocol_violation(str(err), err.reason)
+            self._protocol_violation(str(err), err.reason, getattr(err, "header", None))
             return
         for item in pdus:
             if self.closed:
                 return
             if isinstance(item, DataDigestFailure):
                 self._data_digest_failure(item)
+                continue
+            if isinstance(item, BadPdu):
+                if self.session is None:
+                    # Before Full Feature Phase only Login Requests are acceptable (§6.1).
+                    event(log, "login.bad_pdu", logging.WARNING, peer=self._peer_str(), why=item.message)
+                    self.close()
+                    return
+                self._reject(None, item.reason, header=item.header)
                 continue
             try:
                 if self.session is None:
@@ -189,7 +217,9 @@ class TargetConnection(asyncio.Protocol):
             window = session.window
             pdu.expcmdsn = window.expcmdsn  # type: ignore[attr-defined]
             pdu.maxcmdsn = window.maxcmdsn  # type: ignore[attr-defined]
-        self._out += encode(pdu, header_digest=self.header_digest, data_digest=self.data_digest)
+        parts = encode(pdu, header_digest=self.header_digest, data_digest=self.data_digest)
+        self._out += parts
+        self._out_bytes += len(pdu.data) + P.BHS_LEN
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
@@ -203,7 +233,10 @@ class TargetConnection(asyncio.Protocol):
         self._flush_scheduled = False
         if self._out and not self.closed and self.transport is not None:
             out, self._out = self._out, []
-            self.transport.writelines(out)
+            self._out_bytes = 0
+            self.transport.writelines(out)  # may call pause_writing()
+            if self._deferred:
+                self._run_deferred()
 
     def close(self) -> None:
         """Close after what was queued has been written (e.g. a Logout Response)."""
@@ -223,11 +256,13 @@ class TargetConnection(asyncio.Protocol):
               opcode=f"0x{hdr[0] & 0x3f:02x}" if hdr else None)
         self.send(P.Reject(reason=reason, data=hdr))
 
-    def _protocol_violation(self, why: str, reason: int = P.RejectReason.PROTOCOL_ERROR) -> None:
-        """The byte stream cannot be trusted any more: Reject if we can, then drop (§7.1)."""
+    def _protocol_violation(self, why: str, reason: int = P.RejectReason.PROTOCOL_ERROR,
+                            header: bytes | None = None) -> None:
+        """The byte stream cannot be trusted any more: Reject (with the offending header,
+        §11.17) if we are in Full Feature Phase, then drop the connection (§7.1)."""
         event(log, "conn.protocol_error", logging.WARNING, peer=self._peer_str(), why=why)
-        if self.session is not None:
-            self.send(P.Reject(reason=reason, data=b"\0" * P.BHS_LEN))
+        if self.session is not None and header is not None:
+            self.send(P.Reject(reason=reason, data=header))
         self.close()
 
     # ------------------------------------------------------------------
@@ -377,7 +412,7 @@ class TargetConnection(asyncio.Protocol):
         # Fast lane: the next command in CmdSN order, all its data already here (a read,
         # or a write whose immediate data is the whole transfer), nothing held back.
         if (pdu.cmdsn == window.expcmdsn and not pdu.immediate and not window.waiting
-                and pdu.itt not in self.tasks
+                and pdu.itt not in self.tasks and not self._deferred and not self._congested()
                 and (not pdu.write or (pdu.final and len(pdu.data) == pdu.edtl and self.params.immediate_data))
                 and (pdu.write or not pdu.data)):
             window.expcmdsn = (pdu.cmdsn + 1) & 0xFFFFFFFF
@@ -390,6 +425,11 @@ class TargetConnection(asyncio.Protocol):
             return
         if pdu.itt in self.tasks:
             self._reject(pdu, P.RejectReason.TASK_IN_PROGRESS)
+            return
+        if pdu.immediate and len(self.tasks) >= MAX_TASKS_PER_CONNECTION:
+            # Immediate commands bypass the CmdSN window; past our limit they are
+            # refused (§11.17.1 reason 0x06) instead of queued without bound.
+            self._reject(pdu, P.RejectReason.IMMEDIATE_COMMAND_REJECT)
             return
         lun = P.decode_lun(pdu.lun)
         task = Task(pdu, lun)
@@ -405,7 +445,13 @@ class TargetConnection(asyncio.Protocol):
         # with EDTL 0 is a residual overflow of the whole transfer (§11.4.5.1).
         needed = session.luns.data_out_length(lun, pdu.cdb) if not pdu.read or pdu.write else None
         task.needed = needed
-        if pdu.write and pdu.edtl:
+        if pdu.write and pdu.edtl and needed is not None and needed > self._max_data_out(session, lun):
+            # More than the LU would ever accept in one command (Block Limits VPD): do not
+            # solicit it; the LU answers ILLEGAL REQUEST at once (SBC-4 §5.x TRANSFER LENGTH).
+            needed_check = True
+        else:
+            needed_check = False
+        if pdu.write and pdu.edtl and not needed_check:
             total = pdu.edtl if needed is None else min(needed, pdu.edtl)
             transfer = WriteTransfer(
                 total=total, edtl=pdu.edtl, max_burst=params.max_burst_length,
@@ -476,6 +522,14 @@ class TargetConnection(asyncio.Protocol):
         return ScsiResult(status=Status.CHECK_CONDITION,
                           sense=build_sense(SenseKey.HARDWARE_ERROR, INTERNAL_TARGET_FAILURE))
 
+    @staticmethod
+    def _max_data_out(session: "TargetSession", lun: int) -> int:
+        """Largest Data-Out the LU accepts in one command (MAXIMUM TRANSFER LENGTH x block size)."""
+        lu = session.luns.get(lun)
+        if lu is None:
+            return 0
+        return getattr(lu, "max_transfer", 65536) * getattr(lu, "block_size", 512)
+
     def _send_r2ts(self, task: Task) -> None:
         transfer = task.transfer
         assert transfer is not None
@@ -520,6 +574,10 @@ class TargetConnection(asyncio.Protocol):
             return
         if task.transfer is not None and not task.transfer.complete:
             return
+        if self._congested():
+            # Its Data-In would only pile up behind output the peer is not reading.
+            self._deferred.append(task)
+            return
         task.started = True
         # Most commands complete without waiting (page-cache pread/pwrite): run them
         # now and only make a Task for the ones that block (flush, locks, threads).
@@ -531,7 +589,7 @@ class TargetConnection(asyncio.Protocol):
         pdu = task.pdu
         data_out = b""
         if task.transfer is not None:
-            data_out = memoryview(task.transfer.buffer)[:max(0, min(task.transfer.received, task.transfer.total))]
+            data_out = memoryview(task.transfer.buffer)
         cmd = ScsiCommand(cdb=pdu.cdb, lun=task.lun, nexus=session.nexus, data_out=data_out,
                           expected_length=pdu.edtl, task_attr=_TASK_ATTRS[pdu.attr] if pdu.attr < 5 else TaskAttr.SIMPLE,
                           task_tag=task.itt)
@@ -604,6 +662,7 @@ class TargetConnection(asyncio.Protocol):
                 out.append(data)
                 if n & 3:
                     out.append(b"\0" * (-n & 3))
+                self._out_bytes += n + 48
                 self._schedule_flush()
                 return
             view = data if isinstance(data, memoryview) else memoryview(data)

@@ -202,14 +202,25 @@ class TargetLogin:
             answers += self._operational(received)
             can_transit = True
 
+        nsg = req.nsg
         answers += self._declarations("security" if req.csg == SECURITY else "operational")
-        if req.csg == SECURITY and req.transit and can_transit and req.nsg == FULL_FEATURE:
-            # Skipping the operational stage: our declarations must still go out (§13.12).
-            answers += self._declarations("operational")
+        if req.csg == SECURITY and req.transit and can_transit and nsg == FULL_FEATURE:
+            if self._negotiator.operational_offers_pending():  # type: ignore[union-attr]
+                # We must offer keys (e.g. required digests) that need an answer: go to the
+                # operational stage instead of skipping it (§6.3: a target may answer a lower
+                # NSG than the initiator asked for).
+                nsg = OPERATIONAL
+            else:
+                # Skipping the operational stage: our declarations must still go out (§13.12).
+                answers += self._declarations("operational")
+        if req.csg == OPERATIONAL and self._negotiator.outstanding:  # type: ignore[union-attr]
+            # §6.2: no transit while an offer of ours is unanswered (else a required
+            # digest could be skipped by an initiator that simply never answers).
+            can_transit = False
 
         transit = bool(req.transit and can_transit)
         if transit:
-            self._stage = req.nsg
+            self._stage = nsg
         self._answered.extend(answers)
         text = K.encode_text(answers)
         chunks = K.split_text(text, self._max_send_segment) if text else [b""]
@@ -217,8 +228,8 @@ class TargetLogin:
         if self._pending_out:
             transit = False
             self._stage = req.csg
-        resp = self._response(req, chunks[0], transit=transit, cont=bool(self._pending_out))
-        if transit and req.nsg == FULL_FEATURE:
+        resp = self._response(req, chunks[0], transit=transit, cont=bool(self._pending_out), nsg=nsg)
+        if transit and nsg == FULL_FEATURE:
             self._finish(req, resp)
         return resp
 
@@ -299,12 +310,12 @@ class TargetLogin:
 
     # ------------------------------------------------------------------
     def _response(self, req: P.LoginRequest, data: bytes, *, transit: bool, cont: bool = False,
-                  status: int = 0, tsih: int | None = None) -> P.LoginResponse:
+                  status: int = 0, tsih: int | None = None, nsg: int | None = None) -> P.LoginResponse:
         statsn = self._statsn
         if status == 0:
             self._statsn = (self._statsn + 1) & 0xFFFFFFFF
         return P.LoginResponse(
-            transit=transit, cont=cont, csg=req.csg, nsg=req.nsg if transit else 0,
+            transit=transit, cont=cont, csg=req.csg, nsg=(req.nsg if nsg is None else nsg) if transit else 0,
             version_max=ISCSI_VERSION, version_active=ISCSI_VERSION,
             isid=req.isid, tsih=req.tsih if tsih is None else tsih, itt=req.itt,
             statsn=statsn, expcmdsn=req.cmdsn, maxcmdsn=req.cmdsn,

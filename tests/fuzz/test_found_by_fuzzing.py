@@ -27,17 +27,9 @@ def _login(params: dict[str, str]) -> tuple[TargetLogin, list[P.LoginResponse]]:
     return machine, out
 
 
-_UNANSWERED_OFFER = pytest.mark.xfail(strict=True, reason=(
-    "bug: iscsi/target/login.py TargetLogin._receive sets can_transit=True in the operational "
-    "stage without checking Negotiator.outstanding; the target's offer (e.g. HeaderDigest=CRC32C "
-    "required by the target's params) is never answered and the session runs without digests. "
-    "RFC 7143 §6.2: the target must keep T=0 until its offers are answered, or fail the login "
-    "(status 0x0200)."))
-
-
 @pytest.mark.parametrize("key,required", [
-    pytest.param("HeaderDigest", "CRC32C", marks=_UNANSWERED_OFFER),
-    pytest.param("DataDigest", "CRC32C", marks=_UNANSWERED_OFFER),
+    ("HeaderDigest", "CRC32C"),  # was lost before login.py kept T=0 while an offer was open
+    ("DataDigest", "CRC32C"),
     ("ImmediateData", "No"),  # holds: the AND rule keeps the target's No
 ])
 def test_target_requirement_survives_an_initiator_that_ignores_the_offer(key, required):

@@ -92,16 +92,6 @@ def test_unknown_opcode_is_rejected(daemon, baseline, opcode):
     _unknown_opcode(daemon, opcode, check_header=False)
 
 
-REJECT_HEADER_BUG = (
-    "bug: iscsi/target/connection.py _protocol_violation (line ~226) sends Reject with data "
-    "b'\\0' * 48 instead of the rejected PDU's header, for every PduFormatError raised inside "
-    "PduReader.feed (unknown opcode, bad AHS, oversized segment); RFC 7143 §11.17: the Reject's "
-    "data segment carries the complete header of the rejected PDU (the initiator finds the task "
-    "by its ITT there). For an unknown opcode the lengths are sound, so the connection could "
-    "also stay up; today it is closed.")
-
-
-@pytest.mark.xfail(strict=True, reason=REJECT_HEADER_BUG)
 @pytest.mark.parametrize("opcode", [0x07, 0x21])
 def test_reject_of_unknown_opcode_carries_its_header(daemon, baseline, opcode):
     _unknown_opcode(daemon, opcode, check_header=True)
@@ -356,14 +346,6 @@ def test_non_login_pdu_before_login(daemon, baseline):
 HUGE_WRITE_BYTES = 256 << 20
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: iscsi/session.py WriteTransfer.__post_init__ allocates bytearray(total) where total = "
-    "min(CDB transfer length, EDTL) from iscsi/target/connection.py _scsi_command_arrived, before "
-    "the LU has checked the CDB: one 48-byte WRITE(16) with EDTL 4 GiB makes the target allocate "
-    "and zero 4 GiB. Measured: 4 such commands of 256 MiB each grow the daemon's RSS by 1024 MiB. SBC-4 (TRANSFER "
-    "LENGTH field of WRITE(10/16)): above the Block Limits VPD MAXIMUM TRANSFER LENGTH (65536 "
-    "blocks) or past the last LBA the answer is CHECK CONDITION, ILLEGAL REQUEST (INVALID FIELD "
-    "IN CDB / LBA OUT OF RANGE), with no R2T and no buffer."))
 def test_write_with_huge_transfer_length_is_refused_without_buffering(daemon, witness):
     before = rss_bytes(daemon.proc.pid)
     s = session(daemon)

@@ -58,7 +58,6 @@ SLOW_READER_BUG = (
     "§11.17.1).")
 
 
-@pytest.mark.xfail(strict=True, reason=SLOW_READER_BUG)
 @pytest.mark.parametrize("immediate", [False, True], ids=["in-window", "immediate"])
 def test_initiator_that_does_not_read_cannot_pin_memory(daemon, witness, immediate):
     grown = _slow_reader(daemon, immediate)
@@ -89,7 +88,6 @@ PREALLOC_BUG = (
     "RFC 7143 §13.13, §13.17), not the length announced.")
 
 
-@pytest.mark.xfail(strict=True, reason=PREALLOC_BUG)
 def test_writes_whose_data_never_comes_do_not_pin_memory(daemon, witness):
     from .raw import write10
 
