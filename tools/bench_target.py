@@ -15,6 +15,14 @@ The table shows tgt's figure, ours, and ours/tgt, plus each daemon's CPU use dur
 (from /proc: user+system time of the daemon process over wall time).
 
     python -m tools.bench_target [--runs 3] [--duration 10] [--size 1G] [--prefill] [--json out.json]
+
+Two helpers for "before/after" work (docs/performance.md):
+
+- ``--before TREE`` adds a peer ``before``: our target run from another checkout (e.g.
+  ``git worktree add /tmp/old <commit>``), beside today's, against the same tgtd;
+- ``--profile-live DIR`` runs py-spy (sampling, CPU-active stacks only) on our daemon during
+  one 4K random read QD32 iscsi-perf run per sanstack peer and prints where its CPU time goes,
+  per I/O: each function's share of the samples times the daemon's CPU microseconds per I/O.
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from tools.peers import TargetPeer, make_peer, parse_size
+from tools.peers.sanstack import SanstackPeer
 
 #: A run may take this much longer than asked before it counts as hung (login, ramp-up).
 RUN_SLACK = 60.0
@@ -63,6 +72,28 @@ class Result:
 
     def cpu(self, kind: str) -> float:
         return statistics.median(s.cpu for s in self.samples[kind]) if self.samples.get(kind) else float("nan")
+
+
+@dataclass
+class TreePeer(SanstackPeer):
+    """Our target run from another source tree (an older commit checked out beside this one)."""
+
+    kind = "before"
+    tree: Path | None = None
+
+    def _env(self) -> dict[str, str]:
+        env = super()._env()
+        if self.tree is not None:  # first on the path: that tree's iscsi package wins
+            env["PYTHONPATH"] = os.pathsep.join([str(self.tree), env["PYTHONPATH"]])
+        return env
+
+
+def build_peer(kind: str, workdir: Path, *, size: str, before: Path | None = None) -> TargetPeer:
+    if kind == "before":
+        if before is None:
+            raise ValueError("peer 'before' needs --before TREE")
+        return TreePeer.create(workdir, size=size, tree=before.resolve())
+    return make_peer(kind, workdir, size=size)
 
 
 # --------------------------------------------------------------------------- clients
@@ -162,10 +193,75 @@ def prefill(path: Path, size: int) -> None:
         os.fsync(f.fileno())
 
 
+#: py-spy samples per second: enough for shares of a few %, light enough not to slow the daemon.
+PYSPY_RATE = 250
+
+
+def profile_live(peer: TargetPeer, workload: Workload, duration: float, out: Path,
+                 top: int = 22) -> tuple[Sample, list[str]]:
+    """Run ``workload`` once under py-spy attached to the daemon; (sample, report lines).
+
+    py-spy without ``--idle`` records only stacks of a running thread, so the share of the
+    samples that end in a function is its share of the daemon's CPU time. ``--nonblocking``
+    keeps the sampled process running (at the cost of a rare torn stack).
+    """
+    if shutil.which("py-spy") is None:
+        raise RuntimeError("py-spy missing (pip install py-spy)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spy = subprocess.Popen(["py-spy", "record", "-p", str(peer.proc.pid), "-d", str(int(duration) + 1),
+                            "-r", str(PYSPY_RATE), "-f", "raw", "-F", "--nonblocking", "-o", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)  # attach before the load starts
+        sample = measure(peer, workload, duration)
+        spy.wait(timeout=duration + RUN_SLACK)
+    finally:
+        if spy.poll() is None:
+            spy.kill()
+            spy.wait()
+    us_per_io = sample.cpu * 1e6 / sample.figure if sample.figure else float("nan")
+    return sample, summarize_stacks(out, us_per_io, top)
+
+
+def summarize_stacks(path: Path, us_per_io: float, top: int = 22) -> list[str]:
+    """Self and inclusive shares per function from py-spy's raw (collapsed) stacks."""
+    self_n: dict[str, int] = {}
+    incl_n: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [_short_frame(f) for f in stack.split(";")]
+        total += n
+        self_n[frames[-1]] = self_n.get(frames[-1], 0) + n
+        for f in set(frames):
+            incl_n[f] = incl_n.get(f, 0) + n
+    if not total:
+        return ["(no samples)"]
+    lines = [f"daemon CPU per I/O: {us_per_io:.1f} us; {total} samples",
+             f"{'self %':>7} {'us/IO':>6} {'incl %':>7}  function"]
+    for f, n in sorted(self_n.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"{n * 100 / total:>6.1f}% {n / total * us_per_io:>6.2f} {incl_n[f] * 100 / total:>6.1f}%  {f}")
+    return lines
+
+
+def _short_frame(frame: str) -> str:
+    """'data_received (iscsi/target/connection.py:163)' -> 'data_received (target/connection.py)'."""
+    m = re.match(r"(.*) \((.*?)(?::\d+)?\)$", frame)
+    if not m:
+        return frame
+    name, path = m.groups()
+    parts = path.replace("\\", "/").split("/")
+    return f"{name} ({'/'.join(parts[-2:])})"
+
+
 def run_bench(kinds: Sequence[str], workdir: Path, *, runs: int, duration: float, size: str,
               do_prefill: bool, workloads: Sequence[Workload] = WORKLOADS,
-              log: Callable[[str], None] = print) -> dict[str, Result]:
-    peers = [make_peer(kind, workdir / kind, size=size) for kind in kinds]
+              log: Callable[[str], None] = print, before: Path | None = None,
+              profile_dir: Path | None = None) -> dict[str, Result]:
+    peers = [build_peer(kind, workdir / kind, size=size, before=before) for kind in kinds]
     if do_prefill:
         for peer in peers:
             for spec in peer.luns:
@@ -175,6 +271,13 @@ def run_bench(kinds: Sequence[str], workdir: Path, *, runs: int, duration: float
     try:
         for peer in peers:
             peer.start()
+        if profile_dir is not None:
+            for peer in peers:
+                if isinstance(peer, SanstackPeer):
+                    out = profile_dir / f"pyspy-{peer.kind}.txt"
+                    sample, lines = profile_live(peer, WORKLOADS[0], duration, out)
+                    log(f"py-spy on {peer.kind} during {WORKLOADS[0].name}: {sample.figure:.0f} IOPS, "
+                        f"daemon cpu {sample.cpu * 100:.0f}% (raw stacks: {out})\n" + "\n".join(lines))
         for r in range(runs):
             for w in workloads:
                 for peer in peers:
@@ -192,22 +295,24 @@ def run_bench(kinds: Sequence[str], workdir: Path, *, runs: int, duration: float
 
 
 def format_table(results: dict[str, Result], kinds: Sequence[str], runs: int) -> str:
-    base, ours = ("tgt", "sanstack") if set(kinds) == {"tgt", "sanstack"} else (kinds[0], None)
+    """One column per peer; each peer other than the first also gets its ratio to the first."""
+    base = "tgt" if "tgt" in kinds else kinds[0]
+    others = [k for k in kinds if k != base]
     head = f"{'workload (median of %d)' % runs:<36}{base:>16}"
-    if ours:
-        head += f"{ours:>16}{'ratio':>8}{'cpu ' + base:>10}{'cpu ' + ours:>14}"
+    for k in others:
+        head += f"{k:>16}{k[:5] + '/' + base[:5]:>12}"
+    head += "".join(f"{'cpu ' + k:>14}" for k in [base, *others])
     lines = [head, "-" * len(head)]
     for name, res in results.items():
-        unit = next(w.unit for w in WORKLOADS if w.name == name) if any(w.name == name for w in WORKLOADS) else ""
+        unit = next((w.unit for w in WORKLOADS if w.name == name), "")
         row = f"{name:<36}{res.median(base):>11.0f} {unit:<4}"
-        if ours:
-            ratio = res.median(ours) / res.median(base) if res.median(base) else float("nan")
-            row += f"{res.median(ours):>11.0f} {unit:<4}{ratio:>8.2f}{res.cpu(base) * 100:>9.0f}%{res.cpu(ours) * 100:>13.0f}%"
-        else:
-            row += f"{'cpu %.0f%%' % (res.cpu(base) * 100):>12}"
+        for k in others:
+            ratio = res.median(k) / res.median(base) if res.median(base) else float("nan")
+            row += f"{res.median(k):>11.0f} {unit:<4}{ratio:>12.2f}"
+        row += "".join(f"{res.cpu(k) * 100:>13.0f}%" for k in [base, *others])
         lines.append(row)
-    if ours:
-        lines.append(f"ratio = {ours} / {base}; cpu = daemon CPU time / wall time (100% = one core)")
+    if others:
+        lines.append(f"ratio = peer / {base}; cpu = daemon CPU time / wall time (100% = one core)")
     return "\n".join(lines)
 
 
@@ -220,8 +325,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--peers", default="tgt,sanstack", help="comma list; default tgt,sanstack")
     ap.add_argument("--workdir", type=Path, help="keep images and logs here (default: temp dir, removed)")
     ap.add_argument("--json", type=Path, help="write all samples here")
+    ap.add_argument("--before", type=Path, metavar="TREE",
+                    help="also run our target from this source tree as peer 'before'")
+    ap.add_argument("--profile-live", type=Path, metavar="DIR",
+                    help="py-spy each of our daemons during one 4K random read run first; raw stacks to DIR")
     args = ap.parse_args(argv)
     kinds = [k.strip() for k in args.peers.split(",") if k.strip()]
+    if args.before and "before" not in kinds:
+        kinds.append("before")
     missing = [t for t in ("iscsi-perf", "qemu-img") if shutil.which(t) is None]
     if missing:
         print(f"missing {', '.join(missing)} (apt-get install libiscsi-bin qemu-utils qemu-block-extra)", file=sys.stderr)
@@ -234,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = Path(tmp)
     try:
         results = run_bench(kinds, workdir, runs=args.runs, duration=args.duration, size=args.size,
-                            do_prefill=args.prefill, log=lambda m: print(m, file=sys.stderr, flush=True))
+                            do_prefill=args.prefill, log=lambda m: print(m, file=sys.stderr, flush=True),
+                            before=args.before, profile_dir=args.profile_live)
         print(format_table(results, kinds, args.runs))
         print(f"(images: {args.size} {'prefilled' if args.prefill else 'sparse, not pre-written'}; "
               f"{args.duration:g}s per measurement; {os.cpu_count()} CPUs)")
