@@ -294,11 +294,28 @@ class TaskMgmtRequest(Pdu):
         self.rtt, self.cmdsn, self.expstatsn, self.refcmdsn, self.expdatasn = w[:5]
 
 
-def _login_flags(transit: bool, cont: bool, csg: int, nsg: int) -> int:
-    return (0x40 if cont else 0) | ((csg & 3) << 2) | (nsg & 3)
+class _LoginStages:
+    """What Login Request and Response share (§11.12.1-3): T in the F bit position, C,
+    CSG/NSG in byte 1, and ISID/TSIH where other PDUs carry the LUN."""
+
+    __slots__ = ()
+
+    @property
+    def transit(self) -> bool:
+        return self.final  # type: ignore[attr-defined]
+
+    def _flags(self) -> int:
+        return (0x40 if self.cont else 0) | ((self.csg & 3) << 2) | (self.nsg & 3)  # type: ignore[attr-defined]
+
+    def _lun_field(self) -> int:
+        return (self.isid << 16) | self.tsih  # type: ignore[attr-defined]
+
+    def _load_stages(self, b1: int, lun: int) -> None:
+        self.cont, self.csg, self.nsg = bool(b1 & 0x40), (b1 >> 2) & 3, b1 & 3  # type: ignore[attr-defined]
+        self.isid, self.tsih = lun >> 16, lun & 0xFFFF  # type: ignore[attr-defined]
 
 
-class LoginRequest(Pdu):
+class LoginRequest(_LoginStages, Pdu):
     """RFC 7143 §11.12.  The F bit position holds T (transit)."""
 
     OPCODE = Opcode.LOGIN_REQUEST
@@ -314,26 +331,15 @@ class LoginRequest(Pdu):
         self.version_max, self.version_min = version_max, version_min
         self.isid, self.tsih, self.cid, self.cmdsn, self.expstatsn = isid, tsih, cid, cmdsn, expstatsn
 
-    @property
-    def transit(self) -> bool:
-        return self.final
-
-    def _flags(self) -> int:
-        return _login_flags(self.final, self.cont, self.csg, self.nsg)
-
     def _bytes23(self):
         return self.version_max, self.version_min
-
-    def _lun_field(self) -> int:
-        return (self.isid << 16) | self.tsih
 
     def _words(self):
         return (self.cid << 16, self.cmdsn, self.expstatsn, 0, 0, 0, 0)
 
     def _load(self, b1, b2, b3, lun, w):
-        self.cont, self.csg, self.nsg = bool(b1 & 0x40), (b1 >> 2) & 3, b1 & 3
+        self._load_stages(b1, lun)
         self.version_max, self.version_min = b2, b3
-        self.isid, self.tsih = lun >> 16, lun & 0xFFFF
         self.cid, self.cmdsn, self.expstatsn = w[0] >> 16, w[1], w[2]
 
 
@@ -536,7 +542,7 @@ class TaskMgmtResponse(_TargetPdu):
         self._load_sn(w)
 
 
-class LoginResponse(_TargetPdu):
+class LoginResponse(_LoginStages, _TargetPdu):
     """RFC 7143 §11.13."""
 
     OPCODE = Opcode.LOGIN_RESPONSE
@@ -552,27 +558,16 @@ class LoginResponse(_TargetPdu):
         self.isid, self.tsih = isid, tsih
         self.status_class, self.status_detail = status_class, status_detail
 
-    @property
-    def transit(self) -> bool:
-        return self.final
-
-    def _flags(self) -> int:
-        return _login_flags(self.final, self.cont, self.csg, self.nsg)
-
     def _bytes23(self):
         return self.version_max, self.version_active
-
-    def _lun_field(self) -> int:
-        return (self.isid << 16) | self.tsih
 
     def _words(self):
         return (0, self.statsn, self.expcmdsn, self.maxcmdsn,
                 (self.status_class << 24) | (self.status_detail << 16), 0, 0)
 
     def _load(self, b1, b2, b3, lun, w):
-        self.cont, self.csg, self.nsg = bool(b1 & 0x40), (b1 >> 2) & 3, b1 & 3
+        self._load_stages(b1, lun)
         self.version_max, self.version_active = b2, b3
-        self.isid, self.tsih = lun >> 16, lun & 0xFFFF
         self._load_sn(w)
         self.status_class, self.status_detail = w[4] >> 24, (w[4] >> 16) & 0xFF
 
