@@ -46,6 +46,9 @@ NOP_TIMEOUT = 90.0
 # Stop reading from, and starting commands for, a connection whose unsent output exceeds
 # this (back-pressure): a peer that does not read cannot make us buffer without bound.
 WRITE_HIGH_WATER = 4 * 1024 * 1024
+# Most text one Text Request sequence may carry (a SendTargets answer for many targets
+# is the biggest legitimate one, and it goes the other way).
+TEXT_EXCHANGE_LIMIT = 65536
 # Tasks one connection may hold: the CmdSN window (128) bounds ordinary commands; this
 # bounds immediate ones too, which the window does not count.
 MAX_TASKS_PER_CONNECTION = 256
@@ -105,6 +108,10 @@ class TargetConnection(asyncio.Protocol):
         self._out_bytes = 0  # queued in _out, not yet handed to the transport
         self._flush_scheduled = False
         self._deferred: deque[Task] = deque()  # ready commands held while output is congested
+        # Full Feature Phase text exchanges (§11.10): request text still arriving with C=1,
+        # and the rest of a long answer the initiator has not asked for yet.
+        self.text_in = K.TextAccumulator(TEXT_EXCHANGE_LIMIT)
+        self.text_out: list[bytes] = []
 
     # ------------------------------------------------------------------
     # asyncio.Protocol

@@ -77,8 +77,8 @@ class TargetSession:
 
     # -- Text (SendTargets, negotiation in FFP) --------------------------------
     def text_request(self, conn: TargetConnection, req: P.TextRequest) -> None:
-        acc = conn.__dict__.setdefault("_text_acc", K.TextAccumulator(65536))
-        pending: list[bytes] = conn.__dict__.setdefault("_text_pending", [])
+        acc = conn.text_in
+        pending = conn.text_out
         if pending and req.ttt != P.RESERVED_TAG:
             # Continuation of a long answer of ours (§11.11.1).
             chunk = pending.pop(0)
