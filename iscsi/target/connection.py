@@ -634,6 +634,8 @@ class TargetConnection(asyncio.Protocol):
         Headers are packed directly (one struct call each) rather than built as PDU
         objects: this runs once per I/O.
         """
+        if result.extra:
+            self._side_effects(result, lun_field)
         if self.closed:
             return
         status = result.status
@@ -700,6 +702,15 @@ class TargetConnection(asyncio.Protocol):
             return
         self.send(P.ScsiResponse(itt=itt, response=0, status=status, overflow=overflow,
                                  underflow=underflow, residual=resid, expdatasn=datasn, data=segment))
+
+    def _side_effects(self, result: ScsiResult, lun_field: int) -> None:
+        """Effects a SCSI command has on other tasks: PERSISTENT RESERVE OUT with PREEMPT AND
+        ABORT aborts every task of the preempted I_T nexuses on that LU (SPC-4 §5.13.11.2.4)."""
+        patterns = result.extra.get("abort_nexuses")
+        if patterns and self.session is not None and self.session.luns is not None:
+            lu = self.session.luns.get(decode_lun(lun_field))
+            if lu is not None:
+                self.server.abort_tasks_of_nexuses(lu, patterns)
 
     def _cancel_task(self, task: Task) -> None:
         task.aborted = True

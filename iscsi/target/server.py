@@ -345,6 +345,17 @@ class IscsiServer:
                 affected.append(session.nexus)
         return affected
 
+    def abort_tasks_of_nexuses(self, lu: Any, patterns: list[ITNexus]) -> None:
+        """Abort the tasks on ``lu`` of every session whose nexus one of ``patterns`` names."""
+        from ..scsi.pr import nexus_matches
+
+        for session in list(self.session_table.values()):
+            conn = session.connection
+            if conn is None or session.luns is None:
+                continue
+            if any(nexus_matches(p, session.nexus) for p in patterns):
+                conn.abort_tasks(lambda t, s=session: s.luns.get(t.lun) is lu)
+
     def sessions_info(self) -> list[dict[str, Any]]:
         seen = set()
         out = []

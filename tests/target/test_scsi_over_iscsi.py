@@ -1,0 +1,97 @@
+"""Transport effects of SCSI commands, over loopback with the real SCSI core."""
+import asyncio
+import struct
+
+import pytest
+
+from iscsi import pdu as P
+from iscsi.backstore.ram import RamBackstore
+from iscsi.scsi.lu import LogicalUnit
+from iscsi.scsi.target import LunMap
+from iscsi.target.server import IscsiServer
+
+from .fakes import FakeRegistry, FakeTarget
+from .wire import Wire
+
+IQN_T = "iqn.2026-11.org.sanstack:pr"
+
+
+@pytest.fixture
+async def server():
+    lu = LogicalUnit(RamBackstore(8 << 20, 512), serial="prtest01", lun_id=0)
+    reg = FakeRegistry({IQN_T: FakeTarget(IQN_T, luns=LunMap({0: lu}))})
+    srv = IscsiServer(reg, nop_interval=60, nop_timeout=60)
+    _, srv.port = await srv.add_portal("127.0.0.1", 0)
+    yield srv
+    await srv.shutdown(drain_timeout=1)
+
+
+async def login(server, initiator, isid):
+    wire = await Wire.open(server.port)
+    assert (await wire.login(IQN_T, initiator=initiator, isid=isid)).status_class == 0
+    # clear the power-on unit attention
+    for _ in range(3):
+        wire.command(bytes(6))
+        if (await wire.recv()).status == 0:
+            break
+    return wire
+
+
+def prout(sa: int, key: int, sa_key: int = 0, rtype: int = 0) -> tuple[bytes, bytes]:
+    cdb = struct.pack(">BBBHIB", 0x5F, sa, rtype & 0xF, 0, 24, 0).ljust(16, b"\0")
+    params = struct.pack(">QQ", key, sa_key) + bytes(8)
+    return cdb, params
+
+
+async def run_prout(wire, sa, key, sa_key=0, rtype=0):
+    cdb, params = prout(sa, key, sa_key, rtype)
+    wire.command(cdb, write=True, edtl=len(params), data=params)
+    resp = await wire.recv()
+    assert isinstance(resp, P.ScsiResponse), resp
+    return resp.status
+
+
+async def test_preempt_and_abort_aborts_the_preempted_nexus_tasks(server):
+    a = await login(server, "iqn.2026-11.org.sanstack.test:a", 0x400000000011)
+    b = await login(server, "iqn.2026-11.org.sanstack.test:b", 0x400000000022)
+    assert await run_prout(b, 0x00, 0, 0xBB) == 0          # REGISTER
+    assert await run_prout(a, 0x00, 0, 0xAA) == 0
+    assert await run_prout(b, 0x01, 0xBB, rtype=1) == 0    # RESERVE, Write Exclusive
+    # B starts a write and waits for its R2T: a task in flight on the target.
+    itt = b.command(struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 1, 0), write=True, edtl=512)
+    r2t = await b.recv()
+    assert isinstance(r2t, P.R2T) and r2t.itt == itt
+    # A preempts B's reservation and aborts its tasks (SPC-4 §5.13.11.2.4).
+    assert await run_prout(a, 0x05, 0xAA, 0xBB, rtype=1) == 0
+    # B's write is gone: its Data-Out now names an unknown task and is rejected (§11.7.4)...
+    b.send(P.DataOut(itt=itt, ttt=r2t.ttt, datasn=0, offset=0, final=True, expstatsn=b.expstatsn,
+                     data=b"\1" * 512))
+    rej = await b.recv()
+    assert isinstance(rej, P.Reject) and rej.reason == P.RejectReason.INVALID_PDU_FIELD
+    # ...and no response for it ever comes; B's next command sees the preemption.
+    with pytest.raises(asyncio.TimeoutError):
+        await b.recv(timeout=0.3)
+
+
+async def test_read_of_4k_blocks_split_at_initiator_max_recv(server):
+    wire = await Wire.open(server.port)
+    from iscsi import keys as K
+
+    wire.send(P.LoginRequest(transit=True, csg=1, nsg=3, isid=0x400000000033, cmdsn=1, itt=1,
+                             data=K.encode_text([("InitiatorName", "iqn.2026-11.org.sanstack.test:c"),
+                                                 ("TargetName", IQN_T), ("MaxRecvDataSegmentLength", "4096")])))
+    assert (await wire.recv()).status_class == 0
+    for _ in range(3):
+        wire.command(bytes(6))
+        if (await wire.recv()).status == 0:
+            break
+    wire.command(struct.pack(">BBIBHB", 0x28, 0, 0, 0, 64, 0), read=True, edtl=64 * 512)
+    sizes, datasns = [], []
+    while True:
+        pdu = await wire.recv()
+        assert isinstance(pdu, P.DataIn)
+        sizes.append(len(pdu.data))
+        datasns.append(pdu.datasn)
+        if pdu.has_status:
+            break
+    assert sizes == [4096] * 8 and datasns == list(range(8))  # §13.12: never above 4096
