@@ -25,7 +25,10 @@ are measured with our own initiator (``-k HeaderDigest=CRC32C -k DataDigest=CRC3
 sanstack+d, whose HeaderDigest=CRC32C requirement makes iscsi-perf negotiate header digests
 too (a header-only row). The digests each run negotiated are checked, not assumed.
 
-    python -m tools.bench_all [--runs 3] [--duration 6] [--size 1G] [--quick] [--json FILE]
+    python -m tools.bench_all [--runs 3] [--duration 6] [--size 1G] [--quick] [--json FILE] [--chart PNG]
+    python -m tools.bench_all --from-json FILE --chart PNG      # redraw a saved run
+
+``--chart`` draws the ratios as bars beside their goals (matplotlib, from PyPI).
 
 The default run takes about 6-8 minutes; ``--quick`` (1 round of 2 s, 256 MiB) about 1.
 Exit status: 0 when every run worked (MISSes are results, not failures), 1 when a run failed.
@@ -404,6 +407,49 @@ def git_commit() -> str:
         return "?"
 
 
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Horizontal bars: each ratio, its per-round range, and its goal as a tick; green PASS, red MISS."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(reversed(rows))  # first row on top
+    colors = {"PASS": "#2e7d32", "MISS": "#c62828", "info": "#9e9e9e"}
+    fig, ax = plt.subplots(figsize=(10, 0.55 * len(rows) + 1.6), dpi=110)
+    ys = range(len(rows))
+    ratios = [r["ratio"] for r in rows]
+    lo = [r["ratio"] - min(r["round_ratios"]) if r["round_ratios"] else 0 for r in rows]
+    hi = [max(r["round_ratios"]) - r["ratio"] if r["round_ratios"] else 0 for r in rows]
+    ax.barh(list(ys), ratios, color=[colors[r["verdict"]] for r in rows], height=0.6,
+            xerr=[lo, hi], error_kw={"ecolor": "#424242", "capsize": 3, "lw": 1})
+    for y, r in zip(ys, rows):
+        if r["goal_value"] is not None:
+            ax.plot([r["goal_value"]] * 2, [y - 0.42, y + 0.42], color="black", lw=2.5)
+        pct = r["denominator"]["workload"] == "tcp"
+        text = f"{r['ratio'] * 100:.0f}%" if pct else f"{r['ratio']:.2f}x"
+        right = max(r["ratio"], max(r["round_ratios"] or [0]), r["goal_value"] or 0)
+        ax.text(right + 0.03, y, f"{text}  {r['verdict']}", va="center", fontsize=8.5)
+    ax.set_yticks(list(ys))
+    ax.set_yticklabels([r["label"] for r in rows], fontsize=8.5)
+    ax.axvline(1.0, color="#616161", lw=0.8, ls=":")
+    ax.set_xlim(0, max(2.0, max(max(r["round_ratios"] or [r["ratio"]]) for r in rows) + 0.45))
+    ax.set_xlabel("ratio (median of runs; whisker = per-round min..max; black tick = goal)")
+    ax.set_title(title, fontsize=9.5)
+    ax.grid(axis="x", color="#e0e0e0", lw=0.6)
+    ax.set_axisbelow(True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def chart_title(doc: dict) -> str:
+    m = doc.get("machine", {})
+    return (f"sanstack issue 6 ratios, commit {doc.get('commit', '?')}: median of {doc.get('runs')} x "
+            f"{doc.get('duration'):g} s, {m.get('cpus')} shared CPUs, load "
+            f"{doc['load_start'][0]:.1f} -> {doc['load_end'][0]:.1f}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="rounds; each figure is their median (default 3)")
@@ -412,7 +458,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="sanity run: 1 round of 2 s on 256M")
     ap.add_argument("--workdir", type=Path, help="keep image and logs here (default: temp dir, removed)")
     ap.add_argument("--json", type=Path, help="write rows, samples and machine info here")
+    ap.add_argument("--chart", type=Path, help="draw the ratios to this PNG (needs matplotlib)")
+    ap.add_argument("--from-json", type=Path, help="do not measure: reprint/redraw a saved --json run")
     args = ap.parse_args(argv)
+    if args.from_json:
+        doc = json.loads(args.from_json.read_text())
+        print(format_table(doc["rows"], doc["runs"]))
+        if args.chart:
+            plot(doc["rows"], args.chart, chart_title(doc))
+        return 0
     if args.quick:
         args.runs, args.duration, args.size = 1, 2.0, "256M"
     missing = [t for t in ("iscsi-perf", "qemu-img", "tgtd", "tgtadm") if shutil.which(t) is None]
@@ -453,13 +507,16 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{info['event_loop']}; commit {git_commit()}; {time.time() - t_start:.0f} s in all")
     print(f"load average (1/5/15 min) at start {load_start[0]:.2f}/{load_start[1]:.2f}/{load_start[2]:.2f}, "
           f"at end {load_end[0]:.2f}/{load_end[1]:.2f}/{load_end[2]:.2f}")
+    doc = {
+        "rows": rows, "runs": args.runs, "duration": args.duration, "size": args.size,
+        "tcp_tool": bench.tcp.tool if bench.tcp else None, "machine": info, "commit": git_commit(),
+        "load_start": load_start, "load_end": load_end, "seconds": time.time() - t_start,
+        "samples": {f"{w}|{p}": [asdict(s) for s in ss] for (w, p), ss in bench.samples.items()},
+    }
     if args.json:
-        args.json.write_text(json.dumps({
-            "rows": rows, "runs": args.runs, "duration": args.duration, "size": args.size,
-            "tcp_tool": bench.tcp.tool if bench.tcp else None, "machine": info, "commit": git_commit(),
-            "load_start": load_start, "load_end": load_end, "seconds": time.time() - t_start,
-            "samples": {f"{w}|{p}": [asdict(s) for s in ss] for (w, p), ss in bench.samples.items()},
-        }, indent=1) + "\n")
+        args.json.write_text(json.dumps(doc, indent=1) + "\n")
+    if args.chart and status == 0:
+        plot(rows, args.chart, chart_title(doc))
     return status
 
 
