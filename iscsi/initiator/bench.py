@@ -8,19 +8,26 @@ can be compared fairly.
 from __future__ import annotations
 
 import asyncio
+import gc
+import itertools
 import os
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 from . import scsi
-from .errors import ScsiError, scsi_error
-from .session import Session, Task
+from .errors import scsi_error
+from .session import ATTR_SIMPLE, Session, Task
 
 #: Latency samples kept (reservoir) so a long run does not grow memory without bound.
 MAX_LATENCY_SAMPLES = 2_000_000
-#: Pre-drawn random slots (a power of two); 64 K offsets repeat only after 64 K I/Os.
+#: Pre-drawn random slots; 64 K offsets repeat only after 64 K I/Os.
 RANDOM_TABLE = 1 << 16
+#: Sequential CDBs are built up front up to this many slots (about 50 bytes each: 3 MiB).
+CDB_TABLE = 1 << 16
+#: Task.status of a slot not yet started (a real status is 0..0xFF, -1 while in flight).
+NOT_STARTED = -2
 
 
 @dataclass
@@ -58,97 +65,129 @@ class BenchResult:
         }
 
 
+def _slot_order(slots: int, sequential: bool, rnd: random.Random) -> Iterator[int]:
+    """Endless slot numbers: every slot in turn, or a pre-drawn random table over and over."""
+    if sequential:
+        return itertools.cycle(range(slots))
+    return itertools.cycle([rnd.randrange(slots) for _ in range(RANDOM_TABLE)])
+
+
+def _cdb_stream(build: Callable[[int, int], bytes], slots: int, nblk: int, sequential: bool,
+                rnd: random.Random) -> Iterator[bytes]:
+    """Endless CDBs for one direction, built up front when they fit :data:`CDB_TABLE`."""
+    if sequential and slots > CDB_TABLE:
+        return (build(p * nblk, nblk) for p in itertools.cycle(range(slots)))
+    order = range(slots) if sequential else [rnd.randrange(slots) for _ in range(RANDOM_TABLE)]
+    return itertools.cycle([build(p * nblk, nblk) for p in order])
+
+
 async def run(session: Session, lun: int, *, block_size: int, blocks: int, bs: int = 4096, qd: int = 32,
               duration: float = 10.0, pattern: str = "random", read_pct: int = 100,
-              region_blocks: int | None = None, max_ios: int | None = None, seed: int | None = None) -> BenchResult:
-    """Keep ``qd`` commands of ``bs`` bytes in flight for ``duration`` seconds."""
+              region_blocks: int | None = None, max_ios: int | None = None, seed: int | None = None,
+              shared_buffer: bool = True) -> BenchResult:
+    """Keep ``qd`` commands of ``bs`` bytes in flight for ``duration`` seconds.
+
+    ``shared_buffer``: every slot reads into one buffer, as iscsi-perf does (the data is not
+    looked at); False gives each slot its own.
+    """
     if bs % block_size:
         raise ValueError(f"bs {bs} is not a multiple of the block size {block_size}")
     nblk = bs // block_size
     span = min(blocks, region_blocks or blocks)
     if span < nblk:
         raise ValueError("LUN smaller than one I/O")
-    slots_max = span // nblk
+    slots = span // nblk
     rnd = random.Random(seed)
-    randrange = rnd.randrange
-    rand = rnd.random
     loop = asyncio.get_running_loop()
     done_fut = loop.create_future()
     wbuf = memoryview(os.urandom(bs))
     rpct = read_pct / 100.0
+    reading = rpct > 0.0
+    mixed = 0.0 < rpct < 1.0
     sequential = pattern.startswith("seq")
     clock = time.perf_counter_ns
-    state = {"pos": 0}
     lat: list[int] = []
     lat_append = lat.append
     end_ns = clock() + int(duration * 1e9)
     limit = max_ios if max_ios is not None else 1 << 62
     first_error: list[BaseException] = []
+    submit = session.submit
     read16, write16 = scsi.read16, scsi.write16
+    rand = rnd.random
+    # The CDBs are made up front (like fio's random map) so the hot path only takes the next.
+    next_cdb = _cdb_stream(read16 if reading else write16, slots, nblk, sequential, rnd).__next__
+    next_slot = _slot_order(slots, sequential, rnd).__next__ if mixed else None
+    ios = writes = errors = 0
+    inflight = qd
 
-    # Random offsets are drawn up front (like fio's random map) so the hot loop only indexes.
-    table = [] if sequential else [randrange(slots_max) * nblk for _ in range(RANDOM_TABLE)]
-    tmask = RANDOM_TABLE - 1
-
-    def next_lba() -> int:
-        p = state["pos"]
-        if sequential:
-            state["pos"] = p + 1 if p + 1 < slots_max else 0
-            return p * nblk
-        state["pos"] = (p + 1) & tmask
-        return table[p]
-
-    counts = [0, 0, 0, 0]   # ios, reads, writes, errors (a list: cheaper than a dict per I/O)
-    inflight = [0]
-
-    def issue(task: Task, now: int) -> None:
-        lba = next_lba()
-        if rpct >= 1.0 or (rpct > 0.0 and rand() < rpct):
-            task.cdb = read16(lba, nblk)
-            task.read_len = bs
-            task.out = None
+    def completed(task: Task) -> None:
+        """Count the finished I/O and send the slot's next one at once (no coroutine, no Future)."""
+        nonlocal ios, writes, errors, inflight, end_ns
+        now = clock()
+        if task.status == 0 and task.exc is None:
+            ios += 1
+            if ios <= MAX_LATENCY_SAMPLES:
+                lat_append(now - task.sent)
+            if mixed and task.out is not None:
+                writes += 1
+        elif task.status != NOT_STARTED:
+            errors += 1
+            if not first_error:
+                first_error.append(task.exc or scsi_error(task.status, task.sense_data, task.cdb))
+                end_ns = 0         # stop issuing; the slots drain
+        if now >= end_ns or ios + inflight > limit:
+            inflight -= 1
+            if inflight == 0 and not done_fut.done():
+                done_fut.set_result(now)
+            return
+        if mixed:
+            lba = next_slot() * nblk
+            if rand() < rpct:
+                task.cdb = read16(lba, nblk)
+                task.read_len = bs
+                task.out = None
+            else:
+                task.cdb = write16(lba, nblk)
+                task.read_len = 0
+                task.out = wbuf
         else:
-            task.cdb = write16(lba, nblk)
-            task.read_len = 0
-            task.out = wbuf
+            task.cdb = next_cdb()
         task.done = False
         task.status = -1
         task.next_datasn = 0
-        if task.underflow or task.overflow or task.sense_data or task.exc:
+        if task.underflow or task.overflow:
             task.underflow = task.overflow = False
             task.residual = 0
-            task.sense_data = b""
-            task.exc = None
         task.sent = now
-        inflight[0] += 1
         submit(task)
 
-    def completed(task: Task) -> None:
-        now = clock()
-        inflight[0] -= 1
-        if task.exc is not None or task.status != 0:
-            counts[3] += 1
-            if not first_error:
-                first_error.append(task.exc or scsi_error(task.status, task.sense_data, task.cdb))
-        else:
-            counts[0] += 1
-            counts[1 if task.out is None else 2] += 1
-            if len(lat) < MAX_LATENCY_SAMPLES:
-                lat_append(now - task.sent)
-        if now < end_ns and counts[0] + inflight[0] < limit and not first_error:
-            issue(task, now)
-        elif inflight[0] == 0 and not done_fut.done():
-            done_fut.set_result(now)
-
-    submit = session.submit
-    t0 = clock()
+    shared = bytearray(bs) if shared_buffer and reading else None
+    tasks = []
     for _ in range(qd):
-        t = Task(lun, b"", bs, None, bytearray(bs), 1, completed)
-        issue(t, clock())
-    end = await done_fut
+        if reading:
+            t = Task(lun, b"", bs, None, shared if shared is not None else bytearray(bs), ATTR_SIMPLE, completed)
+        else:
+            t = Task(lun, b"", 0, wbuf, None, ATTR_SIMPLE, completed)
+        t.status = NOT_STARTED
+        tasks.append(t)
+    # Each slot starts through its completion path (status NOT_STARTED counts nothing), so the
+    # first and every later command of a slot are issued by one code path.
+    gc_was = gc.isenabled()
+    gc.freeze()       # the long-lived setup objects leave the collector's generations
+    gc.disable()      # per-I/O objects are freed by reference counting; the hot path makes no cycles
+    t0 = clock()
+    try:
+        for t in tasks:
+            t.sent = t0
+            completed(t)
+        end = await done_fut
+    finally:
+        gc.unfreeze()
+        if gc_was:
+            gc.enable()
     seconds = (end - t0) / 1e9
-    if first_error and counts[0] == 0:
+    if first_error and ios == 0:
         raise first_error[0]
     lat.sort()
-    return BenchResult(counts[0], counts[1], counts[2], counts[0] * bs, seconds, counts[3],
-                       [x / 1000.0 for x in lat])
+    return BenchResult(ios, ios - writes if reading else 0, writes if mixed else (0 if reading else ios),
+                       ios * bs, seconds, errors, [x / 1000.0 for x in lat])

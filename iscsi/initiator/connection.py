@@ -8,9 +8,14 @@ BHS is decoded with one ``struct.unpack_from`` — the layout of :mod:`iscsi.pdu
 16..47 as words) — and the three per-I/O opcodes (Data-In, SCSI Response, R2T) go to the
 session as that tuple; anything else becomes a typed PDU through :func:`iscsi.pdu.decode`.
 
+In full feature phase without digests (the usual case) :meth:`_parse_fast` runs instead
+of :meth:`_parse`: the same framing rules with the digest and login branches taken out.
+
 Send path.  ``send`` queues buffers (header and data as separate items, data never copied)
 and one ``writelines`` per event-loop iteration puts them on the wire, so 32 commands
-issued back to back cost one system call, not 32.
+issued back to back cost one system call, not 32.  Commands queued while a read is being
+parsed (a completion callback issuing the next command) are written at the end of that
+read, with no extra trip through the event loop.
 
 Digests (RFC 7143 §12.1) are checked/added here with :mod:`iscsi.digest`.
 """
@@ -53,6 +58,9 @@ class Sink(Protocol):
     def rx_response(self, h: tuple, payload: bytes) -> None: ...
     def rx_r2t(self, h: tuple) -> None: ...
     def rx_pdu(self, pdu: P.Pdu) -> None: ...
+    #: A status header whose sequence numbers apply_sn() still has to take (end of each read).
+    sn_pending: tuple | None
+    def apply_sn(self) -> None: ...
     def rx_lost(self, conn: "Connection", exc: BaseException | None) -> None: ...
 
 
@@ -92,8 +100,12 @@ class Connection(asyncio.BufferedProtocol):
         self._lean = 0
         self._scratch: bytearray | None = None
         # send state
-        self._out: list = []
-        self._flush_pending = False
+        self.out: list = []            # queued buffers (session's submit appends here directly)
+        # True while a flush of ``out`` is due: scheduled with call_soon, or at the end of the
+        # read being parsed (buffer_updated).  Whoever appends to ``out`` calls
+        # schedule_flush() when it is False.
+        self.flush_pending = False
+        self._fast = False             # FFP without digests: _parse_fast
         self._paused = False
 
     # ------------------------------------------------------------------ asyncio callbacks
@@ -158,6 +170,8 @@ class Connection(asyncio.BufferedProtocol):
             return
         self.bytes_in += nbytes
         self.last_rx = self.loop.time()
+        armed = self.flush_pending
+        self.flush_pending = True      # commands issued by completions go out with one write below
         try:
             if self._direct is not None:
                 self._direct = self._direct[nbytes:]
@@ -167,13 +181,25 @@ class Connection(asyncio.BufferedProtocol):
                 self._lean = self._trailer + BHS_LEN + (4 if self.header_digest else 0)
                 if self._trailer == 0:
                     self._direct_complete(None)
+                    if self.sink.sn_pending is not None:
+                        self.sink.apply_sn()
                 return
             self._end += nbytes
-            if not self._hold:
+            if self._fast:
+                self._parse_fast()
+            elif not self._hold:
                 self._parse()
+            if self.ffp and self.sink.sn_pending is not None:
+                self.sink.apply_sn()
         except (ProtocolViolation, P.PduFormatError) as exc:
             event(log, "conn.protocol_error", logging.WARNING, conn=self.name, error=exc)
             self._shutdown(ProtocolViolation(str(exc)))
+        finally:
+            if not armed:
+                if self.out:
+                    self._flush()
+                else:
+                    self.flush_pending = False
 
     def _compact(self, want_free: int) -> None:
         """Move the unparsed tail to the front (or grow the buffer) so ``want_free`` bytes fit."""
@@ -225,20 +251,8 @@ class Connection(asyncio.BufferedProtocol):
             op = h[0] & 0x3F
             if avail < total:
                 if avail >= hlen and ffp and op == OP_DATA_IN and dlen >= DIRECT_MIN and self.sink is not None:
-                    # Receive the rest in place: copy what is staged, point get_buffer at the task.
                     self._check_header_digest(mv, start, hlen, hd)
-                    pstart = start + hlen
-                    have = avail - hlen
-                    dest = sink.rx_data_in_dest(h[6], h[12], dlen)
-                    if dest is None:
-                        dest = self._scratch_view(dlen)
-                    if have:
-                        dest[:have] = mv[pstart:pstart + have]
-                    self._start = self._end = 0
-                    self._direct_full = dest
-                    self._direct = dest[have:]
-                    self._direct_hdr = h
-                    self._trailer = (-dlen & 3) + dd
+                    self._begin_direct(h, start, hlen, dlen)
                     return
                 self._start = start
                 self._lean = 0
@@ -280,6 +294,79 @@ class Connection(asyncio.BufferedProtocol):
             self._start = self._end = 0
         elif len(self._buf) - end < BHS_LEN * 4:
             self._compact(BHS_LEN * 4)
+
+    def _parse_fast(self) -> None:
+        """:meth:`_parse` for full feature phase without digests (the per-I/O hot loop).
+
+        Whole Data-In / SCSI Response / R2T PDUs go to the sink straight from the staging
+        buffer; a large Data-In not yet complete switches to in-place receive; anything else
+        (AHS, a trailer, other opcodes) is left to :meth:`_parse`, which knows every case.
+        """
+        mv = self._mv
+        sink = self.sink
+        data_in = sink.rx_data_in
+        max_recv = self.max_recv
+        unpack = BHS.unpack_from
+        start = self._start
+        end = self._end
+        if self._trailer:
+            self._parse()
+            return
+        need = BHS_LEN
+        while end - start >= BHS_LEN:
+            h = unpack(mv, start)
+            dlen = h[4]                # TotalAHSLength is the top byte: an AHS lands in _parse
+            if dlen > max_recv:
+                self._start = start
+                self._parse()
+                return
+            pstart = start + BHS_LEN
+            pend = pstart + dlen
+            total = dlen + (-dlen & 3) + BHS_LEN
+            op = h[0] & 0x3F
+            if end - start < total:
+                if op == OP_DATA_IN and dlen >= DIRECT_MIN:
+                    self._lean = 0
+                    self._begin_direct(h, start, BHS_LEN, dlen)
+                    return
+                need = total
+                break
+            start += total
+            if op == OP_DATA_IN:
+                data_in(h, mv[pstart:pend] if dlen else None)
+            elif op == OP_SCSI_RESPONSE:
+                sink.rx_response(h, bytes(mv[pstart:pend]) if dlen else b"")
+            elif op == OP_R2T:
+                sink.rx_r2t(h)
+            else:
+                self._start = start - total
+                self._parse()
+                return
+            if self.closed:
+                return
+        self._lean = 0
+        if start == end:
+            self._start = self._end = 0
+            return
+        self._start = start
+        if start + need > len(self._buf) or len(self._buf) - end < BHS_LEN * 4:
+            self._compact(max(need, BHS_LEN * 4))
+
+    def _begin_direct(self, h: tuple, start: int, hlen: int, dlen: int) -> None:
+        """Receive the rest of a large Data-In straight into its task's buffer (§11.7.5 offset)."""
+        mv = self._mv
+        pstart = start + hlen
+        have = self._end - pstart
+        dest = self.sink.rx_data_in_dest(h[6], h[12], dlen)
+        if dest is None:
+            dest = self._scratch_view(dlen)
+        if have:
+            dest[:have] = mv[pstart:pstart + have]
+        self._start = self._end = 0
+        self._direct_full = dest
+        self._direct = dest[have:]
+        self._direct_hdr = h
+        self._trailer = (-dlen & 3) + (4 if self.data_digest else 0)
 
     @staticmethod
     def _check_header_digest(mv: memoryview, start: int, hlen: int, hd: int) -> None:
@@ -332,10 +419,11 @@ class Connection(asyncio.BufferedProtocol):
         self.max_recv = max_recv
         self.sink = sink
         self.ffp = True
+        self._fast = not header_digest and not data_digest
         self._hold = False
         if self._end > self._start:
             try:
-                self._parse()
+                self._parse_fast() if self._fast else self._parse()
             except (ProtocolViolation, P.PduFormatError) as exc:
                 self._shutdown(ProtocolViolation(str(exc)))
 
@@ -360,34 +448,40 @@ class Connection(asyncio.BufferedProtocol):
         """Queue buffers for the wire; flushed once per loop iteration."""
         if self.closed:
             return
-        self._out.extend(parts)
-        if not self._flush_pending:
-            self._flush_pending = True
+        self.out.extend(parts)
+        if not self.flush_pending:
+            self.flush_pending = True
             self.loop.call_soon(self._flush)
 
     def send1(self, buf: bytes) -> None:
         """Queue one buffer (a header without digest: the per-command fast path)."""
         if self.closed:
             return
-        self._out.append(buf)
-        if not self._flush_pending:
-            self._flush_pending = True
+        self.out.append(buf)
+        if not self.flush_pending:
+            self.flush_pending = True
             self.loop.call_soon(self._flush)
 
     def send_pdu(self, pdu: P.Pdu) -> None:
         self.send(encode_pdu(pdu, header_digest=self.header_digest, data_digest=self.data_digest))
 
+    def schedule_flush(self) -> None:
+        """Write ``out`` later in this loop iteration (or at the end of the read being parsed)."""
+        if not self.flush_pending:
+            self.flush_pending = True
+            self.loop.call_soon(self._flush)
+
     def _flush(self) -> None:
-        self._flush_pending = False
-        out = self._out
+        self.flush_pending = False
+        out = self.out
         if not out or self.closed or self.transport is None:
             out.clear()
             return
-        self._out = []
+        self.out = []
         self.transport.writelines(out)
 
     def flush_now(self) -> None:
-        if self._out:
+        if self.out:
             self._flush()
 
     def header_parts(self, header: bytes) -> list:

@@ -98,11 +98,17 @@ class SessionOptions:
 
 
 class Task:
-    """One SCSI command from submission to status."""
+    """One SCSI command from submission to status.
+
+    A finished task may be submitted again (the benchmark keeps one per queue slot) once its
+    caller has reset ``done``, ``status`` and ``next_datasn`` (and the rarely set
+    ``sense_data``/``residual``/``underflow``/``overflow``/``exc`` if they were set).
+    ``tries`` counts re-sends after a connection loss.
+    """
 
     __slots__ = ("itt", "lun", "lun_field", "cdb", "read_len", "buf", "view", "out", "attr",
                  "cmdsn", "status", "sense_data", "residual", "underflow", "overflow",
-                 "next_datasn", "received", "cb", "exc", "response", "done", "tries", "sent",
+                 "next_datasn", "cb", "exc", "response", "done", "tries", "sent",
                  "user")
 
     def __init__(self, lun: int, cdb: bytes, read_len: int = 0, out: bytes | memoryview | None = None,
@@ -126,7 +132,6 @@ class Task:
         self.underflow = False
         self.overflow = False
         self.next_datasn = 0
-        self.received = 0
         self.cb = cb
         self.exc: BaseException | None = None
         self.response = 0
@@ -154,7 +159,7 @@ class Task:
         self.residual = 0
         self.underflow = self.overflow = False
         self.next_datasn = 0
-        self.received = 0
+        self.tries += 1
 
 
 class Session:
@@ -168,6 +173,8 @@ class Session:
         self.isid = isid if isid is not None else random_isid()
         self.loop = asyncio.get_running_loop()
         self.state = State.NEW
+        #: Logged in over a connection without header digest: submit's fast path may run.
+        self._plain = False
         self.conn: Connection | None = None
         self.login_result: LoginResult | None = None
         self.params = None
@@ -178,6 +185,8 @@ class Session:
         self._maxcmdsn = 1
         self._expstatsn = 0
         self._itt = 0
+        #: Header of the newest status PDU whose sequence numbers are not applied yet (apply_sn).
+        self.sn_pending: tuple | None = None
         # tasks
         self._tasks: dict[int, Task] = {}
         self._waiting: deque[Task] = deque()
@@ -235,6 +244,8 @@ class Session:
         if state == self.state:
             return
         self.state = state
+        conn = self.conn
+        self._plain = state == State.LOGGED_IN and conn is not None and not conn.header_digest
         for w in self._state_waiters:
             if not w.done():
                 w.set_result(state)
@@ -293,6 +304,7 @@ class Session:
         self._immediate = sp.immediate_data
         self._initial_r2t = sp.initial_r2t
         self._expstatsn = (result.statsn + 1) & SN_MASK
+        self.sn_pending = None
         self._cmdsn = result.expcmdsn
         self._expcmdsn = result.expcmdsn
         self._maxcmdsn = result.maxcmdsn
@@ -300,6 +312,7 @@ class Session:
         self.generation += 1
         self._expired = False
         self._set_state(State.LOGGED_IN)
+        self._plain = not cp.header_digest
         event(log, "session.login", initiator=self.cfg.initiator_name, target=self.cfg.target_name,
               portal=self.portal, isid=f"{self.isid:012x}", tsih=self.tsih,
               digests=f"{cp.header_digest}/{cp.data_digest}", mrdsl=cp.max_send_data_segment_length,
@@ -379,27 +392,37 @@ class Session:
     # ------------------------------------------------------------------ submission
     def submit(self, task: Task) -> None:
         """Queue ``task``; ``task.cb(task)`` runs when it completes (status or ``task.exc``)."""
-        state = self.state
         cmdsn = self._cmdsn
-        if (state == "logged-in" and not self._waiting
-                and ((self._maxcmdsn - cmdsn) & SN_MASK) < SN_HALF):
-            conn = self.conn
-            if task.out is None and not conn.header_digest and len(task.cdb) <= 16:
+        if self._plain and not self._waiting and ((self._maxcmdsn - cmdsn) & 0xFFFFFFFF) < 0x80000000:
+            if task.out is None and len(task.cdb) <= 16:
                 # Fast path (reads and no-data commands): _send's first branch, inlined.
+                # _plain: logged in, no header digest; the window check is §4.2.2.1 serial arithmetic.
+                conn = self.conn
                 tasks = self._tasks
-                itt = (self._itt + 1) & SN_MASK
-                if itt == RESERVED or itt in tasks or itt in self._mgmt:
+                itt = (self._itt + 1) & 0xFFFFFFFF
+                if itt in tasks or itt == RESERVED or itt in self._mgmt:
                     itt = self._new_itt()
                 self._itt = itt
                 task.itt = itt
-                task.tries += 1
                 tasks[itt] = task
                 task.cmdsn = cmdsn
-                self._cmdsn = (cmdsn + 1) & SN_MASK
-                conn.send1(_CMD.pack(0x01, 0xC0 | task.attr if task.read_len else 0x80 | task.attr, 0, 0, 0,
-                                     task.lun_field, itt, task.read_len, cmdsn, self._expstatsn, task.cdb))
+                self._cmdsn = (cmdsn + 1) & 0xFFFFFFFF
+                conn.out.append(_CMD.pack(0x01, 0xC0 | task.attr if task.read_len else 0x80 | task.attr, 0, 0, 0,
+                                          task.lun_field, itt, task.read_len, cmdsn, self._expstatsn, task.cdb))
+                if not conn.flush_pending:
+                    conn.schedule_flush()
                 return
             self._send(task)
+            return
+        if self.sn_pending is not None:
+            self.apply_sn()      # a status earlier in this read may have opened the window
+        state = self.state
+        if state == State.LOGGED_IN and not self._closing:
+            if not self._waiting and self._window_open():
+                self._send(task)
+            else:
+                self._waiting.append(task)
+                self._drain()
             return
         if state in (State.CLOSED, State.CLOSING) or self._closing:
             self._finish(task, SessionFailed("session closed"))
@@ -448,7 +471,6 @@ class Session:
             itt = self._new_itt()
         self._itt = itt
         task.itt = itt
-        task.tries += 1
         tasks[itt] = task
         cmdsn = self._cmdsn
         task.cmdsn = cmdsn
@@ -551,59 +573,66 @@ class Session:
             raise ProtocolViolation(f"Data-In beyond the expected length ({offset}+{length} > {task.read_len})")
         return task.view[offset:offset + length]
 
+    def apply_sn(self) -> None:
+        """Apply the newest status PDU's StatSN / ExpCmdSN / MaxCmdSN (RFC 7143 §4.2.2.1, §4.2.2.2).
+
+        Status PDUs only note their header in ``sn_pending``; the connection calls this once
+        at the end of each read (and :meth:`submit` when the window looks closed), so a read
+        that completes 32 commands does the serial-number arithmetic once, not 32 times.  A
+        value applied late is only a smaller window or an older acknowledgement for a moment —
+        both on the safe side.
+        """
+        h = self.sn_pending
+        if h is None:
+            return
+        self.sn_pending = None
+        statsn = h[8]
+        if ((statsn + 1 - self._expstatsn) & SN_MASK) < SN_HALF:
+            self._expstatsn = (statsn + 1) & SN_MASK
+        self._update_window(h[9], h[10])
+
     def rx_data_in(self, h: tuple, payload: memoryview | None) -> None:
         # h: op, flags, _, status, lenword, lun, itt, ttt, statsn, expcmdsn, maxcmdsn, datasn, offset, residual
-        exp, mx = h[9], h[10]
-        if mx != self._maxcmdsn or exp != self._expcmdsn:
-            # _update_window inlined (RFC 7143 §4.2.2.1); this runs for every Data-In.
-            if ((mx + 1 - exp) & SN_MASK) < SN_HALF:
-                if ((mx - self._maxcmdsn) & SN_MASK) < SN_HALF:
-                    self._maxcmdsn = mx
-                if ((exp - self._expcmdsn) & SN_MASK) < SN_HALF:
-                    self._expcmdsn = exp
-                if self._waiting:
-                    self._drain()
-        itt = h[6]
-        task = self._tasks.get(itt)
+        task = self._tasks.get(h[6])
         if task is None:
             return  # aborted or timed out meanwhile; its data is discarded
         if payload is not None:
             off = h[12]
             end = off + len(payload)
-            view = task.view
-            if view is None or end > task.read_len:
+            if end > task.read_len or task.view is None:
                 raise ProtocolViolation(f"Data-In beyond the expected length ({end} > {task.read_len})")
-            view[off:end] = payload
-        if h[11] != task.next_datasn:
+            task.view[off:end] = payload
+        datasn = h[11]
+        if datasn != task.next_datasn:
             # ERL 0 cannot recover a lost Data-In (§7.1): drop the connection, the command is retried.
-            raise ProtocolViolation(f"DataSN {h[11]} where {task.next_datasn} was expected")
-        task.next_datasn += 1
+            raise ProtocolViolation(f"DataSN {datasn} where {task.next_datasn} was expected")
         flags = h[1]
-        if flags & 0x01:  # S bit: status follows in this PDU (§11.7.4)
-            statsn = h[8]
-            if ((statsn + 1 - self._expstatsn) & SN_MASK) < SN_HALF:
-                self._expstatsn = (statsn + 1) & SN_MASK
-            task.status = h[3]
-            if flags & 0x06:
-                task.overflow = bool(flags & 0x04)
-                task.underflow = bool(flags & 0x02)
-                task.residual = h[13]
-            del self._tasks[itt]
-            if task.done:
-                return
-            task.done = True
-            cb = task.cb
-            if cb is not None:
-                try:
-                    cb(task)
-                except Exception:  # a caller's callback must not tear down the connection
-                    log.exception("task completion callback failed")
+        if not flags & 0x01:
+            task.next_datasn = datasn + 1
+            return
+        # S bit: status in this PDU (phase collapse, §11.7.4); its sequence numbers are applied
+        # by apply_sn at the end of the read.  next_datasn stays: the task ends here.
+        self.sn_pending = h
+        task.status = h[3]
+        if flags & 0x06:
+            task.overflow = bool(flags & 0x04)
+            task.underflow = bool(flags & 0x02)
+            task.residual = h[13]
+        del self._tasks[h[6]]
+        if task.done:
+            return
+        task.done = True
+        cb = task.cb
+        if cb is not None:
+            try:
+                cb(task)
+            except Exception:  # a caller's callback must not tear down the connection
+                log.exception("task completion callback failed")
 
     def rx_response(self, h: tuple, payload: bytes) -> None:
         # h: op, flags, response, status, lenword, _, itt, snacktag, statsn, expcmdsn, maxcmdsn,
         #    expdatasn, bidi_residual, residual
-        self._status_seen(h[8])
-        self._update_window(h[9], h[10])
+        self.sn_pending = h        # applied by apply_sn at the end of the read
         task = self._tasks.pop(h[6], None)
         if task is None:
             return
@@ -654,6 +683,7 @@ class Session:
     def rx_lost(self, conn: Connection, exc: BaseException | None) -> None:
         if conn is not self.conn:
             return
+        self.sn_pending = None
         event(log, "session.connection_lost", logging.WARNING if not self._closing else logging.INFO,
               portal=self.portal, reason=exc, in_flight=len(self._tasks), queued=len(self._waiting))
         for fut in self._mgmt.values():

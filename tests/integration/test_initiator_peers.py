@@ -423,8 +423,10 @@ def test_cli_dd_completes_across_target_restart(kind, tmp_path, peers_started):
     src = tmp_path / "src.bin"
     src.write_bytes(os.urandom(160 * MiB))
     env = {**os.environ, "PYTHONPATH": str(REPO), "ISCSI_INITIATOR_NAME": INITIATOR}
+    # 4 KiB writes one at a time keep the copy going for seconds (64 KiB at QD 4 ends in
+    # ~0.2 s, before the first progress line), so the kill lands in the middle of it.
     proc = subprocess.Popen([sys.executable, "-m", "iscsi.initiator.cli", "dd", f"if={src}",
-                             f"of={peer.url()}", "bs=64k", "qd=4", "--progress"],
+                             f"of={peer.url()}", "bs=4k", "qd=1", "--progress"],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
     seen = {"pct": 0.0, "text": b""}
 
