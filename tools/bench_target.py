@@ -198,18 +198,20 @@ PYSPY_RATE = 250
 
 
 def profile_live(peer: TargetPeer, workload: Workload, duration: float, out: Path,
-                 top: int = 22) -> tuple[Sample, list[str]]:
+                 top: int = 22, native: bool = False) -> tuple[Sample, list[str]]:
     """Run ``workload`` once under py-spy attached to the daemon; (sample, report lines).
 
     py-spy without ``--idle`` records only stacks of a running thread, so the share of the
     samples that end in a function is its share of the daemon's CPU time. ``--nonblocking``
-    keeps the sampled process running (at the cost of a rare torn stack).
+    keeps the sampled process running (at the cost of a rare torn stack). ``native`` adds C
+    frames (uvloop, libc: where syscalls show up), blocking the process at each sample.
     """
     if shutil.which("py-spy") is None:
         raise RuntimeError("py-spy missing (pip install py-spy)")
     out.parent.mkdir(parents=True, exist_ok=True)
     spy = subprocess.Popen(["py-spy", "record", "-p", str(peer.proc.pid), "-d", str(int(duration) + 1),
-                            "-r", str(PYSPY_RATE), "-f", "raw", "-F", "--nonblocking", "-o", str(out)],
+                            "-r", str(PYSPY_RATE), "-f", "raw", "-F", "-o", str(out),
+                            *(["--native"] if native else ["--nonblocking"])],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(0.5)  # attach before the load starts
@@ -219,7 +221,8 @@ def profile_live(peer: TargetPeer, workload: Workload, duration: float, out: Pat
         if spy.poll() is None:
             spy.kill()
             spy.wait()
-    us_per_io = sample.cpu * 1e6 / sample.figure if sample.figure else float("nan")
+    ios = sample.figure if workload.unit == "IOPS" else sample.figure * 1e6 / (128 << 10)
+    us_per_io = sample.cpu * 1e6 / ios if ios else float("nan")
     return sample, summarize_stacks(out, us_per_io, top)
 
 
@@ -260,7 +263,8 @@ def _short_frame(frame: str) -> str:
 def run_bench(kinds: Sequence[str], workdir: Path, *, runs: int, duration: float, size: str,
               do_prefill: bool, workloads: Sequence[Workload] = WORKLOADS,
               log: Callable[[str], None] = print, before: Path | None = None,
-              profile_dir: Path | None = None) -> dict[str, Result]:
+              profile_dir: Path | None = None, profile_workload: int = 0,
+              profile_native: bool = False) -> dict[str, Result]:
     peers = [build_peer(kind, workdir / kind, size=size, before=before) for kind in kinds]
     if do_prefill:
         for peer in peers:
@@ -274,9 +278,10 @@ def run_bench(kinds: Sequence[str], workdir: Path, *, runs: int, duration: float
         if profile_dir is not None:
             for peer in peers:
                 if isinstance(peer, SanstackPeer):
-                    out = profile_dir / f"pyspy-{peer.kind}.txt"
-                    sample, lines = profile_live(peer, WORKLOADS[0], duration, out)
-                    log(f"py-spy on {peer.kind} during {WORKLOADS[0].name}: {sample.figure:.0f} IOPS, "
+                    pw = WORKLOADS[profile_workload]
+                    out = profile_dir / f"pyspy-{peer.kind}-{profile_workload}.txt"
+                    sample, lines = profile_live(peer, pw, duration, out, native=profile_native)
+                    log(f"py-spy on {peer.kind} during {pw.name}: {sample.figure:.0f} {pw.unit}, "
                         f"daemon cpu {sample.cpu * 100:.0f}% (raw stacks: {out})\n" + "\n".join(lines))
         for r in range(runs):
             for w in workloads:
@@ -328,7 +333,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--before", type=Path, metavar="TREE",
                     help="also run our target from this source tree as peer 'before'")
     ap.add_argument("--profile-live", type=Path, metavar="DIR",
-                    help="py-spy each of our daemons during one 4K random read run first; raw stacks to DIR")
+                    help="py-spy each of our daemons during one run first; raw stacks to DIR")
+    ap.add_argument("--profile-workload", type=int, default=0, choices=range(len(WORKLOADS)),
+                    help="which workload --profile-live samples: " +
+                         ", ".join(f"{i} = {w.name}" for i, w in enumerate(WORKLOADS)))
+    ap.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too)")
     args = ap.parse_args(argv)
     kinds = [k.strip() for k in args.peers.split(",") if k.strip()]
     if args.before and "before" not in kinds:
@@ -346,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         results = run_bench(kinds, workdir, runs=args.runs, duration=args.duration, size=args.size,
                             do_prefill=args.prefill, log=lambda m: print(m, file=sys.stderr, flush=True),
-                            before=args.before, profile_dir=args.profile_live)
+                            before=args.before, profile_dir=args.profile_live,
+                            profile_workload=args.profile_workload, profile_native=args.profile_native)
         print(format_table(results, kinds, args.runs))
         print(f"(images: {args.size} {'prefilled' if args.prefill else 'sparse, not pre-written'}; "
               f"{args.duration:g}s per measurement; {os.cpu_count()} CPUs)")
