@@ -346,7 +346,8 @@ def target_list(as_json: bool, control: Path | None) -> None:
         r["access"] = "open" if r["open_access"] else "acl"
         r["portals"] = [f"{p},{g['tag']}" for g in r["portal_groups"] for p in g["portals"]]
         r["auth"] = ("mutual-chap" if r["mutual_chap"] else "chap") if r["chap"] else "none"
-    click.echo(_table(rows, [("iqn", "TARGET"), ("alias", "ALIAS"), ("portals", "PORTALS,TPGT"), ("luns", "LUNS"),
+        r["lun_summary"] = f"{len(r['luns'])} ({_cell(r['luns'])})" if r["luns"] else "0"
+    click.echo(_table(rows, [("iqn", "TARGET"), ("alias", "ALIAS"), ("portals", "PORTALS,TPGT"), ("lun_summary", "LUNS"),
                              ("access", "ACCESS"), ("auth", "CHAP"), ("sessions", "SESSIONS")]))
 
 
@@ -630,8 +631,11 @@ def _render_status(st: dict) -> str:
     for r in targets:
         r["access"] = "open" if r["open_access"] else "acl"
         r["auth"] = ("mutual-chap" if r["mutual_chap"] else "chap") if r["chap"] else "none"
-    lines.append(_table(targets, [("iqn", "TARGET"), ("luns", "LUNS"), ("acls", "ACLS"), ("access", "ACCESS"),
-                                  ("auth", "CHAP"), ("sessions", "SESSIONS")]))
+        # "1 (0)": how many LUNs, then their numbers — a bare "0" read as "no LUNs".
+        r["lun_summary"] = f"{len(r['luns'])} ({_cell(r['luns'])})" if r["luns"] else "0"
+        r["acl_count"] = len(r["acls"])
+    lines.append(_table(targets, [("iqn", "TARGET"), ("lun_summary", "LUNS"), ("acl_count", "ACLS"),
+                                  ("access", "ACCESS"), ("auth", "CHAP"), ("sessions", "SESSIONS")]))
     sessions = st["sessions"]
     lines.append("")
     if not sessions:

@@ -330,3 +330,13 @@ def test_config_show_is_masked_json_and_reload_works(live):
 def test_group_level_control_option(live):
     r = CliRunner().invoke(CLI.main, ["--control", str(live.ctl), "target", "list", "--json"])
     assert r.exit_code == 0 and {t["iqn"] for t in json.loads(r.output)} == {T1, T2}
+
+
+def test_status_table_counts_luns_not_their_numbers():
+    from iscsi.target.cli import _render_status
+
+    st = {"config": None, "portals": ["127.0.0.1:3260"], "discovery_chap": False, "sessions": [],
+          "targets": [{"iqn": "iqn.2026-11.org.x:t", "open_access": True, "chap": False, "mutual_chap": False,
+                       "luns": [0], "acls": [], "sessions": 0}]}
+    row = [line for line in _render_status(st).splitlines() if line.startswith("iqn.2026-11.org.x:t")][0]
+    assert row.split()[1:3] == ["1", "(0)"]
