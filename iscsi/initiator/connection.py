@@ -45,6 +45,11 @@ STAGING_SIZE = 1 << 20
 #: staged part is used up; smaller ones are cheaper to copy than to split reads for.
 DIRECT_MIN = 16384
 
+#: Commands issued while large Data-In is still queued on the socket wait for up to this many
+#: more before a write (one system call instead of four; the target still has the rest of
+#: the queue to work on).
+WRITE_BATCH = 4
+
 OP_DATA_IN = 0x25
 OP_SCSI_RESPONSE = 0x21
 OP_R2T = 0x31
@@ -81,8 +86,7 @@ class Connection(asyncio.BufferedProtocol):
         self._hold = False
         self.closed = False
         self.close_reason: BaseException | None = None
-        self.last_rx = self.loop.time()
-        self.bytes_in = 0
+        self.bytes_in = 0              # the session's keepalive watches this (no clock per read)
         self._connected = self.loop.create_future()
         self._login_queue: deque[P.Pdu] = deque()
         self._login_waiter: asyncio.Future | None = None
@@ -169,37 +173,49 @@ class Connection(asyncio.BufferedProtocol):
         if self.closed:
             return
         self.bytes_in += nbytes
-        self.last_rx = self.loop.time()
+        direct = self._direct
+        if direct is not None and nbytes < len(direct):
+            self._direct = direct[nbytes:]     # more of a large payload still to come
+            return
         armed = self.flush_pending
         self.flush_pending = True      # commands issued by completions go out with one write below
+        more = False                   # the socket very likely holds more (see finally)
         try:
-            if self._direct is not None:
-                self._direct = self._direct[nbytes:]
-                if len(self._direct):
-                    return
+            if direct is not None:
+                more = True
+                # The payload is in place.  Next read: just the header after it (and its trailer).
                 self._direct = None
                 self._lean = self._trailer + BHS_LEN + (4 if self.header_digest else 0)
                 if self._trailer == 0:
-                    self._direct_complete(None)
-                    if self.sink.sn_pending is not None:
-                        self.sink.apply_sn()
-                return
-            self._end += nbytes
-            if self._fast:
-                self._parse_fast()
-            elif not self._hold:
-                self._parse()
-            if self.ffp and self.sink.sn_pending is not None:
-                self.sink.apply_sn()
+                    h = self._direct_hdr
+                    self._direct_hdr = self._direct_full = None
+                    sink = self.sink
+                    sink.rx_data_in(h, None)
+                    if sink.sn_pending is not None:
+                        sink.apply_sn()
+            else:
+                self._end += nbytes
+                if self._fast:
+                    self._parse_fast()
+                elif not self._hold:
+                    self._parse()
+                if self.ffp and self.sink.sn_pending is not None:
+                    self.sink.apply_sn()
         except (ProtocolViolation, P.PduFormatError) as exc:
             event(log, "conn.protocol_error", logging.WARNING, conn=self.name, error=exc)
             self._shutdown(ProtocolViolation(str(exc)))
         finally:
             if not armed:
-                if self.out:
-                    self._flush()
-                else:
+                out = self.out
+                if not out:
                     self.flush_pending = False
+                elif more and len(out) < WRITE_BATCH:
+                    # A large payload filled its buffer exactly, so the loop reads again at
+                    # once: when Data-In is queued up, several commands share one write.
+                    # The call_soon flush runs as soon as the socket is drained.
+                    self.loop.call_soon(self._flush)
+                else:
+                    self._flush()
 
     def _compact(self, want_free: int) -> None:
         """Move the unparsed tail to the front (or grow the buffer) so ``want_free`` bytes fit."""
@@ -326,8 +342,21 @@ class Connection(asyncio.BufferedProtocol):
             op = h[0] & 0x3F
             if end - start < total:
                 if op == OP_DATA_IN and dlen >= DIRECT_MIN:
+                    # _begin_direct inlined: the rest of the payload goes straight to the task.
                     self._lean = 0
-                    self._begin_direct(h, start, BHS_LEN, dlen)
+                    dest = sink.rx_data_in_dest(h[6], h[12], dlen)
+                    if dest is None:
+                        dest = self._scratch_view(dlen)
+                    have = end - pstart
+                    if have:
+                        dest[:have] = mv[pstart:end]
+                        self._direct = dest[have:]
+                    else:
+                        self._direct = dest
+                    self._start = self._end = 0
+                    self._direct_full = dest
+                    self._direct_hdr = h
+                    self._trailer = -dlen & 3
                     return
                 need = total
                 break

@@ -741,21 +741,32 @@ class Session:
         return self.loop.time() - t0
 
     async def _keepalive_loop(self) -> None:
-        """Ping when nothing came in for noop_interval; no byte for noop_timeout after = dead."""
+        """Ping when nothing came in for noop_interval; no byte for noop_timeout after = dead.
+
+        "Nothing came in" is seen from the connection's byte counter, sampled every half
+        interval, so the receive path does not read the clock per read.
+        """
         interval, timeout = self.opts.noop_interval, self.opts.noop_timeout
+        seen_conn: Connection | None = None
+        seen_bytes = 0
+        seen_at = self.loop.time()
         try:
             while not self._closing:
                 await asyncio.sleep(interval / 2)
                 conn = self.conn
                 if conn is None or conn.closed or self.state != State.LOGGED_IN:
                     continue
-                if self.loop.time() - conn.last_rx < interval:
+                now = self.loop.time()
+                if conn is not seen_conn or conn.bytes_in != seen_bytes:
+                    seen_conn, seen_bytes, seen_at = conn, conn.bytes_in, now
                     continue
-                sent_at = self.loop.time()
+                if now - seen_at < interval:
+                    continue
+                before = conn.bytes_in
                 try:
                     await self.ping(timeout)
                 except asyncio.TimeoutError:
-                    if conn.last_rx < sent_at and conn is self.conn and not conn.closed:
+                    if conn.bytes_in == before and conn is self.conn and not conn.closed:
                         event(log, "session.nop_timeout", logging.WARNING, portal=self.portal,
                               timeout=timeout)
                         conn.abort(ConnectionLost(f"no answer to NOP-Out within {timeout:.0f}s"))
