@@ -25,12 +25,12 @@ are measured with our own initiator (``-k HeaderDigest=CRC32C -k DataDigest=CRC3
 sanstack+d, whose HeaderDigest=CRC32C requirement makes iscsi-perf negotiate header digests
 too (a header-only row). The digests each run negotiated are checked, not assumed.
 
-    python -m tools.bench_all [--runs 3] [--duration 6] [--size 1G] [--quick] [--json FILE] [--chart PNG]
+    python -m tools.bench_all [--runs 5] [--duration 6] [--size 1G] [--quick] [--json FILE] [--chart PNG]
     python -m tools.bench_all --from-json FILE --chart PNG      # redraw a saved run
 
 ``--chart`` draws the ratios as bars beside their goals (matplotlib, from PyPI).
 
-The default run takes about 6-8 minutes; ``--quick`` (1 round of 2 s, 256 MiB) about 1.
+The default run takes about 7-8 minutes; ``--quick`` (1 round of 2 s, 256 MiB) about 1.
 Exit status: 0 when every run worked (MISSes are results, not failures), 1 when a run failed.
 """
 from __future__ import annotations
@@ -452,7 +452,7 @@ def chart_title(doc: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=3, help="rounds; each figure is their median (default 3)")
+    ap.add_argument("--runs", type=int, default=5, help="rounds; each figure is their median (default 5)")
     ap.add_argument("--duration", type=float, default=6.0, help="seconds per measurement (default 6)")
     ap.add_argument("--size", default="1G", help="shared image size, prefilled (default 1G)")
     ap.add_argument("--quick", action="store_true", help="sanity run: 1 round of 2 s on 256M")

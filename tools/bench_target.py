@@ -193,6 +193,8 @@ def prefill(path: Path, size: int) -> None:
         os.fsync(f.fileno())
 
 
+#: Native frames of a thread that waits rather than runs (idle pool workers, the loop's poll).
+IDLE_FRAMES = ("PyThread_acquire_lock_timed", "epoll_wait", "epoll_pwait")
 #: py-spy samples per second: enough for shares of a few %, light enough not to slow the daemon.
 PYSPY_RATE = 250
 
@@ -230,12 +232,15 @@ def summarize_stacks(path: Path, us_per_io: float, top: int = 22) -> list[str]:
     """Self and inclusive shares per function from py-spy's raw (collapsed) stacks."""
     self_n: dict[str, int] = {}
     incl_n: dict[str, int] = {}
-    total = 0
+    total = waiting = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         n = int(count)
+        if any(w in stack for w in IDLE_FRAMES):
+            waiting += n  # --native: a thread blocked in a wait can pass py-spy's idle test
+            continue
         frames = [_short_frame(f) for f in stack.split(";")]
         total += n
         self_n[frames[-1]] = self_n.get(frames[-1], 0) + n
@@ -243,7 +248,8 @@ def summarize_stacks(path: Path, us_per_io: float, top: int = 22) -> list[str]:
             incl_n[f] = incl_n.get(f, 0) + n
     if not total:
         return ["(no samples)"]
-    lines = [f"daemon CPU per I/O: {us_per_io:.1f} us; {total} samples",
+    lines = [f"daemon CPU per I/O: {us_per_io:.1f} us; {total} samples"
+             + (f" ({waiting} more in lock/epoll waits left out)" if waiting else ""),
              f"{'self %':>7} {'us/IO':>6} {'incl %':>7}  function"]
     for f, n in sorted(self_n.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"{n * 100 / total:>6.1f}% {n / total * us_per_io:>6.2f} {incl_n[f] * 100 / total:>6.1f}%  {f}")
