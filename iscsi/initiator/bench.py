@@ -12,6 +12,7 @@ import gc
 import itertools
 import os
 import random
+import resource
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -39,6 +40,9 @@ class BenchResult:
     seconds: float
     errors: int
     latencies_us: list[float] = field(repr=False, default_factory=list)
+    #: CPU time of this process while the I/O ran (user, system), seconds.
+    cpu_user: float = 0.0
+    cpu_sys: float = 0.0
 
     @property
     def iops(self) -> float:
@@ -62,6 +66,8 @@ class BenchResult:
             "MB/s": round(self.mb_per_s, 2),
             "lat_us": {f"p{p:g}": round(self.percentile(p), 1) for p in (50, 90, 99, 99.9)}
             | {"mean": round(sum(self.latencies_us) / len(self.latencies_us), 1) if self.latencies_us else 0.0},
+            "cpu_us_per_io": {"user": round(self.cpu_user / self.ios * 1e6, 2) if self.ios else 0.0,
+                              "sys": round(self.cpu_sys / self.ios * 1e6, 2) if self.ios else 0.0},
         }
 
 
@@ -175,6 +181,7 @@ async def run(session: Session, lun: int, *, block_size: int, blocks: int, bs: i
     gc_was = gc.isenabled()
     gc.freeze()       # the long-lived setup objects leave the collector's generations
     gc.disable()      # per-I/O objects are freed by reference counting; the hot path makes no cycles
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = clock()
     try:
         for t in tasks:
@@ -185,9 +192,11 @@ async def run(session: Session, lun: int, *, block_size: int, blocks: int, bs: i
         gc.unfreeze()
         if gc_was:
             gc.enable()
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
     seconds = (end - t0) / 1e9
     if first_error and ios == 0:
         raise first_error[0]
     lat.sort()
     return BenchResult(ios, ios - writes if reading else 0, writes if mixed else (0 if reading else ios),
-                       ios * bs, seconds, errors, [x / 1000.0 for x in lat])
+                       ios * bs, seconds, errors, [x / 1000.0 for x in lat],
+                       ru1.ru_utime - ru0.ru_utime, ru1.ru_stime - ru0.ru_stime)

@@ -99,16 +99,22 @@ class Connection(asyncio.BufferedProtocol):
         self._direct_full: memoryview | None = None
         self._direct_hdr: tuple | None = None
         self._trailer = 0                          # pad + data digest after a direct payload
+        # Fast mode, after a direct payload: the next read is one BHS into _hbuf (nothing else
+        # is staged then), so a large Data-In costs two reads and no copy of our own.
+        self._hdr_wait = False
+        self._hbuf = bytearray(BHS_LEN)
+        self._hmv = memoryview(self._hbuf)
         # After a large Data-In, read just the next header so a following large payload can go
         # straight to its task too (no staging copy); any other PDU turns this off again.
         self._lean = 0
         self._scratch: bytearray | None = None
         # send state
         self.out: list = []            # queued buffers (session's submit appends here directly)
-        # True while a flush of ``out`` is due: scheduled with call_soon, or at the end of the
-        # read being parsed (buffer_updated).  Whoever appends to ``out`` calls
+        # True while a flush of ``out`` is due: scheduled with call_soon (_soon), or at the end
+        # of the read being parsed (buffer_updated).  Whoever appends to ``out`` calls
         # schedule_flush() when it is False.
         self.flush_pending = False
+        self._soon = False
         self._fast = False             # FFP without digests: _parse_fast
         self._paused = False
 
@@ -160,6 +166,8 @@ class Connection(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._direct is not None:
             return self._direct
+        if self._hdr_wait:
+            return self._hmv
         if self._end == len(self._buf):
             self._compact(len(self._buf) // 2)
         lean = self._lean
@@ -174,18 +182,44 @@ class Connection(asyncio.BufferedProtocol):
             return
         self.bytes_in += nbytes
         direct = self._direct
-        if direct is not None and nbytes < len(direct):
-            self._direct = direct[nbytes:]     # more of a large payload still to come
-            return
-        armed = self.flush_pending
+        if direct is not None:
+            if nbytes < len(direct):
+                self._direct = direct[nbytes:]     # more of a large payload still to come
+                return
+        elif self._hdr_wait:
+            # The header after a large Data-In, read on its own (see _hmv).
+            self._hdr_wait = False
+            if nbytes == BHS_LEN:
+                h = BHS.unpack_from(self._hbuf)
+                dlen = h[4]
+                if h[0] & 0x3F == OP_DATA_IN and DIRECT_MIN <= dlen <= self.max_recv and not dlen & 3:
+                    # Another large Data-In: straight to its task again, no staging at all.
+                    try:
+                        dest = self.sink.rx_data_in_dest(h[6], h[12], dlen)
+                    except ProtocolViolation as exc:
+                        event(log, "conn.protocol_error", logging.WARNING, conn=self.name, error=exc)
+                        self._shutdown(exc)
+                        return
+                    if dest is None:
+                        dest = self._scratch_view(dlen)
+                    self._direct = self._direct_full = dest
+                    self._direct_hdr = h
+                    self._trailer = 0
+                    return
+            # Anything else joins the (empty) staging buffer and is parsed as usual.
+            self._buf[:nbytes] = self._hmv[:nbytes]
         self.flush_pending = True      # commands issued by completions go out with one write below
         more = False                   # the socket very likely holds more (see finally)
         try:
             if direct is not None:
                 more = True
-                # The payload is in place.  Next read: just the header after it (and its trailer).
+                # The payload is in place.  Next read: just the header after it (and its trailer),
+                # so a following large payload can go straight to its task too.
                 self._direct = None
-                self._lean = self._trailer + BHS_LEN + (4 if self.header_digest else 0)
+                if self._fast and self._trailer == 0:
+                    self._hdr_wait = True
+                else:
+                    self._lean = self._trailer + BHS_LEN + (4 if self.header_digest else 0)
                 if self._trailer == 0:
                     h = self._direct_hdr
                     self._direct_hdr = self._direct_full = None
@@ -205,17 +239,18 @@ class Connection(asyncio.BufferedProtocol):
             event(log, "conn.protocol_error", logging.WARNING, conn=self.name, error=exc)
             self._shutdown(ProtocolViolation(str(exc)))
         finally:
-            if not armed:
-                out = self.out
-                if not out:
-                    self.flush_pending = False
-                elif more and len(out) < WRITE_BATCH:
+            out = self.out
+            if out:
+                if more and len(out) < WRITE_BATCH:
                     # A large payload filled its buffer exactly, so the loop reads again at
-                    # once: when Data-In is queued up, several commands share one write.
-                    # The call_soon flush runs as soon as the socket is drained.
-                    self.loop.call_soon(self._flush)
+                    # once: while Data-In is queued up, a few commands share one write.  The
+                    # call_soon flush runs as soon as the socket is drained.
+                    if not self._soon:
+                        self._soon = True
+                        self.loop.call_soon(self._flush_soon)
                 else:
-                    self._flush()
+                    self._write_out(out)
+            self.flush_pending = self._soon
 
     def _compact(self, want_free: int) -> None:
         """Move the unparsed tail to the front (or grow the buffer) so ``want_free`` bytes fit."""
@@ -479,8 +514,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         self.out.extend(parts)
         if not self.flush_pending:
-            self.flush_pending = True
-            self.loop.call_soon(self._flush)
+            self.schedule_flush()
 
     def send1(self, buf: bytes) -> None:
         """Queue one buffer (a header without digest: the per-command fast path)."""
@@ -488,8 +522,7 @@ class Connection(asyncio.BufferedProtocol):
             return
         self.out.append(buf)
         if not self.flush_pending:
-            self.flush_pending = True
-            self.loop.call_soon(self._flush)
+            self.schedule_flush()
 
     def send_pdu(self, pdu: P.Pdu) -> None:
         self.send(encode_pdu(pdu, header_digest=self.header_digest, data_digest=self.data_digest))
@@ -498,20 +531,25 @@ class Connection(asyncio.BufferedProtocol):
         """Write ``out`` later in this loop iteration (or at the end of the read being parsed)."""
         if not self.flush_pending:
             self.flush_pending = True
-            self.loop.call_soon(self._flush)
+            if not self._soon:
+                self._soon = True
+                self.loop.call_soon(self._flush_soon)
 
-    def _flush(self) -> None:
+    def _flush_soon(self) -> None:
+        self._soon = False
         self.flush_pending = False
-        out = self.out
-        if not out or self.closed or self.transport is None:
-            out.clear()
-            return
+        if self.out:
+            self._write_out(self.out)
+
+    def _write_out(self, out: list) -> None:
         self.out = []
+        if self.closed or self.transport is None:
+            return
         self.transport.writelines(out)
 
     def flush_now(self) -> None:
         if self.out:
-            self._flush()
+            self._write_out(self.out)
 
     def header_parts(self, header: bytes) -> list:
         """Header [+ digest] as buffers to send."""

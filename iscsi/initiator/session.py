@@ -586,10 +586,20 @@ class Session:
         if h is None:
             return
         self.sn_pending = None
-        statsn = h[8]
-        if ((statsn + 1 - self._expstatsn) & SN_MASK) < SN_HALF:
-            self._expstatsn = (statsn + 1) & SN_MASK
-        self._update_window(h[9], h[10])
+        statsn = (h[8] + 1) & 0xFFFFFFFF
+        if ((statsn - self._expstatsn) & 0xFFFFFFFF) < 0x80000000:
+            self._expstatsn = statsn
+        # _update_window inlined (once per read, for every read that completed something).
+        exp = h[9]
+        mx = h[10]
+        if ((mx + 1 - exp) & 0xFFFFFFFF) >= 0x80000000:
+            return                  # MaxCmdSN < ExpCmdSN - 1: ignore both (§4.2.2.1)
+        if ((mx - self._maxcmdsn) & 0xFFFFFFFF) < 0x80000000:
+            self._maxcmdsn = mx
+        if ((exp - self._expcmdsn) & 0xFFFFFFFF) < 0x80000000:
+            self._expcmdsn = exp
+        if self._waiting:
+            self._drain()
 
     def rx_data_in(self, h: tuple, payload: memoryview | None) -> None:
         # h: op, flags, _, status, lenword, lun, itt, ttt, statsn, expcmdsn, maxcmdsn, datasn, offset, residual
