@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import shutil
 import socket
