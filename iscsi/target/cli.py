@@ -267,6 +267,9 @@ def _save_first(cfg: Config, path: Path) -> None:
 
 def _run(coro: Any) -> None:
     """uvloop when installed (DESIGN.md); the plain loop otherwise."""
+    from .tuning import tune_malloc
+
+    tune_malloc()
     try:
         import uvloop
     except ImportError:

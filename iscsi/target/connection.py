@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from .. import keys as K
 from .. import eager
+from ..digest import crc32c, crc32c_extend, pack_digest
 from .. import pdu as P
 from ..framing import BadPdu, DataDigestFailure, HeaderDigestError, PduReader, encode
 from ..log import event
@@ -56,6 +57,7 @@ MAX_TASKS_PER_CONNECTION = 256
 
 _BHS = struct.Struct(">BBBBIQ8I")  # the same layout iscsi.pdu uses for every BHS
 _TASK_ATTRS = tuple(TaskAttr(i) for i in range(5))
+_PADDING = (b"", b"\0", b"\0\0", b"\0\0\0")  # by pad length (RFC 7143 §11.1: 4-byte boundary)
 decode_lun = P.decode_lun
 
 
@@ -662,15 +664,22 @@ class TargetConnection(asyncio.Protocol):
         if n:
             collapse = status == 0 and not sense
             step = self.max_send_segment
-            if n <= step and collapse and not hd and not dd:
+            if n <= step and collapse:
                 # The common case: one Data-In that carries the status too (phase collapse).
                 statsn = self.stat.statsn
                 self.stat.statsn = (statsn + 1) & 0xFFFFFFFF
-                out.append(_BHS.pack(0x25, 0x81 | flags, 0, status, n, lun_field, itt, 0xFFFFFFFF,
-                                     statsn, window.expcmdsn, window.maxcmdsn, 0, 0, resid))
+                header = _BHS.pack(0x25, 0x81 | flags, 0, status, n, lun_field, itt, 0xFFFFFFFF,
+                                   statsn, window.expcmdsn, window.maxcmdsn, 0, 0, resid)
+                out.append(header)
+                if hd:
+                    out.append(pack_digest(crc32c(header)))
                 out.append(data)
-                if n & 3:
-                    out.append(b"\0" * (-n & 3))
+                pad = -n & 3
+                if pad:
+                    out.append(_PADDING[pad])
+                if dd:
+                    crc = crc32c(data)
+                    out.append(pack_digest(crc32c_extend(crc, _PADDING[pad]) if pad else crc))
                 self._out_bytes += n + 48
                 self._schedule_flush()
                 return
@@ -689,19 +698,20 @@ class TargetConnection(asyncio.Protocol):
                 datasn += 1
                 offset += len(chunk)
         segment = P.ScsiResponse.sense_segment(bytes(sense)) if sense else b""
-        if not hd and not dd:
-            statsn = self.stat.statsn
-            self.stat.statsn = (statsn + 1) & 0xFFFFFFFF
-            out.append(_BHS.pack(0x21, 0x80 | flags, 0, status, len(segment), 0, itt, 0,
-                                 statsn, window.expcmdsn, window.maxcmdsn, datasn, 0, resid))
-            if segment:
-                out.append(segment)
-                if len(segment) & 3:
-                    out.append(b"\0" * (-len(segment) & 3))
-            self._schedule_flush()
-            return
-        self.send(P.ScsiResponse(itt=itt, response=0, status=status, overflow=overflow,
-                                 underflow=underflow, residual=resid, expdatasn=datasn, data=segment))
+        statsn = self.stat.statsn
+        self.stat.statsn = (statsn + 1) & 0xFFFFFFFF
+        header = _BHS.pack(0x21, 0x80 | flags, 0, status, len(segment), 0, itt, 0,
+                           statsn, window.expcmdsn, window.maxcmdsn, datasn, 0, resid)
+        out.append(header)
+        if hd:
+            out.append(pack_digest(crc32c(header)))
+        if segment:
+            padded = segment + _PADDING[-len(segment) & 3]
+            out.append(padded)
+            if dd:
+                out.append(pack_digest(crc32c(padded)))
+        self._out_bytes += len(segment) + 48
+        self._schedule_flush()
 
     def _side_effects(self, result: ScsiResult, lun_field: int) -> None:
         """Effects a SCSI command has on other tasks: PERSISTENT RESERVE OUT with PREEMPT AND

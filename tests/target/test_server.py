@@ -221,6 +221,10 @@ async def test_header_digest_negotiated_and_enforced(target):
     wire2.command(read10(0, 1), read=True, edtl=512)
     pdu = await wire2.recv()
     assert isinstance(pdu, P.DataIn) and pdu.has_status
+    # a response with sense data (odd length: padded) passes the data digest check too
+    wire2.command(b"\xfe" + bytes(15))
+    resp = await wire2.recv()
+    assert isinstance(resp, P.ScsiResponse) and resp.status == 2 and resp.sense[2] & 0xF == 5
     # a corrupted header digest kills the connection (§7.8)
     raw = bytearray(P.ScsiCommandPdu(cdb=b"\0" * 6, cmdsn=wire2.cmdsn, itt=99).header()) + b"\0\0\0\0"
     wire2.send_raw(bytes(raw))
