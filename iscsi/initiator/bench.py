@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from . import scsi
+from .connection import RX_ROOM
 from .errors import scsi_error
 from .session import ATTR_SIMPLE, Session, Task
 
@@ -167,11 +168,13 @@ async def run(session: Session, lun: int, *, block_size: int, blocks: int, bs: i
         task.sent = now
         submit(task)
 
-    shared = bytearray(bs) if shared_buffer and reading else None
+    # RX_ROOM spare bytes: the read that completes a payload may take the next header too.
+    shared = bytearray(bs + RX_ROOM) if shared_buffer and reading else None
     tasks = []
     for _ in range(qd):
         if reading:
-            t = Task(lun, b"", bs, None, shared if shared is not None else bytearray(bs), ATTR_SIMPLE, completed)
+            buf = shared if shared is not None else bytearray(bs + RX_ROOM)
+            t = Task(lun, b"", bs, None, buf, ATTR_SIMPLE, completed)
         else:
             t = Task(lun, b"", 0, wbuf, None, ATTR_SIMPLE, completed)
         t.status = NOT_STARTED

@@ -38,17 +38,17 @@ log = logging.getLogger("iscsi.initiator.connection")
 #: The whole BHS as words, the same layout iscsi.pdu uses (bytes 16..47 = 8 words).
 BHS = struct.Struct(">BBBBIQIIIIIIII")
 BHS_LEN = 48
+_unpack_bhs = BHS.unpack_from
 #: Staging buffer: room for many small PDUs per read and one whole PDU of our
 #: MaxRecvDataSegmentLength (262144, iscsi.keys default) plus headers and digests.
 STAGING_SIZE = 1 << 20
 #: Data-In payloads at least this big are received straight into the task's buffer once the
 #: staged part is used up; smaller ones are cheaper to copy than to split reads for.
 DIRECT_MIN = 16384
-
-#: Commands issued while large Data-In is still queued on the socket wait for up to this many
-#: more before a write (one system call instead of four; the target still has the rest of
-#: the queue to work on).
-WRITE_BATCH = 4
+#: Spare bytes after a task's read_len (``Task.buf`` that long or longer) let the read that
+#: completes a direct payload take the next PDU's BHS as well: one system call per large
+#: Data-In instead of two.  Those spare bytes are scratch (the benchmark's buffers have them).
+RX_ROOM = 48
 
 OP_DATA_IN = 0x25
 OP_SCSI_RESPONSE = 0x21
@@ -58,7 +58,7 @@ OP_R2T = 0x31
 class Sink(Protocol):
     """What the connection delivers to (the session in full feature phase, a login waiter before)."""
 
-    def rx_data_in_dest(self, itt: int, offset: int, length: int) -> memoryview | None: ...
+    def rx_data_in_dest(self, itt: int, offset: int, length: int, room: int = 0) -> memoryview | None: ...
     def rx_data_in(self, h: tuple, payload: memoryview | None) -> None: ...
     def rx_response(self, h: tuple, payload: bytes) -> None: ...
     def rx_r2t(self, h: tuple) -> None: ...
@@ -77,6 +77,7 @@ class Connection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
         self.sink: Any = None
+        self._rx_data_in: Callable[[tuple, memoryview | None], None] | None = None
         self.header_digest = False
         self.data_digest = False
         self.max_recv = LOGIN_MAX_DATA_SEGMENT
@@ -96,12 +97,15 @@ class Connection(asyncio.BufferedProtocol):
         self._start = 0
         self._end = 0
         self._direct: memoryview | None = None   # rest of the payload being received in place
+        self._direct_left = 0                      # payload bytes still to come into _direct
         self._direct_full: memoryview | None = None
         self._direct_hdr: tuple | None = None
         self._trailer = 0                          # pad + data digest after a direct payload
         # Fast mode, after a direct payload: the next read is one BHS into _hbuf (nothing else
-        # is staged then), so a large Data-In costs two reads and no copy of our own.
+        # is staged then), so a large Data-In costs two reads and no copy of our own — or one,
+        # when the task's buffer has RX_ROOM spare bytes: its payload read takes the next BHS too.
         self._hdr_wait = False
+        self._rbuf: memoryview | None = None       # get_buffer's answer when known (else computed)
         self._hbuf = bytearray(BHS_LEN)
         self._hmv = memoryview(self._hbuf)
         # After a large Data-In, read just the next header so a following large payload can go
@@ -164,6 +168,9 @@ class Connection(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------ receive
     def get_buffer(self, sizehint: int) -> memoryview:
+        b = self._rbuf          # set by buffer_updated for the common cases
+        if b is not None:
+            return b
         if self._direct is not None:
             return self._direct
         if self._hdr_wait:
@@ -182,75 +189,89 @@ class Connection(asyncio.BufferedProtocol):
             return
         self.bytes_in += nbytes
         direct = self._direct
-        if direct is not None:
-            if nbytes < len(direct):
-                self._direct = direct[nbytes:]     # more of a large payload still to come
-                return
-        elif self._hdr_wait:
-            # The header after a large Data-In, read on its own (see _hmv).
-            self._hdr_wait = False
-            if nbytes == BHS_LEN:
-                h = BHS.unpack_from(self._hbuf)
-                dlen = h[4]
-                if h[0] & 0x3F == OP_DATA_IN and DIRECT_MIN <= dlen <= self.max_recv and not dlen & 3:
-                    # Another large Data-In: straight to its task again, no staging at all.
-                    try:
-                        dest = self.sink.rx_data_in_dest(h[6], h[12], dlen)
-                    except ProtocolViolation as exc:
-                        event(log, "conn.protocol_error", logging.WARNING, conn=self.name, error=exc)
-                        self._shutdown(exc)
-                        return
-                    if dest is None:
-                        dest = self._scratch_view(dlen)
-                    self._direct = self._direct_full = dest
-                    self._direct_hdr = h
-                    self._trailer = 0
-                    return
-            # Anything else joins the (empty) staging buffer and is parsed as usual.
-            self._buf[:nbytes] = self._hmv[:nbytes]
+        if direct is not None and nbytes < self._direct_left:
+            self._direct_left -= nbytes
+            self._rbuf = self._direct = direct[nbytes:]     # more of a large payload to come
+            return
         self.flush_pending = True      # commands issued by completions go out with one write below
-        more = False                   # the socket very likely holds more (see finally)
         try:
             if direct is not None:
-                more = True
-                # The payload is in place.  Next read: just the header after it (and its trailer),
-                # so a following large payload can go straight to its task too.
-                self._direct = None
-                if self._fast and self._trailer == 0:
-                    self._hdr_wait = True
+                self._direct_done(direct, nbytes)
+            elif self._hdr_wait:
+                # The BHS after a large payload, read on its own.
+                self._hdr_wait = False
+                if nbytes == BHS_LEN:
+                    self._take_header()
                 else:
-                    self._lean = self._trailer + BHS_LEN + (4 if self.header_digest else 0)
-                if self._trailer == 0:
-                    h = self._direct_hdr
-                    self._direct_hdr = self._direct_full = None
-                    sink = self.sink
-                    sink.rx_data_in(h, None)
-                    if sink.sn_pending is not None:
-                        sink.apply_sn()
+                    self._buf[:nbytes] = self._hmv[:nbytes]     # staging is empty here
+                    self._end = nbytes
             else:
                 self._end += nbytes
                 if self._fast:
                     self._parse_fast()
                 elif not self._hold:
                     self._parse()
-                if self.ffp and self.sink.sn_pending is not None:
-                    self.sink.apply_sn()
+            if self.ffp and self.sink.sn_pending is not None:
+                self.sink.apply_sn()
         except (ProtocolViolation, P.PduFormatError) as exc:
             event(log, "conn.protocol_error", logging.WARNING, conn=self.name, error=exc)
             self._shutdown(ProtocolViolation(str(exc)))
         finally:
-            out = self.out
-            if out:
-                if more and len(out) < WRITE_BATCH:
-                    # A large payload filled its buffer exactly, so the loop reads again at
-                    # once: while Data-In is queued up, a few commands share one write.  The
-                    # call_soon flush runs as soon as the socket is drained.
-                    if not self._soon:
-                        self._soon = True
-                        self.loop.call_soon(self._flush_soon)
-                else:
-                    self._write_out(out)
+            if self.out:
+                self._write_out(self.out)
             self.flush_pending = self._soon
+            # What the next read goes into (get_buffer), for the common states.
+            if self._direct is not None:
+                self._rbuf = self._direct
+            elif self._hdr_wait:
+                self._rbuf = self._hmv
+            elif self._end == 0 and not self._lean:
+                self._rbuf = self._mv
+            else:
+                self._rbuf = None
+
+    def _direct_done(self, direct: memoryview, nbytes: int) -> None:
+        """A payload received in place is complete; ``nbytes - _direct_left`` bytes of the next
+        PDU came with it (into the task buffer's RX_ROOM)."""
+        left = self._direct_left
+        extra = nbytes - left
+        if extra:
+            self._hbuf[:extra] = direct[left:nbytes]    # out of the task's buffer before its callback
+        self._direct = None
+        if self._trailer:
+            # Pad and/or data digest follow: _parse takes them (and checks the digest).
+            self._lean = self._trailer + BHS_LEN + (4 if self.header_digest else 0)
+            return
+        h = self._direct_hdr
+        self._direct_hdr = self._direct_full = None
+        self.sink.rx_data_in(h, None)
+        if not self._fast:
+            self._lean = BHS_LEN + (4 if self.header_digest else 0)
+        elif extra == BHS_LEN:
+            self._take_header()
+        elif extra:
+            self._buf[:extra] = self._hmv[:extra]          # staging is empty in direct mode
+            self._end = extra
+        else:
+            self._hdr_wait = True
+
+    def _take_header(self) -> None:
+        """A whole BHS is in ``_hbuf`` and nothing is staged (fast mode, after a direct payload):
+        another large Data-In goes straight to its task; anything else is parsed as usual."""
+        h = _unpack_bhs(self._hbuf)
+        dlen = h[4]
+        if h[0] & 0x3F == OP_DATA_IN and DIRECT_MIN <= dlen <= self.max_recv and not dlen & 3:
+            dest = self.sink.rx_data_in_dest(h[6], h[12], dlen, RX_ROOM)
+            if dest is None:
+                dest = self._scratch_view(dlen)
+            self._direct = dest
+            self._direct_left = dlen
+            self._direct_hdr = h
+            self._trailer = 0
+            return
+        self._buf[:BHS_LEN] = self._hbuf
+        self._end = BHS_LEN
+        self._parse_fast()
 
     def _compact(self, want_free: int) -> None:
         """Move the unparsed tail to the front (or grow the buffer) so ``want_free`` bytes fit."""
@@ -301,7 +322,8 @@ class Connection(asyncio.BufferedProtocol):
             total = hlen + dlen + (-dlen & 3) + dd if dlen else hlen
             op = h[0] & 0x3F
             if avail < total:
-                if avail >= hlen and ffp and op == OP_DATA_IN and dlen >= DIRECT_MIN and self.sink is not None:
+                if (avail >= hlen and ffp and op == OP_DATA_IN and dlen >= DIRECT_MIN and avail - hlen < dlen
+                        and self.sink is not None):
                     self._check_header_digest(mv, start, hlen, hd)
                     self._begin_direct(h, start, hlen, dlen)
                     return
@@ -353,16 +375,16 @@ class Connection(asyncio.BufferedProtocol):
         buffer; a large Data-In not yet complete switches to in-place receive; anything else
         (AHS, a trailer, other opcodes) is left to :meth:`_parse`, which knows every case.
         """
-        mv = self._mv
-        sink = self.sink
-        data_in = sink.rx_data_in
-        max_recv = self.max_recv
-        unpack = BHS.unpack_from
-        start = self._start
-        end = self._end
         if self._trailer:
             self._parse()
             return
+        mv = self._mv
+        sink = self.sink
+        data_in = self._rx_data_in
+        max_recv = self.max_recv
+        unpack = _unpack_bhs
+        start = self._start
+        end = self._end
         need = BHS_LEN
         while end - start >= BHS_LEN:
             h = unpack(mv, start)
@@ -376,10 +398,12 @@ class Connection(asyncio.BufferedProtocol):
             total = dlen + (-dlen & 3) + BHS_LEN
             op = h[0] & 0x3F
             if end - start < total:
-                if op == OP_DATA_IN and dlen >= DIRECT_MIN:
-                    # _begin_direct inlined: the rest of the payload goes straight to the task.
+                if op == OP_DATA_IN and dlen >= DIRECT_MIN and pend > end:
+                    # _begin_direct inlined: the rest of the payload goes straight to the task
+                    # (with RX_ROOM for the next BHS when no pad follows).
                     self._lean = 0
-                    dest = sink.rx_data_in_dest(h[6], h[12], dlen)
+                    pad = -dlen & 3
+                    dest = sink.rx_data_in_dest(h[6], h[12], dlen, 0 if pad else RX_ROOM)
                     if dest is None:
                         dest = self._scratch_view(dlen)
                     have = end - pstart
@@ -388,10 +412,11 @@ class Connection(asyncio.BufferedProtocol):
                         self._direct = dest[have:]
                     else:
                         self._direct = dest
+                    self._direct_left = dlen - have
                     self._start = self._end = 0
                     self._direct_full = dest
                     self._direct_hdr = h
-                    self._trailer = -dlen & 3
+                    self._trailer = pad
                     return
                 need = total
                 break
@@ -429,6 +454,7 @@ class Connection(asyncio.BufferedProtocol):
         self._start = self._end = 0
         self._direct_full = dest
         self._direct = dest[have:]
+        self._direct_left = dlen - have
         self._direct_hdr = h
         self._trailer = (-dlen & 3) + (4 if self.data_digest else 0)
 
@@ -457,7 +483,8 @@ class Connection(asyncio.BufferedProtocol):
         assert h is not None and dest is not None
         if self.data_digest:
             assert trailer is not None
-            dlen = len(dest)
+            dlen = h[4] & 0xFFFFFF
+            dest = dest[:dlen]
             pad = -dlen & 3
             data = bytes(dest) + b"\0" * pad if pad else dest
             if crc32c(data) != unpack_digest(trailer[pad:pad + 4]):
@@ -482,9 +509,11 @@ class Connection(asyncio.BufferedProtocol):
         self.data_digest = data_digest
         self.max_recv = max_recv
         self.sink = sink
+        self._rx_data_in = sink.rx_data_in
         self.ffp = True
         self._fast = not header_digest and not data_digest
         self._hold = False
+        self._rbuf = None
         if self._end > self._start:
             try:
                 self._parse_fast() if self._fast else self._parse()

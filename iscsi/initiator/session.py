@@ -565,13 +565,21 @@ class Session:
         self._mgmt.clear()
 
     # ------------------------------------------------------------------ receive (Sink)
-    def rx_data_in_dest(self, itt: int, offset: int, length: int) -> memoryview | None:
+    def rx_data_in_dest(self, itt: int, offset: int, length: int, room: int = 0) -> memoryview | None:
+        """Where a large Data-In payload goes: the task's buffer at Buffer Offset (§11.7.5).
+
+        With ``room``, the view runs that many bytes past the payload when this is the last
+        segment and the task's buffer is longer than read_len (those bytes are scratch).
+        """
         task = self._tasks.get(itt)
         if task is None or task.view is None:
             return None
-        if offset + length > task.read_len:
+        end = offset + length
+        if end > task.read_len:
             raise ProtocolViolation(f"Data-In beyond the expected length ({offset}+{length} > {task.read_len})")
-        return task.view[offset:offset + length]
+        if room and end == task.read_len and len(task.view) >= end + room:
+            return task.view[offset:end + room]
+        return task.view[offset:end]
 
     def apply_sn(self) -> None:
         """Apply the newest status PDU's StatSN / ExpCmdSN / MaxCmdSN (RFC 7143 §4.2.2.1, §4.2.2.2).
@@ -587,17 +595,20 @@ class Session:
             return
         self.sn_pending = None
         statsn = (h[8] + 1) & 0xFFFFFFFF
-        if ((statsn - self._expstatsn) & 0xFFFFFFFF) < 0x80000000:
+        if statsn != self._expstatsn and ((statsn - self._expstatsn) & 0xFFFFFFFF) < 0x80000000:
             self._expstatsn = statsn
         # _update_window inlined (once per read, for every read that completed something).
-        exp = h[9]
         mx = h[10]
-        if ((mx + 1 - exp) & 0xFFFFFFFF) >= 0x80000000:
-            return                  # MaxCmdSN < ExpCmdSN - 1: ignore both (§4.2.2.1)
-        if ((mx - self._maxcmdsn) & 0xFFFFFFFF) < 0x80000000:
-            self._maxcmdsn = mx
-        if ((exp - self._expcmdsn) & 0xFFFFFFFF) < 0x80000000:
-            self._expcmdsn = exp
+        if mx != self._maxcmdsn:
+            exp = h[9]
+            if ((mx + 1 - exp) & 0xFFFFFFFF) >= 0x80000000:
+                return              # MaxCmdSN < ExpCmdSN - 1: ignore both (§4.2.2.1)
+            if ((mx - self._maxcmdsn) & 0xFFFFFFFF) < 0x80000000:
+                self._maxcmdsn = mx
+            if ((exp - self._expcmdsn) & 0xFFFFFFFF) < 0x80000000:
+                self._expcmdsn = exp
+        elif h[9] != self._expcmdsn:
+            self._update_window(h[9], mx)
         if self._waiting:
             self._drain()
 

@@ -19,7 +19,6 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from iscsi import framing
 from iscsi import pdu as P
-from iscsi.initiator import connection as C
 from iscsi.initiator import scsi
 from iscsi.initiator.connection import Connection
 from iscsi.initiator.login import LoginConfig, LoginResult
@@ -206,11 +205,12 @@ SIZES = {"small": 4096, "large": 131072, "split": 262144, "separate": 65536, "od
          "underflow": 40960}
 
 
-async def _run_script(kinds: list[str], sizes: list[int], seed: int, *, digests: bool) -> None:
+async def _run_script(kinds: list[str], sizes: list[int], seed: int, *, digests: bool, room: int = 0) -> None:
     s, conn, wire = logged_in(header_digest=digests, data_digest=digests)
     done: list[Task] = []
-    tasks = [Task(0, scsi.read16(i * 1024, SIZES[k] // 512 + 1), SIZES[k], None, None, 1, done.append)
-             for i, k in enumerate(kinds)]
+    # ``room`` spare bytes after read_len: the connection may read the next BHS into them.
+    tasks = [Task(0, scsi.read16(i * 1024, SIZES[k] // 512 + 1), SIZES[k], None, bytearray(SIZES[k] + room), 1,
+                  done.append) for i, k in enumerate(kinds)]
     for t in tasks:
         s.submit(t)
     pdus, expect, statsn = _script(kinds, tasks, seed)
@@ -234,17 +234,19 @@ async def _run_script(kinds: list[str], sizes: list[int], seed: int, *, digests:
 @given(kinds=st.lists(KIND, min_size=1, max_size=8),
        sizes=st.lists(st.one_of(st.integers(1, 100), st.integers(40, 56), st.integers(1, 300000)),
                       min_size=0, max_size=5),
-       big=st.integers(4096, 300000), seed=st.integers(0, 1 << 30), digests=st.booleans())
-def test_any_chunking_completes_the_same_commands(kinds, sizes, big, seed, digests):
+       big=st.integers(4096, 300000), seed=st.integers(0, 1 << 30), digests=st.booleans(),
+       room=st.sampled_from([0, 47, 48, 100]))
+def test_any_chunking_completes_the_same_commands(kinds, sizes, big, seed, digests, room):
     # Reads cycle through ``sizes`` and one larger size (so a run is not a million 1-byte reads).
-    asyncio.run(_run_script(kinds, sizes + [big], seed, digests=digests))
+    asyncio.run(_run_script(kinds, sizes + [big], seed, digests=digests, room=room))
 
 
-@pytest.mark.parametrize("sizes", [[1, 65536], [48], [48, 131072], [131072 + 48], [1 << 20], [7, 48, 4096]])
-@pytest.mark.parametrize("digests", [False, True])
-async def test_chosen_chunkings(sizes, digests):
+@pytest.mark.parametrize("sizes", [[1, 65536], [48], [48, 131072], [131072 + 48], [1 << 20], [7, 48, 4096],
+                                   [131072 + 20, 28]])
+@pytest.mark.parametrize("digests,room", [(False, 0), (False, 48), (True, 0), (True, 48)])
+async def test_chosen_chunkings(sizes, digests, room):
     kinds = ["large", "large", "small", "odd", "large", "split", "separate", "large", "sense", "large", "underflow"]
-    await _run_script(kinds, sizes, 1, digests=digests)
+    await _run_script(kinds, sizes, 1, digests=digests, room=room)
 
 
 async def test_large_data_in_back_to_back_reads_header_alone_then_payload_in_place():
@@ -265,31 +267,50 @@ async def test_large_data_in_back_to_back_reads_header_alone_then_payload_in_pla
     assert [bytes(b) for b in bufs] == payloads and len(done) == 3
 
 
-async def test_commands_issued_while_large_data_in_is_queued_share_writes():
+async def test_room_after_read_len_takes_the_next_header_with_the_payload():
     s, conn, wire = logged_in()
-    n = 10
+    done: list[Task] = []
+    bufs = [bytearray(131072 + 48) for _ in range(4)]
+    tasks = [Task(0, scsi.read16(i * 256, 256), 131072, None, bufs[i], 1, done.append) for i in range(4)]
+    for t in tasks:
+        s.submit(t)
+    payloads = [os.urandom(131072) for _ in tasks]
+    pdus = [framing.encode_bytes(P.DataIn(itt=t.itt, data=d, final=True, has_status=True, statsn=STATSN0 + i,
+                                          expcmdsn=8 + i, maxcmdsn=70 + i))
+            for i, (t, d) in enumerate(zip(tasks, payloads))]
+    pdus.append(framing.encode_bytes(P.NopIn(itt=P.RESERVED_TAG, ttt=P.RESERVED_TAG, statsn=STATSN0 + 4,
+                                             expcmdsn=12, maxcmdsn=75)))
+    asked = feed_arriving(conn, b"".join(pdus), 65536)
+    # After the first (partly staged) PDU every read is payload + the next BHS: one per PDU.
+    assert asked[2:] == [131072 + 48] * 3
+    assert [bytes(b[:131072]) for b in bufs] == payloads and [t.itt for t in done] == [t.itt for t in tasks]
+    assert s._maxcmdsn == 75 and not conn.closed     # the NOP-In's BHS came with the last payload
+
+
+async def test_commands_issued_by_completions_go_out_at_the_end_of_each_read():
+    s, conn, wire = logged_in()
+    n = 6
     tasks: list[Task] = []
 
     def again(task: Task) -> None:
-        nxt = Task(0, scsi.read16(0, 256), 131072, None, None, 1, None)
+        nxt = Task(0, scsi.read16(0, 8), 4096, None, None, 1, None)
         tasks.append(nxt)
         s.submit(nxt)
 
-    first = [Task(0, scsi.read16(i, 256), 131072, None, None, 1, again) for i in range(n)]
+    first = [Task(0, scsi.read16(i, 8), 4096, None, None, 1, again) for i in range(n)]
     for t in first:
         s.submit(t)
     await asyncio.sleep(0)
     wire.writes.clear()
-    stream = b"".join(framing.encode_bytes(P.DataIn(itt=t.itt, data=bytes(131072), final=True, has_status=True,
-                                                    statsn=STATSN0 + i, expcmdsn=8 + i, maxcmdsn=70 + i))
-                      for i, t in enumerate(first))
-    feed_arriving(conn, stream, 65536)  # then every payload is there: reads fill their buffers
-    assert len(tasks) == n
-    assert [len(w) for w in wire.writes] == [48 * C.WRITE_BATCH] * (n // C.WRITE_BATCH)
-    assert len(tasks) % C.WRITE_BATCH, "the test wants a remainder left for the loop's flush"
-    await asyncio.sleep(0)             # the socket is drained: the rest goes out this iteration
-    assert sum(len(w) for w in wire.writes) == 48 * n
+    stream = [framing.encode_bytes(P.DataIn(itt=t.itt, data=bytes(4096), final=True, has_status=True,
+                                            statsn=STATSN0 + i, expcmdsn=8 + i, maxcmdsn=70 + i))
+              for i, t in enumerate(first)]
+    feed(conn, b"".join(stream[:4]), [])     # one read with four statuses: one write of four
+    feed(conn, stream[4], [])
+    feed(conn, stream[5], [4000, 200])      # a status split over two reads: written after the second
+    assert [len(w) for w in wire.writes] == [4 * 48, 48, 48]
     assert [p.itt for p in wire.pdus()] == [t.itt for t in tasks]
+    assert not conn.flush_pending, "nothing left for a later flush"
 
 
 async def test_protocol_violation_in_the_fast_path_drops_the_connection():
