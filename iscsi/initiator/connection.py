@@ -194,9 +194,29 @@ class Connection(asyncio.BufferedProtocol):
             self._rbuf = self._direct = direct[nbytes:]     # more of a large payload to come
             return
         self.flush_pending = True      # commands issued by completions go out with one write below
+        sink = self.sink
         try:
             if direct is not None:
-                self._direct_done(direct, nbytes)
+                if nbytes - self._direct_left == BHS_LEN and self._fast and not self._trailer:
+                    # The common large read: payload complete and the next BHS in the task
+                    # buffer's RX_ROOM.  _direct_done + _take_header, inlined.
+                    hbuf = self._hbuf
+                    hbuf[:] = direct[self._direct_left:nbytes]   # out before the task's callback
+                    self._direct = None
+                    sink.rx_data_in(self._direct_hdr, None)
+                    h = _unpack_bhs(hbuf)
+                    dlen = h[4]
+                    if h[0] & 0x3F == OP_DATA_IN and DIRECT_MIN <= dlen <= self.max_recv and not dlen & 3:
+                        dest = sink.rx_data_in_dest(h[6], h[12], dlen, RX_ROOM)
+                        self._direct = dest if dest is not None else self._scratch_view(dlen)
+                        self._direct_left = dlen
+                        self._direct_hdr = h
+                    else:
+                        self._buf[:BHS_LEN] = hbuf
+                        self._end = BHS_LEN
+                        self._parse_fast()
+                else:
+                    self._direct_done(direct, nbytes)
             elif self._hdr_wait:
                 # The BHS after a large payload, read on its own.
                 self._hdr_wait = False
@@ -211,14 +231,17 @@ class Connection(asyncio.BufferedProtocol):
                     self._parse_fast()
                 elif not self._hold:
                     self._parse()
-            if self.ffp and self.sink.sn_pending is not None:
-                self.sink.apply_sn()
+            if self.ffp and sink.sn_pending is not None:
+                sink.apply_sn()
         except (ProtocolViolation, P.PduFormatError) as exc:
             event(log, "conn.protocol_error", logging.WARNING, conn=self.name, error=exc)
             self._shutdown(ProtocolViolation(str(exc)))
         finally:
-            if self.out:
-                self._write_out(self.out)
+            out = self.out
+            if out:
+                self.out = []
+                if not self.closed:
+                    self.transport.writelines(out)
             self.flush_pending = self._soon
             # What the next read goes into (get_buffer), for the common states.
             if self._direct is not None:

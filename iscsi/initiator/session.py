@@ -187,6 +187,8 @@ class Session:
         self._itt = 0
         #: Header of the newest status PDU whose sequence numbers are not applied yet (apply_sn).
         self.sn_pending: tuple | None = None
+        #: Header whose ExpCmdSN/MaxCmdSN are not applied yet (apply_sn, _apply_window).
+        self._win_pending: tuple | None = None
         # tasks
         self._tasks: dict[int, Task] = {}
         self._waiting: deque[Task] = deque()
@@ -304,7 +306,7 @@ class Session:
         self._immediate = sp.immediate_data
         self._initial_r2t = sp.initial_r2t
         self._expstatsn = (result.statsn + 1) & SN_MASK
-        self.sn_pending = None
+        self.sn_pending = self._win_pending = None
         self._cmdsn = result.expcmdsn
         self._expcmdsn = result.expcmdsn
         self._maxcmdsn = result.maxcmdsn
@@ -416,6 +418,8 @@ class Session:
             return
         if self.sn_pending is not None:
             self.apply_sn()      # a status earlier in this read may have opened the window
+        if self._win_pending is not None:
+            self._apply_window()
         state = self.state
         if state == State.LOGGED_IN and not self._closing:
             if not self._waiting and self._window_open():
@@ -572,45 +576,56 @@ class Session:
         segment and the task's buffer is longer than read_len (those bytes are scratch).
         """
         task = self._tasks.get(itt)
-        if task is None or task.view is None:
+        if task is None:
             return None
+        view = task.view
         end = offset + length
-        if end > task.read_len:
+        if end > task.read_len or view is None:
+            if view is None:
+                return None
             raise ProtocolViolation(f"Data-In beyond the expected length ({offset}+{length} > {task.read_len})")
-        if room and end == task.read_len and len(task.view) >= end + room:
-            return task.view[offset:end + room]
-        return task.view[offset:end]
+        if room and end == task.read_len and len(view) >= end + room:
+            return view[offset:end + room]
+        return view[offset:end]
 
     def apply_sn(self) -> None:
-        """Apply the newest status PDU's StatSN / ExpCmdSN / MaxCmdSN (RFC 7143 §4.2.2.1, §4.2.2.2).
+        """Take the newest status PDU's StatSN now, its ExpCmdSN/MaxCmdSN when needed.
 
         Status PDUs only note their header in ``sn_pending``; the connection calls this once
-        at the end of each read (and :meth:`submit` when the window looks closed), so a read
-        that completes 32 commands does the serial-number arithmetic once, not 32 times.  A
-        value applied late is only a smaller window or an older acknowledgement for a moment —
-        both on the safe side.
+        at the end of each read, so a read that completes 32 commands does the serial-number
+        arithmetic once, not 32 times.  ExpStatSN (§4.2.2.2) is advanced here; the command
+        window (§4.2.2.1) only when a command waits for it — :meth:`submit` applies it when the
+        window it knows looks closed.  A value applied late is only an older acknowledgement
+        or a smaller window for a moment: both on the safe side.
         """
         h = self.sn_pending
         if h is None:
             return
         self.sn_pending = None
+        # The newest status PDU holds the highest StatSN (one more per status, in TCP order;
+        # rx_pdu applies this before its own); the check keeps a confused target from moving
+        # ExpStatSN back (§4.2.2.2).
         statsn = (h[8] + 1) & 0xFFFFFFFF
-        if statsn != self._expstatsn and ((statsn - self._expstatsn) & 0xFFFFFFFF) < 0x80000000:
+        if ((statsn - self._expstatsn) & 0xFFFFFFFF) < 0x80000000:
             self._expstatsn = statsn
-        # _update_window inlined (once per read, for every read that completed something).
-        mx = h[10]
-        if mx != self._maxcmdsn:
-            exp = h[9]
-            if ((mx + 1 - exp) & 0xFFFFFFFF) >= 0x80000000:
-                return              # MaxCmdSN < ExpCmdSN - 1: ignore both (§4.2.2.1)
-            if ((mx - self._maxcmdsn) & 0xFFFFFFFF) < 0x80000000:
-                self._maxcmdsn = mx
-            if ((exp - self._expcmdsn) & 0xFFFFFFFF) < 0x80000000:
-                self._expcmdsn = exp
-        elif h[9] != self._expcmdsn:
-            self._update_window(h[9], mx)
+        w = self._win_pending
+        if w is None or ((h[10] - w[10]) & 0xFFFFFFFF) < 0x80000000:
+            self._win_pending = h       # keep the one with the newest MaxCmdSN
         if self._waiting:
-            self._drain()
+            self._apply_window()
+
+    def _apply_window(self) -> None:
+        h = self._win_pending
+        if h is not None:
+            self._win_pending = None
+            self._update_window(h[9], h[10])
+
+    @property
+    def window(self) -> tuple[int, int]:
+        """(ExpCmdSN, MaxCmdSN) as known now (RFC 7143 §4.2.2.1)."""
+        self.apply_sn()
+        self._apply_window()
+        return self._expcmdsn, self._maxcmdsn
 
     def rx_data_in(self, h: tuple, payload: memoryview | None) -> None:
         # h: op, flags, _, status, lenword, lun, itt, ttt, statsn, expcmdsn, maxcmdsn, datasn, offset, residual
@@ -682,6 +697,8 @@ class Session:
         self._send_data_out(task, h[7], h[12], h[13])
 
     def rx_pdu(self, pdu: P.Pdu) -> None:
+        if self.sn_pending is not None:
+            self.apply_sn()     # statuses earlier in this read come first (StatSN order)
         maxcmdsn = getattr(pdu, "maxcmdsn", None)
         if maxcmdsn is not None:
             self._update_window(pdu.expcmdsn, maxcmdsn)
@@ -704,7 +721,7 @@ class Session:
     def rx_lost(self, conn: Connection, exc: BaseException | None) -> None:
         if conn is not self.conn:
             return
-        self.sn_pending = None
+        self.sn_pending = self._win_pending = None
         event(log, "session.connection_lost", logging.WARNING if not self._closing else logging.INFO,
               portal=self.portal, reason=exc, in_flight=len(self._tasks), queued=len(self._waiting))
         for fut in self._mgmt.values():

@@ -142,7 +142,7 @@ async def test_window_closed_commands_wait_and_go_when_status_opens_it():
     assert [t.status for t in done] == [0, 0]
     assert [p.cmdsn for p in wire.pdus()] == [7, 8, 9, 10]
     assert [p.expstatsn for p in wire.pdus()[2:]] == [STATSN0 + 2] * 2
-    assert s._maxcmdsn == 10 and s._expcmdsn == 9
+    assert s.window == (9, 10)
 
 
 async def test_stale_sequence_numbers_in_a_later_pdu_do_not_move_back():
@@ -157,7 +157,7 @@ async def test_stale_sequence_numbers_in_a_later_pdu_do_not_move_back():
     feed(conn, framing.encode_bytes(P.DataIn(itt=b.itt, final=True, has_status=True, statsn=STATSN0,
                                              expcmdsn=9, maxcmdsn=70, data=bytes(512))), [])
     assert len(done) == 2
-    assert s._expstatsn == STATSN0 + 2 and s._maxcmdsn == 80
+    assert s._expstatsn == STATSN0 + 2 and s.window[1] == 80
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ async def _run_script(kinds: list[str], sizes: list[int], seed: int, *, digests:
         assert (t.underflow, t.residual) == ((True, 1000) if k == "underflow" else (False, 0))
         if k == "sense":
             assert t.sense.asc_ascq == (0x24, 0)
-    assert s._expstatsn == statsn and s._maxcmdsn == 8 + len(kinds) - 1 + 63
+    assert s._expstatsn == statsn and s.window[1] == 8 + len(kinds) - 1 + 63
     assert s.in_flight == 0 and s.sn_pending is None
 
 
@@ -284,7 +284,7 @@ async def test_room_after_read_len_takes_the_next_header_with_the_payload():
     # After the first (partly staged) PDU every read is payload + the next BHS: one per PDU.
     assert asked[2:] == [131072 + 48] * 3
     assert [bytes(b[:131072]) for b in bufs] == payloads and [t.itt for t in done] == [t.itt for t in tasks]
-    assert s._maxcmdsn == 75 and not conn.closed     # the NOP-In's BHS came with the last payload
+    assert s.window[1] == 75 and not conn.closed     # the NOP-In's BHS came with the last payload
 
 
 async def test_commands_issued_by_completions_go_out_at_the_end_of_each_read():
