@@ -21,6 +21,8 @@ destination are the caller's business (EXTENDED COPY itself is a "write" command
 """
 from __future__ import annotations
 
+import asyncio
+
 import struct
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -408,6 +410,9 @@ class CopyManager:
                                       field_pointer=seg.offset) from exc
                 done += step
                 result.bytes_transferred += step
+                # Let every other session run between chunks: a copy of up to 1 GiB must not
+                # stall NOP answers or an ATS heartbeat (ESXi drops a datastore after ~8 s).
+                await asyncio.sleep(0)
             result.segments_processed = index + 1
 
     # ----------------------------------------------------------------- RECEIVE COPY RESULTS

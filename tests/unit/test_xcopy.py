@@ -415,3 +415,25 @@ def test_vpd_8f_third_party_copy_page():
         xcopy.MAX_DESCRIPTOR_LIST_LENGTH, xcopy.MAX_INLINE_DATA_LENGTH)
     assert set(descs[0x0105][1:1 + descs[0x0105][0]]) == {0x02, 0xE4}
     assert struct.unpack_from(">I", descs[0x8001], 8)[0] == xcopy.MAX_SEGMENT_LENGTH
+
+
+async def test_long_copy_lets_other_tasks_run_between_chunks(env):
+    """A copy of many chunks must not hold the event loop: another task (another session's
+    NOP answer or ATS heartbeat) runs while it is in progress."""
+    cm, lu1, _ = env
+    n = 4096  # 2 MiB of 512-byte blocks: two chunks at least
+    data = plist([cscd(NAA1)], [b2b(0, 0, n, 0, lu1.num_blocks - n)], usage=xcopy.LIST_ID_DISCARD)
+    ticks = []
+
+    async def other_session():
+        for _ in range(50):
+            ticks.append(len(lu1.reads))
+            await asyncio.sleep(0)
+
+    other = asyncio.ensure_future(other_session())
+    await cm.extended_copy(lu1, xcopy_cmd(data))
+    await other
+    chunks = len(lu1.reads)
+    assert chunks >= 2
+    # The other task ran at points where the copy had started but not finished.
+    assert any(0 < t < chunks for t in ticks)
