@@ -58,6 +58,7 @@ MAX_TASKS_PER_CONNECTION = 256
 _BHS = struct.Struct(">BBBBIQ8I")  # the same layout iscsi.pdu uses for every BHS
 _TASK_ATTRS = tuple(TaskAttr(i) for i in range(5))
 _PADDING = (b"", b"\0", b"\0\0", b"\0\0\0")  # by pad length (RFC 7143 §11.1: 4-byte boundary)
+DATA_PHASE_ERROR = (0x4B, 0x00)  # SPC-4 Annex D: ABORTED COMMAND for a broken Data-Out sequence
 decode_lun = P.decode_lun
 
 
@@ -454,13 +455,11 @@ class TargetConnection(asyncio.Protocol):
         # with EDTL 0 is a residual overflow of the whole transfer (§11.4.5.1).
         needed = session.luns.data_out_length(lun, pdu.cdb) if not pdu.read or pdu.write else None
         task.needed = needed
-        if pdu.write and pdu.edtl and needed is not None and needed > self._max_data_out(session, lun):
-            # More than the LU would ever accept in one command (Block Limits VPD): do not
-            # solicit it; the LU answers ILLEGAL REQUEST at once (SBC-4 §5.x TRANSFER LENGTH).
-            needed_check = True
-        else:
-            needed_check = False
-        if pdu.write and pdu.edtl and not needed_check:
+        # More than the LU would ever accept in one command (Block Limits VPD MAXIMUM TRANSFER
+        # LENGTH) is not solicited: the command runs without data and the LU answers ILLEGAL
+        # REQUEST at once (SBC-4 §6.6.4), instead of us buffering what a CDB announces.
+        too_long = needed is not None and needed > self._max_data_out(session, lun)
+        if pdu.write and pdu.edtl and not too_long:
             total = pdu.edtl if needed is None else min(needed, pdu.edtl)
             transfer = WriteTransfer(
                 total=total, edtl=pdu.edtl, max_burst=params.max_burst_length,
@@ -573,10 +572,9 @@ class TargetConnection(asyncio.Protocol):
         for ttt in [t for t, tk in self.ttt_map.items() if tk is task]:
             del self.ttt_map[ttt]
         task.transfer = None
-        # Keep the ITT known until the command's CmdSN turn so the window stays right.
-        sense = build_sense(SenseKey.ABORTED_COMMAND, (0x0C, 0x0D) if False else (0x4B, 0x00))
-        task.aborted = True
-        self._finish_task(task, ScsiResult(status=Status.CHECK_CONDITION, sense=sense), force=True)
+        task.aborted = True  # when its CmdSN turn comes, the window advances and nothing runs
+        sense = build_sense(SenseKey.ABORTED_COMMAND, DATA_PHASE_ERROR)
+        self._finish_task(task, ScsiResult(status=Status.CHECK_CONDITION, sense=sense))
 
     def _maybe_execute(self, task: Task) -> None:
         if task.started or task.aborted or not task.ready:
@@ -623,7 +621,7 @@ class TargetConnection(asyncio.Protocol):
             for ttt in [t for t, tk in self.ttt_map.items() if tk is task]:
                 del self.ttt_map[ttt]
 
-    def _finish_task(self, task: Task, result: ScsiResult, force: bool = False) -> None:
+    def _finish_task(self, task: Task, result: ScsiResult) -> None:
         """Send the response of a completed task and forget it."""
         self._forget(task)
         pdu = task.pdu
