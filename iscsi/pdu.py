@@ -18,7 +18,9 @@ from enum import IntEnum
 from typing import ClassVar
 
 BHS_LEN = 48
-_BHS = struct.Struct(">BBBBIQ8I")
+# Bytes 0-3, the length word, the LUN/ISID field and the eight words at 16..47: every BHS.
+BHS_STRUCT = struct.Struct(">BBBBIQ8I")
+_BHS = BHS_STRUCT
 _U32 = struct.Struct(">I")
 _AHS_HDR = struct.Struct(">HB")
 

@@ -55,7 +55,7 @@ TEXT_EXCHANGE_LIMIT = 65536
 MAX_TASKS_PER_CONNECTION = 256
 
 
-_BHS = struct.Struct(">BBBBIQ8I")  # the same layout iscsi.pdu uses for every BHS
+_BHS = P.BHS_STRUCT  # packs a whole response header in one call
 _TASK_ATTRS = tuple(TaskAttr(i) for i in range(5))
 _PADDING = (b"", b"\0", b"\0\0", b"\0\0\0")  # by pad length (RFC 7143 §11.1: 4-byte boundary)
 DATA_PHASE_ERROR = (0x4B, 0x00)  # SPC-4 Annex D: ABORTED COMMAND for a broken Data-Out sequence
