@@ -27,7 +27,6 @@ import asyncio
 import os
 import random
 import socket
-import statistics
 import struct
 import sys
 import tempfile

@@ -10,7 +10,6 @@ received are written and the command still ends GOOD; extra bytes are ignored.
 """
 from __future__ import annotations
 
-import asyncio
 import struct
 from typing import TYPE_CHECKING
 

@@ -13,7 +13,6 @@ import asyncio
 import logging
 from collections import deque
 import os
-import struct
 import time
 from typing import TYPE_CHECKING
 
@@ -23,7 +22,7 @@ from ..digest import crc32c, crc32c_extend, pack_digest
 from .. import pdu as P
 from ..framing import BadPdu, DataDigestFailure, HeaderDigestError, PduReader, encode
 from ..log import event
-from ..scsi.types import ITNexus, ScsiCommand, ScsiResult, Status, TaskAttr
+from ..scsi.types import ScsiCommand, ScsiResult, Status, TaskAttr
 from ..session import DataOutError, StatSequence, WriteTransfer, residual
 from .login import LoginFailure, LoginSuccess, TargetLogin, describe_params
 

@@ -16,7 +16,6 @@ import os
 import asyncio
 import struct
 
-import pytest
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -36,7 +36,7 @@ from iscsi import keys as K
 from iscsi import pdu as P
 from tools.peers.base import Portal, free_portals, stop_process, wait_listening
 
-from .raw import Closed, RawSession, read10
+from .raw import Closed, RawSession
 
 REPO = Path(__file__).resolve().parents[2]
 T_OPEN = "iqn.2026-11.org.sanstack.sec:open"

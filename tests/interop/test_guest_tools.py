@@ -1,6 +1,5 @@
 """The interop harness's own pieces, without qemu: cpio writer, module order, .modinfo reader,
 login capture, console marker parsing."""
-import gzip
 import io
 import stat
 import struct

@@ -32,7 +32,7 @@ def test_kernel_initiator_all_steps(target, tmp_path, capsys):
     outcomes = harness.step_outcomes(res.stdout)
     if target == "sanstack":
         with capsys.disabled():
-            print(f"\n=== open-iscsi against our target: negotiated parameters and login keys ===")
+            print("\n=== open-iscsi against our target: negotiated parameters and login keys ===")
             print(_section(res.stdout, "negotiated (iscsiadm", "target log, login events:"))
     assert res.returncode == 0, harness.explain(res, tmp_path)
     assert outcomes == {sid: "PASS" for sid in ALL_STEP_IDS}, harness.explain(res, tmp_path)

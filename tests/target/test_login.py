@@ -1,11 +1,10 @@
 """The target's login state machine, driven PDU by PDU with no network (RFC 7143 §6, §11.12)."""
 import hashlib
 
-import pytest
 
 from iscsi import keys as K
 from iscsi import pdu as P
-from iscsi.target.login import LoginFailure, LoginStatus, LoginSuccess, TargetLogin
+from iscsi.target.login import LoginFailure, LoginSuccess, TargetLogin
 from iscsi.target.registry import ChapCredentials
 
 from .fakes import FakeRegistry, FakeTarget

@@ -214,7 +214,7 @@ async def test_header_digest_negotiated_and_enforced(target):
     # re-login with digests on a fresh connection
     wire2 = await Wire.open(target.port)
     keys = [("HeaderDigest", "CRC32C"), ("DataDigest", "CRC32C")]
-    wire2_resp = await _login_with(wire2, keys)
+    await _login_with(wire2, keys)
     assert wire2.answers["HeaderDigest"] == "CRC32C" and wire2.answers["DataDigest"] == "CRC32C"
     wire2.header_digest = wire2.data_digest = True
     wire2.parser.header_digest = wire2.parser.data_digest = True

@@ -12,7 +12,6 @@ import pytest
 from iscsi.backstore.file import FileBackstore
 from iscsi.backstore.ram import RamBackstore
 from iscsi.scsi.lu import LogicalUnit
-from iscsi.scsi.target import LunMap
 from iscsi.scsi.types import ITNexus, ScsiCommand, ScsiResult, Status, TaskAttr
 
 GOOD = Status.GOOD

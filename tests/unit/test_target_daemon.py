@@ -11,7 +11,7 @@ from iscsi.target import config as C
 from iscsi.target.config import Acl, ChapConfig, Config, ConfigError, Lun, PortalGroup, Target
 from iscsi.target.daemon import AdminError, DaemonError, TargetDaemon
 
-from ._target_fakes import FakeLunMap, FakeProvider, FakeServer
+from ._target_fakes import FakeProvider, FakeServer
 
 T1 = "iqn.2026-11.org.example:t1"
 T2 = "iqn.2026-11.org.example:t2"

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import os
 import random
 import sys
 import tempfile

@@ -9,7 +9,6 @@ tests/fuzz/corpus/ and regenerating them changes nothing.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import struct
 from pathlib import Path
 

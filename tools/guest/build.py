@@ -38,7 +38,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 HERE = Path(__file__).resolve().parent
 INIT_SCRIPT = HERE / "init.sh"

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tools.peers.base import Chap, LunSpec, Portal, create_sparse
+from tools.peers.base import Chap, LunSpec, Portal
 from tools.peers.sanstack import SanstackPeer
 from tools.peers.tgt import TID, TgtPeer
 
