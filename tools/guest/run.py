@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import build
+from tools.peers.base import create_sparse
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -378,7 +379,7 @@ def inner_initiator(args: argparse.Namespace) -> int:
     defs = T.layout(with_chap=with_chap)
     target = T.make_target(args.target, workdir / "target", defs, quick=args.quick)
     for d in defs:
-        T.create_sparse(target.image(d.name), d.size)
+        create_sparse(target.image(d.name), d.size)
     say(f"starting {args.target} target: " + ", ".join(d.iqn for d in defs) + f" on ports {T.PORTS}")
     try:
         target.start()
@@ -505,7 +506,7 @@ def inner_sanboot(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir)
     d = T.TargetDef("boot", f"{T.IQN_PREFIX}:boot", SANBOOT_SIZE, None, (0,))
     target = T.make_target(args.target, workdir / "target", [d], quick=(args.target == "sanstack"))
-    T.create_sparse(target.image(d.name), d.size)
+    create_sparse(target.image(d.name), d.size)
     image = make_root_image(workdir, Path(args.busybox), SANBOOT_SIZE)
     say(f"root filesystem image {image} ({SANBOOT_SIZE >> 20} MiB, busybox root)")
     try:
