@@ -197,22 +197,24 @@ class Connection(asyncio.BufferedProtocol):
         sink = self.sink
         try:
             if direct is not None:
-                if nbytes - self._direct_left == BHS_LEN and self._fast and not self._trailer:
+                left = self._direct_left
+                if nbytes - left == BHS_LEN and self._fast and not self._trailer:
                     # The common large read: payload complete and the next BHS in the task
-                    # buffer's RX_ROOM.  _direct_done + _take_header, inlined.
-                    hbuf = self._hbuf
-                    hbuf[:] = direct[self._direct_left:nbytes]   # out before the task's callback
+                    # buffer's RX_ROOM.  _direct_done + _take_header, inlined; the BHS is
+                    # decoded (or staged) before the task's callback can reuse its buffer.
+                    h = _unpack_bhs(direct, left)
+                    dlen = h[4]
+                    big = h[0] & 0x3F == OP_DATA_IN and DIRECT_MIN <= dlen <= self.max_recv and not dlen & 3
+                    if not big:
+                        self._buf[:BHS_LEN] = direct[left:nbytes]
                     self._direct = None
                     sink.rx_data_in(self._direct_hdr, None)
-                    h = _unpack_bhs(hbuf)
-                    dlen = h[4]
-                    if h[0] & 0x3F == OP_DATA_IN and DIRECT_MIN <= dlen <= self.max_recv and not dlen & 3:
+                    if big:
                         dest = sink.rx_data_in_dest(h[6], h[12], dlen, RX_ROOM)
                         self._direct = dest if dest is not None else self._scratch_view(dlen)
                         self._direct_left = dlen
                         self._direct_hdr = h
                     else:
-                        self._buf[:BHS_LEN] = hbuf
                         self._end = BHS_LEN
                         self._parse_fast()
                 else:
