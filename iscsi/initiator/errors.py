@@ -11,43 +11,13 @@ Two families, as h11 separates them:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import IntEnum
 import struct
+from dataclasses import dataclass
 
-
-class ScsiStatus(IntEnum):
-    """SAM-5 §5.3.1 status codes."""
-
-    GOOD = 0x00
-    CHECK_CONDITION = 0x02
-    CONDITION_MET = 0x04
-    BUSY = 0x08
-    RESERVATION_CONFLICT = 0x18
-    TASK_SET_FULL = 0x28
-    ACA_ACTIVE = 0x30
-    TASK_ABORTED = 0x40
-
-
-class SenseKey(IntEnum):
-    """SPC-4 §4.5.6."""
-
-    NO_SENSE = 0x0
-    RECOVERED_ERROR = 0x1
-    NOT_READY = 0x2
-    MEDIUM_ERROR = 0x3
-    HARDWARE_ERROR = 0x4
-    ILLEGAL_REQUEST = 0x5
-    UNIT_ATTENTION = 0x6
-    DATA_PROTECT = 0x7
-    BLANK_CHECK = 0x8
-    VENDOR_SPECIFIC = 0x9
-    COPY_ABORTED = 0xA
-    ABORTED_COMMAND = 0xB
-    RESERVED = 0xC
-    VOLUME_OVERFLOW = 0xD
-    MISCOMPARE = 0xE
-    COMPLETED = 0xF
+# One definition of SAM-5 status codes and SPC-4 sense keys for target and initiator;
+# re-exported here because initiator callers import them from this module.
+from ..scsi.sense import SenseKey
+from ..scsi.types import Status as ScsiStatus
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,8 +23,10 @@ class SenseKey(IntEnum):
     VENDOR_SPECIFIC = 0x9
     COPY_ABORTED = 0xA
     ABORTED_COMMAND = 0xB
+    RESERVED = 0xC
     VOLUME_OVERFLOW = 0xD
     MISCOMPARE = 0xE
+    COMPLETED = 0xF
 
 
 # (ASC, ASCQ) pairs used by the core, named as in SPC-4 Annex D.
