@@ -31,7 +31,7 @@ from pathlib import Path
 from ..log import event, setup as log_setup
 from .client import open_device
 from .device import BlockDevice
-from .session import Session, SessionOptions
+from .session import SessionOptions
 from .url import parse_url
 
 log = logging.getLogger("iscsi.initiator.attach")

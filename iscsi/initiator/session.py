@@ -26,16 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import struct
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from .. import pdu as P
 from ..log import event
-from ..session import sn_add, sn_gt, sn_le
 from .connection import BHS, Connection, open_connection
 from .errors import (
     CommandTimeout, ConnectionLost, IscsiError, LoginError, ProtocolViolation, SessionFailed,

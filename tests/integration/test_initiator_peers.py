@@ -18,7 +18,7 @@ import pytest
 
 from iscsi.initiator.client import discover, open_device, open_session
 from iscsi.initiator.device import BlockDevice
-from iscsi.initiator.errors import LoginError, TaskAborted, UnitAttention
+from iscsi.initiator.errors import LoginError, TaskAborted
 from iscsi.initiator.multipath import open_multipath
 from iscsi.initiator.session import SessionOptions, State, Task
 from iscsi.initiator.url import IscsiUrl, parse_url
