@@ -10,12 +10,17 @@ session as that tuple; anything else becomes a typed PDU through :func:`iscsi.pd
 
 In full feature phase without digests (the usual case) :meth:`_parse_fast` runs instead
 of :meth:`_parse`: the same framing rules with the digest and login branches taken out.
+After a payload received in place, the next BHS is read on its own (into ``_hbuf``) so a
+following large payload can go in place too — or, when the task's buffer has RX_ROOM
+spare bytes after read_len, with that payload in the same read (one read per large
+Data-In).  ``get_buffer`` answers from ``_rbuf``, set at the end of each read.
 
 Send path.  ``send`` queues buffers (header and data as separate items, data never copied)
 and one ``writelines`` per event-loop iteration puts them on the wire, so 32 commands
 issued back to back cost one system call, not 32.  Commands queued while a read is being
 parsed (a completion callback issuing the next command) are written at the end of that
-read, with no extra trip through the event loop.
+read, with no extra trip through the event loop.  The session's status bookkeeping
+(StatSN, the command window) is likewise applied once per read (``sink.apply_sn``).
 
 Digests (RFC 7143 §12.1) are checked/added here with :mod:`iscsi.digest`.
 """
