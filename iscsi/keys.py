@@ -790,6 +790,12 @@ class Negotiator:
                     continue
                 raise NegotiationError(violation, key=key)
             answer = self._answer(spec, value)
+            if answer == REJECT and not self._acceptable(spec, self._values.get(key, spec.default or "")):
+                # The offer was malformed and the value left in force (the default) is one we
+                # cannot accept (e.g. a target that requires ImmediateData=No): the key cannot
+                # be negotiated again in this login, so the login fails (§6.2, §13).
+                raise NegotiationError(f"{key}={value!r} rejected and the default is not acceptable",
+                                       key=key)
             if answer is not None:
                 answers.append((key, answer))
         self._fix_first_burst(answers)
