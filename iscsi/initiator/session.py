@@ -652,15 +652,7 @@ class Session:
             task.underflow = bool(flags & 0x02)
             task.residual = h[13]
         del self._tasks[h[6]]
-        if task.done:
-            return
-        task.done = True
-        cb = task.cb
-        if cb is not None:
-            try:
-                cb(task)
-            except Exception:  # a caller's callback must not tear down the connection
-                log.exception("task completion callback failed")
+        self._finish(task)
 
     def rx_response(self, h: tuple, payload: bytes) -> None:
         # h: op, flags, response, status, lenword, _, itt, snacktag, statsn, expcmdsn, maxcmdsn,
