@@ -33,6 +33,7 @@ from collections import deque
 from typing import Any, Callable, Protocol
 
 from .. import pdu as P
+from .. import digest as _digest
 from ..digest import crc32c, digest_bytes, unpack_digest
 from ..framing import LOGIN_MAX_DATA_SEGMENT, MAX_AHS_LENGTH, encode as encode_pdu
 from ..log import event
@@ -51,9 +52,25 @@ STAGING_SIZE = 1 << 20
 #: staged part is used up; smaller ones are cheaper to copy than to split reads for.
 DIRECT_MIN = 16384
 #: Spare bytes after a task's read_len (``Task.buf`` that long or longer) let the read that
-#: completes a direct payload take the next PDU's BHS as well: one system call per large
+#: completes a direct payload take what follows it as well: one system call per large
 #: Data-In instead of two.  Those spare bytes are scratch (the benchmark's buffers have them).
-RX_ROOM = 48
+#: Without digests that is the next BHS (48 bytes, _PLAIN_ROOM); with digests up to 3 pad
+#: bytes + data digest + BHS + header digest = 59 (RFC 7143 §12.1), rounded up.
+RX_ROOM = 64
+_PLAIN_ROOM = BHS_LEN
+
+#: CRC32C of any byte string followed by its own CRC32C sent least significant byte first (the
+#: way iSCSI sends digests, RFC 7143 §12.1) is this constant (the CRC's residue): one CRC call
+#: over header+digest (or data+pad+digest) checks a digest, with no unpack and no compare of
+#: two computed values.  Cross-checked against iscsi.digest in the unit tests.
+DIGEST_RESIDUE = 0x48674BC7
+#: The CRC32C function taking (buffer[, crc to continue]): the C extension iscsi.digest chose
+#: (hardware CRC), called directly on the per-PDU path; the reference one if it is missing.
+_crc: Callable[..., int] = _digest._fast or (lambda data, crc=0: _digest.crc32c_extend(crc, data))
+#: Digest as sent on the wire (little-endian, RFC 7143 §12.1).
+pack_digest = struct.Struct("<I").pack
+HEADER_DIGEST_ERROR = "header digest mismatch (RFC 7143 §7.8: drop the connection)"
+DATA_DIGEST_ERROR = "data digest mismatch (RFC 7143 §7.8)"
 
 OP_DATA_IN = 0x25
 OP_SCSI_RESPONSE = 0x21
@@ -125,6 +142,11 @@ class Connection(asyncio.BufferedProtocol):
         self.flush_pending = False
         self._soon = False
         self._fast = False             # FFP without digests: _parse_fast
+        self._dg = False               # FFP with a header and/or data digest: _parse_dg
+        self._hd = 0                   # header digest bytes (0 or 4)
+        self._dd = 0                   # data digest bytes (0 or 4)
+        self._hlen = BHS_LEN           # BHS + header digest
+        self._dcrc = 0                 # CRC32C of a direct payload whose trailer is still to come
         self._paused = False
 
     # ------------------------------------------------------------------ asyncio callbacks
@@ -215,7 +237,7 @@ class Connection(asyncio.BufferedProtocol):
                     self._direct = None
                     sink.rx_data_in(self._direct_hdr, None)
                     if big:
-                        dest = sink.rx_data_in_dest(h[6], h[12], dlen, RX_ROOM)
+                        dest = sink.rx_data_in_dest(h[6], h[12], dlen, _PLAIN_ROOM)
                         self._direct = dest if dest is not None else self._scratch_view(dlen)
                         self._direct_left = dlen
                         self._direct_hdr = h
@@ -236,6 +258,8 @@ class Connection(asyncio.BufferedProtocol):
                 self._end += nbytes
                 if self._fast:
                     self._parse_fast()
+                elif self._dg:
+                    self._parse_dg()
                 elif not self._hold:
                     self._parse()
             if self.ffp and sink.sn_pending is not None:
@@ -263,6 +287,9 @@ class Connection(asyncio.BufferedProtocol):
     def _direct_done(self, direct: memoryview, nbytes: int) -> None:
         """A payload received in place is complete; ``nbytes - _direct_left`` bytes of the next
         PDU came with it (into the task buffer's RX_ROOM)."""
+        if self._dg:
+            self._direct_done_dg(direct, nbytes)
+            return
         left = self._direct_left
         extra = nbytes - left
         if extra:
@@ -291,7 +318,7 @@ class Connection(asyncio.BufferedProtocol):
         h = _unpack_bhs(self._hbuf)
         dlen = h[4]
         if h[0] & 0x3F == OP_DATA_IN and DIRECT_MIN <= dlen <= self.max_recv and not dlen & 3:
-            dest = self.sink.rx_data_in_dest(h[6], h[12], dlen, RX_ROOM)
+            dest = self.sink.rx_data_in_dest(h[6], h[12], dlen, _PLAIN_ROOM)
             if dest is None:
                 dest = self._scratch_view(dlen)
             self._direct = dest
@@ -433,7 +460,7 @@ class Connection(asyncio.BufferedProtocol):
                     # (with RX_ROOM for the next BHS when no pad follows).
                     self._lean = 0
                     pad = -dlen & 3
-                    dest = sink.rx_data_in_dest(h[6], h[12], dlen, 0 if pad else RX_ROOM)
+                    dest = sink.rx_data_in_dest(h[6], h[12], dlen, 0 if pad else _PLAIN_ROOM)
                     if dest is None:
                         dest = self._scratch_view(dlen)
                     have = end - pstart
@@ -470,6 +497,167 @@ class Connection(asyncio.BufferedProtocol):
         self._start = start
         if start + need > len(self._buf) or len(self._buf) - end < BHS_LEN * 4:
             self._compact(max(need, BHS_LEN * 4))
+
+    # ------------------------------------------------------------------ receive with digests
+    def _parse_dg(self) -> None:
+        """:meth:`_parse_fast` with a header and/or data digest (RFC 7143 §12.1).
+
+        The same framing with the digest bytes counted in: BHS + header digest, then (when the
+        data segment is not empty) data + pad + data digest.  Each digest costs one CRC call
+        over the bytes it covers *and* the digest itself (:data:`DIGEST_RESIDUE`), checked
+        once, when the whole PDU (or, for a payload received in place, its header) is there.
+        A pending trailer (pad + data digest after a payload received in place) comes first:
+        it completes that Data-In.  Anything unusual is left to :meth:`_parse`.
+        """
+        mv = self._mv
+        crc = _crc
+        data_in = self._rx_data_in
+        hd = self._hd
+        dd = self._dd
+        hlen = BHS_LEN + hd
+        start = self._start
+        end = self._end
+        if self._trailer:
+            t = self._trailer
+            if end - start < t:
+                return                  # _lean keeps the reads to the trailer + next header
+            if dd and crc(mv[start:start + t], self._dcrc) != DIGEST_RESIDUE:
+                raise ProtocolViolation(DATA_DIGEST_ERROR + " on Data-In")
+            start += t
+            self._start = start
+            self._trailer = 0
+            self._lean = hlen           # still just the next header, for another in-place payload
+            h = self._direct_hdr
+            self._direct_hdr = self._direct_full = None
+            data_in(h, None)            # payload already in place
+            if self.closed:
+                return
+        sink = self.sink
+        max_recv = self.max_recv
+        unpack = _unpack_bhs
+        first = start
+        need = hlen
+        while end - start >= hlen:
+            h = unpack(mv, start)
+            dlen = h[4]                # TotalAHSLength is the top byte: an AHS lands in _parse
+            if dlen > max_recv:
+                self._start = start
+                self._parse()
+                return
+            pstart = start + hlen
+            pend = pstart + dlen
+            total = pend + (-dlen & 3) + dd - start if dlen else hlen
+            op = h[0] & 0x3F
+            if end - start < total:
+                if op == OP_DATA_IN and dlen >= DIRECT_MIN and pend > end:
+                    if hd and crc(mv[start:pstart]) != DIGEST_RESIDUE:
+                        raise ProtocolViolation(HEADER_DIGEST_ERROR)
+                    self._go_direct(h, dlen, mv[pstart:end])
+                    self._start = self._end = 0
+                    return
+                need = total
+                break
+            if hd and crc(mv[start:pstart]) != DIGEST_RESIDUE:
+                raise ProtocolViolation(HEADER_DIGEST_ERROR)
+            if dd and dlen and crc(mv[pstart:start + total]) != DIGEST_RESIDUE:
+                raise ProtocolViolation(DATA_DIGEST_ERROR)
+            start += total
+            if op == OP_DATA_IN:
+                data_in(h, mv[pstart:pend] if dlen else None)
+            elif op == OP_SCSI_RESPONSE:
+                sink.rx_response(h, bytes(mv[pstart:pend]) if dlen else b"")
+            elif op == OP_R2T:
+                sink.rx_r2t(h)
+            else:
+                self._start = start - total
+                self._parse()          # checks this PDU's digests again: rare opcodes only
+                return
+            if self.closed:
+                return
+        if start != first or end - start >= hlen:
+            self._lean = 0             # a header was seen: reads need no limit any more
+        if start == end:
+            self._start = self._end = 0
+            return
+        self._start = start
+        if start + need > len(self._buf) or len(self._buf) - end < BHS_LEN * 4:
+            self._compact(max(need, BHS_LEN * 4))
+
+    def _go_direct(self, h: tuple, dlen: int, staged: memoryview | None) -> None:
+        """Receive a large Data-In payload in place (digest mode; header digest checked).
+
+        The view asked for runs past the payload by the trailer (pad + data digest) and the
+        next header when the task's buffer has that room: then one read completes the
+        payload, its digest and the next BHS (see :meth:`_direct_done_dg`).
+        """
+        trailer = (-dlen & 3) + self._dd
+        dest = self.sink.rx_data_in_dest(h[6], h[12], dlen, trailer + self._hlen)
+        if dest is None:
+            dest = self._scratch_view(dlen)
+        if staged:
+            have = len(staged)
+            dest[:have] = staged
+            self._direct = dest[have:]
+            self._direct_left = dlen - have
+        else:
+            self._direct = dest
+            self._direct_left = dlen
+        self._direct_full = dest
+        self._direct_hdr = h
+        self._trailer = trailer
+        self._lean = 0
+
+    def _direct_done_dg(self, direct: memoryview, nbytes: int) -> None:
+        """A payload received in place is complete (digest mode); ``nbytes - _direct_left``
+        bytes of its trailer and the next header came with it, into the task buffer's room."""
+        extra = nbytes - self._direct_left
+        full = self._direct_full
+        h = self._direct_hdr
+        dlen = h[4] & 0xFFFFFF
+        t = self._trailer
+        hlen = self._hlen
+        self._direct = None
+        if extra == t + hlen:
+            # All of it: check the data digest where it landed (payload + pad + digest, no copy),
+            # decode the next BHS before the task's callback may reuse its buffer.
+            hs = dlen + t
+            if self._dd and _crc(full[:hs]) != DIGEST_RESIDUE:
+                raise ProtocolViolation(DATA_DIGEST_ERROR + " on Data-In")
+            nh = _unpack_bhs(full, hs)
+            ndlen = nh[4]
+            big = nh[0] & 0x3F == OP_DATA_IN and DIRECT_MIN <= ndlen <= self.max_recv
+            if big:
+                if self._hd and _crc(full[hs:hs + hlen]) != DIGEST_RESIDUE:
+                    raise ProtocolViolation(HEADER_DIGEST_ERROR)
+            else:
+                self._buf[:hlen] = full[hs:hs + hlen]      # staging is empty in direct mode
+            self._trailer = 0
+            self._direct_hdr = self._direct_full = None
+            self._rx_data_in(h, None)
+            if big:
+                self._go_direct(nh, ndlen, None)
+            else:
+                self._end = hlen
+                self._parse_dg()
+            return
+        # Part of the trailer / header (or none of it): what came goes to staging, where
+        # _parse_dg takes the trailer and then the header; _lean keeps the next read to them.
+        if extra:
+            self._buf[:extra] = full[dlen:dlen + extra]
+        self._start = 0
+        self._end = extra
+        if t:
+            if self._dd:
+                self._dcrc = _crc(full[:dlen])
+            self._lean = t + hlen
+        else:
+            # No pad, no data digest: the Data-In is complete now.
+            self._direct_hdr = self._direct_full = None
+            self._lean = hlen
+            self._rx_data_in(h, None)
+            if self.closed:
+                return
+        self._parse_dg()
 
     def _begin_direct(self, h: tuple, start: int, hlen: int, dlen: int) -> None:
         """Receive the rest of a large Data-In straight into its task's buffer (§11.7.5 offset)."""
@@ -542,11 +730,15 @@ class Connection(asyncio.BufferedProtocol):
         self._rx_data_in = sink.rx_data_in
         self.ffp = True
         self._fast = not header_digest and not data_digest
+        self._dg = not self._fast
+        self._hd = 4 if header_digest else 0
+        self._dd = 4 if data_digest else 0
+        self._hlen = BHS_LEN + self._hd
         self._hold = False
         self._rbuf = None
         if self._end > self._start:
             try:
-                self._parse_fast() if self._fast else self._parse()
+                self._parse_fast() if self._fast else self._parse_dg()
             except (ProtocolViolation, P.PduFormatError) as exc:
                 self._shutdown(ProtocolViolation(str(exc)))
 

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from .. import pdu as P
 from ..log import event
-from .connection import BHS, Connection, open_connection
+from .connection import BHS, Connection, _crc, open_connection, pack_digest
 from .errors import (
     CommandTimeout, ConnectionLost, IscsiError, LoginError, ProtocolViolation, SessionFailed,
     TargetFailure, TaskAborted, TmfError, decode_sense,
@@ -172,6 +172,8 @@ class Session:
         self.state = State.NEW
         #: Logged in over a connection without header digest: submit's fast path may run.
         self._plain = False
+        #: Logged in over a connection with header digest: submit's digest fast path may run.
+        self._hdig = False
         self.conn: Connection | None = None
         self.login_result: LoginResult | None = None
         self.params = None
@@ -245,6 +247,7 @@ class Session:
         self.state = state
         conn = self.conn
         self._plain = state == State.LOGGED_IN and conn is not None and not conn.header_digest
+        self._hdig = state == State.LOGGED_IN and conn is not None and conn.header_digest
         for w in self._state_waiters:
             if not w.done():
                 w.set_result(state)
@@ -312,6 +315,7 @@ class Session:
         self._expired = False
         self._set_state(State.LOGGED_IN)
         self._plain = not cp.header_digest
+        self._hdig = cp.header_digest
         event(log, "session.login", initiator=self.cfg.initiator_name, target=self.cfg.target_name,
               portal=self.portal, isid=f"{self.isid:012x}", tsih=self.tsih,
               digests=f"{cp.header_digest}/{cp.data_digest}", mrdsl=cp.max_send_data_segment_length,
@@ -408,6 +412,31 @@ class Session:
                 self._cmdsn = (cmdsn + 1) & 0xFFFFFFFF
                 conn.out.append(_CMD.pack(0x01, 0xC0 | task.attr if task.read_len else 0x80 | task.attr, 0, 0, 0,
                                           task.lun_field, itt, task.read_len, cmdsn, self._expstatsn, task.cdb))
+                if not conn.flush_pending:
+                    conn.schedule_flush()
+                return
+            self._send(task)
+            return
+        if self._hdig and not self._waiting and ((self._maxcmdsn - cmdsn) & 0xFFFFFFFF) < 0x80000000:
+            if task.out is None and len(task.cdb) <= 16:
+                # The fast path above with a header digest (RFC 7143 §12.1): the BHS, then its
+                # CRC32C least significant byte first.  A separate branch so the digest-free
+                # path pays nothing for it.
+                conn = self.conn
+                tasks = self._tasks
+                itt = (self._itt + 1) & 0xFFFFFFFF
+                if itt in tasks or itt == RESERVED or itt in self._mgmt:
+                    itt = self._new_itt()
+                self._itt = itt
+                task.itt = itt
+                tasks[itt] = task
+                task.cmdsn = cmdsn
+                self._cmdsn = (cmdsn + 1) & 0xFFFFFFFF
+                header = _CMD.pack(0x01, 0xC0 | task.attr if task.read_len else 0x80 | task.attr, 0, 0, 0,
+                                   task.lun_field, itt, task.read_len, cmdsn, self._expstatsn, task.cdb)
+                out = conn.out
+                out.append(header)
+                out.append(pack_digest(_crc(header)))
                 if not conn.flush_pending:
                     conn.schedule_flush()
                 return
