@@ -5,7 +5,7 @@ whose transport only counts bytes, so the figure is the Python work per I/O
 (parse → SCSI dispatch → backstore → response build) that a benchmark over TCP
 hides behind syscalls and the client's own CPU.
 
-    python -m tools.bench_hotpath [--ops 200000] [--profile]
+    python -m tools.bench_hotpath [--ops 200000] [--profile] [--digests]
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class CountingTransport:
         pass
 
 
-async def run(ops: int, write: bool, profile: bool) -> None:
+async def run(ops: int, write: bool, profile: bool, digests: bool = False) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         img = os.path.join(tmp, "lun.img")
         bs = FileBackstore(img, size=256 << 20, create=True)
@@ -73,11 +73,15 @@ async def run(ops: int, write: bool, profile: bool) -> None:
                                data=K.encode_text([("InitiatorName", "iqn.2026-11.org.x:y"),
                                                    ("TargetName", IQN), ("SessionType", "Normal"),
                                                    ("MaxRecvDataSegmentLength", "262144"),
-                                                   ("ImmediateData", "Yes"), ("InitialR2T", "No")]))
+                                                   ("ImmediateData", "Yes"), ("InitialR2T", "No")]
+                                                  + ([("HeaderDigest", "CRC32C"), ("DataDigest", "CRC32C")]
+                                                     if digests else [])))
         conn.data_received(encode_bytes(login))
         assert conn.session is not None
+        assert (conn.header_digest, conn.data_digest) == (digests, digests), "digests not negotiated"
+        wire = {"header_digest": digests, "data_digest": digests}
         # clear the power-on unit attention
-        conn.data_received(encode_bytes(P.ScsiCommandPdu(cdb=b"\0" * 6, cmdsn=1, itt=2)))
+        conn.data_received(encode_bytes(P.ScsiCommandPdu(cdb=b"\0" * 6, cmdsn=1, itt=2), **wire))
         await asyncio.sleep(0)
         batch = 32
         cmdsn = 2
@@ -92,7 +96,7 @@ async def run(ops: int, write: bool, profile: bool) -> None:
                 cdb = struct.pack(">BBQIBB", 0x88, 0, lba, 8, 0, 0)
                 pdu = P.ScsiCommandPdu(read=True, edtl=4096, cmdsn=cmdsn, itt=10 + i, cdb=cdb)
             cmdsn += 1
-            raws.append(encode_bytes(pdu))
+            raws.append(encode_bytes(pdu, **wire))
         chunks = [b"".join(raws[i:i + batch]) for i in range(0, ops, batch)]
         prof = cProfile.Profile() if profile else None
         t0 = time.process_time()  # CPU time: the figure survives a busy machine
@@ -105,7 +109,7 @@ async def run(ops: int, write: bool, profile: bool) -> None:
         if prof:
             prof.disable()
         dt = time.process_time() - t0
-        print(f"{'write' if write else 'read'} 4K: {ops} commands, {dt * 1e6 / ops:.2f} us/command "
+        print(f"{'write' if write else 'read'} 4K{' H+D digests' if digests else ''}: {ops} commands, {dt * 1e6 / ops:.2f} us/command "
               f"({ops / dt:,.0f} commands/s on one core), {transport.bytes >> 20} MiB out")
         if prof:
             pstats.Stats(prof).sort_stats("tottime").print_stats(18)
@@ -115,9 +119,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ops", type=int, default=100000)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--digests", action="store_true", help="negotiate CRC32C header and data digests")
     args = ap.parse_args()
     for write in (False, True):
-        asyncio.run(run(args.ops, write, args.profile))
+        asyncio.run(run(args.ops, write, args.profile, args.digests))
 
 
 if __name__ == "__main__":

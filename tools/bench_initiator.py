@@ -71,18 +71,33 @@ def run_iscsi_perf(url: str, bs: int, qd: int, random: bool, seconds: int) -> di
     return {"iops": iops, "MB/s": iops * bs / 1e6, "ios": ios, "cpu_us": cpu / ios * 1e6 if ios else 0.0}
 
 
-def run_ours(url: str, bs: int, qd: int, random: bool, seconds: int) -> dict:
-    cmd = [sys.executable, "-m", "iscsi.initiator.cli", "-i", INITIATOR, "bench", url,
-           "--rw", "randread" if random else "read", "--bs", str(bs), "--qd", str(qd),
-           "--runtime", str(seconds), "--json"]
+_DIGESTS = re.compile(r"session\.login .*digests=(True|False)/(True|False)")
+
+
+def run_ours(url: str, bs: int, qd: int, random: bool, seconds: float,
+             keys: dict[str, str] | None = None) -> dict:
+    """``iscsi-initiator bench``; ``keys`` are login preferences (``-k``), e.g. digests.
+
+    The result's ``digests`` is what the login negotiated, "header/data" (e.g. "CRC32C/None"),
+    read from the initiator's own INFO log so a caller can check digests really were on.
+    """
+    cmd = [sys.executable, "-m", "iscsi.initiator.cli", "-i", INITIATOR, "--log-level", "INFO"]
+    for name, value in (keys or {}).items():
+        cmd += ["-k", f"{name}={value}"]
+    cmd += ["bench", url, "--rw", "randread" if random else "read", "--bs", str(bs), "--qd", str(qd),
+            "--runtime", f"{seconds:g}", "--json"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, env=env)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, env=env,
+                         stdin=subprocess.DEVNULL)
     if res.returncode != 0:
         raise RuntimeError(f"iscsi-initiator bench failed: {res.stderr[-800:]}")
     out = json.loads(res.stdout)
+    m = _DIGESTS.search(res.stderr)
+    digests = "/".join("CRC32C" if v == "True" else "None" for v in m.groups()) if m else "unknown"
     cpu = out.get("cpu_us_per_io", {})
     return {"iops": out["iops"], "MB/s": out["MB/s"], "ios": out["ios"], "errors": out["errors"],
-            "p99_us": out["lat_us"]["p99"], "cpu_us": cpu.get("user", 0.0) + cpu.get("sys", 0.0)}
+            "p99_us": out["lat_us"]["p99"], "cpu_us": cpu.get("user", 0.0) + cpu.get("sys", 0.0),
+            "digests": digests}
 
 
 def _with_tgtd_cpu(peer: TgtPeer, fn: Callable[..., dict], *args) -> dict:
