@@ -125,6 +125,17 @@ class FileBackstore:
             data += bytes(length - len(data))
         return data
 
+    def read_into(self, offset: int, dest: memoryview) -> None:
+        """Fill ``dest`` from ``offset`` (preadv: no intermediate bytes object)."""
+        fd = self._fd
+        while dest:
+            n = os.preadv(fd, [dest], offset)
+            if n <= 0:  # at EOF (the LU never reads past size): the rest reads as zeroes
+                dest[:] = bytes(len(dest))
+                return
+            dest = dest[n:]
+            offset += n
+
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         view = memoryview(data)
         fd = self._fd

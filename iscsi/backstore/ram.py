@@ -31,6 +31,9 @@ class RamBackstore:
     def read(self, offset: int, length: int) -> bytes:
         return bytes(self._data[offset:offset + length])
 
+    def read_into(self, offset: int, dest: memoryview) -> None:
+        dest[:] = memoryview(self._data)[offset:offset + len(dest)]
+
     def _mark(self, offset: int, length: int, state: int) -> None:
         bs = self.block_size
         first = offset // bs

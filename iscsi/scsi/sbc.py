@@ -10,6 +10,7 @@ received are written and the command still ends GOOD; extra bytes are ignored.
 """
 from __future__ import annotations
 
+import asyncio
 import struct
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,11 @@ from .sense import SenseError, SenseKey
 from .types import ScsiCommand, ScsiResult, Status
 
 _GOOD = Status.GOOD
+# A READ or WRITE larger than this is copied in pieces of this size with a turn of the event
+# loop between them: one maximum-length transfer (65536 blocks, up to 256 MiB) would
+# otherwise hold every other session of the daemon for the whole copy (~100 ms).  Smaller
+# transfers stay one synchronous pread/pwrite, which is what keeps ordinary I/O fast.
+LARGE_TRANSFER_STEP = 4 << 20
 
 if TYPE_CHECKING:
     from .lu import LogicalUnit
@@ -69,7 +75,26 @@ def _read(lu: LogicalUnit, lba: int, n: int, len_field: int) -> ScsiResult:
     if not n:
         return ScsiResult()
     bs = lu.block_size
+    if n * bs > LARGE_TRANSFER_STEP:
+        return _read_in_steps(lu, lba * bs, n * bs)
     return ScsiResult(_GOOD, lu.backstore.read(lba * bs, n * bs))
+
+
+async def _read_in_steps(lu: LogicalUnit, offset: int, length: int) -> ScsiResult:
+    """A large READ, read piece by piece into one buffer, yielding to other tasks in between.
+
+    Like a disk serving a long transfer, the pieces are read at different moments: an
+    overlapping WRITE from another task may land between two of them (SAM-5 leaves
+    concurrent overlapping SIMPLE tasks unordered; ORDERED ones still wait for this task).
+    """
+    data = bytearray(length)  # calloc: pages appear as they are filled
+    view = memoryview(data)
+    backstore = lu.backstore
+    for pos in range(0, length, LARGE_TRANSFER_STEP):
+        if pos:
+            await asyncio.sleep(0)
+        backstore.read_into(offset + pos, view[pos:pos + LARGE_TRANSFER_STEP])
+    return ScsiResult(_GOOD, data)
 
 
 def read_6(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
@@ -101,7 +126,8 @@ def read_16(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
 
 # -- WRITE --------------------------------------------------------------------------------
 
-def _write(lu: LogicalUnit, cmd: ScsiCommand, lba: int, n: int, len_field: int, fua: bool):
+def _write(lu: LogicalUnit, cmd: ScsiCommand, lba: int, n: int, len_field: int, fua: bool,
+           atomic: bool = False):
     if lba + (n or 1) > lu.num_blocks:
         raise _oob()
     if n > lu.max_transfer:
@@ -116,9 +142,24 @@ def _write(lu: LogicalUnit, cmd: ScsiCommand, lba: int, n: int, len_field: int, 
         data = _whole_blocks(lu, data, want)
         if not data:
             return ScsiResult()
+    if len(data) > LARGE_TRANSFER_STEP and not atomic:
+        return _write_in_steps(lu, lba * bs, data, fua)
     lu.backstore.write(lba * bs, data)
     if fua or not lu.mode.wce:
         return lu.flushed(ScsiResult())
+    return ScsiResult()
+
+
+async def _write_in_steps(lu: LogicalUnit, offset: int, data, fua: bool) -> ScsiResult:
+    """A large WRITE in pieces with a loop turn between them (see LARGE_TRANSFER_STEP)."""
+    view = memoryview(data)
+    backstore = lu.backstore
+    for pos in range(0, len(view), LARGE_TRANSFER_STEP):
+        if pos:
+            await asyncio.sleep(0)
+        backstore.write(offset + pos, view[pos:pos + LARGE_TRANSFER_STEP])
+    if fua or not lu.mode.wce:
+        return await lu.flushed(ScsiResult())
     return ScsiResult()
 
 
@@ -168,7 +209,7 @@ def write_atomic_16(lu: LogicalUnit, cmd: ScsiCommand):
         raise _oob()
     if n > lu.max_atomic_transfer:
         raise S.illegal_field(12)
-    return _write(lu, cmd, lba, n, 12, bool(flags & 0x08))
+    return _write(lu, cmd, lba, n, 12, bool(flags & 0x08), atomic=True)
 
 
 # -- WRITE AND VERIFY / VERIFY ------------------------------------------------------------

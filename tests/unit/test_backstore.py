@@ -144,3 +144,24 @@ def test_ram_backstore_mapping_and_unmap():
     assert b.flushes == 1
     b.resize(128 * 512)
     assert b.size == 128 * 512 and b.is_mapped(64 * 512)[0] is False
+
+
+@pytest.mark.parametrize("kind", ["file", "ram"])
+def test_read_into_fills_the_buffer_like_read(tmp_path, kind):
+    b = FileBackstore(tmp_path / "r.img", size=1 << 20) if kind == "file" else RamBackstore(1 << 20)
+    payload = os.urandom(300 * 512)
+    b.write(4096, payload)
+    dest = bytearray(b"\xff" * (400 * 512))
+    b.read_into(4096 - 512, memoryview(dest))
+    assert bytes(dest) == b.read(4096 - 512, 400 * 512)
+    assert dest[512:512 + len(payload)] == payload and dest[:512] == bytes(512)
+
+
+def test_file_read_into_past_a_shrunk_file_reads_zeroes(tmp_path):
+    """If the image was cut short behind our back, the missing tail reads as zeroes (as read())."""
+    b = FileBackstore(tmp_path / "s.img", size=1 << 20)
+    b.write(0, b"\1" * 8192)
+    os.truncate(tmp_path / "s.img", 4096)
+    dest = bytearray(b"\xff" * 8192)
+    b.read_into(0, memoryview(dest))
+    assert bytes(dest) == b"\1" * 4096 + bytes(4096)

@@ -240,3 +240,111 @@ async def test_backstore_error_becomes_medium_error(tmp_path):
     lu.backstore.write = broken
     assert (await ini.fails(write10(0, 1), bytes(512))).code == (0x3, 0x0C, 0x00)
     assert (await ini.cmd(bytes(6))).status == Status.GOOD
+
+
+# -- large transfers are copied in steps -------------------------------------------------------
+
+STEP = 64 << 10  # LARGE_TRANSFER_STEP made small so a few-MiB LU has multi-step transfers
+
+
+@pytest.fixture
+def small_step(monkeypatch):
+    from iscsi.scsi import sbc
+
+    monkeypatch.setattr(sbc, "LARGE_TRANSFER_STEP", STEP)
+    return STEP
+
+
+class _Counting:
+    """Wraps a backstore and records each read/write call's length, in order."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.calls: list[tuple[str, int]] = []
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def read(self, offset, length):
+        self.calls.append(("read", length))
+        return self._inner.read(offset, length)
+
+    def read_into(self, offset, dest):
+        self.calls.append(("read", len(dest)))
+        return self._inner.read_into(offset, dest)
+
+    def write(self, offset, data, fua=False):
+        self.calls.append(("write", len(data)))
+        return self._inner.write(offset, data, fua)
+
+
+@pytest.mark.parametrize("bs", [512, 4096])
+async def test_large_read_and_write_go_in_steps_and_keep_every_byte(kind, tmp_path, small_step, bs):
+    lu = make_lu(kind, tmp_path, size=4 << 20, block_size=bs)
+    lu.backstore = counting = _Counting(lu.backstore)
+    ini = await ready(lu)
+    n = (3 * STEP + 5 * bs) // bs          # not a whole number of steps
+    lba = 3
+    payload = os.urandom(n * bs)
+    await ini.ok(write16(lba, n), payload)
+    r = await ini.ok(read16(lba, n))
+    assert bytes(r.data) == payload
+    writes = [size for op, size in counting.calls if op == "write"]
+    reads = [size for op, size in counting.calls if op == "read"]
+    assert writes == [STEP, STEP, STEP, 5 * bs]
+    assert reads == [STEP, STEP, STEP, 5 * bs]
+    # Neighbours untouched.
+    before = await ini.ok(read16(lba - 1, 1))
+    after = await ini.ok(read16(lba + n, 1))
+    assert bytes(before.data) == bytes(after.data) == bytes(bs)
+
+
+async def test_large_read_lets_other_tasks_run_between_steps(tmp_path, small_step):
+    """A maximum-length READ must not hold the event loop for its whole copy: another
+    session's command runs while it is in progress."""
+    import asyncio
+
+    lu = make_lu("file", tmp_path, size=4 << 20)
+    lu.backstore = counting = _Counting(lu.backstore)
+    ini = await ready(lu)
+    counting.calls.clear()
+    ticks: list[int] = []
+
+    async def other_session():
+        for _ in range(50):
+            ticks.append(len(counting.calls))
+            await asyncio.sleep(0)
+
+    other = asyncio.ensure_future(other_session())
+    r = await ini.ok(read16(0, (4 << 20) // 512))
+    await other
+    steps = (4 << 20) // STEP
+    assert len(r.data) == 4 << 20
+    assert len(counting.calls) == steps
+    assert any(0 < t < steps for t in ticks)
+
+
+async def test_large_write_with_fua_is_flushed_after_the_last_step(tmp_path, small_step):
+    lu = make_lu("ram", size=2 << 20)
+    ini = await ready(lu)
+    flushes = lu.backstore.flushes
+    payload = os.urandom(4 * STEP)
+    await ini.ok(write16(0, len(payload) // 512, flags=0x08), payload)   # FUA
+    assert lu.backstore.flushes > flushes
+    assert bytes((await ini.ok(read16(0, len(payload) // 512))).data) == payload
+
+
+async def test_write_atomic_is_never_split(tmp_path, small_step):
+    """WRITE ATOMIC(16) stays one pwrite whatever its length (SBC-4 §4.29: no other command
+    may see part of it)."""
+    import struct
+
+    lu = make_lu("ram", size=2 << 20)
+    lu.backstore = counting = _Counting(lu.backstore)
+    ini = await ready(lu)
+    n = 4 * STEP // 512
+    cdb = struct.pack(">BBQHHBB", 0x9C, 0, 0, 0, n, 0, 0)
+    payload = os.urandom(n * 512)
+    await ini.ok(cdb, payload)
+    assert [c for c in counting.calls if c[0] == "write"] == [("write", n * 512)]
+    assert bytes((await ini.ok(read16(0, n))).data) == payload
