@@ -626,15 +626,19 @@ class Connection(asyncio.BufferedProtocol):
             nh = _unpack_bhs(full, hs)
             ndlen = nh[4]
             big = nh[0] & 0x3F == OP_DATA_IN and DIRECT_MIN <= ndlen <= self.max_recv
-            if big:
-                if self._hd and _crc(full[hs:hs + hlen]) != DIGEST_RESIDUE:
-                    raise ProtocolViolation(HEADER_DIGEST_ERROR)
-            else:
+            # The next header's digest is checked now (its bytes are the task's) and acted on
+            # after this Data-In, which is whole and sound, has completed.
+            bad = False
+            if not big:
                 self._buf[:hlen] = full[hs:hs + hlen]      # staging is empty in direct mode
+            elif self._hd:
+                bad = _crc(full[hs:hs + hlen]) != DIGEST_RESIDUE
             self._trailer = 0
             self._direct_hdr = self._direct_full = None
             self._rx_data_in(h, None)
             if big:
+                if bad:
+                    raise ProtocolViolation(HEADER_DIGEST_ERROR)
                 self._go_direct(nh, ndlen, None)
             else:
                 self._end = hlen
