@@ -32,9 +32,9 @@ import struct
 from collections import deque
 from typing import Any, Callable, Protocol
 
-from .. import pdu as P
 from .. import digest as _digest
-from ..digest import crc32c, digest_bytes, unpack_digest
+from .. import pdu as P
+from ..digest import crc32c, unpack_digest
 from ..framing import LOGIN_MAX_DATA_SEGMENT, MAX_AHS_LENGTH, encode as encode_pdu
 from ..log import event
 from .errors import ConnectionLost, ProtocolViolation
@@ -515,13 +515,14 @@ class Connection(asyncio.BufferedProtocol):
         hd = self._hd
         dd = self._dd
         hlen = BHS_LEN + hd
+        residue = DIGEST_RESIDUE
         start = self._start
         end = self._end
         if self._trailer:
             t = self._trailer
             if end - start < t:
                 return                  # _lean keeps the reads to the trailer + next header
-            if dd and crc(mv[start:start + t], self._dcrc) != DIGEST_RESIDUE:
+            if dd and crc(mv[start:start + t], self._dcrc) != residue:
                 raise ProtocolViolation(DATA_DIGEST_ERROR + " on Data-In")
             start += t
             self._start = start
@@ -550,16 +551,16 @@ class Connection(asyncio.BufferedProtocol):
             op = h[0] & 0x3F
             if end - start < total:
                 if op == OP_DATA_IN and dlen >= DIRECT_MIN and pend > end:
-                    if hd and crc(mv[start:pstart]) != DIGEST_RESIDUE:
+                    if hd and crc(mv[start:pstart]) != residue:
                         raise ProtocolViolation(HEADER_DIGEST_ERROR)
                     self._go_direct(h, dlen, mv[pstart:end])
                     self._start = self._end = 0
                     return
                 need = total
                 break
-            if hd and crc(mv[start:pstart]) != DIGEST_RESIDUE:
+            if hd and crc(mv[start:pstart]) != residue:
                 raise ProtocolViolation(HEADER_DIGEST_ERROR)
-            if dd and dlen and crc(mv[pstart:start + total]) != DIGEST_RESIDUE:
+            if dd and dlen and crc(mv[pstart:start + total]) != residue:
                 raise ProtocolViolation(DATA_DIGEST_ERROR)
             start += total
             if op == OP_DATA_IN:
@@ -809,7 +810,7 @@ class Connection(asyncio.BufferedProtocol):
     def header_parts(self, header: bytes) -> list:
         """Header [+ digest] as buffers to send."""
         if self.header_digest:
-            return [header, digest_bytes(header)]
+            return [header, pack_digest(_crc(header))]
         return [header]
 
     def data_parts(self, data: bytes | memoryview) -> list:
@@ -820,7 +821,9 @@ class Connection(asyncio.BufferedProtocol):
         if pad:
             parts.append(b"\0" * pad)
         if self.data_digest:
-            parts.append(digest_bytes(bytes(data) + b"\0" * pad if pad else data))
+            # The digest covers data + pad (RFC 7143 §12.1): the CRC continued over the pad
+            # bytes, so the data is not copied to append them.
+            parts.append(pack_digest(_crc(b"\0" * pad, _crc(data)) if pad else _crc(data)))
         return parts
 
 

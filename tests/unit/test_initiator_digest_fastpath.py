@@ -22,9 +22,7 @@ from iscsi.initiator import connection as C
 from iscsi.initiator import scsi
 from iscsi.initiator.errors import ProtocolViolation
 from iscsi.initiator.session import Task
-from tests.unit.test_initiator_fastpath import (
-    SIZES, STATSN0, _run_script, _script, feed, feed_arriving, logged_in,
-)
+from tests.unit.test_initiator_fastpath import SIZES, STATSN0, _script, feed, feed_arriving, logged_in
 
 #: (header digest, data digest) combinations that take the digest path.
 DIGESTS = [(True, True), (True, False), (False, True)]
@@ -345,3 +343,28 @@ async def test_digest_options_separately_frame_correctly():
         feed(conn, b"".join(pdus), [3000, 1 << 20])
         assert not conn.closed, (hd, dd, conn.close_reason)
         assert [bytes(b[:40000]) for b in bufs] == payloads and len(done) == 2
+
+
+@pytest.mark.parametrize("n", [4096, 4097, 130001])
+async def test_write_with_digests_sends_what_the_shared_reader_accepts(n):
+    # The first burst as immediate data, the rest as Data-Out on an R2T; every header and data
+    # segment (pad included) digested, and the shared codec's reader checks every digest.
+    s, conn, wire = logged_in(header_digest=True, data_digest=True)
+    s._immediate, s._initial_r2t, s._first_burst = True, False, 65536
+    done: list[Task] = []
+    data = os.urandom(n)
+    t = Task(0, scsi.write16(0, (n + 511) // 512), 0, data, None, 1, done.append)
+    s.submit(t)
+    await asyncio.sleep(0)
+    if n > 65536:      # the rest on an R2T
+        feed(conn, enc(P.R2T(itt=t.itt, ttt=77, statsn=STATSN0, expcmdsn=8, maxcmdsn=70, r2tsn=0,
+                             offset=65536, length=n - 65536), True, True), [])
+    reader = framing.PduReader(allowed=P.INITIATOR_OPCODES, header_digest=True, data_digest=True,
+                               max_data_segment=1 << 24)
+    got = reader.feed(b"".join(wire.writes))
+    sent = bytearray(n)
+    for p in got:
+        off = p.offset if isinstance(p, P.DataOut) else 0
+        sent[off:off + len(p.data)] = p.data
+    assert bytes(sent) == data
+    assert isinstance(got[0], P.ScsiCommandPdu) and len(got[0].data) == min(n, 65536)
