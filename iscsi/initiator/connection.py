@@ -22,7 +22,14 @@ parsed (a completion callback issuing the next command) are written at the end o
 read, with no extra trip through the event loop.  The session's status bookkeeping
 (StatSN, the command window) is likewise applied once per read (``sink.apply_sn``).
 
-Digests (RFC 7143 §12.1) are checked/added here with :mod:`iscsi.digest`.
+Digests (RFC 7143 §12.1).  With a header and/or data digest :meth:`_parse_dg` is the hot
+loop: the same framing with the 4 digest bytes counted in, each digest checked with one CRC32C
+call over the bytes it covers plus the digest (the CRC residue, :data:`DIGEST_RESIDUE`).  A
+large Data-In is still received in place; the task buffer's RX_ROOM then takes the pad, the
+data digest and the next header + its digest, so the data digest is computed where the data
+landed (no copy) and one read per large Data-In remains.  Without that room, the trailer and
+the next header are read on their own (``_lean``) into staging.  The digest-free path is left
+exactly as it was: digest mode is separate code, not branches in it.
 """
 from __future__ import annotations
 
