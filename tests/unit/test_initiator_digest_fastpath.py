@@ -311,7 +311,9 @@ async def test_bad_data_digest_of_a_payload_in_place_drops_the_connection(room, 
     pdus = [enc(data_in(t, os.urandom(n), i), True, True) for i, t in enumerate(tasks)]
     pad = -n & 3
     second = _corrupt(pdus[1], 52 + 5000 if where == "payload" else 52 + n + pad + 1)
-    stream = pdus[0] + second
+    # A NOP-In after it: with room, the bad digest is found in the read that also brings that.
+    stream = pdus[0] + second + enc(P.NopIn(itt=P.RESERVED_TAG, ttt=P.RESERVED_TAG, statsn=STATSN0 + 2,
+                                            expcmdsn=10, maxcmdsn=75), True, True)
     asked: list[int] = []
     pos, arrived = 0, first
     while pos < len(stream) and not conn.closed:
@@ -368,3 +370,38 @@ async def test_write_with_digests_sends_what_the_shared_reader_accepts(n):
         sent[off:off + len(p.data)] = p.data
     assert bytes(sent) == data
     assert isinstance(got[0], P.ScsiCommandPdu) and len(got[0].data) == min(n, 65536)
+
+
+async def test_too_long_data_segment_drops_the_connection():
+    s, conn, wire = logged_in(header_digest=True, data_digest=True)
+    done: list[Task] = []
+    t = Task(0, scsi.read16(0, 8), 4096, None, None, 1, done.append)
+    s.submit(t)
+    header = bytearray(enc(data_in(t, b"", 0), True, True))
+    header[5:8] = (300000).to_bytes(3, "big")            # > our MaxRecvDataSegmentLength
+    header[48:52] = digest.digest_bytes(bytes(header[:48]))
+    await _expect_drop(conn, done, t, bytes(header) + bytes(4096), [], "too long")
+
+
+async def test_large_data_in_for_an_unknown_task_is_discarded_in_place():
+    s, conn, done, tasks, bufs, payloads, pdus = _large_reads(2, C.RX_ROOM)
+    stray = P.DataIn(itt=0x7777, data=os.urandom(131072), statsn=STATSN0, expcmdsn=8, maxcmdsn=70)
+    stream = pdus[0] + enc(stray, True, True) + pdus[1]
+    feed(conn, stream, [100, 1 << 20])
+    assert not conn.closed, conn.close_reason
+    assert [bytes(b[:131072]) for b in bufs] == payloads and len(done) == 2
+
+
+async def test_many_small_pdus_through_a_full_staging_buffer():
+    # More than the staging buffer holds, in reads that end mid-PDU: the unparsed tail moves
+    # to the front (compaction) and nothing is lost.
+    s, conn, wire = logged_in(header_digest=True, data_digest=True, window=1024)
+    done: list[Task] = []
+    tasks = [Task(0, scsi.read16(i, 8), 4093, None, None, 1, done.append) for i in range(400)]
+    for t in tasks:
+        s.submit(t)
+    payloads = [os.urandom(4093) for _ in tasks]
+    stream = b"".join(enc(data_in(t, d, i), True, True) for i, (t, d) in enumerate(zip(tasks, payloads)))
+    feed(conn, stream, [C.STAGING_SIZE - 1000, 333333])
+    assert not conn.closed, conn.close_reason
+    assert [bytes(t.data) for t in tasks] == payloads and len(done) == 400
