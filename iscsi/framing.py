@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .digest import crc32c, crc32c_extend, digest_bytes, pack_digest, unpack_digest
+from .digest import crc32c, crc32c_extend, digest_bytes, pack_digest, unpack_digest_from
 import struct
 
 from .pdu import BHS_LEN, Pdu, PduFormatError, RejectReason, decode, pad4
@@ -101,7 +101,7 @@ class PduReader:
             if end - pos < total:
                 break
             header = bytes(buf[pos:hdr_end])
-            if hd and crc32c(header) != unpack_digest(buf[hdr_end:data_start]):
+            if hd and crc32c(header) != unpack_digest_from(buf, hdr_end)[0]:
                 raise HeaderDigestError("header digest mismatch")
             payload = bytes(buf[data_start:data_start + data_len]) if data_len else b""
             try:
@@ -116,7 +116,7 @@ class PduReader:
             pos += total
             if dd and data_len:
                 padded_end = data_start + ((data_len + 3) & ~3)
-                if crc32c(memoryview(buf)[data_start:padded_end]) != unpack_digest(buf[padded_end:padded_end + 4]):
+                if crc32c(memoryview(buf)[data_start:padded_end]) != unpack_digest_from(buf, padded_end)[0]:
                     out.append(DataDigestFailure(pdu, header[:BHS_LEN]))
                     continue
             out.append(pdu)
