@@ -10,6 +10,8 @@ import ctypes.util
 import errno
 import os
 
+from .gather import WriteGather
+
 # linux/falloc.h
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -61,6 +63,10 @@ class FileBackstore:
     thread hop); ``flush`` calls fdatasync and may block, so the SCSI core runs it in a
     worker thread.  ``write(..., fua=True)`` is synchronous too and is meant for direct
     users of the backstore, not for the event loop.
+
+    ``gather_writes=True`` (the daemon's LUs) merges back-to-back small writes into one
+    pwritev (iscsi/backstore/gather.py); whoever answers the writes must call
+    ``gather.drain_all()`` before acknowledging them.  Every other operation drains first.
     """
 
     def __init__(
@@ -70,6 +76,7 @@ class FileBackstore:
         block_size: int = 512,
         read_only: bool = False,
         create: bool = True,
+        gather_writes: bool = False,
     ) -> None:
         if block_size not in SUPPORTED_BLOCK_SIZES:
             raise ValueError(f"block size {block_size} not supported (use one of {SUPPORTED_BLOCK_SIZES})")
@@ -103,6 +110,7 @@ class FileBackstore:
         self._size = size
         self._punch_ok = _fallocate is not None
         self._zero_range_ok = _fallocate is not None
+        self._gather = WriteGather(self._fd, self.path) if gather_writes and not read_only else None
 
     # -- properties ---------------------------------------------------------------
 
@@ -119,7 +127,18 @@ class FileBackstore:
 
     # -- I/O ------------------------------------------------------------------------
 
+    def drain(self) -> None:
+        """Write out gathered writes; raise the error of a gathered run that failed earlier."""
+        gather = self._gather
+        if gather is not None:
+            gather.drain()
+            if gather.error is not None:
+                raise gather.take_error()  # type: ignore[misc]
+
     def read(self, offset: int, length: int) -> bytes:
+        gather = self._gather
+        if gather is not None and (gather.buffers or gather.error is not None):
+            self.drain()
         data = os.pread(self._fd, length, offset)
         if len(data) < length:  # a short read only happens at EOF; the LU never reads past size
             data += bytes(length - len(data))
@@ -127,6 +146,9 @@ class FileBackstore:
 
     def read_into(self, offset: int, dest: memoryview) -> None:
         """Fill ``dest`` from ``offset`` (preadv: no intermediate bytes object)."""
+        gather = self._gather
+        if gather is not None and (gather.buffers or gather.error is not None):
+            self.drain()
         fd = self._fd
         while dest:
             n = os.preadv(fd, [dest], offset)
@@ -137,6 +159,11 @@ class FileBackstore:
             offset += n
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        gather = self._gather
+        if gather is not None:
+            if gather.error is None and not fua and gather.add(offset, data):
+                return
+            self.drain()
         view = memoryview(data)
         fd = self._fd
         while view:
@@ -147,6 +174,8 @@ class FileBackstore:
             os.fdatasync(fd)
 
     def flush(self) -> None:
+        if self._gather is not None:
+            self.drain()
         os.fdatasync(self._fd)
 
     def _fallocate(self, mode: int, offset: int, length: int) -> bool:
@@ -161,6 +190,8 @@ class FileBackstore:
 
     def unmap(self, offset: int, length: int) -> None:
         """Deallocate: punch a hole (partial filesystem blocks are zeroed by the kernel)."""
+        if self._gather is not None:
+            self.drain()
         if length <= 0:
             return
         if self._punch_ok and self._fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
@@ -170,6 +201,8 @@ class FileBackstore:
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make a range read as zeroes and stay allocated (FALLOC_FL_ZERO_RANGE, else zero buffers)."""
+        if self._gather is not None:
+            self.drain()
         if length <= 0:
             return
         if self._zero_range_ok and self._fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length):
@@ -189,6 +222,8 @@ class FileBackstore:
 
         Runs are whole blocks: a block that is partly allocated counts as mapped.
         """
+        if self._gather is not None:
+            self.drain()
         bs = self.block_size
         size = self._size
         if offset >= size:
@@ -212,12 +247,16 @@ class FileBackstore:
 
     def prefetch(self, offset: int, length: int) -> None:
         """Hint the kernel to read ahead (SBC-4 PRE-FETCH)."""
+        if self._gather is not None:
+            self.drain()
         try:
             os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
         except (OSError, AttributeError):
             pass
 
     def resize(self, new_size: int) -> None:
+        if self._gather is not None:
+            self.drain()
         if self.read_only:
             raise PermissionError("read-only backstore cannot be resized")
         if new_size <= 0 or new_size % self.block_size:
@@ -227,9 +266,13 @@ class FileBackstore:
 
     def allocated_bytes(self) -> int:
         """Bytes the image really occupies on disk (st_blocks is in 512-byte units)."""
+        if self._gather is not None:
+            self.drain()
         return os.fstat(self._fd).st_blocks * 512
 
     def close(self) -> None:
+        if self._gather is not None and self._fd >= 0:
+            self._gather.drain()  # an error here was already logged; nothing is left to tell
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

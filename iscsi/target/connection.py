@@ -21,6 +21,7 @@ from .. import eager
 from ..digest import crc32c, crc32c_extend, pack_digest
 from .. import pdu as P
 from ..framing import BadPdu, DataDigestFailure, HeaderDigestError, PduReader, encode
+from ..backstore.gather import drain_all as drain_gathered_writes, pending_runs as _gathered_writes
 from ..log import event
 from ..scsi.types import ScsiCommand, ScsiResult, Status, TaskAttr
 from ..session import DataOutError, StatSequence, WriteTransfer, residual
@@ -240,6 +241,9 @@ class TargetConnection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if _gathered_writes:
+            # Writes merged this turn reach the file before anything is acknowledged.
+            drain_gathered_writes()
         if self._out and not self.closed and self.transport is not None:
             out, self._out = self._out, []
             self._out_bytes = 0

@@ -122,6 +122,7 @@ class ScsiUnitProvider:
             block_size=lun.block_size,
             read_only=lun.read_only,
             create=not exists,
+            gather_writes=True,  # the connection drains before it answers (backstore/gather.py)
         )
         try:
             actual = int(backstore.size)

@@ -165,3 +165,118 @@ def test_file_read_into_past_a_shrunk_file_reads_zeroes(tmp_path):
     dest = bytearray(b"\xff" * 8192)
     b.read_into(0, memoryview(dest))
     assert bytes(dest) == b"\1" * 4096 + bytes(4096)
+
+
+# -- write gathering (iscsi/backstore/gather.py) -------------------------------------------------
+
+from iscsi.backstore import gather as G  # noqa: E402
+
+
+def _on_disk(path, offset, length):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def syscalls(monkeypatch):
+    """Count pwritev/pwrite calls (and let the tests make pwritev fail)."""
+    calls = {"pwritev": 0, "pwrite": 0, "fail": None}
+    real_pwritev, real_pwrite = os.pwritev, os.pwrite
+
+    def pwritev(fd, buffers, offset):
+        calls["pwritev"] += 1
+        if calls["fail"] is not None:
+            raise calls["fail"]
+        return real_pwritev(fd, buffers, offset)
+
+    def pwrite(fd, data, offset):
+        calls["pwrite"] += 1
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    yield calls
+    G.pending_runs.clear()
+
+
+def test_contiguous_writes_become_one_pwritev_when_drained(tmp_path, syscalls):
+    path = tmp_path / "g.img"
+    b = FileBackstore(path, size=1 << 20, gather_writes=True)
+    chunks = [os.urandom(4096) for _ in range(8)]
+    for i, c in enumerate(chunks):
+        b.write(65536 + i * 4096, c)
+    assert syscalls == {"pwritev": 0, "pwrite": 0, "fail": None}
+    assert _on_disk(path, 65536, 4096) == bytes(4096)     # still gathered
+    G.drain_all()                                         # what the transport does before answering
+    assert syscalls["pwritev"] == 1 and syscalls["pwrite"] == 0
+    assert _on_disk(path, 65536, 8 * 4096) == b"".join(chunks)
+    assert not G.pending_runs
+
+
+def test_gathered_writes_keep_their_order_and_reads_see_them(tmp_path, syscalls):
+    path = tmp_path / "o.img"
+    b = FileBackstore(path, size=1 << 20, gather_writes=True)
+    b.write(0, b"\1" * 4096)
+    b.write(4096, b"\2" * 4096)
+    b.write(0, b"\3" * 4096)          # not contiguous: the run so far is written first
+    assert b.read(0, 8192) == b"\3" * 4096 + b"\2" * 4096   # a read drains
+    assert _on_disk(path, 0, 8192) == b"\3" * 4096 + b"\2" * 4096
+    b.write(8192, b"\4" * 512)
+    b.unmap(8192, 512)                # every other operation drains first, too
+    assert _on_disk(path, 8192, 512) == bytes(512)
+
+
+def test_mutable_buffers_are_copied_and_big_or_fua_writes_go_direct(tmp_path, syscalls):
+    path = tmp_path / "m.img"
+    b = FileBackstore(path, size=4 << 20, gather_writes=True)
+    buf = bytearray(b"\7" * 4096)
+    b.write(0, memoryview(buf))
+    buf[:] = b"\0" * 4096             # the caller reuses its buffer once write() returned
+    b.write(1 << 20, os.urandom(G.MAX_GATHERED_WRITE + 512))
+    assert syscalls["pwrite"] == 1    # the big one, after draining the small one
+    assert _on_disk(path, 0, 4096) == b"\7" * 4096
+    b.write(8192, b"\5" * 4096, fua=True)
+    assert syscalls["pwrite"] == 2 and _on_disk(path, 8192, 4096) == b"\5" * 4096
+
+
+def test_a_run_is_drained_at_its_size_caps(tmp_path, syscalls):
+    b = FileBackstore(tmp_path / "c.img", size=4 << 20, gather_writes=True)
+    for i in range(G.MAX_RUN_BUFFERS + 1):
+        b.write(i * 512, b"\1" * 512)
+    assert syscalls["pwritev"] == 1 and len(b._gather.buffers) == 1
+    b.drain()
+    assert b.read(0, (G.MAX_RUN_BUFFERS + 1) * 512) == b"\1" * ((G.MAX_RUN_BUFFERS + 1) * 512)
+
+
+def test_a_failed_run_is_reported_by_the_next_operation(tmp_path, syscalls, caplog):
+    import errno
+
+    b = FileBackstore(tmp_path / "f.img", size=1 << 20, gather_writes=True)
+    b.write(0, b"\1" * 4096)
+    syscalls["fail"] = OSError(errno.ENOSPC, "No space left on device")
+    G.drain_all()                     # the transport's drain must not raise
+    assert "gathered write of 4096 bytes" in caplog.text
+    syscalls["fail"] = None
+    with pytest.raises(OSError) as exc:
+        b.read(0, 512)                # the LU turns this into MEDIUM ERROR for that command
+    assert exc.value.errno == errno.ENOSPC
+    assert b.read(0, 512) == bytes(512)   # reported once, then the file works again
+
+
+def test_no_gathering_while_the_filesystem_is_nearly_full(tmp_path, syscalls, monkeypatch):
+    class Nearly:
+        f_bavail, f_frsize = 10, 4096
+
+    monkeypatch.setattr(os, "fstatvfs", lambda fd: Nearly)
+    b = FileBackstore(tmp_path / "n.img", size=1 << 20, gather_writes=True)
+    b.write(0, b"\1" * 4096)
+    assert syscalls["pwrite"] == 1 and not G.pending_runs
+
+
+def test_gathering_is_off_unless_asked(tmp_path, syscalls):
+    b = FileBackstore(tmp_path / "d.img", size=1 << 20)
+    b.write(0, b"\1" * 4096)
+    assert syscalls["pwrite"] == 1 and not G.pending_runs
