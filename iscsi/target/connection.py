@@ -66,7 +66,7 @@ class Task:
     """One SCSI command in flight on this connection."""
 
     __slots__ = ("pdu", "lun", "itt", "transfer", "ready", "started", "aborted", "future",
-                 "needed", "cmdsn")
+                 "needed", "cmdsn", "reserved")
 
     def __init__(self, pdu: P.ScsiCommandPdu, lun: int) -> None:
         self.pdu = pdu
@@ -79,6 +79,7 @@ class Task:
         self.aborted = False
         self.future: asyncio.Task | None = None
         self.needed: int | None = None  # Data-Out bytes the CDB asks for
+        self.reserved = 0  # Data-In bytes it may still produce (counted as pending output)
 
 
 class TargetConnection(asyncio.Protocol):
@@ -109,6 +110,9 @@ class TargetConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self._out: list = []
         self._out_bytes = 0  # queued in _out, not yet handed to the transport
+        # Data-In that running (suspended) READs will produce: a large READ is read in steps
+        # (sbc.LARGE_TRANSFER_STEP), so its output exists before it is queued.
+        self._reserved = 0
         self._flush_scheduled = False
         self._deferred: deque[Task] = deque()  # ready commands held while output is congested
         # Full Feature Phase text exchanges (§11.10): request text still arriving with C=1,
@@ -161,7 +165,7 @@ class TargetConnection(asyncio.Protocol):
 
     def _congested(self) -> bool:
         """Output the peer has not taken yet is over the high-water mark: start nothing new."""
-        return self._paused or self._out_bytes > WRITE_HIGH_WATER
+        return self._paused or self._out_bytes + self._reserved > WRITE_HIGH_WATER
 
     def _run_deferred(self) -> None:
         deferred = self._deferred
@@ -508,6 +512,9 @@ class TargetConnection(asyncio.Protocol):
         task = Task(pdu, lun)
         task.needed = needed
         task.ready = task.started = True
+        if pdu.read:
+            task.reserved = pdu.edtl
+            self._reserved += pdu.edtl
         self.tasks[pdu.itt] = task
         session.window.in_flight += 1
         task.future = self.loop.create_task(self._finish_suspended(task, eager.resume(coro, yielded)))
@@ -589,6 +596,9 @@ class TargetConnection(asyncio.Protocol):
             self._deferred.append(task)
             return
         task.started = True
+        if task.pdu.read:
+            task.reserved = task.pdu.edtl
+            self._reserved += task.reserved
         # Most commands complete without waiting (page-cache pread/pwrite): run them
         # now and only make a Task for the ones that block (flush, locks, threads).
         task.future = eager.start(self._execute(task), self.loop)
@@ -616,6 +626,9 @@ class TargetConnection(asyncio.Protocol):
         self._finish_task(task, result)
 
     def _forget(self, task: Task) -> None:
+        if task.reserved:
+            self._reserved -= task.reserved
+            task.reserved = 0
         if self.tasks.get(task.itt) is task:
             del self.tasks[task.itt]
             if self.session is not None:
