@@ -251,14 +251,22 @@ def test_a_run_is_drained_at_its_size_caps(tmp_path, syscalls):
     assert b.read(0, (G.MAX_RUN_BUFFERS + 1) * 512) == b"\1" * ((G.MAX_RUN_BUFFERS + 1) * 512)
 
 
-def test_a_failed_run_is_reported_by_the_next_operation(tmp_path, syscalls, caplog):
+def test_a_failed_run_is_reported_by_the_next_operation(tmp_path, syscalls):
     import errno
+    import logging
 
-    b = FileBackstore(tmp_path / "f.img", size=1 << 20, gather_writes=True)
-    b.write(0, b"\1" * 4096)
-    syscalls["fail"] = OSError(errno.ENOSPC, "No space left on device")
-    G.drain_all()                     # the transport's drain must not raise
-    assert "gathered write of 4096 bytes" in caplog.text
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append  # type: ignore[method-assign]
+    G.log.addHandler(handler)  # on the logger itself: other tests may stop propagation
+    try:
+        b = FileBackstore(tmp_path / "f.img", size=1 << 20, gather_writes=True)
+        b.write(0, b"\1" * 4096)
+        syscalls["fail"] = OSError(errno.ENOSPC, "No space left on device")
+        G.drain_all()                     # the transport's drain must not raise
+    finally:
+        G.log.removeHandler(handler)
+    assert any("gathered write of 4096 bytes" in r.getMessage() for r in records)
     syscalls["fail"] = None
     with pytest.raises(OSError) as exc:
         b.read(0, 512)                # the LU turns this into MEDIUM ERROR for that command
