@@ -26,12 +26,12 @@ from iscsi.scsi.lu import LogicalUnit
 from iscsi.scsi.target import LunMap
 from iscsi.target.connection import TargetConnection
 from iscsi.target.server import IscsiServer
-from tests.target.fakes import FakeRegistry, FakeTarget
+from tests.target.fakes import FakeRegistry, FakeTarget, StubTransport
 
 IQN = "iqn.2026-11.org.sanstack:bench"
 
 
-class CountingTransport:
+class CountingTransport(StubTransport):
     def __init__(self) -> None:
         self.bytes = 0
 
@@ -39,23 +39,6 @@ class CountingTransport:
         for p in parts:
             self.bytes += len(p)
 
-    def get_extra_info(self, name, default=None):
-        return ("127.0.0.1", 3260)
-
-    def set_write_buffer_limits(self, high=None, low=None):
-        pass
-
-    def close(self):
-        pass
-
-    def abort(self):
-        pass
-
-    def pause_reading(self):
-        pass
-
-    def resume_reading(self):
-        pass
 
 
 async def run(ops: int, write: bool, profile: bool, digests: bool = False) -> None:

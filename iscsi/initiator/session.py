@@ -396,32 +396,12 @@ class Session:
     def submit(self, task: Task) -> None:
         """Queue ``task``; ``task.cb(task)`` runs when it completes (status or ``task.exc``)."""
         cmdsn = self._cmdsn
-        if self._plain and not self._waiting and ((self._maxcmdsn - cmdsn) & 0xFFFFFFFF) < 0x80000000:
+        hdig = self._hdig
+        if (self._plain or hdig) and not self._waiting and ((self._maxcmdsn - cmdsn) & 0xFFFFFFFF) < 0x80000000:
             if task.out is None and len(task.cdb) <= 16:
                 # Fast path (reads and no-data commands): _send's first branch, inlined.
-                # _plain: logged in, no header digest; the window check is §4.2.2.1 serial arithmetic.
-                conn = self.conn
-                tasks = self._tasks
-                itt = (self._itt + 1) & 0xFFFFFFFF
-                if itt in tasks or itt == RESERVED or itt in self._mgmt:
-                    itt = self._new_itt()
-                self._itt = itt
-                task.itt = itt
-                tasks[itt] = task
-                task.cmdsn = cmdsn
-                self._cmdsn = (cmdsn + 1) & 0xFFFFFFFF
-                conn.out.append(_CMD.pack(0x01, 0xC0 | task.attr if task.read_len else 0x80 | task.attr, 0, 0, 0,
-                                          task.lun_field, itt, task.read_len, cmdsn, self._expstatsn, task.cdb))
-                if not conn.flush_pending:
-                    conn.schedule_flush()
-                return
-            self._send(task)
-            return
-        if self._hdig and not self._waiting and ((self._maxcmdsn - cmdsn) & 0xFFFFFFFF) < 0x80000000:
-            if task.out is None and len(task.cdb) <= 16:
-                # The fast path above with a header digest (RFC 7143 §12.1): the BHS, then its
-                # CRC32C least significant byte first.  A separate branch so the digest-free
-                # path pays nothing for it.
+                # Logged in, window open (§4.2.2.1 serial arithmetic); with a header digest the
+                # BHS is followed by its CRC32C, least significant byte first (RFC 7143 §12.1).
                 conn = self.conn
                 tasks = self._tasks
                 itt = (self._itt + 1) & 0xFFFFFFFF
@@ -436,7 +416,8 @@ class Session:
                                    task.lun_field, itt, task.read_len, cmdsn, self._expstatsn, task.cdb)
                 out = conn.out
                 out.append(header)
-                out.append(pack_digest(_crc(header)))
+                if hdig:
+                    out.append(pack_digest(_crc(header)))
                 if not conn.flush_pending:
                     conn.schedule_flush()
                 return

@@ -114,3 +114,28 @@ class FakeLunMap:
             return ScsiResult()
         return ScsiResult(status=Status.CHECK_CONDITION,
                           sense=build_sense(SenseKey.ILLEGAL_REQUEST, INVALID_COMMAND_OPERATION_CODE))
+
+
+class StubTransport:
+    """An asyncio transport that sends nowhere: subclasses decide what ``writelines`` does."""
+
+    def writelines(self, parts) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 3260)
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        pass
+
+    def close(self):
+        pass
+
+    def abort(self):
+        pass
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass

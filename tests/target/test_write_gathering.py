@@ -15,12 +15,12 @@ from iscsi.scsi.target import LunMap
 from iscsi.target.connection import TargetConnection
 from iscsi.target.server import IscsiServer
 
-from .fakes import FakeRegistry, FakeTarget
+from .fakes import FakeRegistry, FakeTarget, StubTransport
 
 IQN = "iqn.2026-11.org.sanstack:gather"
 
 
-class CheckingTransport:
+class CheckingTransport(StubTransport):
     """Records, at the moment each batch of responses is written, what the image file holds."""
 
     def __init__(self, path) -> None:
@@ -37,23 +37,6 @@ class CheckingTransport:
         for p in parts:
             self.sent += p
 
-    def get_extra_info(self, name, default=None):
-        return ("127.0.0.1", 3260)
-
-    def set_write_buffer_limits(self, high=None, low=None):
-        pass
-
-    def close(self):
-        pass
-
-    def abort(self):
-        pass
-
-    def pause_reading(self):
-        pass
-
-    def resume_reading(self):
-        pass
 
 
 async def test_gathered_writes_are_in_the_file_before_their_responses_leave(tmp_path, monkeypatch):

@@ -22,7 +22,9 @@ from iscsi.initiator import connection as C
 from iscsi.initiator import scsi
 from iscsi.initiator.errors import ProtocolViolation
 from iscsi.initiator.session import Task
-from tests.unit.test_initiator_fastpath import SIZES, STATSN0, _script, feed, feed_arriving, logged_in
+from tests.unit.test_initiator_fastpath import (
+    STATSN0, _run_script, feed, feed_arriving, logged_in,
+)
 
 #: (header digest, data digest) combinations that take the digest path.
 DIGESTS = [(True, True), (True, False), (False, True)]
@@ -128,23 +130,8 @@ async def test_every_split_point_three_reads(hd, dd):
 # mixed sizes, large payloads in place, any chunking
 
 async def _run_dg(kinds: list[str], sizes: list[int], seed: int, hd: bool, dd: bool, room: int) -> None:
-    """_run_script with separately chosen digests (it turns both on or off together)."""
-    s, conn, wire = logged_in(header_digest=hd, data_digest=dd)
-    done: list[Task] = []
-    tasks = [Task(0, scsi.read16(i * 1024, SIZES[k] // 512 + 1), SIZES[k], None, bytearray(SIZES[k] + room), 1,
-                  done.append) for i, k in enumerate(kinds)]
-    for t in tasks:
-        s.submit(t)
-    pdus, expect, statsn = _script(kinds, tasks, seed)
-    feed(conn, b"".join(enc(p, hd, dd) for p in pdus), sizes)
-    assert not conn.closed, conn.close_reason
-    assert [t.itt for t in done] == [t.itt for t in tasks]
-    for k, t in zip(kinds, tasks):
-        if k != "sense":
-            assert bytes(t.data) == expect[t.itt]
-        assert t.status == (2 if k == "sense" else 0)
-        assert (t.underflow, t.residual) == ((True, 1000) if k == "underflow" else (False, 0))
-    assert s._expstatsn == statsn and s.in_flight == 0 and s.sn_pending is None
+    """_run_script with the header and data digests chosen separately."""
+    await _run_script(kinds, sizes, seed, digests=hd, data_digest=dd, room=room)
 
 
 KIND = st.sampled_from(["small", "large", "split", "separate", "odd", "sense", "underflow"])

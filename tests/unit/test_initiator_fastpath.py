@@ -205,8 +205,14 @@ SIZES = {"small": 4096, "large": 131072, "split": 262144, "separate": 65536, "od
          "underflow": 40960}
 
 
-async def _run_script(kinds: list[str], sizes: list[int], seed: int, *, digests: bool, room: int = 0) -> None:
-    s, conn, wire = logged_in(header_digest=digests, data_digest=digests)
+async def _run_script(kinds: list[str], sizes: list[int], seed: int, *, digests: bool, room: int = 0,
+                      data_digest: bool | None = None) -> None:
+    """Complete ``kinds`` of reads from one scripted stream fed in ``sizes`` chunks.
+
+    ``digests`` sets the header digest, and the data digest too unless ``data_digest`` says."""
+    hd = digests
+    dd = digests if data_digest is None else data_digest
+    s, conn, wire = logged_in(header_digest=hd, data_digest=dd)
     done: list[Task] = []
     # ``room`` spare bytes after read_len: the connection may read the next BHS into them.
     tasks = [Task(0, scsi.read16(i * 1024, SIZES[k] // 512 + 1), SIZES[k], None, bytearray(SIZES[k] + room), 1,
@@ -214,7 +220,7 @@ async def _run_script(kinds: list[str], sizes: list[int], seed: int, *, digests:
     for t in tasks:
         s.submit(t)
     pdus, expect, statsn = _script(kinds, tasks, seed)
-    stream = b"".join(framing.encode_bytes(p, header_digest=digests, data_digest=digests) for p in pdus)
+    stream = b"".join(framing.encode_bytes(p, header_digest=hd, data_digest=dd) for p in pdus)
     feed(conn, stream, sizes)
     assert not conn.closed, conn.close_reason
     assert [t.itt for t in done] == [t.itt for t in tasks], "each command completes once, in order"
