@@ -50,6 +50,11 @@ WRITE_HIGH_WATER = 4 * 1024 * 1024
 # Most text one Text Request sequence may carry (a SendTargets answer for many targets
 # is the biggest legitimate one, and it goes the other way).
 TEXT_EXCHANGE_LIMIT = 65536
+# In each turn of the loop the first EARLY_FLUSH responses are written at once, the rest
+# together at the end of the turn.  Writing everything at the end made a single-threaded
+# initiator and this target take turns (each idle while the other worked through a whole
+# queue's worth); one early write lets the initiator start on those while we go on.
+EARLY_FLUSH = int(os.environ.get("SANSTACK_EARLY_FLUSH", "8"))
 # Tasks one connection may hold: the CmdSN window (128) bounds ordinary commands; this
 # bounds immediate ones too, which the window does not count.
 MAX_TASKS_PER_CONNECTION = 256
@@ -114,6 +119,7 @@ class TargetConnection(asyncio.Protocol):
         # (sbc.LARGE_TRANSFER_STEP), so its output exists before it is queued.
         self._reserved = 0
         self._flush_scheduled = False
+        self._turn_responses = 0  # responses queued in this turn of the loop (EARLY_FLUSH)
         self._deferred: deque[Task] = deque()  # ready commands held while output is congested
         # Full Feature Phase text exchanges (§11.10): request text still arriving with C=1,
         # and the rest of a long answer the initiator has not asked for yet.
@@ -236,6 +242,17 @@ class TargetConnection(asyncio.Protocol):
         self._out_bytes += len(pdu.data) + P.BHS_LEN
         self._schedule_flush()
 
+    def _response_queued(self) -> None:
+        """A SCSI response (with its Data-In) is in ``_out``: write early or at the turn's end."""
+        n = self._turn_responses = self._turn_responses + 1
+        if n == EARLY_FLUSH and self.transport is not None and not self.closed:
+            if _gathered_writes:
+                drain_gathered_writes()
+            out, self._out = self._out, []
+            self._out_bytes = 0
+            self.transport.writelines(out)
+        self._schedule_flush()
+
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             # Coalesce every PDU produced in this turn of the loop into one writev:
@@ -245,6 +262,7 @@ class TargetConnection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._turn_responses = 0
         if _gathered_writes:
             # Writes merged this turn reach the file before anything is acknowledged.
             drain_gathered_writes()
@@ -695,7 +713,7 @@ class TargetConnection(asyncio.Protocol):
                     crc = crc32c(data)
                     out.append(pack_digest(crc32c_extend(crc, _PADDING[pad]) if pad else crc))
                 self._out_bytes += n + 48
-                self._schedule_flush()
+                self._response_queued()
                 return
             view = data if isinstance(data, memoryview) else memoryview(data)
             offset = 0
@@ -725,7 +743,7 @@ class TargetConnection(asyncio.Protocol):
             if dd:
                 out.append(pack_digest(crc32c(padded)))
         self._out_bytes += len(segment) + 48
-        self._schedule_flush()
+        self._response_queued()
 
     def _side_effects(self, result: ScsiResult, lun_field: int) -> None:
         """Effects a SCSI command has on other tasks: PERSISTENT RESERVE OUT with PREEMPT AND

@@ -139,3 +139,28 @@ class StubTransport:
 
     def resume_reading(self):
         pass
+
+
+def logged_in_connection(lu, transport, iqn: str = "iqn.2026-11.org.sanstack:fake",
+                         keys: tuple[tuple[str, str], ...] = ()):
+    """A TargetConnection on ``transport``, logged in (Normal session, LUN 0 = ``lu``) with the
+    power-on unit attention already consumed; returns the connection (next CmdSN is 2)."""
+    from iscsi import keys as K
+    from iscsi import pdu as P
+    from iscsi.framing import encode_bytes
+    from iscsi.scsi.target import LunMap
+    from iscsi.target.connection import TargetConnection
+    from iscsi.target.server import IscsiServer
+
+    server = IscsiServer(FakeRegistry({iqn: FakeTarget(iqn, luns=LunMap({0: lu}))}), nop_interval=3600)
+    conn = TargetConnection(server)
+    conn.connection_made(transport)
+    text = [("InitiatorName", "iqn.2026-11.org.x:y"), ("TargetName", iqn), ("SessionType", "Normal"),
+            ("ImmediateData", "Yes"), *keys]
+    conn.data_received(encode_bytes(P.LoginRequest(transit=True, csg=1, nsg=3, isid=0x400000000001, cmdsn=1,
+                                                   itt=1, data=K.encode_text(text))))
+    assert conn.session is not None, "login failed"
+    wire = {"header_digest": conn.header_digest, "data_digest": conn.data_digest}
+    conn.data_received(encode_bytes(P.ScsiCommandPdu(cdb=bytes(6), cmdsn=1, itt=2), **wire))  # TUR eats the UA
+    conn._flush()
+    return conn

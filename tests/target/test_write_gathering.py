@@ -5,19 +5,13 @@ from __future__ import annotations
 import os
 import struct
 
-from iscsi import keys as K
 from iscsi import pdu as P
 from iscsi.backstore import gather as G
 from iscsi.backstore.file import FileBackstore
 from iscsi.framing import PduReader, encode_bytes
 from iscsi.scsi.lu import LogicalUnit
-from iscsi.scsi.target import LunMap
-from iscsi.target.connection import TargetConnection
-from iscsi.target.server import IscsiServer
 
-from .fakes import FakeRegistry, FakeTarget, StubTransport
-
-IQN = "iqn.2026-11.org.sanstack:gather"
+from .fakes import StubTransport, logged_in_connection
 
 
 class CheckingTransport(StubTransport):
@@ -46,17 +40,8 @@ async def test_gathered_writes_are_in_the_file_before_their_responses_leave(tmp_
     img = tmp_path / "lun.img"
     backstore = FileBackstore(img, size=16 << 20, block_size=512, gather_writes=True)
     lu = LogicalUnit(backstore, serial="gather01", lun_id=0)
-    server = IscsiServer(FakeRegistry({IQN: FakeTarget(IQN, luns=LunMap({0: lu}))}), nop_interval=3600)
-    conn = TargetConnection(server)
     transport = CheckingTransport(img)
-    conn.connection_made(transport)
-    login = P.LoginRequest(transit=True, csg=1, nsg=3, isid=0x400000000001, cmdsn=1, itt=1,
-                           data=K.encode_text([("InitiatorName", "iqn.2026-11.org.x:y"), ("TargetName", IQN),
-                                               ("SessionType", "Normal"), ("ImmediateData", "Yes")]))
-    conn.data_received(encode_bytes(login))
-    assert conn.session is not None
-    conn.data_received(encode_bytes(P.ScsiCommandPdu(cdb=bytes(6), cmdsn=1, itt=2)))  # TUR: the power-on UA
-    conn._flush()
+    conn = logged_in_connection(lu, transport)
     transport.file_when_sent.clear()
     start = len(transport.sent)
 
