@@ -258,7 +258,10 @@ def test_a_failed_run_is_reported_by_the_next_operation(tmp_path, syscalls):
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.ERROR)
     handler.emit = records.append  # type: ignore[method-assign]
-    G.log.addHandler(handler)  # on the logger itself: other tests may stop propagation
+    # On the logger itself and at its own level: other tests (the fuzz harness) silence "iscsi".
+    G.log.addHandler(handler)
+    old_level = G.log.level
+    G.log.setLevel(logging.ERROR)
     try:
         b = FileBackstore(tmp_path / "f.img", size=1 << 20, gather_writes=True)
         b.write(0, b"\1" * 4096)
@@ -266,6 +269,7 @@ def test_a_failed_run_is_reported_by_the_next_operation(tmp_path, syscalls):
         G.drain_all()                     # the transport's drain must not raise
     finally:
         G.log.removeHandler(handler)
+        G.log.setLevel(old_level)
     assert any("gathered write of 4096 bytes" in r.getMessage() for r in records)
     syscalls["fail"] = None
     with pytest.raises(OSError) as exc:
