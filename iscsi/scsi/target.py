@@ -7,7 +7,7 @@ every other command ends in CHECK CONDITION, ILLEGAL REQUEST, LOGICAL UNIT NOT S
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Awaitable, Iterable
 
 from . import sense as S
 from . import spc, vpd
@@ -72,11 +72,18 @@ class LunMap:
         return lu.data_out_length(cdb)
 
     async def execute(self, cmd: ScsiCommand) -> ScsiResult:
+        r = self.start(cmd)
+        if r.__class__ is ScsiResult:
+            return r  # type: ignore[return-value]
+        return await r  # type: ignore[misc]
+
+    def start(self, cmd: ScsiCommand) -> ScsiResult | Awaitable[ScsiResult]:
+        """The result at once, or an awaitable of it (see :meth:`LogicalUnit.start`)."""
         lu = self._luns.get(cmd.lun)
         if lu is not None:
             if cmd.cdb[0] == Op.REPORT_LUNS:
                 return self._report_luns(lu, cmd)
-            return await lu.execute(cmd)
+            return lu.start(cmd)
         return self._no_lu(cmd)
 
     def _report_luns(self, lu: LogicalUnit | None, cmd: ScsiCommand) -> ScsiResult:

@@ -517,16 +517,24 @@ class TargetConnection(asyncio.Protocol):
         attr = pdu.attr
         cmd = ScsiCommand(cdb, lun, session.nexus, data_out, pdu.edtl,
                           _TASK_ATTRS[attr] if attr < 5 else TaskAttr.SIMPLE, pdu.itt)
-        coro = luns.execute(cmd)
         try:
-            yielded = coro.send(None)
+            result = luns.start(cmd)
+        except Exception:
+            result = self._internal_error(cdb)
+        if result.__class__ is ScsiResult:
+            self._respond(pdu.itt, pdu.lun, pdu.read, pdu.write, pdu.edtl, needed, result)  # type: ignore[arg-type]
+            return
+        # It has to wait: run its first step now (eagerly, as a command would on a Task), and
+        # only if it suspends make it an ordinary task (abortable, counted).
+        coro = result
+        try:
+            yielded = coro.send(None)  # type: ignore[union-attr]
         except StopIteration as stop:
             self._respond(pdu.itt, pdu.lun, pdu.read, pdu.write, pdu.edtl, needed, stop.value)
             return
         except Exception:
             self._respond(pdu.itt, pdu.lun, pdu.read, pdu.write, pdu.edtl, needed, self._internal_error(cdb))
             return
-        # It has to wait: from here on it is an ordinary task (abortable, counted).
         task = Task(pdu, lun)
         task.needed = needed
         task.ready = task.started = True
