@@ -9,6 +9,7 @@ is kept as the reference the fast one is cross-checked against at import time.
 from __future__ import annotations
 
 import struct
+from typing import Callable
 
 import crcmod.predefined
 
@@ -26,27 +27,28 @@ except ImportError:  # pragma: no cover - only when the wheel is missing
 _DIGEST = struct.Struct("<I")  # RFC 7143 §12.1: the digest is sent least significant byte first
 
 
-def crc32c_reference(data: bytes | bytearray | memoryview) -> int:
-    """The slow, obviously-correct CRC32C (crcmod)."""
-    return _reference(bytes(data))
+def crc32c_reference(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
+    """The slow, obviously-correct CRC32C (crcmod); ``crc`` continues an earlier one."""
+    return _reference(bytes(data), crc)
 
 
-def crc32c(data: bytes | bytearray | memoryview) -> int:
-    """CRC32C of ``data``, hardware accelerated when available."""
-    if _fast is not None:
-        return _fast(data)
-    return _reference(bytes(data))
+# Cross-check at import: the known answer for "123456789" is 0xE3069283 (RFC 3720 B.4).
+if _fast is not None and (_fast(b"123456789") != 0xE3069283 or _reference(b"123456789") != 0xE3069283):
+    _fast = None  # pragma: no cover - a broken build falls back to the reference
+
+#: ``crc32c(data[, crc])``: CRC32C of ``data``, continuing ``crc`` when given.  Bound straight to
+#: the C function when it passed the cross-check: on the per-PDU paths a Python wrapper frame
+#: costs as much as the CRC of a 48-byte header.
+crc32c: Callable[..., int] = _fast if _fast is not None else crc32c_reference
+#: The 4 digest bytes for a CRC (RFC 7143 §12.1: least significant byte first).
+pack_digest = _DIGEST.pack
+#: ``unpack_digest_from(buffer, offset)[0]`` reads a digest in place.
+unpack_digest_from = _DIGEST.unpack_from
 
 
 def crc32c_extend(crc: int, data: bytes | bytearray | memoryview) -> int:
     """Continue a CRC32C over more bytes (the padding after a data segment)."""
-    if _fast is not None:
-        return _fast(data, crc)
-    return _reference(bytes(data), crc)
-
-
-def pack_digest(crc: int) -> bytes:
-    return _DIGEST.pack(crc)
+    return crc32c(data, crc)
 
 
 def digest_bytes(data: bytes | bytearray | memoryview) -> bytes:
@@ -56,15 +58,3 @@ def digest_bytes(data: bytes | bytearray | memoryview) -> bytes:
 
 def unpack_digest(raw: bytes | memoryview) -> int:
     return _DIGEST.unpack(raw)[0]
-
-
-# Cross-check at import: the known answer for "123456789" is 0xE3069283 (RFC 3720 B.4).
-if _fast is not None and (_fast(b"123456789") != 0xE3069283 or _reference(b"123456789") != 0xE3069283):
-    _fast = None  # pragma: no cover - a broken build falls back to the reference
-
-# On the per-PDU paths a Python wrapper frame costs as much as the CRC of a header: bind the
-# names straight to the C functions (same signatures) once the cross-check above has passed.
-pack_digest = _DIGEST.pack  # noqa: F811
-unpack_digest_from = _DIGEST.unpack_from
-if _fast is not None:
-    crc32c = _fast  # noqa: F811

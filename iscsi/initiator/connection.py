@@ -39,9 +39,8 @@ import struct
 from collections import deque
 from typing import Any, Callable, Protocol
 
-from .. import digest as _digest
 from .. import pdu as P
-from ..digest import crc32c, unpack_digest
+from ..digest import crc32c, pack_digest, unpack_digest
 from ..framing import LOGIN_MAX_DATA_SEGMENT, MAX_AHS_LENGTH, encode as encode_pdu
 from ..log import event
 from .errors import ConnectionLost, ProtocolViolation
@@ -71,11 +70,8 @@ _PLAIN_ROOM = BHS_LEN
 #: over header+digest (or data+pad+digest) checks a digest, with no unpack and no compare of
 #: two computed values.  Cross-checked against iscsi.digest in the unit tests.
 DIGEST_RESIDUE = 0x48674BC7
-#: The CRC32C function taking (buffer[, crc to continue]): the C extension iscsi.digest chose
-#: (hardware CRC), called directly on the per-PDU path; the reference one if it is missing.
-_crc: Callable[..., int] = _digest._fast or (lambda data, crc=0: _digest.crc32c_extend(crc, data))
-#: Digest as sent on the wire (little-endian, RFC 7143 §12.1).
-pack_digest = struct.Struct("<I").pack
+#: crc32c(buffer[, crc to continue]): iscsi.digest's C function (hardware CRC) when present.
+_crc = crc32c
 HEADER_DIGEST_ERROR = "header digest mismatch (RFC 7143 §7.8: drop the connection)"
 DATA_DIGEST_ERROR = "data digest mismatch (RFC 7143 §7.8)"
 
