@@ -33,7 +33,8 @@ from typing import Any, Callable
 
 from .. import pdu as P
 from ..log import event
-from .connection import BHS, Connection, _crc, open_connection, pack_digest
+from ..digest import crc32c as _crc, pack_digest
+from .connection import BHS, Connection, open_connection
 from .errors import (
     CommandTimeout, ConnectionLost, IscsiError, LoginError, ProtocolViolation, SessionFailed,
     TargetFailure, TaskAborted, TmfError, decode_sense,
@@ -170,10 +171,8 @@ class Session:
         self.isid = isid if isid is not None else random_isid()
         self.loop = asyncio.get_running_loop()
         self.state = State.NEW
-        #: Logged in over a connection without header digest: submit's fast path may run.
-        self._plain = False
-        #: Logged in over a connection with header digest: submit's digest fast path may run.
-        self._hdig = False
+        #: Logged in over a connection: submit's fast path may run.
+        self._ready = False
         self.conn: Connection | None = None
         self.login_result: LoginResult | None = None
         self.params = None
@@ -246,8 +245,7 @@ class Session:
             return
         self.state = state
         conn = self.conn
-        self._plain = state == State.LOGGED_IN and conn is not None and not conn.header_digest
-        self._hdig = state == State.LOGGED_IN and conn is not None and conn.header_digest
+        self._ready = state == State.LOGGED_IN and conn is not None
         for w in self._state_waiters:
             if not w.done():
                 w.set_result(state)
@@ -314,8 +312,7 @@ class Session:
         self.generation += 1
         self._expired = False
         self._set_state(State.LOGGED_IN)
-        self._plain = not cp.header_digest
-        self._hdig = cp.header_digest
+        self._ready = True  # also when the state was LOGGED_IN already (a new connection)
         event(log, "session.login", initiator=self.cfg.initiator_name, target=self.cfg.target_name,
               portal=self.portal, isid=f"{self.isid:012x}", tsih=self.tsih,
               digests=f"{cp.header_digest}/{cp.data_digest}", mrdsl=cp.max_send_data_segment_length,
@@ -396,8 +393,7 @@ class Session:
     def submit(self, task: Task) -> None:
         """Queue ``task``; ``task.cb(task)`` runs when it completes (status or ``task.exc``)."""
         cmdsn = self._cmdsn
-        hdig = self._hdig
-        if (self._plain or hdig) and not self._waiting and ((self._maxcmdsn - cmdsn) & 0xFFFFFFFF) < 0x80000000:
+        if self._ready and not self._waiting and ((self._maxcmdsn - cmdsn) & 0xFFFFFFFF) < 0x80000000:
             if task.out is None and len(task.cdb) <= 16:
                 # Fast path (reads and no-data commands): _send's first branch, inlined.
                 # Logged in, window open (§4.2.2.1 serial arithmetic); with a header digest the
@@ -416,7 +412,7 @@ class Session:
                                    task.lun_field, itt, task.read_len, cmdsn, self._expstatsn, task.cdb)
                 out = conn.out
                 out.append(header)
-                if hdig:
+                if conn.header_digest:
                     out.append(pack_digest(_crc(header)))
                 if not conn.flush_pending:
                     conn.schedule_flush()
