@@ -128,9 +128,12 @@ class FileBackstore:
     # -- I/O ------------------------------------------------------------------------
 
     def drain(self) -> None:
-        """Write out gathered writes; raise the error of a gathered run that failed earlier."""
+        """Write out gathered writes; raise the error of a gathered run that failed earlier.
+
+        Every operation but a gathered write calls this first (read and read_into inline
+        its test: they are the per-I/O path)."""
         gather = self._gather
-        if gather is not None:
+        if gather is not None and (gather.buffers or gather.error is not None):
             gather.drain()
             if gather.error is not None:
                 raise gather.take_error()  # type: ignore[misc]
@@ -160,10 +163,9 @@ class FileBackstore:
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         gather = self._gather
-        if gather is not None:
-            if gather.error is None and not fua and gather.add(offset, data):
-                return
-            self.drain()
+        if gather is not None and gather.error is None and not fua and gather.add(offset, data):
+            return
+        self.drain()
         view = memoryview(data)
         fd = self._fd
         while view:
@@ -174,8 +176,7 @@ class FileBackstore:
             os.fdatasync(fd)
 
     def flush(self) -> None:
-        if self._gather is not None:
-            self.drain()
+        self.drain()
         os.fdatasync(self._fd)
 
     def _fallocate(self, mode: int, offset: int, length: int) -> bool:
@@ -190,8 +191,7 @@ class FileBackstore:
 
     def unmap(self, offset: int, length: int) -> None:
         """Deallocate: punch a hole (partial filesystem blocks are zeroed by the kernel)."""
-        if self._gather is not None:
-            self.drain()
+        self.drain()
         if length <= 0:
             return
         if self._punch_ok and self._fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
@@ -201,8 +201,7 @@ class FileBackstore:
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make a range read as zeroes and stay allocated (FALLOC_FL_ZERO_RANGE, else zero buffers)."""
-        if self._gather is not None:
-            self.drain()
+        self.drain()
         if length <= 0:
             return
         if self._zero_range_ok and self._fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length):
@@ -222,8 +221,7 @@ class FileBackstore:
 
         Runs are whole blocks: a block that is partly allocated counts as mapped.
         """
-        if self._gather is not None:
-            self.drain()
+        self.drain()
         bs = self.block_size
         size = self._size
         if offset >= size:
@@ -247,16 +245,14 @@ class FileBackstore:
 
     def prefetch(self, offset: int, length: int) -> None:
         """Hint the kernel to read ahead (SBC-4 PRE-FETCH)."""
-        if self._gather is not None:
-            self.drain()
+        self.drain()
         try:
             os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
         except (OSError, AttributeError):
             pass
 
     def resize(self, new_size: int) -> None:
-        if self._gather is not None:
-            self.drain()
+        self.drain()
         if self.read_only:
             raise PermissionError("read-only backstore cannot be resized")
         if new_size <= 0 or new_size % self.block_size:
@@ -266,8 +262,7 @@ class FileBackstore:
 
     def allocated_bytes(self) -> int:
         """Bytes the image really occupies on disk (st_blocks is in 512-byte units)."""
-        if self._gather is not None:
-            self.drain()
+        self.drain()
         return os.fstat(self._fd).st_blocks * 512
 
     def close(self) -> None:

@@ -245,12 +245,8 @@ class TargetConnection(asyncio.Protocol):
     def _response_queued(self) -> None:
         """A SCSI response (with its Data-In) is in ``_out``: write early or at the turn's end."""
         n = self._turn_responses = self._turn_responses + 1
-        if n == EARLY_FLUSH and self.transport is not None and not self.closed:
-            if _gathered_writes:
-                drain_gathered_writes()
-            out, self._out = self._out, []
-            self._out_bytes = 0
-            self.transport.writelines(out)
+        if n == EARLY_FLUSH:
+            self._write_out()
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
@@ -263,15 +259,20 @@ class TargetConnection(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         self._turn_responses = 0
+        if self._write_out() and self._deferred:
+            self._run_deferred()
+
+    def _write_out(self) -> bool:
+        """Hand everything queued to the transport (one writev); False when nothing went."""
         if _gathered_writes:
-            # Writes merged this turn reach the file before anything is acknowledged.
+            # Writes merged so far reach the file before anything is acknowledged.
             drain_gathered_writes()
-        if self._out and not self.closed and self.transport is not None:
-            out, self._out = self._out, []
-            self._out_bytes = 0
-            self.transport.writelines(out)  # may call pause_writing()
-            if self._deferred:
-                self._run_deferred()
+        if not self._out or self.closed or self.transport is None:
+            return False
+        out, self._out = self._out, []
+        self._out_bytes = 0
+        self.transport.writelines(out)  # may call pause_writing()
+        return True
 
     def close(self) -> None:
         """Close after what was queued has been written (e.g. a Logout Response)."""
@@ -538,9 +539,7 @@ class TargetConnection(asyncio.Protocol):
         task = Task(pdu, lun)
         task.needed = needed
         task.ready = task.started = True
-        if pdu.read:
-            task.reserved = pdu.edtl
-            self._reserved += pdu.edtl
+        self._reserve(task)
         self.tasks[pdu.itt] = task
         session.window.in_flight += 1
         task.future = self.loop.create_task(self._finish_suspended(task, eager.resume(coro, yielded)))
@@ -622,9 +621,7 @@ class TargetConnection(asyncio.Protocol):
             self._deferred.append(task)
             return
         task.started = True
-        if task.pdu.read:
-            task.reserved = task.pdu.edtl
-            self._reserved += task.reserved
+        self._reserve(task)
         # Most commands complete without waiting (page-cache pread/pwrite): run them
         # now and only make a Task for the ones that block (flush, locks, threads).
         task.future = eager.start(self._execute(task), self.loop)
@@ -650,6 +647,12 @@ class TargetConnection(asyncio.Protocol):
             self._forget(task)
             return
         self._finish_task(task, result)
+
+    def _reserve(self, task: Task) -> None:
+        """A READ starts: its Data-In counts as pending output until it is forgotten."""
+        if task.pdu.read:
+            task.reserved = task.pdu.edtl
+            self._reserved += task.reserved
 
     def _forget(self, task: Task) -> None:
         if task.reserved:
