@@ -45,7 +45,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,7 +53,7 @@ from typing import Callable, Sequence
 from tools import bench_initiator as BI
 from tools import bench_target as BT
 from tools.peers import TargetPeer, free_port, make_peer, parse_size
-from tools.peers.base import Portal, stop_process, wait_listening
+from tools.peers.base import Portal, stop_process, wait_listening, work_dir
 
 #: The slowest single measurement may exceed its duration by this much (login, ramp, hang guard).
 RUN_SLACK = 60.0
@@ -473,28 +472,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"missing {', '.join(missing)} (apt-get install libiscsi-bin qemu-utils qemu-block-extra tgt)",
               file=sys.stderr)
         return 2
-    tmp = None
-    workdir = args.workdir
-    if workdir is None:
-        tmp = tempfile.mkdtemp(prefix="bench-all-")
-        workdir = Path(tmp)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    bench = Bench(workdir, parse_size(args.size), args.runs, args.duration, log=log)
     load_start, t_start = os.getloadavg(), time.time()
     status = 0
-    try:
-        bench.setup()
-        bench.start()
-        log(f"loopback bandwidth tool: {bench.tcp.tool}; load average at start {load_start[0]:.2f} "
-            f"{load_start[1]:.2f} {load_start[2]:.2f}")
-        bench.run()
-    except Exception as exc:  # report what was measured so far, then fail
-        log(f"bench failed: {exc}")
-        status = 1
-    finally:
-        bench.stop()
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with work_dir(args.workdir, "bench-all-") as workdir:
+        bench = Bench(workdir, parse_size(args.size), args.runs, args.duration, log=log)
+        try:
+            bench.setup()
+            bench.start()
+            log(f"loopback bandwidth tool: {bench.tcp.tool}; load average at start {load_start[0]:.2f} "
+                f"{load_start[1]:.2f} {load_start[2]:.2f}")
+            bench.run()
+        except Exception as exc:  # report what was measured so far, then fail
+            log(f"bench failed: {exc}")
+            status = 1
+        finally:
+            bench.stop()
     load_end = os.getloadavg()
     rows = bench.rows()
     print(format_table(rows, args.runs))

@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Sequence
 from iscsi.initiator import BlockDevice, Session, SessionOptions
 from iscsi.initiator.login import LoginConfig
 from tools.peers import TargetPeer, make_peer
+from tools.peers.base import work_dir
 
 #: Logins in flight at once: a burst of 256 SYNs at once would only measure the listen backlog.
 LOGIN_CONCURRENCY = 32
@@ -278,18 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "tgt" in kinds and not shutil.which("tgtd"):
         print("tgtd missing (Debian package tgt)", file=sys.stderr)
         return 2
-    tmp = None
-    workdir = args.workdir
-    if workdir is None:
-        tmp = tempfile.mkdtemp(prefix="bench-scale-")
-        workdir = Path(tmp)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     load_start = os.getloadavg()
-    try:
+    with work_dir(args.workdir, "bench-scale-") as workdir:
         results = [run_peer(k, workdir, args.sessions, args.luns, log) for k in kinds]
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
     load_end = os.getloadavg()
     print(format_table(results))
     for r in results:

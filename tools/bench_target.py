@@ -34,13 +34,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from tools.peers import TargetPeer, make_peer, parse_size
+from tools.peers.base import work_dir
 from tools.peers.sanstack import SanstackPeer
 
 #: A run may take this much longer than asked before it counts as hung (login, ramp-up).
@@ -353,12 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"missing {', '.join(missing)} (apt-get install libiscsi-bin qemu-utils qemu-block-extra)", file=sys.stderr)
         return 2
     parse_size(args.size)
-    tmp = None
-    workdir = args.workdir
-    if workdir is None:
-        tmp = tempfile.mkdtemp(prefix="bench-")
-        workdir = Path(tmp)
-    try:
+    with work_dir(args.workdir, "bench-") as workdir:
         results = run_bench(kinds, workdir, runs=args.runs, duration=args.duration, size=args.size,
                             do_prefill=args.prefill, log=lambda m: print(m, file=sys.stderr, flush=True),
                             before=args.before, profile_dir=args.profile_live,
@@ -372,9 +367,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for name, res in results.items()
             }, indent=1) + "\n")
         return 0
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

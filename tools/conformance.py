@@ -33,13 +33,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
+
+from tools.peers.base import work_dir
 
 SUITE_TOOL = "iscsi-test-cu"
 INITIATOR_1 = "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test"
@@ -534,13 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     prof = PROFILES[args.profile]
     progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    tmp = None
-    workdir = args.workdir
-    if workdir is None:
-        tmp = tempfile.mkdtemp(prefix="conformance-")
-        workdir = Path(tmp)
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_dir(args.workdir, "conformance-") as workdir:
         if args.url:
             report = run_suite(args.url, flags=prof["flags"], tests=prof.get("tests", "ALL") if args.tests == "ALL" else args.tests, idle_timeout=args.idle_timeout,
                                timeout=args.timeout, log=workdir / "iscsi-test-cu.log", progress=progress)
@@ -588,9 +583,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                             for n in report.order},
             }, indent=1) + "\n")
         return rc
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def parity_fields(report: Report, profile: str) -> dict:

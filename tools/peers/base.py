@@ -7,16 +7,19 @@ can be parametrized over them.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 #: How long a daemon may take to start listening. tgtd takes ~0.1 s, a Python daemon ~1 s on a
 #: loaded 2-core CI machine; 20 s leaves room without hiding a hang.
@@ -141,6 +144,21 @@ def log_tail(log: Path | None, lines: int = 30) -> str:
         return ""
     text = log.read_text(errors="replace").splitlines()[-lines:]
     return "\n--- log tail ---\n" + "\n".join(text)
+
+
+@contextlib.contextmanager
+def work_dir(given: Path | None, prefix: str) -> Iterator[Path]:
+    """The directory a tool keeps images and logs in: ``given`` (created if needed, kept), or
+    a new temporary one that is removed afterwards."""
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        yield given
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def create_sparse(path: Path, size: int) -> None:
