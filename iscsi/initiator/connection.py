@@ -689,13 +689,13 @@ class Connection(asyncio.BufferedProtocol):
         if hd:
             hdr_end = start + hlen - hd
             if crc32c(mv[start:hdr_end]) != unpack_digest(mv[hdr_end:hdr_end + 4]):
-                raise ProtocolViolation("header digest mismatch (RFC 7143 §7.8: drop the connection)")
+                raise ProtocolViolation(HEADER_DIGEST_ERROR)
 
     @staticmethod
     def _check_data_digest(mv: memoryview, pstart: int, dlen: int) -> None:
         padded = pstart + dlen + (-dlen & 3)
         if crc32c(mv[pstart:padded]) != unpack_digest(mv[padded:padded + 4]):
-            raise ProtocolViolation("data digest mismatch (RFC 7143 §7.8)")
+            raise ProtocolViolation(DATA_DIGEST_ERROR)
 
     def _scratch_view(self, n: int) -> memoryview:
         if self._scratch is None or len(self._scratch) < n:
@@ -714,7 +714,7 @@ class Connection(asyncio.BufferedProtocol):
             pad = -dlen & 3
             data = bytes(dest) + b"\0" * pad if pad else dest
             if crc32c(data) != unpack_digest(trailer[pad:pad + 4]):
-                raise ProtocolViolation("data digest mismatch on Data-In")
+                raise ProtocolViolation(DATA_DIGEST_ERROR + " on Data-In")
         self.sink.rx_data_in(h, None)   # payload already in place
 
     def _deliver(self, pdu: P.Pdu) -> None:
