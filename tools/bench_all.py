@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import socket
 import statistics
@@ -53,7 +52,9 @@ from typing import Callable, Sequence
 from tools import bench_initiator as BI
 from tools import bench_target as BT
 from tools.peers import TargetPeer, free_port, make_peer, parse_size
-from tools.peers.base import Portal, stop_process, wait_listening, work_dir
+from tools.peers.base import (
+    Portal, children_cpu_seconds, process_cpu_seconds, stop_process, wait_listening, work_dir,
+)
 
 #: The slowest single measurement may exceed its duration by this much (login, ramp, hang guard).
 RUN_SLACK = 60.0
@@ -251,11 +252,6 @@ def blast(seconds: float) -> tuple[float, float]:
 
 # --------------------------------------------------------------------------- running
 
-def _children_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
-
-
 @dataclass
 class Bench:
     workdir: Path
@@ -303,12 +299,12 @@ class Bench:
         proc = self.peers[peer].proc if peer in self.peers else None
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{peer} died{self.peers[peer].log_text()[-1500:]}")
-        cpu0 = BT._cpu_seconds(proc.pid) if proc is not None else 0.0
-        ccpu0, t0 = _children_cpu(), time.monotonic()
+        cpu0 = process_cpu_seconds(proc.pid) if proc is not None else 0.0
+        ccpu0, t0 = children_cpu_seconds(), time.monotonic()
         figure, seconds, note = w.run(self, peer, self.duration)
         wall = max(time.monotonic() - t0, 1e-6)
-        dcpu = (BT._cpu_seconds(proc.pid) - cpu0) / wall if proc is not None else None
-        return Sample(figure, seconds, dcpu, (_children_cpu() - ccpu0) / wall, note)
+        dcpu = (process_cpu_seconds(proc.pid) - cpu0) / wall if proc is not None else None
+        return Sample(figure, seconds, dcpu, (children_cpu_seconds() - ccpu0) / wall, note)
 
     def run(self) -> None:
         for r in range(self.runs):

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ from typing import Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tools.peers.base import children_cpu_seconds, process_cpu_seconds  # noqa: E402
 from tools.peers.tgt import TgtPeer, available as tgt_problem  # noqa: E402
 
 INITIATOR = "iqn.2026-11.org.sanstack:bench"
@@ -41,28 +41,22 @@ _IOPS = re.compile(r"iops average (\d+)")
 
 
 def _proc_cpu(pid: int | None) -> float:
-    """User+system seconds of a process and all its threads so far (0 if unknown)."""
+    """User+system seconds of a process and all its threads so far (0 if unknown or gone)."""
     if pid is None:
         return 0.0
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return process_cpu_seconds(pid)
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _children_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
 
 
 def run_iscsi_perf(url: str, bs: int, qd: int, random: bool, seconds: int) -> dict:
     cmd = ["iscsi-perf", "-i", INITIATOR, "-m", str(qd), "-b", str(bs // 512), "-t", str(seconds)]
     if random:
         cmd.append("-r")
-    cpu0 = _children_cpu()
+    cpu0 = children_cpu_seconds()
     res = subprocess.run(cmd + [url], capture_output=True, text=True, timeout=seconds + 60)
-    cpu = _children_cpu() - cpu0
+    cpu = children_cpu_seconds() - cpu0
     found = _IOPS.findall(res.stdout.replace("\r", "\n"))
     if not found:
         raise RuntimeError(f"iscsi-perf printed no result: {res.stdout[-500:]} {res.stderr[-500:]}")

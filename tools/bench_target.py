@@ -40,12 +40,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from tools.peers import TargetPeer, make_peer, parse_size
-from tools.peers.base import work_dir
+from tools.peers.base import process_cpu_seconds, work_dir
 from tools.peers.sanstack import SanstackPeer
 
 #: A run may take this much longer than asked before it counts as hung (login, ramp-up).
 RUN_SLACK = 60.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 PREFILL_CHUNK = 1 << 20
 
 
@@ -166,19 +165,12 @@ WORKLOADS = [
 
 # --------------------------------------------------------------------------- measuring
 
-def _cpu_seconds(pid: int) -> float:
-    """user+system CPU time of a process, all threads (proc(5): fields 14 and 15)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 def measure(peer: TargetPeer, workload: Workload, duration: float) -> Sample:
     if not peer.alive():
         raise RuntimeError(f"{peer.kind} is not running{peer.log_text()[-1000:]}")
-    cpu0, t0 = _cpu_seconds(peer.proc.pid), time.monotonic()
+    cpu0, t0 = process_cpu_seconds(peer.proc.pid), time.monotonic()
     figure, seconds = workload.run(peer, duration)
-    cpu = (_cpu_seconds(peer.proc.pid) - cpu0) / max(time.monotonic() - t0, 1e-6)
+    cpu = (process_cpu_seconds(peer.proc.pid) - cpu0) / max(time.monotonic() - t0, 1e-6)
     return Sample(figure, seconds, cpu)
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from iscsi import keys as K
 from iscsi import pdu as P
 from iscsi.framing import PduReader, encode_bytes
+from tools.peers.base import process_cpu_seconds
 
 BLOCK = 512
 #: A command without an answer after this long counts as an error (initiators use 30 s).
@@ -67,13 +68,6 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """user + system CPU time of a process (/proc/PID/stat fields 14 and 15)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def open_fds(pid: int) -> int:
@@ -409,7 +403,7 @@ async def io_soak(host: str, port: int, target: str, pid: int | None, *, session
     for i in range(sessions):
         conns.append(await Conn.open(host, port, target, f"{INITIATOR}:s{i}"))
     t0 = time.monotonic()
-    cpu0_t, cpu0_c = (cpu_seconds(pid) if pid else 0.0), sum(os.times()[:2])
+    cpu0_t, cpu0_c = (process_cpu_seconds(pid) if pid else 0.0), sum(os.times()[:2])
     stop = t0 + seconds
     extra_base = sessions * depth * (SLOT_BYTES // BLOCK)
     pingers = [asyncio.get_running_loop().create_task(
@@ -423,7 +417,7 @@ async def io_soak(host: str, port: int, target: str, pid: int | None, *, session
             jobs.append(_slot(conn, base, random.Random(seed * 1_000_003 + i * 1000 + j), fig, stop))
     await asyncio.wait_for(asyncio.gather(*jobs), seconds + COMMAND_TIMEOUT + 10)
     fig.seconds = time.monotonic() - t0
-    fig.cpu_target = (cpu_seconds(pid) - cpu0_t) if pid else 0.0
+    fig.cpu_target = (process_cpu_seconds(pid) - cpu0_t) if pid else 0.0
     fig.cpu_client = sum(os.times()[:2]) - cpu0_c
     try:
         fig.nop_dedicated, fig.nop_loaded_sep = await asyncio.gather(*pingers)

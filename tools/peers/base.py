@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -144,6 +145,21 @@ def log_tail(log: Path | None, lines: int = 30) -> str:
         return ""
     text = log.read_text(errors="replace").splitlines()[-lines:]
     return "\n--- log tail ---\n" + "\n".join(text)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User+system CPU time of a process, all threads (proc(5) stat fields 14 and 15).
+
+    Raises OSError when the process is gone."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """User+system CPU time of this process's finished children (the client runs)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 @contextlib.contextmanager
