@@ -15,13 +15,16 @@ from typing import Any
 
 async def resume(coro: Coroutine, yielded: Any) -> Any:
     """Finish ``coro``, which already ran up to a suspension that yielded ``yielded``."""
-    if isinstance(yielded, asyncio.Future):
-        yielded._asyncio_future_blocking = False  # we await it ourselves, not a Task
     while True:
         try:
             if yielded is None:
                 await asyncio.sleep(0)  # a bare yield: give the loop one turn
             else:
+                # We await it ourselves, not a Task: clear the flag the coroutine's own await
+                # set, or awaiting it again raises "await wasn't used with future".  At every
+                # suspension, not just the first one.
+                if isinstance(yielded, asyncio.Future):
+                    yielded._asyncio_future_blocking = False
                 await yielded  # the future the coroutine is blocked on
         except asyncio.CancelledError as exc:
             # Our task was cancelled: deliver it where the coroutine is waiting.

@@ -95,3 +95,25 @@ async def test_read_of_4k_blocks_split_at_initiator_max_recv(server):
         if pdu.has_status:
             break
     assert sizes == [4096] * 8 and datasns == list(range(8))  # §13.12: never above 4096
+
+
+async def test_large_fua_write_in_steps_completes(server):
+    """A WRITE over sbc.LARGE_TRANSFER_STEP is written in steps (bare yields) and then
+    flushed (a future): the eager runner must survive that second kind of suspension
+    (it used to answer HARDWARE ERROR, INTERNAL TARGET FAILURE)."""
+    wire = await login(server, "iqn.2026-11.org.sanstack.test:bigfua", 0x400000000044)
+    payload = bytes(range(256)) * (5 * 4096)  # 5 MiB
+    blocks = len(payload) // 512
+    cdb = struct.pack(">BBIBHB", 0x2A, 0x08, 0, 0, blocks, 0)  # WRITE(10), FUA
+    itt = wire.command(cdb, write=True, edtl=len(payload), data=payload[:65536])
+    while True:
+        pdu = await wire.recv()
+        if isinstance(pdu, P.ScsiResponse):
+            break
+        assert isinstance(pdu, P.R2T)
+        for i, o in enumerate(range(pdu.offset, pdu.offset + pdu.length, 65536)):
+            n = min(65536, pdu.offset + pdu.length - o)
+            wire.send(P.DataOut(itt=itt, ttt=pdu.ttt, datasn=i, offset=o, final=o + n >= pdu.offset + pdu.length,
+                                expstatsn=wire.expstatsn, data=payload[o:o + n]))
+    assert pdu.status == 0, pdu
+    assert server.registry.targets[IQN_T].luns.get(0).backstore.read(0, len(payload)) == payload

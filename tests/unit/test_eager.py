@@ -35,6 +35,27 @@ async def test_continues_in_a_task_after_suspension():
     assert log == ["before", 21]
 
 
+async def test_suspends_on_several_futures_in_a_row():
+    """Each future the coroutine awaits arrives flagged as blocking by its own await; resume
+    must clear the flag every time (once was not enough: the second one raised "await
+    wasn't used with future", so a large FUA WRITE in steps failed at its flush)."""
+    loop = asyncio.get_running_loop()
+
+    async def waits_three_times():
+        await asyncio.sleep(0)  # a bare yield first, like a large WRITE's steps
+        total = 0
+        for i in range(3):
+            fut = loop.create_future()
+            loop.call_later(0.01, fut.set_result, i)
+            total += await fut
+        await asyncio.wait((loop.create_future(),), timeout=0.01)  # a timed-out wait too
+        return total
+
+    task = eager.start(waits_three_times())
+    assert task is not None
+    assert await asyncio.wait_for(task, 2) == 3
+
+
 async def test_exception_from_awaited_future_reaches_the_coroutine():
     fut = asyncio.get_running_loop().create_future()
 
