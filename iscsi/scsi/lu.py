@@ -20,6 +20,7 @@ from typing import Awaitable, Callable, Iterable
 from . import commands as C
 from . import sense as S
 from . import vpd
+from . import zerocopy
 from .modepages import ModePages
 from .sense import SenseError, SenseKey, build_sense
 from .taskset import TaskSet
@@ -27,6 +28,8 @@ from .types import ITNexus, ScsiCommand, ScsiResult, Status
 from .ua import UnitAttentions
 
 log = logging.getLogger(__name__)
+
+_WRITE_OPCODES = zerocopy.WRITE_OPCODES
 
 # -- limits advertised in the Block Limits VPD page (SBC-4 §6.6.4) ------------------------
 # Largest READ/WRITE in blocks: libiscsi's WriteSame16.Unmap writes 65536 blocks with one
@@ -139,6 +142,16 @@ class LogicalUnit:
         self.tasks = TaskSet()
         self.mode = ModePages()
         self._caw_lock = asyncio.Lock()
+        # Zero-copy READs (zerocopy.py): ranges held for Data-In still in flight, and the
+        # image a transport may send from (a file backstore only).
+        self.fence = zerocopy.ReadFence()
+        self.zero_copy_source = backstore if isinstance(getattr(backstore, "fileno", None), int) \
+            and callable(getattr(backstore, "drain", None)) else None
+        # The I_T nexuses using this LU, and the one using it alone (None when shared):
+        # only a sole user's READs are held (zerocopy.py), so a hold can only be in the way
+        # of its own writes, which its next PDU acknowledges.
+        self._users: set[ITNexus] = set()
+        self.sole_user: ITNexus | None = None
         self._flush_next: asyncio.Task | None = None
         self._flush_running: asyncio.Task | None = None
         self.medium_present = True
@@ -281,6 +294,8 @@ class LogicalUnit:
         bs = self.block_size
         check_range(self, lba, len(data) // bs)
         self.check_writable()
+        if self.fence.holds:
+            await self.fence.clear(lba * bs, lba * bs + len(data))
         self.backstore.write(lba * bs, data)
         if not self.mode.wce:
             await self._flush()
@@ -522,6 +537,8 @@ class LogicalUnit:
         """
         cdb = cmd.cdb
         spec = self._table[cdb[0]]
+        if cmd.nexus is not self.sole_user:
+            self._used_by(cmd.nexus)
         if self.sanitizing and spec is not None and not spec.flags & C.F_SANITIZE_OK:
             # While a sanitize runs the LU executes nothing but the exempt commands; this
             # is reported ahead of a pending UA, which stays queued (SBC-4 §4.11; libiscsi
@@ -553,6 +570,13 @@ class LogicalUnit:
             handler = spec.handler
             attr = cmd.task_attr
             tasks = self.tasks
+            if cdb[0] in _WRITE_OPCODES:
+                if attr <= 1 and tasks._ordered is None:
+                    r = self._run_write(handler, cmd)
+                    if r.__class__ is ScsiResult:
+                        return r
+                    return self._finish(cdb, spec, tasks.track(r))
+                return self._finish(cdb, spec, tasks.run(attr, lambda: self._run_write(handler, cmd)))
             if attr <= 1 and tasks._ordered is None:  # UNTAGGED or SIMPLE, no ORDERED barrier
                 r = handler(self, cmd)
                 if r.__class__ is ScsiResult:
@@ -561,6 +585,41 @@ class LogicalUnit:
             return self._finish(cdb, spec, tasks.run(attr, lambda: handler(self, cmd)))
         except Exception as e:
             return self._failed(cdb, spec, e)
+
+    def _run_write(self, handler, cmd: ScsiCommand) -> ScsiResult | Awaitable[ScsiResult]:
+        """Run a medium-modifying command once no zero-copy READ holds its range.
+
+        While it waits or suspends it counts as a writer: new READs of this LU are then
+        copied rather than held, so it can neither be starved by fresh holds nor write
+        under one taken while it was suspended.
+        """
+        fence = self.fence
+        if fence.holds:
+            span = zerocopy.write_span(cmd.cdb, self.block_size, self.num_blocks * self.block_size)
+            if fence.blocks(*span):
+                fence.writers += 1
+                return self._write_after_holds(handler, cmd, span)
+        r = handler(self, cmd)
+        if r.__class__ is ScsiResult:
+            return r
+        fence.writers += 1
+        return self._writer_finishing(r)
+
+    async def _write_after_holds(self, handler, cmd: ScsiCommand, span: tuple[int, int]) -> ScsiResult:
+        try:
+            await self.fence.clear(*span)
+            r = handler(self, cmd)
+            if r.__class__ is not ScsiResult:
+                r = await r
+            return r
+        finally:
+            self.fence.writers -= 1
+
+    async def _writer_finishing(self, pending: Awaitable[ScsiResult]) -> ScsiResult:
+        try:
+            return await pending
+        finally:
+            self.fence.writers -= 1
 
     async def _finish(self, cdb: bytes, spec: C.CommandSpec, pending: Awaitable[ScsiResult]) -> ScsiResult:
         """The waiting part of a command, with the same error handling as the immediate part."""
@@ -586,8 +645,15 @@ class LogicalUnit:
         """Queue a unit attention for every I_T nexus that has used this LU (but ``except_nexus``)."""
         self.ua.establish(asc_ascq, except_nexus=except_nexus)
 
+    def _used_by(self, nexus: ITNexus) -> None:
+        users = self._users
+        users.add(nexus)
+        self.sole_user = next(iter(users)) if len(users) == 1 else None
+
     def nexus_lost(self, nexus: ITNexus) -> None:
         """I_T nexus loss (session closed or reinstated, SAM-5 §6.3.4)."""
+        self._users.discard(nexus)
+        self.sole_user = next(iter(self._users)) if len(self._users) == 1 else None
         self.ua.nexus_lost(nexus)
         self._prevent.discard(nexus)
         if self.pr is not None:

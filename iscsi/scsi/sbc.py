@@ -15,6 +15,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from . import sense as S
+from . import zerocopy
 from .cdb import RW6, RW10, RW12, RW16, U16, U32, be16, be32, be64
 from .sense import SenseError, SenseKey
 from .types import ScsiCommand, ScsiResult, Status
@@ -67,7 +68,7 @@ def _whole_blocks(lu: LogicalUnit, data, want: int) -> memoryview:
 
 # -- READ ---------------------------------------------------------------------------------
 
-def _read(lu: LogicalUnit, lba: int, n: int, len_field: int) -> ScsiResult:
+def _read(lu: LogicalUnit, cmd: ScsiCommand, lba: int, n: int, len_field: int) -> ScsiResult:
     if lba + (n or 1) > lu.num_blocks:
         raise _oob()
     if n > lu.max_transfer:
@@ -75,9 +76,18 @@ def _read(lu: LogicalUnit, lba: int, n: int, len_field: int) -> ScsiResult:
     if not n:
         return ScsiResult()
     bs = lu.block_size
-    if n * bs > LARGE_TRANSFER_STEP:
-        return _read_in_steps(lu, lba * bs, n * bs)
-    return ScsiResult(_GOOD, lu.backstore.read(lba * bs, n * bs))
+    length = n * bs
+    if cmd.zero_copy and length >= zerocopy.MIN_BYTES and lu.zero_copy_source is not None \
+            and not lu.fence.writers and cmd.nexus is lu.sole_user:
+        # Sent from the page cache by the transport; the range is held unchanged until the
+        # initiator has read it (zerocopy.py).  Gathered writes reach the file first.
+        source = lu.zero_copy_source
+        source.drain()
+        start = lba * bs
+        return ScsiResult(_GOOD, lu.fence.hold(source, start, length))
+    if length > LARGE_TRANSFER_STEP:
+        return _read_in_steps(lu, lba * bs, length)
+    return ScsiResult(_GOOD, lu.backstore.read(lba * bs, length))
 
 
 async def _read_in_steps(lu: LogicalUnit, offset: int, length: int) -> ScsiResult:
@@ -100,28 +110,28 @@ async def _read_in_steps(lu: LogicalUnit, offset: int, length: int) -> ScsiResul
 def read_6(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     """READ(6) (SBC-4 §5.15): a TRANSFER LENGTH of 0 means 256 blocks."""
     w = RW6.unpack_from(cmd.cdb)[0]
-    return _read(lu, (w >> 8) & 0x1FFFFF, (w & 0xFF) or 256, 4)
+    return _read(lu, cmd, (w >> 8) & 0x1FFFFF, (w & 0xFF) or 256, 4)
 
 
 def read_10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     flags, lba, _g, n = RW10.unpack_from(cmd.cdb)
     if flags & 0xE0:
         raise _protect()
-    return _read(lu, lba, n, 7)
+    return _read(lu, cmd, lba, n, 7)
 
 
 def read_12(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     flags, lba, n = RW12.unpack_from(cmd.cdb)
     if flags & 0xE0:
         raise _protect()
-    return _read(lu, lba, n, 6)
+    return _read(lu, cmd, lba, n, 6)
 
 
 def read_16(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     flags, lba, n, _g = RW16.unpack_from(cmd.cdb)
     if flags & 0xE0:
         raise _protect()
-    return _read(lu, lba, n, 10)
+    return _read(lu, cmd, lba, n, 10)
 
 
 # -- WRITE --------------------------------------------------------------------------------

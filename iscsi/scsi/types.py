@@ -71,6 +71,9 @@ class ScsiCommand:
     expected_length: int = 0
     task_attr: TaskAttr = TaskAttr.SIMPLE
     task_tag: int = 0
+    # The transport can send a large READ's Data-In from the image file itself
+    # (iscsi/scsi/zerocopy.py): the result's data may then be a FileExtent.
+    zero_copy: bool = False
 
 
 @dataclass(slots=True)

@@ -23,7 +23,10 @@ from .. import pdu as P
 from ..framing import BadPdu, DataDigestFailure, HeaderDigestError, PduReader, encode
 from ..backstore.gather import drain_all as drain_gathered_writes, pending_runs as _gathered_writes
 from ..log import event
+from ..scsi import zerocopy
 from ..scsi.types import ScsiCommand, ScsiResult, Status, TaskAttr
+from ..scsi.zerocopy import FileExtent
+from . import sendpath
 from ..session import DataOutError, StatSequence, WriteTransfer, residual
 from .login import LoginFailure, LoginSuccess, TargetLogin, describe_params
 
@@ -58,6 +61,11 @@ EARLY_FLUSH = int(os.environ.get("SANSTACK_EARLY_FLUSH", "8"))
 # Tasks one connection may hold: the CmdSN window (128) bounds ordinary commands; this
 # bounds immediate ones too, which the window does not count.
 MAX_TASKS_PER_CONNECTION = 256
+# Zero-copy READs held for one connection, at most: an initiator that does not move its
+# ExpStatSN gets copies beyond this, so holds (and the writers' checks) stay bounded.
+ZERO_COPY_UNACKED_LIMIT = 64
+# A writer waiting for a held READ re-pings the initiator at most this often.
+ZERO_COPY_PING_INTERVAL = 0.25
 
 
 _BHS = P.BHS_STRUCT  # packs a whole response header in one call
@@ -125,6 +133,18 @@ class TargetConnection(asyncio.Protocol):
         # and the rest of a long answer the initiator has not asked for yet.
         self.text_in = K.TextAccumulator(TEXT_EXCHANGE_LIMIT)
         self.text_out: list[bytes] = []
+        # Zero-copy READs (iscsi/scsi/zerocopy.py): the socket's fd (-1: not possible), the
+        # smallest/largest READ sent that way (an empty range: off), whether ``_out`` holds
+        # a FileExtent, and the held ranges whose status the initiator has not yet
+        # acknowledged, by StatSN.
+        self._sock_fd = -1
+        self._zc_min = 1
+        self._zc_max = 0
+        self._zc_out = False
+        self._zc_unacked: deque = deque()
+        # The NOP-In sent for a waiting writer: (TTT, StatSN when sent, time).  Its echo proves
+        # the initiator read everything before it, whatever ExpStatSN the echo carries.
+        self._zc_ping: tuple[int, int, float] | None = None
 
     # ------------------------------------------------------------------
     # asyncio.Protocol
@@ -138,6 +158,12 @@ class TargetConnection(asyncio.Protocol):
                                  self.server.allocate_tsih, self.stat.statsn)
         self._login_timer = self.loop.call_later(LOGIN_TIMEOUT, self._login_timeout)
         self.server.connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and getattr(self.server, "zero_copy", True):
+            try:
+                self._sock_fd = sock.fileno()
+            except Exception:  # pragma: no cover - a transport without a real socket
+                self._sock_fd = -1
         try:
             transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
         except Exception:  # pragma: no cover
@@ -149,6 +175,7 @@ class TargetConnection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         self.server.connections.discard(self)
+        self._zc_release_all()
         for task in list(self.tasks.values()):
             self._cancel_task(task)
         self.tasks.clear()
@@ -271,8 +298,61 @@ class TargetConnection(asyncio.Protocol):
             return False
         out, self._out = self._out, []
         self._out_bytes = 0
+        if self._zc_out:
+            self._zc_out = False
+            try:
+                sendpath.write_out(self._sock_fd, out, self.transport)
+            except OSError as err:
+                # A READ's status is already in the stream: its data cannot be replaced
+                # by an error any more, so the connection goes (the initiator retries).
+                event(log, "conn.zero_copy_send_failed", logging.WARNING, peer=self._peer_str(), why=str(err))
+                self.abort_connection()
+                return False
+            return True
         self.transport.writelines(out)  # may call pause_writing()
         return True
+
+    # -- zero-copy READs: holds released once the initiator has read them --------------------
+    def _zc_acknowledged(self, bound: int | None = None) -> None:
+        """Release the holds of every READ whose StatSN is below ``bound`` (default: the
+        initiator's ExpStatSN): its status, and so its data before it, has been read."""
+        q = self._zc_unacked
+        exp = self.stat.expstatsn if bound is None else bound
+        while q and 0 < (exp - q[0][0]) & 0xFFFFFFFF < 0x80000000:
+            q.popleft()[1].release()
+
+    def _zc_release_all(self) -> None:
+        q = self._zc_unacked
+        while q:
+            q.popleft()[1].release()
+
+    def solicit_ack(self) -> None:
+        """A writer waits for one of our held READs: ping the initiator, whose echo (or a
+        newer ExpStatSN) tells that it has read that far (§11.19: it must answer)."""
+        if self.closed or self.session is None:
+            return
+        now = time.monotonic()
+        if self._zc_ping is not None and now - self._zc_ping[2] < ZERO_COPY_PING_INTERVAL:
+            return  # one is on its way
+        ttt = self._new_ttt()
+        self._zc_ping = (ttt, self.stat.statsn, now)
+        self._nop_outstanding = ttt
+        self._nop_sent_at = now
+        self.send(P.NopIn(ttt=ttt, itt=P.RESERVED_TAG), status=False)
+
+    def ack_timed_out(self) -> None:
+        """The initiator neither read nor acknowledged a held READ in time: drop it."""
+        if not self.closed:
+            event(log, "conn.zero_copy_ack_timeout", logging.WARNING, peer=self._peer_str())
+            self.abort_connection()
+        self._zc_release_all()
+
+    @staticmethod
+    def _drop_result(result: ScsiResult) -> None:
+        """A result that will never be sent: let go of its held range."""
+        data = result.data
+        if data.__class__ is FileExtent:
+            data.release()
 
     def close(self) -> None:
         """Close after what was queued has been written (e.g. a Logout Response)."""
@@ -339,6 +419,11 @@ class TargetConnection(asyncio.Protocol):
         self.header_digest = conn_params.header_digest
         self.data_digest = conn_params.data_digest
         self.max_send_segment = conn_params.max_send_data_segment_length
+        if self._sock_fd >= 0 and not self.data_digest:
+            # READs from 64 KiB up to one Data-In PDU go out with sendfile (zerocopy.py);
+            # a data digest needs the bytes in hand, so it rules the path out.
+            self._zc_min = zerocopy.MIN_BYTES
+            self._zc_max = self.max_send_segment
         self.reader.header_digest = conn_params.header_digest
         self.reader.data_digest = conn_params.data_digest
         self.reader.max_data_segment = conn_params.max_recv_data_segment_length
@@ -381,12 +466,16 @@ class TargetConnection(asyncio.Protocol):
         assert session is not None
         if type(pdu) is P.ScsiCommandPdu and session.luns is not None:
             self.stat.acknowledge(pdu.expstatsn)
+            if self._zc_unacked:
+                self._zc_acknowledged()
             self._scsi_command_arrived(pdu)
             return
         op = type(pdu).OPCODE
         if op in (P.Opcode.SCSI_COMMAND, P.Opcode.NOP_OUT, P.Opcode.TEXT_REQUEST,
-                  P.Opcode.TASK_MGMT_REQUEST, P.Opcode.LOGOUT_REQUEST):
+                  P.Opcode.TASK_MGMT_REQUEST, P.Opcode.LOGOUT_REQUEST, P.Opcode.DATA_OUT):
             self.stat.acknowledge(pdu.expstatsn)  # type: ignore[attr-defined]
+            if self._zc_unacked:
+                self._zc_acknowledged()
         if op == P.Opcode.DATA_OUT:
             self._data_out(pdu)  # type: ignore[arg-type]
             return
@@ -409,6 +498,10 @@ class TargetConnection(asyncio.Protocol):
             # Answer to our NOP-In (TTT echoed) or a pure ExpStatSN update: no reply (§11.18).
             if pdu.ttt != P.RESERVED_TAG and pdu.ttt == self._nop_outstanding:  # type: ignore[attr-defined]
                 self._nop_outstanding = None
+            ping = self._zc_ping
+            if ping is not None and pdu.ttt == ping[0]:  # type: ignore[attr-defined]
+                self._zc_ping = None
+                self._zc_acknowledged(ping[1])
             if not pdu.immediate:
                 # §11.18.1: ITT=0xffffffff NOP-Out must be immediate; tolerate but do not
                 # consume a CmdSN.
@@ -516,8 +609,11 @@ class TargetConnection(asyncio.Protocol):
         if needed is not None and len(data_out) > needed:
             data_out = memoryview(data_out)[:needed]
         attr = pdu.attr
-        cmd = ScsiCommand(cdb, lun, session.nexus, data_out, pdu.edtl,
-                          _TASK_ATTRS[attr] if attr < 5 else TaskAttr.SIMPLE, pdu.itt)
+        edtl = pdu.edtl
+        cmd = ScsiCommand(cdb, lun, session.nexus, data_out, edtl,
+                          _TASK_ATTRS[attr] if attr < 5 else TaskAttr.SIMPLE, pdu.itt,
+                          self._zc_min <= edtl <= self._zc_max and pdu.read
+                          and len(self._zc_unacked) < ZERO_COPY_UNACKED_LIMIT)
         try:
             result = luns.start(cmd)
         except Exception:
@@ -554,6 +650,7 @@ class TargetConnection(asyncio.Protocol):
             result = self._internal_error(task.pdu.cdb)
         if task.aborted:
             self._forget(task)
+            self._drop_result(result)
             return
         self._finish_task(task, result)
 
@@ -681,11 +778,22 @@ class TargetConnection(asyncio.Protocol):
         """
         if result.extra:
             self._side_effects(result, lun_field)
-        if self.closed:
+        data = result.data if read else b""
+        if data.__class__ is FileExtent:
+            if self.closed or result.status or result.sense or len(data) > min(edtl, self.max_send_segment):
+                # Not the one-PDU GOOD answer the zero-copy path sends: use the bytes.
+                extent, data = data, b""
+                try:
+                    data = extent.read() if not self.closed else b""
+                except OSError:
+                    self.abort_connection()
+                extent.release()
+                if self.closed:
+                    return
+        elif self.closed:
             return
         status = result.status
         sense = result.sense
-        data = result.data if read else b""
         if read:
             produced = len(result.data)
             overflow, underflow, resid = residual(edtl, produced)
@@ -717,6 +825,10 @@ class TargetConnection(asyncio.Protocol):
                 if hd:
                     out.append(pack_digest(crc32c(header)))
                 out.append(data)
+                if data.__class__ is FileExtent:
+                    data.owner = self
+                    self._zc_unacked.append((statsn, data))
+                    self._zc_out = True
                 pad = -n & 3
                 if pad:
                     out.append(_PADDING[pad])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from typing import Any
 
@@ -234,6 +235,9 @@ class IscsiServer:
         self.registry = registry
         self.nop_interval = nop_interval
         self.nop_timeout = nop_timeout
+        # Large READs sent with sendfile (iscsi/scsi/zerocopy.py); SANSTACK_ZERO_COPY=0 turns
+        # it off (for A/B measurements, or a filesystem whose sendfile misbehaves).
+        self.zero_copy = os.environ.get("SANSTACK_ZERO_COPY", "1") != "0"
         self.portals: dict[tuple[str, int], asyncio.base_events.Server] = {}
         self.session_table: dict[tuple[str, int, str], TargetSession] = {}
         self.by_tsih: dict[int, TargetSession] = {}

@@ -38,7 +38,9 @@ class Wire:
                 raise ConnectionError("target closed the connection")
             self.queue += self.parser.feed(data)
         pdu = self.queue.pop(0)
-        if hasattr(pdu, "statsn") and not isinstance(pdu, (P.R2T,)) and not (
+        if isinstance(pdu, P.NopIn) and pdu.itt == P.RESERVED_TAG:
+            self.expstatsn = pdu.statsn  # a target ping does not advance StatSN (§11.19.4)
+        elif hasattr(pdu, "statsn") and not isinstance(pdu, (P.R2T,)) and not (
                 isinstance(pdu, P.DataIn) and not pdu.has_status):
             self.expstatsn = (pdu.statsn + 1) & 0xFFFFFFFF
         return pdu
@@ -67,7 +69,8 @@ class Wire:
         if session_type == "Discovery":
             keys = [k for k in keys if k[0] not in ("InitialR2T", "ImmediateData", "FirstBurstLength",
                                                      "MaxBurstLength")]
-        keys += list(extra)
+        overrides = dict(extra)  # a key given here replaces the default of the same name
+        keys = [(k, overrides.pop(k, v)) for k, v in keys] + list(overrides.items())
         self.send(P.LoginRequest(transit=True, csg=1, nsg=3, isid=isid, tsih=tsih, cid=0, cmdsn=self.cmdsn,
                                  itt=self.next_itt(), data=K.encode_text(keys)))
         resp = await self.recv()

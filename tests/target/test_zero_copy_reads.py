@@ -1,0 +1,364 @@
+"""Zero-copy READs over loopback: sendfile'd Data-In, and writers held until the reader has it.
+
+The point of the hold: with ``sendfile`` the socket carries references to page-cache
+pages, so a WRITE executed after the READ but before the initiator read its socket would
+change the READ's data in flight.  These tests leave the reading initiator's socket
+unread on purpose and check that another session's WRITE to the same range waits.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+
+import pytest
+
+from iscsi import pdu as P
+from iscsi.backstore.file import FileBackstore
+from iscsi.scsi.lu import LogicalUnit
+from iscsi.scsi.target import LunMap
+from iscsi.scsi.zerocopy import FileExtent, ReadFence
+from iscsi.target import sendpath
+from iscsi.target.server import IscsiServer
+
+from .fakes import FakeRegistry, FakeTarget
+from .wire import Wire
+
+IQN_T = "iqn.2026-11.org.sanstack:zc"
+BS = 512
+BLOCKS = 256  # 128 KiB: one Data-In PDU at MaxRecvDataSegmentLength=262144
+SIZE = BLOCKS * BS
+
+
+def read10(lba: int, blocks: int) -> bytes:
+    return struct.pack(">BBIBHB", 0x28, 0, lba, 0, blocks, 0)
+
+
+def write10(lba: int, blocks: int) -> bytes:
+    return struct.pack(">BBIBHB", 0x2A, 0, lba, 0, blocks, 0)
+
+
+@pytest.fixture
+async def zc(tmp_path):
+    backstore = FileBackstore(tmp_path / "lun0.img", size=16 << 20, block_size=BS)
+    lu = LogicalUnit(backstore, serial="zc000001", lun_id=0)
+    reg = FakeRegistry({IQN_T: FakeTarget(IQN_T, luns=LunMap({0: lu}))})
+    srv = IscsiServer(reg, nop_interval=60, nop_timeout=60)
+    _, srv.port = await srv.add_portal("127.0.0.1", 0)
+    srv.lu = lu
+    yield srv
+    await srv.shutdown(drain_timeout=1)
+    backstore.close()
+
+
+async def session(server, isid: int, extra=()) -> Wire:
+    wire = await Wire.open(server.port)
+    assert (await wire.login(IQN_T, initiator=f"iqn.2026-11.org.sanstack.test:zc{isid}", isid=isid,
+                             extra=extra)).status_class == 0
+    wire.data_digest = wire.parser.data_digest = wire.answers.get("DataDigest") == "CRC32C"
+    for _ in range(3):  # the power-on unit attention
+        wire.command(bytes(6))
+        if (await wire.recv()).status == 0:
+            break
+    return wire
+
+
+async def read_reply(wire: Wire, timeout: float = 5.0) -> tuple[bytes, P.Pdu]:
+    """Data-In bytes up to the status; target pings on the way are answered."""
+    data = b""
+    while True:
+        pdu = await wire.recv(timeout)
+        if isinstance(pdu, P.NopIn):
+            continue
+        if isinstance(pdu, P.DataIn):
+            data += bytes(pdu.data)
+            if pdu.has_status:
+                return data, pdu
+            continue
+        return data, pdu
+
+
+def stop_reading(wire: Wire) -> None:
+    """Leave what the target sends in the kernel (the test's loop would read it at once)."""
+    wire.w.transport.pause_reading()
+
+
+def acknowledge(wire: Wire, ttt: int = P.RESERVED_TAG) -> None:
+    """NOP-Out carrying our ExpStatSN (an answer to a ping when ``ttt`` is given)."""
+    wire.send(P.NopOut(itt=P.RESERVED_TAG, ttt=ttt, cmdsn=wire.cmdsn, expstatsn=wire.expstatsn, immediate=True))
+
+
+async def until(predicate, timeout: float = 3.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_large_read_is_sent_from_the_file_and_held_until_acknowledged(zc):
+    old = os.urandom(SIZE)
+    zc.lu.backstore.write(0, old)
+    a = await session(zc, 0x400000000101)
+    a.command(read10(0, BLOCKS), read=True, edtl=SIZE)
+    data, status = await read_reply(a)
+    assert data == old and status.status == 0
+    assert len(zc.lu.fence.holds) == 1  # zero-copy was used, and is held: no ExpStatSN yet
+    acknowledge(a)
+    await until(lambda: not zc.lu.fence.holds)
+    # small READs are copied as before
+    a.command(read10(0, 8), read=True, edtl=8 * BS)
+    data, _ = await read_reply(a)
+    assert data == old[:8 * BS] and not zc.lu.fence.holds
+
+
+async def test_write_waits_until_the_reader_has_the_old_data(zc):
+    old, new = os.urandom(SIZE), os.urandom(64 * BS)
+    zc.lu.backstore.write(0, old)
+    a = await session(zc, 0x400000000102)
+    stop_reading(a)
+    a.command(read10(0, BLOCKS), read=True, edtl=SIZE)
+    await until(lambda: zc.lu.fence.holds)  # A used the LU alone: its READ is held
+    b = await session(zc, 0x400000000103)
+    # B writes into the middle of the range A has not read yet
+    b.command(write10(32, 64), write=True, edtl=len(new), data=new)
+    await asyncio.sleep(0.3)  # time enough for the write to land, were it not held
+    a.w.transport.resume_reading()
+    data, status = await read_reply(a)
+    assert status.status == 0 and data == old, "the READ's data changed after it completed"
+    with pytest.raises(asyncio.TimeoutError):
+        await b.recv(timeout=0.1)  # still waiting for A's acknowledgement
+    ping = await a.recv()  # B's wait asked A how far it has read
+    assert isinstance(ping, P.NopIn) and ping.ttt != P.RESERVED_TAG
+    acknowledge(a, ping.ttt)
+    resp = await b.recv(timeout=3)
+    assert isinstance(resp, P.ScsiResponse) and resp.status == 0
+    assert zc.lu.backstore.read(32 * BS, len(new)) == new
+
+
+async def test_writes_elsewhere_do_not_wait(zc):
+    a = await session(zc, 0x400000000104)
+    stop_reading(a)
+    a.command(read10(0, BLOCKS), read=True, edtl=SIZE)
+    await until(lambda: zc.lu.fence.holds)
+    b = await session(zc, 0x400000000105)
+    b.command(write10(BLOCKS, 8), write=True, edtl=8 * BS, data=b"\x77" * 8 * BS)
+    resp = await b.recv(timeout=3)
+    assert isinstance(resp, P.ScsiResponse) and resp.status == 0
+    assert zc.lu.fence.holds  # A's range is still held
+
+
+async def test_a_reader_that_never_acknowledges_is_dropped_and_the_write_goes_on(zc):
+    zc.lu.fence.ack_timeout = 0.5
+    a = await session(zc, 0x400000000106)
+    stop_reading(a)
+    a.command(read10(0, BLOCKS), read=True, edtl=SIZE)
+    await until(lambda: zc.lu.fence.holds)
+    b = await session(zc, 0x400000000107)
+    b.command(write10(0, 8), write=True, edtl=8 * BS, data=b"\x11" * 8 * BS)
+    resp = await b.recv(timeout=5)
+    assert isinstance(resp, P.ScsiResponse) and resp.status == 0
+    a.w.transport.resume_reading()
+    assert await a.closed(timeout=3)
+    assert not zc.lu.fence.holds
+
+
+async def test_only_an_lu_used_by_one_session_is_read_in_place(zc):
+    """A shared LU (a cluster's datastore, several paths) is copied: a hold there could make
+    one host's write wait for another host's initiator."""
+    a = await session(zc, 0x40000000010D)
+    b = await session(zc, 0x40000000010E)
+    a.command(read10(0, BLOCKS), read=True, edtl=SIZE)
+    await read_reply(a)
+    assert not zc.lu.fence.holds
+    b.send(P.LogoutRequest(itt=b.next_itt(), cmdsn=b.cmdsn, expstatsn=b.expstatsn, reason=0, immediate=True))
+    assert isinstance(await b.recv(), P.LogoutResponse)
+    await until(lambda: zc.lu.sole_user is not None)
+    a.command(read10(0, BLOCKS), read=True, edtl=SIZE)
+    await read_reply(a)
+    assert len(zc.lu.fence.holds) == 1  # alone again
+
+
+async def test_ping_echo_releases_even_with_a_stale_expstatsn(zc):
+    """The echo of our NOP-In proves the initiator read everything sent before it."""
+    a = await session(zc, 0x40000000010F)
+    stale = a.expstatsn
+    a.command(read10(0, BLOCKS), read=True, edtl=SIZE)
+    await read_reply(a)
+    conn = next(iter(zc.connections))
+    conn.solicit_ack()
+    ping = await a.recv()
+    assert isinstance(ping, P.NopIn) and ping.ttt != P.RESERVED_TAG
+    a.expstatsn = stale
+    acknowledge(a, ping.ttt)
+    await until(lambda: not zc.lu.fence.holds)
+
+
+async def test_connection_loss_releases_its_holds(zc):
+    a = await session(zc, 0x400000000108)
+    a.command(read10(0, BLOCKS), read=True, edtl=SIZE)
+    await until(lambda: zc.lu.fence.holds)
+    a.w.close()
+    await until(lambda: not zc.lu.fence.holds)
+
+
+async def test_data_digest_and_small_max_recv_copy_the_data(zc):
+    expected = os.urandom(SIZE)
+    zc.lu.backstore.write(0, expected)
+    a = await session(zc, 0x400000000109, extra=[("DataDigest", "CRC32C")])
+    assert a.data_digest
+    a.command(read10(0, BLOCKS), read=True, edtl=SIZE)
+    data, _ = await read_reply(a)
+    assert data == expected and not zc.lu.fence.holds
+    c = await session(zc, 0x40000000010A, extra=[("MaxRecvDataSegmentLength", "65536")])
+    c.command(read10(0, BLOCKS), read=True, edtl=SIZE)
+    data, _ = await read_reply(c)
+    assert data == expected and not zc.lu.fence.holds  # two Data-In PDUs: copied
+
+
+async def test_read_with_overflow_is_copied_and_cut(zc):
+    expected = os.urandom(SIZE)
+    zc.lu.backstore.write(0, expected)
+    a = await session(zc, 0x40000000010B)
+    a.command(read10(0, BLOCKS), read=True, edtl=SIZE - BS)  # initiator expects less than the CDB asks
+    data, status = await read_reply(a)
+    assert data == expected[:SIZE - BS] and status.overflow and status.residual == BS
+    assert not zc.lu.fence.holds
+
+
+async def test_pipelined_reads_and_overlapping_writes_of_one_session(zc):
+    """The sole user keeps a READ of a region and a WRITE into it in flight together, forty
+    times: each WRITE waits for the READ before it to be read (answering the target's
+    pings as any initiator does), every READ holds whole 32 KiB writes, nothing deadlocks."""
+    lu = zc.lu
+    lu.backstore.write(0, bytes([1]) * SIZE)
+    a = await session(zc, 0x400000000200)
+    chunk = 64 * BS
+    waited = 0
+    for i in range(40):
+        r = a.command(read10(0, BLOCKS), read=True, edtl=SIZE)
+        w = a.command(write10((i % 4) * 64, 64), write=True, edtl=chunk, data=bytes([i + 2]) * chunk)
+        data, done = b"", set()
+        while len(done) < 2:
+            pdu = await a.recv(timeout=10)
+            if isinstance(pdu, P.NopIn):
+                waited += 1
+                acknowledge(a, pdu.ttt)
+                continue
+            if isinstance(pdu, P.DataIn):
+                assert pdu.itt == r
+                data += bytes(pdu.data)
+                if not pdu.has_status:
+                    continue
+            assert pdu.status == 0 and pdu.itt in (r, w)
+            done.add(pdu.itt)
+        assert len(data) == SIZE
+        for off in range(0, SIZE, chunk):
+            piece = data[off:off + chunk]
+            assert piece == bytes([piece[0]]) * chunk, "a READ mixed bytes of two writes"
+    assert waited, "no WRITE ever had to wait: the test did not exercise the holds"
+    acknowledge(a)
+    await until(lambda: not lu.fence.holds and not lu.fence.writers)
+
+
+# -- the send path itself ------------------------------------------------------------------
+
+class Transport:
+    def __init__(self, buffered: int = 0) -> None:
+        self.buffered = buffered
+        self.written: list = []
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def writelines(self, parts) -> None:
+        self.written += [bytes(p) for p in parts]
+
+
+class Source:
+    def __init__(self, fd: int) -> None:
+        self.fileno = fd
+
+
+@pytest.fixture
+def image(tmp_path):
+    content = os.urandom(4 << 20)
+    path = tmp_path / "img"
+    path.write_bytes(content)
+    fd = os.open(path, os.O_RDONLY)
+    yield Source(fd), content
+    os.close(fd)
+
+
+def drain(sock: socket.socket) -> bytes:
+    sock.setblocking(False)
+    got = b""
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return got
+        if not chunk:
+            return got
+        got += chunk
+
+
+def test_write_out_keeps_order_of_bytes_and_extents(image):
+    src, content = image
+    fence = ReadFence()
+    left, right = socket.socketpair()
+    left.setblocking(False)
+    out = [b"head", fence.hold(src, 100, 5000), memoryview(b"middle"), fence.hold(src, 9000, 3), b"tail"]
+    t = Transport()
+    sendpath.write_out(left.fileno(), out, t)
+    assert t.written == []
+    assert drain(right) == b"head" + content[100:5100] + b"middle" + content[9000:9003] + b"tail"
+
+
+def test_write_out_behind_buffered_transport_output_copies_everything(image):
+    src, content = image
+    left, right = socket.socketpair()
+    t = Transport(buffered=10)
+    sendpath.write_out(left.fileno(), [b"h", ReadFence().hold(src, 0, 4096), b"t"], t)
+    assert drain(right) == b""  # nothing may overtake what the transport still holds
+    assert b"".join(t.written) == b"h" + content[:4096] + b"t"
+
+
+def test_write_out_into_a_full_socket_hands_the_rest_to_the_transport(image):
+    src, content = image
+    left, right = socket.socketpair()
+    left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    left.setblocking(False)
+    fence = ReadFence()
+    out = [b"A" * 48, fence.hold(src, 0, 1 << 20), b"B" * 48, fence.hold(src, 1 << 20, 1 << 20), b"C"]
+    t = Transport()
+    sendpath.write_out(left.fileno(), out, t)
+    assert t.written, "the socket took everything: the test did not fill it"
+    expected = b"A" * 48 + content[:1 << 20] + b"B" * 48 + content[1 << 20:2 << 20] + b"C"
+    assert drain(right) + b"".join(t.written) == expected
+
+
+def test_write_out_from_a_closed_image_fails(image):
+    src, _ = image
+    left, right = socket.socketpair()
+    gone = Source(-1)
+    with pytest.raises(OSError):
+        sendpath.write_out(left.fileno(), [b"h", ReadFence().hold(gone, 0, 4096)], Transport())
+    assert isinstance(ReadFence().hold(src, 0, 1), FileExtent)
+
+
+async def test_holds_per_connection_are_bounded_when_expstatsn_never_moves(zc):
+    from iscsi.target.connection import ZERO_COPY_UNACKED_LIMIT
+
+    expected = os.urandom(SIZE)
+    zc.lu.backstore.write(0, expected)
+    a = await session(zc, 0x40000000010C)
+    stale = a.expstatsn
+    for _ in range(ZERO_COPY_UNACKED_LIMIT + 5):
+        a.expstatsn = stale  # an initiator that never acknowledges anything
+        a.command(read10(0, BLOCKS), read=True, edtl=SIZE)
+        data, status = await read_reply(a)
+        assert data == expected and status.status == 0
+    assert len(zc.lu.fence.holds) == ZERO_COPY_UNACKED_LIMIT  # the rest were copied
+    acknowledge(a)
+    await until(lambda: not zc.lu.fence.holds)
