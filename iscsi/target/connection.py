@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections import deque
 import os
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -133,11 +134,11 @@ class TargetConnection(asyncio.Protocol):
         # and the rest of a long answer the initiator has not asked for yet.
         self.text_in = K.TextAccumulator(TEXT_EXCHANGE_LIMIT)
         self.text_out: list[bytes] = []
-        # Zero-copy READs (iscsi/scsi/zerocopy.py): the socket's fd (-1: not possible), the
-        # smallest/largest READ sent that way (an empty range: off), whether ``_out`` holds
+        # Zero-copy READs (iscsi/scsi/zerocopy.py): our duplicate of the socket (None: not
+        # possible), the smallest/largest READ sent that way (an empty range: off), whether ``_out`` holds
         # a FileExtent, and the held ranges whose status the initiator has not yet
         # acknowledged, by StatSN.
-        self._sock_fd = -1
+        self._sock: socket.socket | None = None
         self._zc_min = 1
         self._zc_max = 0
         self._zc_out = False
@@ -161,9 +162,11 @@ class TargetConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and getattr(self.server, "zero_copy", True):
             try:
-                self._sock_fd = sock.fileno()
-            except Exception:  # pragma: no cover - a transport without a real socket
-                self._sock_fd = -1
+                # Our own socket object on a duplicate of the transport's descriptor: it
+                # can send with flags (MSG_MORE), which the transport's wrapper cannot.
+                self._sock = socket.socket(fileno=os.dup(sock.fileno()))
+            except (OSError, AttributeError, ValueError):  # not a real socket: no zero-copy
+                self._sock = None
         try:
             transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
         except Exception:  # pragma: no cover
@@ -176,6 +179,9 @@ class TargetConnection(asyncio.Protocol):
                 timer.cancel()
         self.server.connections.discard(self)
         self._zc_release_all()
+        if self._sock is not None:
+            self._sock.close()  # the duplicate only; the transport closes its own
+            self._sock = None
         for task in list(self.tasks.values()):
             self._cancel_task(task)
         self.tasks.clear()
@@ -301,7 +307,7 @@ class TargetConnection(asyncio.Protocol):
         if self._zc_out:
             self._zc_out = False
             try:
-                sendpath.write_out(self._sock_fd, out, self.transport)
+                sendpath.write_out(self._sock, out, self.transport)
             except OSError as err:
                 # A READ's status is already in the stream: its data cannot be replaced
                 # by an error any more, so the connection goes (the initiator retries).
@@ -419,11 +425,13 @@ class TargetConnection(asyncio.Protocol):
         self.header_digest = conn_params.header_digest
         self.data_digest = conn_params.data_digest
         self.max_send_segment = conn_params.max_send_data_segment_length
-        if self._sock_fd >= 0 and not self.data_digest:
-            # READs from 64 KiB up to one Data-In PDU go out with sendfile (zerocopy.py);
-            # a data digest needs the bytes in hand, so it rules the path out.
+        if self._sock is not None:
+            # READs from 64 KiB up to one Data-In PDU go out with sendfile (zerocopy.py).  A
+            # data digest is computed over a scratch copy (the hold keeps the file equal to
+            # it), which saves the copy into the socket but not the read: up to 1 MiB.
             self._zc_min = zerocopy.MIN_BYTES
-            self._zc_max = self.max_send_segment
+            self._zc_max = min(self.max_send_segment, sendpath.DIGEST_SCRATCH_MAX) \
+                if self.data_digest else self.max_send_segment
         self.reader.header_digest = conn_params.header_digest
         self.reader.data_digest = conn_params.data_digest
         self.reader.max_data_segment = conn_params.max_recv_data_segment_length
@@ -833,7 +841,14 @@ class TargetConnection(asyncio.Protocol):
                 if pad:
                     out.append(_PADDING[pad])
                 if dd:
-                    crc = crc32c(data)
+                    if data.__class__ is FileExtent:
+                        try:
+                            crc = sendpath.extent_crc32c(data)
+                        except OSError:
+                            self.abort_connection()  # the header is queued: no way back
+                            return
+                    else:
+                        crc = crc32c(data)
                     out.append(pack_digest(crc32c_extend(crc, _PADDING[pad]) if pad else crc))
                 self._out_bytes += n + 48
                 self._response_queued()

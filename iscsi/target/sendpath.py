@@ -2,7 +2,7 @@
 
 The connection normally hands its queued PDUs to the transport in one ``writelines``.
 When the queue holds :class:`~iscsi.scsi.zerocopy.FileExtent` parts, the bytes around
-them go to the socket with ``writev`` and the extents with ``sendfile``, in order — but
+them go to the socket with ``sendmsg`` and the extents with ``sendfile``, in order — but
 only while the transport has nothing buffered (its buffer would otherwise be written
 after ours).  As soon as the socket is full, everything left is copied (``pread``) and
 queued on the transport, which then takes care of back-pressure as usual.  The ranges
@@ -12,18 +12,41 @@ have made when it executed.
 from __future__ import annotations
 
 import os
+import socket
 
+from ..digest import crc32c
 from ..scsi.zerocopy import FileExtent
 
 _IOV_MAX = 1024  # Linux's limit on the parts of one writev
+# Largest extent whose data digest is computed over the scratch buffer below.
+DIGEST_SCRATCH_MAX = 1 << 20
+_scratch = bytearray(0)
 
 
-def _writev(fd: int, parts: list) -> list:
-    """Write ``parts`` to the non-blocking socket; return what it did not take."""
+def extent_crc32c(extent: FileExtent) -> int:
+    """CRC32C of an extent's bytes, read into a reused scratch buffer (never sent: the
+    extent itself goes out with sendfile, and its hold keeps the file equal to what was
+    summed).  Raises OSError if the image cannot be read."""
+    global _scratch
+    n = extent.length
+    if len(_scratch) < n:
+        _scratch = bytearray(n)
+    view = memoryview(_scratch)[:n]
+    fd = extent.source.fileno
+    if fd < 0:
+        raise OSError("the image was closed before a READ's data was sent")
+    got = os.preadv(fd, [view], extent.offset)
+    if got < n:  # past the end of a shorter file: zeroes, as the sent bytes will be
+        view[got:] = bytes(n - got)
+    return crc32c(view)
+
+
+def _send(sock: socket.socket, parts: list, flags: int) -> list:
+    """Send ``parts`` on the non-blocking socket; return what it did not take."""
     for first in range(0, len(parts), _IOV_MAX):
         chunk = parts[first:first + _IOV_MAX]
         try:
-            n = os.writev(fd, chunk)
+            n = sock.sendmsg(chunk, (), flags)
         except BlockingIOError:
             n = 0
         for i, part in enumerate(chunk):
@@ -54,10 +77,16 @@ def _sendfile(fd: int, extent: FileExtent) -> int:
     return sent
 
 
-def write_out(fd: int, out: list, transport) -> None:
-    """Write ``out`` (bytes-like parts and FileExtents) in order; raises OSError if the
-    socket or the image failed (the connection cannot go on: a promised Data-In is lost)."""
+def write_out(sock: socket.socket, out: list, transport) -> None:
+    """Write ``out`` (bytes-like parts and FileExtents) in order on ``sock`` (the
+    transport's socket, duplicated); raises OSError if the socket or the image failed (the
+    connection cannot go on: a promised Data-In is lost).
+
+    The bytes before an extent go with MSG_MORE, so a PDU's header and its data leave in
+    the same segments rather than a 48-byte packet of their own.
+    """
     direct = transport.get_write_buffer_size() == 0
+    fd = sock.fileno()
     iov: list = []  # bytes for the socket, in order, before the next extent
     rest: list = []  # everything after the socket filled up: copied, for the transport
     for part in out:
@@ -65,7 +94,7 @@ def write_out(fd: int, out: list, transport) -> None:
             (iov if direct else rest).append(part)
             continue
         if direct and iov:
-            rest = _writev(fd, iov)
+            rest = _send(sock, iov, socket.MSG_MORE)
             iov = []
             direct = not rest
         if direct:
@@ -76,6 +105,6 @@ def write_out(fd: int, out: list, transport) -> None:
         else:
             rest.append(part.read())
     if iov:
-        rest = _writev(fd, iov)
+        rest = _send(sock, iov, 0)
     if rest:
         transport.writelines(rest)

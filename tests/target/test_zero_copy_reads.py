@@ -57,6 +57,7 @@ async def session(server, isid: int, extra=()) -> Wire:
     assert (await wire.login(IQN_T, initiator=f"iqn.2026-11.org.sanstack.test:zc{isid}", isid=isid,
                              extra=extra)).status_class == 0
     wire.data_digest = wire.parser.data_digest = wire.answers.get("DataDigest") == "CRC32C"
+    wire.header_digest = wire.parser.header_digest = wire.answers.get("HeaderDigest") == "CRC32C"
     for _ in range(3):  # the power-on unit attention
         wire.command(bytes(6))
         if (await wire.recv()).status == 0:
@@ -194,22 +195,35 @@ async def test_ping_echo_releases_even_with_a_stale_expstatsn(zc):
     await until(lambda: not zc.lu.fence.holds)
 
 
-async def test_connection_loss_releases_its_holds(zc):
+async def test_connection_loss_releases_its_holds_and_descriptors(zc):
+    fds = len(os.listdir("/proc/self/fd"))
     a = await session(zc, 0x400000000108)
     a.command(read10(0, BLOCKS), read=True, edtl=SIZE)
     await until(lambda: zc.lu.fence.holds)
     a.w.close()
     await until(lambda: not zc.lu.fence.holds)
+    await until(lambda: not zc.connections)
+    assert len(os.listdir("/proc/self/fd")) == fds  # the socket's duplicate is closed too
 
 
-async def test_data_digest_and_small_max_recv_copy_the_data(zc):
+async def test_data_digest_is_summed_over_what_is_sent(zc):
+    """With DataDigest the bytes still go out with sendfile; the digest (checked by the
+    client's parser) is computed over a scratch copy that the hold keeps equal to them."""
     expected = os.urandom(SIZE)
     zc.lu.backstore.write(0, expected)
-    a = await session(zc, 0x400000000109, extra=[("DataDigest", "CRC32C")])
-    assert a.data_digest
-    a.command(read10(0, BLOCKS), read=True, edtl=SIZE)
-    data, _ = await read_reply(a)
-    assert data == expected and not zc.lu.fence.holds
+    a = await session(zc, 0x400000000109, extra=[("DataDigest", "CRC32C"), ("HeaderDigest", "CRC32C")])
+    assert a.data_digest and a.header_digest
+    for lba in (0, 8):
+        a.command(read10(lba, BLOCKS - lba), read=True, edtl=SIZE - lba * BS)
+        data, status = await read_reply(a)
+        assert isinstance(status, P.DataIn) and status.status == 0  # a digest error is not a DataIn
+        assert data == expected[lba * BS:]
+    assert len(zc.lu.fence.holds) == 1  # sent in place; the second command acknowledged the first
+
+
+async def test_small_max_recv_data_segment_copies_the_data(zc):
+    expected = os.urandom(SIZE)
+    zc.lu.backstore.write(0, expected)
     c = await session(zc, 0x40000000010A, extra=[("MaxRecvDataSegmentLength", "65536")])
     c.command(read10(0, BLOCKS), read=True, edtl=SIZE)
     data, _ = await read_reply(c)
@@ -310,7 +324,7 @@ def test_write_out_keeps_order_of_bytes_and_extents(image):
     left.setblocking(False)
     out = [b"head", fence.hold(src, 100, 5000), memoryview(b"middle"), fence.hold(src, 9000, 3), b"tail"]
     t = Transport()
-    sendpath.write_out(left.fileno(), out, t)
+    sendpath.write_out(left, out, t)
     assert t.written == []
     assert drain(right) == b"head" + content[100:5100] + b"middle" + content[9000:9003] + b"tail"
 
@@ -319,7 +333,7 @@ def test_write_out_behind_buffered_transport_output_copies_everything(image):
     src, content = image
     left, right = socket.socketpair()
     t = Transport(buffered=10)
-    sendpath.write_out(left.fileno(), [b"h", ReadFence().hold(src, 0, 4096), b"t"], t)
+    sendpath.write_out(left, [b"h", ReadFence().hold(src, 0, 4096), b"t"], t)
     assert drain(right) == b""  # nothing may overtake what the transport still holds
     assert b"".join(t.written) == b"h" + content[:4096] + b"t"
 
@@ -332,7 +346,7 @@ def test_write_out_into_a_full_socket_hands_the_rest_to_the_transport(image):
     fence = ReadFence()
     out = [b"A" * 48, fence.hold(src, 0, 1 << 20), b"B" * 48, fence.hold(src, 1 << 20, 1 << 20), b"C"]
     t = Transport()
-    sendpath.write_out(left.fileno(), out, t)
+    sendpath.write_out(left, out, t)
     assert t.written, "the socket took everything: the test did not fill it"
     expected = b"A" * 48 + content[:1 << 20] + b"B" * 48 + content[1 << 20:2 << 20] + b"C"
     assert drain(right) + b"".join(t.written) == expected
@@ -343,7 +357,7 @@ def test_write_out_from_a_closed_image_fails(image):
     left, right = socket.socketpair()
     gone = Source(-1)
     with pytest.raises(OSError):
-        sendpath.write_out(left.fileno(), [b"h", ReadFence().hold(gone, 0, 4096)], Transport())
+        sendpath.write_out(left, [b"h", ReadFence().hold(gone, 0, 4096)], Transport())
     assert isinstance(ReadFence().hold(src, 0, 1), FileExtent)
 
 
