@@ -648,7 +648,9 @@ class LogicalUnit:
     def _used_by(self, nexus: ITNexus) -> None:
         users = self._users
         users.add(nexus)
-        self.sole_user = next(iter(users)) if len(users) == 1 else None
+        # ``nexus`` itself (not an equal one kept from a session it reinstated): the fast
+        # paths compare by identity.
+        self.sole_user = nexus if len(users) == 1 else None
 
     def nexus_lost(self, nexus: ITNexus) -> None:
         """I_T nexus loss (session closed or reinstated, SAM-5 §6.3.4)."""

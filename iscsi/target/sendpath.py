@@ -43,17 +43,20 @@ def extent_crc32c(extent: FileExtent) -> int:
 
 def _send(sock: socket.socket, parts: list, flags: int) -> list:
     """Send ``parts`` on the non-blocking socket; return what it did not take."""
-    for first in range(0, len(parts), _IOV_MAX):
-        chunk = parts[first:first + _IOV_MAX]
+    left = parts
+    while left:
+        chunk = left[:_IOV_MAX]
         try:
             n = sock.sendmsg(chunk, (), flags)
         except BlockingIOError:
-            n = 0
+            return left
+        if n == sum(map(len, chunk)):  # the usual case: all of it
+            left = left[_IOV_MAX:]
+            continue
         for i, part in enumerate(chunk):
             size = len(part)
             if n < size:
-                head = memoryview(part)[n:] if n else part
-                return [head, *chunk[i + 1:], *parts[first + _IOV_MAX:]]
+                return [memoryview(part)[n:] if n else part, *left[i + 1:]]
             n -= size
     return []
 
@@ -64,7 +67,13 @@ def _sendfile(fd: int, extent: FileExtent) -> int:
     if src < 0:
         raise OSError("the image was closed before a READ's data was sent")
     offset, left = extent.offset, extent.length
-    sent = 0
+    try:
+        sent = os.sendfile(fd, src, offset, left)
+    except BlockingIOError:
+        return 0
+    if sent == left or not sent:  # the usual case: all of it (or the image's end)
+        return sent
+    left -= sent
     while left:
         try:
             n = os.sendfile(fd, src, offset + sent, left)

@@ -376,3 +376,14 @@ async def test_holds_per_connection_are_bounded_when_expstatsn_never_moves(zc):
     assert len(zc.lu.fence.holds) == ZERO_COPY_UNACKED_LIMIT  # the rest were copied
     acknowledge(a)
     await until(lambda: not zc.lu.fence.holds)
+
+
+def test_send_of_more_parts_than_iov_max_into_a_full_socket():
+    left, right = socket.socketpair()
+    left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+    left.setblocking(False)
+    parts = [bytes([i % 251]) * 97 for i in range(3000)]  # 291 000 bytes, 3 writev's worth of parts
+    rest = sendpath._send(left, parts, 0)
+    assert rest, "the socket took everything: the test did not fill it"
+    got = drain(right)
+    assert got + b"".join(bytes(p) for p in rest) == b"".join(parts)
