@@ -14,31 +14,9 @@ from __future__ import annotations
 import os
 import socket
 
-from ..digest import crc32c
 from ..scsi.zerocopy import FileExtent
 
 _IOV_MAX = 1024  # Linux's limit on the parts of one writev
-# Largest extent whose data digest is computed over the scratch buffer below.
-DIGEST_SCRATCH_MAX = 1 << 20
-_scratch = bytearray(0)
-
-
-def extent_crc32c(extent: FileExtent) -> int:
-    """CRC32C of an extent's bytes, read into a reused scratch buffer (never sent: the
-    extent itself goes out with sendfile, and its hold keeps the file equal to what was
-    summed).  Raises OSError if the image cannot be read."""
-    global _scratch
-    n = extent.length
-    if len(_scratch) < n:
-        _scratch = bytearray(n)
-    view = memoryview(_scratch)[:n]
-    fd = extent.source.fileno
-    if fd < 0:
-        raise OSError("the image was closed before a READ's data was sent")
-    got = os.preadv(fd, [view], extent.offset)
-    if got < n:  # past the end of a shorter file: zeroes, as the sent bytes will be
-        view[got:] = bytes(n - got)
-    return crc32c(view)
 
 
 def _send(sock: socket.socket, parts: list, flags: int) -> list:

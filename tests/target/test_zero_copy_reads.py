@@ -206,19 +206,15 @@ async def test_connection_loss_releases_its_holds_and_descriptors(zc):
     assert len(os.listdir("/proc/self/fd")) == fds  # the socket's duplicate is closed too
 
 
-async def test_data_digest_is_summed_over_what_is_sent(zc):
-    """With DataDigest the bytes still go out with sendfile; the digest (checked by the
-    client's parser) is computed over a scratch copy that the hold keeps equal to them."""
+async def test_data_digest_connections_copy_the_data(zc):
     expected = os.urandom(SIZE)
     zc.lu.backstore.write(0, expected)
     a = await session(zc, 0x400000000109, extra=[("DataDigest", "CRC32C"), ("HeaderDigest", "CRC32C")])
     assert a.data_digest and a.header_digest
-    for lba in (0, 8):
-        a.command(read10(lba, BLOCKS - lba), read=True, edtl=SIZE - lba * BS)
-        data, status = await read_reply(a)
-        assert isinstance(status, P.DataIn) and status.status == 0  # a digest error is not a DataIn
-        assert data == expected[lba * BS:]
-    assert len(zc.lu.fence.holds) == 1  # sent in place; the second command acknowledged the first
+    a.command(read10(0, BLOCKS), read=True, edtl=SIZE)
+    data, status = await read_reply(a)
+    assert isinstance(status, P.DataIn) and status.status == 0  # a digest error is not a DataIn
+    assert data == expected and not zc.lu.fence.holds
 
 
 async def test_small_max_recv_data_segment_copies_the_data(zc):
