@@ -10,11 +10,15 @@ heartbeat or lock record that never existed.
 So a zero-copy READ *holds* its byte range (:class:`ReadFence`) from the moment it
 executes until the initiator has certainly read every byte: its ExpStatSN has passed
 the READ's StatSN (the status follows the data in the same TCP stream, RFC 7143
-§4.2.2.2).  Until then every command that would modify the range waits; writes to other
-ranges go on.  A waiting writer asks the holder's connection for that acknowledgement
-(a NOP-In ping, which the initiator must answer, §11.19) and, if none comes within
-:data:`ACK_TIMEOUT`, drops that connection: a peer that stops reading cannot stall
-other sessions' writes for longer than that.
+§4.2.2.2), or it echoed a NOP-In sent after the READ.  Until then every command that
+would modify the range waits; writes to other ranges go on.  A waiting writer asks the
+holder's connection for that acknowledgement (a NOP-In ping, which the initiator must
+answer, §11.19) and, if none comes within :data:`ACK_TIMEOUT`, drops that connection: a
+peer that stops reading cannot stall writers for longer than that.  (Bytes already queued
+at such a peer stay readable after the reset; it had not read the READ's status either.)
+
+Only the sole I_T nexus of an LU takes holds (``LogicalUnit.sole_user``): its own next
+PDU acknowledges them, so no session ever waits for another session's initiator.
 
 Writers that suspend midway (a FUA write waiting for its flush, COMPARE AND WRITE
 waiting for the LU's lock, a large write in steps) are counted in
@@ -207,7 +211,7 @@ class ReadFence:
                 else:
                     h.owner.solicit_ack()
             if left <= 0:
-                for h in blocking:  # dropped: what was still in flight went with the connection
+                for h in blocking:  # its connection is dropped: nobody will acknowledge them
                     h.release()
                 continue
             if self._changed is None:
