@@ -77,14 +77,15 @@ def _read(lu: LogicalUnit, cmd: ScsiCommand, lba: int, n: int, len_field: int) -
         return ScsiResult()
     bs = lu.block_size
     length = n * bs
+    fence = lu.fence
     if cmd.zero_copy and length >= zerocopy.MIN_BYTES and lu.zero_copy_source is not None \
-            and not lu.fence.writers and cmd.nexus is lu.sole_user:
+            and not fence.writers and cmd.nexus is lu.sole_user and fence.sendfile_ok:
         # Sent from the page cache by the transport; the range is held unchanged until the
         # initiator has read it (zerocopy.py).  Gathered writes reach the file first.
         source = lu.zero_copy_source
         source.drain()
         start = lba * bs
-        return ScsiResult(_GOOD, lu.fence.hold(source, start, length))
+        return ScsiResult(_GOOD, fence.hold(source, start, length))
     if length > LARGE_TRANSFER_STEP:
         return _read_in_steps(lu, lba * bs, length)
     return ScsiResult(_GOOD, lu.backstore.read(lba * bs, length))

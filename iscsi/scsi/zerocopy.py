@@ -160,11 +160,12 @@ class FileExtent:
 class ReadFence:
     """The held ranges of one logical unit and the writers that wait for them."""
 
-    __slots__ = ("holds", "writers", "_changed", "ack_timeout")
+    __slots__ = ("holds", "writers", "_changed", "ack_timeout", "sendfile_ok")
 
     def __init__(self, ack_timeout: float = ACK_TIMEOUT) -> None:
         self.holds: set[FileExtent] = set()
         self.writers = 0  # medium-modifying commands past the gate and not yet finished
+        self.sendfile_ok = True  # False once the image's filesystem refused sendfile
         self._changed: asyncio.Future | None = None
         self.ack_timeout = ack_timeout
 

@@ -11,12 +11,19 @@ have made when it executed.
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import socket
 
+from ..log import event
 from ..scsi.zerocopy import FileExtent
 
 _IOV_MAX = 1024  # Linux's limit on the parts of one writev
+# sendfile errors that mean "not from this file" rather than a broken socket or image.
+_SENDFILE_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+
+log = logging.getLogger(__name__)
 
 
 def _send(sock: socket.socket, parts: list, flags: int) -> list:
@@ -48,6 +55,14 @@ def _sendfile(fd: int, extent: FileExtent) -> int:
     try:
         sent = os.sendfile(fd, src, offset, left)
     except BlockingIOError:
+        return 0
+    except OSError as err:
+        if err.errno not in _SENDFILE_UNSUPPORTED:
+            raise
+        # The image's filesystem cannot splice: copy this one, and hold no more READs there.
+        extent.fence.sendfile_ok = False
+        event(log, "zero_copy.sendfile_refused", logging.WARNING,
+              image=getattr(extent.source, "path", "?"), why=err.strerror)
         return 0
     if sent == left or not sent:  # the usual case: all of it (or the image's end)
         return sent

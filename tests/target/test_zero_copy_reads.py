@@ -383,3 +383,21 @@ def test_send_of_more_parts_than_iov_max_into_a_full_socket():
     assert rest, "the socket took everything: the test did not fill it"
     got = drain(right)
     assert got + b"".join(bytes(p) for p in rest) == b"".join(parts)
+
+
+def test_a_filesystem_that_refuses_sendfile_is_copied_from_then_on(image, monkeypatch, caplog):
+    import errno
+
+    src, content = image
+    fence = ReadFence()
+
+    def refuse(*args):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(sendpath.os, "sendfile", refuse)
+    left, right = socket.socketpair()
+    left.setblocking(False)
+    t = Transport()
+    sendpath.write_out(left, [b"h", fence.hold(src, 0, 8192), b"t"], t)
+    assert drain(right) + b"".join(t.written) == b"h" + content[:8192] + b"t"  # copied instead
+    assert not fence.sendfile_ok and "zero_copy.sendfile_refused" in caplog.text
