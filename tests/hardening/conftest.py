@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -77,17 +79,25 @@ class Witness:
             self.libiscsi.close()
 
 
+@contextmanager
+def running_daemon(workdir: Path, size: int | str = LUN_SIZE) -> Iterator[SanstackPeer]:
+    """Our target daemon with one LU of ``size``, stopped and cleaned up afterwards."""
+    peer = SanstackPeer.create(workdir, size=size)
+    peer.start()
+    try:
+        yield peer
+    finally:
+        try:
+            if peer.alive():
+                peer.stop()
+        finally:
+            peer.cleanup()
+
+
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory) -> SanstackPeer:
-    workdir: Path = tmp_path_factory.mktemp("hardening-target")
-    peer = SanstackPeer.create(workdir, size=LUN_SIZE)
-    peer.start()
-    yield peer
-    try:
-        if peer.alive():
-            peer.stop()
-    finally:
-        peer.cleanup()
+    with running_daemon(tmp_path_factory.mktemp("hardening-target")) as peer:
+        yield peer
 
 
 @pytest.fixture(scope="module")

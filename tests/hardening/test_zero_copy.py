@@ -13,6 +13,7 @@ import pytest
 
 from tools.peers.sanstack import SanstackPeer
 
+from .conftest import running_daemon
 from .raw import RawSession, read10, write10
 
 BLOCK = 512
@@ -21,14 +22,8 @@ CHUNK = 128 << 10
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
-    peer = SanstackPeer.create(tmp_path_factory.mktemp("zero-copy-target"), size="64M")
-    peer.start()
-    yield peer
-    try:
-        if peer.alive():
-            peer.stop()
-    finally:
-        peer.cleanup()
+    with running_daemon(tmp_path_factory.mktemp("zero-copy-target")) as peer:
+        yield peer
 
 
 def session(peer: SanstackPeer, rcvbuf: int | None = None) -> RawSession:
