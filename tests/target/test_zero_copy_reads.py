@@ -401,3 +401,20 @@ def test_a_filesystem_that_refuses_sendfile_is_copied_from_then_on(image, monkey
     sendpath.write_out(left, [b"h", fence.hold(src, 0, 8192), b"t"], t)
     assert drain(right) + b"".join(t.written) == b"h" + content[:8192] + b"t"  # copied instead
     assert not fence.sendfile_ok and "zero_copy.sendfile_refused" in caplog.text
+
+
+async def test_zero_copy_can_be_switched_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("SANSTACK_ZERO_COPY", "0")
+    backstore = FileBackstore(tmp_path / "off.img", size=4 << 20, block_size=BS)
+    lu = LogicalUnit(backstore, serial="zc000002", lun_id=0)
+    srv = IscsiServer(FakeRegistry({IQN_T: FakeTarget(IQN_T, luns=LunMap({0: lu}))}), nop_interval=60, nop_timeout=60)
+    _, srv.port = await srv.add_portal("127.0.0.1", 0)
+    srv.lu = lu
+    try:
+        a = await session(srv, 0x400000000300)
+        a.command(read10(0, BLOCKS), read=True, edtl=SIZE)
+        data, status = await read_reply(a)
+        assert status.status == 0 and data == bytes(SIZE) and not lu.fence.holds
+    finally:
+        await srv.shutdown(drain_timeout=1)
+        backstore.close()
