@@ -568,15 +568,12 @@ class LogicalUnit:
             if pr is not None and pr.check_conflict(cmd.nexus, cdb):
                 return ScsiResult(Status.RESERVATION_CONFLICT)
             handler = spec.handler
+            if cdb[0] in _WRITE_OPCODES:
+                write = handler
+                # Medium-modifying: it runs once no zero-copy READ holds its range.
+                handler = lambda lu, c: lu._run_write(write, c)  # noqa: E731
             attr = cmd.task_attr
             tasks = self.tasks
-            if cdb[0] in _WRITE_OPCODES:
-                if attr <= 1 and tasks._ordered is None:
-                    r = self._run_write(handler, cmd)
-                    if r.__class__ is ScsiResult:
-                        return r
-                    return self._finish(cdb, spec, tasks.track(r))
-                return self._finish(cdb, spec, tasks.run(attr, lambda: self._run_write(handler, cmd)))
             if attr <= 1 and tasks._ordered is None:  # UNTAGGED or SIMPLE, no ORDERED barrier
                 r = handler(self, cmd)
                 if r.__class__ is ScsiResult:
@@ -596,7 +593,7 @@ class LogicalUnit:
         fence = self.fence
         if fence.holds:
             span = zerocopy.write_span(cmd.cdb, self.block_size, self.num_blocks * self.block_size)
-            if fence.blocks(*span):
+            if fence.overlapping(*span):
                 fence.writers += 1
                 return self._write_after_holds(handler, cmd, span)
         r = handler(self, cmd)

@@ -33,6 +33,8 @@ import struct
 import time
 from typing import Protocol
 
+from .cdb import RW6, RW10, RW12, RW16, be16, be64
+
 # Below this a pread copy costs less than the extra syscalls of the zero-copy path.
 MIN_BYTES = 64 * 1024
 # How long a writer waits for the holder's initiator to acknowledge before dropping it.
@@ -40,34 +42,34 @@ ACK_TIMEOUT = 5.0
 # A waiting writer re-solicits (and re-checks) at least this often.
 _RECHECK = 0.5
 
-# Operation codes that modify the medium, and where their LBA and length are (SBC-4).
-_Q = struct.Struct(">Q")
-_L = struct.Struct(">L")
-_H = struct.Struct(">H")
-
-
+# Operation codes that modify the medium, and where their LBA and length are (SBC-4),
+# read with the CDB layouts of cdb.py.
 def _span_6(cdb: bytes) -> tuple[int, int]:
-    return ((cdb[1] & 0x1F) << 16) | (cdb[2] << 8) | cdb[3], cdb[4] or 256
+    w = RW6.unpack_from(cdb)[0]
+    return (w >> 8) & 0x1FFFFF, (w & 0xFF) or 256
 
 
 def _span_10(cdb: bytes) -> tuple[int, int]:
-    return _L.unpack_from(cdb, 2)[0], _H.unpack_from(cdb, 7)[0]
+    _flags, lba, _group, n = RW10.unpack_from(cdb)
+    return lba, n
 
 
 def _span_12(cdb: bytes) -> tuple[int, int]:
-    return _L.unpack_from(cdb, 2)[0], _L.unpack_from(cdb, 6)[0]
+    _flags, lba, n = RW12.unpack_from(cdb)
+    return lba, n
 
 
 def _span_16(cdb: bytes) -> tuple[int, int]:
-    return _Q.unpack_from(cdb, 2)[0], _L.unpack_from(cdb, 10)[0]
+    _flags, lba, n, _group = RW16.unpack_from(cdb)
+    return lba, n
 
 
 def _span_atomic_16(cdb: bytes) -> tuple[int, int]:
-    return _Q.unpack_from(cdb, 2)[0], _H.unpack_from(cdb, 12)[0]
+    return be64(cdb, 2), be16(cdb, 12)
 
 
 def _span_caw(cdb: bytes) -> tuple[int, int]:
-    return _Q.unpack_from(cdb, 2)[0], cdb[13]
+    return be64(cdb, 2), cdb[13]
 
 
 _WHOLE = None
@@ -184,17 +186,8 @@ class ReadFence:
                 changed.set_result(None)
 
     def overlapping(self, start: int, end: int) -> list[FileExtent]:
+        """The holds a write of [start, end) has to wait for."""
         return [h for h in self.holds if h.offset < end and start < h.end]
-
-    def blocks(self, start: int, end: int) -> bool:
-        """True if a write of [start, end) has to wait."""
-        holds = self.holds
-        if not holds:
-            return False
-        for h in holds:
-            if h.offset < end and start < h.end:
-                return True
-        return False
 
     async def clear(self, start: int, end: int) -> None:
         """Return once nothing holds any byte of [start, end); the caller then writes at once."""

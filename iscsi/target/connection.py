@@ -319,6 +319,12 @@ class TargetConnection(asyncio.Protocol):
         return True
 
     # -- zero-copy READs: holds released once the initiator has read them --------------------
+    def _acknowledge(self, expstatsn: int) -> None:
+        """The initiator's ExpStatSN (§4.2.2.2), and the holds of the READs it covers."""
+        self.stat.acknowledge(expstatsn)
+        if self._zc_unacked:
+            self._zc_acknowledged()
+
     def _zc_acknowledged(self, bound: int | None = None) -> None:
         """Release the holds of every READ whose StatSN is below ``bound`` (default: the
         initiator's ExpStatSN): its status, and so its data before it, has been read."""
@@ -340,11 +346,8 @@ class TargetConnection(asyncio.Protocol):
         now = time.monotonic()
         if self._zc_ping is not None and now - self._zc_ping[2] < ZERO_COPY_PING_INTERVAL:
             return  # one is on its way
-        ttt = self._new_ttt()
-        self._zc_ping = (ttt, self.stat.statsn, now)
-        self._nop_outstanding = ttt
-        self._nop_sent_at = now
-        self.send(P.NopIn(ttt=ttt, itt=P.RESERVED_TAG), status=False)
+        statsn = self.stat.statsn  # every READ queued so far has a lower one
+        self._zc_ping = (self._ping(now), statsn, now)
 
     def ack_timed_out(self) -> None:
         """The initiator neither read nor acknowledged a held READ in time: drop it."""
@@ -352,6 +355,17 @@ class TargetConnection(asyncio.Protocol):
             event(log, "conn.zero_copy_ack_timeout", logging.WARNING, peer=self._peer_str())
             self.abort_connection()
         self._zc_release_all()
+
+    def _extent_bytes(self, extent: FileExtent) -> bytes:
+        """A held READ's bytes for sending as a copy (none once closed); its hold ends here.
+        The image failing now drops the connection."""
+        try:
+            return extent.read() if not self.closed else b""
+        except OSError:
+            self.abort_connection()
+            return b""
+        finally:
+            extent.release()
 
     @staticmethod
     def _drop_result(result: ScsiResult) -> None:
@@ -459,11 +473,16 @@ class TargetConnection(asyncio.Protocol):
                 self.abort_connection()
                 return
         elif now - self._last_rx >= self.server.nop_interval and self.session.session_type == "Normal":
-            ttt = self._new_ttt()
-            self._nop_outstanding = ttt
-            self._nop_sent_at = now
-            self.send(P.NopIn(ttt=ttt, itt=P.RESERVED_TAG), status=False)
+            self._ping(now)
         self._schedule_nop()
+
+    def _ping(self, now: float) -> int:
+        """NOP-In asking for an answer (§11.19); its TTT.  Unanswered, _nop_tick drops us."""
+        ttt = self._new_ttt()
+        self._nop_outstanding = ttt
+        self._nop_sent_at = now
+        self.send(P.NopIn(ttt=ttt, itt=P.RESERVED_TAG), status=False)
+        return ttt
 
     # ------------------------------------------------------------------
     # Full Feature Phase dispatch
@@ -472,17 +491,13 @@ class TargetConnection(asyncio.Protocol):
         session = self.session
         assert session is not None
         if type(pdu) is P.ScsiCommandPdu and session.luns is not None:
-            self.stat.acknowledge(pdu.expstatsn)
-            if self._zc_unacked:
-                self._zc_acknowledged()
+            self._acknowledge(pdu.expstatsn)
             self._scsi_command_arrived(pdu)
             return
         op = type(pdu).OPCODE
         if op in (P.Opcode.SCSI_COMMAND, P.Opcode.NOP_OUT, P.Opcode.TEXT_REQUEST,
                   P.Opcode.TASK_MGMT_REQUEST, P.Opcode.LOGOUT_REQUEST, P.Opcode.DATA_OUT):
-            self.stat.acknowledge(pdu.expstatsn)  # type: ignore[attr-defined]
-            if self._zc_unacked:
-                self._zc_acknowledged()
+            self._acknowledge(pdu.expstatsn)  # type: ignore[attr-defined]
         if op == P.Opcode.DATA_OUT:
             self._data_out(pdu)  # type: ignore[arg-type]
             return
@@ -786,18 +801,10 @@ class TargetConnection(asyncio.Protocol):
         if result.extra:
             self._side_effects(result, lun_field)
         data = result.data if read else b""
-        if data.__class__ is FileExtent:
-            if self.closed or result.status or result.sense or len(data) > min(edtl, self.max_send_segment):
-                # Not the one-PDU GOOD answer the zero-copy path sends: use the bytes.
-                extent, data = data, b""
-                try:
-                    data = extent.read() if not self.closed else b""
-                except OSError:
-                    self.abort_connection()
-                extent.release()
-                if self.closed:
-                    return
-        elif self.closed:
+        if data.__class__ is FileExtent and (self.closed or result.status or result.sense
+                                              or len(data) > min(edtl, self.max_send_segment)):
+            data = self._extent_bytes(data)  # not the one-PDU GOOD answer sent in place
+        if self.closed:
             return
         status = result.status
         sense = result.sense

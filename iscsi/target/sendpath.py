@@ -52,25 +52,19 @@ def _sendfile(fd: int, extent: FileExtent) -> int:
     if src < 0:
         raise OSError("the image was closed before a READ's data was sent")
     offset, left = extent.offset, extent.length
-    try:
-        sent = os.sendfile(fd, src, offset, left)
-    except BlockingIOError:
-        return 0
-    except OSError as err:
-        if err.errno not in _SENDFILE_UNSUPPORTED:
-            raise
-        # The image's filesystem cannot splice: copy this one, and hold no more READs there.
-        extent.fence.sendfile_ok = False
-        event(log, "zero_copy.sendfile_refused", logging.WARNING,
-              image=getattr(extent.source, "path", "?"), why=err.strerror)
-        return 0
-    if sent == left or not sent:  # the usual case: all of it (or the image's end)
-        return sent
-    left -= sent
+    sent = 0
     while left:
         try:
             n = os.sendfile(fd, src, offset + sent, left)
         except BlockingIOError:
+            break
+        except OSError as err:
+            if err.errno not in _SENDFILE_UNSUPPORTED:
+                raise
+            # The image's filesystem cannot splice: copy this one, and hold no more READs there.
+            extent.fence.sendfile_ok = False
+            event(log, "zero_copy.sendfile_refused", logging.WARNING,
+                  image=getattr(extent.source, "path", "?"), why=err.strerror)
             break
         if not n:
             break

@@ -81,8 +81,8 @@ async def test_clear_returns_once_the_overlapping_hold_is_released():
     fence = ReadFence()
     hold = fence.hold(None, 4096, 8192)
     hold.owner = owner = Owner()
-    assert fence.blocks(0, 4097) and fence.blocks(12287, 20000)
-    assert not fence.blocks(0, 4096) and not fence.blocks(12288, 20000)
+    assert fence.overlapping(0, 4097) and fence.overlapping(12287, 20000)
+    assert not fence.overlapping(0, 4096) and not fence.overlapping(12288, 20000)
     waiter = asyncio.ensure_future(fence.clear(8000, 9000))
     await settle()
     assert not waiter.done() and owner.solicited == 1  # the initiator is asked at once
