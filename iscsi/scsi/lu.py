@@ -568,17 +568,17 @@ class LogicalUnit:
             if pr is not None and pr.check_conflict(cmd.nexus, cdb):
                 return ScsiResult(Status.RESERVATION_CONFLICT)
             handler = spec.handler
-            if cdb[0] in _WRITE_OPCODES:
-                write = handler
-                # Medium-modifying: it runs once no zero-copy READ holds its range.
-                handler = lambda lu, c: lu._run_write(write, c)  # noqa: E731
+            # Medium-modifying commands run once no zero-copy READ holds their range.
+            writes = cdb[0] in _WRITE_OPCODES
             attr = cmd.task_attr
             tasks = self.tasks
             if attr <= 1 and tasks._ordered is None:  # UNTAGGED or SIMPLE, no ORDERED barrier
-                r = handler(self, cmd)
+                r = self._run_write(handler, cmd) if writes else handler(self, cmd)
                 if r.__class__ is ScsiResult:
                     return r
                 return self._finish(cdb, spec, tasks.track(r))
+            if writes:
+                return self._finish(cdb, spec, tasks.run(attr, lambda: self._run_write(handler, cmd)))
             return self._finish(cdb, spec, tasks.run(attr, lambda: handler(self, cmd)))
         except Exception as e:
             return self._failed(cdb, spec, e)

@@ -45,6 +45,20 @@ class ITNexus:
     target_port: str
     relative_port_id: int = 1
     target_port_group: int = 1
+    # Looked up in per-LU dicts (unit attentions, users) on every command: hash once.
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.initiator_port, self.target_port,
+                                                self.relative_port_id, self.target_port_group)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self):
+        # Rebuilt through __init__ (pickle, copy): string hashes differ between processes.
+        return (ITNexus, (self.initiator_port, self.target_port, self.relative_port_id,
+                          self.target_port_group))
 
     @property
     def initiator_name(self) -> str:
