@@ -51,6 +51,9 @@ NOP_TIMEOUT = 90.0
 # Stop reading from, and starting commands for, a connection whose unsent output exceeds
 # this (back-pressure): a peer that does not read cannot make us buffer without bound.
 WRITE_HIGH_WATER = 4 * 1024 * 1024
+# A connection closed (Logout) with output still unsent waits this long for the peer to
+# read it, then is cut off.
+CLOSE_LINGER = 10.0
 # Most text one Text Request sequence may carry (a SendTargets answer for many targets
 # is the biggest legitimate one, and it goes the other way).
 TEXT_EXCHANGE_LIMIT = 65536
@@ -67,6 +70,9 @@ MAX_TASKS_PER_CONNECTION = 256
 ZERO_COPY_UNACKED_LIMIT = 64
 # A writer waiting for a held READ re-pings the initiator at most this often.
 ZERO_COPY_PING_INTERVAL = 0.25
+# The largest READ sent from the page cache: a hold this size keeps 16 MiB of the LU from
+# being rewritten until the initiator has read it all; larger READs are copied.
+ZERO_COPY_MAX_BYTES = 16 << 20
 
 
 _BHS = P.BHS_STRUCT  # packs a whole response header in one call
@@ -109,6 +115,7 @@ class TargetConnection(asyncio.Protocol):
         self.header_digest = False
         self.data_digest = False
         self.max_send_segment = 8192
+        self._one_data_in = 8192
         self.tasks: dict[int, Task] = {}
         self.ttt_map: dict[int, Task] = {}
         self._next_ttt = 1
@@ -143,6 +150,12 @@ class TargetConnection(asyncio.Protocol):
         self._zc_max = 0
         self._zc_out = False
         self._zc_unacked: deque = deque()
+        # Zero-copy output the socket did not take yet: sent when it is writable again, with
+        # everything newer queued behind it; its size counts for back-pressure.
+        self._backlog: deque = deque()
+        self._backlog_bytes = 0
+        self._backlog_watched = False  # a writer callback is registered for the socket
+        self._close_when_sent: asyncio.TimerHandle | None = None
         # The NOP-In sent for a waiting writer: (TTT, StatSN when sent, time).  Its echo proves
         # the initiator read everything before it, whatever ExpStatSN the echo carries.
         self._zc_ping: tuple[int, int, float] | None = None
@@ -179,6 +192,9 @@ class TargetConnection(asyncio.Protocol):
                 timer.cancel()
         self.server.connections.discard(self)
         self._zc_release_all()
+        self._stop_backlog()
+        if self._close_when_sent is not None:
+            self._close_when_sent.cancel()
         if self._sock is not None:
             self._sock.close()  # the duplicate only; the transport closes its own
             self._sock = None
@@ -304,19 +320,63 @@ class TargetConnection(asyncio.Protocol):
             return False
         out, self._out = self._out, []
         self._out_bytes = 0
+        if self._backlog:
+            self._zc_out = False
+            self._backlog += out  # behind what the socket has not taken yet
+            self._backlog_grew(sum(map(len, out)))
+            return True
         if self._zc_out:
             self._zc_out = False
             try:
-                sendpath.write_out(self._sock, out, self.transport)
+                left = sendpath.write_out(self._sock, out, self.transport)
             except OSError as err:
-                # A READ's status is already in the stream: its data cannot be replaced
-                # by an error any more, so the connection goes (the initiator retries).
-                event(log, "conn.zero_copy_send_failed", logging.WARNING, peer=self._peer_str(), why=str(err))
-                self.abort_connection()
+                self._zero_copy_failed(err)
                 return False
+            if left:
+                self._backlog = left
+                self.loop.add_writer(self._sock.fileno(), self._send_backlog)  # type: ignore[union-attr]
+                self._backlog_watched = True
+                self._backlog_grew(sum(map(len, left)))
             return True
         self.transport.writelines(out)  # may call pause_writing()
         return True
+
+    def _zero_copy_failed(self, err: OSError) -> None:
+        # A READ's status is already in the stream: its data cannot be replaced by an
+        # error any more, so the connection goes (the initiator retries).
+        event(log, "conn.zero_copy_send_failed", logging.WARNING, peer=self._peer_str(), why=str(err))
+        self.abort_connection()
+
+    def _backlog_grew(self, size: int) -> None:
+        self._backlog_bytes += size
+        if self._backlog_bytes > WRITE_HIGH_WATER:
+            self.pause_writing()
+
+    def _send_backlog(self) -> None:
+        """The socket is writable again: send what it did not take before."""
+        try:
+            sent = sendpath.send_parts(self._sock, self._backlog)  # type: ignore[arg-type]
+        except OSError as err:
+            self._zero_copy_failed(err)
+            return
+        self._backlog_bytes -= sent
+        if self._backlog:
+            if self._paused and self._backlog_bytes <= WRITE_HIGH_WATER // 2:
+                self.resume_writing()
+            return
+        self._stop_backlog()
+        if self._close_when_sent is not None:
+            self.transport.close()  # type: ignore[union-attr]
+        elif self._paused:
+            self.resume_writing()
+
+    def _stop_backlog(self) -> None:
+        self._backlog.clear()
+        self._backlog_bytes = 0
+        if self._backlog_watched:
+            self._backlog_watched = False
+            if self._sock is not None:
+                self.loop.remove_writer(self._sock.fileno())
 
     # -- zero-copy READs: holds released once the initiator has read them --------------------
     def _acknowledge(self, expstatsn: int) -> None:
@@ -379,11 +439,17 @@ class TargetConnection(asyncio.Protocol):
         if not self.closed and self.transport is not None:
             self._flush()
             self.closed = True
+            if self._backlog:
+                # The transport closes once the socket has taken the rest; a peer that
+                # reads nothing more for CLOSE_LINGER is cut off.
+                self._close_when_sent = self.loop.call_later(CLOSE_LINGER, self.abort_connection)
+                return
             self.transport.close()
 
     def abort_connection(self) -> None:
         if self.transport is not None:
             self.closed = True
+            self._stop_backlog()
             self.transport.abort()
 
     def _reject(self, pdu: P.Pdu | None, reason: int, header: bytes | None = None) -> None:
@@ -439,12 +505,15 @@ class TargetConnection(asyncio.Protocol):
         self.header_digest = conn_params.header_digest
         self.data_digest = conn_params.data_digest
         self.max_send_segment = conn_params.max_send_data_segment_length
+        # A Data-In PDU fits the initiator's MaxRecvDataSegmentLength and the sequence it
+        # ends, MaxBurstLength (§13.14): an answer up to this size is one PDU.
+        self._one_data_in = min(self.max_send_segment, self.params.max_burst_length)
         if self._sock is not None and not self.data_digest:
-            # READs from 64 KiB up to one Data-In PDU go out with sendfile (zerocopy.py).  A
-            # data digest needs the bytes in hand anyway: summing a scratch copy and then
-            # sending the pages measured slower than reading and sending the copy.
+            # READs from 64 KiB up go out with sendfile (zerocopy.py).  A data digest needs
+            # the bytes in hand anyway: summing a scratch copy and then sending the pages
+            # measured slower than reading and sending the copy.
             self._zc_min = zerocopy.MIN_BYTES
-            self._zc_max = self.max_send_segment
+            self._zc_max = ZERO_COPY_MAX_BYTES
         self.reader.header_digest = conn_params.header_digest
         self.reader.data_digest = conn_params.data_digest
         self.reader.max_data_segment = conn_params.max_recv_data_segment_length
@@ -634,8 +703,7 @@ class TargetConnection(asyncio.Protocol):
         edtl = pdu.edtl
         cmd = ScsiCommand(cdb, lun, session.nexus, data_out, edtl,
                           _TASK_ATTRS[attr] if attr < 5 else TaskAttr.SIMPLE, pdu.itt,
-                          self._zc_min <= edtl <= self._zc_max and pdu.read
-                          and len(self._zc_unacked) < ZERO_COPY_UNACKED_LIMIT)
+                          self._zero_copy_ok(pdu))
         try:
             result = luns.start(cmd)
         except Exception:
@@ -754,7 +822,7 @@ class TargetConnection(asyncio.Protocol):
             data_out = memoryview(task.transfer.buffer)
         cmd = ScsiCommand(cdb=pdu.cdb, lun=task.lun, nexus=session.nexus, data_out=data_out,
                           expected_length=pdu.edtl, task_attr=_TASK_ATTRS[pdu.attr] if pdu.attr < 5 else TaskAttr.SIMPLE,
-                          task_tag=task.itt)
+                          task_tag=task.itt, zero_copy=self._zero_copy_ok(pdu))
         try:
             result = await session.luns.execute(cmd)
         except asyncio.CancelledError:
@@ -764,8 +832,14 @@ class TargetConnection(asyncio.Protocol):
             result = self._internal_error(pdu.cdb)
         if task.aborted:
             self._forget(task)
+            self._drop_result(result)
             return
         self._finish_task(task, result)
+
+    def _zero_copy_ok(self, pdu: P.ScsiCommandPdu) -> bool:
+        """May this READ's data be sent from the image file (zerocopy.py)?"""
+        return (pdu.read and self._zc_min <= pdu.edtl <= self._zc_max
+                and len(self._zc_unacked) < ZERO_COPY_UNACKED_LIMIT)
 
     def _reserve(self, task: Task) -> None:
         """A READ starts: its Data-In counts as pending output until it is forgotten."""
@@ -802,8 +876,8 @@ class TargetConnection(asyncio.Protocol):
             self._side_effects(result, lun_field)
         data = result.data if read else b""
         if data.__class__ is FileExtent and (self.closed or result.status or result.sense
-                                              or len(data) > min(edtl, self.max_send_segment)):
-            data = self._extent_bytes(data)  # not the one-PDU GOOD answer sent in place
+                                              or len(data) > edtl):
+            data = self._extent_bytes(data)  # only a GOOD answer of the asked length goes in place
         if self.closed:
             return
         status = result.status
@@ -828,8 +902,7 @@ class TargetConnection(asyncio.Protocol):
         datasn = 0
         if n:
             collapse = status == 0 and not sense
-            step = self.max_send_segment
-            if n <= step and collapse:
+            if n <= self._one_data_in and collapse:
                 # The common case: one Data-In that carries the status too (phase collapse).
                 statsn = self.stat.statsn
                 self.stat.statsn = (statsn + 1) & 0xFFFFFFFF
@@ -852,20 +925,10 @@ class TargetConnection(asyncio.Protocol):
                 self._out_bytes += n + 48
                 self._response_queued()
                 return
-            view = data if isinstance(data, memoryview) else memoryview(data)
-            offset = 0
-            while offset < n:
-                chunk = view[offset:offset + step]
-                last = offset + len(chunk) >= n
-                if last and collapse:
-                    self.send(P.DataIn(itt=itt, lun=lun_field, ttt=P.RESERVED_TAG, datasn=datasn,
-                                       offset=offset, has_status=True, status=status, overflow=overflow,
-                                       underflow=underflow, residual=resid, data=chunk), status=True)
-                    return
-                self.send(P.DataIn(itt=itt, lun=lun_field, ttt=P.RESERVED_TAG, datasn=datasn,
-                                   offset=offset, final=last, data=chunk), status=False)
-                datasn += 1
-                offset += len(chunk)
+            datasn = self._data_in_pdus(itt, lun_field, data, status, flags, resid, collapse)
+            if collapse:
+                self._response_queued()
+                return
         segment = P.ScsiResponse.sense_segment(bytes(sense)) if sense else b""
         statsn = self.stat.statsn
         self.stat.statsn = (statsn + 1) & 0xFFFFFFFF
@@ -881,6 +944,66 @@ class TargetConnection(asyncio.Protocol):
                 out.append(pack_digest(crc32c(padded)))
         self._out_bytes += len(segment) + 48
         self._response_queued()
+
+    def _data_in_pdus(self, itt: int, lun_field: int, data, status: int, flags: int, resid: int,
+                      collapse: bool) -> int:
+        """Queue ``data`` as Data-In PDUs (RFC 7143 §11.7) and return how many.
+
+        Each PDU carries at most the initiator's MaxRecvDataSegmentLength; they form
+        sequences of at most MaxBurstLength, the last PDU of each with the F bit (§11.7.1,
+        §13.14).  With ``collapse`` the last PDU carries the status too (S bit, §11.7.4).
+        A :class:`FileExtent` is sent from the image in pieces, and held as a whole until
+        the initiator acknowledges the status.
+        """
+        out = self._out
+        window = self.session.window  # type: ignore[union-attr]
+        expcmdsn, maxcmdsn = window.expcmdsn, window.maxcmdsn
+        hd, dd = self.header_digest, self.data_digest
+        segment = self.max_send_segment
+        burst = self.params.max_burst_length  # type: ignore[union-attr]
+        n = len(data)
+        extent = data if data.__class__ is FileExtent else None
+        view = None if extent is not None else (data if data.__class__ is memoryview else memoryview(data))
+        statsn = self.stat.statsn  # Data-In without status repeats it (meaningless without S)
+        offset = datasn = 0
+        burst_left = burst
+        while offset < n:
+            size = min(segment, burst_left, n - offset)
+            end = offset + size
+            burst_left -= size
+            if end == n and collapse:
+                self.stat.statsn = (statsn + 1) & 0xFFFFFFFF
+                header = _BHS.pack(0x25, 0x81 | flags, 0, status, size, lun_field, itt, 0xFFFFFFFF,
+                                   statsn, expcmdsn, maxcmdsn, datasn, offset, resid)
+            else:
+                header = _BHS.pack(0x25, 0x80 if end == n or not burst_left else 0, 0, 0, size,
+                                   lun_field, itt, 0xFFFFFFFF, statsn, expcmdsn, maxcmdsn,
+                                   datasn, offset, 0)
+            if not burst_left:
+                burst_left = burst
+            out.append(header)
+            if hd:
+                out.append(pack_digest(crc32c(header)))
+            if extent is not None:
+                # A piece to send from the file (no data digest here); the hold is ``extent``.
+                part = FileExtent(extent.source, extent.offset + offset, size, extent.fence)
+            else:
+                part = view[offset:end]  # type: ignore[index]
+            out.append(part)
+            pad = -size & 3
+            if pad:
+                out.append(_PADDING[pad])
+            if dd:
+                crc = crc32c(part)
+                out.append(pack_digest(crc32c_extend(crc, _PADDING[pad]) if pad else crc))
+            offset = end
+            datasn += 1
+        self._out_bytes += n + 48 * datasn
+        if extent is not None:
+            extent.owner = self
+            self._zc_unacked.append((statsn, extent))
+            self._zc_out = True
+        return datasn
 
     def _side_effects(self, result: ScsiResult, lun_field: int) -> None:
         """Effects a SCSI command has on other tasks: PERSISTENT RESERVE OUT with PREEMPT AND

@@ -2,12 +2,14 @@
 
 The connection normally hands its queued PDUs to the transport in one ``writelines``.
 When the queue holds :class:`~iscsi.scsi.zerocopy.FileExtent` parts, the bytes around
-them go to the socket with ``sendmsg`` and the extents with ``sendfile``, in order — but
-only while the transport has nothing buffered (its buffer would otherwise be written
-after ours).  As soon as the socket is full, everything left is copied (``pread``) and
-queued on the transport, which then takes care of back-pressure as usual.  The ranges
-are held unchanged by the LU's fence, so a copy made now equals the one the READ would
-have made when it executed.
+them go to the socket with ``sendmsg`` and the extents with ``sendfile``, in order.  What
+the socket does not take is handed back as a backlog, still as extents: the connection
+sends it when the socket is writable again, and queues everything newer behind it (a copy
+would cost the CPU that zero-copy saves, and a large READ at queue depth fills any socket).
+The transport is only bypassed while it has nothing buffered; behind buffered transport
+output everything is copied onto the transport instead.  The ranges are held unchanged by
+the LU's fence, so a copy made late equals the one the READ would have made when it
+executed.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import errno
 import logging
 import os
 import socket
+from collections import deque
 
 from ..log import event
 from ..scsi.zerocopy import FileExtent
@@ -46,8 +49,12 @@ def _send(sock: socket.socket, parts: list, flags: int) -> list:
     return []
 
 
-def _sendfile(fd: int, extent: FileExtent) -> int:
-    """Send as much of ``extent`` as the socket takes now (0 at the image's end)."""
+def _sendfile(fd: int, extent: FileExtent) -> tuple[int, bool]:
+    """Send as much of ``extent`` as the socket takes now: (bytes sent, socket full).
+
+    Short of the end and not full: the image ends early (the rest reads as zeroes) or its
+    filesystem refused to splice; the caller copies the rest.
+    """
     src = extent.source.fileno
     if src < 0:
         raise OSError("the image was closed before a READ's data was sent")
@@ -57,7 +64,7 @@ def _sendfile(fd: int, extent: FileExtent) -> int:
         try:
             n = os.sendfile(fd, src, offset + sent, left)
         except BlockingIOError:
-            break
+            return sent, True
         except OSError as err:
             if err.errno not in _SENDFILE_UNSUPPORTED:
                 raise
@@ -70,37 +77,54 @@ def _sendfile(fd: int, extent: FileExtent) -> int:
             break
         sent += n
         left -= n
-    return sent
+    return sent, False
 
 
-def write_out(sock: socket.socket, out: list, transport) -> None:
-    """Write ``out`` (bytes-like parts and FileExtents) in order on ``sock`` (the
-    transport's socket, duplicated); raises OSError if the socket or the image failed (the
-    connection cannot go on: a promised Data-In is lost).
+def send_parts(sock: socket.socket, parts: deque) -> int:
+    """Send from the front of ``parts`` (bytes-like and FileExtents) until it is empty or
+    the socket is full; return the bytes sent.  What was not sent stays in ``parts`` (a
+    partly sent piece replaced by its rest).  Raises OSError if the socket or the image
+    failed.
 
     The bytes before an extent go with MSG_MORE, so a PDU's header and its data leave in
     the same segments rather than a 48-byte packet of their own.
     """
-    direct = transport.get_write_buffer_size() == 0
     fd = sock.fileno()
-    iov: list = []  # bytes for the socket, in order, before the next extent
-    rest: list = []  # everything after the socket filled up: copied, for the transport
-    for part in out:
-        if part.__class__ is not FileExtent:
-            (iov if direct else rest).append(part)
+    total = 0
+    while parts:
+        iov = []
+        while parts and parts[0].__class__ is not FileExtent and len(iov) < _IOV_MAX:
+            iov.append(parts.popleft())
+        if iov:
+            rest = _send(sock, iov, socket.MSG_MORE if parts else 0)
+            total += sum(map(len, iov)) - sum(map(len, rest))
+            if rest:
+                parts.extendleft(reversed(rest))
+                return total
             continue
-        if direct and iov:
-            rest = _send(sock, iov, socket.MSG_MORE)
-            iov = []
-            direct = not rest
-        if direct:
-            sent = _sendfile(fd, part)
-            if sent < part.length:
-                direct = False
-                rest.append(part.read(sent))
+        extent = parts[0]
+        sent, full = _sendfile(fd, extent)
+        total += sent
+        if sent == extent.length:
+            parts.popleft()
+        elif full:  # the rest when the socket is writable again
+            parts[0] = FileExtent(extent.source, extent.offset + sent, extent.length - sent, extent.fence)
+            return total
         else:
-            rest.append(part.read())
-    if iov:
-        rest = _send(sock, iov, 0)
-    if rest:
-        transport.writelines(rest)
+            parts[0] = extent.read(sent)  # past the image's end, or no splicing there: copy
+    return total
+
+
+def write_out(sock: socket.socket, out: list, transport) -> deque:
+    """Write ``out`` (bytes-like parts and FileExtents) in order on ``sock`` (the
+    transport's socket, duplicated); return what the socket did not take yet, for the
+    caller to send once it is writable (empty when all went).  Raises OSError if the
+    socket or the image failed (the connection cannot go on: a promised Data-In is lost).
+    """
+    if transport.get_write_buffer_size():
+        # Bytes still queued on the transport go first: everything behind them is copied.
+        transport.writelines([p.read() if p.__class__ is FileExtent else p for p in out])
+        return deque()
+    parts = deque(out)
+    send_parts(sock, parts)
+    return parts

@@ -217,13 +217,63 @@ async def test_data_digest_connections_copy_the_data(zc):
     assert data == expected and not zc.lu.fence.holds
 
 
-async def test_small_max_recv_data_segment_copies_the_data(zc):
+async def data_in_pdus(wire: Wire, timeout: float = 5.0) -> list[P.DataIn]:
+    """Every Data-In PDU of one READ, up to the one with the status."""
+    pdus = []
+    while True:
+        pdu = await wire.recv(timeout)
+        if isinstance(pdu, P.NopIn):
+            continue
+        assert isinstance(pdu, P.DataIn), pdu
+        pdus.append(pdu)
+        if pdu.has_status:
+            return pdus
+
+
+def layout(pdus: list[P.DataIn]) -> list[tuple[int, int, int, bool, bool]]:
+    """(DataSN, Buffer Offset, length, F, S) of each Data-In."""
+    return [(p.datasn, p.offset, len(p.data), p.final, p.has_status) for p in pdus]
+
+
+async def test_read_over_several_data_in_pdus_is_sent_from_the_file_and_held(zc):
     expected = os.urandom(SIZE)
     zc.lu.backstore.write(0, expected)
-    c = await session(zc, 0x40000000010A, extra=[("MaxRecvDataSegmentLength", "65536")])
+    c = await session(zc, 0x40000000010A, extra=[("MaxRecvDataSegmentLength", "32768"),
+                                                 ("MaxBurstLength", "65536")])
     c.command(read10(0, BLOCKS), read=True, edtl=SIZE)
-    data, _ = await read_reply(c)
-    assert data == expected and not zc.lu.fence.holds  # two Data-In PDUs: copied
+    pdus = await data_in_pdus(c)
+    assert b"".join(bytes(p.data) for p in pdus) == expected
+    # 32 KiB PDUs in sequences of 64 KiB, the F bit closing each (RFC 7143 §11.7.1, §13.14)
+    assert layout(pdus) == [(0, 0, 32768, False, False), (1, 32768, 32768, True, False),
+                            (2, 65536, 32768, False, False), (3, 98304, 32768, True, True)]
+    assert len(zc.lu.fence.holds) == 1  # one hold for the whole READ, until acknowledged
+    acknowledge(c)
+    await until(lambda: not zc.lu.fence.holds)
+
+
+async def test_max_burst_length_below_the_segment_length_splits_the_answer(zc):
+    expected = os.urandom(SIZE)
+    zc.lu.backstore.write(0, expected)
+    c = await session(zc, 0x40000000010C, extra=[("MaxBurstLength", "65536")])
+    c.command(read10(0, BLOCKS), read=True, edtl=SIZE)
+    pdus = await data_in_pdus(c)
+    assert b"".join(bytes(p.data) for p in pdus) == expected
+    assert layout(pdus) == [(0, 0, 65536, True, False), (1, 65536, 65536, True, True)]
+
+
+async def test_copied_read_keeps_sequences_within_max_burst_length(zc):
+    """Below the zero-copy size (copied): PDUs are cut at every burst boundary too."""
+    expected = os.urandom(64 * BS)
+    zc.lu.backstore.write(0, expected)
+    c = await session(zc, 0x40000000010D, extra=[("MaxRecvDataSegmentLength", "8192"),
+                                                 ("MaxBurstLength", "12288")])
+    c.command(read10(0, 64), read=True, edtl=64 * BS)
+    pdus = await data_in_pdus(c)
+    assert b"".join(bytes(p.data) for p in pdus) == expected
+    assert layout(pdus) == [(0, 0, 8192, False, False), (1, 8192, 4096, True, False),
+                            (2, 12288, 8192, False, False), (3, 20480, 4096, True, False),
+                            (4, 24576, 8192, True, True)]
+    assert not zc.lu.fence.holds
 
 
 async def test_read_with_overflow_is_copied_and_cut(zc):
@@ -334,7 +384,7 @@ def test_write_out_behind_buffered_transport_output_copies_everything(image):
     assert b"".join(t.written) == b"h" + content[:4096] + b"t"
 
 
-def test_write_out_into_a_full_socket_hands_the_rest_to_the_transport(image):
+def test_write_out_into_a_full_socket_returns_the_rest_still_in_the_file(image):
     src, content = image
     left, right = socket.socketpair()
     left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
@@ -342,10 +392,27 @@ def test_write_out_into_a_full_socket_hands_the_rest_to_the_transport(image):
     fence = ReadFence()
     out = [b"A" * 48, fence.hold(src, 0, 1 << 20), b"B" * 48, fence.hold(src, 1 << 20, 1 << 20), b"C"]
     t = Transport()
-    sendpath.write_out(left, out, t)
-    assert t.written, "the socket took everything: the test did not fill it"
-    expected = b"A" * 48 + content[:1 << 20] + b"B" * 48 + content[1 << 20:2 << 20] + b"C"
-    assert drain(right) + b"".join(t.written) == expected
+    rest = sendpath.write_out(left, out, t)
+    assert rest, "the socket took everything: the test did not fill it"
+    assert t.written == [] and any(isinstance(p, FileExtent) for p in rest)  # nothing copied
+    got = drain(right)
+    for _ in range(1000):  # the connection does this each time the socket is writable
+        if not rest:
+            break
+        sendpath.send_parts(left, rest)
+        got += drain(right)
+    assert not rest
+    assert got == b"A" * 48 + content[:1 << 20] + b"B" * 48 + content[1 << 20:2 << 20] + b"C"
+
+
+def test_an_extent_past_the_end_of_the_image_is_sent_with_zeroes(image):
+    src, content = image
+    left, right = socket.socketpair()
+    left.setblocking(False)
+    end = len(content)
+    rest = sendpath.write_out(left, [b"h", ReadFence().hold(src, end - 100, 300), b"t"], Transport())
+    assert not rest
+    assert drain(right) == b"h" + content[-100:] + bytes(200) + b"t"
 
 
 def test_write_out_from_a_closed_image_fails(image):
@@ -420,3 +487,85 @@ async def test_zero_copy_can_be_switched_off(tmp_path, monkeypatch):
     finally:
         await srv.shutdown(drain_timeout=1)
         backstore.close()
+
+
+# -- a socket that fills up: the rest waits in the file (the connection's backlog) ----------
+
+async def filled_session(zc, isid: int) -> tuple[Wire, object, bytes]:
+    """A session whose target-side socket takes little at a time, and 16 MiB of content."""
+    content = os.urandom(16 << 20)
+    zc.lu.backstore.write(0, content)
+    wire = await session(zc, isid)
+    (conn,) = [c for c in zc.connections if c.session is not None]
+    conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    return wire, conn, content
+
+
+async def test_reads_the_socket_cannot_take_wait_in_the_file_not_in_memory(zc):
+    a, conn, content = await filled_session(zc, 0x400000000120)
+    stop_reading(a)
+    for i in range(16):  # 16 MiB of READs: more than the socket and the high-water mark
+        a.command(read10(i * 2048, 2048), read=True, edtl=1 << 20)
+    await until(lambda: conn._paused)  # back-pressure: the backlog is over the high-water mark
+    assert any(isinstance(p, FileExtent) for p in conn._backlog)  # still in the file: not copied
+    assert conn.transport.get_write_buffer_size() == 0
+    a.w.transport.resume_reading()
+    for i in range(16):
+        data, status = await read_reply(a)
+        assert status.status == 0 and data == content[i << 20:(i + 1) << 20]
+    await until(lambda: not conn._backlog and not conn._backlog_watched and not conn._paused)
+    acknowledge(a)
+    await until(lambda: not zc.lu.fence.holds)
+    # the connection goes on normally afterwards
+    a.command(read10(0, 8), read=True, edtl=8 * BS)
+    data, _ = await read_reply(a)
+    assert data == content[:8 * BS]
+
+
+async def test_logout_behind_a_backlog_is_answered_after_the_data(zc):
+    a, conn, content = await filled_session(zc, 0x400000000121)
+    stop_reading(a)
+    for i in range(4):
+        a.command(read10(i * 2048, 2048), read=True, edtl=1 << 20)
+    await until(lambda: conn._backlog)
+    a.send(P.LogoutRequest(itt=a.next_itt(), cmdsn=a.cmdsn, expstatsn=a.expstatsn, reason=0))
+    await asyncio.sleep(0.1)
+    a.w.transport.resume_reading()
+    for i in range(4):
+        data, status = await read_reply(a)
+        assert status.status == 0 and data == content[i << 20:(i + 1) << 20]
+    assert isinstance(await a.recv(), P.LogoutResponse)
+    assert await a.closed()
+    await until(lambda: conn not in zc.connections and not zc.lu.fence.holds)
+
+
+async def test_a_peer_that_never_reads_its_backlog_is_cut_off_after_logout(zc, monkeypatch):
+    from iscsi.target import connection as C
+
+    monkeypatch.setattr(C, "CLOSE_LINGER", 0.3)
+    a, conn, _ = await filled_session(zc, 0x400000000122)
+    stop_reading(a)
+    for i in range(4):
+        a.command(read10(i * 2048, 2048), read=True, edtl=1 << 20)
+    await until(lambda: conn._backlog)
+    a.send(P.LogoutRequest(itt=a.next_itt(), cmdsn=a.cmdsn, expstatsn=a.expstatsn, reason=0))
+    await until(lambda: conn not in zc.connections, timeout=3)
+    assert not zc.lu.fence.holds and not conn._backlog_watched
+
+
+async def test_reads_that_waited_for_their_cmdsn_turn_are_sent_from_the_file_too(zc):
+    expected = os.urandom(2 * SIZE)
+    zc.lu.backstore.write(0, expected)
+    a = await session(zc, 0x400000000123)
+    first = a.cmdsn
+    a.command(read10(BLOCKS, BLOCKS), read=True, edtl=SIZE, cmdsn=first + 1)  # waits for CmdSN `first`
+    a.command(read10(0, BLOCKS), read=True, edtl=SIZE, cmdsn=first)
+    a.cmdsn = first + 2
+    got = {}
+    for _ in range(2):
+        data, status = await read_reply(a)
+        got[status.itt] = data
+    assert sorted(got.values()) == sorted([expected[:SIZE], expected[SIZE:]])
+    assert len(zc.lu.fence.holds) == 2  # both held: both went out from the file
+    acknowledge(a)
+    await until(lambda: not zc.lu.fence.holds)
