@@ -906,22 +906,12 @@ class TargetConnection(asyncio.Protocol):
                 # The common case: one Data-In that carries the status too (phase collapse).
                 statsn = self.stat.statsn
                 self.stat.statsn = (statsn + 1) & 0xFFFFFFFF
-                header = _BHS.pack(0x25, 0x81 | flags, 0, status, n, lun_field, itt, 0xFFFFFFFF,
-                                   statsn, window.expcmdsn, window.maxcmdsn, 0, 0, resid)
-                out.append(header)
-                if hd:
-                    out.append(pack_digest(crc32c(header)))
-                out.append(data)
+                self._append_pdu(_BHS.pack(0x25, 0x81 | flags, 0, status, n, lun_field, itt, 0xFFFFFFFF,
+                                           statsn, window.expcmdsn, window.maxcmdsn, 0, 0, resid), data)
                 if data.__class__ is FileExtent:
                     data.owner = self
                     self._zc_unacked.append((statsn, data))
                     self._zc_out = True
-                pad = -n & 3
-                if pad:
-                    out.append(_PADDING[pad])
-                if dd:
-                    crc = crc32c(data)
-                    out.append(pack_digest(crc32c_extend(crc, _PADDING[pad]) if pad else crc))
                 self._out_bytes += n + 48
                 self._response_queued()
                 return
@@ -945,6 +935,20 @@ class TargetConnection(asyncio.Protocol):
         self._out_bytes += len(segment) + 48
         self._response_queued()
 
+    def _append_pdu(self, header: bytes, data) -> None:
+        """Queue a packed header and its data segment, with padding and the digests in use."""
+        out = self._out
+        out.append(header)
+        if self.header_digest:
+            out.append(pack_digest(crc32c(header)))
+        out.append(data)
+        pad = -len(data) & 3
+        if pad:
+            out.append(_PADDING[pad])
+        if self.data_digest:
+            crc = crc32c(data)
+            out.append(pack_digest(crc32c_extend(crc, _PADDING[pad]) if pad else crc))
+
     def _data_in_pdus(self, itt: int, lun_field: int, data, status: int, flags: int, resid: int,
                       collapse: bool) -> int:
         """Queue ``data`` as Data-In PDUs (RFC 7143 §11.7) and return how many.
@@ -955,10 +959,8 @@ class TargetConnection(asyncio.Protocol):
         A :class:`FileExtent` is sent from the image in pieces, and held as a whole until
         the initiator acknowledges the status.
         """
-        out = self._out
         window = self.session.window  # type: ignore[union-attr]
         expcmdsn, maxcmdsn = window.expcmdsn, window.maxcmdsn
-        hd, dd = self.header_digest, self.data_digest
         segment = self.max_send_segment
         burst = self.params.max_burst_length  # type: ignore[union-attr]
         n = len(data)
@@ -981,21 +983,11 @@ class TargetConnection(asyncio.Protocol):
                                    datasn, offset, 0)
             if not burst_left:
                 burst_left = burst
-            out.append(header)
-            if hd:
-                out.append(pack_digest(crc32c(header)))
             if extent is not None:
                 # A piece to send from the file (no data digest here); the hold is ``extent``.
-                part = FileExtent(extent.source, extent.offset + offset, size, extent.fence)
+                self._append_pdu(header, FileExtent(extent.source, extent.offset + offset, size, extent.fence))
             else:
-                part = view[offset:end]  # type: ignore[index]
-            out.append(part)
-            pad = -size & 3
-            if pad:
-                out.append(_PADDING[pad])
-            if dd:
-                crc = crc32c(part)
-                out.append(pack_digest(crc32c_extend(crc, _PADDING[pad]) if pad else crc))
+                self._append_pdu(header, view[offset:end])  # type: ignore[index]
             offset = end
             datasn += 1
         self._out_bytes += n + 48 * datasn

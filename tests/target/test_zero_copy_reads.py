@@ -522,13 +522,19 @@ async def test_reads_the_socket_cannot_take_wait_in_the_file_not_in_memory(zc):
     assert data == content[:8 * BS]
 
 
-async def test_logout_behind_a_backlog_is_answered_after_the_data(zc):
-    a, conn, content = await filled_session(zc, 0x400000000121)
+async def logout_behind_backlog(zc, isid: int) -> tuple[Wire, object, bytes]:
+    """Four 1 MiB READs the initiator does not read yet, then a Logout Request."""
+    a, conn, content = await filled_session(zc, isid)
     stop_reading(a)
     for i in range(4):
         a.command(read10(i * 2048, 2048), read=True, edtl=1 << 20)
     await until(lambda: conn._backlog)
     a.send(P.LogoutRequest(itt=a.next_itt(), cmdsn=a.cmdsn, expstatsn=a.expstatsn, reason=0))
+    return a, conn, content
+
+
+async def test_logout_behind_a_backlog_is_answered_after_the_data(zc):
+    a, conn, content = await logout_behind_backlog(zc, 0x400000000121)
     await asyncio.sleep(0.1)
     a.w.transport.resume_reading()
     for i in range(4):
@@ -543,12 +549,7 @@ async def test_a_peer_that_never_reads_its_backlog_is_cut_off_after_logout(zc, m
     from iscsi.target import connection as C
 
     monkeypatch.setattr(C, "CLOSE_LINGER", 0.3)
-    a, conn, _ = await filled_session(zc, 0x400000000122)
-    stop_reading(a)
-    for i in range(4):
-        a.command(read10(i * 2048, 2048), read=True, edtl=1 << 20)
-    await until(lambda: conn._backlog)
-    a.send(P.LogoutRequest(itt=a.next_itt(), cmdsn=a.cmdsn, expstatsn=a.expstatsn, reason=0))
+    _, conn, _ = await logout_behind_backlog(zc, 0x400000000122)
     await until(lambda: conn not in zc.connections, timeout=3)
     assert not zc.lu.fence.holds and not conn._backlog_watched
 
