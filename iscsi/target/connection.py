@@ -152,7 +152,7 @@ class TargetConnection(asyncio.Protocol):
         self._zc_unacked: deque = deque()
         # Zero-copy output the socket did not take yet: sent when it is writable again, with
         # everything newer queued behind it; its size counts for back-pressure.
-        self._backlog: deque = deque()
+        self._backlog: list = []
         self._backlog_bytes = 0
         self._backlog_watched = False  # a writer callback is registered for the socket
         self._close_when_sent: asyncio.TimerHandle | None = None
@@ -355,11 +355,11 @@ class TargetConnection(asyncio.Protocol):
     def _send_backlog(self) -> None:
         """The socket is writable again: send what it did not take before."""
         try:
-            sent = sendpath.send_parts(self._sock, self._backlog)  # type: ignore[arg-type]
+            self._backlog = sendpath.send_parts(self._sock, self._backlog)  # type: ignore[arg-type]
         except OSError as err:
             self._zero_copy_failed(err)
             return
-        self._backlog_bytes -= sent
+        self._backlog_bytes = sum(map(len, self._backlog))
         if self._backlog:
             if self._paused and self._backlog_bytes <= WRITE_HIGH_WATER // 2:
                 self.resume_writing()

@@ -17,7 +17,6 @@ import errno
 import logging
 import os
 import socket
-from collections import deque
 
 from ..log import event
 from ..scsi.zerocopy import FileExtent
@@ -80,42 +79,39 @@ def _sendfile(fd: int, extent: FileExtent) -> tuple[int, bool]:
     return sent, False
 
 
-def send_parts(sock: socket.socket, parts: deque) -> int:
-    """Send from the front of ``parts`` (bytes-like and FileExtents) until it is empty or
-    the socket is full; return the bytes sent.  What was not sent stays in ``parts`` (a
-    partly sent piece replaced by its rest).  Raises OSError if the socket or the image
-    failed.
+def send_parts(sock: socket.socket, parts: list) -> list:
+    """Send ``parts`` (bytes-like and FileExtents) in order until the socket is full;
+    return what it did not take (a partly sent piece replaced by its rest), empty when
+    all went.  Raises OSError if the socket or the image failed.
 
     The bytes before an extent go with MSG_MORE, so a PDU's header and its data leave in
     the same segments rather than a 48-byte packet of their own.
     """
     fd = sock.fileno()
-    total = 0
-    while parts:
-        iov = []
-        while parts and parts[0].__class__ is not FileExtent and len(iov) < _IOV_MAX:
-            iov.append(parts.popleft())
-        if iov:
-            rest = _send(sock, iov, socket.MSG_MORE if parts else 0)
-            total += sum(map(len, iov)) - sum(map(len, rest))
+    i, n = 0, len(parts)
+    while i < n:
+        j = i
+        while j < n and parts[j].__class__ is not FileExtent:
+            j += 1
+        if j > i:  # bytes first: parts[i:j]
+            rest = _send(sock, parts[i:j], socket.MSG_MORE if j < n else 0)
             if rest:
-                parts.extendleft(reversed(rest))
-                return total
+                return rest + parts[j:]
+            i = j
             continue
-        extent = parts[0]
+        extent = parts[i]
         sent, full = _sendfile(fd, extent)
-        total += sent
         if sent == extent.length:
-            parts.popleft()
+            i += 1
         elif full:  # the rest when the socket is writable again
-            parts[0] = FileExtent(extent.source, extent.offset + sent, extent.length - sent, extent.fence)
-            return total
+            rest = FileExtent(extent.source, extent.offset + sent, extent.length - sent, extent.fence)
+            return [rest, *parts[i + 1:]]
         else:
-            parts[0] = extent.read(sent)  # past the image's end, or no splicing there: copy
-    return total
+            parts[i] = extent.read(sent)  # past the image's end, or no splicing there: copy
+    return []
 
 
-def write_out(sock: socket.socket, out: list, transport) -> deque:
+def write_out(sock: socket.socket, out: list, transport) -> list:
     """Write ``out`` (bytes-like parts and FileExtents) in order on ``sock`` (the
     transport's socket, duplicated); return what the socket did not take yet, for the
     caller to send once it is writable (empty when all went).  Raises OSError if the
@@ -124,7 +120,5 @@ def write_out(sock: socket.socket, out: list, transport) -> deque:
     if transport.get_write_buffer_size():
         # Bytes still queued on the transport go first: everything behind them is copied.
         transport.writelines([p.read() if p.__class__ is FileExtent else p for p in out])
-        return deque()
-    parts = deque(out)
-    send_parts(sock, parts)
-    return parts
+        return []
+    return send_parts(sock, out)
