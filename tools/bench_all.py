@@ -102,6 +102,8 @@ GOALS = [
     Goal("target/tgt 128K seq read QD16 (iscsi-perf)", ("perf-sr128k", OURS), ("perf-sr128k", TGT), 1.0, ">= 1.00x"),
     Goal("target 128K seq read / loopback TCP", ("perf-sr128k", OURS), ("tcp", LOOP), 0.85, ">= 85%"),
     Goal("tgt 128K seq read / loopback TCP", ("perf-sr128k", TGT), ("tcp", LOOP), 0.0, "(info)", info=True),
+    Goal("target/tgt 1M seq read QD16 (iscsi-perf)", ("perf-sr1m", OURS), ("perf-sr1m", TGT), 0.0, "(info)", info=True),
+    Goal("target 1M seq read / loopback TCP", ("perf-sr1m", OURS), ("tcp", LOOP), 0.0, "(info)", info=True),
     Goal("H+D digests/none 4K rand read QD32 (our ini)", ("ini-rr4k", OURS_D), ("ini-rr4k", OURS), 0.9, ">= 0.90x"),
     Goal("H+D digests/none 128K seq read QD16 (our ini)", ("ini-sr128k", OURS_D), ("ini-sr128k", OURS), 0.9, ">= 0.90x"),
     Goal("H digest/none 4K rand read QD32 (iscsi-perf)", ("perf-rr4k", OURS_D), ("perf-rr4k", OURS), 0.9, ">= 0.90x"),
@@ -119,6 +121,10 @@ def _perf_rr4k(b: "Bench", peer: str, duration: float) -> tuple[float, float, st
 
 def _perf_sr128k(b: "Bench", peer: str, duration: float) -> tuple[float, float, str]:
     return (*BT.seq_read_128k_qd16(b.peers[peer], duration), "")
+
+
+def _perf_sr1m(b: "Bench", peer: str, duration: float) -> tuple[float, float, str]:
+    return (*BT.seq_read_qd16(b.peers[peer], duration, 1 << 20), "")
 
 
 def _qemu_w4k(b: "Bench", peer: str, duration: float) -> tuple[float, float, str]:
@@ -155,6 +161,7 @@ WORKLOADS = {w.key: w for w in [
     Workload("qemu-w4k", "4K write QD32, qemu-img bench", "IOPS", _qemu_w4k),
     Workload("perf-sr128k", "128K seq read QD16, iscsi-perf", "MB/s", _perf_sr128k),
     Workload("tcp", "loopback TCP, one stream", "MB/s", _tcp),
+    Workload("perf-sr1m", "1M seq read QD16, iscsi-perf", "MB/s", _perf_sr1m),
     Workload("ini-rr4k", "4K random read QD32, iscsi-initiator", "IOPS", _ini_rr4k),
     Workload("ini-sr128k", "128K seq read QD16, iscsi-initiator", "MB/s", _ini_sr128k),
 ]}
@@ -165,6 +172,7 @@ PLAN: list[tuple[str, list[str]]] = [
     ("qemu-w4k", [TGT, OURS]),
     ("perf-sr128k", [TGT, OURS]),
     ("tcp", [LOOP]),
+    ("perf-sr1m", [TGT, OURS]),
     ("ini-rr4k", [TGT, OURS, OURS_D]),
     ("ini-sr128k", [TGT, OURS, OURS_D]),
 ]

@@ -124,11 +124,16 @@ def rand_read_4k_qd32(peer: TargetPeer, duration: float) -> tuple[float, float]:
     return float(_perf_average(out)[0]), elapsed
 
 
-def seq_read_128k_qd16(peer: TargetPeer, duration: float) -> tuple[float, float]:
+def seq_read_qd16(peer: TargetPeer, duration: float, size: int) -> tuple[float, float]:
+    """Sequential READs of ``size`` bytes, 16 in flight: (MB/s, seconds)."""
     block = peer.luns[0].block_size
-    out, elapsed = _iscsi_perf(peer, duration, random=False, depth=16, blocks=(128 << 10) // block)
+    out, elapsed = _iscsi_perf(peer, duration, random=False, depth=16, blocks=size // block)
     iops, _ = _perf_average(out)
-    return iops * (128 << 10) / 1e6, elapsed  # MB/s from IOPS (iscsi-perf's own MB/s is rounded)
+    return iops * size / 1e6, elapsed  # MB/s from IOPS (iscsi-perf's own MB/s is rounded)
+
+
+def seq_read_128k_qd16(peer: TargetPeer, duration: float) -> tuple[float, float]:
+    return seq_read_qd16(peer, duration, 128 << 10)
 
 
 def _qemu_bench(peer: TargetPeer, count: int, timeout: float) -> float:
