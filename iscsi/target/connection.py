@@ -359,16 +359,23 @@ class TargetConnection(asyncio.Protocol):
         except OSError as err:
             self._zero_copy_failed(err)
             return
-        self._backlog_bytes = sum(map(len, self._backlog))
+        before, self._backlog_bytes = self._backlog_bytes, sum(map(len, self._backlog))
         if self._backlog:
             if self._paused and self._backlog_bytes <= WRITE_HIGH_WATER // 2:
                 self.resume_writing()
+            if self._close_when_sent is not None and self._backlog_bytes < before:
+                self._arm_close_linger()  # the peer reads: CLOSE_LINGER counts from now
             return
         self._stop_backlog()
         if self._close_when_sent is not None:
             self.transport.close()  # type: ignore[union-attr]
         elif self._paused:
             self.resume_writing()
+
+    def _arm_close_linger(self) -> None:
+        if self._close_when_sent is not None:
+            self._close_when_sent.cancel()
+        self._close_when_sent = self.loop.call_later(CLOSE_LINGER, self.abort_connection)
 
     def _stop_backlog(self) -> None:
         self._backlog.clear()
@@ -411,7 +418,9 @@ class TargetConnection(asyncio.Protocol):
 
     def ack_timed_out(self) -> None:
         """The initiator neither read nor acknowledged a held READ in time: drop it."""
-        if not self.closed:
+        if self.transport is not None and (not self.closed or self._backlog):
+            # A closed connection still sending its backlog goes too: that backlog may
+            # hold this very range, which the waiting writer is about to change.
             event(log, "conn.zero_copy_ack_timeout", logging.WARNING, peer=self._peer_str())
             self.abort_connection()
         self._zc_release_all()
@@ -442,7 +451,7 @@ class TargetConnection(asyncio.Protocol):
             if self._backlog:
                 # The transport closes once the socket has taken the rest; a peer that
                 # reads nothing more for CLOSE_LINGER is cut off.
-                self._close_when_sent = self.loop.call_later(CLOSE_LINGER, self.abort_connection)
+                self._arm_close_linger()
                 return
             self.transport.close()
 

@@ -147,10 +147,6 @@ async def test_dropping_a_connection_with_a_backlog_stops_it(zc):
     assert status.status == 0 and len(data) == 8 * BS
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "connection.py ack_timed_out: a connection closed after Logout but still sending its "
-    "backlog (CLOSE_LINGER) is not aborted ('if not self.closed'), yet its holds are released: "
-    "a waiting WRITE lands and the backlog then sends the new bytes under the READ's GOOD status"))
 async def test_a_lingering_backlog_keeps_its_data_when_a_writer_times_out(zc):
     zc.lu.fence.ack_timeout = 0.5
     a, conn, content = await logout_behind_backlog(zc, 0x400000000407)
@@ -219,10 +215,6 @@ def test_backlog_in_order_under_uvloop(tmp_path):
         runner.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "connection.py close(): CLOSE_LINGER is armed once and never re-armed as the backlog "
-    "drains, so a peer that keeps reading steadily is cut off (no Logout Response) once "
-    "CLOSE_LINGER has passed in total, not after CLOSE_LINGER without progress as documented"))
 async def test_a_slow_but_steady_reader_gets_its_logout_response(zc, monkeypatch):
     from iscsi.target import connection as C
 
