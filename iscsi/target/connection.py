@@ -392,6 +392,12 @@ class TargetConnection(asyncio.Protocol):
         if self._zc_unacked:
             self._zc_acknowledged()
 
+    def _held_until_acknowledged(self, statsn: int, extent: FileExtent) -> None:
+        """A READ answered from the file with status ``statsn``: its hold is ours to release."""
+        extent.owner = self
+        self._zc_unacked.append((statsn, extent))
+        self._zc_out = True
+
     def _zc_acknowledged(self, bound: int | None = None) -> None:
         """Release the holds of every READ whose StatSN is below ``bound`` (default: the
         initiator's ExpStatSN): its status, and so its data before it, has been read."""
@@ -918,9 +924,7 @@ class TargetConnection(asyncio.Protocol):
                 self._append_pdu(_BHS.pack(0x25, 0x81 | flags, 0, status, n, lun_field, itt, 0xFFFFFFFF,
                                            statsn, window.expcmdsn, window.maxcmdsn, 0, 0, resid), data)
                 if data.__class__ is FileExtent:
-                    data.owner = self
-                    self._zc_unacked.append((statsn, data))
-                    self._zc_out = True
+                    self._held_until_acknowledged(statsn, data)
                 self._out_bytes += n + 48
                 self._response_queued()
                 return
@@ -1001,9 +1005,7 @@ class TargetConnection(asyncio.Protocol):
             datasn += 1
         self._out_bytes += n + 48 * datasn
         if extent is not None:
-            extent.owner = self
-            self._zc_unacked.append((statsn, extent))
-            self._zc_out = True
+            self._held_until_acknowledged(statsn, extent)
         return datasn
 
     def _side_effects(self, result: ScsiResult, lun_field: int) -> None:
