@@ -230,18 +230,25 @@ async def data_in_pdus(wire: Wire, timeout: float = 5.0) -> list[P.DataIn]:
             return pdus
 
 
+async def read_in_pdus(zc, isid: int, blocks: int, keys, edtl: int | None = None
+                      ) -> tuple[bytes, Wire, list[P.DataIn]]:
+    """Fresh random content in LBAs 0..``blocks``, read back with one READ(10) in a session
+    logged in with ``keys``: (the content, the session, the READ's Data-In PDUs)."""
+    content = os.urandom(blocks * BS)
+    zc.lu.backstore.write(0, content)
+    c = await session(zc, isid, extra=keys)
+    c.command(read10(0, blocks), read=True, edtl=len(content) if edtl is None else edtl)
+    return content, c, await data_in_pdus(c)
+
+
 def layout(pdus: list[P.DataIn]) -> list[tuple[int, int, int, bool, bool]]:
     """(DataSN, Buffer Offset, length, F, S) of each Data-In."""
     return [(p.datasn, p.offset, len(p.data), p.final, p.has_status) for p in pdus]
 
 
 async def test_read_over_several_data_in_pdus_is_sent_from_the_file_and_held(zc):
-    expected = os.urandom(SIZE)
-    zc.lu.backstore.write(0, expected)
-    c = await session(zc, 0x40000000010A, extra=[("MaxRecvDataSegmentLength", "32768"),
-                                                 ("MaxBurstLength", "65536")])
-    c.command(read10(0, BLOCKS), read=True, edtl=SIZE)
-    pdus = await data_in_pdus(c)
+    expected, c, pdus = await read_in_pdus(zc, 0x40000000010A, BLOCKS, [("MaxRecvDataSegmentLength", "32768"),
+                                                                         ("MaxBurstLength", "65536")])
     assert b"".join(bytes(p.data) for p in pdus) == expected
     # 32 KiB PDUs in sequences of 64 KiB, the F bit closing each (RFC 7143 §11.7.1, §13.14)
     assert layout(pdus) == [(0, 0, 32768, False, False), (1, 32768, 32768, True, False),
@@ -252,23 +259,15 @@ async def test_read_over_several_data_in_pdus_is_sent_from_the_file_and_held(zc)
 
 
 async def test_max_burst_length_below_the_segment_length_splits_the_answer(zc):
-    expected = os.urandom(SIZE)
-    zc.lu.backstore.write(0, expected)
-    c = await session(zc, 0x40000000010C, extra=[("MaxBurstLength", "65536")])
-    c.command(read10(0, BLOCKS), read=True, edtl=SIZE)
-    pdus = await data_in_pdus(c)
+    expected, _, pdus = await read_in_pdus(zc, 0x40000000010C, BLOCKS, [("MaxBurstLength", "65536")])
     assert b"".join(bytes(p.data) for p in pdus) == expected
     assert layout(pdus) == [(0, 0, 65536, True, False), (1, 65536, 65536, True, True)]
 
 
 async def test_copied_read_keeps_sequences_within_max_burst_length(zc):
     """Below the zero-copy size (copied): PDUs are cut at every burst boundary too."""
-    expected = os.urandom(64 * BS)
-    zc.lu.backstore.write(0, expected)
-    c = await session(zc, 0x40000000010D, extra=[("MaxRecvDataSegmentLength", "8192"),
-                                                 ("MaxBurstLength", "12288")])
-    c.command(read10(0, 64), read=True, edtl=64 * BS)
-    pdus = await data_in_pdus(c)
+    expected, _, pdus = await read_in_pdus(zc, 0x40000000010D, 64, [("MaxRecvDataSegmentLength", "8192"),
+                                                                    ("MaxBurstLength", "12288")])
     assert b"".join(bytes(p.data) for p in pdus) == expected
     assert layout(pdus) == [(0, 0, 8192, False, False), (1, 8192, 4096, True, False),
                             (2, 12288, 8192, False, False), (3, 20480, 4096, True, False),

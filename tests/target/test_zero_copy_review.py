@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 
 import pytest
 
@@ -21,10 +20,9 @@ from iscsi.target.server import IscsiServer
 
 from .fakes import FakeRegistry, FakeTarget
 from .test_zero_copy_reads import (  # noqa: F401  (zc is a fixture)
-    BS, IQN_T, acknowledge, data_in_pdus, filled_session, layout, logout_behind_backlog,
-    read10, read_reply, session, stop_reading, until, write10, zc,
+    BS, IQN_T, acknowledge, filled_session, layout, logout_behind_backlog,
+    read10, read_in_pdus, read_reply, session, stop_reading, until, write10, zc,
 )
-from .wire import Wire
 
 MIB_BLOCKS = (1 << 20) // BS  # one 1 MiB READ, as the backlog helpers issue them
 
@@ -45,14 +43,10 @@ async def test_odd_segment_and_burst_lengths_with_header_digest_are_sent_in_plac
     """MaxRecvDataSegmentLength 32767 (pads every PDU) and MaxBurstLength 65535 (not a
     multiple of it): the pieces sent from the file, their padding and header digests."""
     n = 512 * BS
-    expected = os.urandom(n)
-    zc.lu.backstore.write(0, expected)
-    c = await session(zc, 0x400000000401, extra=[("MaxRecvDataSegmentLength", "32767"),
-                                                 ("MaxBurstLength", "65535"),
-                                                 ("HeaderDigest", "CRC32C")])
+    expected, c, pdus = await read_in_pdus(zc, 0x400000000401, 512, [("MaxRecvDataSegmentLength", "32767"),
+                                                                     ("MaxBurstLength", "65535"),
+                                                                     ("HeaderDigest", "CRC32C")])
     assert c.header_digest and not c.data_digest
-    c.command(read10(0, 512), read=True, edtl=n)
-    pdus = await data_in_pdus(c)
     assert b"".join(bytes(p.data) for p in pdus) == expected
     assert layout(pdus) == _expected_layout(n, 32767, 65535)
     assert pdus[-1].status == 0 and not pdus[-1].underflow and not pdus[-1].overflow
@@ -63,14 +57,12 @@ async def test_odd_segment_and_burst_lengths_with_header_digest_are_sent_in_plac
 
 async def test_odd_segment_lengths_with_data_digest_are_copied_and_summed_per_pdu(zc):
     n = 512 * BS
-    expected = os.urandom(n)
-    zc.lu.backstore.write(0, expected)
-    c = await session(zc, 0x400000000402, extra=[("MaxRecvDataSegmentLength", "32767"),
-                                                 ("MaxBurstLength", "65535"),
-                                                 ("HeaderDigest", "CRC32C"), ("DataDigest", "CRC32C")])
+    # a wrong digest would be a DataDigestFailure, not a DataIn
+    expected, c, pdus = await read_in_pdus(zc, 0x400000000402, 512, [("MaxRecvDataSegmentLength", "32767"),
+                                                                     ("MaxBurstLength", "65535"),
+                                                                     ("HeaderDigest", "CRC32C"),
+                                                                     ("DataDigest", "CRC32C")])
     assert c.header_digest and c.data_digest
-    c.command(read10(0, 512), read=True, edtl=n)
-    pdus = await data_in_pdus(c)  # a wrong digest would be a DataDigestFailure, not a DataIn
     assert b"".join(bytes(p.data) for p in pdus) == expected
     assert layout(pdus) == _expected_layout(n, 32767, 65535)
     assert not zc.lu.fence.holds
@@ -80,12 +72,8 @@ async def test_underflow_of_a_multi_pdu_read_sent_in_place(zc):
     """EDTL larger than the CDB's transfer: the data goes from the file, the status PDU
     carries U and the residual (§11.4.5.1), the other PDUs carry neither."""
     n = 256 * BS
-    expected = os.urandom(n)
-    zc.lu.backstore.write(0, expected)
-    c = await session(zc, 0x400000000403, extra=[("MaxRecvDataSegmentLength", "32768"),
-                                                 ("MaxBurstLength", "65536")])
-    c.command(read10(0, 256), read=True, edtl=2 * n)
-    pdus = await data_in_pdus(c)
+    expected, c, pdus = await read_in_pdus(zc, 0x400000000403, 256, [("MaxRecvDataSegmentLength", "32768"),
+                                                                     ("MaxBurstLength", "65536")], edtl=2 * n)
     assert b"".join(bytes(p.data) for p in pdus) == expected
     assert layout(pdus) == _expected_layout(n, 32768, 65536)
     last = pdus[-1]
