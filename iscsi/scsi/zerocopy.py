@@ -152,6 +152,16 @@ class FileExtent:
             data += bytes(want - len(data))
         return data
 
+    def checksum(self, crc32c) -> int:
+        """``crc32c`` of the range (for a data digest), summed where the bytes lie in the
+        page cache when the backstore can show them in place, else over a copy."""
+        in_place = getattr(self.source, "in_place", None)
+        view = in_place(self.offset, self.length) if in_place is not None else None
+        if view is None:
+            return crc32c(self.read())
+        with view:
+            return crc32c(view)
+
     def release(self) -> None:
         """The initiator has the bytes (or never will): writers may change the range again."""
         if not self.released:

@@ -523,10 +523,10 @@ class TargetConnection(asyncio.Protocol):
         # A Data-In PDU fits the initiator's MaxRecvDataSegmentLength and the sequence it
         # ends, MaxBurstLength (§13.14): an answer up to this size is one PDU.
         self._one_data_in = min(self.max_send_segment, self.params.max_burst_length)
-        if self._sock is not None and not self.data_digest:
-            # READs from 64 KiB up go out with sendfile (zerocopy.py).  A data digest needs
-            # the bytes in hand anyway: summing a scratch copy and then sending the pages
-            # measured slower than reading and sending the copy.
+        if self._sock is not None:
+            # READs from 64 KiB up go out with sendfile (zerocopy.py).  A data digest is
+            # summed over the held range where it lies in the page cache (a mapping of the
+            # image, no copy), then the same pages are sent.
             self._zc_min = zerocopy.MIN_BYTES
             self._zc_max = ZERO_COPY_MAX_BYTES
         self.reader.header_digest = conn_params.header_digest
@@ -959,7 +959,7 @@ class TargetConnection(asyncio.Protocol):
         if pad:
             out.append(_PADDING[pad])
         if self.data_digest:
-            crc = crc32c(data)
+            crc = data.checksum(crc32c) if data.__class__ is FileExtent else crc32c(data)
             out.append(pack_digest(crc32c_extend(crc, _PADDING[pad]) if pad else crc))
 
     def _data_in_pdus(self, itt: int, lun_field: int, data, status: int, flags: int, resid: int,
@@ -997,7 +997,7 @@ class TargetConnection(asyncio.Protocol):
             if not burst_left:
                 burst_left = burst
             if extent is not None:
-                # A piece to send from the file (no data digest here); the hold is ``extent``.
+                # A piece to send from the file; the hold is ``extent``.
                 self._append_pdu(header, FileExtent(extent.source, extent.offset + offset, size, extent.fence))
             else:
                 self._append_pdu(header, view[offset:end])  # type: ignore[index]
