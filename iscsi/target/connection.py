@@ -959,7 +959,14 @@ class TargetConnection(asyncio.Protocol):
         if pad:
             out.append(_PADDING[pad])
         if self.data_digest:
-            crc = data.checksum(crc32c) if data.__class__ is FileExtent else crc32c(data)
+            if data.__class__ is FileExtent:
+                try:
+                    crc = data.checksum(crc32c)
+                except OSError as err:  # the image failed or went away: this Data-In is lost
+                    self._zero_copy_failed(err)
+                    crc = 0
+            else:
+                crc = crc32c(data)
             out.append(pack_digest(crc32c_extend(crc, _PADDING[pad]) if pad else crc))
 
     def _data_in_pdus(self, itt: int, lun_field: int, data, status: int, flags: int, resid: int,

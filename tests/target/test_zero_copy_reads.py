@@ -8,6 +8,7 @@ unread on purpose and check that another session's WRITE to the same range waits
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import struct
@@ -239,6 +240,28 @@ async def test_data_digest_of_an_image_truncated_behind_the_daemon(zc):
     assert status.status == 0 and data == head + bytes(SIZE // 2)
     acknowledge(a)
     await until(lambda: not zc.lu.fence.holds)
+
+
+async def test_image_gone_before_the_data_digest_drops_only_that_connection(zc, monkeypatch, caplog):
+    """The image fails between the hold and the digest (its READ's data can no longer be
+    summed or sent): that connection is dropped, its hold released, the daemon goes on."""
+    zc.lu.backstore.write(0, os.urandom(SIZE))
+    a = await session(zc, 0x40000000010B, extra=[("DataDigest", "CRC32C")])  # the LU's sole user
+    caplog.set_level(logging.WARNING, logger="iscsi.target.connection")
+
+    def image_gone(offset, length):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(zc.lu.backstore, "in_place", image_gone)
+    a.command(read10(0, BLOCKS), read=True, edtl=SIZE)
+    assert await a.closed(timeout=3)
+    assert "conn.zero_copy_send_failed" in caplog.text
+    await until(lambda: not zc.lu.fence.holds)
+    monkeypatch.undo()  # the image works again: the daemon serves a new session
+    b = await session(zc, 0x40000000010C, extra=[("DataDigest", "CRC32C")])
+    b.command(read10(0, BLOCKS), read=True, edtl=SIZE)
+    data, status = await read_reply(b)
+    assert status.status == 0 and data == zc.lu.backstore.read(0, SIZE)
 
 
 async def data_in_pdus(wire: Wire, timeout: float = 5.0) -> list[P.DataIn]:

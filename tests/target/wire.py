@@ -46,11 +46,15 @@ class Wire:
         return pdu
 
     async def closed(self, timeout: float = 5.0) -> bool:
+        """True once the target closed or reset the connection (what it sent first is
+        read and dropped); False if it is still open after ``timeout``."""
         try:
             while True:
                 data = await asyncio.wait_for(self.r.read(65536), timeout)
                 if not data:
                     return True
+        except asyncio.TimeoutError:  # an OSError subclass since 3.11: test it first
+            return False
         except (ConnectionError, OSError):
             return True
 
