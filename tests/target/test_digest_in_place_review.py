@@ -25,15 +25,6 @@ from iscsi.scsi.zerocopy import ReadFence
 from .test_zero_copy_reads import (  # noqa: F401  (zc is a fixture)
     BS, acknowledge, read10, session, stop_reading, until, write10, zc,
 )
-    BS,
-    acknowledge,
-    read10,
-    session,
-    stop_reading,
-    until,
-    write10,
-    zc,
-)
 
 MIB = 1 << 20
 MIB_BLOCKS = MIB // BS
