@@ -8,7 +8,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import mmap
 import os
 
 from .gather import WriteGather
@@ -112,10 +111,6 @@ class FileBackstore:
         self._punch_ok = _fallocate is not None
         self._zero_range_ok = _fallocate is not None
         self._gather = WriteGather(self._fd, self.path) if gather_writes and not read_only else None
-        # A read-only mapping of the image for in_place(), made on first use.
-        self._map: mmap.mmap | None = None
-        self._map_view: memoryview | None = None
-        self._map_ok = True
 
     # -- properties ---------------------------------------------------------------
 
@@ -165,54 +160,6 @@ class FileBackstore:
                 return
             dest = dest[n:]
             offset += n
-
-    def in_place(self, offset: int, length: int) -> memoryview | None:
-        """[offset, offset + length) of the image where it lies, in the page cache: no copy.
-
-        For summing a zero-copy READ's data digest (the bytes then go out with sendfile),
-        so the caller must use the view at once and release it.  None when the image
-        cannot be mapped or does not reach that far (the caller reads a copy instead).
-
-        The file's size is checked on every call: a file truncated behind the daemon's
-        back would otherwise kill it with SIGBUS when the mapping is read past the end.
-        (lseek to the end: a quarter of an fstat's cost; nothing here uses the fd's offset.)
-        """
-        view = self._map_view
-        end = offset + length
-        if view is None or end > len(view):
-            view = self._remap(end)
-            if view is None:
-                return None
-        if os.lseek(self._fd, 0, os.SEEK_END) < end:
-            return None
-        return view[offset:end]
-
-    def _remap(self, end: int) -> memoryview | None:
-        """Map the whole image again (it grew, or is mapped for the first time)."""
-        if not self._map_ok or self._fd < 0:
-            return None
-        self._unmap_image()
-        size = os.fstat(self._fd).st_size
-        if size < end:
-            return None
-        try:
-            self._map = mmap.mmap(self._fd, size, access=mmap.ACCESS_READ)
-        except (OSError, ValueError, OverflowError):  # e.g. a filesystem without mmap
-            self._map_ok = False
-            return None
-        self._map_view = memoryview(self._map)
-        return self._map_view
-
-    def _unmap_image(self) -> None:
-        view, self._map_view = self._map_view, None
-        mapping, self._map = self._map, None
-        if view is not None:
-            view.release()
-        if mapping is not None:
-            try:
-                mapping.close()
-            except BufferError:  # a view still exported somewhere: unmapped when it goes
-                pass
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         gather = self._gather
@@ -310,7 +257,6 @@ class FileBackstore:
             raise PermissionError("read-only backstore cannot be resized")
         if new_size <= 0 or new_size % self.block_size:
             raise ValueError(f"size {new_size} is not a positive multiple of the block size {self.block_size}")
-        self._unmap_image()  # a shrunk file must not stay mapped past its end
         os.ftruncate(self._fd, new_size)
         self._size = new_size
 
@@ -320,7 +266,6 @@ class FileBackstore:
         return os.fstat(self._fd).st_blocks * 512
 
     def close(self) -> None:
-        self._unmap_image()
         if self._gather is not None and self._fd >= 0:
             self._gather.drain()  # an error here was already logged; nothing is left to tell
         if self._fd >= 0:

@@ -696,7 +696,16 @@ class LogicalUnit:
             fn()
 
     def resize(self, new_size: int) -> None:
-        """Grow or shrink the backstore; every nexus sees CAPACITY DATA HAS CHANGED (SBC-4 §4.6)."""
+        """Grow or shrink the backstore; every nexus sees CAPACITY DATA HAS CHANGED (SBC-4 §4.6).
+
+        A shrink first drops the connections whose zero-copy READs still hold the range that
+        goes away: their Data-In is still in the file, and sent after the truncation it would
+        arrive as zeroes under a GOOD status.  Losing the connection is what the initiator
+        can recover from (it retries, and sees the capacity change).
+        """
+        old_size = self.num_blocks * self.block_size
+        if new_size < old_size:
+            self.fence.drop_holders(new_size, old_size)
         self.backstore.resize(new_size)
         self.num_blocks = self.backstore.size // self.block_size
         self.ua.establish(S.CAPACITY_DATA_HAS_CHANGED)

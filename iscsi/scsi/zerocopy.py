@@ -117,6 +117,9 @@ class HoldOwner(Protocol):
     def ack_timed_out(self) -> None:
         """The initiator did not acknowledge in time: drop the connection."""
 
+    def held_range_removed(self) -> None:
+        """A held range is about to disappear (the LU shrinks): drop the connection."""
+
 
 class FileExtent:
     """Data-In that is still in the image file, and the hold on its range.
@@ -151,16 +154,6 @@ class FileExtent:
         if len(data) < want:  # past the end of a shorter file: reads as zeroes, like FileBackstore.read
             data += bytes(want - len(data))
         return data
-
-    def checksum(self, crc32c) -> int:
-        """``crc32c`` of the range (for a data digest), summed where the bytes lie in the
-        page cache when the backstore can show them in place, else over a copy."""
-        in_place = getattr(self.source, "in_place", None)
-        view = in_place(self.offset, self.length) if in_place is not None else None
-        if view is None:
-            return crc32c(self.read())
-        with view:
-            return crc32c(view)
 
     def release(self) -> None:
         """The initiator has the bytes (or never will): writers may change the range again."""
@@ -198,6 +191,14 @@ class ReadFence:
     def overlapping(self, start: int, end: int) -> list[FileExtent]:
         """The holds a write of [start, end) has to wait for."""
         return [h for h in self.holds if h.offset < end and start < h.end]
+
+    def drop_holders(self, start: int, end: int) -> None:
+        """[start, end) is about to disappear (the LU shrinks): the connections holding any of
+        it are dropped at once and their holds released; nobody may send that range any more."""
+        for h in self.overlapping(start, end):
+            if h.owner is not None:
+                h.owner.held_range_removed()
+            h.release()
 
     async def clear(self, start: int, end: int) -> None:
         """Return once nothing holds any byte of [start, end); the caller then writes at once."""

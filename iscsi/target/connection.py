@@ -424,10 +424,17 @@ class TargetConnection(asyncio.Protocol):
 
     def ack_timed_out(self) -> None:
         """The initiator neither read nor acknowledged a held READ in time: drop it."""
+        self._drop_holding("conn.zero_copy_ack_timeout")
+
+    def held_range_removed(self) -> None:
+        """A range one of our READs holds is about to disappear (the LU shrinks): drop it."""
+        self._drop_holding("conn.zero_copy_range_removed")
+
+    def _drop_holding(self, why: str) -> None:
         if self.transport is not None and (not self.closed or self._backlog):
             # A closed connection still sending its backlog goes too: that backlog may
-            # hold this very range, which the waiting writer is about to change.
-            event(log, "conn.zero_copy_ack_timeout", logging.WARNING, peer=self._peer_str())
+            # hold this very range, which is about to change.
+            event(log, why, logging.WARNING, peer=self._peer_str())
             self.abort_connection()
         self._zc_release_all()
 
@@ -523,10 +530,10 @@ class TargetConnection(asyncio.Protocol):
         # A Data-In PDU fits the initiator's MaxRecvDataSegmentLength and the sequence it
         # ends, MaxBurstLength (§13.14): an answer up to this size is one PDU.
         self._one_data_in = min(self.max_send_segment, self.params.max_burst_length)
-        if self._sock is not None:
-            # READs from 64 KiB up go out with sendfile (zerocopy.py).  A data digest is
-            # summed over the held range where it lies in the page cache (a mapping of the
-            # image, no copy), then the same pages are sent.
+        if self._sock is not None and not self.data_digest:
+            # READs from 64 KiB up go out with sendfile (zerocopy.py).  A data digest needs
+            # the bytes in hand anyway: summing a scratch copy and then sending the pages
+            # measured slower than reading and sending the copy.
             self._zc_min = zerocopy.MIN_BYTES
             self._zc_max = ZERO_COPY_MAX_BYTES
         self.reader.header_digest = conn_params.header_digest
@@ -959,14 +966,7 @@ class TargetConnection(asyncio.Protocol):
         if pad:
             out.append(_PADDING[pad])
         if self.data_digest:
-            if data.__class__ is FileExtent:
-                try:
-                    crc = data.checksum(crc32c)
-                except OSError as err:  # the image failed or went away: this Data-In is lost
-                    self._zero_copy_failed(err)
-                    crc = 0
-            else:
-                crc = crc32c(data)
+            crc = crc32c(data)
             out.append(pack_digest(crc32c_extend(crc, _PADDING[pad]) if pad else crc))
 
     def _data_in_pdus(self, itt: int, lun_field: int, data, status: int, flags: int, resid: int,
@@ -1004,7 +1004,7 @@ class TargetConnection(asyncio.Protocol):
             if not burst_left:
                 burst_left = burst
             if extent is not None:
-                # A piece to send from the file; the hold is ``extent``.
+                # A piece to send from the file (no data digest here); the hold is ``extent``.
                 self._append_pdu(header, FileExtent(extent.source, extent.offset + offset, size, extent.fence))
             else:
                 self._append_pdu(header, view[offset:end])  # type: ignore[index]

@@ -169,38 +169,6 @@ def test_file_read_into_past_a_shrunk_file_reads_zeroes(tmp_path):
 
 # -- write gathering (iscsi/backstore/gather.py) -------------------------------------------------
 
-def test_in_place_shows_the_image_without_a_copy(tmp_path):
-    """in_place (for data digests of zero-copy READs) sees exactly what read() returns,
-    later writes included (one page cache), and follows a resize."""
-    b = FileBackstore(tmp_path / "m.img", size=1 << 20)
-    data = os.urandom(8192)
-    b.write(4096, data)
-    with b.in_place(4096, 8192) as view:
-        assert view.readonly and bytes(view) == data
-    b.write(4096, b"\xaa" * 512)
-    with b.in_place(4096, 512) as view:
-        assert bytes(view) == b"\xaa" * 512
-    assert b.in_place((1 << 20) - 512, 1024) is None  # past the end: the caller copies
-    b.resize(2 << 20)
-    b.write((2 << 20) - 512, b"\x55" * 512)
-    with b.in_place((2 << 20) - 512, 512) as view:  # mapped again, to the new size
-        assert bytes(view) == b"\x55" * 512
-    b.close()
-    assert b.in_place(0, 512) is None
-
-
-def test_in_place_refuses_a_file_truncated_behind_its_back(tmp_path):
-    """Reading a mapping past the file's end is SIGBUS, so a file shortened by someone
-    else is noticed before the view is handed out."""
-    b = FileBackstore(tmp_path / "t.img", size=1 << 20)
-    with b.in_place(0, 4096):
-        pass
-    os.truncate(b.path, 4096)
-    assert b.in_place(0, 4096) is not None
-    assert b.in_place(4096, 4096) is None
-    b.close()
-
-
 from iscsi.backstore import gather as G  # noqa: E402
 
 

@@ -23,12 +23,16 @@ class Owner:
     def __init__(self) -> None:
         self.solicited = 0
         self.timed_out = 0
+        self.removed = 0
 
     def solicit_ack(self) -> None:
         self.solicited += 1
 
     def ack_timed_out(self) -> None:
         self.timed_out += 1
+
+    def held_range_removed(self) -> None:
+        self.removed += 1
 
 
 def zc_read(lba: int, blocks: int) -> ScsiCommand:
@@ -199,3 +203,18 @@ async def test_copy_manager_writes_wait_for_holds(tmp_path):
     extent.release()
     await asyncio.wait_for(copy, 1)
     assert lu.backstore.read(16 * BS, BS) == b"\x55" * BS
+
+
+async def test_shrinking_the_lu_drops_the_holders_of_the_range_that_goes(tmp_path):
+    """A hold promises the range unchanged until the initiator has it; a shrink cannot keep
+    that promise for the part that goes, so that READ's connection is dropped first.  A hold
+    below the new end stays."""
+    lu = await ready_lu(tmp_path)
+    low = lu.start(zc_read(0, BLOCKS_128K)).data
+    high = lu.start(zc_read(4096, BLOCKS_128K)).data  # 2 MiB in
+    low.owner, high.owner = Owner(), Owner()
+    lu.resize(1 << 20)
+    assert high.owner.removed == 1 and high.released
+    assert not low.owner.removed and not low.released and lu.fence.holds == {low}
+    lu.resize(8 << 20)  # growing drops nobody
+    assert not low.owner.removed and lu.fence.holds == {low}
