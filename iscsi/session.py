@@ -60,20 +60,23 @@ class CommandWindow:
     commands are delivered at once and do not advance ExpCmdSN.
     """
 
-    __slots__ = ("expcmdsn", "depth", "_pending", "in_flight")
+    __slots__ = ("expcmdsn", "depth", "pending", "in_flight")
 
     def __init__(self, expcmdsn: int, depth: int = DEFAULT_COMMAND_WINDOW) -> None:
         self.expcmdsn = expcmdsn % SN_MOD
         self.depth = depth
-        self._pending: dict[int, object] = {}
+        # Commands held back until an earlier CmdSN arrives, by CmdSN (the transport's fast
+        # lane reads it: an empty dict means nothing is waiting).
+        self.pending: dict[int, object] = {}
         self.in_flight = 0  # commands accepted and not yet completed; shrinks the window
 
     @property
     def maxcmdsn(self) -> int:
         """MaxCmdSN advertised: the window closes as commands pile up (back-pressure)."""
-        room = max(self.depth - self.in_flight - len(self._pending), 0)
-        # MaxCmdSN = ExpCmdSN - 1 means a closed window (§4.2.2.1).
-        return sn_add(self.expcmdsn, room - 1)
+        room = self.depth - self.in_flight - len(self.pending)
+        # MaxCmdSN = ExpCmdSN - 1 means a closed window (§4.2.2.1).  (Read per response:
+        # plain arithmetic, no helper calls.)
+        return (self.expcmdsn + (room if room > 0 else 0) - 1) & 0xFFFFFFFF
 
     def in_window(self, cmdsn: int) -> bool:
         return sn_le(self.expcmdsn, cmdsn) and sn_le(cmdsn, sn_add(self.expcmdsn, self.depth - 1))
@@ -81,19 +84,19 @@ class CommandWindow:
     def arrive(self, cmdsn: int, item: object, immediate: bool = False) -> list[object]:
         if immediate:
             return [item]
-        if not self.in_window(cmdsn) or cmdsn in self._pending:
+        if not self.in_window(cmdsn) or cmdsn in self.pending:
             return []
-        self._pending[cmdsn] = item
+        self.pending[cmdsn] = item
         ready = []
-        while self.expcmdsn in self._pending:
-            ready.append(self._pending.pop(self.expcmdsn))
+        while self.expcmdsn in self.pending:
+            ready.append(self.pending.pop(self.expcmdsn))
             self.expcmdsn = sn_add(self.expcmdsn, 1)
         return ready
 
     @property
     def waiting(self) -> int:
         """Commands held back because an earlier CmdSN has not arrived."""
-        return len(self._pending)
+        return len(self.pending)
 
 
 class StatSequence:
@@ -112,8 +115,12 @@ class StatSequence:
 
     def acknowledge(self, expstatsn: int) -> None:
         """Record the initiator's ExpStatSN if it lies in [ExpStatSN, StatSN] (serial arithmetic)."""
-        if expstatsn != self.expstatsn and sn_le(self.expstatsn, expstatsn) and sn_le(expstatsn, self.statsn):
-            self.expstatsn = expstatsn
+        exp = self.expstatsn
+        if expstatsn != exp:
+            # sn_le(exp, expstatsn) and sn_le(expstatsn, statsn), inlined: this runs per PDU.
+            ahead = (expstatsn - exp) & 0xFFFFFFFF
+            if ahead < 0x80000000 and ahead <= (self.statsn - exp) & 0xFFFFFFFF:
+                self.expstatsn = expstatsn
 
 
 # ---------------------------------------------------------------------------

@@ -770,7 +770,7 @@ class PersistentReservations:
         self._ua(removed, REGISTRATIONS_PREEMPTED, nexus)
         result = ScsiResult()
         if abort:
-            result.extra["abort_nexuses"] = [r.as_nexus() for r in removed]
+            result.extra = {"abort_nexuses": [r.as_nexus() for r in removed]}
         self._save()
         return result
 

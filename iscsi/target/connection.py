@@ -653,8 +653,9 @@ class TargetConnection(asyncio.Protocol):
         window = session.window
         # Fast lane: the next command in CmdSN order, all its data already here (a read,
         # or a write whose immediate data is the whole transfer), nothing held back.
-        if (pdu.cmdsn == window.expcmdsn and not pdu.immediate and not window.waiting
-                and pdu.itt not in self.tasks and not self._deferred and not self._congested()
+        if (pdu.cmdsn == window.expcmdsn and not pdu.immediate and not window.pending
+                and pdu.itt not in self.tasks and not self._deferred and not self._paused
+                and self._out_bytes + self._reserved <= WRITE_HIGH_WATER  # not _congested()
                 and (not pdu.write or (pdu.final and len(pdu.data) == pdu.edtl and self.params.immediate_data))
                 and (pdu.write or not pdu.data)):
             window.expcmdsn = (pdu.cmdsn + 1) & 0xFFFFFFFF
@@ -725,7 +726,7 @@ class TargetConnection(asyncio.Protocol):
         edtl = pdu.edtl
         cmd = ScsiCommand(cdb, lun, session.nexus, data_out, edtl,
                           _TASK_ATTRS[attr] if attr < 5 else TaskAttr.SIMPLE, pdu.itt,
-                          self._zero_copy_ok(pdu))
+                          edtl >= self._zc_min and pdu.read and self._zero_copy_ok(pdu))
         try:
             result = luns.start(cmd)
         except Exception:
@@ -894,6 +895,42 @@ class TargetConnection(asyncio.Protocol):
         Headers are packed directly (one struct call each) rather than built as PDU
         objects: this runs once per I/O.
         """
+        if not result.status and not result.sense and result.extra is None and not self.closed:
+            # The common answers first: GOOD with exactly what was asked for, no residual.
+            if read:
+                data = result.data
+                n = len(data)
+                if n == edtl and 0 < n <= self._one_data_in:
+                    # One Data-In carrying the status too (phase collapse, §11.7.4).
+                    statsn = self.stat.statsn
+                    self.stat.statsn = (statsn + 1) & 0xFFFFFFFF
+                    window = self.session.window  # type: ignore[union-attr]
+                    header = _BHS.pack(0x25, 0x81, 0, 0, n, lun_field, itt, 0xFFFFFFFF,
+                                       statsn, window.expcmdsn, window.maxcmdsn, 0, 0, 0)
+                    if n & 3 or self.header_digest or self.data_digest:
+                        self._append_pdu(header, data)
+                    else:
+                        out = self._out
+                        out.append(header)
+                        out.append(data)
+                    if data.__class__ is FileExtent:
+                        self._held_until_acknowledged(statsn, data)
+                    self._out_bytes += n + 48
+                    self._response_queued()
+                    return
+            elif write and needed == edtl:
+                # A write that moved what the initiator announced: a bare SCSI Response.
+                statsn = self.stat.statsn
+                self.stat.statsn = (statsn + 1) & 0xFFFFFFFF
+                window = self.session.window  # type: ignore[union-attr]
+                header = _BHS.pack(0x21, 0x80, 0, 0, 0, 0, itt, 0,
+                                   statsn, window.expcmdsn, window.maxcmdsn, 0, 0, 0)
+                self._out.append(header)
+                if self.header_digest:
+                    self._out.append(pack_digest(crc32c(header)))
+                self._out_bytes += 48
+                self._response_queued()
+                return
         if result.extra:
             self._side_effects(result, lun_field)
         data = result.data if read else b""
