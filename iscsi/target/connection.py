@@ -901,22 +901,7 @@ class TargetConnection(asyncio.Protocol):
                 data = result.data
                 n = len(data)
                 if n == edtl and 0 < n <= self._one_data_in:
-                    # One Data-In carrying the status too (phase collapse, §11.7.4).
-                    statsn = self.stat.statsn
-                    self.stat.statsn = (statsn + 1) & 0xFFFFFFFF
-                    window = self.session.window  # type: ignore[union-attr]
-                    header = _BHS.pack(0x25, 0x81, 0, 0, n, lun_field, itt, 0xFFFFFFFF,
-                                       statsn, window.expcmdsn, window.maxcmdsn, 0, 0, 0)
-                    if n & 3 or self.header_digest or self.data_digest:
-                        self._append_pdu(header, data)
-                    else:
-                        out = self._out
-                        out.append(header)
-                        out.append(data)
-                    if data.__class__ is FileExtent:
-                        self._held_until_acknowledged(statsn, data)
-                    self._out_bytes += n + 48
-                    self._response_queued()
+                    self._data_in_with_status(itt, lun_field, data, n, 0, 0)
                     return
             elif write and needed == edtl:
                 # A write that moved what the initiator announced: a bare SCSI Response.
@@ -962,15 +947,7 @@ class TargetConnection(asyncio.Protocol):
         if n:
             collapse = status == 0 and not sense
             if n <= self._one_data_in and collapse:
-                # The common case: one Data-In that carries the status too (phase collapse).
-                statsn = self.stat.statsn
-                self.stat.statsn = (statsn + 1) & 0xFFFFFFFF
-                self._append_pdu(_BHS.pack(0x25, 0x81 | flags, 0, status, n, lun_field, itt, 0xFFFFFFFF,
-                                           statsn, window.expcmdsn, window.maxcmdsn, 0, 0, resid), data)
-                if data.__class__ is FileExtent:
-                    self._held_until_acknowledged(statsn, data)
-                self._out_bytes += n + 48
-                self._response_queued()
+                self._data_in_with_status(itt, lun_field, data, n, flags, resid)
                 return
             datasn = self._data_in_pdus(itt, lun_field, data, status, flags, resid, collapse)
             if collapse:
@@ -990,6 +967,25 @@ class TargetConnection(asyncio.Protocol):
             if dd:
                 out.append(pack_digest(crc32c(padded)))
         self._out_bytes += len(segment) + 48
+        self._response_queued()
+
+    def _data_in_with_status(self, itt: int, lun_field: int, data, n: int, flags: int, resid: int) -> None:
+        """A GOOD READ's ``n`` bytes as one Data-In that carries the status too (phase
+        collapse, §11.7.4); ``flags`` are the residual bits (O/U) for ``resid``."""
+        statsn = self.stat.statsn
+        self.stat.statsn = (statsn + 1) & 0xFFFFFFFF
+        window = self.session.window  # type: ignore[union-attr]
+        header = _BHS.pack(0x25, 0x81 | flags, 0, 0, n, lun_field, itt, 0xFFFFFFFF,
+                           statsn, window.expcmdsn, window.maxcmdsn, 0, 0, resid)
+        if n & 3 or self.header_digest or self.data_digest:
+            self._append_pdu(header, data)
+        else:
+            out = self._out
+            out.append(header)
+            out.append(data)
+        if data.__class__ is FileExtent:
+            self._held_until_acknowledged(statsn, data)
+        self._out_bytes += n + 48
         self._response_queued()
 
     def _append_pdu(self, header: bytes, data) -> None:
