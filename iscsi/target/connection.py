@@ -654,8 +654,7 @@ class TargetConnection(asyncio.Protocol):
         # Fast lane: the next command in CmdSN order, all its data already here (a read,
         # or a write whose immediate data is the whole transfer), nothing held back.
         if (pdu.cmdsn == window.expcmdsn and not pdu.immediate and not window.pending
-                and pdu.itt not in self.tasks and not self._deferred and not self._paused
-                and self._out_bytes + self._reserved <= WRITE_HIGH_WATER  # not _congested()
+                and pdu.itt not in self.tasks and not self._deferred and not self._congested()
                 and (not pdu.write or (pdu.final and len(pdu.data) == pdu.edtl and self.params.immediate_data))
                 and (pdu.write or not pdu.data)):
             window.expcmdsn = (pdu.cmdsn + 1) & 0xFFFFFFFF
@@ -905,16 +904,7 @@ class TargetConnection(asyncio.Protocol):
                     return
             elif write and needed == edtl:
                 # A write that moved what the initiator announced: a bare SCSI Response.
-                statsn = self.stat.statsn
-                self.stat.statsn = (statsn + 1) & 0xFFFFFFFF
-                window = self.session.window  # type: ignore[union-attr]
-                header = _BHS.pack(0x21, 0x80, 0, 0, 0, 0, itt, 0,
-                                   statsn, window.expcmdsn, window.maxcmdsn, 0, 0, 0)
-                self._out.append(header)
-                if self.header_digest:
-                    self._out.append(pack_digest(crc32c(header)))
-                self._out_bytes += 48
-                self._response_queued()
+                self._scsi_response(itt, 0, 0, 0, 0, b"")
                 return
         if result.extra:
             self._side_effects(result, lun_field)
@@ -939,9 +929,6 @@ class TargetConnection(asyncio.Protocol):
             produced = len(result.data)
             overflow, underflow, resid = residual(edtl, produced if produced else edtl)
         flags = (0x04 if overflow else 0) | (0x02 if underflow else 0)
-        window = self.session.window  # type: ignore[union-attr]
-        out = self._out
-        hd, dd = self.header_digest, self.data_digest
         n = len(data)
         datasn = 0
         if n:
@@ -954,17 +941,26 @@ class TargetConnection(asyncio.Protocol):
                 self._response_queued()
                 return
         segment = P.ScsiResponse.sense_segment(bytes(sense)) if sense else b""
+        self._scsi_response(itt, status, flags, resid, datasn, segment)
+
+    def _scsi_response(self, itt: int, status: int, flags: int, resid: int, datasn: int,
+                       segment: bytes) -> None:
+        """Queue a SCSI Response PDU (§11.4): ``flags`` are the residual bits (O/U) for
+        ``resid``, ``datasn`` the ExpDataSN (Data-In PDUs sent before it), ``segment`` the
+        sense data segment (empty without sense)."""
         statsn = self.stat.statsn
         self.stat.statsn = (statsn + 1) & 0xFFFFFFFF
+        window = self.session.window  # type: ignore[union-attr]
         header = _BHS.pack(0x21, 0x80 | flags, 0, status, len(segment), 0, itt, 0,
                            statsn, window.expcmdsn, window.maxcmdsn, datasn, 0, resid)
+        out = self._out
         out.append(header)
-        if hd:
+        if self.header_digest:
             out.append(pack_digest(crc32c(header)))
         if segment:
             padded = segment + _PADDING[-len(segment) & 3]
             out.append(padded)
-            if dd:
+            if self.data_digest:
                 out.append(pack_digest(crc32c(padded)))
         self._out_bytes += len(segment) + 48
         self._response_queued()
