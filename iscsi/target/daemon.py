@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from ..digest import IMPLEMENTATION as CRC32C_IMPLEMENTATION
 from ..log import event
 from . import config as C
 from .control import OperationFailed
@@ -461,7 +462,7 @@ class TargetDaemon:
         self._running = True
         event(log, "daemon.started", targets=len(self.config.targets),
               portals=",".join(C.format_portal(h, p) for h, p in sorted(self._listening)),
-              config=self.config_path, control=self.control_path)
+              config=self.config_path, control=self.control_path, crc32c=CRC32C_IMPLEMENTATION)
 
     async def stop(self) -> None:
         """SIGTERM path: stop the listener, let in-flight commands finish, flush and close."""
