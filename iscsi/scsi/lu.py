@@ -159,6 +159,8 @@ class LogicalUnit:
         self.sanitize_failed = False
         self._abnormal = False  # any of: sanitizing, sanitize failed, no medium
         self._sanitize_task: asyncio.Task | None = None
+        self._sanitize_done = 0  # bytes of the running sanitize done so far (worker thread writes it)
+        self._sanitize_total = 1
         self._prevent: set[ITNexus] = set()
 
         # providers the target level may replace
@@ -335,6 +337,25 @@ class LogicalUnit:
             return S.MEDIUM_NOT_PRESENT
         return None
 
+    @property
+    def sanitize_progress(self) -> int:
+        """PROGRESS INDICATION of the running sanitize: the fraction done in 65536ths (SPC-4 §4.5.2.4.4)."""
+        return min(0xFFFF, self._sanitize_done * 0x10000 // max(1, self._sanitize_total))
+
+    def not_ready_sense(self, descriptor: bool) -> bytes | None:
+        """Sense data for the not-ready state, or None when ready.
+
+        While a sanitize runs it carries the PROGRESS INDICATION: SBC-4 §4.11 (sanitize) requires it
+        in the REQUEST SENSE answer, and it is as useful in the CHECK CONDITION of the
+        commands refused meanwhile.
+        """
+        if self.sanitizing:
+            return build_sense(SenseKey.NOT_READY, S.LOGICAL_UNIT_NOT_READY_SANITIZE_IN_PROGRESS,
+                               descriptor=descriptor, progress=self.sanitize_progress)
+        if not self.medium_present:
+            return build_sense(SenseKey.NOT_READY, S.MEDIUM_NOT_PRESENT, descriptor=descriptor)
+        return None
+
     def _flush(self) -> Awaitable[None]:
         """Make everything written so far stable: fdatasync in a worker thread, with group commit.
 
@@ -419,6 +440,9 @@ class LogicalUnit:
         backstore = self.backstore
         thin_zero = self.thin and self.lbprz
 
+        self._sanitize_done = 0
+        self._sanitize_total = size
+
         def work() -> None:
             if kind == "erase":
                 backstore.unmap(0, size)  # block/crypto erase: every LBA deallocated, reads zero
@@ -435,6 +459,7 @@ class LogicalUnit:
                 else:
                     backstore.write(off, view[:k])
                 off += k
+                self._sanitize_done = off
                 ahead = off / SANITIZE_BYTES_PER_SECOND - (time.monotonic() - started)
                 if ahead > 0:
                     time.sleep(ahead)
@@ -543,7 +568,7 @@ class LogicalUnit:
             # While a sanitize runs the LU executes nothing but the exempt commands; this
             # is reported ahead of a pending UA, which stays queued (SBC-4 §4.11; libiscsi
             # Sanitize.Reset logs in again and expects SANITIZE IN PROGRESS first).
-            return self._sense(SenseKey.NOT_READY, S.LOGICAL_UNIT_NOT_READY_SANITIZE_IN_PROGRESS)
+            return ScsiResult(Status.CHECK_CONDITION, b"", self.not_ready_sense(self.mode.d_sense))
         q = self._ua_pending.get(cmd.nexus)
         if q is None or q:
             r = self._unit_attention(cmd, spec)

@@ -153,10 +153,18 @@ def build_sense(
     field_pointer: int | None = None,
     bit: int | None = None,
     in_cdb: bool = True,
+    progress: int | None = None,
 ) -> bytes:
-    """Build current-error sense data: fixed format 70h (SPC-4 §4.5.3) or descriptor 72h (§4.5.2)."""
+    """Build current-error sense data: fixed format 70h (SPC-4 §4.5.3) or descriptor 72h (§4.5.2).
+
+    ``progress`` (0..FFFFh, the fraction done in 65536ths) fills the sense-key specific
+    field as a PROGRESS INDICATION instead of a field pointer (SPC-4 §4.5.2.4.4).
+    """
     asc, ascq = asc_ascq
-    sks = _sense_key_specific(field_pointer, bit, in_cdb)
+    if progress is not None:
+        sks = bytes((0x80,)) + struct.pack(">H", min(max(progress, 0), 0xFFFF))
+    else:
+        sks = _sense_key_specific(field_pointer, bit, in_cdb)
     if descriptor:
         descs = b""
         if information is not None:

@@ -53,7 +53,7 @@ def request_sense(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     if ua is not None:
         data = sense_data(SenseKey.UNIT_ATTENTION, ua, desc)
     elif lu.not_ready is not None:
-        data = sense_data(SenseKey.NOT_READY, lu.not_ready, desc)
+        data = lu.not_ready_sense(desc)
     else:
         data = sense_data(SenseKey.NO_SENSE, S.NO_ADDITIONAL_SENSE, desc)
     return ScsiResult(data=data[:alloc])
