@@ -106,6 +106,8 @@ class LogicalUnit:
         pr_persist: Callable[[dict], None] | None = None,
         copy_manager=None,
         enable_xcopy: bool = True,
+        mode_state: dict | None = None,
+        mode_persist: Callable[[dict], None] | None = None,
     ) -> None:
         self.backstore = backstore
         self.block_size: int = backstore.block_size
@@ -140,7 +142,11 @@ class LogicalUnit:
         self.ua = UnitAttentions()
         self._ua_pending = self.ua._pending  # hot path: one dict lookup per command
         self.tasks = TaskSet()
-        self.mode = ModePages()
+        # MODE SELECT SP=1 must reach nonvolatile storage (SPC-4 §6.9): ``mode_persist``
+        # stores the saved pages, ``mode_state`` is what it stored last time.
+        self.mode = ModePages(persist=mode_persist)
+        if mode_state is not None:
+            self.mode.import_saved(mode_state)
         self._caw_lock = asyncio.Lock()
         # Zero-copy READs (zerocopy.py): ranges held for Data-In still in flight, and the
         # image a transport may send from (a file backstore only).

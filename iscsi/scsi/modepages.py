@@ -6,13 +6,16 @@ Pages kept (all page_0 format, no subpages):
   0Ah Control                     - D_SENSE and SWP changeable
   1Ch Informational Exceptions    - fixed, exceptions disabled (DEXCPT=1)
 
-"Saved" values live in memory for the life of the logical unit; ``saved_state`` /
-``load_saved_state`` let the daemon persist them if it wants to.
+SPC-4 §6.9: MODE SELECT with SP=1 saves *every* saveable page (not only the ones sent) to a
+nonvolatile location.  "Saved" values live in memory unless a ``persist`` callback is given:
+it receives :meth:`ModePages.export_saved` before the new values take effect (a failure
+leaves everything unchanged), and :meth:`ModePages.import_saved` restores what it stored.
 """
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Callable
 
 from . import sense as S
 from .sense import SenseError, SenseKey
@@ -20,6 +23,9 @@ from .sense import SenseError, SenseKey
 PC_CURRENT, PC_CHANGEABLE, PC_DEFAULT, PC_SAVED = 0, 1, 2, 3
 ALL_PAGES = 0x3F
 ALL_SUBPAGES = 0xFF
+
+#: Version of the dictionary :meth:`ModePages.export_saved` returns.
+SAVED_STATE_VERSION = 1
 
 PAGE_RW_ERROR_RECOVERY = 0x01
 PAGE_CACHING = 0x08
@@ -84,7 +90,9 @@ def _first_bit(x: int) -> int:
 class ModePages:
     """Mode parameter state of one logical unit (shared by all I_T nexuses)."""
 
-    def __init__(self, pages: list[PageDef] | None = None) -> None:
+    def __init__(self, pages: list[PageDef] | None = None, *,
+                 persist: Callable[[dict], None] | None = None) -> None:
+        self._persist = persist
         self._defs = {p.code: p for p in (pages or default_pages())}
         self._order = sorted(self._defs)
         self._current = {c: bytearray(p.default) for c, p in self._defs.items()}
@@ -114,6 +122,31 @@ class ModePages:
             c = int(c)
             if c in self._saved and len(v) == len(self._saved[c]):
                 self._saved[c][:] = v
+        self.reset_to_saved()
+
+    def export_saved(self, saved: dict[int, bytes | bytearray] | None = None) -> dict:
+        """JSON-serialisable saved values, what a ``persist`` callback stores."""
+        saved = self._saved if saved is None else saved
+        return {"version": SAVED_STATE_VERSION,
+                "pages": {f"{c:02x}": bytes(v).hex() for c, v in sorted(saved.items())}}
+
+    def import_saved(self, state: dict) -> None:
+        """Restore :meth:`export_saved` output (then current := saved).  Raises ValueError on
+        anything that does not fit these pages: a loud start beats silently lost settings."""
+        if state.get("version") != SAVED_STATE_VERSION:
+            raise ValueError(f"unsupported mode page state version {state.get('version')!r}")
+        loaded = {}
+        for key, value in dict(state.get("pages", {})).items():
+            code, raw = int(key, 16), bytes.fromhex(value)
+            d = self._defs.get(code)
+            if d is None or len(raw) != len(d.default) or raw[0] & 0x3F != code:
+                raise ValueError(f"saved mode page {key} does not match this logical unit")
+            bad = [i for i in range(2, len(raw)) if (raw[i] ^ d.default[i]) & ~d.changeable[i] & 0xFF]
+            if bad:
+                raise ValueError(f"saved mode page {key} changes a fixed field (byte {bad[0]})")
+            loaded[code] = raw
+        for code, raw in loaded.items():
+            self._saved[code][:] = raw
         self.reset_to_saved()
 
     def page(self, code: int, pc: int = PC_CURRENT) -> bytes:
@@ -183,6 +216,8 @@ class ModePages:
         pf = cdb[1] & 0x10
         sp = cdb[1] & 0x01
         if not params:
+            if sp:
+                self._save({c: bytes(v) for c, v in self._current.items()})
             return False
         if not pf:
             # Only the page format is implemented (SPC-4 §6.9: PF=0 means vendor specific pages).
@@ -243,13 +278,24 @@ class ModePages:
                     raise S.illegal_param(pos + i, _first_bit(bad))
             updates.append((code, bytes(new)))
             pos = end
+        if sp:
+            # SP=1 saves every saveable page as it is once this command has been applied.
+            after = {c: bytes(v) for c, v in self._current.items()}
+            for code, new in updates:
+                after[code] = after[code][:2] + new[2:]
+            self._save(after)
         changed = False
         for code, new in updates:
             cur = self._current[code]
             if cur[2:] != new[2:]:
                 cur[2:] = new[2:]
                 changed = True
-            if sp:
-                self._saved[code][:] = cur
         self._refresh()
         return changed
+
+    def _save(self, pages: dict[int, bytes]) -> None:
+        """Make ``pages`` the saved values: stored by ``persist`` first, so a failure changes nothing."""
+        if self._persist is not None:
+            self._persist(self.export_saved(pages))
+        for code, raw in pages.items():
+            self._saved[code][:] = raw

@@ -67,3 +67,60 @@ async def test_sanitize_in_progress_sense_carries_progress_indication():
                 break
             await asyncio.sleep(0.01)
     assert not lu.sanitizing
+
+
+# -- MODE SELECT SP=1 (SPC-4 §6.9) ---------------------------------------------------------
+
+def _mode_select6(plen: int, sp: int) -> bytes:
+    return bytes((0x15, 0x10 | sp, 0, 0, plen, 0))
+
+
+def _caching(wce: int) -> bytes:
+    page = bytearray(20)
+    page[0], page[1], page[2] = 0x08, 0x12, 0x04 if wce else 0
+    return bytes(4) + bytes(page)
+
+
+def _control(d_sense: int) -> bytes:
+    page = bytearray(12)
+    page[0], page[1], page[2], page[3] = 0x0A, 0x0A, 0x04 if d_sense else 0, 0x10
+    page[8:10] = b"\xff\xff"
+    return bytes(4) + bytes(page)
+
+
+async def test_mode_select_sp_saves_every_page_not_only_the_ones_sent():
+    """SPC-4 §6.9: SP=1 saves all the saveable pages, including the ones changed before with SP=0."""
+    lu = make_lu("ram", size=1 << 20)
+    ini = await ready(lu)
+    await ini.ok(_mode_select6(24, 0), _caching(wce=0))  # current only
+    await ini.ok(_mode_select6(16, 1), _control(d_sense=1))  # save: the caching page too
+    saved = lu.mode.saved_state()
+    assert saved[0x08][2] & 0x04 == 0 and saved[0x0A][2] & 0x04
+    lu.lun_reset()
+    assert not lu.mode.wce and lu.mode.d_sense
+
+
+async def test_mode_select_sp_reaches_the_persist_hook_and_survives_a_restart():
+    """SP=1 has to reach nonvolatile storage: WCE=0 saved by the initiator must still hold after
+    the LU is rebuilt (else writes are acknowledged from the page cache again)."""
+    stored = []
+    lu = make_lu("ram", size=1 << 20, mode_persist=stored.append)
+    ini = await ready(lu)
+    await ini.ok(_mode_select6(24, 1), _caching(wce=0))
+    assert stored and stored[-1]["pages"]["08"][4:6] == "00"
+    again = make_lu("ram", size=1 << 20, mode_state=stored[-1])
+    assert not again.mode.wce
+    ini2 = await ready(again)
+    d = bytes((await ini2.ok(bytes((0x1A, 0x08, 0x08, 0, 255, 0)))).data)  # MODE SENSE(6) caching
+    assert d[4] == 0x88 and d[6] & 0x04 == 0  # PS, WCE=0
+
+
+async def test_mode_select_sp_persist_failure_changes_nothing():
+    def broken(state):
+        raise OSError(28, "No space left on device")
+
+    lu = make_lu("ram", size=1 << 20, mode_persist=broken)
+    ini = await ready(lu)
+    r = await ini.cmd(_mode_select6(24, 1), _caching(wce=0))
+    assert r.status == 0x02
+    assert lu.mode.wce and lu.mode.saved_state()[0x08][2] & 0x04
