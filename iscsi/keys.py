@@ -359,6 +359,10 @@ class TextAccumulator:
         """True while a continued sequence is incomplete."""
         return bool(self._buf)
 
+    def reset(self) -> None:
+        """Forget a continued sequence (it was refused)."""
+        self._buf.clear()
+
 
 def split_text(data: bytes, max_len: int) -> list[bytes]:
     """Cut text data into segments of at most ``max_len`` bytes (the peer's

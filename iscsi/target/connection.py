@@ -116,6 +116,9 @@ class TargetConnection(asyncio.Protocol):
         self.data_digest = False
         self.max_send_segment = 8192
         self._one_data_in = 8192
+        # Most immediate data a write may carry: FirstBurstLength with ImmediateData=Yes,
+        # -1 (none) otherwise (§13.11, §13.14); more is refused on the general path.
+        self._immediate_max = -1
         self.tasks: dict[int, Task] = {}
         self.ttt_map: dict[int, Task] = {}
         self._next_ttt = 1
@@ -530,6 +533,7 @@ class TargetConnection(asyncio.Protocol):
         # A Data-In PDU fits the initiator's MaxRecvDataSegmentLength and the sequence it
         # ends, MaxBurstLength (§13.14): an answer up to this size is one PDU.
         self._one_data_in = min(self.max_send_segment, self.params.max_burst_length)
+        self._immediate_max = self.params.first_burst_length if self.params.immediate_data else -1
         if self._sock is not None and not self.data_digest:
             # READs from 64 KiB up go out with sendfile (zerocopy.py).  A data digest needs
             # the bytes in hand anyway: summing a scratch copy and then sending the pages
@@ -546,6 +550,13 @@ class TargetConnection(asyncio.Protocol):
               user=ok.authenticated_as,
               params=" ".join(f"{k}={v}" for k, v in describe_params(ok.params).items()))
         self._schedule_nop()
+
+    def peer_max_recv_changed(self, size: int) -> None:
+        """The initiator declared a new MaxRecvDataSegmentLength in a Text Request (§13.12:
+        Use ALL): the PDUs we send from now on are cut to it."""
+        self.max_send_segment = size
+        if self.params is not None:
+            self._one_data_in = min(size, self.params.max_burst_length)
 
     # ------------------------------------------------------------------
     # NOP-In pings of idle initiators
@@ -630,8 +641,13 @@ class TargetConnection(asyncio.Protocol):
             item.ready = True
             self._maybe_execute(item)
         elif isinstance(item, P.NopOut):
-            # §11.19: echo the ping data at once; never queued behind SCSI work.
-            self.send(P.NopIn(itt=item.itt, ttt=P.RESERVED_TAG, lun=item.lun, data=item.data))
+            # §11.19: echo the ping data at once; never queued behind SCSI work.  The echo is
+            # cut to the initiator's MaxRecvDataSegmentLength (§11.18.5), which may be smaller
+            # than the ping it was allowed to send us.
+            data = item.data
+            if len(data) > self.max_send_segment:
+                data = data[:self.max_send_segment]
+            self.send(P.NopIn(itt=item.itt, ttt=P.RESERVED_TAG, lun=item.lun, data=data))
         elif isinstance(item, P.TextRequest):
             self.session.text_request(self, item)  # type: ignore[union-attr]
         elif isinstance(item, P.TaskMgmtRequest):
@@ -655,7 +671,7 @@ class TargetConnection(asyncio.Protocol):
         # or a write whose immediate data is the whole transfer), nothing held back.
         if (pdu.cmdsn == window.expcmdsn and not pdu.immediate and not window.pending
                 and pdu.itt not in self.tasks and not self._deferred and not self._congested()
-                and (not pdu.write or (pdu.final and len(pdu.data) == pdu.edtl and self.params.immediate_data))
+                and (not pdu.write or (pdu.final and len(pdu.data) == pdu.edtl <= self._immediate_max))
                 and (pdu.write or not pdu.data)):
             window.expcmdsn = (pdu.cmdsn + 1) & 0xFFFFFFFF
             self._run_now(pdu, session)

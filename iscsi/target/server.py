@@ -32,6 +32,9 @@ MAX_SESSIONS = 4096
 # connection recovery is offered, so retain 0; wait the open-iscsi default 2 s.
 LOGOUT_TIME2WAIT = 2
 LOGOUT_TIME2RETAIN = 0
+# Logout Response codes (RFC 7143 §11.15.1).
+LOGOUT_CID_NOT_FOUND = 1
+LOGOUT_RECOVERY_NOT_SUPPORTED = 2
 # How long shutdown waits for in-flight commands before closing connections.
 SHUTDOWN_DRAIN_TIMEOUT = 10.0
 
@@ -87,30 +90,46 @@ class TargetSession:
                                      ttt=0x7FFF0001 if pending else P.RESERVED_TAG, data=chunk))
             return
         pending.clear()
-        complete = acc.append(req.data, req.cont)
-        if complete is None:
-            conn.send(P.TextResponse(itt=req.itt, final=False, ttt=0x7FFF0000, data=b""))
-            return
-        try:
-            received = K.parse_text(complete)
-        except K.ProtocolError:
+        if req.cont and req.final:
+            # §11.10.2: a Text Request with C=1 must have F=0.
+            acc.reset()
             conn._reject(req, P.RejectReason.PROTOCOL_ERROR)
             return
         answers: list[tuple[str, str]] = []
-        rest = []
-        for key, value in received:
-            if key == "SendTargets":
-                answers += self.send_targets(conn, value)
-            else:
-                rest.append((key, value))
-        if rest:
-            negotiator = K.Negotiator("target", session_type=self.session_type, local={})
-            answers += negotiator.respond(rest, phase="ffp")
+        declared: int | None = None
+        try:
+            complete = acc.append(req.data, req.cont)
+            if complete is None:
+                conn.send(P.TextResponse(itt=req.itt, final=False, ttt=0x7FFF0000, data=b""))
+                return
+            received = K.parse_text(complete)
+            rest = []
+            for key, value in received:
+                if key == "SendTargets":
+                    answers += self.send_targets(conn, value)
+                else:
+                    rest.append((key, value))
+            if rest:
+                negotiator = K.Negotiator("target", session_type=self.session_type, local={})
+                answers += negotiator.respond(rest, phase="ffp")
+                if "MaxRecvDataSegmentLength" in negotiator.peer_declared:
+                    declared = int(negotiator.peer_declared["MaxRecvDataSegmentLength"])
+        except K.ProtocolError:
+            # Text too long, not key=value, a key twice (§6.2): the request is refused
+            # (§11.17.1 reason 0x04) and the connection goes on; a text sequence in progress
+            # is dropped.
+            acc.reset()
+            conn._reject(req, P.RejectReason.PROTOCOL_ERROR)
+            return
         text = K.encode_text(answers)
         chunks = K.split_text(text, conn.max_send_segment) if text else [b""]
         first, pending[:] = chunks[0], chunks[1:]
         conn.send(P.TextResponse(itt=req.itt, cont=bool(pending), final=not pending,
                                  ttt=0x7FFF0001 if pending else P.RESERVED_TAG, data=first))
+        if declared is not None:
+            # §13.12: MaxRecvDataSegmentLength is declarative and may be declared again in
+            # Full Feature Phase; PDUs we send from now on respect the new limit.
+            conn.peer_max_recv_changed(declared)
 
     def send_targets(self, conn: TargetConnection, value: str) -> list[tuple[str, str]]:
         """RFC 7143 §13.3 / Appendix C: SendTargets=All | <target name> | (empty)."""
@@ -188,11 +207,18 @@ class TargetSession:
 
     # -- Logout (§11.14) ---------------------------------------------------------
     async def logout(self, conn: TargetConnection, req: P.LogoutRequest) -> None:
-        conn.logging_out = True
-        if req.reason == P.LogoutReason.REMOVE_CONNECTION_FOR_RECOVERY:
-            response = 2  # connection recovery not supported at ERL 0 (§11.15.1)
-            conn.send(P.LogoutResponse(itt=req.itt, response=response))
+        if req.reason != P.LogoutReason.CLOSE_SESSION and req.cid != conn.cid:
+            # §11.14.1: the CID names the connection to close or remove; this session has
+            # only ``conn`` (MaxConnections=1), so another CID is not found (§11.15.1
+            # response 1) and nothing is closed.
+            conn.send(P.LogoutResponse(itt=req.itt, response=LOGOUT_CID_NOT_FOUND))
             return
+        if req.reason == P.LogoutReason.REMOVE_CONNECTION_FOR_RECOVERY:
+            # Connection recovery is not supported at ERL 0 (§11.15.1 response 2); the
+            # connection stays in use.
+            conn.send(P.LogoutResponse(itt=req.itt, response=LOGOUT_RECOVERY_NOT_SUPPORTED))
+            return
+        conn.logging_out = True
         # Let commands already running finish before the response (§6.3.4: all
         # outstanding commands complete or are terminated before logout response).
         pending = [t.future for t in conn.tasks.values() if t.future is not None and not t.future.done()]

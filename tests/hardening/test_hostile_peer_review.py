@@ -1,0 +1,187 @@
+"""A hostile or buggy initiator on the wire, review of the gaps left by test_malformed.py: NOP-Out
+echoes, Text requests in Full Feature Phase, Logout CIDs and unsolicited data on the fast lane.
+
+Each case ends with the daemon alive, no internal error in its log, and the module's witness
+sessions (raw + libiscsi, logged in before) doing verified I/O (``baseline``).
+"""
+from __future__ import annotations
+
+import pytest
+
+from iscsi import keys as K
+from iscsi import pdu as P
+
+from .conftest import BLOCK
+from .raw import Closed, RawSession, read10, write10
+
+
+def session(daemon, **login_kw) -> RawSession:
+    s = RawSession(daemon.portals[0].host, daemon.portals[0].port)
+    resp = s.login(daemon.iqn, **login_kw)
+    assert resp.status_class == 0, resp
+    return s
+
+
+def still_works(s: RawSession, lba: int = 3000) -> None:
+    payload = bytes(range(256)) * 8
+    assert s.write(lba, payload) == 0
+    status, data = s.read(lba, len(payload))
+    assert status == 0 and data == payload
+
+
+def expect_reject(s: RawSession, header: bytes, reason: int) -> None:
+    """A Reject with ``reason`` carrying ``header`` (§11.17), the connection kept."""
+    try:
+        pdu = s.recv(timeout=3.0)
+    except Closed:
+        pytest.fail("connection dropped instead of a Reject")
+    assert isinstance(pdu, P.Reject), f"expected Reject, got {pdu}"
+    assert pdu.reason == reason, f"Reject reason {pdu.reason:#x}"
+    assert bytes(pdu.data)[:P.BHS_LEN] == header[:P.BHS_LEN]
+
+
+@pytest.fixture
+def clean_log(daemon, baseline):
+    """The case must not end in the connection's catch-all (a traceback, no answer)."""
+    before = daemon.log_text().count("conn.internal_error")
+    yield
+    assert daemon.log_text().count("conn.internal_error") == before, daemon.log_text()[-3000:]
+
+
+def text_request(s: RawSession, data: bytes, *, itt: int | None = None, cont: bool = False,
+                 final: bool = True) -> P.TextRequest:
+    req = P.TextRequest(itt=s.next_itt() if itt is None else itt, cont=cont, final=final, cmdsn=s.cmdsn,
+                        expstatsn=s.expstatsn, immediate=True, data=data)
+    s.send(req)
+    return req
+
+
+# -- NOP-Out ----------------------------------------------------------------------------------
+
+def test_nop_echo_is_cut_to_the_initiators_max_recv_data_segment_length(daemon, clean_log):
+    """§11.18.5: ping data is reflected, limited to the initiator's MaxRecvDataSegmentLength.
+    Was: 4 KiB echoed to an initiator that declared 512."""
+    s = session(daemon, extra=[("MaxRecvDataSegmentLength", "512")])
+    itt = s.next_itt()
+    ping = bytes(range(256)) * 16
+    s.send(P.NopOut(itt=itt, cmdsn=s.cmdsn, expstatsn=s.expstatsn, immediate=True, data=ping))
+    pdu = s.recv()
+    assert isinstance(pdu, P.NopIn) and pdu.itt == itt, pdu
+    assert bytes(pdu.data) == ping[:512], f"echo of {len(pdu.data)} bytes to a 512-byte receiver"
+    still_works(s)
+    s.close()
+
+
+# -- Text in Full Feature Phase ---------------------------------------------------------------
+
+def test_text_request_with_a_key_twice_is_rejected_and_the_connection_lives(daemon, clean_log):
+    """§6.2 a key negotiated twice, in a Text Request: Reject 0x04 with its header (§11.17).
+    Was: an unhandled NegotiationError, a traceback and the connection closed without answer."""
+    s = session(daemon)
+    req = text_request(s, b"MaxRecvDataSegmentLength=4096\0MaxRecvDataSegmentLength=8192\0")
+    expect_reject(s, req.header(), P.RejectReason.PROTOCOL_ERROR)
+    still_works(s)
+    s.close()
+
+
+def test_text_continuations_past_the_limit_are_rejected_and_the_connection_lives(daemon, clean_log):
+    """C-bit continuations past TEXT_EXCHANGE_LIMIT (64 KiB): Reject, the text is dropped.
+    Was: an unhandled ProtocolError, a traceback and the connection closed without answer."""
+    s = session(daemon)
+    itt = s.next_itt()
+    chunk = b"X-org.example.pad=" + b"p" * 8000 + b"\0"
+    for _ in range(16):
+        req = text_request(s, chunk, itt=itt, cont=True, final=False)
+        pdu = s.recv()
+        if isinstance(pdu, P.Reject):
+            assert pdu.reason == P.RejectReason.PROTOCOL_ERROR
+            assert bytes(pdu.data)[:P.BHS_LEN] == req.header()[:P.BHS_LEN]
+            break
+        assert isinstance(pdu, P.TextResponse) and not pdu.final, pdu
+    else:
+        pytest.fail("16 x 8 KiB of continued text accepted")
+    # The refused sequence is gone: a fresh request is answered on its own.
+    text_request(s, b"SendTargets=All\0")
+    pdu = s.recv()
+    assert isinstance(pdu, P.TextResponse) and pdu.final
+    assert ("TargetName", daemon.iqn) in K.parse_text(bytes(pdu.data))
+    still_works(s)
+    s.close()
+
+
+def test_text_request_with_both_c_and_f_is_rejected(daemon, clean_log):
+    """§11.10.2: C=1 requires F=0.  Was: taken as a continuation, never answered."""
+    s = session(daemon)
+    req = text_request(s, b"SendTargets=All\0", cont=True, final=True)
+    expect_reject(s, req.header(), P.RejectReason.PROTOCOL_ERROR)
+    text_request(s, b"SendTargets=All\0")
+    pdu = s.recv()
+    assert isinstance(pdu, P.TextResponse) and pdu.final
+    assert ("TargetName", daemon.iqn) in K.parse_text(bytes(pdu.data)), "stale continued text was kept"
+    still_works(s)
+    s.close()
+
+
+def test_max_recv_data_segment_length_declared_in_ffp_is_honoured(daemon, clean_log):
+    """§13.12: MaxRecvDataSegmentLength is declarative and usable in Full Feature Phase (Use:
+    ALL).  Was: answered, then ignored -- a 32 KiB READ came back as one 32 KiB Data-In."""
+    s = session(daemon)
+    text_request(s, b"MaxRecvDataSegmentLength=4096\0")
+    pdu = s.recv()
+    assert isinstance(pdu, P.TextResponse) and pdu.final, pdu
+    payload = bytes(range(256)) * 128
+    assert s.write(3100, payload) == 0
+    itt = s.command(read10(3100, len(payload) // BLOCK), read=True, edtl=len(payload))
+    got = bytearray(len(payload))
+    sizes = []
+    while True:
+        pdu = s.recv()
+        if isinstance(pdu, P.DataIn) and pdu.itt == itt:
+            sizes.append(len(pdu.data))
+            got[pdu.offset:pdu.offset + len(pdu.data)] = pdu.data
+            if pdu.has_status:
+                assert pdu.status == 0
+                break
+        elif isinstance(pdu, P.ScsiResponse) and pdu.itt == itt:
+            assert pdu.status == 0
+            break
+    assert max(sizes) <= 4096, f"Data-In segments {sizes} over the declared 4096"
+    assert bytes(got) == payload
+    s.close()
+
+
+# -- Logout -----------------------------------------------------------------------------------
+
+def test_logout_of_a_connection_the_session_does_not_have(daemon, clean_log):
+    """§11.14.1 / §11.15.1: reason 1 (close the connection) names a CID; one the session does
+    not have is response 1 (CID not found), and the connection asking is not closed.
+    Was: response 0 and the asking connection (CID 0) closed."""
+    s = session(daemon)
+    s.send(P.LogoutRequest(reason=1, cid=7, itt=s.next_itt(), cmdsn=s.cmdsn, expstatsn=s.expstatsn,
+                           immediate=True))
+    resp = s.recv()
+    assert isinstance(resp, P.LogoutResponse) and resp.response == 1, resp
+    still_works(s)
+    assert s.logout().response == 0
+    s.close()
+
+
+# -- unsolicited data -------------------------------------------------------------------------
+
+def test_immediate_data_beyond_first_burst_length_is_refused_and_not_written(daemon, clean_log):
+    """§13.14: unsolicited data (here all immediate) must not exceed FirstBurstLength (64 KiB).
+    Was: the fast lane wrote 128 KiB of immediate data and answered GOOD (the general path
+    already refused it)."""
+    s = session(daemon)
+    lba, size = 3200, 128 * 1024
+    assert s.write(lba, bytes(size)) == 0  # known contents (zeros) first, within the burst
+    cmd = P.ScsiCommandPdu(write=True, edtl=size, cmdsn=s.cmdsn, expstatsn=s.expstatsn,
+                           cdb=write10(lba, size // BLOCK), itt=s.next_itt(), final=True, data=b"\x5a" * size)
+    s.send(cmd)
+    expect_reject(s, cmd.header(), P.RejectReason.PROTOCOL_ERROR)
+    # §6.3 (Usage of Reject PDU in recovery): a rejected command's CmdSN is not received, so
+    # the next command reuses it.
+    status, data = s.read(lba, size)
+    assert status == 0 and data == bytes(size), "refused immediate data was written"
+    still_works(s)
+    s.close()
