@@ -35,6 +35,10 @@ _WRITE_OPCODES = zerocopy.WRITE_OPCODES
 # Largest READ/WRITE in blocks: libiscsi's WriteSame16.Unmap writes 65536 blocks with one
 # WRITE(16), and 32 MiB (at 512-byte blocks) stays a sane buffer for one Python command.
 MAX_TRANSFER_BLOCKS = 0x10000
+# WRITE ATOMIC(16) is the only atomic write implemented and its TRANSFER LENGTH has 16 bits:
+# a larger MAXIMUM ATOMIC TRANSFER LENGTH (Block Limits VPD) cannot be asked for, and Linux
+# sd, which sizes atomic writes on it, would encode 65536 blocks as 0 (a write of nothing).
+MAX_ATOMIC_TRANSFER_BLOCKS = 0xFFFF
 # Linux and ESXi size their I/O on the optimal length; 1 MiB amortises the per-command cost.
 OPTIMAL_TRANSFER_BYTES = 1 << 20
 # COMPARE AND WRITE: ESXi ATS and our vmfs use 1 block; 255 is the CDB's one-byte maximum.
@@ -132,7 +136,7 @@ class LogicalUnit:
 
         # limits
         self.max_transfer = MAX_TRANSFER_BLOCKS
-        self.max_atomic_transfer = MAX_TRANSFER_BLOCKS
+        self.max_atomic_transfer = MAX_ATOMIC_TRANSFER_BLOCKS
         self.max_compare_and_write = MAX_COMPARE_AND_WRITE_BLOCKS
         self.max_unmap_lba_count = MAX_UNMAP_LBA_COUNT
         self.max_unmap_descriptors = MAX_UNMAP_DESCRIPTORS

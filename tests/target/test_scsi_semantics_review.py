@@ -124,3 +124,19 @@ async def test_mode_select_sp_persist_failure_changes_nothing():
     r = await ini.cmd(_mode_select6(24, 1), _caching(wce=0))
     assert r.status == 0x02
     assert lu.mode.wce and lu.mode.saved_state()[0x08][2] & 0x04
+
+
+# -- Block Limits VPD (SBC-4 §6.6.4) -------------------------------------------------------
+
+async def test_block_limits_atomic_length_fits_write_atomic16():
+    """MAXIMUM ATOMIC TRANSFER LENGTH (bytes 44-47) must be expressible in WRITE ATOMIC(16)'s
+    16-bit TRANSFER LENGTH and not exceed MAXIMUM TRANSFER LENGTH (bytes 8-11)."""
+    lu = make_lu("ram", size=64 << 20)
+    ini = await ready(lu)
+    page = bytes((await ini.ok(bytes((0x12, 1, 0xB0, 0, 64, 0)))).data)
+    max_transfer = struct.unpack_from(">I", page, 8)[0]
+    max_atomic = struct.unpack_from(">I", page, 44)[0]
+    assert 0 < max_atomic <= min(0xFFFF, max_transfer)
+    # and a WRITE ATOMIC(16) of exactly that many blocks is accepted
+    cdb = struct.pack(">BBQHHBB", 0x9C, 0, 0, 0, max_atomic, 0, 0)
+    await ini.ok(cdb, bytes(max_atomic * 512))
