@@ -236,7 +236,7 @@ class LogicalUnit:
             vpd.PAGE_SERIAL: vpd.serial_page(self.identity),
             vpd.PAGE_EXTENDED_INQUIRY: vpd.extended_inquiry_page(write_cache=True),
             vpd.PAGE_BLOCK_DEVICE_CHARACTERISTICS: vpd.block_device_characteristics_page(sanitize=True),
-            vpd.PAGE_LOGICAL_BLOCK_PROVISIONING: vpd.logical_block_provisioning_page(thin=self.thin),
+            vpd.PAGE_LOGICAL_BLOCK_PROVISIONING: vpd.logical_block_provisioning_page(thin=self.thin, lbprz=self.lbprz),
         }
 
     def block_limits_page(self) -> bytes:

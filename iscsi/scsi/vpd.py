@@ -199,10 +199,13 @@ def block_device_characteristics_page(*, sanitize: bool) -> bytes:
     return _page(PAGE_BLOCK_DEVICE_CHARACTERISTICS, bytes(body))
 
 
-def logical_block_provisioning_page(*, thin: bool) -> bytes:
-    """Logical Block Provisioning (SBC-4 §6.6.6): thin, UNMAP and WRITE SAME unmap, zeroes after unmap."""
+def logical_block_provisioning_page(*, thin: bool, lbprz: bool = True) -> bytes:
+    """Logical Block Provisioning (SBC-4 §6.6.6): thin, UNMAP and WRITE SAME unmap, zeroes after unmap.
+
+    LBPRZ must say what READ CAPACITY(16) says (SBC-4 §5.20 and §6.6.6 describe the same property).
+    """
     body = bytearray(4)
     if thin:
-        body[1] = 0x80 | 0x40 | 0x20 | 0x04  # LBPU, LBPWS, LBPWS10, LBPRZ=001b
+        body[1] = 0x80 | 0x40 | 0x20 | (0x04 if lbprz else 0)  # LBPU, LBPWS, LBPWS10, LBPRZ=001b
         body[2] = 0x02  # PROVISIONING TYPE: thin
     return _page(PAGE_LOGICAL_BLOCK_PROVISIONING, bytes(body))

@@ -140,3 +140,25 @@ async def test_block_limits_atomic_length_fits_write_atomic16():
     # and a WRITE ATOMIC(16) of exactly that many blocks is accepted
     cdb = struct.pack(">BBQHHBB", 0x9C, 0, 0, 0, max_atomic, 0, 0)
     await ini.ok(cdb, bytes(max_atomic * 512))
+
+
+async def test_lbprz_in_vpd_b2_matches_read_capacity16():
+    """A thin backstore whose deallocated blocks do not read as zeroes: READ CAPACITY(16) and the
+    Logical Block Provisioning VPD page must both say LBPRZ=0 (SBC-4 §5.20, §6.6.6)."""
+    from iscsi.backstore.ram import RamBackstore
+    from iscsi.scsi.lu import LogicalUnit
+
+    class NotZeroAfterUnmap(RamBackstore):
+        unmap_reads_zero = False
+
+    lu = LogicalUnit(NotZeroAfterUnmap(1 << 20), serial="lbprz0")
+    ini = await ready(lu)
+    rc16 = bytes((await ini.ok(struct.pack(">BBQIBB", 0x9E, 0x10, 0, 32, 0, 0))).data)
+    b2 = bytes((await ini.ok(bytes((0x12, 1, 0xB2, 0, 64, 0)))).data)
+    assert rc16[14] & 0xC0 == 0x80  # LBPME=1, LBPRZ=0
+    assert b2[5] & 0xE0 == 0xE0 and b2[5] & 0x1C == 0  # LBPU, LBPWS, LBPWS10; LBPRZ=000b
+    default = make_lu("ram", size=1 << 20)
+    ini = await ready(default)
+    rc16 = bytes((await ini.ok(struct.pack(">BBQIBB", 0x9E, 0x10, 0, 32, 0, 0))).data)
+    b2 = bytes((await ini.ok(bytes((0x12, 1, 0xB2, 0, 64, 0)))).data)
+    assert rc16[14] & 0xC0 == 0xC0 and b2[5] & 0x1C == 0x04
