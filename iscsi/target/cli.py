@@ -99,7 +99,11 @@ def quickstart_config(target_name: str, lun_specs: Iterable[str], portals: Itera
             lun.number = C.next_free(used)
             used.add(lun.number)
         if lun.size is None and not os.path.exists(lun.path):
-            raise ConfigError(f"--lun {lun.path}: the image does not exist; add a size to create it, e.g. {lun.path}:1G")
+            head, sep, tail = lun.path.rpartition(":")
+            hint = (f" ({tail!r} was taken as part of the file name: it is not a LUN option; "
+                    f"options are {C.LUN_SPEC_OPTIONS})") if sep and "/" not in tail else ""
+            raise ConfigError(f"--lun {spec}: the image {lun.path} does not exist; add a size to create it, "
+                              f"e.g. {lun.path}:1G{hint}")
     groups = [PortalGroup(tag, [C.canonical_portal(p)]) for tag, p in enumerate(portals or [DEFAULT_PORTAL], 1)]
     target = Target(iqn=target_name, alias=alias, portal_groups=groups, luns=luns, open_access=True)
     # data_dir holds only daemon state here (reservations saved with APTPL); images are absolute.
@@ -323,7 +327,10 @@ def target_remove(iqn: str, force: bool, control: Path | None) -> None:
 def target_set(iqn: str, alias: str | None, no_alias: bool, open_access: bool | None, params: tuple[str, ...],
                clear_params: tuple[str, ...], control: Path | None) -> None:
     """Change a target's alias, access mode or iSCSI parameters."""
+    if alias is not None and no_alias:
+        raise click.UsageError("give either --alias or --no-alias, not both")
     parsed = _check(lambda: dict(C.canonical_param(*_key_value(p)) for p in params))
+    _check(lambda: [C.param_name(k) for k in clear_params])
     res = _call(control, "target.set", iqn=iqn, alias=alias, clear_alias=no_alias, open_access=open_access,
                 params=parsed, clear_params=list(clear_params))
     click.echo(f"target {res['iqn']}: open_access={_cell(res['open_access'])} params={_cell(res['params'])}")
@@ -365,7 +372,7 @@ def lun() -> None:
 @lun.command("add")
 @click.argument("iqn")
 @click.argument("spec", metavar="PATH[:SIZE][:ro][:removable][:bs=4096][:pbs=4096]")
-@click.option("--lun", "number", type=int, help="LUN number [default: lowest free].")
+@click.option("--lun", "number", type=click.IntRange(0, C.MAX_LUN), help="LUN number [default: lowest free].")
 @click.option("--size", help="Size, e.g. 1G (needed when the image does not exist).")
 @click.option("--block-size", type=click.Choice(["512", "4096"]))
 @click.option("--read-only", is_flag=True, default=None)
@@ -522,10 +529,22 @@ def _scope(discovery: bool, target_iqn: str | None, initiator: str | None) -> st
 def _read_secret(secret_file: str | None, what: str) -> str:
     """From a file ('-' = stdin; one trailing newline dropped) or a hidden prompt; never echoed."""
     if secret_file is not None:
+        # Bounded: a secret is short, and --secret-file /dev/zero must not eat the memory.
+        limit = C.MAX_CHAP_SECRET_BYTES + 2  # the longest secret, "\r\n" would still be seen
         try:
-            text = sys.stdin.read() if secret_file == "-" else Path(secret_file).read_text(encoding="utf-8")
+            if secret_file == "-":
+                raw = sys.stdin.buffer.read(limit + 1)
+            else:
+                with open(secret_file, "rb") as f:
+                    raw = f.read(limit + 1)
         except OSError as e:
             raise Failed(f"cannot read {what} from {secret_file}: {e.strerror or e}") from None
+        if len(raw) > limit:
+            raise Failed(f"{what} in {secret_file} is longer than {C.MAX_CHAP_SECRET_BYTES} bytes")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Failed(f"{what} in {secret_file} is not UTF-8 text") from None
         secret = text[:-1] if text.endswith("\n") else text
     else:
         secret = click.prompt(f"{what}", hide_input=True, confirmation_prompt=True)

@@ -156,7 +156,7 @@ def parse_size(text: str | int) -> int:
 
 def format_size(size: int) -> str:
     """Render a byte count compactly and exactly: 1073741824 -> '1GiB', 1000 -> '1000'."""
-    for unit, power in (("TiB", 4), ("GiB", 3), ("MiB", 2), ("KiB", 1)):
+    for unit, power in (("EiB", 6), ("PiB", 5), ("TiB", 4), ("GiB", 3), ("MiB", 2), ("KiB", 1)):
         if size and size % (1024**power) == 0:
             return f"{size // 1024 ** power}{unit}"
     return str(size)
@@ -268,11 +268,17 @@ PARAM_RULES: dict[str, Any] = {
 _PARAM_ALIASES = {"header_digest": "HeaderDigest", "data_digest": "DataDigest"}
 
 
-def canonical_param(key: str, value: Any) -> tuple[str, str]:
-    """Validate one key preference; returns (RFC key name, value as text)."""
+def param_name(key: str) -> str:
+    """The RFC 7143 §13 name of a key an administrator may pin; ConfigError when unknown."""
     name = _PARAM_ALIASES.get(key, key)
     if name not in PARAM_RULES:
         raise ConfigError(f"unknown iSCSI parameter {key!r}; known: {', '.join(sorted(PARAM_RULES))}")
+    return name
+
+
+def canonical_param(key: str, value: Any) -> tuple[str, str]:
+    """Validate one key preference; returns (RFC key name, value as text)."""
+    name = param_name(key)
     if isinstance(value, bool):
         text = "Yes" if value else "No"
     else:
@@ -413,6 +419,8 @@ class Config:
         """Check every rule; raises ConfigError naming the first bad entry."""
         if self.version != CONFIG_VERSION:
             raise ConfigError(f"version: {self.version!r} is not supported (this daemon reads version {CONFIG_VERSION})")
+        if self.data_dir is not None and not (isinstance(self.data_dir, str) and self.data_dir.strip()):
+            raise ConfigError(f"data_dir: {self.data_dir!r} must be a directory path (a non-empty string) or null")
         if self.discovery_auth is not None:
             _validate_chap(self.discovery_auth, "discovery_auth")
         seen_targets: set[str] = set()
@@ -470,13 +478,13 @@ def validate_chap_secret(secret: Any, where: str = "secret") -> None:
     n = len(secret.encode("utf-8"))
     if n < MIN_CHAP_SECRET_BYTES:
         raise ConfigError(
-            f"{where}: CHAP secret is {n} bytes; RFC 7143 §12.1.3 requires at least "
+            f"{where}: {n} bytes is too short; RFC 7143 §12.1.3 requires at least "
             f"{MIN_CHAP_SECRET_BYTES} bytes (96 bits) without IPsec"
         )
     if n > MAX_CHAP_SECRET_BYTES:
-        raise ConfigError(f"{where}: CHAP secret is {n} bytes; at most {MAX_CHAP_SECRET_BYTES} are accepted")
+        raise ConfigError(f"{where}: {n} bytes is too long; at most {MAX_CHAP_SECRET_BYTES} are accepted")
     if any(ord(c) < 0x20 or c == "\x7f" for c in secret):
-        raise ConfigError(f"{where}: CHAP secret contains control characters")
+        raise ConfigError(f"{where}: contains control characters (a stray newline or tab?)")
 
 
 def _validate_params(params: dict, where: str) -> dict[str, str]:
@@ -827,6 +835,11 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 
 # --------------------------------------------------------------------------- LUN specs
 
+# A last component that starts like a number ("-1", "1,5G", "10XB") was meant as a size, not
+# as part of the file name: refuse it rather than create "disk.img:-1".
+_LOOKS_LIKE_SIZE = re.compile(r"^\s*[-+]?[\d.,]*\d[\d.,]*\s*[A-Za-z]{0,3}\s*$")
+LUN_SPEC_OPTIONS = "SIZE (e.g. 1G), ro, rw, removable, bs=N, pbs=N, serial=S, lun=N"
+
 _FLAG_TOKENS = {"ro": ("read_only", True), "rw": ("read_only", False), "removable": ("removable", True)}
 
 
@@ -861,8 +874,14 @@ def parse_lun_spec(spec: str) -> Lun:
             if not token[4:].isdigit():
                 raise ConfigError(f"LUN spec {spec!r}: {token!r} is not lun=NUMBER")
             opts["number"] = int(token[4:])
-        elif _SIZE_RE.match(token) and "size" not in opts:
+        elif _SIZE_RE.match(token):
+            if "size" in opts:
+                raise ConfigError(f"LUN spec {spec!r}: two sizes ({token} and {format_size(opts['size'])})")
             opts["size"] = parse_size(token)
+        elif _LOOKS_LIKE_SIZE.match(token):
+            if token.strip().startswith("-"):
+                raise ConfigError(f"LUN spec {spec!r}: size {token!r} is negative")
+            raise ConfigError(f"LUN spec {spec!r}: size {token!r} is not understood (examples: 512M, 1G, 10GiB)")
         else:
             break
         parts.pop()

@@ -26,7 +26,10 @@ import ipaddress
 import logging
 import os
 import signal
+import stat
 import tempfile
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -115,11 +118,15 @@ class ScsiUnitProvider:
             raise AdminError(f"{target.iqn} LUN {lun.number}: image {image} does not exist; give a size to create it")
         if not exists and lun.read_only:
             raise AdminError(f"{target.iqn} LUN {lun.number}: read-only image {image} does not exist")
-        if not exists:
+        if exists:
+            # An empty file with a size given is grown to it, like a missing one is created.
+            empty = _check_existing_image(image, lun, f"{target.iqn} LUN {lun.number}") == 0
+        else:
+            empty = False
             image.parent.mkdir(parents=True, exist_ok=True)
         backstore = FileBackstore(
             str(image),
-            size=None if exists else lun.size,
+            size=lun.size if (empty or not exists) else None,
             block_size=lun.block_size,
             read_only=lun.read_only,
             create=not exists,
@@ -202,6 +209,31 @@ class ScsiUnitProvider:
                 close()  # closes the backstore too
             else:
                 unit.backstore.close()
+
+
+def _check_existing_image(image: Path, lun: Lun, where: str) -> int | None:
+    """Refuse, with a message naming the LUN, an image the file backstore cannot serve.
+
+    The backstore takes the size from st_size, so only a regular file can be served
+    (a block device or /dev/null has st_size 0), and the LU has whole blocks only
+    (SBC-4 §4.5: the capacity is a number of logical blocks).
+    """
+    try:
+        st = image.stat()
+    except OSError:
+        return None  # the open below reports it with its errno
+    if stat.S_ISDIR(st.st_mode):
+        raise AdminError(f"{where}: {image} is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise AdminError(f"{where}: {image} is not a regular file (only image files can be served)")
+    if st.st_size == 0 and lun.size is None:
+        raise AdminError(f"{where}: image {image} is empty; give a size to grow it, e.g. {image}:1G")
+    if st.st_size % lun.block_size:
+        raise AdminError(
+            f"{where}: image {image} is {st.st_size} bytes, not a whole number of "
+            f"{lun.block_size}-byte blocks; truncate or grow it to a multiple of {lun.block_size}"
+        )
+    return st.st_size
 
 
 def _load_pr_state(path: Path) -> dict | None:
@@ -579,7 +611,14 @@ class TargetDaemon:
                         opened[(target.iqn, lun.number)] = await self._open(new, target, lun)
                     elif lun.size is not None and lun.size != unit.size:
                         before = unit.size
-                        self.provider.resize(unit, lun.size)
+                        try:
+                            self.provider.resize(unit, lun.size)
+                        except (OSError, ValueError) as e:  # e.g. EFBIG: past the filesystem's file size limit
+                            reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+                            raise DaemonError(
+                                f"{target.iqn} LUN {lun.number}: cannot resize {unit.image} to "
+                                f"{C.format_size(lun.size)}: {reason}"
+                            ) from None
                         resized.append((unit, before, lun.size))
                         event(log, "lun.resized", target=target.iqn, lun=lun.number, size=lun.size, was=before)
             for host, port in sorted(new.all_portals() - self._listening):
@@ -613,6 +652,8 @@ class TargetDaemon:
             raise DaemonError(
                 f"{target.iqn} LUN {lun.number}: cannot open {cfg.resolve_path(lun.path)}: {e.strerror or e}"
             ) from None
+        except ValueError as e:  # the backstore's own checks (size, block size): the image, not us
+            raise DaemonError(f"{target.iqn} LUN {lun.number}: cannot serve {cfg.resolve_path(lun.path)}: {e}") from None
         event(log, "lun.opened", target=target.iqn, lun=lun.number, image=unit.image, size=unit.size,
               block_size=lun.block_size, read_only=lun.read_only, removable=lun.removable)
         return unit
@@ -788,8 +829,7 @@ class TargetDaemon:
             if open_access is not None:
                 target.open_access = bool(open_access)
             for key in clear_params or []:
-                name = {"header_digest": "HeaderDigest", "data_digest": "DataDigest"}.get(key, key)
-                target.params.pop(name, None)
+                target.params.pop(C.param_name(key), None)  # a typo is refused, not ignored
             for key, value in (params or {}).items():
                 k, v = C.canonical_param(key, value)
                 target.params[k] = v
@@ -1067,4 +1107,55 @@ class TargetDaemon:
             inspect.signature(method).bind(**args)
         except TypeError as e:
             raise AdminError(f"{op}: {e}") from None
+        _check_arg_types(op, method, args)
         return await method(**args)
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Does a JSON value fit an operation's annotation (str, int, bool, None, list[X], dict[K, V], unions)?"""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is int:  # JSON true/false are not numbers
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list or hint is list:
+        inner = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, inner[0]) for v in value) if inner else isinstance(value, list)
+    if origin is dict or hint is dict:
+        inner = typing.get_args(hint)
+        if not isinstance(value, dict):
+            return False
+        return all(_type_ok(k, inner[0]) and _type_ok(v, inner[1]) for k, v in value.items()) if inner else True
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is list or hint is list:
+        return "a list"
+    if typing.get_origin(hint) is dict or hint is dict:
+        return "an object"
+    return {str: "a string", int: "a number", bool: "true/false"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _check_arg_types(op: str, method: Callable, args: dict) -> None:
+    """A control request's arguments must have the types the operation declares.
+
+    The CLI always sends the right types; a hand-written request (the socket speaks plain
+    JSON) with, say, ``"number": "x"`` gets a clear refusal instead of an internal error.
+    """
+    try:
+        hints = typing.get_type_hints(method)
+    except Exception:  # an annotation that does not resolve: skip the check, not the request
+        return
+    for name, value in args.items():
+        hint = hints.get(name)
+        if hint is not None and not _type_ok(value, hint):
+            raise AdminError(f"{op}: {name} must be {_type_name(hint)}, not {json.dumps(value)[:40]}")

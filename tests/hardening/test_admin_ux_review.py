@@ -1,0 +1,381 @@
+"""The admin's view of ``iscsi-target``: odd inputs to ``serve`` and to the control commands.
+
+Each case is what a storage admin new to sanstack (or a hostile one) may type; the
+expectation is a one-line error naming the thing at fault, a non-zero exit code, no
+traceback, no "internal error", a daemon that keeps serving and nothing half-applied.
+
+The control commands run against a real :class:`TargetDaemon` with the real image
+provider (sparse files, SCSI LUs) on a control socket in a temp dir; only the iSCSI
+listener is a fake, so no port is bound.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from iscsi.target import cli as CLI
+from iscsi.target import config as C
+from iscsi.target.config import ConfigError, Lun, PortalGroup, Target
+from iscsi.target.daemon import TargetDaemon
+
+REPO = Path(__file__).resolve().parents[2]
+T = "iqn.2026-11.org.example:ux"
+MIB = 1 << 20
+
+
+def run(*args: str, input: str | None = None):
+    return CliRunner().invoke(CLI.main, list(args), input=input, catch_exceptions=False)
+
+
+def _one_line_error(output: str, *needles: str) -> None:
+    assert "Traceback" not in output and "internal error" not in output, output
+    errors = [l for l in output.splitlines() if l.startswith("iscsi-target: error:")]
+    assert len(errors) == 1, output
+    for n in needles:
+        assert n in errors[0], output
+
+
+# --------------------------------------------------------------------------- fakes
+
+
+class ListenerFake:
+    """The iSCSI listener (iscsi.target.server.IscsiServer) without sockets."""
+
+    def __init__(self, registry) -> None:
+        self.portals: set[tuple[str, int]] = set()
+
+    async def add_portal(self, host: str, port: int) -> None:
+        self.portals.add((host, port))
+
+    async def remove_portal(self, host: str, port: int) -> None:
+        self.portals.discard((host, port))
+
+    def sessions(self) -> list[dict]:
+        return []
+
+    async def drop_sessions(self, target=None, initiator=None) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        self.portals.clear()
+
+
+def _config(tmp: Path) -> C.Config:
+    t = Target(iqn=T, portal_groups=[PortalGroup(1, ["127.0.0.1:3260"])],
+               luns=[Lun(number=0, path="l0.img", size=4 * MIB)], open_access=True)
+    return C.Config(data_dir=str(tmp), targets=[t])
+
+
+class Live:
+    """A real TargetDaemon (real images) in a thread, its control socket in a temp dir."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.dir = Path(tempfile.mkdtemp(prefix="ux", dir="/tmp"))  # short: AF_UNIX path limit
+        self.ctl = self.dir / "c.sock"
+        self.path = tmp / "target.json"
+        C.save_config(_config(tmp), self.path)
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.daemon = TargetDaemon(C.load_config(self.path), self.path, server_factory=ListenerFake,
+                                   control_path=self.ctl)
+        try:
+            self.loop.run_until_complete(self.daemon.start())
+        except BaseException as e:  # pragma: no cover - reported by __enter__
+            self.error = e
+            self.ready.set()
+            return
+        self.ready.set()
+        self.loop.run_until_complete(self.daemon._stop.wait())
+        self.loop.run_until_complete(self.daemon.stop())
+
+    def __enter__(self) -> "Live":
+        self.thread.start()
+        assert self.ready.wait(10)
+        if self.error:
+            raise self.error
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.loop.call_soon_threadsafe(self.daemon._stop.set)
+        self.thread.join(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def cli(self, *args: str, input: str | None = None):
+        return run("--control", str(self.ctl), *args, input=input)
+
+    def raw(self, request: dict) -> dict:
+        """One hand-written control request, as any local root process may send."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(self.ctl))
+            s.sendall(json.dumps(request).encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        return json.loads(buf)
+
+    def saved(self) -> str:
+        return self.path.read_text()
+
+
+@pytest.fixture
+def live(tmp_path):
+    with Live(tmp_path) as d:
+        yield d
+
+
+def _serve(tmp: Path, *args: str, timeout: float = 20) -> subprocess.CompletedProcess:
+    """``python -m iscsi.target serve ...`` that is expected to refuse to start."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), SANSTACK_DATA_DIR=str(tmp / "data"))
+    ctl = Path(tempfile.mkdtemp(prefix="uxs", dir="/tmp"))
+    try:
+        return subprocess.run([sys.executable, "-m", "iscsi.target", "--control", str(ctl / "c.sock"), "serve", *args],
+                              capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+    finally:
+        shutil.rmtree(ctl, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- serve: images
+
+
+def test_serve_an_image_that_is_not_whole_blocks_is_a_one_line_error(tmp_path):
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(bytes(1000))
+    r = _serve(tmp_path, "--target", T, "--lun", str(odd), "--portal", "127.0.0.1:1")
+    assert r.returncode == 1
+    _one_line_error(r.stderr, str(odd), "1000 bytes", "512")
+    assert odd.stat().st_size == 1000  # untouched
+
+
+def test_serve_a_character_device_is_refused_clearly(tmp_path):
+    r = _serve(tmp_path, "--target", T, "--lun", "/dev/null", "--portal", "127.0.0.1:1")
+    assert r.returncode == 1
+    _one_line_error(r.stderr, "/dev/null", "not a regular file")
+
+
+async def test_an_empty_image_with_a_size_is_grown_like_a_missing_one(tmp_path):
+    empty = tmp_path / "empty.img"
+    empty.touch()
+    cfg = CLI.quickstart_config(T, [f"{empty}:2M"], ["127.0.0.1:3260"])
+    daemon = TargetDaemon(cfg, None, server_factory=ListenerFake)
+    await daemon.start()
+    try:
+        assert daemon.find_target(T).units[0].size == 2 * MIB
+        assert empty.stat().st_size == 2 * MIB
+    finally:
+        await daemon.stop()
+
+
+async def test_an_empty_image_without_a_size_says_to_give_one(tmp_path):
+    empty = tmp_path / "empty.img"
+    empty.touch()
+    cfg = CLI.quickstart_config(T, [str(empty)], ["127.0.0.1:3260"])
+    daemon = TargetDaemon(cfg, None, server_factory=ListenerFake)
+    with pytest.raises(ConfigError, match="is empty; give a size"):
+        await daemon.start()
+
+
+# --------------------------------------------------------------------------- serve: LUN specs
+
+
+@pytest.mark.parametrize("suffix, words", [
+    ("-1", "negative"),
+    ("1,5G", "not understood"),
+    ("10XB", "not understood"),
+    ("1GiB:1M", "two sizes"),
+])
+def test_lun_spec_with_a_bad_size_is_refused_not_taken_as_a_file_name(tmp_path, suffix, words):
+    spec = f"{tmp_path}/a.img:{suffix}"
+    with pytest.raises(ConfigError, match=words):
+        C.parse_lun_spec(spec)
+    r = run("--control", str(tmp_path / "c.sock"), "serve", "--target", T, "--lun", spec)
+    assert r.exit_code == 1
+    _one_line_error(r.output, words)
+    assert list(tmp_path.iterdir()) == []  # no "a.img:1GiB" or "a.img:-1" created
+
+
+def test_lun_spec_keeps_paths_with_a_colon_and_good_sizes(tmp_path):
+    assert C.parse_lun_spec("/d/img:2026-01-01.img").path == "/d/img:2026-01-01.img"
+    assert C.parse_lun_spec("/d/x.img:1.5G").size == 1536 * MIB
+
+
+def test_unknown_lun_option_says_it_became_part_of_the_file_name(tmp_path):
+    r = run("--control", str(tmp_path / "c.sock"), "serve", "--target", T, "--lun", f"{tmp_path}/a.img:readonly")
+    assert r.exit_code == 1
+    _one_line_error(r.output, "'readonly' was taken as part of the file name", "ro,")
+
+
+# --------------------------------------------------------------------------- serve: config files
+
+
+def test_config_with_a_non_string_data_dir_is_a_config_error(tmp_path):
+    cf = tmp_path / "t.json"
+    cf.write_text(json.dumps({"version": 1, "data_dir": 5, "targets": [
+        {"iqn": T, "luns": [{"number": 0, "path": "x.img", "size": "1M"}]}]}))
+    with pytest.raises(ConfigError, match="data_dir"):
+        C.load_config(cf)
+    r = run("--control", str(tmp_path / "c.sock"), "serve", "--config", str(cf))
+    assert r.exit_code == 1
+    _one_line_error(r.output, "data_dir")
+
+
+def test_reload_of_a_bad_config_is_refused_and_the_old_one_stays(live, tmp_path):
+    good = live.saved()
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(bytes(1000))
+    for bad in ({**json.loads(good), "data_dir": 5},
+                {**json.loads(good), "targets": [{**json.loads(good)["targets"][0], "luns": [
+                    {"number": 0, "path": "l0.img", "size": 4 * MIB}, {"number": 1, "path": str(odd)}]}]}):
+        live.path.write_text(json.dumps(bad))
+        r = live.cli("config", "reload")
+        assert r.exit_code == 1
+        _one_line_error(r.output)
+    assert sorted(live.daemon.find_target(T).units) == [0]
+    live.path.write_text(good)
+    assert live.cli("config", "reload").exit_code == 0
+
+
+# --------------------------------------------------------------------------- control commands
+
+
+def test_lun_add_of_an_image_that_is_not_whole_blocks(live, tmp_path):
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(bytes(1000))
+    before = live.saved()
+    r = live.cli("lun", "add", T, str(odd))
+    assert r.exit_code == 1
+    _one_line_error(r.output, "1000 bytes")
+    assert live.saved() == before and sorted(live.daemon.find_target(T).units) == [0]
+
+
+def test_lun_add_negative_number_is_a_usage_error(live, tmp_path):
+    r = live.cli("lun", "add", T, f"{tmp_path}/n.img:1M", "--lun", "-5")
+    assert r.exit_code == 2 and "0<=x<=16383" in r.output
+    assert not (tmp_path / "n.img").exists() and sorted(live.daemon.find_target(T).units) == [0]
+
+
+def test_resize_past_the_file_size_limit_names_the_lun_and_changes_nothing(live):
+    before = live.saved()
+    r = live.cli("lun", "resize", T, "0", "1E")
+    assert r.exit_code == 1
+    _one_line_error(r.output, f"{T} LUN 0", "1EiB")
+    assert "Errno" not in r.output
+    assert live.saved() == before
+    rows = json.loads(live.cli("lun", "list", "--json").output)
+    assert rows[0]["size"] == 4 * MIB
+
+
+def test_target_set_refuses_an_unknown_clear_param_and_contradictory_alias(live):
+    r = live.cli("target", "set", T, "--clear-param", "HeaderDigets")
+    assert r.exit_code == 1
+    _one_line_error(r.output, "unknown iSCSI parameter 'HeaderDigets'")
+    r = live.cli("target", "set", T, "--alias", "a", "--no-alias")
+    assert r.exit_code == 2 and "not both" in r.output
+    # the daemon refuses the unknown key too (a hand-written request)
+    res = live.raw({"op": "target.set", "args": {"iqn": T, "clear_params": ["Bogus"]}})
+    assert res["ok"] is False and "Bogus" in res["error"]
+
+
+@pytest.mark.parametrize("op, args, name", [
+    ("lun.add", {"iqn": T, "path": 5, "size": "1M"}, "path"),
+    ("lun.add", {"iqn": T, "path": "/tmp/x.img", "size": "1M", "number": "x"}, "number"),
+    ("lun.add", {"iqn": T, "path": "/tmp/x.img", "size": "1M", "block_size": "4096"}, "block_size"),
+    ("lun.resize", {"iqn": T, "number": "0", "size": "8M"}, "number"),
+    ("lun.remove", {"iqn": T, "number": None}, "number"),
+    ("lun.remove", {"iqn": T, "number": True}, "number"),
+    ("acl.add", {"iqn": T, "initiator": "iqn.2026-11.org.example:i", "lun_map": [0]}, "lun_map"),
+    ("acl.add", {"iqn": T, "initiator": "iqn.2026-11.org.example:i", "params": [1]}, "params"),
+    ("acl.remove", {"iqn": T, "initiator": 5}, "initiator"),
+    ("chap.set", {"scope": "acl", "iqn": T, "initiator": 5, "username": "u", "secret": "s" * 16}, "initiator"),
+    ("target.add", {"iqn": "iqn.2026-11.org.example:t9", "portals": "127.0.0.1:3999"}, "portals"),
+    ("target.set", {"iqn": T, "params": [1]}, "params"),
+    ("target.set", {"iqn": T, "clear_params": "HeaderDigest"}, "clear_params"),
+    ("portal.add", {"iqn": T, "portal": "127.0.0.1:3999", "tag": "x"}, "tag"),
+])
+def test_hand_written_requests_with_wrong_types_get_a_clear_refusal(live, op, args, name):
+    before = live.saved()
+    res = live.raw({"op": op, "args": args})
+    assert res["ok"] is False
+    assert "internal error" not in res["error"] and f"{op}: {name} must be" in res["error"], res
+    assert live.saved() == before
+    assert live.raw({"op": "status", "args": {}})["ok"] is True  # still serving
+
+
+# --------------------------------------------------------------------------- CHAP secrets
+
+
+def _chap(live: Live, secret_file: str, input: str | None = None):
+    return live.cli("chap", "set", "--target", T, "--username", "u", "--secret-file", secret_file, input=input)
+
+
+def test_secret_file_that_is_not_text_is_a_one_line_error(live, tmp_path):
+    f = tmp_path / "bin"
+    f.write_bytes(b"\xff\xfe" + b"x" * 14)
+    r = _chap(live, str(f))
+    assert r.exit_code == 1
+    _one_line_error(r.output, "not UTF-8")
+
+
+def _limit_memory() -> None:  # an unbounded read then fails in the child, not in the machine
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+
+def test_secret_file_read_is_bounded(live):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "iscsi.target", "--control", str(live.ctl), "chap", "set",
+                        "--target", T, "--username", "u", "--secret-file", "/dev/zero"],
+                       capture_output=True, text=True, timeout=30, env=env, stdin=subprocess.DEVNULL,
+                       preexec_fn=_limit_memory)
+    assert r.returncode == 1
+    _one_line_error(r.stderr, "longer than 255 bytes")
+
+
+def test_secret_length_errors_say_it_once(live, tmp_path):
+    f = tmp_path / "short"
+    f.write_text("short")
+    r = _chap(live, str(f))
+    assert r.exit_code == 1
+    _one_line_error(r.output, "5 bytes is too short", "RFC 7143")
+    assert r.output.count("CHAP secret") == 1
+
+
+def test_secrets_stay_out_of_status_lists_config_show_and_the_file_mode(live, tmp_path, caplog):
+    secret, mutual = "ux-secret-0123456", "ux-mutual-6543210"
+    (tmp_path / "s").write_text(secret + "\n")
+    (tmp_path / "m").write_text(mutual)
+    r = live.cli("chap", "set", "--target", T, "--username", "u", "--secret-file", str(tmp_path / "s"),
+                 "--mutual-username", "tu", "--mutual-secret-file", str(tmp_path / "m"))
+    assert r.exit_code == 0, r.output
+    outputs = [r.output] + [live.cli(*cmd).output for cmd in (
+        ("status",), ("status", "--json"), ("target", "list", "--json"), ("acl", "list", "--json"),
+        ("config", "show"))]
+    for out in outputs + [caplog.text]:
+        assert secret not in out and mutual not in out
+    assert secret in live.saved()  # it is persisted ...
+    assert C.file_is_private(live.path)  # ... in a 0600 file
+
+
+def test_format_size_covers_the_largest_sizes():
+    assert C.format_size(1 << 60) == "1EiB" and C.format_size(3 << 50) == "3PiB"
