@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
+import stat
 import sys
 import time
 from dataclasses import replace
@@ -21,11 +23,11 @@ import click
 from ..log import setup as log_setup
 from . import attach as attach_mod
 from . import bench as bench_mod
-from .client import discover as do_discover, open_device, open_session
+from .client import discover as do_discover, open_device, open_session, validate_keys
 from .device import BlockDevice
-from .errors import IscsiError, ScsiError
+from .errors import ConfigError, IscsiError, ScsiError
 from .nodes import NodeRecord, NodeStore
-from .url import IscsiUrl, UrlError, parse_portal, parse_url
+from .url import IscsiUrl, UrlError, parse_portal, parse_url, redact
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.I)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -33,11 +35,35 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 DD_QUEUE_DEPTH = 8
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, *, what: str = "size", minimum: int = 0) -> int:
     m = _SIZE.match(str(text))
     if not m:
-        raise click.BadParameter(f"not a size: {text!r} (e.g. 4k, 1M)")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+        raise click.BadParameter(f"not a size: {text!r} (e.g. 4k, 1M)", param_hint=what)
+    n = int(m.group(1)) * _UNITS[m.group(2).lower()]
+    if n < minimum:
+        raise click.BadParameter(f"{text!r} is less than {minimum}", param_hint=what)
+    return n
+
+
+def _byte_value(text: str, what: str, high: int) -> int:
+    """A number in C notation (0xab, 171, 0o253) from 0 to ``high``, or a usage error."""
+    try:
+        n = int(text, 0)
+    except ValueError:
+        raise click.BadParameter(f"not a number: {text!r} (e.g. 0xab)", param_hint=what) from None
+    if not 0 <= n <= high:
+        raise click.BadParameter(f"{text!r} is outside 0..{high} (0x{high:x})", param_hint=what)
+    return n
+
+
+def _count(ops: dict[str, str], key: str, default: int | None, minimum: int = 0) -> int | None:
+    """A dd operand that must be a whole number >= ``minimum``."""
+    if key not in ops:
+        return default
+    text = ops[key]
+    if not text.isdigit() or int(text) < minimum:
+        raise click.UsageError(f"dd: {key}={text!r} must be a whole number >= {minimum}")
+    return int(text)
 
 
 def _run(coro):
@@ -95,6 +121,11 @@ def main(ctx: click.Context, initiator_name: str | None, keys: tuple[str, ...], 
         if not sep or not name:
             raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--key")
         parsed[name] = value
+    try:
+        # Checked here so a bad key is named before any connection (and not as "refused").
+        validate_keys(parsed)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--key") from None
     ctx.obj.keys = parsed or None
 
 
@@ -106,8 +137,12 @@ def _guard(fn):
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
-        except (IscsiError, ScsiError, OSError, asyncio.TimeoutError, ValueError, RuntimeError) as exc:
+        except (IscsiError, ScsiError, OSError, EOFError, asyncio.TimeoutError, ValueError,
+                RuntimeError) as exc:
             _fail(str(exc) or type(exc).__name__)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)   # 128 + SIGINT, as shells report it
     return wrapper
 
 
@@ -202,13 +237,14 @@ def ls_cmd(obj: _Ctx, url: str, as_json: bool) -> None:
 def inquiry(obj: _Ctx, url: str, page: str | None) -> None:
     """Standard INQUIRY data, or a VPD page."""
     u = _url(url)
+    vpd_page = _byte_value(page, "--page", 0xFF) if page is not None else None  # SPC-4 §6.6.1
 
     async def go():
         session = await open_session(u, initiator_name=obj.initiator_name, keys=obj.keys)
         try:
             dev = BlockDevice(session, u.lun)
-            if page is not None:
-                return (await dev.vpd(int(page, 0))).hex()
+            if vpd_page is not None:
+                return (await dev.vpd(vpd_page)).hex()
             inq = await dev.inquiry()
             return "\n".join(f"{k}: {v}" for k, v in vars(inq).items() if k != "raw")
         finally:
@@ -243,8 +279,8 @@ def readcap(obj: _Ctx, url: str) -> None:
 
 @main.command()
 @click.argument("url")
-@click.option("--lba", type=int, default=0, show_default=True)
-@click.option("--count", "-n", type=int, default=1, show_default=True, help="blocks")
+@click.option("--lba", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--count", "-n", type=click.IntRange(min=1), default=1, show_default=True, help="blocks")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="file (default: hex dump)")
 @click.pass_obj
 @_guard
@@ -271,10 +307,10 @@ def read(obj: _Ctx, url: str, lba: int, count: int, output: str | None) -> None:
 
 @main.command()
 @click.argument("url")
-@click.option("--lba", type=int, default=0, show_default=True)
+@click.option("--lba", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--input", "-i", "input_", type=click.Path(exists=True, dir_okay=False), help="data file")
 @click.option("--pattern", type=str, help="fill with this byte (e.g. 0xab) ...")
-@click.option("--count", "-n", type=int, default=1, help="... for COUNT blocks")
+@click.option("--count", "-n", type=click.IntRange(min=1), default=1, help="... for COUNT blocks")
 @click.option("--fua", is_flag=True, help="force unit access (durable on return)")
 @click.pass_obj
 @_guard
@@ -283,6 +319,7 @@ def write(obj: _Ctx, url: str, lba: int, input_: str | None, pattern: str | None
     u = _url(url)
     if (input_ is None) == (pattern is None):
         raise click.UsageError("give exactly one of --input or --pattern")
+    fill = _byte_value(pattern, "--pattern", 0xFF) if pattern is not None else 0
 
     async def go():
         session, dev = await open_device(u, initiator_name=obj.initiator_name, keys=obj.keys)
@@ -290,9 +327,11 @@ def write(obj: _Ctx, url: str, lba: int, input_: str | None, pattern: str | None
             bs = dev.block_size
             if input_:
                 data = Path(input_).read_bytes()
+                if not data:
+                    raise ValueError(f"{input_} is empty: nothing to write")
                 data += b"\0" * (-len(data) % bs)
             else:
-                data = bytes([int(pattern, 0) & 0xFF]) * (count * bs)
+                data = bytes([fill]) * (count * bs)
             await dev.write(lba, data, fua=fua)
             return len(data) // bs
         finally:
@@ -303,11 +342,18 @@ def write(obj: _Ctx, url: str, lba: int, input_: str | None, pattern: str | None
 
 
 class _FileSide:
-    def __init__(self, path: str, writing: bool) -> None:
+    def __init__(self, path: str, writing: bool, *, truncate_at: int = 0) -> None:
         self.path = path
+        self.writing = writing
         flags = (os.O_WRONLY | os.O_CREAT) if writing else os.O_RDONLY
         self.fd = os.open(path, flags, 0o644)
-        self.size = os.fstat(self.fd).st_size if not writing else None
+        st = os.fstat(self.fd)
+        regular = stat.S_ISREG(st.st_mode)
+        # Only a regular file's st_size is its length (a device or pipe reports 0): anything
+        # else is read for count= blocks.
+        self.size = st.st_size if regular and not writing else None
+        if writing and regular and st.st_size > truncate_at:
+            os.ftruncate(self.fd, truncate_at)   # dd(1) without conv=notrunc
 
     async def read(self, off: int, n: int) -> bytes:
         return os.pread(self.fd, n, off)
@@ -319,8 +365,13 @@ class _FileSide:
             view, off = view[k:], off + k
 
     async def close(self) -> None:
-        os.fsync(self.fd) if self.size is None else None
-        os.close(self.fd)
+        try:
+            if self.writing:
+                os.fsync(self.fd)
+        except OSError:
+            pass            # a pipe or character device cannot be synced
+        finally:
+            os.close(self.fd)
 
 
 class _LunSide:
@@ -370,10 +421,11 @@ def dd(obj: _Ctx, operands: tuple[str, ...], progress: bool | None) -> None:
     unknown = set(ops) - {"if", "of", "bs", "count", "skip", "seek", "qd"}
     if unknown or "if" not in ops or "of" not in ops:
         raise click.UsageError("dd if=SRC of=DST [bs=] [count=] [skip=] [seek=] [qd=]")
-    bs = parse_size(ops.get("bs", "1M"))
-    count = int(ops["count"]) if "count" in ops else None
-    skip, seek = int(ops.get("skip", 0)), int(ops.get("seek", 0))
-    qd = int(ops.get("qd", DD_QUEUE_DEPTH))
+    bs = parse_size(ops.get("bs", "1M"), what="bs", minimum=1)
+    count = _count(ops, "count", None)
+    skip, seek = _count(ops, "skip", 0), _count(ops, "seek", 0)
+    qd = _count(ops, "qd", DD_QUEUE_DEPTH, minimum=1)
+    assert skip is not None and seek is not None and qd is not None
     if progress is None:
         progress = sys.stderr.isatty()
 
@@ -384,18 +436,27 @@ def dd(obj: _Ctx, operands: tuple[str, ...], progress: bool | None) -> None:
                 await session.close()
                 raise ValueError(f"bs={bs} is not a multiple of the LUN block size {dev.block_size}")
             return _LunSide(session, dev)
-        return _FileSide(spec, writing)
+        return _FileSide(spec, writing, truncate_at=seek * bs)
 
     async def go():
         src = await side(ops["if"], False)
-        dst = await side(ops["of"], True)
+        try:
+            dst = await side(ops["of"], True)
+        except BaseException:
+            await src.close()
+            raise
         try:
             avail = (src.size - skip * bs) if src.size is not None else None
+            if avail is not None and avail < 0:
+                raise ValueError(f"skip={skip} starts past the end of {redact(ops['if'])} ({src.size} bytes)")
             total = count * bs if count is not None else avail
             if avail is not None and total is not None:
                 total = min(total, avail)
-            if total is None or total < 0:
-                raise ValueError("cannot tell how much to copy: give count=")
+            if total is None:
+                raise ValueError(f"cannot tell the size of {redact(ops['if'])}: give count=")
+            if isinstance(dst, _LunSide) and seek * bs + total > dst.size:
+                raise ValueError(f"{total} bytes at seek={seek} do not fit in {redact(ops['of'])} "
+                                 f"({dst.size} bytes)")
             done = 0
             t0 = time.monotonic()
             last_print = 0.0
@@ -476,12 +537,20 @@ def bench(obj: _Ctx, url: str, rw: str, rwmixread: int, bs: str, qd: int, runtim
     u = _url(url)
     pattern, read_pct = _RW[rw]
     read_pct = rwmixread if read_pct is None else read_pct
-    nbytes = parse_size(bs)
+    nbytes = parse_size(bs, what="--bs", minimum=1)
+    if not (math.isfinite(runtime) and runtime > 0):
+        raise click.BadParameter(f"{runtime} is not a positive number of seconds", param_hint="--runtime")
+    region_bytes = parse_size(size, what="--size", minimum=nbytes) if size is not None else None
 
     async def go():
         session, dev = await open_device(u, initiator_name=obj.initiator_name, keys=obj.keys)
         try:
-            region = parse_size(size) // dev.block_size if size else None
+            region = None
+            if region_bytes is not None:
+                if region_bytes > dev.size:
+                    raise ValueError(f"--size {size} is larger than the LUN ({dev.size} bytes, "
+                                     f"{_human(dev.size)})")
+                region = region_bytes // dev.block_size
             return await bench_mod.run(session, dev.lun, block_size=dev.block_size, blocks=dev.blocks,
                                        bs=nbytes, qd=qd, duration=runtime, pattern=pattern,
                                        read_pct=read_pct, region_blocks=region)
@@ -492,12 +561,16 @@ def bench(obj: _Ctx, url: str, rw: str, rwmixread: int, bs: str, qd: int, runtim
     s = r.summary()
     if as_json:
         click.echo(json.dumps({"rw": rw, "bs": nbytes, "qd": qd} | s))
+        if r.errors:
+            sys.exit(1)
         return
     lat = s["lat_us"]
     click.echo(f"{rw} bs={nbytes} qd={qd}: {s['iops']:.0f} IOPS, {s['MB/s']:.1f} MB/s "
                f"({r.reads} reads, {r.writes} writes, {r.errors} errors in {s['seconds']:.1f} s)")
     click.echo(f"latency us: mean {lat['mean']}  p50 {lat['p50']}  p90 {lat['p90']}  "
                f"p99 {lat['p99']}  p99.9 {lat['p99.9']}")
+    if r.errors:
+        _fail(f"{r.errors} I/O error(s): the run stopped at the first one")
 
 
 # ---------------------------------------------------------------------------

@@ -6,9 +6,10 @@ import os
 import socket
 from dataclasses import dataclass
 
+from .. import keys as K
 from ..auth import ChapCredentials
 from .device import BlockDevice
-from .errors import LoginRedirect
+from .errors import ConfigError, ConnectionLost, IscsiError, LoginRedirect, PortalError, ProtocolViolation
 from .login import LoginConfig
 from .session import Session, SessionOptions
 from .url import DEFAULT_PORT, IscsiUrl, parse_portal, parse_url
@@ -35,11 +36,49 @@ def default_initiator_name() -> str:
     return f"iqn.2026-11.org.sanstack:initiator:{host}"
 
 
+#: Keys a caller may not set through ``keys``: the login declares them itself from the URL,
+#: the initiator name and the session type, or only the target may send them (RFC 7143 §13).
+RESERVED_KEYS = {
+    "InitiatorName": "give the initiator name instead (--initiator-name / initiator_name=)",
+    "TargetName": "the URL names the target",
+    "SessionType": "set by the command (discovery or normal session)",
+    "TargetAlias": "declared by the target only",
+    "TargetAddress": "declared by the target only",
+    "TargetPortalGroupTag": "declared by the target only",
+}
+
+
+def validate_keys(keys: dict[str, str] | None, session_type: str = "Normal") -> None:
+    """Refuse login key preferences that cannot work, before connecting (:class:`ConfigError`)."""
+    if not keys:
+        return
+    for name in keys:
+        if name in RESERVED_KEYS:
+            raise ConfigError(f"login key {name} cannot be set: {RESERVED_KEYS[name]}")
+    try:
+        K.Negotiator("initiator", session_type=session_type, local=keys)
+    except ValueError as exc:
+        raise ConfigError(f"login key: {exc}") from None
+
+
+def _check_chap(user: str | None, secret: str | None, whose: str, hint: str) -> None:
+    if user and secret is None:
+        raise ConfigError(f"{whose} CHAP name {user!r} given without a secret ({hint})")
+    if secret is not None and not user:
+        raise ConfigError(f"{whose} CHAP secret given without a name")
+
+
 def login_config(url: IscsiUrl, *, initiator_name: str | None = None, session_type: str = "Normal",
                  keys: dict[str, str] | None = None) -> LoginConfig:
-    chap = ChapCredentials(url.user, url.password or "") if url.user else None
-    mutual = (ChapCredentials(url.target_user, url.target_password or "")
-              if url.target_user else None)
+    _check_chap(url.user, url.password, "initiator", "iscsi://user%secret@host/... or ISCSI_PASSWORD")
+    _check_chap(url.target_user, url.target_password, "target (mutual)",
+                "target_password= or ISCSI_TARGET_PASSWORD")
+    if url.target_user and not url.user:
+        raise ConfigError("mutual CHAP (target_user=) needs the initiator's CHAP name and secret too")
+    validate_keys(keys, session_type)
+    chap = ChapCredentials(url.user, url.password) if url.user and url.password is not None else None
+    mutual = (ChapCredentials(url.target_user, url.target_password)
+              if url.target_user and url.target_password is not None else None)
     k = dict(keys or {})
     if url.header_digest:
         k.setdefault("HeaderDigest", url.header_digest)
@@ -64,10 +103,32 @@ async def open_session(url: IscsiUrl | str, *, options: SessionOptions | None = 
     host, port = url.host, url.port
     for _ in range(MAX_REDIRECTS + 1):
         try:
-            return await Session.open(host, port, cfg, options)
+            return await _login(host, port, cfg, options)
         except LoginRedirect as redirect:
             host, port = parse_portal(redirect.address)
     raise LoginRedirect(f"{host}:{port}", False)
+
+
+def _portal(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _login(host: str, port: int, cfg: LoginConfig, options: SessionOptions | None) -> Session:
+    """:meth:`Session.open`, with the portal named in transport failures: a reset or a peer
+    that does not speak iSCSI surfaces as a typed error, not a bare ``[Errno 104]``."""
+    portal = _portal(host, port)
+    try:
+        return await Session.open(host, port, cfg, options)
+    except ProtocolViolation as exc:
+        raise ProtocolViolation(f"login to {portal}: {exc}") from exc
+    except ConnectionLost as exc:
+        if portal in str(exc) or f"{host}:{port}" in str(exc):
+            raise
+        raise PortalError(f"login to {portal}: {exc}") from exc
+    except IscsiError:
+        raise
+    except OSError as exc:
+        raise PortalError(f"login to {portal}: {exc.strerror or exc}") from exc
 
 
 async def open_device(url: IscsiUrl | str, **kw) -> tuple[Session, BlockDevice]:
@@ -118,7 +179,7 @@ async def discover(host: str, port: int = DEFAULT_PORT, *, url: IscsiUrl | None 
     url = url or IscsiUrl(host=host, port=port)
     cfg = login_config(url, initiator_name=initiator_name, session_type="Discovery", keys=keys)
     opts = SessionOptions(login_timeout=timeout, noop_interval=0, reconnect=False)
-    session = await Session.open(host, port, cfg, opts)
+    session = await _login(host, port, cfg, opts)
     try:
         pairs = await asyncio.wait_for(session.text_exchange([("SendTargets", "All")]), timeout)
     finally:

@@ -19,7 +19,9 @@ from typing import Any, Iterable, Protocol
 
 from ..log import event
 from . import scsi
-from .errors import Busy, ScsiError, ScsiStatus, TaskSetFull, UnitAttention, scsi_error
+from ..scsi.sense import LOGICAL_UNIT_NOT_SUPPORTED
+from .errors import (Busy, IllegalRequest, LunNotAvailable, ScsiError, ScsiStatus, TaskSetFull,
+                     UnitAttention, scsi_error)
 
 log = logging.getLogger("iscsi.initiator.device")
 
@@ -35,6 +37,11 @@ MAX_CAW_BLOCKS = 255
 #: Largest single transfer when the target does not say (VPD B0h MAXIMUM TRANSFER LENGTH = 0):
 #: 1 MiB keeps one command's buffer small and matches Linux's default max_sectors_kb (1280 KiB).
 DEFAULT_MAX_TRANSFER_BYTES = 1 << 20
+#: Peripheral device types that speak SBC (READ CAPACITY, READ/WRITE 16), SPC-4 Table 141:
+#: direct access, optical memory, simplified direct access (RBC), host-managed zoned.
+BLOCK_DEVICE_TYPES = frozenset({0x00, 0x07, 0x0E, 0x14})
+#: "Unknown or no device type" (SPC-4 §6.6.2): with qualifier 3 it means no LU at this LUN.
+NO_DEVICE_TYPE = 0x1F
 
 
 class Executor(Protocol):
@@ -81,9 +88,20 @@ class BlockDevice:
     # ------------------------------------------------------------------ inventory
     async def refresh(self) -> LunInfo:
         """INQUIRY, VPD pages, READ CAPACITY (16); call again after CAPACITY DATA HAS CHANGED."""
-        inq = await self.inquiry()
-        if inq.peripheral_qualifier != 0:
-            raise ScsiError(ScsiStatus.CHECK_CONDITION, None, b"\x12")
+        try:
+            inq = await self.inquiry()
+        except IllegalRequest as exc:
+            if exc.asc_ascq == LOGICAL_UNIT_NOT_SUPPORTED:
+                raise LunNotAvailable(self.lun, "does not exist (LOGICAL UNIT NOT SUPPORTED)") from exc
+            raise
+        # SPC-4 §6.6.2: qualifier 3 (or type 1Fh) = no logical unit at this LUN; 1 = one could
+        # be there but is not connected.
+        if inq.peripheral_qualifier != 0 or inq.device_type == NO_DEVICE_TYPE:
+            raise LunNotAvailable(self.lun, f"does not exist (peripheral qualifier "
+                                            f"{inq.peripheral_qualifier}, device type 0x{inq.device_type:02x})")
+        if inq.device_type not in BLOCK_DEVICE_TYPES:
+            raise LunNotAvailable(self.lun, f"is not a block device (peripheral device type "
+                                            f"0x{inq.device_type:02x})")
         pages = []
         try:
             pages = scsi.parse_vpd_pages(await self.vpd(0x00))

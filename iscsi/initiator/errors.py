@@ -16,8 +16,24 @@ from dataclasses import dataclass
 
 # One definition of SAM-5 status codes and SPC-4 sense keys for target and initiator;
 # re-exported here because initiator callers import them from this module.
+from ..scsi import sense as _sense_codes
 from ..scsi.sense import SenseKey
 from ..scsi.types import Status as ScsiStatus
+from .scsi import Op as _Op
+
+
+def _asc_names() -> dict[tuple[int, int], str]:
+    """(ASC, ASCQ) → SPC-4 Annex D name, from the constants iscsi.scsi.sense defines."""
+    out: dict[tuple[int, int], str] = {}
+    for name, value in vars(_sense_codes).items():
+        if (name.isupper() and isinstance(value, tuple) and len(value) == 2
+                and all(isinstance(v, int) for v in value)):
+            out.setdefault(value, name.lower().replace("_", " "))
+    return out
+
+
+#: Human names of the additional sense codes, so "asc=0x27" reads "write protected".
+ASC_NAMES = _asc_names()
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +57,9 @@ class Sense:
         except ValueError:
             name = f"0x{self.key:x}"
         info = f" info={self.information}" if self.information is not None else ""
-        return f"{name} asc=0x{self.asc:02x} ascq=0x{self.ascq:02x}{info}"
+        what = ASC_NAMES.get((self.asc, self.ascq))
+        what = f": {what}" if what else ""
+        return f"{name} asc=0x{self.asc:02x} ascq=0x{self.ascq:02x}{info}{what}"
 
 
 _U32 = struct.Struct(">I")
@@ -135,6 +153,16 @@ class TmfError(IscsiError):
         self.response = response
 
 
+class ConfigError(IscsiError, ValueError):
+    """What the caller asked for cannot work (a login key we set ourselves, a CHAP user without
+    a secret...): refused before any connection is made."""
+
+
+class PortalError(ConnectionLost, ConnectionError):
+    """The portal could not be reached or dropped the connection during login; still an
+    ``OSError`` (``ConnectionError``) for callers that catch those."""
+
+
 class CommandTimeout(IscsiError):
     """No status within the command timeout; the task was aborted."""
 
@@ -155,7 +183,12 @@ class ScsiError(Exception):
             sname = ScsiStatus(status).name
         except ValueError:
             sname = f"0x{status:02x}"
-        op = f"opcode 0x{cdb[0]:02x}: " if cdb else ""
+        op = ""
+        if cdb:
+            try:
+                op = f"{_Op(cdb[0]).name.replace('_', ' ')} (opcode 0x{cdb[0]:02x}): "
+            except ValueError:
+                op = f"opcode 0x{cdb[0]:02x}: "
         super().__init__(f"{op}{sname}" + (f" ({sense})" if sense else ""))
         self.status = status
         self.sense = sense
@@ -208,6 +241,18 @@ class MiscompareError(CheckCondition):
     @property
     def offset(self) -> int | None:
         return self.sense.information if self.sense else None
+
+
+class LunNotAvailable(IllegalRequest):
+    """The LUN is not there (INQUIRY peripheral qualifier 3 or type 1Fh, SPC-4 §6.6.2) or is not
+    a block device; carries LOGICAL UNIT NOT SUPPORTED as its sense."""
+
+    def __init__(self, lun: int, reason: str) -> None:
+        super().__init__(ScsiStatus.CHECK_CONDITION,
+                         Sense(SenseKey.ILLEGAL_REQUEST, *_sense_codes.LOGICAL_UNIT_NOT_SUPPORTED),
+                         b"\x12")
+        self.args = (f"LUN {lun} {reason}",)
+        self.lun = lun
 
 
 class ReservationConflict(ScsiError):

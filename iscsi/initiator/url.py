@@ -12,6 +12,7 @@ User name and password are percent-decoded, so a secret may contain ``@`` or ``%
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 import urllib.parse
 from dataclasses import dataclass, field, replace
@@ -88,6 +89,13 @@ _HOSTPORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:/\[\]]+))(?:
 def parse_portal(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
     """``host``, ``host:port``, ``[v6]:port`` → (host, port); also accepts a trailing ``,tpgt``."""
     text = text.strip().split(",", 1)[0]
+    if text.count(":") >= 2 and "[" not in text:
+        # A bare IPv6 address ("::1"): the port cannot be told from the address without
+        # brackets (RFC 3986 §3.2.2), so it is the default one.
+        try:
+            return str(ipaddress.IPv6Address(text)), default_port
+        except ValueError:
+            raise UrlError(f"not a portal: {text!r} (write IPv6 as [addr]:port)") from None
     m = _HOSTPORT.match(text)
     if not m:
         raise UrlError(f"not a portal: {text!r}")
@@ -98,10 +106,21 @@ def parse_portal(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]
     return host, port
 
 
+_AUTH = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)?([^/@?]*?)%[^/?]*@")
+_PASSWORD_ARG = re.compile(r"([?&]target_password=)[^&]*")
+
+
+def redact(text: str) -> str:
+    """``text`` (a URL, well-formed or not) with the CHAP secrets replaced by ``***``, for
+    error messages and logs: a URL that fails to parse must not print its password."""
+    text = _AUTH.sub(lambda m: f"{m.group(1) or ''}{m.group(2)}%***@", text, count=1)
+    return _PASSWORD_ARG.sub(r"\1***", text)
+
+
 def parse_url(text: str, *, require_target: bool = True) -> IscsiUrl:
     """Parse a libiscsi URL.  ``require_target=False`` allows ``iscsi://host[:port]`` (discovery)."""
     if not text.startswith("iscsi://"):
-        raise UrlError(f"URL must start with iscsi://: {text!r}")
+        raise UrlError(f"URL must start with iscsi://: {redact(text)!r}")
     rest = text[len("iscsi://"):]
     query = ""
     if "?" in rest:
@@ -131,9 +150,9 @@ def parse_url(text: str, *, require_target: bool = True) -> IscsiUrl:
             if not 0 <= lun < 0x4000:
                 raise UrlError(f"LUN {lun} out of range (0..16383)")
         if len(parts) > 3 and any(parts[3:]):
-            raise UrlError(f"unexpected path after the LUN in {text!r}")
+            raise UrlError(f"unexpected path after the LUN in {redact(text)!r}")
     if require_target and not target:
-        raise UrlError(f"URL names no target: {text!r} (iscsi://host[:port]/iqn/lun)")
+        raise UrlError(f"URL names no target: {redact(text)!r} (iscsi://host[:port]/iqn/lun)")
     args = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
     unknown = set(args) - {"target_user", "target_password", "header_digest", "data_digest",
                            "initiator_name"}
