@@ -83,6 +83,18 @@ class TargetSession:
     def text_request(self, conn: TargetConnection, req: P.TextRequest) -> None:
         acc = conn.text_in
         pending = conn.text_out
+        if req.ttt == P.RESERVED_TAG:
+            # §11.10.4: TTT 0xffffffff starts a new request; whatever text exchange was in
+            # progress (its half-sent request, the rest of our answer) is reset.
+            acc.reset()
+            pending.clear()
+            conn.text_itt = req.itt
+        elif (acc.pending or pending) and req.itt != conn.text_itt:
+            # §11.10.3: every request of one sequence carries the same ITT.
+            acc.reset()
+            pending.clear()
+            conn._reject(req, P.RejectReason.INVALID_PDU_FIELD)
+            return
         if pending and req.ttt != P.RESERVED_TAG:
             # Continuation of a long answer of ours (§11.11.1).
             chunk = pending.pop(0)
@@ -90,6 +102,7 @@ class TargetSession:
                                      ttt=0x7FFF0001 if pending else P.RESERVED_TAG, data=chunk))
             return
         pending.clear()
+        conn.text_itt = req.itt
         if req.cont and req.final:
             # §11.10.2: a Text Request with C=1 must have F=0.
             acc.reset()

@@ -49,9 +49,9 @@ def clean_log(daemon, baseline):
 
 
 def text_request(s: RawSession, data: bytes, *, itt: int | None = None, cont: bool = False,
-                 final: bool = True) -> P.TextRequest:
+                 final: bool = True, ttt: int = P.RESERVED_TAG) -> P.TextRequest:
     req = P.TextRequest(itt=s.next_itt() if itt is None else itt, cont=cont, final=final, cmdsn=s.cmdsn,
-                        expstatsn=s.expstatsn, immediate=True, data=data)
+                        expstatsn=s.expstatsn, immediate=True, data=data, ttt=ttt)
     s.send(req)
     return req
 
@@ -90,14 +90,17 @@ def test_text_continuations_past_the_limit_are_rejected_and_the_connection_lives
     s = session(daemon)
     itt = s.next_itt()
     chunk = b"X-org.example.pad=" + b"p" * 8000 + b"\0"
+    ttt = P.RESERVED_TAG
     for _ in range(16):
-        req = text_request(s, chunk, itt=itt, cont=True, final=False)
+        # Each continuation copies the target's TTT (§11.10.4), as a real initiator does.
+        req = text_request(s, chunk, itt=itt, cont=True, final=False, ttt=ttt)
         pdu = s.recv()
         if isinstance(pdu, P.Reject):
             assert pdu.reason == P.RejectReason.PROTOCOL_ERROR
             assert bytes(pdu.data)[:P.BHS_LEN] == req.header()[:P.BHS_LEN]
             break
-        assert isinstance(pdu, P.TextResponse) and not pdu.final, pdu
+        assert isinstance(pdu, P.TextResponse) and not pdu.final and pdu.ttt != P.RESERVED_TAG, pdu
+        ttt = pdu.ttt
     else:
         pytest.fail("16 x 8 KiB of continued text accepted")
     # The refused sequence is gone: a fresh request is answered on its own.
@@ -118,6 +121,44 @@ def test_text_request_with_both_c_and_f_is_rejected(daemon, clean_log):
     pdu = s.recv()
     assert isinstance(pdu, P.TextResponse) and pdu.final
     assert ("TargetName", daemon.iqn) in K.parse_text(bytes(pdu.data)), "stale continued text was kept"
+    still_works(s)
+    s.close()
+
+
+def test_text_request_with_ttt_ffffffff_starts_afresh(daemon, clean_log):
+    """§11.10.4: TTT 0xffffffff tells the target this is a new request; the state of the
+    exchange in progress is reset.  Was: the new request's text was appended to a stale
+    half-sent one ("SendTarg" + "SendTargets=All" answered SendTargSendTargets=NotUnderstood)."""
+    s = session(daemon)
+    text_request(s, b"SendTarg", cont=True, final=False)
+    pdu = s.recv()
+    assert isinstance(pdu, P.TextResponse) and not pdu.final, pdu
+    text_request(s, b"SendTargets=All\0")
+    pdu = s.recv()
+    assert isinstance(pdu, P.TextResponse) and pdu.final, pdu
+    assert ("TargetName", daemon.iqn) in K.parse_text(bytes(pdu.data)), K.parse_text(bytes(pdu.data))
+    still_works(s)
+    s.close()
+
+
+def test_text_continuation_with_another_itt_is_rejected(daemon, clean_log):
+    """§11.10.3: every request of a text sequence carries the same ITT; a continuation (our
+    TTT copied) under another ITT is refused (Reject 0x09) and the sequence dropped."""
+    s = session(daemon)
+    itt = s.next_itt()
+    text_request(s, b"SendTarg", itt=itt, cont=True, final=False)
+    pdu = s.recv()
+    assert isinstance(pdu, P.TextResponse) and not pdu.final and pdu.ttt != P.RESERVED_TAG, pdu
+    req = text_request(s, b"ets=All\0", itt=itt + 1000, ttt=pdu.ttt)
+    expect_reject(s, req.header(), P.RejectReason.INVALID_PDU_FIELD)
+    # The same split, continued properly (same ITT, our TTT copied), is one request.
+    itt = s.next_itt()
+    text_request(s, b"SendTarg", itt=itt, cont=True, final=False)
+    pdu = s.recv()
+    text_request(s, b"ets=All\0", itt=itt, ttt=pdu.ttt)
+    pdu = s.recv()
+    assert isinstance(pdu, P.TextResponse) and pdu.final, pdu
+    assert ("TargetName", daemon.iqn) in K.parse_text(bytes(pdu.data))
     still_works(s)
     s.close()
 
