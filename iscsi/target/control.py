@@ -98,6 +98,9 @@ class ControlServer:
 
     async def start(self) -> None:
         _check_path(self.path)
+        parent = self.path.parent
+        if (parent.exists() or parent.is_symlink()) and not parent.is_dir():
+            raise ConfigError(f"control socket path {self.path}: {parent} is not a directory")
         if self.path.exists() or self.path.is_symlink():
             if not stat.S_ISSOCK(self.path.lstat().st_mode):
                 raise ConfigError(f"control socket path {self.path} exists and is not a socket")
@@ -107,11 +110,16 @@ class ControlServer:
                     "(stop it, or give this one another --control path)"
                 )
             self.path.unlink()  # stale socket from a daemon that died
-        if not self.path.parent.exists():
-            self.path.parent.mkdir(parents=True, mode=0o700)
+        try:
+            if not parent.exists():
+                parent.mkdir(parents=True, mode=0o700)
+        except OSError as e:
+            raise ConfigError(f"cannot create the control socket's directory {parent}: {e.strerror or e}") from None
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others may connect
         try:
             self._server = await asyncio.start_unix_server(self._client, path=str(self.path), limit=MAX_LINE)
+        except OSError as e:  # e.g. a read-only or missing /proc-like parent: say which path
+            raise ConfigError(f"cannot create the control socket {self.path}: {e.strerror or e}") from None
         finally:
             os.umask(old_umask)
         os.chmod(self.path, 0o600)
@@ -216,6 +224,8 @@ class ControlClient:
             except FileNotFoundError:
                 raise DaemonNotRunning(f"no iscsi-target daemon: {self.path} does not exist") from None
             except ConnectionRefusedError:
+                if self.path.exists() and not stat.S_ISSOCK(self.path.stat().st_mode):
+                    raise ControlError(f"{self.path} is not a control socket (wrong --control path?)") from None
                 raise DaemonNotRunning(f"no iscsi-target daemon is listening on {self.path} (stale socket)") from None
             except PermissionError:
                 raise ControlError(f"permission denied on {self.path}: the control socket is for root only") from None

@@ -78,6 +78,9 @@ class Unit:
     backstore: Any
     lun: Lun
     image: Path
+    # This open created the image file: a change that fails later removes it again,
+    # so "nothing was changed" holds for the disk too.
+    created: bool = False
 
     @property
     def size(self) -> int:
@@ -160,7 +163,7 @@ class ScsiUnitProvider:
         except BaseException:
             backstore.close()
             raise
-        return Unit(lu=lu, backstore=backstore, lun=lun, image=image)
+        return Unit(lu=lu, backstore=backstore, lun=lun, image=image, created=not exists)
 
     @staticmethod
     def pr_state_path(cfg: Config, serial: str, image: Path) -> Path:
@@ -666,6 +669,12 @@ class TargetDaemon:
                 event(log, "lun.resize_undo_failed", logging.ERROR, lun=unit.lun.number, error=repr(e))
         for (iqn, _n), unit in opened.items():
             await self._close_unit(iqn, unit)
+            if getattr(unit, "created", False):
+                try:
+                    unit.image.unlink()
+                    event(log, "lun.image_removed", target=iqn, image=unit.image, note="change undone")
+                except OSError as e:
+                    event(log, "lun.image_remove_failed", logging.ERROR, image=unit.image, error=repr(e))
         for host, port in bound:
             try:
                 await self.server.remove_portal(host, port)

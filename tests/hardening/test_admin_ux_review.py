@@ -144,6 +144,12 @@ def live(tmp_path):
         yield d
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _serve(tmp: Path, *args: str, timeout: float = 20) -> subprocess.CompletedProcess:
     """``python -m iscsi.target serve ...`` that is expected to refuse to start."""
     env = dict(os.environ, PYTHONPATH=str(REPO), SANSTACK_DATA_DIR=str(tmp / "data"))
@@ -379,3 +385,55 @@ def test_secrets_stay_out_of_status_lists_config_show_and_the_file_mode(live, tm
 
 def test_format_size_covers_the_largest_sizes():
     assert C.format_size(1 << 60) == "1EiB" and C.format_size(3 << 50) == "3PiB"
+
+
+# --------------------------------------------------------------------------- control socket paths
+
+
+def test_control_socket_under_a_regular_file_names_the_path(tmp_path):
+    cf = tmp_path / "t.json"
+    cfg = _config(tmp_path)
+    cfg.targets[0].portal_groups[0].portals = [f"127.0.0.1:{_free_port()}"]
+    C.save_config(cfg, cf)
+    (tmp_path / "plain").touch()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "iscsi.target", "--control", str(tmp_path / "plain" / "c.sock"),
+                        "serve", "--config", str(cf)],
+                       capture_output=True, text=True, timeout=20, env=env, stdin=subprocess.DEVNULL)
+    assert r.returncode == 1
+    _one_line_error(r.stderr, f"{tmp_path / 'plain'} is not a directory")
+    assert "ERROR asyncio" not in r.stderr
+
+
+def test_admin_command_on_a_regular_file_is_not_called_a_stale_socket(tmp_path):
+    (tmp_path / "plain").touch()
+    r = run("--control", str(tmp_path / "plain"), "status")
+    assert r.exit_code == 1
+    _one_line_error(r.output, "is not a control socket")
+    assert "stale" not in r.output
+
+
+# --------------------------------------------------------------------------- nothing half-applied
+
+
+def test_lun_add_that_cannot_be_saved_leaves_no_new_image(live, tmp_path, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(C, "save_config", disk_full)
+    r = live.cli("lun", "add", T, f"{tmp_path}/new.img:1M")
+    assert r.exit_code == 1
+    _one_line_error(r.output, "No space left on device", "nothing was changed")
+    assert not (tmp_path / "new.img").exists()
+    assert sorted(live.daemon.find_target(T).units) == [0]
+
+
+def test_serve_on_a_busy_port_leaves_no_new_image(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = _serve(tmp_path, "--target", T, "--lun", f"{tmp_path}/fresh.img:1M", "--portal", f"127.0.0.1:{port}")
+    assert r.returncode == 1
+    _one_line_error(r.stderr, f"cannot listen on 127.0.0.1:{port}", "address already in use")
+    assert not (tmp_path / "fresh.img").exists()
