@@ -611,9 +611,22 @@ class TargetDaemon:
                     unit = rt.units.get(lun.number) if rt else None
                     old_lun = old_target.lun(lun.number) if old_target else None
                     if unit is None or old_lun is None or _needs_reopen(old_lun, lun, old, new):
-                        opened[(target.iqn, lun.number)] = await self._open(new, target, lun)
-                    elif lun.size is not None and lun.size != unit.size:
+                        unit = opened[(target.iqn, lun.number)] = await self._open(new, target, lun)
+                        if lun.size is not None and unit.size != lun.size:
+                            # Served as found (bigger, or read-only and smaller): the running config
+                            # says so, so only a resize changes the size from here on.
+                            lun.size = unit.size
+                    elif lun.size is not None and lun.size != old_lun.size and lun.size != unit.size:
+                        # Only a change of the configured size resizes: an image found bigger than
+                        # its configured size at start is served as is, and an unrelated change
+                        # (acl add, SIGHUP) must not shrink it afterwards and destroy its end.
                         before = unit.size
+                        if lun.size < before and not save:
+                            event(log, "lun.size_differs", logging.WARNING, target=target.iqn, lun=lun.number,
+                                  configured=lun.size, image=before,
+                                  note="a reload does not shrink an image; use lun resize --force")
+                            lun.size = before
+                            continue
                         try:
                             self.provider.resize(unit, lun.size)
                         except (OSError, ValueError) as e:  # e.g. EFBIG: past the filesystem's file size limit

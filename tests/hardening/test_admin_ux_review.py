@@ -437,3 +437,60 @@ def test_serve_on_a_busy_port_leaves_no_new_image(tmp_path):
     assert r.returncode == 1
     _one_line_error(r.stderr, f"cannot listen on 127.0.0.1:{port}", "address already in use")
     assert not (tmp_path / "fresh.img").exists()
+
+
+# --------------------------------------------------------------------------- an image bigger than its config
+
+
+def _bigger_image(tmp: Path) -> Path:
+    """l0.img at 8 MiB with data near its end, while the config says 4 MiB."""
+    img = tmp / "l0.img"
+    with open(img, "wb") as f:
+        f.truncate(8 * MIB)
+        f.seek(7 * MIB)
+        f.write(b"precious")
+    return img
+
+
+def _tail(img: Path) -> bytes:
+    with open(img, "rb") as f:
+        f.seek(7 * MIB)
+        return f.read(8)
+
+
+@pytest.mark.parametrize("change", ["acl", "reload", "lun"])
+async def test_an_unrelated_change_never_shrinks_an_image_found_bigger(tmp_path, change):
+    img = _bigger_image(tmp_path)
+    path = tmp_path / "target.json"
+    C.save_config(_config(tmp_path), path)  # LUN 0: 4 MiB
+    daemon = TargetDaemon(C.load_config(path), path, server_factory=ListenerFake)
+    await daemon.start()
+    try:
+        assert daemon.find_target(T).units[0].size == 8 * MIB  # served as found
+        if change == "acl":
+            await daemon.acl_add(T, "iqn.2026-11.org.example:host")
+        elif change == "lun":
+            await daemon.lun_add(T, str(tmp_path / "other.img"), size="1M")
+        else:
+            await daemon.reload()  # the file still says 4 MiB
+        assert daemon.find_target(T).units[0].size == 8 * MIB
+        assert img.stat().st_size == 8 * MIB and _tail(img) == b"precious"
+    finally:
+        await daemon.stop()
+
+
+async def test_resize_of_an_image_found_bigger_needs_force_and_then_happens(tmp_path):
+    img = _bigger_image(tmp_path)
+    path = tmp_path / "target.json"
+    C.save_config(_config(tmp_path), path)
+    daemon = TargetDaemon(C.load_config(path), path, server_factory=ListenerFake)
+    await daemon.start()
+    try:
+        with pytest.raises(ConfigError, match="--force"):
+            await daemon.lun_resize(T, 0, "4M")
+        assert img.stat().st_size == 8 * MIB
+        res = await daemon.lun_resize(T, 0, "4M", force=True)
+        assert (res["was"], res["size"]) == (8 * MIB, 4 * MIB)
+        assert img.stat().st_size == 4 * MIB and daemon.find_target(T).units[0].size == 4 * MIB
+    finally:
+        await daemon.stop()
