@@ -30,6 +30,9 @@ from .ua import UnitAttentions
 log = logging.getLogger(__name__)
 
 _WRITE_OPCODES = zerocopy.WRITE_OPCODES
+# What an EXTENDED COPY's reads and writes of a copy target are, for its reservation check.
+_COPY_READ_CDB = bytes((0x88,)) + bytes(15)
+_COPY_WRITE_CDB = bytes((0x8A,)) + bytes(15)
 
 # -- limits advertised in the Block Limits VPD page (SBC-4 §6.6.4) ------------------------
 # Largest READ/WRITE in blocks: libiscsi's WriteSame16.Unmap writes 65536 blocks with one
@@ -175,6 +178,10 @@ class LogicalUnit:
 
         # providers the target level may replace
         self.lun_numbers: Callable[[], list[int]] = lambda: [self.lun_id]
+        # Set once a LunMap (a target) serves this LU: from then on copies are limited to
+        # the LUs the requesting I_T nexus uses (copy_access); an LU driven in-process has
+        # no LUN masking to keep.
+        self.served = False
         self.port_groups: Callable[[ITNexus], list[tuple[int, int, list[int]]]] = self._default_port_groups
 
         # optional collaborators: persistent reservations (pr.py) and the copy manager (xcopy.py)
@@ -311,6 +318,24 @@ class LogicalUnit:
         self.backstore.write(lba * bs, data)
         if not self.mode.wce:
             await self._flush()
+
+    def copy_access(self, other, nexus: ITNexus, write: bool) -> str:
+        """May ``nexus``, through an EXTENDED COPY sent to this LU, read (or write) ``other``?
+
+        "ok"; "unreachable" when ``other`` is not an LU this nexus uses (the copy manager
+        spans every target of the daemon, and LUN masking must hold for copies too: an
+        I_T nexus only ever reaches the LUs its target maps for it, and an initiator
+        addresses an LU before it names it in a copy) or is not ready; "conflict" when a READ(16)/WRITE(16) from the nexus would get
+        RESERVATION CONFLICT there (SPC-4 §5.13: copies do not bypass reservations).
+        """
+        if other is not self and self.served and nexus not in getattr(other, "_users", ()):
+            return "unreachable"
+        if getattr(other, "_abnormal", False):
+            return "unreachable"  # no medium, sanitizing or sanitize failed
+        pr = getattr(other, "pr", None)
+        if pr is not None and pr.check_conflict(nexus, _COPY_WRITE_CDB if write else _COPY_READ_CDB):
+            return "conflict"
+        return "ok"
 
     def _default_port_groups(self, nexus: ITNexus) -> list[tuple[int, int, list[int]]]:
         """One target port group holding the port the command came through, active/optimized."""

@@ -33,6 +33,7 @@ class LunMap:
             raise ValueError(f"LUN {number} out of range 0..{MAX_LUN}")
         self._luns[number] = lu
         lu.lun_numbers = self.numbers
+        lu.served = True
 
     def add(self, number: int, lu: LogicalUnit) -> None:
         """Map ``lu`` at ``number`` and tell every initiator REPORTED LUNS DATA HAS CHANGED."""

@@ -41,7 +41,7 @@ from .sense import (
     illegal_field,
     illegal_param,
 )
-from .types import ITNexus, ScsiCommand, ScsiResult
+from .types import ITNexus, ScsiCommand, ScsiResult, Status
 
 __all__ = [
     "CopyTarget",
@@ -270,6 +270,8 @@ class CopyManager:
 
         cscds = self._parse_cscds(data, cscd_len)
         segments = self._parse_segments(data, PARAM_HEADER_LENGTH + cscd_len, seg_len, cscds)
+        if self._access_denied(lu, cmd.nexus, segments):
+            return ScsiResult(Status.RESERVATION_CONFLICT)
 
         result = CopyResult()
         if usage == LIST_ID_HOLD:
@@ -372,6 +374,30 @@ class CopyManager:
                                   field_pointer=off + 12)
             segments.append(_Segment(off, src, dst, src_lba, dst_lba, nbytes))
         return segments
+
+    @staticmethod
+    def _access_denied(lu: CopyTarget, nexus: ITNexus, segments: list[_Segment]) -> bool:
+        """Whether the I_T nexus may not do these copies; checked before any data moves.
+
+        The registry spans the whole daemon, so a CSCD can name a logical unit of another
+        target, or one the initiator's ACL does not map (the hole of CVE-2020-28374 in
+        Linux LIO).  A logical unit that offers ``copy_access`` (:class:`LogicalUnit`)
+        decides: an LU the nexus cannot use is COPY TARGET DEVICE NOT REACHABLE, and one
+        whose reservation the access would conflict with makes the command end in
+        RESERVATION CONFLICT (returns True), as that READ or WRITE would from the nexus.
+        """
+        check = getattr(lu, "copy_access", None)
+        if check is None:
+            return False
+        conflict = False
+        for index, seg in enumerate(segments):
+            for target, write, pointer in ((seg.src, False, seg.offset + 4), (seg.dst, True, seg.offset + 6)):
+                verdict = check(target, nexus, write)
+                if verdict == "unreachable":
+                    raise CopyAborted(COPY_TARGET_DEVICE_NOT_REACHABLE, segments_processed=index,
+                                      field_pointer=pointer)
+                conflict = conflict or verdict == "conflict"
+        return conflict
 
     def _resolve(self, cscds: list[_Cscd], cscd_index: int, seg_index: int, pointer: int) -> CopyTarget:
         """The LU a segment's CSCD index names, or COPY ABORTED / COPY TARGET DEVICE NOT REACHABLE."""

@@ -162,3 +162,115 @@ async def test_lbprz_in_vpd_b2_matches_read_capacity16():
     rc16 = bytes((await ini.ok(struct.pack(">BBQIBB", 0x9E, 0x10, 0, 32, 0, 0))).data)
     b2 = bytes((await ini.ok(bytes((0x12, 1, 0xB2, 0, 64, 0)))).data)
     assert rc16[14] & 0xC0 == 0xC0 and b2[5] & 0x1C == 0x04
+
+
+# -- EXTENDED COPY: who may be copied from and to (SPC-4 §6.4, §5.13) ----------------------
+
+from iscsi.scsi.target import LunMap  # noqa: E402
+from iscsi.scsi.types import ITNexus, ScsiCommand  # noqa: E402
+from iscsi.scsi.xcopy import CopyManager  # noqa: E402
+
+NEXUS_A = ITNexus("iqn.2026-01.org.example:a,i,0x000000000001", "iqn.2026-01.org.example:t1,t,0x0001", 1, 1)
+NEXUS_A_T2 = ITNexus("iqn.2026-01.org.example:a,i,0x000000000001", "iqn.2026-01.org.example:t2,t,0x0001", 1, 1)
+NEXUS_B = ITNexus("iqn.2026-01.org.example:b,i,0x000000000002", "iqn.2026-01.org.example:t1,t,0x0001", 1, 1)
+
+
+def _cscd(naa: bytes) -> bytes:
+    d = bytearray(32)
+    d[0], d[4], d[5], d[7] = 0xE4, 0x01, 0x03, len(naa)
+    d[8:8 + len(naa)] = naa
+    d[29:32] = (512).to_bytes(3, "big")
+    return bytes(d)
+
+
+def _xcopy(src_naa: bytes, dst_naa: bytes, nblocks: int, src_lba: int, dst_lba: int) -> tuple[bytes, bytes]:
+    cscds = _cscd(src_naa) + _cscd(dst_naa)
+    seg = struct.pack(">BBHHH2xHQQ", 0x02, 0, 0x18, 0, 1, nblocks, src_lba, dst_lba)
+    hdr = bytearray(16)
+    hdr[1] = 0b11 << 3  # LIST ID USAGE 11b: no list identifier
+    hdr[2:4] = len(cscds).to_bytes(2, "big")
+    hdr[8:12] = len(seg).to_bytes(4, "big")
+    params = bytes(hdr) + cscds + seg
+    return bytes((0x83, 0)) + bytes(8) + len(params).to_bytes(4, "big") + bytes(2), params
+
+
+async def _run(target, nexus, cdb, data=b"", lun=0):
+    return await target.execute(ScsiCommand(bytes(cdb).ljust(16, b"\x00"), lun, nexus, data, len(data)))
+
+
+async def _clear(target, nexus, lun=0):
+    for _ in range(10):
+        if (await _run(target, nexus, bytes(6), lun=lun)).status == 0:
+            return
+    raise AssertionError("unit attentions never cleared")
+
+
+def _two_targets():
+    cm = CopyManager()
+    lu1 = make_lu("ram", size=1 << 20, serial="xc-one", copy_manager=cm)
+    lu2 = make_lu("ram", size=1 << 20, serial="xc-two", copy_manager=cm)
+    return cm, lu1, lu2
+
+
+async def test_xcopy_cannot_reach_an_lu_of_another_target():
+    """The copy manager is daemon-wide; a CSCD naming an LU the I_T nexus cannot address (another
+    target, or masked by an ACL) must not let the initiator read or write it."""
+    _, lu1, lu2 = _two_targets()
+    t1, t2 = LunMap({0: lu1}), LunMap({0: lu2})
+    await _clear(t1, NEXUS_A)
+    await _clear(t2, NEXUS_A_T2)  # A logged in to target 2 as well: another I_T nexus
+    await _run(t1, NEXUS_A, struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 8, 0), b"\xAA" * 4096)
+    cdb, params = _xcopy(lu1.naa, lu2.naa, 8, 0, 0)  # into the other target's LU
+    r = await _run(t1, NEXUS_A, cdb, params)
+    assert r.status == 0x02
+    s = parse_sense(r.sense)
+    assert s.code == (0x0A, 0x0D, 0x02)  # COPY ABORTED, COPY TARGET DEVICE NOT REACHABLE
+    assert s.sks == b"\x80\x00\x56"  # parameter list byte 16+64+6: the segment's DESTINATION CSCD INDEX
+    assert lu2.backstore.read(0, 4096) == bytes(4096)
+    cdb, params = _xcopy(lu2.naa, lu1.naa, 8, 0, 100)  # out of it
+    r = await _run(t1, NEXUS_A, cdb, params)
+    assert parse_sense(r.sense).code == (0x0A, 0x0D, 0x02)
+
+
+async def test_xcopy_between_lus_the_nexus_uses_still_works():
+    _, lu1, lu2 = _two_targets()
+    t = LunMap({0: lu1, 1: lu2})
+    await _clear(t, NEXUS_A, 0)
+    await _clear(t, NEXUS_A, 1)
+    await _run(t, NEXUS_A, struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 8, 0), b"\xAB" * 4096)
+    cdb, params = _xcopy(lu1.naa, lu2.naa, 8, 0, 16)
+    assert (await _run(t, NEXUS_A, cdb, params)).status == 0
+    assert lu2.backstore.read(16 * 512, 4096) == b"\xAB" * 4096
+
+
+async def test_xcopy_does_not_write_through_another_initiators_reservation():
+    """LU 1 reserved Write Exclusive by B: A's WRITE there conflicts, so must A's copy into it."""
+    _, lu1, lu2 = _two_targets()
+    t = LunMap({0: lu1, 1: lu2})
+    for nexus in (NEXUS_A, NEXUS_B):
+        for lun in (0, 1):
+            await _clear(t, nexus, lun)
+    key = (0xB0B).to_bytes(8, "big")
+    prout = lambda sa, typ=0: bytes((0x5F, sa, typ, 0, 0, 0, 0, 0, 24, 0))  # noqa: E731
+    assert (await _run(t, NEXUS_B, prout(0x00), bytes(8) + key + bytes(8), 1)).status == 0  # REGISTER
+    assert (await _run(t, NEXUS_B, prout(0x01, 0x01), key + bytes(16), 1)).status == 0  # RESERVE WE
+    await _run(t, NEXUS_A, struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 8, 0), b"\xCD" * 4096)
+    assert (await _run(t, NEXUS_A, struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 8, 0), b"\xCD" * 4096, 1)).status == 0x18
+    cdb, params = _xcopy(lu1.naa, lu2.naa, 8, 0, 0)
+    assert (await _run(t, NEXUS_A, cdb, params)).status == 0x18  # RESERVATION CONFLICT
+    assert lu2.backstore.read(0, 4096) == bytes(4096)
+    cdb, params = _xcopy(lu2.naa, lu1.naa, 8, 0, 100)  # reading from it passes Write Exclusive
+    assert (await _run(t, NEXUS_A, cdb, params)).status == 0
+
+
+async def test_xcopy_does_not_touch_an_lu_without_medium():
+    cm = CopyManager()
+    lu1 = make_lu("ram", size=1 << 20, serial="xc-m1", copy_manager=cm)
+    lu2 = make_lu("ram", size=1 << 20, serial="xc-m2", copy_manager=cm, removable=True)
+    t = LunMap({0: lu1, 1: lu2})
+    await _clear(t, NEXUS_A, 0)
+    await _clear(t, NEXUS_A, 1)
+    lu2.set_medium(False)  # ejected: every medium access is NOT READY, MEDIUM NOT PRESENT
+    cdb, params = _xcopy(lu1.naa, lu2.naa, 8, 0, 0)
+    r = await _run(t, NEXUS_A, cdb, params)
+    assert parse_sense(r.sense).code == (0x0A, 0x0D, 0x02)
