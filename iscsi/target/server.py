@@ -18,7 +18,7 @@ from .. import keys as K
 from .. import pdu as P
 from ..log import event
 from ..scsi.types import ITNexus
-from ..session import CommandWindow
+from ..session import CommandWindow, sn_add, sn_le, sn_lt
 from .connection import NOP_INTERVAL, NOP_TIMEOUT, TargetConnection
 from .login import LoginError, LoginStatus, LoginSuccess, describe_params
 from .registry import TargetRegistry
@@ -32,6 +32,9 @@ MAX_SESSIONS = 4096
 # connection recovery is offered, so retain 0; wait the open-iscsi default 2 s.
 LOGOUT_TIME2WAIT = 2
 LOGOUT_TIME2RETAIN = 0
+# What the command window holds for a CmdSN an ABORT TASK declared received without its
+# command (RFC 7143 §11.5.1 b): delivered in turn, it runs nothing.
+_NEVER_ARRIVED = object()
 # Logout Response codes (RFC 7143 §11.15.1).
 LOGOUT_CID_NOT_FOUND = 1
 LOGOUT_RECOVERY_NOT_SUPPORTED = 2
@@ -173,11 +176,19 @@ class TargetSession:
         lu = luns.get(lun) if luns is not None else None
         if fn == P.TmfFunction.ABORT_TASK:
             task = conn.tasks.get(req.rtt)
-            if task is None or task.lun != lun:
-                # §11.5.1: a task we do not have was never received or already completed.
-                response = R.TASK_DOES_NOT_EXIST
-            else:
+            if task is not None and task.lun == lun:
                 conn.abort_tasks(lambda t: t is task)
+            elif self._never_arrived(req):
+                # §11.5.1 b): the task's command never reached us but its RefCmdSN is in
+                # the window, below the TMF's own CmdSN: that CmdSN counts as received (the
+                # gap closes and the commands held behind it run) and the abort is complete.
+                window = self.window
+                for item in window.arrive(req.refcmdsn, _NEVER_ARRIVED):
+                    conn._run_in_order(item)
+            else:
+                # §11.5.1 c): a task we do not have, RefCmdSN outside the window: it was
+                # never received or has already completed.
+                response = R.TASK_DOES_NOT_EXIST
         elif fn == P.TmfFunction.ABORT_TASK_SET:
             if lu is None:
                 response = R.LUN_DOES_NOT_EXIST
@@ -217,6 +228,14 @@ class TargetSession:
             response = R.NOT_SUPPORTED  # CLEAR ACA: NormACA is not supported
         event(log, "tmf", initiator=self.initiator_name, function=int(fn), lun=lun, response=int(response))
         conn.send(P.TaskMgmtResponse(itt=req.itt, response=response))
+
+    def _never_arrived(self, req: P.TaskMgmtRequest) -> bool:
+        """RefCmdSN of an ABORT TASK names a CmdSN the window still waits for, below the
+        TMF's own CmdSN (RFC 7143 §11.5.1 b)."""
+        window = self.window
+        ref = req.refcmdsn
+        return (window.in_window(ref) and ref not in window.pending
+                and sn_lt(ref, req.cmdsn) and sn_le(req.cmdsn, sn_add(window.expcmdsn, window.depth)))
 
     # -- Logout (§11.14) ---------------------------------------------------------
     async def logout(self, conn: TargetConnection, req: P.LogoutRequest) -> None:

@@ -226,3 +226,39 @@ def test_immediate_data_beyond_first_burst_length_is_refused_and_not_written(dae
     assert status == 0 and data == bytes(size), "refused immediate data was written"
     still_works(s)
     s.close()
+
+
+# -- task management ----------------------------------------------------------------------------
+
+def test_abort_task_of_a_command_that_never_arrived_closes_the_cmdsn_gap(daemon, clean_log):
+    """§11.5.1 b): ABORT TASK for a task the target does not have, whose RefCmdSN is in the
+    window and below the TMF's CmdSN: that CmdSN counts as received, the answer is Function
+    complete.  (A command rejected for a data digest error leaves exactly such a gap, §6.3.)
+    Was: 'task does not exist', and the commands held behind the gap never ran -- the session
+    hung."""
+    s = session(daemon)
+    n = s.cmdsn
+    held = s.command(read10(0, 1), read=True, edtl=BLOCK, cmdsn=(n + 1) & 0xFFFFFFFF)  # n is lost
+    lost_itt = s.next_itt()
+    tmf_itt = s.next_itt()
+    s.send(P.TaskMgmtRequest(function=P.TmfFunction.ABORT_TASK, rtt=lost_itt, refcmdsn=n, itt=tmf_itt,
+                             cmdsn=(n + 2) & 0xFFFFFFFF, expstatsn=s.expstatsn, immediate=True))
+    s.cmdsn = (n + 2) & 0xFFFFFFFF
+    seen = {}
+    while len(seen) < 2:
+        pdu = s.recv(timeout=3.0)
+        if getattr(pdu, "itt", None) in (held, tmf_itt):
+            seen[pdu.itt] = pdu
+    assert isinstance(seen[tmf_itt], P.TaskMgmtResponse) and seen[tmf_itt].response == P.TmfResponse.COMPLETE
+    assert isinstance(seen[held], P.DataIn) and seen[held].has_status and seen[held].status == 0
+    # The lost command turning up late is outside the window now: silently ignored (§4.2.2.1).
+    s.command(read10(0, 1), read=True, edtl=BLOCK, cmdsn=n, itt=lost_itt)
+    ping_itt = s.next_itt()
+    s.send(P.NopOut(itt=ping_itt, cmdsn=s.cmdsn, expstatsn=s.expstatsn, immediate=True))
+    while True:
+        pdu = s.recv()
+        assert getattr(pdu, "itt", None) != lost_itt, f"late command answered: {pdu}"
+        if isinstance(pdu, P.NopIn) and pdu.itt == ping_itt:
+            break
+    still_works(s)
+    s.close()
