@@ -448,6 +448,10 @@ def _write_same(lu: LogicalUnit, cmd: ScsiCommand, flags: int, lba: int, n: int,
     unmap = flags & 0x08
     if anchor:
         raise S.illegal_field(1, 4)
+    if flags & 0x06:
+        # PBDATA / LBDATA (defined by SBC-2, obsolete since SBC-3): the initiator wants the LBA
+        # stamped into every block; writing the plain block would hand it other data.
+        raise S.illegal_field(1, 2 if flags & 0x04 else 1)
     nb = lu.num_blocks
     if lba >= nb:
         raise _oob()

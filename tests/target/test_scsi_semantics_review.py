@@ -274,3 +274,18 @@ async def test_xcopy_does_not_touch_an_lu_without_medium():
     cdb, params = _xcopy(lu1.naa, lu2.naa, 8, 0, 0)
     r = await _run(t, NEXUS_A, cdb, params)
     assert parse_sense(r.sense).code == (0x0A, 0x0D, 0x02)
+
+
+# -- WRITE SAME (SBC-4 §5.47, §5.48) -------------------------------------------------------
+
+async def test_write_same_refuses_lbdata_and_pbdata():
+    """Byte 1 bits 1 (LBDATA) and 2 (PBDATA) asked SBC-2 devices to stamp the LBA into each block;
+    they are obsolete and not implemented, so they are refused rather than silently ignored."""
+    lu = make_lu("ram", size=1 << 20)
+    ini = await ready(lu)
+    for op, fmt in ((0x41, ">BBIBHB"), (0x93, ">BBQIBB")):
+        for bit, flag in ((1, 0x02), (2, 0x04)):
+            cdb = struct.pack(fmt, op, flag, 0, 0, 4, 0) if op == 0x41 else struct.pack(fmt, op, flag, 0, 4, 0, 0)
+            s = await ini.fails(cdb, b"\x5A" * 512)
+            assert s.code == (0x5, 0x24, 0x00) and s.sks == bytes((0xC8 | bit, 0, 1))
+    assert lu.backstore.read(0, 2048) == bytes(2048)  # nothing written
