@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import inspect
 import json
 import ipaddress
@@ -28,6 +29,7 @@ import os
 import signal
 import stat
 import tempfile
+import threading
 import types
 import typing
 from dataclasses import dataclass
@@ -81,6 +83,7 @@ class Unit:
     # This open created the image file: a change that fails later removes it again,
     # so "nothing was changed" holds for the disk too.
     created: bool = False
+    lock: Any = None  # the provider's hold on the image (ImageLocks key), released at close
 
     @property
     def size(self) -> int:
@@ -108,8 +111,63 @@ def _accepted_kwargs(fn: Callable, **kwargs: Any) -> dict:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
+class ImageLocks:
+    """One advisory lock (flock, LOCK_EX) per image file this process serves.
+
+    Two daemons writing one image (a second ``serve --lun disk.img``, or one image in two
+    configs) each cache and gather writes of their own: the image ends up corrupt. The lock
+    lives on a descriptor of its own, counted per inode, because a LUN that is reopened
+    (block size, serial ... changed) opens its new unit before the old one is closed.
+    A process that dies releases its locks with its descriptors.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[int, int], list[int]] = {}  # (dev, ino) -> [fd, count]
+        self._mutex = threading.Lock()
+
+    def acquire(self, image: Path, where: str) -> tuple[int, int]:
+        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+        keep = False
+        try:
+            st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino)
+            with self._mutex:
+                held = self._held.get(key)
+                if held is not None:  # this daemon serves it already (a LUN being reopened)
+                    held[1] += 1
+                    return key
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise AdminError(
+                        f"{where}: image {image} is in use by another process (an iscsi-target daemon "
+                        "serving it?); one image must not be served twice"
+                    ) from None
+                self._held[key] = [fd, 1]
+                keep = True
+                return key
+        finally:
+            if not keep:
+                os.close(fd)
+
+    def release(self, key: tuple[int, int] | None) -> None:
+        if key is None:
+            return
+        with self._mutex:
+            held = self._held.get(key)
+            if held is None:
+                return
+            held[1] -= 1
+            if held[1] <= 0:
+                del self._held[key]
+                os.close(held[0])  # closing the descriptor drops the flock
+
+
 class ScsiUnitProvider:
     """The real provider: sparse image files (iscsi.backstore.file) under iscsi.scsi LUs."""
+
+    def __init__(self) -> None:
+        self.locks = ImageLocks()
 
     def open(self, cfg: Config, target: Target, lun: Lun) -> Unit:
         from ..backstore.file import FileBackstore
@@ -135,7 +193,9 @@ class ScsiUnitProvider:
             create=not exists,
             gather_writes=True,  # the connection drains before it answers (backstore/gather.py)
         )
+        lock = None
         try:
+            lock = self.locks.acquire(image, f"{target.iqn} LUN {lun.number}")
             actual = int(backstore.size)
             if lun.size is not None and actual < lun.size and not lun.read_only:
                 # The config says bigger: an interrupted resize or a copied image. Growing
@@ -162,8 +222,11 @@ class ScsiUnitProvider:
             lu = LogicalUnit(backstore, **_accepted_kwargs(LogicalUnit, **options))
         except BaseException:
             backstore.close()
+            self.locks.release(lock)
             raise
-        return Unit(lu=lu, backstore=backstore, lun=lun, image=image, created=not exists)
+        unit = Unit(lu=lu, backstore=backstore, lun=lun, image=image, created=not exists)
+        unit.lock = lock
+        return unit
 
     @staticmethod
     def pr_state_path(cfg: Config, serial: str, image: Path) -> Path:
@@ -207,11 +270,14 @@ class ScsiUnitProvider:
             if not unit.lun.read_only:
                 unit.backstore.flush()
         finally:
-            close = getattr(unit.lu, "close", None)
-            if close is not None:
-                close()  # closes the backstore too
-            else:
-                unit.backstore.close()
+            try:
+                close = getattr(unit.lu, "close", None)
+                if close is not None:
+                    close()  # closes the backstore too
+                else:
+                    unit.backstore.close()
+            finally:
+                self.locks.release(unit.lock)
 
 
 def _check_existing_image(image: Path, lun: Lun, where: str) -> int | None:

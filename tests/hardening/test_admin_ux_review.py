@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -494,3 +495,56 @@ async def test_resize_of_an_image_found_bigger_needs_force_and_then_happens(tmp_
         assert img.stat().st_size == 4 * MIB and daemon.find_target(T).units[0].size == 4 * MIB
     finally:
         await daemon.stop()
+
+
+# --------------------------------------------------------------------------- one image, one daemon
+
+
+async def test_an_image_served_by_one_daemon_is_refused_to_another(tmp_path):
+    path = tmp_path / "target.json"
+    C.save_config(_config(tmp_path), path)
+    first = TargetDaemon(C.load_config(path), path, server_factory=ListenerFake)
+    await first.start()
+    try:
+        other = CLI.quickstart_config("iqn.2026-11.org.example:other", [str(tmp_path / "l0.img")], ["127.0.0.1:3260"])
+        second = TargetDaemon(other, None, server_factory=ListenerFake)
+        with pytest.raises(ConfigError, match="in use by another process"):
+            await second.start()
+        # a LUN reopened by its own daemon (removable changed) keeps working
+        await first.change(lambda cfg: setattr(cfg.target(T).luns[0], "removable", True))
+        assert first.find_target(T).units[0].lun.removable
+    finally:
+        await first.stop()
+    again = TargetDaemon(C.load_config(path), path, server_factory=ListenerFake)
+    await again.start()  # the lock went with the first daemon
+    await again.stop()
+
+
+def test_a_second_serve_on_the_same_image_refuses_to_start(tmp_path):
+    img = tmp_path / "shared.img"
+    img.write_bytes(bytes(MIB))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    ctl = Path(tempfile.mkdtemp(prefix="uxl", dir="/tmp"))
+    port1, port2 = _free_port(), _free_port()
+    first = subprocess.Popen([sys.executable, "-m", "iscsi.target", "--control", str(ctl / "a.sock"), "serve",
+                              "--target", T, "--lun", str(img), "--portal", f"127.0.0.1:{port1}"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             stdin=subprocess.DEVNULL)
+    try:
+        for _ in range(200):  # up to 20 s for the first daemon to listen
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port1)) == 0:
+                    break
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.1)
+        r = subprocess.run([sys.executable, "-m", "iscsi.target", "--control", str(ctl / "b.sock"), "serve",
+                            "--target", "iqn.2026-11.org.example:two", "--lun", str(img),
+                            "--portal", f"127.0.0.1:{port2}"],
+                           capture_output=True, text=True, timeout=20, env=env, stdin=subprocess.DEVNULL)
+        assert r.returncode == 1
+        _one_line_error(r.stderr, str(img), "in use by another process")
+    finally:
+        first.terminate()
+        first.wait(20)
+        shutil.rmtree(ctl, ignore_errors=True)
+    assert first.returncode == 0
