@@ -4,6 +4,13 @@ from __future__ import annotations
 from typing import Protocol
 
 
+class DeferredWriteError(OSError):
+    """A write that was already acknowledged failed when it reached the file (a gathered run);
+    the next operation raises it, and the LU reports it as a deferred error (SPC-4 §4.5.4)."""
+
+    deferred = True
+
+
 class Backstore(Protocol):
     """Where the blocks of one logical unit live.
 

@@ -10,6 +10,7 @@ import ctypes.util
 import errno
 import os
 
+from .base import DeferredWriteError
 from .gather import WriteGather
 
 # linux/falloc.h
@@ -136,7 +137,9 @@ class FileBackstore:
         if gather is not None and (gather.buffers or gather.error is not None):
             gather.drain()
             if gather.error is not None:
-                raise gather.take_error()  # type: ignore[misc]
+                err = gather.take_error()
+                assert err is not None
+                raise DeferredWriteError(err.errno, err.strerror, self.path) from err
 
     def read(self, offset: int, length: int) -> bytes:
         gather = self._gather

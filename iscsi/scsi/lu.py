@@ -30,6 +30,8 @@ from .ua import UnitAttentions
 log = logging.getLogger(__name__)
 
 _WRITE_OPCODES = zerocopy.WRITE_OPCODES
+# Commands without Data-Out that flush the write cache: an I/O error there is a write error.
+_FLUSH_OPCODES = frozenset((0x35, 0x91, 0x1B))  # SYNCHRONIZE CACHE(10)/(16), START STOP UNIT
 # What an EXTENDED COPY's reads and writes of a copy target are, for its reservation check.
 _COPY_READ_CDB = bytes((0x88,)) + bytes(15)
 _COPY_WRITE_CDB = bytes((0x8A,)) + bytes(15)
@@ -692,7 +694,13 @@ class LogicalUnit:
             return self._error(e)
         if isinstance(e, OSError):
             log.error("backstore I/O error on opcode 0x%02x: %s", cdb[0], e)
-            writes = spec is not None and spec.dout is not None
+            if getattr(e, "deferred", False):
+                # An earlier, acknowledged write failed on its way to the image: a deferred
+                # error, reported instead of running this command (SPC-4 §4.5.4).
+                return ScsiResult(Status.CHECK_CONDITION, b"", build_sense(
+                    SenseKey.MEDIUM_ERROR, S.WRITE_ERROR, descriptor=self.mode.d_sense, deferred=True))
+            # A failed flush (SYNCHRONIZE CACHE, START STOP UNIT, FUA) lost written data too.
+            writes = (spec is not None and spec.dout is not None) or cdb[0] in _FLUSH_OPCODES
             return self._sense(SenseKey.MEDIUM_ERROR, S.WRITE_ERROR if writes else S.UNRECOVERED_READ_ERROR)
         log.error("internal error executing opcode 0x%02x", cdb[0], exc_info=e)
         return self._sense(SenseKey.HARDWARE_ERROR, S.INTERNAL_TARGET_FAILURE)

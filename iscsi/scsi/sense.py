@@ -154,11 +154,14 @@ def build_sense(
     bit: int | None = None,
     in_cdb: bool = True,
     progress: int | None = None,
+    deferred: bool = False,
 ) -> bytes:
     """Build current-error sense data: fixed format 70h (SPC-4 §4.5.3) or descriptor 72h (§4.5.2).
 
     ``progress`` (0..FFFFh, the fraction done in 65536ths) fills the sense-key specific
     field as a PROGRESS INDICATION instead of a field pointer (SPC-4 §4.5.2.4.4).
+    ``deferred`` reports an error of an earlier, already completed command: response code
+    71h / 73h instead of 70h / 72h (SPC-4 §4.5.4).
     """
     asc, ascq = asc_ascq
     if progress is not None:
@@ -172,9 +175,9 @@ def build_sense(
             descs += bytes((0x00, 0x0A, 0x80, 0x00)) + struct.pack(">Q", information & 0xFFFFFFFFFFFFFFFF)
         if sks is not None:
             descs += bytes((0x02, 0x06, 0x00, 0x00)) + sks + b"\x00"
-        return bytes((0x72, key & 0xF, asc, ascq, 0, 0, 0, len(descs))) + descs
+        return bytes((0x73 if deferred else 0x72, key & 0xF, asc, ascq, 0, 0, 0, len(descs))) + descs
     buf = bytearray(18)
-    buf[0] = 0x70
+    buf[0] = 0x71 if deferred else 0x70
     buf[2] = key & 0xF
     if information is not None:
         buf[3:7] = struct.pack(">I", information & 0xFFFFFFFF)

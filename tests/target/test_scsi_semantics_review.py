@@ -289,3 +289,39 @@ async def test_write_same_refuses_lbdata_and_pbdata():
             s = await ini.fails(cdb, b"\x5A" * 512)
             assert s.code == (0x5, 0x24, 0x00) and s.sks == bytes((0xC8 | bit, 0, 1))
     assert lu.backstore.read(0, 2048) == bytes(2048)  # nothing written
+
+
+# -- I/O errors: which sense (SPC-4 §4.5.4, SBC-4 §4.15) -----------------------------------
+
+async def test_failed_synchronize_cache_is_a_write_error(tmp_path):
+    """fdatasync failing means acknowledged writes may be lost: MEDIUM ERROR, WRITE ERROR (0C/00),
+    not UNRECOVERED READ ERROR (11/00)."""
+    lu = make_lu("file", tmp_path, size=1 << 20)
+    ini = await ready(lu)
+
+    def broken_flush():
+        raise OSError(5, "Input/output error")
+
+    lu.backstore.flush = broken_flush
+    for cdb in (struct.pack(">BBIBHB", 0x35, 0, 0, 0, 0, 0), struct.pack(">BBQIBB", 0x91, 0, 0, 0, 0, 0)):
+        s = await ini.fails(cdb)
+        assert s.code == (0x3, 0x0C, 0x00)
+
+
+async def test_failed_gathered_write_is_reported_as_a_deferred_error(tmp_path):
+    """A gathered write acknowledged earlier that failed on its way to the file is reported to the
+    next command as a deferred error (response code 71h, MEDIUM ERROR, WRITE ERROR), not as a
+    read error of that command."""
+    from iscsi.backstore.file import FileBackstore
+    from iscsi.scsi.lu import LogicalUnit
+
+    bs = FileBackstore(tmp_path / "g.img", size=1 << 20, gather_writes=True)
+    lu = LogicalUnit(bs, serial="deferred")
+    ini = await ready(lu)
+    assert bs._gather is not None
+    bs._gather.error = OSError(28, "No space left on device")  # as a failed pwritev leaves it
+    r = await ini.cmd(struct.pack(">BBIBHB", 0x28, 0, 0, 0, 1, 0))  # READ(10)
+    assert r.status == 0x02
+    assert r.sense[0] == 0x71 and r.sense[2] & 0x0F == 0x3 and r.sense[12:14] == b"\x0c\x00"
+    await ini.ok(struct.pack(">BBIBHB", 0x28, 0, 0, 0, 1, 0))  # reported once
+    bs.close()
