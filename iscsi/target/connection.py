@@ -575,8 +575,15 @@ class TargetConnection(asyncio.Protocol):
                 event(log, "conn.nop_timeout", logging.WARNING, peer=self._peer_str())
                 self.abort_connection()
                 return
-        elif now - self._last_rx >= self.server.nop_interval and self.session.session_type == "Normal":
-            self._ping(now)
+        elif now - self._last_rx >= self.server.nop_interval:
+            if self.session.session_type == "Normal":
+                self._ping(now)
+            elif now - self._last_rx > self.server.nop_interval + self.server.nop_timeout:
+                # Discovery sessions are not pinged; one silent as long as an unanswered ping
+                # would take is dropped too, so none can be parked for ever.
+                event(log, "conn.discovery_idle", logging.WARNING, peer=self._peer_str())
+                self.abort_connection()
+                return
         self._schedule_nop()
 
     def _ping(self, now: float) -> int:

@@ -335,7 +335,7 @@ class IscsiServer:
         if not self.accepting:
             raise LoginError(LoginStatus.SERVICE_UNAVAILABLE, "target is shutting down")
         if tsih == 0:
-            if len(self.session_table) >= MAX_SESSIONS:
+            if len(self.by_tsih) >= MAX_SESSIONS:  # Discovery sessions count too
                 raise LoginError(LoginStatus.OUT_OF_RESOURCES, "too many sessions")
             # New session; an existing one with the same ISID is reinstated in bind_session.
             for _ in range(0x10000):

@@ -262,3 +262,50 @@ def test_abort_task_of_a_command_that_never_arrived_closes_the_cmdsn_gap(daemon,
             break
     still_works(s)
     s.close()
+
+
+# -- idle discovery sessions (in-process target with short timers) ------------------------------
+
+async def test_a_silent_discovery_session_is_dropped_and_counts_against_the_session_limit(monkeypatch):
+    """Discovery sessions are not pinged (NOP-In), so one that logs in and then says nothing was
+    kept for ever, and MAX_SESSIONS counted only Normal sessions: a peer could park any number
+    of them (two descriptors each).  Now one silent for nop_interval + nop_timeout is dropped,
+    like a Normal session that does not answer its ping, and every session counts."""
+    import asyncio
+
+    from iscsi.target import server as S
+    from tests.target.fakes import FakeLunMap, FakeRegistry, FakeTarget
+    from tests.target.wire import Wire
+
+    iqn = "iqn.2026-11.org.sanstack:hostile"
+    server = S.IscsiServer(FakeRegistry({iqn: FakeTarget(iqn, luns=FakeLunMap(4096))}),
+                           nop_interval=0.2, nop_timeout=0.4)
+    _, port = await server.add_portal("127.0.0.1", 0)
+    try:
+        monkeypatch.setattr(S, "MAX_SESSIONS", 2)
+        parked = []
+        for i in range(2):
+            w = await Wire.open(port)
+            assert (await w.login(None, session_type="Discovery", isid=0x400000000700 + i)).status_class == 0
+            parked.append(w)
+        normal = await Wire.open(port)
+        resp = await normal.login(iqn, isid=0x400000000710)
+        assert (resp.status_class, resp.status_detail) == (3, 2), "sessions past MAX_SESSIONS accepted"
+        # The parked sessions go within nop_interval + nop_timeout (plus a tick) of silence ...
+        for w in parked:
+            assert await w.closed(timeout=3.0), "a silent discovery session was kept"
+        # ... and a Normal session that answers its pings is kept as long as it likes.
+        normal = await Wire.open(port)
+        assert (await normal.login(iqn, isid=0x400000000711)).status_class == 0
+        deadline = asyncio.get_running_loop().time() + 1.5
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                pdu = await normal.recv(timeout=0.3)
+            except asyncio.TimeoutError:
+                continue
+            if isinstance(pdu, P.NopIn) and pdu.ttt != P.RESERVED_TAG:
+                normal.send(P.NopOut(itt=P.RESERVED_TAG, ttt=pdu.ttt, cmdsn=normal.cmdsn,
+                                     expstatsn=normal.expstatsn, immediate=True))
+        assert not await normal.closed(timeout=0.1)
+    finally:
+        await server.shutdown(drain_timeout=1)
