@@ -239,12 +239,13 @@ def _write_state(path: Path, st: dict) -> None:
     os.replace(tmp, path)
 
 
-def _losetup_attach(file: Path, block_size: int) -> str:
-    cmd = ["losetup", "--find", "--show", f"--sector-size={block_size}", str(file)]
+def _losetup_attach(file: Path, block_size: int, read_only: bool = False) -> str:
+    ro = ["--read-only"] if read_only else []
+    cmd = ["losetup", "--find", "--show", *ro, f"--sector-size={block_size}", str(file)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     if res.returncode != 0 and "sector-size" in res.stderr:
-        res = subprocess.run(["losetup", "--find", "--show", str(file)], capture_output=True, text=True,
-                             timeout=30)
+        res = subprocess.run(["losetup", "--find", "--show", *ro, str(file)], capture_output=True,
+                             text=True, timeout=30)
     if res.returncode != 0:
         raise RuntimeError(f"losetup failed: {res.stderr.strip()}")
     return res.stdout.strip()
@@ -259,7 +260,7 @@ def _losetup_detach(loopdev: str) -> None:
 # ---------------------------------------------------------------------------
 
 async def serve(urls: list[str], *, ident: str, report_fd: int | None, replacement_timeout: float,
-                policy: str = "round-robin") -> int:
+                policy: str = "round-robin", keys: dict[str, str] | None = None) -> int:
     import pyfuse3
     import pyfuse3.asyncio as fuse_asyncio
 
@@ -283,10 +284,10 @@ async def serve(urls: list[str], *, ident: str, report_fd: int | None, replaceme
         options = SessionOptions(replacement_timeout=replacement_timeout)
         if len(urls) > 1:
             from .multipath import open_multipath
-            session, dev = await open_multipath(urls, policy=policy, options=options,
+            session, dev = await open_multipath(urls, policy=policy, options=options, keys=keys,
                                                 no_path_timeout=replacement_timeout)
         else:
-            session, dev = await open_device(u, options=options)
+            session, dev = await open_device(u, options=options, keys=keys)
         ops = _make_ops(dev)
         options = set(pyfuse3.default_options)
         options |= {"fsname=sanstack-iscsi"}
@@ -296,10 +297,15 @@ async def serve(urls: list[str], *, ident: str, report_fd: int | None, replaceme
         main = asyncio.ensure_future(pyfuse3.main(min_tasks=4, max_tasks=64))
         # losetup opens the FUSE file, which is served by pyfuse3.main in this loop: run it
         # in a thread so the loop keeps answering.
-        loopdev = await asyncio.to_thread(_losetup_attach, mnt / DISK_NAME.decode(), dev.block_size)
+        # A write-protected LU becomes a read-only loop device, as sd makes the disk read-only
+        # (writes would only fail with EIO otherwise).
+        read_only = await dev.write_protected()
+        loopdev = await asyncio.to_thread(_losetup_attach, mnt / DISK_NAME.decode(), dev.block_size,
+                                          read_only)
         st = {"id": ident, "pid": os.getpid(), "url": u.to_string(), "target": u.target, "lun": u.lun,
               "portal": u.portal, "loop": loopdev, "mountpoint": str(mnt), "size": dev.size,
               "block_size": dev.block_size, "identity": dev.identity, "started": time.time(),
+              "read_only": read_only,
               "paths": [parse_url(x).portal for x in urls]}
         _write_state(state_path, st)
         event(log, "attach.ready", loop=loopdev, url=u.to_string(), size=dev.size)
@@ -344,7 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replacement-timeout", type=float, default=120.0)
     ap.add_argument("--log-level", default="INFO")
     ap.add_argument("--policy", default="round-robin")
+    ap.add_argument("--key", action="append", default=[], metavar="NAME=VALUE",
+                    help="login key preference (iscsi-initiator -k)")
     args = ap.parse_args(argv)
+    keys = dict(k.split("=", 1) for k in args.key if "=" in k) or None
     log_setup(args.log_level)
     # URLs (with secrets) come on stdin, one per line (several = multipath): never in argv.
     urls = [line.strip() for line in sys.stdin.read().splitlines() if line.strip()]
@@ -353,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     return asyncio.run(serve(urls, ident=args.id, report_fd=args.report_fd,
-                             replacement_timeout=args.replacement_timeout, policy=args.policy))
+                             replacement_timeout=args.replacement_timeout, policy=args.policy,
+                             keys=keys))
 
 
 # ---------------------------------------------------------------------------
@@ -361,9 +371,11 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------------------
 
 def start_daemon(url: str | list[str], *, log_file: Path | None = None, replacement_timeout: float = 120.0,
-                 timeout: float = ATTACH_TIMEOUT, policy: str = "round-robin") -> dict:
+                 timeout: float = ATTACH_TIMEOUT, policy: str = "round-robin",
+                 keys: dict[str, str] | None = None) -> dict:
     """Start an attach daemon for ``url`` (several URLs of one LU = multipath); returns its
-    state (with ``loop``) once it is ready."""
+    state (with ``loop``) once it is ready.  ``keys``: login key preferences (not secret, so
+    they go in argv; the initiator name travels in the URL's ``initiator_name=``)."""
     urls = [url] if isinstance(url, str) else list(url)
     problem = fuse_problem()
     if problem:
@@ -378,7 +390,8 @@ def start_daemon(url: str | list[str], *, log_file: Path | None = None, replacem
     with open(log_file, "ab") as logf:
         proc = subprocess.Popen(
             [sys.executable, "-m", "iscsi.initiator.attach", "--id", ident, "--report-fd", str(w),
-             "--replacement-timeout", str(replacement_timeout), "--policy", policy],
+             "--replacement-timeout", str(replacement_timeout), "--policy", policy,
+             *(arg for k, v in (keys or {}).items() for arg in ("--key", f"{k}={v}"))],
             stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT, pass_fds=(w,),
             start_new_session=True, env=env)
     os.close(w)
@@ -405,14 +418,29 @@ def start_daemon(url: str | list[str], *, log_file: Path | None = None, replacem
     finally:
         os.close(r)
     text = line.decode().strip()
+    if text.startswith("error "):
+        # The daemon said why (login refused, no such LUN...): that one line is the message;
+        # its log holds nothing more, so it does not pile up in STATE_DIR.
+        _reap(proc)
+        log_file.unlink(missing_ok=True)
+        raise RuntimeError(f"attach failed: {text[6:]}")
     if not text.startswith("ok "):
         tail = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
-        raise RuntimeError(f"attach failed: {text[6:] if text.startswith('error ') else 'daemon exited'}\n{tail}")
+        raise RuntimeError(f"attach failed: daemon exited (log: {log_file})\n{tail}")
     loopdev = text[3:]
     for st in load_states():
         if st.get("id") == ident:
             return st
     return {"id": ident, "loop": loopdev, "pid": proc.pid}
+
+
+def _reap(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """Wait for a daemon that reported failure to exit (it logs out first), so no zombie is left."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
 
 
 def find_attachment(what: str) -> dict | None:

@@ -104,6 +104,12 @@ class _Ctx:
     keys: dict[str, str] | None = None
 
 
+def _with_name(u: IscsiUrl, obj: _Ctx) -> IscsiUrl:
+    """``u`` carrying ``-i NAME`` (the attach daemon is another process: it learns our name
+    from the URL, as the other commands learn it from ``-i``)."""
+    return replace(u, initiator_name=obj.initiator_name) if obj.initiator_name else u
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--initiator-name", "-i", envvar="ISCSI_INITIATOR_NAME", help="our IQN")
 @click.option("--key", "-k", "keys", multiple=True, metavar="NAME=VALUE",
@@ -583,14 +589,15 @@ def bench(obj: _Ctx, url: str, rw: str, rwmixread: int, bs: str, qd: int, runtim
               help="seconds I/O waits for a lost session (or every path) to come back")
 @click.option("--policy", type=click.Choice(["round-robin", "least-queue"]), default="round-robin",
               show_default=True, help="path selection when several URLs (multipath) are given")
+@click.pass_obj
 @_guard
-def attach_cmd(urls: tuple[str, ...], replacement_timeout: float, policy: str) -> None:
+def attach_cmd(obj: _Ctx, urls: tuple[str, ...], replacement_timeout: float, policy: str) -> None:
     """Expose the LUN as /dev/loopN (FUSE file + loop device; needs root).
 
     Several URLs (portals of the same LU) attach it once through multipath."""
-    parsed = [_url(u) for u in urls]
+    parsed = [_with_name(_url(u), obj) for u in urls]
     st = attach_mod.start_daemon([u.to_string(secrets=True) for u in parsed],
-                                 replacement_timeout=replacement_timeout, policy=policy)
+                                 replacement_timeout=replacement_timeout, policy=policy, keys=obj.keys)
     click.echo(st["loop"])
 
 
@@ -698,7 +705,7 @@ def login(obj: _Ctx, target: str | None, portal: str | None, all_: bool) -> None
             if attach_mod.find_attachment(url.to_string()):
                 click.echo(f"{url} already logged in")
                 continue
-            st = attach_mod.start_daemon(url.to_string(secrets=True))
+            st = attach_mod.start_daemon(_with_name(url, obj).to_string(secrets=True), keys=obj.keys)
             click.echo(f"{st['loop']} {url}")
 
 
@@ -709,10 +716,16 @@ def login(obj: _Ctx, target: str | None, portal: str | None, all_: bool) -> None
 @_guard
 def logout(target: str | None, portal: str | None, all_: bool) -> None:
     """Log out of node(s): detach their LUNs."""
+    if not all_ and not target:
+        raise click.UsageError("give a target name or --all")
+    found = 0
     for st in attach_mod.load_states():
         if all_ or (st.get("target") == target and (portal is None or st.get("portal") == portal)):
             attach_mod.stop_daemon(st)
+            found += 1
             click.echo(f"logged out {st.get('url')} ({st.get('loop')})")
+    if not found and not all_:
+        _fail(f"not logged in to {target}" + (f" at {portal}" if portal else ""))
 
 
 @main.command()

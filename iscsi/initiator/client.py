@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from .. import keys as K
 from ..auth import ChapCredentials
 from .device import BlockDevice
-from .errors import ConfigError, ConnectionLost, IscsiError, LoginRedirect, PortalError, ProtocolViolation
+from .errors import ConfigError, ConnectionLost, IscsiError, LoginError, LoginRedirect, PortalError, ProtocolViolation
 from .login import LoginConfig
 from .session import Session, SessionOptions
 from .url import DEFAULT_PORT, IscsiUrl, parse_portal, parse_url
@@ -17,6 +17,8 @@ from .url import DEFAULT_PORT, IscsiUrl, parse_portal, parse_url
 #: Where open-iscsi keeps the host's initiator name; used when present so that ACLs written
 #: for this host's kernel initiator also admit us.
 INITIATOR_NAME_FILE = "/etc/iscsi/initiatorname.iscsi"
+#: Login status 0201h (RFC 7143 §11.13.5).
+AUTHENTICATION_FAILURE = 0x0201
 #: Redirects followed before giving up (a loop between two portals would never end).
 MAX_REDIRECTS = 4
 
@@ -48,6 +50,18 @@ RESERVED_KEYS = {
 }
 
 
+def normalize_keys(keys: dict[str, str] | None) -> dict[str, str]:
+    """``keys`` with what follows from them: a MaxBurstLength below our default
+    FirstBurstLength brings FirstBurstLength down with it (RFC 7143 §13.14 wants
+    FirstBurstLength <= MaxBurstLength), unless the caller set both."""
+    k = dict(keys or {})
+    mbl, fbl = k.get("MaxBurstLength"), K.INITIATOR_DEFAULTS.get("FirstBurstLength")
+    if (mbl is not None and "FirstBurstLength" not in k and mbl.isdigit() and fbl is not None
+            and int(mbl) < int(fbl)):
+        k["FirstBurstLength"] = mbl
+    return k
+
+
 def validate_keys(keys: dict[str, str] | None, session_type: str = "Normal") -> None:
     """Refuse login key preferences that cannot work, before connecting (:class:`ConfigError`)."""
     if not keys:
@@ -56,7 +70,7 @@ def validate_keys(keys: dict[str, str] | None, session_type: str = "Normal") -> 
         if name in RESERVED_KEYS:
             raise ConfigError(f"login key {name} cannot be set: {RESERVED_KEYS[name]}")
     try:
-        K.Negotiator("initiator", session_type=session_type, local=keys)
+        K.Negotiator("initiator", session_type=session_type, local=normalize_keys(keys))
     except ValueError as exc:
         raise ConfigError(f"login key: {exc}") from None
 
@@ -76,6 +90,7 @@ def login_config(url: IscsiUrl, *, initiator_name: str | None = None, session_ty
     if url.target_user and not url.user:
         raise ConfigError("mutual CHAP (target_user=) needs the initiator's CHAP name and secret too")
     validate_keys(keys, session_type)
+    keys = normalize_keys(keys)
     chap = ChapCredentials(url.user, url.password) if url.user and url.password is not None else None
     mutual = (ChapCredentials(url.target_user, url.target_password)
               if url.target_user and url.target_password is not None else None)
@@ -179,7 +194,16 @@ async def discover(host: str, port: int = DEFAULT_PORT, *, url: IscsiUrl | None 
     url = url or IscsiUrl(host=host, port=port)
     cfg = login_config(url, initiator_name=initiator_name, session_type="Discovery", keys=keys)
     opts = SessionOptions(login_timeout=timeout, noop_interval=0, reconnect=False)
-    session = await _login(host, port, cfg, opts)
+    try:
+        session = await _login(host, port, cfg, opts)
+    except LoginError as exc:
+        if exc.status == AUTHENTICATION_FAILURE and url.target_user:
+            # We offer only CHAP when the target must prove itself, and most targets do not
+            # authenticate discovery sessions at all (tgtd, ours, libiscsi fails the same way).
+            raise LoginError(f"{exc} (discovery with mutual CHAP: drop target_user/target_password "
+                             f"if the target does not authenticate discovery sessions)",
+                             exc.status_class, exc.status_detail) from exc
+        raise
     try:
         pairs = await asyncio.wait_for(session.text_exchange([("SendTargets", "All")]), timeout)
     finally:

@@ -40,6 +40,8 @@ DEFAULT_MAX_TRANSFER_BYTES = 1 << 20
 #: Peripheral device types that speak SBC (READ CAPACITY, READ/WRITE 16), SPC-4 Table 141:
 #: direct access, optical memory, simplified direct access (RBC), host-managed zoned.
 BLOCK_DEVICE_TYPES = frozenset({0x00, 0x07, 0x0E, 0x14})
+#: MODE SENSE (10) parameter header length (SPC-4 §7.5.5): all write_protected() needs.
+MODE_SENSE10_HEADER = 8
 #: "Unknown or no device type" (SPC-4 §6.6.2): with qualifier 3 it means no LU at this LUN.
 NO_DEVICE_TYPE = 0x1F
 
@@ -204,6 +206,17 @@ class BlockDevice:
         return scsi.parse_report_target_port_groups(bytes(t.data))
 
     # ------------------------------------------------------------------ capacity
+    async def write_protected(self) -> bool:
+        """The WP bit of the MODE SENSE (10) header's device-specific parameter (SBC-4 §6.5.1):
+        writes will fail DATA PROTECT.  False when the target does not answer MODE SENSE."""
+        try:
+            task = await self.command(scsi.mode_sense10(0x3F, alloc_len=MODE_SENSE10_HEADER),
+                                      read_len=MODE_SENSE10_HEADER)
+        except ScsiError:
+            return False
+        data = task.data
+        return len(data) >= 4 and bool(data[3] & 0x80)
+
     async def read_capacity(self) -> scsi.Capacity:
         try:
             t = await self.command(scsi.read_capacity16(32), read_len=32)

@@ -214,7 +214,7 @@ async def probe_path(session: Session, lun: int) -> Path:
 
 
 async def open_multipath(urls: list, *, policy: str = "round-robin", initiator_name: str | None = None,
-                         options: SessionOptions | None = None,
+                         options: SessionOptions | None = None, keys: dict[str, str] | None = None,
                          no_path_timeout: float = NO_PATH_TIMEOUT) -> tuple[MultipathExecutor, BlockDevice]:
     """Log in through every URL (same LU, different portals) and return the executor and device."""
     from .client import open_session
@@ -224,7 +224,7 @@ async def open_multipath(urls: list, *, policy: str = "round-robin", initiator_n
     opts.fail_fast = True
     parsed = [parse_url(u) if isinstance(u, str) else u for u in urls]
     sessions = await asyncio.gather(*(open_session(u, options=SessionOptions(**vars(opts)),
-                                                   initiator_name=initiator_name) for u in parsed),
+                                                   initiator_name=initiator_name, keys=keys) for u in parsed),
                                     return_exceptions=True)
     live = [(s, u) for s, u in zip(sessions, parsed) if isinstance(s, Session)]
     if not live:

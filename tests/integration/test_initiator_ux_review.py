@@ -383,3 +383,96 @@ async def test_close_leaves_no_task_pending(open_peer):
     await s.close()
     pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
     assert pending == []
+
+
+# ---------------------------------------------------------------------------------------------
+# discovery, node records, attach
+# ---------------------------------------------------------------------------------------------
+
+def test_discovery_with_mutual_chap_explains_itself(chap_peer):
+    url = chap_peer.portal_url()           # carries target_user/target_password
+    assert "target_password" in url
+    out = assert_error(run_cli("discover", url), "authentication failure (0x0201)", "mutual", code=1)
+    assert SECRET not in out and TSECRET not in out
+
+
+def test_logout_of_nothing_fails(tmp_path, monkeypatch):
+    from iscsi.initiator import attach as attach_mod
+
+    monkeypatch.setattr(attach_mod, "STATE_DIR", tmp_path / "run")
+    assert_error(run_cli("logout", "iqn.2026-11.org.example:not-logged-in"), "not logged in", code=1)
+    assert_error(run_cli("logout"), "--all", code=2)
+
+
+def _attach_cli(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SANSTACK_INITIATOR_RUN": str(run_dir)}
+    return subprocess.run([sys.executable, "-m", "iscsi.initiator.cli", "-i", INITIATOR, *args],
+                          capture_output=True, text=True, timeout=90, env=env)
+
+
+@pytest.fixture
+def attach_dir(tmp_path):
+    from iscsi.initiator.attach import fuse_problem
+
+    if fuse_problem():
+        pytest.skip(fuse_problem())
+    d = tmp_path / "run"
+    yield d
+    _attach_cli(d, "detach", "--all")
+
+
+def test_attach_failure_is_one_line_and_leaves_no_log(open_peer, attach_dir):
+    r = _attach_cli(attach_dir, "attach", lun_url(open_peer, 9))
+    assert r.returncode == 1
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert lines == ["error: attach failed: LUN 9 does not exist (peripheral qualifier 3, device type 0x1f)"], r.stderr
+    assert list(attach_dir.glob("*.log")) == []
+
+
+def test_attach_write_protected_lun_read_only(ro_peer, attach_dir):
+    r = _attach_cli(attach_dir, "attach", ro_peer.url(0))
+    assert r.returncode == 0, r.stderr
+    loop = r.stdout.strip()
+    ro = subprocess.run(["blockdev", "--getro", loop], capture_output=True, text=True, timeout=30)
+    assert ro.stdout.strip() == "1"        # was 0: writes only failed with EIO
+
+
+@pytest.fixture(scope="module")
+def acl_peer(tmp_path_factory):
+    """Our target admitting only INITIATOR."""
+    peer = make_peer("sanstack", tmp_path_factory.mktemp("ux-acl"), size="8M", acl=[INITIATOR])
+    peer.start()
+    yield peer
+    peer.stop()
+
+
+def test_attach_uses_the_initiator_name(acl_peer, attach_dir):
+    # -i was ignored by attach: the daemon logged in as the host's default name and the
+    # target's ACL refused it (authorization failure)
+    r = _attach_cli(attach_dir, "attach", acl_peer.url(0))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("/dev/loop")
+
+
+def test_attach_passes_login_keys(open_peer, attach_dir):
+    r = _attach_cli(attach_dir, "-k", "HeaderDigest=CRC32C", "attach", open_peer.url(0))
+    assert r.returncode == 0, r.stderr
+    argv = Path(f"/proc/{_state(attach_dir)['pid']}/cmdline").read_bytes().split(b"\0")
+    assert b"HeaderDigest=CRC32C" in argv
+
+
+def _state(run_dir: Path) -> dict:
+    import json
+
+    (path,) = run_dir.glob("*.json")
+    return json.loads(path.read_text())
+
+
+def test_lower_max_burst_alone_is_accepted(open_peer):
+    # FirstBurstLength (default 256 KiB) used to make MaxBurstLength=65536 alone an error
+    r = run_cli("-k", "MaxBurstLength=65536", "readcap", open_peer.url(0))
+    assert r.exit_code == 0, r.output
+    with pytest.raises(ConfigError):
+        login_config(parse_url(open_peer.url(0)), keys={"MaxBurstLength": "65536", "FirstBurstLength": "131072"})
