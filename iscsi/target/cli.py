@@ -99,7 +99,7 @@ def quickstart_config(target_name: str, lun_specs: Iterable[str], portals: Itera
             lun.number = C.next_free(used)
             used.add(lun.number)
         if lun.size is None and not os.path.exists(lun.path):
-            head, sep, tail = lun.path.rpartition(":")
+            _head, sep, tail = lun.path.rpartition(":")
             hint = (f" ({tail!r} was taken as part of the file name: it is not a LUN option; "
                     f"options are {C.LUN_SPEC_OPTIONS})") if sep and "/" not in tail else ""
             raise ConfigError(f"--lun {spec}: the image {lun.path} does not exist; add a size to create it, "
@@ -202,8 +202,9 @@ def main(ctx: click.Context, control: Path | None) -> None:
 @click.option("--portal", "portals", multiple=True, metavar="HOST:PORT",
               help="Quick start: listen here; repeat for multipath (one portal group each).")
 @click.option("--target", "target_name", metavar="IQN", help="Quick start: the target's name.")
-@click.option("--lun", "luns", multiple=True, metavar="PATH[:SIZE][:ro][:removable][:bs=4096][:pbs=4096]",
-              help="Quick start: an image, created sparse if missing; repeat for more LUNs.")
+@click.option("--lun", "luns", multiple=True, metavar="PATH[:SIZE][:OPTION]...",
+              help="Quick start: an image, created sparse if missing; repeat for more LUNs. "
+                   "OPTION: ro, rw, removable, bs=512|4096, pbs=512|4096, serial=S, lun=N.")
 @click.option("--alias", help="Quick start: TargetAlias.")
 @_control_option
 @click.option("--log-level", default="INFO", show_default=True,
@@ -215,6 +216,9 @@ def serve(config_file: Path | None, data_dir: Path | None, portals: tuple[str, .
     from .daemon import TargetDaemon
 
     quick = bool(target_name or luns)
+    if alias is not None and not quick:
+        raise click.UsageError("--alias belongs to the quick-start form (with --target and --lun); "
+                               "for a configured target use `iscsi-target target set IQN --alias TEXT`")
     if quick and config_file:
         raise click.UsageError("give either --config or the quick-start options (--target/--lun/--portal), not both")
     if quick and not (target_name and luns):
@@ -371,7 +375,7 @@ def lun() -> None:
 
 @lun.command("add")
 @click.argument("iqn")
-@click.argument("spec", metavar="PATH[:SIZE][:ro][:removable][:bs=4096][:pbs=4096]")
+@click.argument("spec", metavar="PATH[:SIZE][:OPTION]...")
 @click.option("--lun", "number", type=click.IntRange(0, C.MAX_LUN), help="LUN number [default: lowest free].")
 @click.option("--size", help="Size, e.g. 1G (needed when the image does not exist).")
 @click.option("--block-size", type=click.Choice(["512", "4096"]))
@@ -384,7 +388,12 @@ def lun() -> None:
 def lun_add(iqn: str, spec: str, number: int | None, size: str | None, block_size: str | None,
             read_only: bool | None, removable: bool | None, serial: str | None, vendor: str | None,
             product: str | None, control: Path | None) -> None:
-    """Add an image as a LUN (created sparse if missing)."""
+    """Add an image as a LUN (created sparse if missing).
+
+    \b
+    OPTION: ro, rw, removable, bs=512|4096, pbs=512|4096, serial=S, lun=N
+    e.g. /srv/disk.img:10G:bs=4096
+    """
     parsed = _check(lambda: C.parse_lun_spec(spec))
     if size is not None:
         parsed.size = _check(lambda: C.parse_size(size))

@@ -20,6 +20,7 @@ import os
 import re
 import stat
 import tempfile
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -453,7 +454,9 @@ def _check_text(value: Any, where: str, max_bytes: int) -> None:
         raise ConfigError(f"{where}: must be a non-empty string")
     if len(value.encode("utf-8")) > max_bytes:
         raise ConfigError(f"{where}: longer than {max_bytes} bytes")
-    if any(ord(c) < 0x20 or c == "\x7f" for c in value):
+    # Cc = C0, DEL and C1 (U+0080..U+009F; U+009B is a terminal CSI): names end up in
+    # status tables, logs and the initiator's TargetAlias display.
+    if any(unicodedata.category(c) == "Cc" for c in value):
         raise ConfigError(f"{where}: contains control characters")
 
 

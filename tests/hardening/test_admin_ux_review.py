@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -157,7 +156,7 @@ def _serve(tmp: Path, *args: str, timeout: float = 20) -> subprocess.CompletedPr
     ctl = Path(tempfile.mkdtemp(prefix="uxs", dir="/tmp"))
     try:
         return subprocess.run([sys.executable, "-m", "iscsi.target", "--control", str(ctl / "c.sock"), "serve", *args],
-                              capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+                              check=False, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
     finally:
         shutil.rmtree(ctl, ignore_errors=True)
 
@@ -353,7 +352,7 @@ def test_secret_file_read_is_bounded(live):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     r = subprocess.run([sys.executable, "-m", "iscsi.target", "--control", str(live.ctl), "chap", "set",
                         "--target", T, "--username", "u", "--secret-file", "/dev/zero"],
-                       capture_output=True, text=True, timeout=30, env=env, stdin=subprocess.DEVNULL,
+                       check=False, capture_output=True, text=True, timeout=30, env=env, stdin=subprocess.DEVNULL,
                        preexec_fn=_limit_memory)
     assert r.returncode == 1
     _one_line_error(r.stderr, "longer than 255 bytes")
@@ -400,7 +399,7 @@ def test_control_socket_under_a_regular_file_names_the_path(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     r = subprocess.run([sys.executable, "-m", "iscsi.target", "--control", str(tmp_path / "plain" / "c.sock"),
                         "serve", "--config", str(cf)],
-                       capture_output=True, text=True, timeout=20, env=env, stdin=subprocess.DEVNULL)
+                       check=False, capture_output=True, text=True, timeout=20, env=env, stdin=subprocess.DEVNULL)
     assert r.returncode == 1
     _one_line_error(r.stderr, f"{tmp_path / 'plain'} is not a directory")
     assert "ERROR asyncio" not in r.stderr
@@ -500,51 +499,63 @@ async def test_resize_of_an_image_found_bigger_needs_force_and_then_happens(tmp_
 # --------------------------------------------------------------------------- one image, one daemon
 
 
-async def test_an_image_served_by_one_daemon_is_refused_to_another(tmp_path):
+async def test_an_image_served_by_another_daemon_is_a_loud_warning(tmp_path, caplog):
     path = tmp_path / "target.json"
     C.save_config(_config(tmp_path), path)
     first = TargetDaemon(C.load_config(path), path, server_factory=ListenerFake)
     await first.start()
     try:
+        assert "lun.image_in_use" not in caplog.text
         other = CLI.quickstart_config("iqn.2026-11.org.example:other", [str(tmp_path / "l0.img")], ["127.0.0.1:3260"])
         second = TargetDaemon(other, None, server_factory=ListenerFake)
-        with pytest.raises(ConfigError, match="in use by another process"):
-            await second.start()
-        # a LUN reopened by its own daemon (removable changed) keeps working
+        await second.start()  # served (tools/bench_all.py does this on purpose), but not silently
+        await second.stop()
+        assert "lun.image_in_use" in caplog.text and "corrupt" in caplog.text
+        caplog.clear()
+        # a LUN reopened by its own daemon (removable changed) is no conflict
         await first.change(lambda cfg: setattr(cfg.target(T).luns[0], "removable", True))
         assert first.find_target(T).units[0].lun.removable
+        assert "lun.image_in_use" not in caplog.text
     finally:
         await first.stop()
     again = TargetDaemon(C.load_config(path), path, server_factory=ListenerFake)
     await again.start()  # the lock went with the first daemon
     await again.stop()
+    assert "lun.image_in_use" not in caplog.text
 
 
-def test_a_second_serve_on_the_same_image_refuses_to_start(tmp_path):
-    img = tmp_path / "shared.img"
-    img.write_bytes(bytes(MIB))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    ctl = Path(tempfile.mkdtemp(prefix="uxl", dir="/tmp"))
-    port1, port2 = _free_port(), _free_port()
-    first = subprocess.Popen([sys.executable, "-m", "iscsi.target", "--control", str(ctl / "a.sock"), "serve",
-                              "--target", T, "--lun", str(img), "--portal", f"127.0.0.1:{port1}"],
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             stdin=subprocess.DEVNULL)
-    try:
-        for _ in range(200):  # up to 20 s for the first daemon to listen
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port1)) == 0:
-                    break
-            assert first.poll() is None, first.stderr.read()
-            time.sleep(0.1)
-        r = subprocess.run([sys.executable, "-m", "iscsi.target", "--control", str(ctl / "b.sock"), "serve",
-                            "--target", "iqn.2026-11.org.example:two", "--lun", str(img),
-                            "--portal", f"127.0.0.1:{port2}"],
-                           capture_output=True, text=True, timeout=20, env=env, stdin=subprocess.DEVNULL)
-        assert r.returncode == 1
-        _one_line_error(r.stderr, str(img), "in use by another process")
-    finally:
-        first.terminate()
-        first.wait(20)
-        shutil.rmtree(ctl, ignore_errors=True)
-    assert first.returncode == 0
+# --------------------------------------------------------------------------- terminal safety
+
+
+@pytest.mark.parametrize("text", ["evil\x1b[31m", "evil\x9b31m", "a\rb", "a\x85b"])
+def test_alias_and_chap_names_with_control_characters_are_refused(tmp_path, text):
+    cfg = _config(tmp_path)
+    cfg.targets[0].alias = text
+    with pytest.raises(ConfigError, match="alias: contains control characters"):
+        cfg.validate()
+    cfg = _config(tmp_path)
+    cfg.targets[0].chap = C.ChapConfig(text, "s" * 16)
+    with pytest.raises(ConfigError, match="username: contains control characters"):
+        cfg.validate()
+
+
+@pytest.mark.xfail(strict=True, reason="iscsi/log.py (not this review's file): _quote escapes only '\\n'; "
+                   "an unauthenticated initiator's InitiatorName with ESC/CR reaches the daemon log raw "
+                   "(login.failed initiator=...), i.e. terminal escapes and line overwrites in `tail -f`")
+def test_log_fields_never_carry_raw_control_characters():
+    from iscsi.log import format_fields
+
+    line = format_fields({"initiator": "iqn.2026-11.org.x:evil\x1b[2J\rforged", "reason": "x\x00y"})
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in line), repr(line)
+
+
+def test_serve_alias_without_quick_start_is_a_usage_error_not_ignored(tmp_path):
+    r = run("--control", str(tmp_path / "c.sock"), "serve", "--data-dir", str(tmp_path), "--alias", "mine")
+    assert r.exit_code == 2 and "target set" in r.output
+    assert not (tmp_path / C.CONFIG_FILENAME).exists()  # no default config made behind the admin's back
+
+
+def test_lun_add_usage_line_is_not_broken_mid_word():
+    r = run("lun", "add", "--help")
+    usage = r.output.split("\n\n")[0]
+    assert "PATH[:SIZE][:OPTION]..." in usage and "removabl\n" not in usage
