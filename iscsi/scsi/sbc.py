@@ -150,6 +150,9 @@ def _write(lu: LogicalUnit, cmd: ScsiCommand, lba: int, n: int, len_field: int, 
     want = n * bs
     data = cmd.data_out
     if len(data) != want:
+        if atomic and len(data) < want:
+            # Part of an atomic write is not a write of it (SBC-4 atomic writes: all or none).
+            raise S.illegal_field(len_field)
         data = _whole_blocks(lu, data, want)
         if not data:
             return ScsiResult()

@@ -325,3 +325,17 @@ async def test_failed_gathered_write_is_reported_as_a_deferred_error(tmp_path):
     assert r.sense[0] == 0x71 and r.sense[2] & 0x0F == 0x3 and r.sense[12:14] == b"\x0c\x00"
     await ini.ok(struct.pack(">BBIBHB", 0x28, 0, 0, 0, 1, 0))  # reported once
     bs.close()
+
+
+async def test_write_atomic_with_short_data_out_writes_nothing():
+    """WRITE ATOMIC(16) is all or nothing (SBC-4 atomic writes, §5.46): with fewer Data-Out bytes than its
+    TRANSFER LENGTH asks (iSCSI overflow), writing the blocks that did arrive would be a torn
+    atomic write under GOOD status; it fails instead and the medium is unchanged."""
+    lu = make_lu("ram", size=1 << 20)
+    ini = await ready(lu)
+    cdb = struct.pack(">BBQHHBB", 0x9C, 0, 0, 0, 4, 0, 0)  # 4 blocks
+    s = await ini.fails(cdb, b"\x77" * (2 * 512))  # only 2 arrived
+    assert s.code == (0x5, 0x24, 0x00) and s.sks == b"\xc0\x00\x0c"
+    assert lu.backstore.read(0, 4 * 512) == bytes(4 * 512)
+    await ini.ok(cdb, b"\x77" * (4 * 512))
+    assert lu.backstore.read(0, 4 * 512) == b"\x77" * (4 * 512)
