@@ -409,6 +409,8 @@ def lun_add(iqn: str, spec: str, number: int | None, size: str | None, block_siz
         serial=serial or parsed.serial, vendor=vendor, product=product,
     )
     click.echo(f"{res['target']}: LUN {res['lun']} added ({path}, serial {res['serial']})")
+    if res.get("warning"):
+        click.echo(f"iscsi-target: warning: {res['warning']}", err=True)
 
 
 @lun.command("remove")

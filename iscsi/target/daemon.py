@@ -84,6 +84,7 @@ class Unit:
     # so "nothing was changed" holds for the disk too.
     created: bool = False
     lock: Any = None  # the provider's hold on the image (ImageLocks key), released at close
+    in_use_elsewhere: bool = False  # another process holds the image's lock (see ImageLocks)
 
     @property
     def size(self) -> int:
@@ -128,7 +129,8 @@ class ImageLocks:
         self._held: dict[tuple[int, int], list[int]] = {}  # (dev, ino) -> [fd, count]
         self._mutex = threading.Lock()
 
-    def acquire(self, image: Path, where: str) -> tuple[int, int] | None:
+    def acquire(self, image: Path, where: str) -> tuple[tuple[int, int] | None, bool]:
+        """(key to release, or None; True when another process holds the image)."""
         fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
         keep = False
         try:
@@ -138,17 +140,20 @@ class ImageLocks:
                 held = self._held.get(key)
                 if held is not None:  # this daemon serves it already (a LUN being reopened)
                     held[1] += 1
-                    return key
+                    return key, False
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     event(log, "lun.image_in_use", logging.WARNING, lun=where, image=image,
                           note="another process (an iscsi-target daemon?) serves this image too; "
                                "writes through both corrupt it")
-                    return None
+                    return None, True
+                except OSError as e:  # ENOLCK/EINVAL: a filesystem without flock; serve unlocked
+                    event(log, "lun.image_unlocked", logging.WARNING, lun=where, image=image, error=e.strerror)
+                    return None, False
                 self._held[key] = [fd, 1]
                 keep = True
-                return key
+                return key, False
         finally:
             if not keep:
                 os.close(fd)
@@ -198,7 +203,7 @@ class ScsiUnitProvider:
         )
         lock = None
         try:
-            lock = self.locks.acquire(image, f"{target.iqn} LUN {lun.number}")
+            lock, in_use = self.locks.acquire(image, f"{target.iqn} LUN {lun.number}")
             actual = int(backstore.size)
             if lun.size is not None and actual < lun.size and not lun.read_only:
                 # The config says bigger: an interrupted resize or a copied image. Growing
@@ -228,7 +233,7 @@ class ScsiUnitProvider:
             self.locks.release(lock)
             raise
         unit = Unit(lu=lu, backstore=backstore, lun=lun, image=image, created=not exists)
-        unit.lock = lock
+        unit.lock, unit.in_use_elsewhere = lock, in_use
         return unit
 
     @staticmethod
@@ -965,7 +970,13 @@ class TargetDaemon:
             target.luns.sort(key=lambda l: l.number)
             return {"target": target.iqn, "lun": n, "serial": lun.serial}
 
-        return await self.change(mutate, "lun.add")
+        result = await self.change(mutate, "lun.add")
+        rt = self._targets.get(result["target"])
+        unit = rt.units.get(result["lun"]) if rt else None
+        if unit is not None and getattr(unit, "in_use_elsewhere", False):
+            result["warning"] = (f"image {unit.image} is also served by another process; "
+                                 "writes through both corrupt it")
+        return result
 
     async def lun_remove(self, iqn: str, number: int) -> dict:
         def mutate(cfg: Config) -> dict:

@@ -559,3 +559,17 @@ def test_lun_add_usage_line_is_not_broken_mid_word():
     r = run("lun", "add", "--help")
     usage = r.output.split("\n\n")[0]
     assert "PATH[:SIZE][:OPTION]..." in usage and "removabl\n" not in usage
+
+
+def test_lun_add_of_an_image_another_daemon_serves_warns_the_admin(live, tmp_path):
+    import fcntl
+
+    img = tmp_path / "held.img"
+    img.write_bytes(bytes(MIB))
+    with open(img, "rb") as other:  # another process's daemon, as far as the lock can tell
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        r = live.cli("lun", "add", T, str(img))
+    assert r.exit_code == 0
+    assert "LUN 1 added" in r.output and "warning:" in r.output and "another process" in r.output
+    r = live.cli("lun", "add", T, f"{tmp_path}/free.img:1M")
+    assert r.exit_code == 0 and "warning" not in r.output
