@@ -327,8 +327,9 @@ class LogicalUnit:
         "ok"; "unreachable" when ``other`` is not an LU this nexus uses (the copy manager
         spans every target of the daemon, and LUN masking must hold for copies too: an
         I_T nexus only ever reaches the LUs its target maps for it, and an initiator
-        addresses an LU before it names it in a copy) or is not ready; "conflict" when a READ(16)/WRITE(16) from the nexus would get
-        RESERVATION CONFLICT there (SPC-4 §5.13: copies do not bypass reservations).
+        addresses an LU before it names it in a copy) or is not ready; "conflict" when a
+        READ(16)/WRITE(16) from the nexus would get RESERVATION CONFLICT there (SPC-4
+        §5.13: copies do not bypass reservations).
         """
         if other is not self and self.served and nexus not in getattr(other, "_users", ()):
             return "unreachable"
@@ -382,9 +383,9 @@ class LogicalUnit:
     def not_ready_sense(self, descriptor: bool) -> bytes | None:
         """Sense data for the not-ready state, or None when ready.
 
-        While a sanitize runs it carries the PROGRESS INDICATION: SBC-4 §4.11 (sanitize) requires it
-        in the REQUEST SENSE answer, and it is as useful in the CHECK CONDITION of the
-        commands refused meanwhile.
+        While a sanitize runs it carries the PROGRESS INDICATION: SBC-4 §4.11 (sanitize)
+        requires it in the REQUEST SENSE answer, and it is as useful in the CHECK CONDITION
+        of the commands refused meanwhile.
         """
         if self.sanitizing:
             return build_sense(SenseKey.NOT_READY, S.LOGICAL_UNIT_NOT_READY_SANITIZE_IN_PROGRESS,
