@@ -808,7 +808,9 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """
     cfg.validate()
     text = dumps(cfg)
-    path = Path(path)
+    # Write through a symlink (config management often links /etc/... to the real file):
+    # renaming over the link itself would turn it into a file and leave the real one stale.
+    path = Path(os.path.realpath(path))
     directory = path.parent
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     for stale in directory.glob(f".{path.name}.*.tmp"):

@@ -573,3 +573,23 @@ def test_lun_add_of_an_image_another_daemon_serves_warns_the_admin(live, tmp_pat
     assert "LUN 1 added" in r.output and "warning:" in r.output and "another process" in r.output
     r = live.cli("lun", "add", T, f"{tmp_path}/free.img:1M")
     assert r.exit_code == 0 and "warning" not in r.output
+
+
+# --------------------------------------------------------------------------- config file handling
+
+
+def test_a_change_saved_through_a_symlinked_config_updates_the_real_file(tmp_path):
+    real_dir, link_dir = tmp_path / "real", tmp_path / "etc"
+    real_dir.mkdir()
+    link_dir.mkdir()
+    real = real_dir / "target.json"
+    C.save_config(_config(tmp_path), real)
+    link = link_dir / "target.json"
+    link.symlink_to(real)
+    cfg = C.load_config(link)
+    cfg.targets[0].alias = "changed"
+    C.save_config(cfg, link)
+    assert link.is_symlink()  # still the admin's link ...
+    assert C.load_config(real).targets[0].alias == "changed"  # ... and the real file has the change
+    assert C.file_is_private(real)
+    assert not [p for p in link_dir.iterdir() if p.name != "target.json"]  # no temp file left there
