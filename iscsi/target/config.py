@@ -777,7 +777,8 @@ def load_config(path: str | os.PathLike) -> Config:
     """Load a config file, all or nothing.  Errors name the file and the bad entry.
 
     Without a ``data_dir`` in the file, relative image paths are taken from the
-    file's own directory (never from the daemon's working directory).
+    file's own directory, and so is a relative ``data_dir`` (never from the daemon's
+    working directory).
     """
     path = Path(path)
     try:
@@ -792,6 +793,10 @@ def load_config(path: str | os.PathLike) -> Config:
         raise ConfigError(f"{path}: {e}") from None
     if cfg.data_dir is None:  # relative image paths then live beside the file
         cfg.data_dir = str(path.absolute().parent)
+    elif not Path(cfg.data_dir).expanduser().is_absolute():
+        # A relative data_dir is taken from the file's directory too: the daemon's working
+        # directory (/ under systemd) must not decide where images are created.
+        cfg.data_dir = str(path.absolute().parent / cfg.data_dir)
     return cfg
 
 

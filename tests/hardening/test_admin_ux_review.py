@@ -593,3 +593,15 @@ def test_a_change_saved_through_a_symlinked_config_updates_the_real_file(tmp_pat
     assert C.load_config(real).targets[0].alias == "changed"  # ... and the real file has the change
     assert C.file_is_private(real)
     assert not [p for p in link_dir.iterdir() if p.name != "target.json"]  # no temp file left there
+
+
+def test_a_relative_data_dir_is_taken_from_the_config_files_directory(tmp_path, monkeypatch):
+    cf = tmp_path / "conf" / "target.json"
+    cf.parent.mkdir()
+    cf.write_text(json.dumps({"version": 1, "data_dir": "images", "targets": [
+        {"iqn": T, "luns": [{"number": 0, "path": "x.img", "size": "1M"}]}]}))
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = C.load_config(cf)
+    assert cfg.resolve_path("x.img") == tmp_path / "conf" / "images" / "x.img"
