@@ -437,6 +437,29 @@ class Config:
                 raise ConfigError(f"{where}: a target with this name is already defined")
             seen_targets.add(target.iqn)
             _validate_target(self, target, where, seen_images)
+        self._check_secret_reuse()
+
+    def _chap_places(self) -> Iterator[tuple[str, ChapConfig]]:
+        if self.discovery_auth is not None:
+            yield "discovery_auth", self.discovery_auth
+        for ti, t in enumerate(self.targets):
+            if t.chap is not None:
+                yield f"targets[{ti}] ({t.iqn}).chap", t.chap
+            for ai, a in enumerate(t.acls):
+                if a.chap is not None:
+                    yield f"targets[{ti}] ({t.iqn}).acls[{ai}] ({a.initiator}).chap", a.chap
+
+    def _check_secret_reuse(self) -> None:
+        """RFC 7143 §12.1.3: a secret used to authenticate initiators MUST NOT be configured
+        for authenticating a target (mutual CHAP) anywhere: a target answering challenges
+        with it is an oracle for that secret. Messages name the places, never the secret."""
+        initiator_secrets = {chap.secret: where for where, chap in self._chap_places()}
+        for where, chap in self._chap_places():
+            if chap.mutual_secret is not None and chap.mutual_secret in initiator_secrets:
+                raise ConfigError(
+                    f"{where}.mutual_secret: the same secret authenticates initiators at "
+                    f"{initiator_secrets[chap.mutual_secret]}.secret; RFC 7143 §12.1.3 forbids that"
+                )
 
 
 def default_serial(target_iqn: str, lun: int, path: str) -> str:

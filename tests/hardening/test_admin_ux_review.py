@@ -605,3 +605,19 @@ def test_a_relative_data_dir_is_taken_from_the_config_files_directory(tmp_path, 
     monkeypatch.chdir(elsewhere)
     cfg = C.load_config(cf)
     assert cfg.resolve_path("x.img") == tmp_path / "conf" / "images" / "x.img"
+
+
+def test_a_mutual_secret_that_authenticates_initiators_elsewhere_is_refused(live, tmp_path):
+    live.cli("acl", "add", T, "iqn.2026-11.org.example:host")
+    (tmp_path / "a").write_text("target-secret-AAAA")
+    (tmp_path / "b").write_text("acl-secret-BBBBBB")
+    r = live.cli("chap", "set", "--target", T, "--username", "u", "--secret-file", str(tmp_path / "a"))
+    assert r.exit_code == 0, r.output
+    before = live.saved()
+    r = live.cli("chap", "set", "--target", T, "--initiator", "iqn.2026-11.org.example:host", "--username", "h",
+                 "--secret-file", str(tmp_path / "b"), "--mutual-username", "t",
+                 "--mutual-secret-file", str(tmp_path / "a"))
+    assert r.exit_code == 1
+    _one_line_error(r.output, "mutual_secret", "RFC 7143 §12.1.3")
+    assert "target-secret-AAAA" not in r.output
+    assert live.saved() == before
