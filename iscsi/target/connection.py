@@ -701,11 +701,10 @@ class TargetConnection(asyncio.Protocol):
         task = Task(pdu, lun)
         params = self.params
         assert params is not None
-        if pdu.data and not pdu.write:
-            self._reject(pdu, P.RejectReason.PROTOCOL_ERROR)  # data on a non-write command
-            return
-        if pdu.data and not params.immediate_data:
-            self._reject(pdu, P.RejectReason.PROTOCOL_ERROR)  # §13.11: ImmediateData=No
+        if pdu.data and (not pdu.write or not params.immediate_data or len(pdu.data) > pdu.edtl):
+            # Data on a non-write command; with ImmediateData=No (§13.11); more than the
+            # EDTL (with EDTL 0 no transfer checks it later; else §11.4.5 via WriteTransfer).
+            self._reject(pdu, P.RejectReason.PROTOCOL_ERROR)
             return
         # Data-Out bytes the CDB calls for, whatever the W bit and EDTL say: a write
         # with EDTL 0 is a residual overflow of the whole transfer (§11.4.5.1).

@@ -228,6 +228,23 @@ def test_immediate_data_beyond_first_burst_length_is_refused_and_not_written(dae
     s.close()
 
 
+def test_immediate_data_with_edtl_0_is_refused_and_not_written(daemon, clean_log):
+    """Immediate data on a write that announces EDTL 0: more data than the EDTL, refused as
+    with any other EDTL (Reject 0x04).  Was: the data silently dropped, GOOD (overflow)."""
+    s = session(daemon)
+    lba = 3400
+    pattern = b"\x11" * BLOCK
+    assert s.write(lba, pattern) == 0
+    cmd = P.ScsiCommandPdu(write=True, edtl=0, cmdsn=s.cmdsn, expstatsn=s.expstatsn, cdb=write10(lba, 1),
+                           itt=s.next_itt(), final=True, data=b"\x77" * BLOCK)
+    s.send(cmd)
+    expect_reject(s, cmd.header(), P.RejectReason.PROTOCOL_ERROR)
+    status, data = s.read(lba, BLOCK)  # the rejected CmdSN is reused (§6.3)
+    assert status == 0 and data == pattern
+    still_works(s)
+    s.close()
+
+
 # -- task management ----------------------------------------------------------------------------
 
 def test_abort_task_of_a_command_that_never_arrived_closes_the_cmdsn_gap(daemon, clean_log):
