@@ -421,6 +421,9 @@ def lun_remove(iqn: str, number: int, control: Path | None) -> None:
     """Remove a LUN (the image stays on disk)."""
     res = _call(control, "lun.remove", iqn=iqn, number=number)
     click.echo(f"{res['target']}: LUN {res['lun']} removed")
+    if res.get("sessions"):
+        click.echo(f"iscsi-target: note: {res['sessions']} session(s) were logged in to {res['target']}; "
+                   "they are told the LUN list changed and get LOGICAL UNIT NOT SUPPORTED for it", err=True)
 
 
 @lun.command("resize")

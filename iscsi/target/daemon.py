@@ -988,7 +988,10 @@ class TargetDaemon:
             for acl in target.acls:  # a removed LUN leaves every explicit mapping too
                 if acl.lun_map is not None:
                     acl.lun_map = {a: t for a, t in acl.lun_map.items() if t != lun.number}
-            return {"target": target.iqn, "lun": lun.number}
+            # Allowed with sessions (they get REPORTED LUNS DATA HAS CHANGED, then LOGICAL UNIT
+            # NOT SUPPORTED), as LIO does; the admin is told how many were logged in.
+            sessions = sum(1 for r in self._sessions() if str(r.get("target", "")).lower() == target.iqn)
+            return {"target": target.iqn, "lun": lun.number, "sessions": sessions}
 
         return await self.change(mutate, "lun.remove")
 

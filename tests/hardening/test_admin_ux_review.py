@@ -54,6 +54,7 @@ class ListenerFake:
 
     def __init__(self, registry) -> None:
         self.portals: set[tuple[str, int]] = set()
+        self.rows: list[dict] = []  # what status/sessions report
 
     async def add_portal(self, host: str, port: int) -> None:
         self.portals.add((host, port))
@@ -62,7 +63,7 @@ class ListenerFake:
         self.portals.discard((host, port))
 
     def sessions(self) -> list[dict]:
-        return []
+        return list(self.rows)
 
     async def drop_sessions(self, target=None, initiator=None) -> None:
         pass
@@ -621,3 +622,14 @@ def test_a_mutual_secret_that_authenticates_initiators_elsewhere_is_refused(live
     _one_line_error(r.output, "mutual_secret", "RFC 7143 §12.1.3")
     assert "target-secret-AAAA" not in r.output
     assert live.saved() == before
+
+
+def test_lun_remove_with_sessions_tells_the_admin(live, tmp_path):
+    assert live.cli("lun", "add", T, f"{tmp_path}/two.img:1M").exit_code == 0
+    r = live.cli("lun", "remove", T, "1")
+    assert r.exit_code == 0 and "note" not in r.output
+    assert live.cli("lun", "add", T, f"{tmp_path}/two.img:1M").exit_code == 0
+    live.daemon.server.rows = [{"target": T, "initiator": "iqn.2026-11.org.example:host", "isid": "1", "tsih": 1}]
+    r = live.cli("lun", "remove", T, "1")
+    assert r.exit_code == 0 and "LUN 1 removed" in r.output
+    assert "1 session(s) were logged in" in r.output
