@@ -180,7 +180,9 @@ class TargetLogin:
         if self._pending_out:
             if req.data:
                 raise LoginError(LoginStatus.INITIATOR_ERROR, "text while target response continues")
-            return self._response(req, self._next_chunk(), transit=False)
+            chunk = self._next_chunk()
+            # C=1 on every piece but the last (§11.13.2): the initiator keeps asking until C=0.
+            return self._response(req, chunk, transit=False, cont=bool(self._pending_out))
 
         complete = self._text.append(req.data, req.cont)
         if complete is None:  # more text to come: answer with an empty response (§6.2)

@@ -56,6 +56,41 @@ def text_request(s: RawSession, data: bytes, *, itt: int | None = None, cont: bo
     return req
 
 
+# -- login ------------------------------------------------------------------------------------
+
+def test_a_login_answer_longer_than_one_pdu_keeps_the_c_bit_until_its_last_piece(daemon, clean_log):
+    """§11.13.2 / §6.2: an answer split over several Login Responses has C=1 on every piece but
+    the last; the initiator asks for the next with empty requests.  2000 unknown keys (sent with
+    C-bit continuations) make a ~46 KiB answer of NotUnderstood.  Was: C=0 from the second
+    piece on, so the initiator took a text cut mid-key as complete."""
+    s = RawSession(daemon.portals[0].host, daemon.portals[0].port)
+    isid = 0x400000000300
+    text = K.encode_text([("InitiatorName", "iqn.2026-11.org.sanstack.hardening:chatty"),
+                          ("TargetName", daemon.iqn)]) + b"".join(b"X-k%05d=1\0" % i for i in range(2000))
+    pieces = [text[i:i + 8000] for i in range(0, len(text), 8000)]
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        s.send(P.LoginRequest(transit=last, cont=not last, csg=1, nsg=3, isid=isid, itt=1, data=piece))
+        resp = s.recv()
+        assert resp.status_class == 0, resp
+    answer, flags = bytearray(resp.data), [resp.cont]
+    for _ in range(16):
+        if not resp.cont:
+            break
+        s.send(P.LoginRequest(transit=True, csg=1, nsg=3, isid=isid, itt=1, data=b""))
+        resp = s.recv()
+        assert resp.status_class == 0 and not resp.transit, resp
+        answer += resp.data
+        flags.append(resp.cont)
+    assert len(flags) > 2 and all(flags[:-1]) and not flags[-1], f"C bits of the pieces: {flags}"
+    answers = dict(K.parse_text(bytes(answer)))
+    assert all(answers.get("X-k%05d" % i) == "NotUnderstood" for i in range(2000))
+    s.send(P.LoginRequest(transit=True, csg=1, nsg=3, isid=isid, itt=1, data=b""))
+    resp = s.recv()
+    assert resp.status_class == 0 and resp.transit and resp.nsg == 3 and resp.tsih, resp
+    s.close()
+
+
 # -- NOP-Out ----------------------------------------------------------------------------------
 
 def test_nop_echo_is_cut_to_the_initiators_max_recv_data_segment_length(daemon, clean_log):
