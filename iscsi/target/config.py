@@ -790,6 +790,8 @@ def loads(text: str) -> Config:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:  # "[[[[...": no config nests more than a few levels
+        raise ConfigError("not a config: JSON nested too deeply") from None
     return from_dict(data)
 
 

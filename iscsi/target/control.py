@@ -184,6 +184,8 @@ class ControlServer:
             request = json.loads(line)
         except (UnicodeDecodeError, json.JSONDecodeError):
             return {"ok": False, "error": "request is not a JSON object"}
+        except RecursionError:  # "[[[[..." within MAX_LINE: refuse it, keep the connection's answer
+            return {"ok": False, "error": "request nested too deeply"}
         if not isinstance(request, dict) or not isinstance(request.get("op"), str):
             return {"ok": False, "error": 'request must be {"op": "...", "args": {...}}'}
         op, args = request["op"], request.get("args") or {}

@@ -633,3 +633,23 @@ def test_lun_remove_with_sessions_tells_the_admin(live, tmp_path):
     r = live.cli("lun", "remove", T, "1")
     assert r.exit_code == 0 and "LUN 1 removed" in r.output
     assert "1 session(s) were logged in" in r.output
+
+
+# --------------------------------------------------------------------------- deeply nested JSON
+
+
+def test_a_deeply_nested_config_file_is_a_config_error(tmp_path):
+    cf = tmp_path / "deep.json"
+    cf.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        C.load_config(cf)
+
+
+def test_a_deeply_nested_control_request_gets_an_answer(live):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(live.ctl))
+        s.sendall(b'{"op": "status", "args": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n")
+        answer = s.makefile("rb").readline()
+    assert json.loads(answer) == {"ok": False, "error": "request nested too deeply"}
+    assert live.raw({"op": "status", "args": {}})["ok"] is True
