@@ -227,7 +227,17 @@ class ScsiUnitProvider:
                 pr_persist=lambda state, path=pr_file: _save_json_atomically(path, state),
             )
             options = {k: v for k, v in options.items() if v is not None}  # keep the core's defaults
-            lu = LogicalUnit(backstore, **_accepted_kwargs(LogicalUnit, **options))
+            try:
+                lu = LogicalUnit(backstore, **_accepted_kwargs(LogicalUnit, **options))
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                if options.get("pr_state") is None:
+                    raise
+                # A damaged APTPL file stops the start (SPC-4 §5.13.5: reservations must not be
+                # lost silently); the admin needs its name to repair or move it.
+                raise AdminError(
+                    f"{target.iqn} LUN {lun.number}: saved reservations {pr_file} cannot be restored "
+                    f"({type(e).__name__}: {e}); repair it, or move it aside to start without them"
+                ) from None
         except BaseException:
             backstore.close()
             self.locks.release(lock)
@@ -325,6 +335,8 @@ def _load_pr_state(path: Path) -> dict | None:
         state = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: reservation state is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: reservation state is not valid (JSON nested too deeply)") from None
     if not isinstance(state, dict):
         raise ConfigError(f"{path}: reservation state must be a JSON object")
     return state

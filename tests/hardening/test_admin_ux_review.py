@@ -653,3 +653,19 @@ def test_a_deeply_nested_control_request_gets_an_answer(live):
         answer = s.makefile("rb").readline()
     assert json.loads(answer) == {"ok": False, "error": "request nested too deeply"}
     assert live.raw({"op": "status", "args": {}})["ok"] is True
+
+
+@pytest.mark.parametrize("state", [
+    {"version": 1, "aptpl": True, "registrations": [5]},
+    {"version": 1, "aptpl": True, "registrations": [{"key": 1}]},
+    {"version": 1, "aptpl": True, "reservation": {"type": "x"}},
+])
+async def test_damaged_saved_reservations_stop_the_start_naming_the_file(tmp_path, state):
+    cfg = _config(tmp_path)
+    cfg.targets[0].luns[0].serial = "myserial"
+    pr = tmp_path / "pr" / "myserial.json"
+    pr.parent.mkdir()
+    pr.write_text(json.dumps(state))
+    daemon = TargetDaemon(cfg, None, server_factory=ListenerFake)
+    with pytest.raises(ConfigError, match=f"saved reservations {pr} cannot be restored"):
+        await daemon.start()
