@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import inspect
 import json
@@ -751,8 +752,11 @@ class TargetDaemon:
         except ConfigError:
             raise
         except OSError as e:
+            hint = ""
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and not lun.read_only:
+                hint = " (to serve it read-only, add :ro to the LUN, or --read-only to lun add)"
             raise DaemonError(
-                f"{target.iqn} LUN {lun.number}: cannot open {cfg.resolve_path(lun.path)}: {e.strerror or e}"
+                f"{target.iqn} LUN {lun.number}: cannot open {cfg.resolve_path(lun.path)}: {e.strerror or e}{hint}"
             ) from None
         except ValueError as e:  # the backstore's own checks (size, block size): the image, not us
             raise DaemonError(f"{target.iqn} LUN {lun.number}: cannot serve {cfg.resolve_path(lun.path)}: {e}") from None

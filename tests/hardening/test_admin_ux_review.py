@@ -669,3 +669,25 @@ async def test_damaged_saved_reservations_stop_the_start_naming_the_file(tmp_pat
     daemon = TargetDaemon(cfg, None, server_factory=ListenerFake)
     with pytest.raises(ConfigError, match=f"saved reservations {pr} cannot be restored"):
         await daemon.start()
+
+
+async def test_an_image_that_cannot_be_opened_for_writing_suggests_read_only(tmp_path):
+    import errno
+
+    from iscsi.target.daemon import ScsiUnitProvider
+
+    class WriteProtected(ScsiUnitProvider):  # what a 0444 image (non-root) or a read-only mount gives
+        def open(self, cfg, target, lun):
+            if not lun.read_only:
+                raise PermissionError(errno.EACCES, "Permission denied", str(cfg.resolve_path(lun.path)))
+            return super().open(cfg, target, lun)
+
+    (tmp_path / "l0.img").write_bytes(bytes(4 * MIB))
+    daemon = TargetDaemon(_config(tmp_path), None, provider=WriteProtected(), server_factory=ListenerFake)
+    with pytest.raises(Exception, match=r"Permission denied \(to serve it read-only, add :ro"):
+        await daemon.start()
+    cfg = _config(tmp_path)
+    cfg.targets[0].luns[0].read_only = True
+    daemon = TargetDaemon(cfg, None, provider=WriteProtected(), server_factory=ListenerFake)
+    await daemon.start()
+    await daemon.stop()
