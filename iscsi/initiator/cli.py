@@ -27,6 +27,7 @@ from .client import discover as do_discover, open_device, open_session, validate
 from .device import BlockDevice
 from .errors import ConfigError, IscsiError, ScsiError
 from .nodes import NodeRecord, NodeStore
+from .session import LOGIN_TIMEOUT, SessionOptions
 from .url import IscsiUrl, UrlError, parse_portal, parse_url, redact
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.I)
@@ -99,9 +100,30 @@ def _human(n: float) -> str:
     return str(n)
 
 
+#: How long a one-shot command waits for a lost session to come back (``--timeout``): the
+#: 120 s of open-iscsi's replacement_timeout suits a mounted disk, not a command at a prompt.
+CLI_TIMEOUT = 30.0
+
+
 class _Ctx:
     initiator_name: str | None = None
     keys: dict[str, str] | None = None
+    timeout: float = CLI_TIMEOUT
+
+    def login_kw(self) -> dict[str, Any]:
+        """open_session/open_device arguments: our name, keys, and timers bounded by --timeout."""
+        opts = SessionOptions(login_timeout=min(LOGIN_TIMEOUT, self.timeout),
+                              replacement_timeout=self.timeout)
+        return {"initiator_name": self.initiator_name, "keys": self.keys, "options": opts}
+
+
+async def _close(session, timeout: float) -> None:
+    """Log out, but give up on the Logout Response after ``timeout`` (a target that stopped
+    answering after the last command would hold the prompt for the session's 30 s)."""
+    try:
+        await asyncio.wait_for(session.close(), timeout)
+    except (asyncio.TimeoutError, IscsiError):
+        await session.close(logout=False)
 
 
 def _with_name(u: IscsiUrl, obj: _Ctx) -> IscsiUrl:
@@ -115,12 +137,16 @@ def _with_name(u: IscsiUrl, obj: _Ctx) -> IscsiUrl:
 @click.option("--key", "-k", "keys", multiple=True, metavar="NAME=VALUE",
               help="login key preference, e.g. -k MaxBurstLength=262144 -k HeaderDigest=CRC32C")
 @click.option("--log-level", default="WARNING", show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=1, max=3600), default=CLI_TIMEOUT, show_default=True,
+              help="seconds to wait for a portal, or for a lost session to come back, before failing")
 @click.pass_context
-def main(ctx: click.Context, initiator_name: str | None, keys: tuple[str, ...], log_level: str) -> None:
+def main(ctx: click.Context, initiator_name: str | None, keys: tuple[str, ...], log_level: str,
+         timeout: float) -> None:
     """Software iSCSI initiator (RFC 7143): discovery, I/O, benchmarks, attach as /dev/loopN."""
     log_setup(log_level)
     ctx.obj = _Ctx()
     ctx.obj.initiator_name = initiator_name
+    ctx.obj.timeout = timeout
     parsed = {}
     for item in keys:
         name, sep, value = item.partition("=")
@@ -168,7 +194,8 @@ def discover(obj: _Ctx, portal: str, save: bool) -> None:
     else:
         host, port = parse_portal(portal)
         u = IscsiUrl(host=host, port=port)
-    targets = _run(do_discover(u.host, u.port, url=u, initiator_name=obj.initiator_name, keys=obj.keys))
+    targets = _run(do_discover(u.host, u.port, url=u, initiator_name=obj.initiator_name, keys=obj.keys,
+                               timeout=min(LOGIN_TIMEOUT, obj.timeout)))
     store = NodeStore() if save else None
     for t in targets:
         for host, port, tpgt in t.portals:
@@ -180,8 +207,8 @@ def discover(obj: _Ctx, portal: str, save: bool) -> None:
                                         target_password=u.target_password))
 
 
-async def _lun_table(u: IscsiUrl, initiator_name: str | None, keys: dict | None = None) -> list[dict]:
-    session = await open_session(u, initiator_name=initiator_name, keys=keys)
+async def _lun_table(u: IscsiUrl, obj: _Ctx) -> list[dict]:
+    session = await open_session(u, **obj.login_kw())
     rows = []
     try:
         probe = BlockDevice(session, u.lun)
@@ -202,7 +229,7 @@ async def _lun_table(u: IscsiUrl, initiator_name: str | None, keys: dict | None 
                     row["error"] = str(exc)
             rows.append(row)
     finally:
-        await session.close()
+        await _close(session, obj.timeout)
     return rows
 
 
@@ -217,10 +244,11 @@ def ls_cmd(obj: _Ctx, url: str, as_json: bool) -> None:
 
     async def go():
         targets = [u.target] if u.target else [t.name for t in await do_discover(
-            u.host, u.port, url=u, initiator_name=obj.initiator_name, keys=obj.keys)]
+            u.host, u.port, url=u, initiator_name=obj.initiator_name, keys=obj.keys,
+            timeout=min(LOGIN_TIMEOUT, obj.timeout))]
         out = {}
         for name in targets:
-            out[name] = await _lun_table(replace(u, target=name), obj.initiator_name, obj.keys)
+            out[name] = await _lun_table(replace(u, target=name), obj)
         return out
 
     result = _run(go())
@@ -246,7 +274,7 @@ def inquiry(obj: _Ctx, url: str, page: str | None) -> None:
     vpd_page = _byte_value(page, "--page", 0xFF) if page is not None else None  # SPC-4 §6.6.1
 
     async def go():
-        session = await open_session(u, initiator_name=obj.initiator_name, keys=obj.keys)
+        session = await open_session(u, **obj.login_kw())
         try:
             dev = BlockDevice(session, u.lun)
             if vpd_page is not None:
@@ -254,7 +282,7 @@ def inquiry(obj: _Ctx, url: str, page: str | None) -> None:
             inq = await dev.inquiry()
             return "\n".join(f"{k}: {v}" for k, v in vars(inq).items() if k != "raw")
         finally:
-            await session.close()
+            await _close(session, obj.timeout)
 
     click.echo(_run(go()))
 
@@ -268,11 +296,11 @@ def readcap(obj: _Ctx, url: str) -> None:
     u = _url(url)
 
     async def go():
-        session = await open_session(u, initiator_name=obj.initiator_name, keys=obj.keys)
+        session = await open_session(u, **obj.login_kw())
         try:
             return await BlockDevice(session, u.lun).read_capacity()
         finally:
-            await session.close()
+            await _close(session, obj.timeout)
 
     cap = _run(go())
     click.echo(f"Block size: {cap.block_size}\nBlocks: {cap.blocks}\nSize: {cap.size} ({_human(cap.size)})\n"
@@ -295,11 +323,11 @@ def read(obj: _Ctx, url: str, lba: int, count: int, output: str | None) -> None:
     u = _url(url)
 
     async def go():
-        session, dev = await open_device(u, initiator_name=obj.initiator_name, keys=obj.keys)
+        session, dev = await open_device(u, **obj.login_kw())
         try:
             return await dev.read(lba, count)
         finally:
-            await session.close()
+            await _close(session, obj.timeout)
 
     data = _run(go())
     if output:
@@ -328,7 +356,7 @@ def write(obj: _Ctx, url: str, lba: int, input_: str | None, pattern: str | None
     fill = _byte_value(pattern, "--pattern", 0xFF) if pattern is not None else 0
 
     async def go():
-        session, dev = await open_device(u, initiator_name=obj.initiator_name, keys=obj.keys)
+        session, dev = await open_device(u, **obj.login_kw())
         try:
             bs = dev.block_size
             if input_:
@@ -341,7 +369,7 @@ def write(obj: _Ctx, url: str, lba: int, input_: str | None, pattern: str | None
             await dev.write(lba, data, fua=fua)
             return len(data) // bs
         finally:
-            await session.close()
+            await _close(session, obj.timeout)
 
     n = _run(go())
     click.echo(f"wrote {n} blocks at LBA {lba}")
@@ -381,8 +409,9 @@ class _FileSide:
 
 
 class _LunSide:
-    def __init__(self, session, dev: BlockDevice) -> None:
+    def __init__(self, session, dev: BlockDevice, timeout: float = CLI_TIMEOUT) -> None:
         self.session, self.dev = session, dev
+        self.timeout = timeout
         self.size = dev.size
 
     async def read(self, off: int, n: int) -> bytes:
@@ -404,7 +433,7 @@ class _LunSide:
         try:
             await self.dev.flush()
         finally:
-            await self.session.close()
+            await _close(self.session, self.timeout)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -437,11 +466,11 @@ def dd(obj: _Ctx, operands: tuple[str, ...], progress: bool | None) -> None:
 
     async def side(spec: str, writing: bool):
         if spec.startswith("iscsi://"):
-            session, dev = await open_device(_url(spec), initiator_name=obj.initiator_name, keys=obj.keys)
+            session, dev = await open_device(_url(spec), **obj.login_kw())
             if bs % dev.block_size:
-                await session.close()
+                await _close(session, obj.timeout)
                 raise ValueError(f"bs={bs} is not a multiple of the LUN block size {dev.block_size}")
-            return _LunSide(session, dev)
+            return _LunSide(session, dev, obj.timeout)
         return _FileSide(spec, writing, truncate_at=seek * bs)
 
     async def go():
@@ -549,7 +578,7 @@ def bench(obj: _Ctx, url: str, rw: str, rwmixread: int, bs: str, qd: int, runtim
     region_bytes = parse_size(size, what="--size", minimum=nbytes) if size is not None else None
 
     async def go():
-        session, dev = await open_device(u, initiator_name=obj.initiator_name, keys=obj.keys)
+        session, dev = await open_device(u, **obj.login_kw())
         try:
             region = None
             if region_bytes is not None:
@@ -561,7 +590,7 @@ def bench(obj: _Ctx, url: str, rw: str, rwmixread: int, bs: str, qd: int, runtim
                                        bs=nbytes, qd=qd, duration=runtime, pattern=pattern,
                                        read_pct=read_pct, region_blocks=region)
         finally:
-            await session.close()
+            await _close(session, obj.timeout)
 
     r = _run(go())
     s = r.summary()
@@ -698,7 +727,7 @@ def login(obj: _Ctx, target: str | None, portal: str | None, all_: bool) -> None
     for n in _select_nodes(target, portal, all_):
         luns = n.luns
         if luns is None:
-            rows = _run(_lun_table(n.url(0), obj.initiator_name, obj.keys))
+            rows = _run(_lun_table(n.url(0), obj))
             luns = [r["lun"] for r in rows if r["type"] == 0 and "size" in r]
         for lun in luns:
             url = n.url(lun)

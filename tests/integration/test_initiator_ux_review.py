@@ -343,6 +343,60 @@ def test_closed_port_and_non_target_portal_are_named():
     assert_error(r, "127.0.0.1:1", code=1)
 
 
+@contextlib.contextmanager
+def silent_listener():
+    """A TCP port that accepts and never says a word."""
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    try:
+        yield srv.getsockname()[1]
+    finally:
+        srv.close()
+
+
+def test_timeout_bounds_a_silent_portal():
+    import time
+
+    with silent_listener() as port:
+        t0 = time.monotonic()
+        r = run_cli("--timeout", "2", "readcap", f"iscsi://127.0.0.1:{port}/iqn.x:y/0")
+        took = time.monotonic() - t0
+    assert_error(r, f"127.0.0.1:{port}", "timed out", code=1)
+    assert took < 6                         # was the fixed 15 s login timeout
+
+
+def test_timeout_bounds_a_stopped_target(tmp_path):
+    """A target that stops answering mid-run (SIGSTOP): the command fails within the NOP-Out
+    detection (5 s + 5 s) plus --timeout, not open-iscsi's 120 s replacement timeout."""
+    import os
+    import signal
+    import threading
+    import time
+
+    peer = make_peer("sanstack", tmp_path / "stopped", size="8M")
+    peer.start()
+    try:
+        pid = peer.proc.pid
+        timer = threading.Timer(1.0, os.kill, (pid, signal.SIGSTOP))
+        timer.start()
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run([sys.executable, "-m", "iscsi.initiator.cli", "-i", INITIATOR, "--timeout", "3",
+                                   "bench", peer.url(0), "-t", "30", "--qd", "4"], cwd=REPO,
+                                  capture_output=True, text=True, timeout=45)
+        finally:
+            timer.cancel()
+            os.kill(pid, signal.SIGCONT)
+        took = time.monotonic() - t0
+    finally:
+        peer.stop()
+    assert proc.returncode == 1 and "error" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert took < 25, took
+
+
 # ---------------------------------------------------------------------------------------------
 # library: session lifecycle
 # ---------------------------------------------------------------------------------------------
