@@ -239,6 +239,7 @@ def serve(config_file: Path | None, data_dir: Path | None, portals: tuple[str, .
         config_path = (config_file.expanduser().absolute() if config_file else data / C.CONFIG_FILENAME)
         if config_path.exists() or config_file is not None:
             cfg = _check(lambda: C.load_config(config_path))
+            _check(lambda: C.check_not_writable_by_others(config_path))
             if not C.file_is_private(config_path):
                 click.echo(f"iscsi-target: warning: {config_path} is readable by others and may hold CHAP secrets; "
                            "chmod 600 it", err=True)

@@ -825,6 +825,16 @@ def load_config(path: str | os.PathLike) -> Config:
     return cfg
 
 
+def check_not_writable_by_others(path: str | os.PathLike) -> None:
+    """Refuse a config file that group or others may write: it names the files the daemon
+    serves (any image, /etc/shadow too) and the CHAP secrets, so whoever may write it
+    controls what the daemon (often root) exposes on the network."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o022:
+        raise ConfigError(f"{path} is writable by group or others (mode {mode:04o}); "
+                          "anyone who can write it chooses what is served; chmod 600 it")
+
+
 def file_is_private(path: str | os.PathLike) -> bool:
     """True when group and others have no access (the file holds CHAP secrets)."""
     return stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0

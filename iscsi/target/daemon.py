@@ -672,6 +672,7 @@ class TargetDaemon:
             raise AdminError("this daemon was started without a config file (quick start); nothing to reload")
         async with self._lock:
             new = await asyncio.to_thread(C.load_config, self.config_path)
+            C.check_not_writable_by_others(self.config_path)
             await self._apply(new, save=False)
         event(log, "config.reloaded", path=self.config_path, targets=len(self.config.targets))
         return {"targets": len(self.config.targets)}

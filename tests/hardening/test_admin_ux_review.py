@@ -691,3 +691,20 @@ async def test_an_image_that_cannot_be_opened_for_writing_suggests_read_only(tmp
     daemon = TargetDaemon(cfg, None, provider=WriteProtected(), server_factory=ListenerFake)
     await daemon.start()
     await daemon.stop()
+
+
+def test_a_config_others_may_write_is_refused_at_serve_and_reload(live, tmp_path):
+    cf = tmp_path / "open.json"
+    C.save_config(_config(tmp_path), cf)
+    os.chmod(cf, 0o666)
+    r = run("--control", str(tmp_path / "c.sock"), "serve", "--config", str(cf))
+    assert r.exit_code == 1
+    _one_line_error(r.output, "writable by group or others", "chmod 600")
+    os.chmod(live.path, 0o620)
+    try:
+        r = live.cli("config", "reload")
+        assert r.exit_code == 1
+        _one_line_error(r.output, "writable by group or others")
+    finally:
+        os.chmod(live.path, 0o600)
+    assert live.cli("config", "reload").exit_code == 0
