@@ -193,6 +193,9 @@ def parse_portal(text: str) -> tuple[str, int]:
         addr = ipaddress.ip_address(host)
     except ValueError:
         raise ConfigError(f"portal {text!r}: {host!r} is not an IP address") from None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        # [::ffff:a.b.c.d] cannot be bound (IPv6 sockets here are V6ONLY) and names the IPv4 portal.
+        addr = addr.ipv4_mapped
     if port_text == "":
         port = DEFAULT_PORT
     else:

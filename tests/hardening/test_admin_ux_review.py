@@ -708,3 +708,10 @@ def test_a_config_others_may_write_is_refused_at_serve_and_reload(live, tmp_path
     finally:
         os.chmod(live.path, 0o600)
     assert live.cli("config", "reload").exit_code == 0
+
+
+def test_an_ipv4_mapped_portal_is_the_ipv4_portal():
+    assert C.canonical_portal("[::ffff:127.0.0.1]:3261") == "127.0.0.1:3261"
+    assert C.canonical_portal("[::1]:3261") == "[::1]:3261"
+    with pytest.raises(ConfigError, match="already in a portal group"):
+        CLI.quickstart_config(T, ["/tmp/x.img:1M"], ["127.0.0.1:3261", "[::ffff:127.0.0.1]:3261"])
