@@ -572,9 +572,13 @@ def _validate_target(cfg: Config, target: Target, where: str, seen_images: dict[
         if not isinstance(lun.path, str) or not lun.path:
             raise ConfigError(f"{lw}.path: must be a non-empty string")
         image = cfg.resolve_path(lun.path)
-        if image in seen_images:
-            raise ConfigError(f"{lw}.path: {image} is already used by {seen_images[image]}")
-        seen_images[image] = f"{target.iqn} LUN {lun.number}"
+        # Compared after symlinks are resolved: two LUNs on one file (each with its own cache
+        # and write gathering) corrupt it whatever names lead there.
+        real = Path(os.path.realpath(image))
+        if real in seen_images:
+            via = "" if real == image else f" (through the symlink {image})"
+            raise ConfigError(f"{lw}.path: {real}{via} is already used by {seen_images[real]}")
+        seen_images[real] = f"{target.iqn} LUN {lun.number}"
         if lun.block_size not in BLOCK_SIZES:
             raise ConfigError(f"{lw}.block_size: {lun.block_size!r} is not 512 or 4096")
         if lun.physical_block_size is not None and (

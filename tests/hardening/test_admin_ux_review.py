@@ -715,3 +715,11 @@ def test_an_ipv4_mapped_portal_is_the_ipv4_portal():
     assert C.canonical_portal("[::1]:3261") == "[::1]:3261"
     with pytest.raises(ConfigError, match="already in a portal group"):
         CLI.quickstart_config(T, ["/tmp/x.img:1M"], ["127.0.0.1:3261", "[::ffff:127.0.0.1]:3261"])
+
+
+def test_the_same_image_through_a_symlink_is_a_duplicate_lun(tmp_path):
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(MIB))
+    (tmp_path / "alias.img").symlink_to(img)
+    with pytest.raises(ConfigError, match="through the symlink .*alias.img.* is already used by"):
+        CLI.quickstart_config(T, [str(img), str(tmp_path / "alias.img")], [])
