@@ -359,7 +359,8 @@ def target_list(as_json: bool, control: Path | None) -> None:
         return
     for r in rows:
         r["access"] = "open" if r["open_access"] else "acl"
-        r["portals"] = [f"{p},{g['tag']}" for g in r["portal_groups"] for p in g["portals"]]
+        # Space-separated: each entry has its own comma (address,TPGT as in SendTargets).
+        r["portals"] = " ".join(f"{p},{g['tag']}" for g in r["portal_groups"] for p in g["portals"]) or "-"
         r["auth"] = ("mutual-chap" if r["mutual_chap"] else "chap") if r["chap"] else "none"
         r["lun_summary"] = f"{len(r['luns'])} ({_cell(r['luns'])})" if r["luns"] else "0"
     click.echo(_table(rows, [("iqn", "TARGET"), ("alias", "ALIAS"), ("portals", "PORTALS,TPGT"), ("lun_summary", "LUNS"),

@@ -723,3 +723,9 @@ def test_the_same_image_through_a_symlink_is_a_duplicate_lun(tmp_path):
     (tmp_path / "alias.img").symlink_to(img)
     with pytest.raises(ConfigError, match="through the symlink .*alias.img.* is already used by"):
         CLI.quickstart_config(T, [str(img), str(tmp_path / "alias.img")], [])
+
+
+def test_target_list_separates_portals_readably(live):
+    assert live.cli("portal", "add", T, "[::1]:3260").exit_code == 0
+    table = live.cli("target", "list").output.splitlines()
+    assert "127.0.0.1:3260,1 [::1]:3260,2" in table[1], table
