@@ -106,19 +106,38 @@ def parse_portal(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]
     return host, port
 
 
-_AUTH = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)?([^/@?]*?)%[^/?]*@")
+# user, separator, then anything up to the LAST '@': a secret typed with a raw '@', '/' or '?'
+# is still hidden (over-redacting a malformed URL costs nothing).
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_AUTH = re.compile(r"^([^/@?%:]*)([%:]).*@", re.S)
 _PASSWORD_ARG = re.compile(r"([?&]target_password=)[^&]*")
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 
 
 def redact(text: str) -> str:
     """``text`` (a URL, well-formed or not) with the CHAP secrets replaced by ``***``, for
     error messages and logs: a URL that fails to parse must not print its password."""
-    text = _AUTH.sub(lambda m: f"{m.group(1) or ''}{m.group(2)}%***@", text, count=1)
-    return _PASSWORD_ARG.sub(r"\1***", text)
+    m = _SCHEME.match(text)
+    scheme, rest = (m.group(0), text[m.end():]) if m else ("", text)
+    rest = _AUTH.sub(lambda a: f"{a.group(1)}{a.group(2)}***@", rest, count=1)
+    return scheme + _PASSWORD_ARG.sub(r"\1***", rest)
 
 
 def parse_url(text: str, *, require_target: bool = True) -> IscsiUrl:
     """Parse a libiscsi URL.  ``require_target=False`` allows ``iscsi://host[:port]`` (discovery)."""
+    try:
+        return _parse_url(text, require_target)
+    except UrlError as exc:
+        if redact(text) == text:
+            raise
+        # The URL carries a secret and a piece of it may be what failed to parse (a raw '/'
+        # or '?' in the password moves the split): quote no fragment back.
+        msg = _QUOTED.sub("'…'", str(exc))
+        raise UrlError(f"{msg} in {redact(text)!r} (percent-encode '@', '/', '?' and '%' in a "
+                       f"secret as %40, %2F, %3F, %25)") from None
+
+
+def _parse_url(text: str, require_target: bool) -> IscsiUrl:
     if not text.startswith("iscsi://"):
         raise UrlError(f"URL must start with iscsi://: {redact(text)!r}")
     rest = text[len("iscsi://"):]
@@ -126,12 +145,17 @@ def parse_url(text: str, *, require_target: bool = True) -> IscsiUrl:
     if "?" in rest:
         rest, query = rest.split("?", 1)
     user = password = None
-    if "@" in rest.split("/", 1)[0]:
-        auth, rest = rest.split("@", 1)
-        if "%" in auth:
-            # libiscsi splits user and password at the first '%'; each part is then
-            # percent-decoded, so a secret may carry "%40" for '@' (the user name cannot hold '%').
-            raw_user, raw_pw = auth.split("%", 1)
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        # The last '@' of the authority ends the user info, so a raw '@' in a secret works too.
+        auth, _, host_part = authority.rpartition("@")
+        rest = host_part + slash + path
+        # libiscsi (lib/init.c iscsi_parse_url) splits user and password at the first '%',
+        # or at the first ':' when there is no '%'; each part is then percent-decoded, so a
+        # secret may carry "%40" for '@' (the user name cannot hold '%' or ':').
+        sep = "%" if "%" in auth else (":" if ":" in auth else None)
+        if sep:
+            raw_user, raw_pw = auth.split(sep, 1)
             user = urllib.parse.unquote(raw_user)
             password = urllib.parse.unquote(raw_pw)
         else:
@@ -157,7 +181,7 @@ def parse_url(text: str, *, require_target: bool = True) -> IscsiUrl:
     unknown = set(args) - {"target_user", "target_password", "header_digest", "data_digest",
                            "initiator_name"}
     if unknown:
-        raise UrlError(f"unknown URL argument(s): {', '.join(sorted(unknown))}")
+        raise UrlError(f"unknown URL argument(s): {', '.join(repr(k) for k in sorted(unknown))}")
 
     def digest(name: str) -> str | None:
         value = args.get(name)

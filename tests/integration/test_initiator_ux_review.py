@@ -135,6 +135,25 @@ def test_url_errors_hide_secrets(url):
     assert SECRET not in out and TSECRET not in out
 
 
+def test_user_colon_password_as_libiscsi():
+    # libiscsi lib/init.c splits at ':' when there is no '%'; the whole "user:secret" used to
+    # become the CHAP name, printed back in the error message
+    u = parse_url(f"iscsi://chapuser:{SECRET}@127.0.0.1:3261/iqn.x:y/2")
+    assert (u.user, u.password, u.port, u.lun) == ("chapuser", SECRET, 3261, 2)
+    assert SECRET not in str(u)
+
+
+@pytest.mark.parametrize("raw", [f"pa@{SECRET}", f"pa/{SECRET}", f"pa?{SECRET}"])
+def test_raw_special_characters_in_secret_do_not_leak(raw):
+    url = f"iscsi://chapuser%{raw}@127.0.0.1:3260/iqn.x:y/0"
+    try:
+        u = parse_url(url)
+    except UrlError as exc:
+        assert SECRET not in str(exc) and "percent-encode" in str(exc)
+    else:
+        assert u.password == raw and u.host == "127.0.0.1"   # a raw '@' is taken as part of it
+
+
 def test_bare_ipv6_portal_is_accepted():
     assert parse_portal("::1") == ("::1", 3260)
     assert parse_portal("[::1]:3261") == ("::1", 3261)
