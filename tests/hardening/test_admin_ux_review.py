@@ -729,3 +729,19 @@ def test_target_list_separates_portals_readably(live):
     assert live.cli("portal", "add", T, "[::1]:3260").exit_code == 0
     table = live.cli("target", "list").output.splitlines()
     assert "127.0.0.1:3260,1 [::1]:3260,2" in table[1], table
+
+
+@pytest.mark.parametrize("spec, option", [
+    ("n.img:1M:lun=5", ("--lun", "3")),
+    ("n.img:1M", ("--size", "2M")),
+    ("n.img:1M:bs=4096", ("--block-size", "512")),
+])
+def test_lun_add_option_contradicting_the_spec_is_a_usage_error(live, tmp_path, spec, option):
+    r = live.cli("lun", "add", T, f"{tmp_path}/{spec}", *option)
+    assert r.exit_code == 2 and "contradicts the LUN spec" in r.output
+    assert not (tmp_path / "n.img").exists()
+
+
+def test_lun_add_option_agreeing_with_the_spec_is_fine(live, tmp_path):
+    r = live.cli("lun", "add", T, f"{tmp_path}/n.img:1M:lun=5", "--lun", "5", "--size", "1M")
+    assert r.exit_code == 0 and "LUN 5 added" in r.output
