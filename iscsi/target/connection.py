@@ -163,6 +163,8 @@ class TargetConnection(asyncio.Protocol):
         # The NOP-In sent for a waiting writer: (TTT, StatSN when sent, time).  Its echo proves
         # the initiator read everything before it, whatever ExpStatSN the echo carries.
         self._zc_ping: tuple[int, int, float] | None = None
+        # ITTs of writes aborted by a TMF while waiting for data (oldest first, bounded).
+        self._aborted_writes: dict[int, None] = {}
 
     # ------------------------------------------------------------------
     # asyncio.Protocol
@@ -816,7 +818,9 @@ class TargetConnection(asyncio.Protocol):
     def _data_out(self, pdu: P.DataOut) -> None:
         task = self.ttt_map.get(pdu.ttt) if pdu.ttt != P.RESERVED_TAG else self.tasks.get(pdu.itt)
         if task is None or task.itt != pdu.itt or task.transfer is None:
-            # §11.7.4: Data-Out for a task we do not know (perhaps aborted): Reject.
+            if task is None and pdu.itt in self._aborted_writes:
+                return  # data for a write aborted by a TMF: dropped quietly (§11.6.2)
+            # §11.7.4: Data-Out for a task we do not know: Reject.
             self._reject(pdu, P.RejectReason.INVALID_PDU_FIELD)
             return
         try:
@@ -1082,12 +1086,25 @@ class TargetConnection(asyncio.Protocol):
             task.future.cancel()
         self._forget(task)
 
-    def abort_tasks(self, predicate) -> int:
-        """Abort every task matching ``predicate(task)``; no response is sent for them (§4.2.3.3)."""
+    def abort_tasks(self, predicate, *, by_tmf: bool = False) -> int:
+        """Abort every task matching ``predicate(task)``; no response is sent for them (§4.2.3.3).
+        ``by_tmf``: a task management function aborts them, so Data-Out still answering their
+        R2Ts is dropped quietly (§11.6.2)."""
         victims = [t for t in self.tasks.values() if predicate(t)]
         for task in victims:
+            if by_tmf and task.transfer is not None and not task.transfer.complete:
+                self._aborted_write(task.itt)
             self._cancel_task(task)
         return len(victims)
+
+    def _aborted_write(self, itt: int) -> None:
+        """Remember an aborted write still waiting for data: the initiator goes on answering
+        its R2Ts (§11.6.2), and that Data-Out is dropped, not Rejected (a Reject it cannot
+        match to a request is a connection error to libiscsi)."""
+        seen = self._aborted_writes
+        seen[itt] = None
+        if len(seen) > MAX_TASKS_PER_CONNECTION:
+            del seen[next(iter(seen))]  # the oldest
 
     def _data_digest_failure(self, item: DataDigestFailure) -> None:
         """RFC 7143 §7.8: Reject the PDU with reason Data Digest Error; ERL 0 then fails the task."""

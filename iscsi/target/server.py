@@ -177,7 +177,7 @@ class TargetSession:
         if fn == P.TmfFunction.ABORT_TASK:
             task = conn.tasks.get(req.rtt)
             if task is not None and task.lun == lun:
-                conn.abort_tasks(lambda t: t is task)
+                conn.abort_tasks(lambda t: t is task, by_tmf=True)
             elif self._never_arrived(req):
                 # §11.5.1 b): the task's command never reached us but its RefCmdSN is in
                 # the window, below the TMF's own CmdSN: that CmdSN counts as received (the
@@ -193,7 +193,7 @@ class TargetSession:
             if lu is None:
                 response = R.LUN_DOES_NOT_EXIST
             else:
-                conn.abort_tasks(lambda t: t.lun == lun)
+                conn.abort_tasks(lambda t: t.lun == lun, by_tmf=True)
                 lu.abort_task_set(self.nexus)
         elif fn == P.TmfFunction.CLEAR_TASK_SET:
             if lu is None:
@@ -210,7 +210,7 @@ class TargetSession:
         elif fn in (P.TmfFunction.TARGET_WARM_RESET, P.TmfFunction.TARGET_COLD_RESET):
             for other in list(self.server.session_table.values()):
                 if other.target_name == self.target_name and other.connection is not None:
-                    other.connection.abort_tasks(lambda t: True)
+                    other.connection.abort_tasks(lambda t: True, by_tmf=True)
             if fn == P.TmfFunction.TARGET_WARM_RESET:
                 luns.warm_reset()
             else:
@@ -403,7 +403,7 @@ class IscsiServer:
             conn = session.connection
             if conn is None or session.luns is None:
                 continue
-            if conn.abort_tasks(lambda t, s=session: s.luns.get(t.lun) is lu):
+            if conn.abort_tasks(lambda t, s=session: s.luns.get(t.lun) is lu, by_tmf=True):
                 affected.append(session.nexus)
         return affected
 

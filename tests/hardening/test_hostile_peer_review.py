@@ -11,7 +11,7 @@ import pytest
 from iscsi import keys as K
 from iscsi import pdu as P
 
-from .conftest import BLOCK
+from .conftest import BLOCK, running_daemon
 from .raw import Closed, RawSession, read10, write10
 
 
@@ -314,6 +314,70 @@ def test_abort_task_of_a_command_that_never_arrived_closes_the_cmdsn_gap(daemon,
             break
     still_works(s)
     s.close()
+
+
+
+def _no_reject_before_ping(s: RawSession) -> None:
+    """Ping; nothing but the echo (no Reject) may come back before it."""
+    itt = s.next_itt()
+    s.send(P.NopOut(itt=itt, cmdsn=s.cmdsn, expstatsn=s.expstatsn, immediate=True))
+    while True:
+        pdu = s.recv()
+        assert not isinstance(pdu, P.Reject), f"Reject {pdu.reason:#x} for Data-Out of an aborted task"
+        if isinstance(pdu, P.NopIn) and pdu.itt == itt:
+            return
+
+
+def test_data_out_answering_the_r2t_of_an_aborted_task_is_dropped_quietly(daemon, clean_log):
+    """RFC 7143 §11.6.2: the initiator goes on answering the R2Ts of an aborted task.  That
+    Data-Out is dropped without a Reject -- libiscsi treats a Reject it cannot match to a
+    request as a connection error.  Was: Reject 0x09 for each such Data-Out."""
+    s = session(daemon, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
+    itt = s.command(write10(3500, 4), write=True, edtl=2048)
+    r2t = s.recv()
+    assert isinstance(r2t, P.R2T)
+    s.send(P.TaskMgmtRequest(function=P.TmfFunction.ABORT_TASK, rtt=itt, refcmdsn=(s.cmdsn - 1) & 0xFFFFFFFF,
+                             itt=s.next_itt(), cmdsn=s.cmdsn, expstatsn=s.expstatsn, immediate=True))
+    resp = s.recv()
+    assert isinstance(resp, P.TaskMgmtResponse) and resp.response == P.TmfResponse.COMPLETE, resp
+    s.send(P.DataOut(itt=itt, ttt=r2t.ttt, datasn=0, offset=0, final=True, expstatsn=s.expstatsn,
+                     data=b"\x42" * 2048))
+    _no_reject_before_ping(s)
+    status, data = s.read(3500, 2048)
+    assert status == 0 and b"\x42" * 512 not in data, "data of an aborted write was written"
+    still_works(s)
+    s.close()
+
+
+def test_data_out_of_a_write_another_session_reset_is_dropped_quietly(tmp_path):
+    """LOGICAL UNIT RESET from another session aborts a write waiting for its Data-Out: the
+    Data-Out that answers the R2T is dropped without a Reject, and the writer's next command
+    sees the reset as a unit attention.  Was: Reject 0x09.  (A daemon of its own: the reset
+    gives the module's witnesses a unit attention too.)"""
+    with running_daemon(tmp_path) as daemon:
+        _reset_while_another_session_writes(daemon)
+        assert "conn.internal_error" not in daemon.log_text()
+
+
+def _reset_while_another_session_writes(daemon) -> None:
+    a = session(daemon, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
+    b = session(daemon)
+    itt = a.command(write10(3600, 4), write=True, edtl=2048)
+    r2t = a.recv()
+    assert isinstance(r2t, P.R2T)
+    b.send(P.TaskMgmtRequest(function=P.TmfFunction.LOGICAL_UNIT_RESET, itt=b.next_itt(), cmdsn=b.cmdsn,
+                             expstatsn=b.expstatsn, immediate=True))
+    resp = b.recv()
+    assert isinstance(resp, P.TaskMgmtResponse) and resp.response == P.TmfResponse.COMPLETE, resp
+    a.send(P.DataOut(itt=itt, ttt=r2t.ttt, datasn=0, offset=0, final=True, expstatsn=a.expstatsn,
+                     data=b"\x43" * 2048))
+    _no_reject_before_ping(a)
+    a.clear_unit_attentions()
+    still_works(a)
+    b.clear_unit_attentions()
+    still_works(b, lba=3700)
+    a.close()
+    b.close()
 
 
 # -- idle discovery sessions (in-process target with short timers) ------------------------------
