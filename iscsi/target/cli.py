@@ -397,14 +397,18 @@ def lun_add(iqn: str, spec: str, number: int | None, size: str | None, block_siz
     e.g. /srv/disk.img:10G:bs=4096
     """
     parsed = _check(lambda: C.parse_lun_spec(spec))
-    for option, given, in_spec in (("--lun", number, parsed.number if parsed.number >= 0 else None),
-                                   ("--size", None if size is None else _check(lambda: C.parse_size(size)), parsed.size),
-                                   ("--block-size", None if block_size is None else int(block_size),
-                                    parsed.block_size if ":bs=" in spec.lower() else None)):
+    size_bytes = None if size is None else _check(lambda: C.parse_size(size))
+    # An option and the spec saying different things: neither may silently win.
+    for option, given, in_spec in (
+        ("--lun", number, parsed.number if parsed.number >= 0 else None),
+        ("--size", size_bytes, parsed.size),
+        ("--block-size", None if block_size is None else int(block_size),
+         parsed.block_size if ":bs=" in spec.lower() else None),
+    ):
         if given is not None and in_spec is not None and given != in_spec:
             raise click.UsageError(f"{option} {given} contradicts the LUN spec {spec!r}; give it once")
-    if size is not None:
-        parsed.size = _check(lambda: C.parse_size(size))
+    if size_bytes is not None:
+        parsed.size = size_bytes
     if block_size is not None:
         parsed.block_size = int(block_size)
     path = os.path.abspath(os.path.expanduser(parsed.path))  # the daemon's cwd is not ours

@@ -1246,7 +1246,9 @@ def _type_ok(value: Any, hint: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if origin is list or hint is list:
         inner = typing.get_args(hint)
-        return isinstance(value, list) and all(_type_ok(v, inner[0]) for v in value) if inner else isinstance(value, list)
+        if not isinstance(value, list):
+            return False
+        return all(_type_ok(v, inner[0]) for v in value) if inner else True
     if origin is dict or hint is dict:
         inner = typing.get_args(hint)
         if not isinstance(value, dict):
