@@ -652,7 +652,7 @@ class TargetConnection(asyncio.Protocol):
             self._maybe_execute(item)
         elif isinstance(item, P.NopOut):
             # §11.19: echo the ping data at once; never queued behind SCSI work.  The echo is
-            # cut to the initiator's MaxRecvDataSegmentLength (§11.18.5), which may be smaller
+            # cut to the initiator's MaxRecvDataSegmentLength (§11.18.3), which may be smaller
             # than the ping it was allowed to send us.
             data = item.data
             if len(data) > self.max_send_segment:

@@ -181,7 +181,7 @@ class TargetLogin:
             if req.data:
                 raise LoginError(LoginStatus.INITIATOR_ERROR, "text while target response continues")
             chunk = self._next_chunk()
-            # C=1 on every piece but the last (§11.13.2): the initiator keeps asking until C=0.
+            # C=1 on every piece but the last (§11.13, C bit): the initiator keeps asking until C=0.
             return self._response(req, chunk, transit=False, cont=bool(self._pending_out))
 
         complete = self._text.append(req.data, req.cont)

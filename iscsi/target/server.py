@@ -33,7 +33,7 @@ MAX_SESSIONS = 4096
 LOGOUT_TIME2WAIT = 2
 LOGOUT_TIME2RETAIN = 0
 # What the command window holds for a CmdSN an ABORT TASK declared received without its
-# command (RFC 7143 §11.5.1 b): delivered in turn, it runs nothing.
+# command (RFC 7143 §11.6.1 b; §11.5.5): delivered in turn, it runs nothing.
 _NEVER_ARRIVED = object()
 # Logout Response codes (RFC 7143 §11.15.1).
 LOGOUT_CID_NOT_FOUND = 1
@@ -179,14 +179,14 @@ class TargetSession:
             if task is not None and task.lun == lun:
                 conn.abort_tasks(lambda t: t is task, by_tmf=True)
             elif self._never_arrived(req):
-                # §11.5.1 b): the task's command never reached us but its RefCmdSN is in
+                # §11.6.1 b): the task's command never reached us but its RefCmdSN is in
                 # the window, below the TMF's own CmdSN: that CmdSN counts as received (the
                 # gap closes and the commands held behind it run) and the abort is complete.
                 window = self.window
                 for item in window.arrive(req.refcmdsn, _NEVER_ARRIVED):
                     conn._run_in_order(item)
             else:
-                # §11.5.1 c): a task we do not have, RefCmdSN outside the window: it was
+                # §11.6.1 c): a task we do not have, RefCmdSN outside the window: it was
                 # never received or has already completed.
                 response = R.TASK_DOES_NOT_EXIST
         elif fn == P.TmfFunction.ABORT_TASK_SET:
@@ -231,7 +231,7 @@ class TargetSession:
 
     def _never_arrived(self, req: P.TaskMgmtRequest) -> bool:
         """RefCmdSN of an ABORT TASK names a CmdSN the window still waits for, below the
-        TMF's own CmdSN (RFC 7143 §11.5.1 b)."""
+        TMF's own CmdSN (RFC 7143 §11.6.1 b)."""
         window = self.window
         ref = req.refcmdsn
         return (window.in_window(ref) and ref not in window.pending

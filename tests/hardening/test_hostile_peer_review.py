@@ -59,7 +59,7 @@ def text_request(s: RawSession, data: bytes, *, itt: int | None = None, cont: bo
 # -- login ------------------------------------------------------------------------------------
 
 def test_a_login_answer_longer_than_one_pdu_keeps_the_c_bit_until_its_last_piece(daemon, clean_log):
-    """§11.13.2 / §6.2: an answer split over several Login Responses has C=1 on every piece but
+    """§11.13 (C bit) / §6.2: an answer split over several Login Responses has C=1 on every piece but
     the last; the initiator asks for the next with empty requests.  2000 unknown keys (sent with
     C-bit continuations) make a ~46 KiB answer of NotUnderstood.  Was: C=0 from the second
     piece on, so the initiator took a text cut mid-key as complete."""
@@ -94,7 +94,7 @@ def test_a_login_answer_longer_than_one_pdu_keeps_the_c_bit_until_its_last_piece
 # -- NOP-Out ----------------------------------------------------------------------------------
 
 def test_nop_echo_is_cut_to_the_initiators_max_recv_data_segment_length(daemon, clean_log):
-    """§11.18.5: ping data is reflected, limited to the initiator's MaxRecvDataSegmentLength.
+    """§11.18.3: ping data is reflected, limited to the initiator's MaxRecvDataSegmentLength.
     Was: 4 KiB echoed to an initiator that declared 512."""
     s = session(daemon, extra=[("MaxRecvDataSegmentLength", "512")])
     itt = s.next_itt()
@@ -255,7 +255,7 @@ def test_immediate_data_beyond_first_burst_length_is_refused_and_not_written(dae
                            cdb=write10(lba, size // BLOCK), itt=s.next_itt(), final=True, data=b"\x5a" * size)
     s.send(cmd)
     expect_reject(s, cmd.header(), P.RejectReason.PROTOCOL_ERROR)
-    # §6.3 (Usage of Reject PDU in recovery): a rejected command's CmdSN is not received, so
+    # §7.3 (usage of Reject PDU in recovery): a rejected command's CmdSN is not received, so
     # the next command reuses it.
     status, data = s.read(lba, size)
     assert status == 0 and data == bytes(size), "refused immediate data was written"
@@ -274,7 +274,7 @@ def test_immediate_data_with_edtl_0_is_refused_and_not_written(daemon, clean_log
                            itt=s.next_itt(), final=True, data=b"\x77" * BLOCK)
     s.send(cmd)
     expect_reject(s, cmd.header(), P.RejectReason.PROTOCOL_ERROR)
-    status, data = s.read(lba, BLOCK)  # the rejected CmdSN is reused (§6.3)
+    status, data = s.read(lba, BLOCK)  # the rejected CmdSN is reused (§7.3)
     assert status == 0 and data == pattern
     still_works(s)
     s.close()
@@ -283,9 +283,9 @@ def test_immediate_data_with_edtl_0_is_refused_and_not_written(daemon, clean_log
 # -- task management ----------------------------------------------------------------------------
 
 def test_abort_task_of_a_command_that_never_arrived_closes_the_cmdsn_gap(daemon, clean_log):
-    """§11.5.1 b): ABORT TASK for a task the target does not have, whose RefCmdSN is in the
+    """§11.6.1 b): ABORT TASK for a task the target does not have, whose RefCmdSN is in the
     window and below the TMF's CmdSN: that CmdSN counts as received, the answer is Function
-    complete.  (A command rejected for a data digest error leaves exactly such a gap, §6.3.)
+    complete.  (A command rejected for a data digest error leaves exactly such a gap, §7.3.)
     Was: 'task does not exist', and the commands held behind the gap never ran -- the session
     hung."""
     s = session(daemon)
