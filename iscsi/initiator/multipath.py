@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 from ..log import event
 from . import scsi
-from .device import BlockDevice
-from .errors import ConnectionLost, IscsiError, ScsiError, SessionFailed
+from .device import NO_DEVICE_TYPE, BlockDevice
+from .errors import ConnectionLost, IscsiError, LunNotAvailable, ScsiError, SessionFailed
 from .session import Session, SessionOptions, State
 
 log = logging.getLogger("iscsi.initiator.multipath")
@@ -205,6 +205,9 @@ async def probe_path(session: Session, lun: int) -> Path:
     """Identity (VPD 83h LU designator) and port (relative port, port group) of one path."""
     dev = BlockDevice(session, lun)
     inq = await dev.inquiry()
+    if inq.peripheral_qualifier != 0 or inq.device_type == NO_DEVICE_TYPE:   # SPC-4 §6.6.2
+        raise LunNotAvailable(lun, f"does not exist (peripheral qualifier {inq.peripheral_qualifier}, "
+                                   f"device type 0x{inq.device_type:02x})")
     designators = scsi.parse_vpd83(await dev.vpd(0x83))
     rel, tpg = scsi.port_identity(designators)
     path = Path(session, lun, scsi.lu_identity(designators), rel, tpg)
@@ -229,6 +232,10 @@ async def open_multipath(urls: list, *, policy: str = "round-robin", initiator_n
     live = [(s, u) for s, u in zip(sessions, parsed) if isinstance(s, Session)]
     if not live:
         raise MultipathError(f"no path could log in: {sessions[0]}")
+    for s, u in zip(sessions, parsed):
+        if not isinstance(s, Session):
+            # Only the paths that logged in are used (a dead one is not retried): say so.
+            event(log, "multipath.path_unused", logging.WARNING, portal=u.portal, error=s)
     paths = []
     try:
         for s, u in live:
@@ -248,5 +255,9 @@ async def open_multipath(urls: list, *, policy: str = "round-robin", initiator_n
             mp._alua = False
             for p in paths:
                 p.alua = None
-    dev = await BlockDevice.open(mp, paths[0].lun)
+    try:
+        dev = await BlockDevice.open(mp, paths[0].lun)
+    except BaseException:
+        await mp.close()          # the sessions must not outlive a failed open
+        raise
     return mp, dev

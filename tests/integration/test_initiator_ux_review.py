@@ -549,3 +549,32 @@ def test_lower_max_burst_alone_is_accepted(open_peer):
     assert r.exit_code == 0, r.output
     with pytest.raises(ConfigError):
         login_config(parse_url(open_peer.url(0)), keys={"MaxBurstLength": "65536", "FirstBurstLength": "131072"})
+
+
+async def test_multipath_failed_open_closes_its_sessions(tmp_path):
+    """tgtd's LUN 0 is its controller (type 0Ch): the multipath open fails, and the sessions it
+    had logged in must not stay behind (their keepalive tasks were left running)."""
+    from iscsi.initiator.multipath import open_multipath
+    from tools.peers.tgt import available as tgt_problem
+
+    if tgt_problem():
+        pytest.skip(tgt_problem())
+    peer = make_peer("tgt", tmp_path / "tgt", size="8M")
+    peer.start()
+    try:
+        url = peer.url(0).rsplit("/", 1)[0] + "/0"
+        with pytest.raises(LunNotAvailable, match="not a block device"):
+            await open_multipath([url, url], initiator_name=INITIATOR)
+        await asyncio.sleep(0.05)
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+        assert pending == []
+    finally:
+        peer.stop()
+
+
+async def test_multipath_missing_lun_is_named(open_peer):
+    from iscsi.initiator.multipath import open_multipath
+
+    url = lun_url(open_peer, 6)
+    with pytest.raises(LunNotAvailable, match="LUN 6 does not exist"):
+        await open_multipath([url, url], initiator_name=INITIATOR)
