@@ -503,6 +503,9 @@ def acl_add(iqn: str, initiator: str, maps: tuple[str, ...], params: tuple[str, 
     parsed = _check(lambda: dict(C.canonical_param(*_key_value(p)) for p in params))
     res = _call(control, "acl.add", iqn=iqn, initiator=name, lun_map=lun_map, params=parsed or None)
     click.echo(f"{res['target']}: ACL for {res['initiator']} added")
+    if res.get("open_access"):  # an ACL on an open target restricts nobody: say so
+        click.echo(f"iscsi-target: note: {res['target']} has open access, so every initiator may still log in; "
+                   f"`iscsi-target target set {res['target']} --no-open-access` lets in only the ACLs", err=True)
 
 
 @acl.command("remove")

@@ -1066,7 +1066,7 @@ class TargetDaemon:
             except (TypeError, ValueError):
                 raise AdminError("lun_map must map ACL LUN numbers to target LUN numbers") from None
             target.acls.append(Acl(initiator=name, lun_map=mapping, params=dict(params or {})))
-            return {"target": target.iqn, "initiator": name}
+            return {"target": target.iqn, "initiator": name, "open_access": target.open_access}
 
         return await self.change(mutate, "acl.add")
 
@@ -1109,7 +1109,8 @@ class TargetDaemon:
                 raise AdminError("CHAP for an ACL needs the initiator name")
             acl = target.acl(initiator)
             if acl is None:
-                raise AdminError(f"target {target.iqn} has no ACL for {initiator}")
+                raise AdminError(f"target {target.iqn} has no ACL for {initiator}; add one first: "
+                                 f"iscsi-target acl add {target.iqn} {initiator}")
             return acl, "chap", f"ACL {acl.initiator} of {target.iqn}"
         raise AdminError(f"unknown CHAP scope {scope!r} (discovery, target or acl)")
 

@@ -745,3 +745,19 @@ def test_lun_add_option_contradicting_the_spec_is_a_usage_error(live, tmp_path, 
 def test_lun_add_option_agreeing_with_the_spec_is_fine(live, tmp_path):
     r = live.cli("lun", "add", T, f"{tmp_path}/n.img:1M:lun=5", "--lun", "5", "--size", "1M")
     assert r.exit_code == 0 and "LUN 5 added" in r.output
+
+
+def test_acl_add_on_an_open_target_says_everyone_still_gets_in(live):
+    r = live.cli("acl", "add", T, "iqn.2026-11.org.example:host")
+    assert r.exit_code == 0 and "every initiator may still log in" in r.output and "--no-open-access" in r.output
+    assert live.cli("target", "set", T, "--no-open-access").exit_code == 0
+    r = live.cli("acl", "add", T, "iqn.2026-11.org.example:host2")
+    assert r.exit_code == 0 and "note" not in r.output
+
+
+def test_chap_for_a_missing_acl_says_how_to_add_it(live, tmp_path):
+    (tmp_path / "s").write_text("acl-secret-123456")
+    r = live.cli("chap", "set", "--target", T, "--initiator", "iqn.2026-11.org.example:nobody", "--username", "u",
+                 "--secret-file", str(tmp_path / "s"))
+    assert r.exit_code == 1
+    _one_line_error(r.output, "has no ACL for", f"iscsi-target acl add {T} iqn.2026-11.org.example:nobody")
