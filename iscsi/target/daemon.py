@@ -582,6 +582,10 @@ class TargetDaemon:
             self.config = target_cfg
             raise
         self._running = True
+        for target in self.config.targets:
+            if not target.portal_groups:
+                event(log, "target.unreachable", logging.WARNING, target=target.iqn,
+                      note=f"no portal: add one with iscsi-target portal add {target.iqn} HOST:PORT")
         event(log, "daemon.started", targets=len(self.config.targets),
               portals=",".join(C.format_portal(h, p) for h, p in sorted(self._listening)),
               config=self.config_path, control=self.control_path, crc32c=CRC32C_IMPLEMENTATION)
@@ -1161,7 +1165,8 @@ class TargetDaemon:
                         group.portals.remove(p)
                         if not group.portals:
                             target.portal_groups.remove(group)
-                        return {"target": target.iqn, "portal": p, "tag": group.tag}
+                        return {"target": target.iqn, "portal": p, "tag": group.tag,
+                                "portals_left": sum(1 for _ in target.portals())}
             raise AdminError(f"target {target.iqn} has no portal {C.format_portal(*wanted)}")
 
         return await self.change(mutate, "portal.remove")

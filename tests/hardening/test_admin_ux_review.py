@@ -761,3 +761,18 @@ def test_chap_for_a_missing_acl_says_how_to_add_it(live, tmp_path):
                  "--secret-file", str(tmp_path / "s"))
     assert r.exit_code == 1
     _one_line_error(r.output, "has no ACL for", f"iscsi-target acl add {T} iqn.2026-11.org.example:nobody")
+
+
+def test_a_target_left_without_portals_is_pointed_out(live, tmp_path, caplog):
+    r = live.cli("portal", "remove", T, "127.0.0.1:3260")
+    assert r.exit_code == 0 and "no portal left" in r.output
+    assert live.cli("portal", "add", T, "127.0.0.1:3260").exit_code == 0
+
+
+async def test_a_target_configured_without_portals_is_a_start_warning(tmp_path, caplog):
+    cfg = _config(tmp_path)
+    cfg.targets[0].portal_groups = []
+    daemon = TargetDaemon(cfg, None, server_factory=ListenerFake)
+    await daemon.start()
+    await daemon.stop()
+    assert "target.unreachable" in caplog.text and "portal add" in caplog.text
