@@ -361,8 +361,10 @@ class IscsiServer:
             existing.connection = conn
             existing.window = existing.window  # CmdSN continues in the same session
             if old is not None and old is not conn:
-                old.session = None
+                # Its tasks go while it still names the session: each gives back its place
+                # in the shared command window (else MaxCmdSN shrinks for good).
                 old.abort_tasks(lambda t: True)
+                old.session = None
                 old.abort_connection()
             return existing
         previous = self.session_table.get(key)

@@ -280,6 +280,42 @@ def test_immediate_data_with_edtl_0_is_refused_and_not_written(daemon, clean_log
     s.close()
 
 
+# -- reinstatement ------------------------------------------------------------------------------
+
+def test_connection_reinstatement_gives_back_the_window_of_the_aborted_tasks(daemon, clean_log):
+    """§6.3.4: a login with the ISID, TSIH and CID of a live connection replaces it and ends its
+    tasks.  Each ended task must give its place in the session's command window back.
+    Was: the old connection's tasks were aborted after it had let go of the session, so the
+    window stayed short by one per task (10 here) -- for good, and a few such reinstatements
+    (an initiator whose NOP timeout fires first) close it: the session hangs."""
+    from .raw import INITIATOR, OPERATIONAL
+
+    isid = 0x400000000900
+    a = session(daemon, isid=isid, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
+    for i in range(10):
+        a.command(write10(3800 + i * 8, 4), write=True, edtl=2048)
+    r2ts = [a.recv() for _ in range(10)]
+    assert all(isinstance(p, P.R2T) for p in r2ts)
+    status, _ = a.read(0, BLOCK)
+    assert status == 0
+    busy = (a.maxcmdsn - a.expcmdsn + 1) & 0xFFFFFFFF
+    b = RawSession(daemon.portals[0].host, daemon.portals[0].port)
+    keys = [("InitiatorName", INITIATOR), ("TargetName", daemon.iqn), ("SessionType", "Normal")]
+    b.send(P.LoginRequest(transit=True, csg=1, nsg=3, isid=isid, tsih=a.tsih, cid=0, itt=1, cmdsn=a.cmdsn,
+                          data=K.encode_text(keys + OPERATIONAL)))
+    resp = b.recv()
+    assert resp.status_class == 0 and resp.tsih == a.tsih, resp
+    b.cmdsn, b.expstatsn = a.cmdsn, (resp.statsn + 1) & 0xFFFFFFFF
+    status, _ = b.read(0, BLOCK)
+    assert status == 0
+    free = (b.maxcmdsn - b.expcmdsn + 1) & 0xFFFFFFFF
+    assert free == busy + 10, f"window {free} after the reinstatement, {busy} with 10 writes in flight"
+    assert a.closed_by_target(3.0)
+    still_works(b)
+    a.close()
+    b.close()
+
+
 # -- task management ----------------------------------------------------------------------------
 
 def test_abort_task_of_a_command_that_never_arrived_closes_the_cmdsn_gap(daemon, clean_log):
