@@ -7,6 +7,7 @@ URLs are libiscsi's: ``iscsi://[user[%password]@]host[:port]/target-iqn/lun`` (s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -169,6 +170,11 @@ def _guard(fn):
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
+        except BrokenPipeError:
+            # The reader went away (``| head``): stop quietly, as cat(1) does on SIGPIPE.
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)   # 128 + SIGPIPE
         except (IscsiError, ScsiError, OSError, EOFError, asyncio.TimeoutError, ValueError,
                 RuntimeError) as exc:
             _fail(str(exc) or type(exc).__name__)
@@ -388,14 +394,29 @@ class _FileSide:
         self.size = st.st_size if regular and not writing else None
         if writing and regular and st.st_size > truncate_at:
             os.ftruncate(self.fd, truncate_at)   # dd(1) without conv=notrunc
+        try:
+            os.lseek(self.fd, 0, os.SEEK_CUR)
+            self.seekable = True
+        except OSError:
+            # A pipe, socket or terminal: read and written in order (dd runs with qd=1).
+            self.seekable = False
 
     async def read(self, off: int, n: int) -> bytes:
-        return os.pread(self.fd, n, off)
+        if self.seekable:
+            return os.pread(self.fd, n, off)
+        parts, left = [], n
+        while left:
+            chunk = os.read(self.fd, left)
+            if not chunk:
+                break
+            parts.append(chunk)
+            left -= len(chunk)
+        return b"".join(parts)
 
     async def write(self, off: int, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            k = os.pwrite(self.fd, view, off)
+            k = os.pwrite(self.fd, view, off) if self.seekable else os.write(self.fd, view)
             view, off = view[k:], off + k
 
     async def close(self) -> None:
@@ -481,6 +502,12 @@ def dd(obj: _Ctx, operands: tuple[str, ...], progress: bool | None) -> None:
             await src.close()
             raise
         try:
+            streams = [s for s in (src, dst) if isinstance(s, _FileSide) and not s.seekable]
+            if any(s is src for s in streams) and skip:
+                raise ValueError(f"skip= needs a seekable input; {ops['if']} is a pipe")
+            if any(s is dst for s in streams) and seek:
+                raise ValueError(f"seek= needs a seekable output; {ops['of']} is a pipe")
+            depth = 1 if streams else qd     # a pipe takes its chunks in order
             avail = (src.size - skip * bs) if src.size is not None else None
             if avail is not None and avail < 0:
                 raise ValueError(f"skip={skip} starts past the end of {redact(ops['if'])} ({src.size} bytes)")
@@ -495,18 +522,24 @@ def dd(obj: _Ctx, operands: tuple[str, ...], progress: bool | None) -> None:
             done = 0
             t0 = time.monotonic()
             last_print = 0.0
-            sem = asyncio.Semaphore(qd)
+            sem = asyncio.Semaphore(depth)
             errors: list[BaseException] = []
+            eof = False
+            src_is_stream = isinstance(src, _FileSide) and not src.seekable
 
             async def chunk(i: int) -> None:
-                nonlocal done, last_print
+                nonlocal done, last_print, eof
                 try:
                     n = min(bs, total - i * bs)
                     data = await src.read((skip + i) * bs, n)
                     if len(data) < n:
-                        raise ValueError(f"short read at chunk {i}")
+                        if not src_is_stream:
+                            raise ValueError(f"short read at chunk {i}")
+                        eof = True       # a pipe ended before count=: copy what came, as dd(1)
+                        if not data:
+                            return
                     await dst.write((seek + i) * bs, data)
-                    done += n
+                    done += len(data)
                     now = time.monotonic()
                     if progress and now - last_print > 0.2:
                         last_print = now
@@ -520,7 +553,7 @@ def dd(obj: _Ctx, operands: tuple[str, ...], progress: bool | None) -> None:
             nchunks = (total + bs - 1) // bs
             for i in range(nchunks):
                 await sem.acquire()
-                if errors:
+                if errors or eof:
                     break
                 tasks.append(asyncio.ensure_future(chunk(i)))
             await asyncio.gather(*tasks)

@@ -578,3 +578,34 @@ async def test_multipath_missing_lun_is_named(open_peer):
     url = lun_url(open_peer, 6)
     with pytest.raises(LunNotAvailable, match="LUN 6 does not exist"):
         await open_multipath([url, url], initiator_name=INITIATOR)
+
+
+def _cli_proc(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "iscsi.initiator.cli", "-i", INITIATOR, *args], cwd=REPO,
+                          input=stdin, capture_output=True, timeout=60)
+
+
+def test_dd_through_pipes(open_peer):
+    """dd(1) reads and writes pipes: pwrite/pread on one failed with 'Illegal seek', and a pipe
+    that ended before count= failed 'short read' and dropped its last partial chunk."""
+    import os
+
+    url = open_peer.url(0)
+    data = os.urandom(200_000)                   # 3 whole 64k chunks and a partial one
+    r = _cli_proc("dd", "if=/dev/stdin", f"of={url}", "bs=64k", "count=10", stdin=data)
+    assert r.returncode == 0, r.stderr
+    assert b"200000 bytes" in r.stderr
+    r = _cli_proc("dd", f"if={url}", "of=/dev/stdout", "bs=64k", "count=4")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout[:len(data)] == data and len(r.stdout) == 4 * 65536
+
+
+def test_output_into_a_closed_pipe_is_quiet(open_peer):
+    proc = subprocess.Popen([sys.executable, "-m", "iscsi.initiator.cli", "-i", INITIATOR, "read", open_peer.url(0),
+                             "-n", "2000"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()                          # `| head -1`
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141
+    assert b"Traceback" not in err and b"Broken pipe" not in err
