@@ -359,13 +359,20 @@ class IscsiServer:
             # Connection reinstatement (same TSIH, same CID): the old connection goes.
             old = existing.connection
             existing.connection = conn
-            existing.window = existing.window  # CmdSN continues in the same session
             if old is not None and old is not conn:
                 # Its tasks go while it still names the session: each gives back its place
                 # in the shared command window (else MaxCmdSN shrinks for good).
                 old.abort_tasks(lambda t: True)
                 old.session = None
                 old.abort_connection()
+            # The session's only connection is replaced and every task of it ended: the
+            # command stream goes on from the login's CmdSN, the next one the initiator
+            # uses (§11.12.8) and the ExpCmdSN the login response announced.  Commands the
+            # old connection lost, or held behind such a gap, can never come now; waiting
+            # for them would hang the session.
+            window = existing.window
+            window.pending.clear()
+            window.expcmdsn = ok.cmdsn
             return existing
         previous = self.session_table.get(key)
         if previous is not None and ok.session_type == "Normal":

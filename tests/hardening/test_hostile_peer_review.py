@@ -316,6 +316,34 @@ def test_connection_reinstatement_gives_back_the_window_of_the_aborted_tasks(dae
     b.close()
 
 
+
+def test_connection_reinstatement_after_a_lost_command_does_not_hang(daemon, clean_log):
+    """The old connection died with command N in flight (never read by the target) and N+1
+    held behind it; the initiator logs in again with the session's TSIH and CmdSN N+2, the next
+    it will use (§11.12.8), and the login response announces ExpCmdSN N+2.  Its commands must
+    run.  Was: the window still waited for N -- which can never come now -- and held every new
+    command: the session hung."""
+    from .raw import INITIATOR, OPERATIONAL
+
+    isid = 0x400000000901
+    a = session(daemon, isid=isid)
+    n = a.cmdsn
+    a.command(read10(0, 1), read=True, edtl=BLOCK, cmdsn=(n + 1) & 0xFFFFFFFF)  # N is lost
+    a.ping()  # N+1 has arrived (and waits)
+    b = RawSession(daemon.portals[0].host, daemon.portals[0].port)
+    keys = [("InitiatorName", INITIATOR), ("TargetName", daemon.iqn), ("SessionType", "Normal")]
+    b.send(P.LoginRequest(transit=True, csg=1, nsg=3, isid=isid, tsih=a.tsih, cid=0, itt=1,
+                          cmdsn=(n + 2) & 0xFFFFFFFF, data=K.encode_text(keys + OPERATIONAL)))
+    resp = b.recv()
+    assert resp.status_class == 0 and resp.expcmdsn == (n + 2) & 0xFFFFFFFF, resp
+    b.cmdsn, b.expstatsn = (n + 2) & 0xFFFFFFFF, (resp.statsn + 1) & 0xFFFFFFFF
+    status, _ = b.read(0, BLOCK)
+    assert status == 0
+    still_works(b)
+    a.close()
+    b.close()
+
+
 # -- task management ----------------------------------------------------------------------------
 
 def test_abort_task_of_a_command_that_never_arrived_closes_the_cmdsn_gap(daemon, clean_log):
