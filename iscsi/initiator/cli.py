@@ -658,6 +658,12 @@ def attach_cmd(obj: _Ctx, urls: tuple[str, ...], replacement_timeout: float, pol
 
     Several URLs (portals of the same LU) attach it once through multipath."""
     parsed = [_with_name(_url(u), obj) for u in urls]
+    for u in parsed:
+        # A second loop device over the same LU would be a second writer with its own cache
+        # (open-iscsi refuses a second login to a node the same way: "session exists").
+        held = attach_mod.find_attachment(u.to_string())
+        if held is not None:
+            _fail(f"{u} is already attached as {held.get('loop')} (detach it first)")
     st = attach_mod.start_daemon([u.to_string(secrets=True) for u in parsed],
                                  replacement_timeout=replacement_timeout, policy=policy, keys=obj.keys)
     click.echo(st["loop"])

@@ -609,3 +609,11 @@ def test_output_into_a_closed_pipe_is_quiet(open_peer):
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 141
     assert b"Traceback" not in err and b"Broken pipe" not in err
+
+
+def test_attach_twice_is_refused(open_peer, attach_dir):
+    r = _attach_cli(attach_dir, "attach", open_peer.url(0))
+    assert r.returncode == 0, r.stderr
+    again = _attach_cli(attach_dir, "attach", open_peer.url(0))
+    assert again.returncode == 1 and "already attached as " + r.stdout.strip() in again.stderr
+    assert len(list(attach_dir.glob("*.json"))) == 1       # was a second loop device on the LU
