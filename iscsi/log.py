@@ -19,11 +19,26 @@ def _is_secret(name: str) -> bool:
     return any(word in lowered for word in _SECRET_WORDS)
 
 
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(c: str) -> str:
+    """One character inside a quoted value: control and other unprintable characters
+    (an initiator's name is peer input) become escapes, so a log line can neither carry
+    terminal sequences nor be split or overwritten (ESC, CR, NUL, C1 controls...)."""
+    if c in _ESCAPES:
+        return _ESCAPES[c]
+    if c.isprintable():
+        return c
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def _quote(value: Any) -> str:
     text = str(value)
-    if text == "" or any(c in text for c in ' "=\t\n'):
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    return text
+    if text and text.isprintable() and not any(c in text for c in ' "='):
+        return text
+    return '"' + "".join(map(_escape, text)) + '"'
 
 
 def format_fields(fields: dict[str, Any]) -> str:

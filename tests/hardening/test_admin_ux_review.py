@@ -540,9 +540,6 @@ def test_alias_and_chap_names_with_control_characters_are_refused(tmp_path, text
         cfg.validate()
 
 
-@pytest.mark.xfail(strict=True, reason="iscsi/log.py (not this review's file): _quote escapes only '\\n'; "
-                   "an unauthenticated initiator's InitiatorName with ESC/CR reaches the daemon log raw "
-                   "(login.failed initiator=...), i.e. terminal escapes and line overwrites in `tail -f`")
 def test_log_fields_never_carry_raw_control_characters():
     from iscsi.log import format_fields
 
