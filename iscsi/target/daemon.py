@@ -27,6 +27,7 @@ import json
 import ipaddress
 import logging
 import os
+import resource
 import signal
 import stat
 import tempfile
@@ -216,6 +217,7 @@ class ScsiUnitProvider:
                       configured=lun.size, image=actual)
             serial = cfg.serial_for(target, lun)
             pr_file = self.pr_state_path(cfg, serial, image)
+            mode_file = self.mode_state_path(cfg, serial, image)
             options = dict(
                 serial=serial,
                 lun_id=lun.number,
@@ -224,19 +226,24 @@ class ScsiUnitProvider:
                 physical_block_size=lun.physical_block_size,
                 vendor=lun.vendor,
                 product=lun.product,
-                pr_state=_load_pr_state(pr_file),
+                pr_state=_load_state(pr_file, "reservation state"),
                 pr_persist=lambda state, path=pr_file: _save_json_atomically(path, state),
+                # MODE SELECT with SP=1 saves pages (SPC-4 §6.9): they outlive a restart too.
+                mode_state=_load_state(mode_file, "saved mode pages"),
+                mode_persist=lambda state, path=mode_file: _save_json_atomically(path, state),
             )
             options = {k: v for k, v in options.items() if v is not None}  # keep the core's defaults
             try:
                 lu = LogicalUnit(backstore, **_accepted_kwargs(LogicalUnit, **options))
             except (KeyError, TypeError, ValueError, AttributeError) as e:
-                if options.get("pr_state") is None:
+                damaged = _damaged_state(lu_options=options, pr_file=pr_file, mode_file=mode_file)
+                if damaged is None:
                     raise
                 # A damaged APTPL file stops the start (SPC-4 §5.13.5: reservations must not be
-                # lost silently); the admin needs its name to repair or move it.
+                # lost silently), so does a damaged saved-pages file; the admin needs its name.
+                what, path = damaged
                 raise AdminError(
-                    f"{target.iqn} LUN {lun.number}: saved reservations {pr_file} cannot be restored "
+                    f"{target.iqn} LUN {lun.number}: {what} {path} cannot be restored "
                     f"({type(e).__name__}: {e}); repair it, or move it aside to start without them"
                 ) from None
         except BaseException:
@@ -253,6 +260,13 @@ class ScsiUnitProvider:
         if cfg.data_dir:
             return Path(cfg.data_dir).expanduser().absolute() / "pr" / f"{serial}.json"
         return image.with_name(f".{image.name}.pr.json")
+
+    @staticmethod
+    def mode_state_path(cfg: Config, serial: str, image: Path) -> Path:
+        """Where one LU's saved mode pages (MODE SELECT SP=1, SPC-4 §6.9) survive restarts."""
+        if cfg.data_dir:
+            return Path(cfg.data_dir).expanduser().absolute() / "mode" / f"{serial}.json"
+        return image.with_name(f".{image.name}.mode.json")
 
     def new_map(self, luns: dict[int, Any]) -> Any:
         from ..scsi.target import LunMap
@@ -324,23 +338,64 @@ def _check_existing_image(image: Path, lun: Lun, where: str) -> int | None:
     return st.st_size
 
 
-def _load_pr_state(path: Path) -> dict | None:
-    """Saved reservations, or None; a damaged file stops the start (better than lost reservations)."""
+#: Descriptors the daemon wants: two per connection (its socket and the duplicate that
+#: zero-copy READs send from) for server.MAX_SESSIONS sessions, plus images, control and logs.
+#: The usual soft limit of 1024 would refuse logins after ~500 connections.
+WANTED_OPEN_FILES = 2 * 4096 + 1024
+#: Below this the daemon warns at start: a few hundred sessions would exhaust it.
+LOW_OPEN_FILES = 4096
+
+
+def raise_open_file_limit(wanted: int = WANTED_OPEN_FILES) -> int:
+    """Lift the soft RLIMIT_NOFILE towards ``wanted`` (never above the hard limit, never
+    lower than it is); returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def _load_state(path: Path, what: str) -> dict | None:
+    """State an LU saved (reservations, mode pages), or None; a damaged file stops the start
+    (better than state lost silently)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise DaemonError(f"cannot read reservation state {path}: {e.strerror or e}") from None
+        raise DaemonError(f"cannot read {what} {path}: {e.strerror or e}") from None
     try:
         state = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: reservation state is not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise ConfigError(f"{path}: {what} is not valid JSON ({e.msg} at line {e.lineno})") from None
     except RecursionError:
-        raise ConfigError(f"{path}: reservation state is not valid (JSON nested too deeply)") from None
+        raise ConfigError(f"{path}: {what} is not valid (JSON nested too deeply)") from None
     if not isinstance(state, dict):
-        raise ConfigError(f"{path}: reservation state must be a JSON object")
+        raise ConfigError(f"{path}: {what} must be a JSON object")
     return state
+
+
+def _damaged_state(*, lu_options: dict, pr_file: Path, mode_file: Path) -> tuple[str, Path] | None:
+    """Which restored state an LU refused (its constructor raised): the mode pages are checked
+    on their own first, as they are the simpler to validate; None when no state was loaded."""
+    from ..scsi.modepages import ModePages
+
+    mode_state = lu_options.get("mode_state")
+    if mode_state is not None:
+        try:
+            ModePages().import_saved(mode_state)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return "saved mode pages", mode_file
+    if lu_options.get("pr_state") is not None:
+        return "saved reservations", pr_file
+    return None
 
 
 def _save_json_atomically(path: Path, data: Any) -> None:
@@ -521,6 +576,7 @@ class TargetDaemon:
         # None = quick start: changes apply to the running daemon only and are not saved.
         self.config_path = Path(config_path) if config_path is not None else None
         self.control_path = Path(control_path) if control_path is not None else None
+        self.open_files = 0  # the descriptor limit in force, set by start()
         # Quick start: when another daemon already owns the control socket, serve anyway
         # (without runtime administration) instead of refusing to start.
         self.control_optional = control_optional
@@ -559,6 +615,7 @@ class TargetDaemon:
         """Open every LUN and bind every portal, all or nothing."""
         if self._running:
             raise DaemonError("daemon already started")
+        self.open_files = raise_open_file_limit()
         empty = Config(data_dir=self.config.data_dir)
         target_cfg, self.config = self.config, empty
         self.server = self._server_factory(self)
@@ -588,7 +645,11 @@ class TargetDaemon:
                       note=f"no portal: add one with iscsi-target portal add {target.iqn} HOST:PORT")
         event(log, "daemon.started", targets=len(self.config.targets),
               portals=",".join(C.format_portal(h, p) for h, p in sorted(self._listening)),
-              config=self.config_path, control=self.control_path, crc32c=CRC32C_IMPLEMENTATION)
+              config=self.config_path, control=self.control_path, crc32c=CRC32C_IMPLEMENTATION,
+              open_files=self.open_files)
+        if self.open_files < LOW_OPEN_FILES:
+            event(log, "daemon.open_files_low", logging.WARNING, limit=self.open_files,
+                  hint="raise the hard limit (ulimit -Hn, LimitNOFILE=) or fewer sessions can log in")
 
     async def stop(self) -> None:
         """SIGTERM path: stop the listener, let in-flight commands finish, flush and close."""

@@ -154,3 +154,59 @@ async def test_saved_reservations_are_restored_and_a_damaged_file_stops_the_star
     d = TargetDaemon(cfg.copy(), None, provider=ScsiUnitProvider(), server_factory=FakeServer)
     with pytest.raises(C.ConfigError, match="SER1.json: reservation state is not valid JSON"):
         await d.start()
+
+
+async def test_saved_mode_pages_survive_a_daemon_restart_and_a_damaged_file_stops_the_start(tmp_path):
+    """MODE SELECT SP=1 (SPC-4 §6.9) reaches the data dir: WCE=0 saved by an initiator still
+    holds after a restart, or writes would be acknowledged from the page cache again."""
+    cfg = Config(data_dir=str(tmp_path), targets=[Target(T, portal_groups=[PortalGroup(1, ["127.0.0.1:3260"])],
+                                                         luns=[Lun(0, "a.img", 1 << 20, serial="SER1")],
+                                                         open_access=True)])
+    d = TargetDaemon(cfg.copy(), None, provider=ScsiUnitProvider(), server_factory=FakeServer)
+    await d.start()
+    lun_map = d.find_target(T).authorize(H1).luns
+    nx = nexus(H1)
+    await run(lun_map, TUR, 0, nx)  # the power-on unit attention
+    caching = bytearray(20)
+    caching[0], caching[1] = 0x08, 0x12  # WCE=0
+    select = bytes((0x15, 0x11, 0, 0, 24, 0))  # MODE SELECT(6), PF, SP
+    r = await lun_map.execute(ScsiCommand(cdb=select, lun=0, nexus=nx, data_out=bytes(4) + bytes(caching)))
+    assert r.status == Status.GOOD
+    await d.stop()
+    saved = tmp_path / "mode" / "SER1.json"
+    assert json.loads(saved.read_text())["pages"]["08"][4:6] == "00" and C.file_is_private(saved)
+
+    d = TargetDaemon(cfg.copy(), None, provider=ScsiUnitProvider(), server_factory=FakeServer)
+    await d.start()
+    assert not d.find_target(T).units[0].lu.mode.wce
+    await d.stop()
+
+    saved.write_text(json.dumps({"version": 1, "pages": {"08": "zz"}}))
+    d = TargetDaemon(cfg.copy(), None, provider=ScsiUnitProvider(), server_factory=FakeServer)
+    with pytest.raises(Exception, match=r"saved mode pages .*SER1.json cannot be restored"):
+        await d.start()
+
+
+def test_open_file_limit_is_raised_for_the_sessions_the_server_admits(monkeypatch):
+    import resource
+
+    from iscsi.target import daemon as D
+    from iscsi.target.server import MAX_SESSIONS
+
+    assert D.WANTED_OPEN_FILES >= 2 * MAX_SESSIONS  # a socket and its zero-copy duplicate each
+    calls = []
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 524288))
+    monkeypatch.setattr(resource, "setrlimit", lambda which, lim: calls.append(lim))
+    assert D.raise_open_file_limit() == D.WANTED_OPEN_FILES and calls == [(D.WANTED_OPEN_FILES, 524288)]
+    calls.clear()
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 2048))  # hard limit caps it
+    assert D.raise_open_file_limit() == 2048 and calls == [(2048, 2048)]
+    calls.clear()
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (65536, 65536))  # never lowered
+    assert D.raise_open_file_limit() == 65536 and calls == []
+
+    def refuse(which, lim):
+        raise ValueError("not permitted")
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 524288))
+    monkeypatch.setattr(resource, "setrlimit", refuse)
+    assert D.raise_open_file_limit() == 1024
