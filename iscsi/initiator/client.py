@@ -91,9 +91,16 @@ def login_config(url: IscsiUrl, *, initiator_name: str | None = None, session_ty
         raise ConfigError("mutual CHAP (target_user=) needs the initiator's CHAP name and secret too")
     validate_keys(keys, session_type)
     keys = normalize_keys(keys)
-    chap = ChapCredentials(url.user, url.password) if url.user and url.password is not None else None
-    mutual = (ChapCredentials(url.target_user, url.target_password)
-              if url.target_user and url.target_password is not None else None)
+    try:
+        chap = ChapCredentials(url.user, url.password) if url.user and url.password is not None else None
+        mutual = (ChapCredentials(url.target_user, url.target_password)
+                  if url.target_user and url.target_password is not None else None)
+        if chap is not None and mutual is not None and chap.secret == mutual.secret:
+            raise ValueError("the target's CHAP secret must differ from the initiator's (RFC 7143 §12.1.3)")
+    except ConfigError:
+        raise
+    except ValueError as exc:      # length and charset rules of iscsi.auth.ChapCredentials
+        raise ConfigError(str(exc)) from None
     k = dict(keys or {})
     if url.header_digest:
         k.setdefault("HeaderDigest", url.header_digest)

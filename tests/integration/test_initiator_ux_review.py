@@ -324,6 +324,18 @@ def test_chap_name_without_secret(chap_peer):
         login_config(parse_url(url))
 
 
+@pytest.mark.parametrize("url", [
+    "iscsi://chapuser%tiny1@127.0.0.1:1/iqn.x:y/0",
+    f"iscsi://chapuser%{SECRET}@127.0.0.1:1/iqn.x:y/0?target_user=t&target_password={SECRET}",
+    f"iscsi://chapuser%{'x' * 300}@127.0.0.1:1/iqn.x:y/0",
+])
+async def test_bad_chap_credentials_are_config_errors(url):
+    # ChapCredentials' ValueError came out of open_session untyped
+    with pytest.raises(ConfigError) as ei:
+        await open_session(url, initiator_name=INITIATOR)
+    assert SECRET not in str(ei.value) and "tiny1" not in str(ei.value)
+
+
 def test_chap_errors_typed_and_secret_free(chap_peer):
     p = f"{chap_peer.portals[0]}/{chap_peer.iqn}/0"
     r = run_cli("readcap", f"iscsi://chapuser%wrongsecret123@{p}")
