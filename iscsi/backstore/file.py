@@ -271,9 +271,13 @@ class FileBackstore:
     def close(self) -> None:
         if self._gather is not None and self._fd >= 0:
             self._gather.drain()  # an error here was already logged; nothing is left to tell
-        if self._fd >= 0:
-            os.close(self._fd)
+        fd = self._fd
+        if fd >= 0:
+            # -1 first: the daemon closes images from a worker thread while the event loop
+            # may still look at fileno (a held zero-copy READ); it must never see a number
+            # that is closed and may already name another file.
             self._fd = -1
+            os.close(fd)
 
     def __enter__(self) -> "FileBackstore":
         return self

@@ -292,3 +292,24 @@ def test_gathering_is_off_unless_asked(tmp_path, syscalls):
     b = FileBackstore(tmp_path / "d.img", size=1 << 20)
     b.write(0, b"\1" * 4096)
     assert syscalls["pwrite"] == 1 and not G.pending_runs
+
+
+def test_close_hides_the_descriptor_before_closing_it(tmp_path, monkeypatch):
+    """The daemon closes images in a worker thread while the loop may read fileno for a held
+    READ: during and after os.close the number must already be gone (it may name another file)."""
+    import iscsi.backstore.file as F
+
+    bs = F.FileBackstore(str(tmp_path / "c.img"), size=1 << 20, create=True)
+    seen = []
+    real_close = os.close
+
+    def watching_close(fd):
+        seen.append((fd, bs.fileno))
+        real_close(fd)
+
+    monkeypatch.setattr(F.os, "close", watching_close)
+    fd = bs.fileno
+    bs.close()
+    assert seen == [(fd, -1)] and bs.fileno == -1
+    bs.close()  # twice is harmless
+    assert len(seen) == 1
