@@ -728,7 +728,7 @@ def node_add(url: str, startup: str) -> None:
     """Save URL (iscsi://[user%pw@]host[:port]/iqn[/lun]) as a node record."""
     u = _url(url)
     NodeStore().upsert(NodeRecord(target=u.target or "", host=u.host, port=u.port,
-                                  luns=[u.lun] if url.rstrip("/").count("/") >= 4 else None,
+                                  luns=[u.lun] if url.split("?", 1)[0].rstrip("/").count("/") >= 4 else None,
                                   user=u.user, password=u.password, target_user=u.target_user,
                                   target_password=u.target_password, header_digest=u.header_digest,
                                   data_digest=u.data_digest, startup=startup))

@@ -629,3 +629,16 @@ def test_attach_twice_is_refused(open_peer, attach_dir):
     again = _attach_cli(attach_dir, "attach", open_peer.url(0))
     assert again.returncode == 1 and "already attached as " + r.stdout.strip() in again.stderr
     assert len(list(attach_dir.glob("*.json"))) == 1       # was a second loop device on the LU
+
+
+def test_ctrl_c_is_one_line(open_peer):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "iscsi.initiator.cli", "-i", INITIATOR, "bench", open_peer.url(0),
+                             "-t", "30", "--qd", "4"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and err.strip() == "interrupted", err   # was a KeyboardInterrupt traceback
