@@ -614,6 +614,8 @@ def bench(obj: _Ctx, url: str, rw: str, rwmixread: int, bs: str, qd: int, runtim
         session, dev = await open_device(u, **obj.login_kw())
         try:
             region = None
+            if nbytes > dev.size:
+                raise ValueError(f"--bs {bs} is larger than the LUN ({dev.size} bytes, {_human(dev.size)})")
             if region_bytes is not None:
                 if region_bytes > dev.size:
                     raise ValueError(f"--size {size} is larger than the LUN ({dev.size} bytes, "
@@ -630,7 +632,7 @@ def bench(obj: _Ctx, url: str, rw: str, rwmixread: int, bs: str, qd: int, runtim
     if as_json:
         click.echo(json.dumps({"rw": rw, "bs": nbytes, "qd": qd} | s))
         if r.errors:
-            sys.exit(1)
+            _fail(f"{r.errors} I/O error(s): the run stopped at the first one")
         return
     lat = s["lat_us"]
     click.echo(f"{rw} bs={nbytes} qd={qd}: {s['iops']:.0f} IOPS, {s['MB/s']:.1f} MB/s "

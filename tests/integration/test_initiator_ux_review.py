@@ -181,6 +181,8 @@ def test_bench_size_checked_against_bs_and_lun(open_peer):
     assert_error(run_cli("bench", open_peer.url(0), "--size", "0", "-t", "0.2"), "--size", code=2)
     assert_error(run_cli("bench", open_peer.url(0), "--size", "1G", "-t", "0.2"),
                  "larger than the LUN", code=1)
+    assert_error(run_cli("bench", open_peer.url(0), "--bs", "32M", "-t", "0.2"),
+                 "--bs 32M is larger than the LUN", code=1)
 
 
 def test_bench_with_failed_ios_exits_non_zero(ro_peer):
