@@ -75,6 +75,26 @@ def validate_keys(keys: dict[str, str] | None, session_type: str = "Normal") -> 
         raise ConfigError(f"login key: {exc}") from None
 
 
+#: RFC 7143 §4.2.7.1: iSCSI names are at most 223 bytes.
+MAX_ISCSI_NAME_BYTES = 223
+#: RFC 7143 §4.2.7 naming formats.
+_NAME_PREFIXES = ("iqn.", "eui.", "naa.")
+
+
+def check_iscsi_name(name: str, what: str) -> None:
+    """Refuse a name no target can accept (ConfigError) before connecting: the login would
+    only answer "initiator error" or "authorization failure" without saying why.  Lenient
+    on purpose: RFC 3722 allows only letters, digits, '-', '.', ':', but targets that accept
+    e.g. '_' exist, so only a wrong format, spaces and control characters are refused."""
+    lowered = name.lower()
+    if len(name.encode()) > MAX_ISCSI_NAME_BYTES:
+        raise ConfigError(f"{what} is {len(name.encode())} bytes; RFC 7143 §4.2.7.1 allows "
+                          f"{MAX_ISCSI_NAME_BYTES}")
+    if not name.isprintable() or any(c.isspace() for c in name) or not lowered.startswith(_NAME_PREFIXES):
+        raise ConfigError(f"{what} {name!r} is not an iSCSI name: iqn.YYYY-MM.domain[:unique], "
+                          f"eui.<16 hex> or naa.<hex>, without spaces (RFC 7143 §4.2.7)")
+
+
 def _check_chap(user: str | None, secret: str | None, whose: str, hint: str) -> None:
     if user and secret is None:
         raise ConfigError(f"{whose} CHAP name {user!r} given without a secret ({hint})")
@@ -91,6 +111,10 @@ def login_config(url: IscsiUrl, *, initiator_name: str | None = None, session_ty
         raise ConfigError("mutual CHAP (target_user=) needs the initiator's CHAP name and secret too")
     validate_keys(keys, session_type)
     keys = normalize_keys(keys)
+    name = initiator_name or url.initiator_name or default_initiator_name()
+    check_iscsi_name(name, "initiator name")
+    if session_type == "Normal" and url.target:
+        check_iscsi_name(url.target, "target name")
     try:
         chap = ChapCredentials(url.user, url.password) if url.user and url.password is not None else None
         mutual = (ChapCredentials(url.target_user, url.target_password)
@@ -110,7 +134,7 @@ def login_config(url: IscsiUrl, *, initiator_name: str | None = None, session_ty
         # open-iscsi declares 32768 on discovery sessions; SendTargets answers are small.
         k.setdefault("MaxRecvDataSegmentLength", "32768")
     return LoginConfig(
-        initiator_name=initiator_name or url.initiator_name or default_initiator_name(),
+        initiator_name=name,
         target_name=url.target if session_type == "Normal" else None,
         session_type=session_type, chap=chap, mutual_chap=mutual, keys=k,
     )

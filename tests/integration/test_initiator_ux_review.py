@@ -356,6 +356,21 @@ def test_chap_errors_typed_and_secret_free(chap_peer):
     asyncio.run(typed())
 
 
+@pytest.mark.parametrize("args, word", [
+    (["-i", "bad name"], "initiator name"),
+    (["-i", "iqn.2026-11.org.example:" + "a" * 300], "223"),
+])
+def test_malformed_initiator_name_is_named(open_peer, args, word):
+    # the target only answered "authorization failure" / "initiator error (0x0200)"
+    r = CliRunner().invoke(CLI.main, [*args, "readcap", open_peer.url(0)])
+    assert r.exit_code == 1 and word in r.output and "0x02" not in r.output, r.output
+
+
+def test_malformed_target_name_is_named(open_peer):
+    url = f"iscsi://{open_peer.portals[0]}/my disk/0"
+    assert_error(run_cli("readcap", url), "target name 'my disk'", code=1)
+
+
 def test_wrong_target_name(open_peer):
     url = f"iscsi://{open_peer.portals[0]}/iqn.2026-11.org.example:nope/0"
     assert_error(run_cli("readcap", url), "target not found (0x0203)", code=1)
