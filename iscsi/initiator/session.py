@@ -344,6 +344,15 @@ class Session:
             self.conn.abort("session closed")
         self._fail_all(SessionFailed("session closed"))
         self._set_state(State.CLOSED)
+        # The session's own tasks end before close() returns: a caller that closes and then
+        # stops its loop (or checks for leaks) finds nothing of ours still pending.
+        mine = asyncio.current_task()
+        helpers = {t for t in (self._keepalive, self._recovery, self._rescan)
+                   if t is not None and t is not mine and not t.done()}
+        for t in helpers:
+            t.cancel()
+        if helpers:
+            await asyncio.wait(helpers)  # never raises their outcome; our own cancellation still propagates
 
     async def _logout(self, reason: int) -> P.LogoutResponse:
         conn = self.conn

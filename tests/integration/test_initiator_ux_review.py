@@ -477,8 +477,6 @@ async def test_cancelled_executes_leave_nothing_in_flight(open_peer):
         await s.close()
 
 
-@pytest.mark.xfail(strict=True, reason="session.py (not ours to edit): close() cancels the keepalive "
-                   "task but does not await it, so it is still pending when close() returns")
 async def test_close_leaves_no_task_pending(open_peer):
     s, dev = await open_device(open_peer.url(0), initiator_name=INITIATOR)
     await dev.read(0, 1)
