@@ -10,7 +10,6 @@ listener is a fake, so no port is bound.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -18,7 +17,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -28,6 +26,8 @@ from iscsi.target import cli as CLI
 from iscsi.target import config as C
 from iscsi.target.config import ConfigError, Lun, PortalGroup, Target
 from iscsi.target.daemon import TargetDaemon
+
+from ..threaded_daemon import ThreadedDaemon
 
 REPO = Path(__file__).resolve().parents[2]
 T = "iqn.2026-11.org.example:ux"
@@ -78,45 +78,12 @@ def _config(tmp: Path) -> C.Config:
     return C.Config(data_dir=str(tmp), targets=[t])
 
 
-class Live:
+class Live(ThreadedDaemon):
     """A real TargetDaemon (real images) in a thread, its control socket in a temp dir."""
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.dir = Path(tempfile.mkdtemp(prefix="ux", dir="/tmp"))  # short: AF_UNIX path limit
-        self.ctl = self.dir / "c.sock"
-        self.path = tmp / "target.json"
-        C.save_config(_config(tmp), self.path)
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._main, daemon=True)
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.daemon = TargetDaemon(C.load_config(self.path), self.path, server_factory=ListenerFake,
-                                   control_path=self.ctl)
-        try:
-            self.loop.run_until_complete(self.daemon.start())
-        except BaseException as e:  # pragma: no cover - reported by __enter__
-            self.error = e
-            self.ready.set()
-            return
-        self.ready.set()
-        self.loop.run_until_complete(self.daemon._stop.wait())
-        self.loop.run_until_complete(self.daemon.stop())
-
-    def __enter__(self) -> "Live":
-        self.thread.start()
-        assert self.ready.wait(10)
-        if self.error:
-            raise self.error
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.loop.call_soon_threadsafe(self.daemon._stop.set)
-        self.thread.join(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        super().__init__(_config(tmp), tmp / "target.json", prefix="ux", server_factory=ListenerFake)
 
     def cli(self, *args: str, input: str | None = None):
         return run("--control", str(self.ctl), *args, input=input)

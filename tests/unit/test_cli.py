@@ -1,13 +1,9 @@
 """iscsi-target CLI: serve modes and their config, LUN specs, admin commands against a live daemon."""
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import shutil
 import stat
-import tempfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -18,6 +14,7 @@ from iscsi.target import config as C
 from iscsi.target.config import ConfigError
 from iscsi.target.daemon import TargetDaemon
 
+from ..threaded_daemon import ThreadedDaemon
 from ._target_fakes import FakeProvider, FakeServer
 from .test_target_daemon import H1, T1, T2, base_config
 
@@ -163,49 +160,17 @@ def test_default_paths(monkeypatch, tmp_path):
 # ------------------------------------------------------------------ admin commands against a live daemon
 
 
-class LiveDaemon:
+class LiveDaemon(ThreadedDaemon):
     """A TargetDaemon with fake SCSI core and server, in its own thread and loop."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="cli", dir="/tmp"))
-        self.ctl = self.dir / "c.sock"
-        self.path = tmp_path / "target.json"
-        C.save_config(base_config(tmp_path), self.path)
         self.server: FakeServer | None = None
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._main, daemon=True)
+        super().__init__(base_config(tmp_path), tmp_path / "target.json", prefix="cli",
+                         provider=FakeProvider(), server_factory=self._factory)
 
     def _factory(self, registry):
         self.server = FakeServer(registry)
         return self.server
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.daemon = TargetDaemon(C.load_config(self.path), self.path, provider=FakeProvider(),
-                                   server_factory=self._factory, control_path=self.ctl)
-        try:
-            self.loop.run_until_complete(self.daemon.start())
-        except BaseException as e:  # pragma: no cover - reported by the fixture
-            self.error = e
-            self.ready.set()
-            return
-        self.ready.set()
-        self.loop.run_until_complete(self.daemon._stop.wait())
-        self.loop.run_until_complete(self.daemon.stop())
-
-    def __enter__(self) -> "LiveDaemon":
-        self.thread.start()
-        assert self.ready.wait(10)
-        if self.error:
-            raise self.error
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.loop.call_soon_threadsafe(self.daemon._stop.set)
-        self.thread.join(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
     def cli(self, *args, input=None):
         return run(*args, "--control", str(self.ctl), input=input)
