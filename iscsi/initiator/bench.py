@@ -55,6 +55,8 @@ class BenchResult:
     #: CPU time of this process while the I/O ran (user, system), seconds.
     cpu_user: float = 0.0
     cpu_sys: float = 0.0
+    #: The error that stopped the run (the run stops at the first failed I/O), if any.
+    first_error: str | None = None
 
     @property
     def iops(self) -> float:
@@ -80,7 +82,7 @@ class BenchResult:
             | {"mean": round(sum(self.latencies_us) / len(self.latencies_us), 1) if self.latencies_us else 0.0},
             "cpu_us_per_io": {"user": round(self.cpu_user / self.ios * 1e6, 2) if self.ios else 0.0,
                               "sys": round(self.cpu_sys / self.ios * 1e6, 2) if self.ios else 0.0},
-        }
+        } | ({"first_error": self.first_error} if self.first_error else {})
 
 
 def _slot_order(slots: int, sequential: bool, rnd: random.Random) -> Iterator[int]:
@@ -224,4 +226,5 @@ async def run(session: Session, lun: int, *, block_size: int, blocks: int, bs: i
     lat.sort()
     return BenchResult(ios, ios - writes if reading else 0, writes if mixed else (0 if reading else ios),
                        ios * bs, seconds, errors, [x / 1000.0 for x in lat],
-                       ru1.ru_utime - ru0.ru_utime, ru1.ru_stime - ru0.ru_stime)
+                       ru1.ru_utime - ru0.ru_utime, ru1.ru_stime - ru0.ru_stime,
+                       str(first_error[0]) if first_error else None)

@@ -632,7 +632,7 @@ def bench(obj: _Ctx, url: str, rw: str, rwmixread: int, bs: str, qd: int, runtim
     if as_json:
         click.echo(json.dumps({"rw": rw, "bs": nbytes, "qd": qd} | s))
         if r.errors:
-            _fail(f"{r.errors} I/O error(s): the run stopped at the first one")
+            _fail(f"{r.errors} I/O error(s): the run stopped at the first one: {r.first_error}")
         return
     lat = s["lat_us"]
     click.echo(f"{rw} bs={nbytes} qd={qd}: {s['iops']:.0f} IOPS, {s['MB/s']:.1f} MB/s "
@@ -640,7 +640,7 @@ def bench(obj: _Ctx, url: str, rw: str, rwmixread: int, bs: str, qd: int, runtim
     click.echo(f"latency us: mean {lat['mean']}  p50 {lat['p50']}  p90 {lat['p90']}  "
                f"p99 {lat['p99']}  p99.9 {lat['p99.9']}")
     if r.errors:
-        _fail(f"{r.errors} I/O error(s): the run stopped at the first one")
+        _fail(f"{r.errors} I/O error(s): the run stopped at the first one: {r.first_error}")
 
 
 # ---------------------------------------------------------------------------

@@ -121,6 +121,8 @@ async def test_first_error_stops_the_run():
     r = await run(s, bs=4096, qd=8, max_ios=10_000)
     assert r.ios == 100 and r.errors == 8          # the slots in flight when the errors began
     assert len(d.ops) == 108
+    assert r.first_error and "MEDIUM" in r.first_error.upper()   # what stopped it, for the CLI
+    assert r.summary()["first_error"] == r.first_error
 
 
 async def test_nothing_succeeded_raises_the_scsi_error():
