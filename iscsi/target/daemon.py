@@ -183,15 +183,16 @@ class ScsiUnitProvider:
         from ..backstore.file import FileBackstore
         from ..scsi.lu import LogicalUnit
 
+        where = f"{target.iqn} LUN {lun.number}"
         image = cfg.resolve_path(lun.path)
         exists = image.exists()
         if not exists and lun.size is None:
-            raise AdminError(f"{target.iqn} LUN {lun.number}: image {image} does not exist; give a size to create it")
+            raise AdminError(f"{where}: image {image} does not exist; give a size to create it")
         if not exists and lun.read_only:
-            raise AdminError(f"{target.iqn} LUN {lun.number}: read-only image {image} does not exist")
+            raise AdminError(f"{where}: read-only image {image} does not exist")
         if exists:
             # An empty file with a size given is grown to it, like a missing one is created.
-            empty = _check_existing_image(image, lun, f"{target.iqn} LUN {lun.number}") == 0
+            empty = _check_existing_image(image, lun, where) == 0
         else:
             empty = False
             image.parent.mkdir(parents=True, exist_ok=True)
@@ -205,7 +206,7 @@ class ScsiUnitProvider:
         )
         lock = None
         try:
-            lock, in_use = self.locks.acquire(image, f"{target.iqn} LUN {lun.number}")
+            lock, in_use = self.locks.acquire(image, where)
             actual = int(backstore.size)
             if lun.size is not None and actual < lun.size and not lun.read_only:
                 # The config says bigger: an interrupted resize or a copied image. Growing
@@ -216,8 +217,8 @@ class ScsiUnitProvider:
                 event(log, "lun.size_differs", logging.WARNING, target=target.iqn, lun=lun.number,
                       configured=lun.size, image=actual)
             serial = cfg.serial_for(target, lun)
-            pr_file = self.pr_state_path(cfg, serial, image)
-            mode_file = self.mode_state_path(cfg, serial, image)
+            pr_file = self.state_path(cfg, serial, image, "pr")
+            mode_file = self.state_path(cfg, serial, image, "mode")
             options = dict(
                 serial=serial,
                 lun_id=lun.number,
@@ -229,23 +230,18 @@ class ScsiUnitProvider:
                 pr_state=_load_state(pr_file, "reservation state"),
                 pr_persist=lambda state, path=pr_file: _save_json_atomically(path, state),
                 # MODE SELECT with SP=1 saves pages (SPC-4 §6.9): they outlive a restart too.
-                mode_state=_load_state(mode_file, "saved mode pages"),
+                mode_state=_load_mode_state(mode_file, where),
                 mode_persist=lambda state, path=mode_file: _save_json_atomically(path, state),
             )
             options = {k: v for k, v in options.items() if v is not None}  # keep the core's defaults
             try:
                 lu = LogicalUnit(backstore, **_accepted_kwargs(LogicalUnit, **options))
             except (KeyError, TypeError, ValueError, AttributeError) as e:
-                damaged = _damaged_state(lu_options=options, pr_file=pr_file, mode_file=mode_file)
-                if damaged is None:
+                if options.get("pr_state") is None:
                     raise
                 # A damaged APTPL file stops the start (SPC-4 §5.13.5: reservations must not be
-                # lost silently), so does a damaged saved-pages file; the admin needs its name.
-                what, path = damaged
-                raise AdminError(
-                    f"{target.iqn} LUN {lun.number}: {what} {path} cannot be restored "
-                    f"({type(e).__name__}: {e}); repair it, or move it aside to start without them"
-                ) from None
+                # lost silently); the admin needs its name to repair or move it.
+                raise _unrestorable(where, "saved reservations", pr_file, e) from None
         except BaseException:
             backstore.close()
             self.locks.release(lock)
@@ -255,18 +251,12 @@ class ScsiUnitProvider:
         return unit
 
     @staticmethod
-    def pr_state_path(cfg: Config, serial: str, image: Path) -> Path:
-        """Where APTPL reservations of one LU survive restarts (SPC-4 §5.13.5), keyed by serial."""
+    def state_path(cfg: Config, serial: str, image: Path, kind: str) -> Path:
+        """Where one LU's ``kind`` of saved state survives restarts, keyed by serial: "pr" for
+        APTPL reservations (SPC-4 §5.13.5), "mode" for saved mode pages (SPC-4 §6.9)."""
         if cfg.data_dir:
-            return Path(cfg.data_dir).expanduser().absolute() / "pr" / f"{serial}.json"
-        return image.with_name(f".{image.name}.pr.json")
-
-    @staticmethod
-    def mode_state_path(cfg: Config, serial: str, image: Path) -> Path:
-        """Where one LU's saved mode pages (MODE SELECT SP=1, SPC-4 §6.9) survive restarts."""
-        if cfg.data_dir:
-            return Path(cfg.data_dir).expanduser().absolute() / "mode" / f"{serial}.json"
-        return image.with_name(f".{image.name}.mode.json")
+            return Path(cfg.data_dir).expanduser().absolute() / kind / f"{serial}.json"
+        return image.with_name(f".{image.name}.{kind}.json")
 
     def new_map(self, luns: dict[int, Any]) -> Any:
         from ..scsi.target import LunMap
@@ -382,20 +372,23 @@ def _load_state(path: Path, what: str) -> dict | None:
     return state
 
 
-def _damaged_state(*, lu_options: dict, pr_file: Path, mode_file: Path) -> tuple[str, Path] | None:
-    """Which restored state an LU refused (its constructor raised): the mode pages are checked
-    on their own first, as they are the simpler to validate; None when no state was loaded."""
+def _load_mode_state(path: Path, where: str) -> dict | None:
+    """Saved mode pages, checked against the pages an LU has before it is built, so a damaged
+    file is named as such (the LU raises the same errors for its other arguments)."""
     from ..scsi.modepages import ModePages
 
-    mode_state = lu_options.get("mode_state")
-    if mode_state is not None:
+    state = _load_state(path, "saved mode pages")
+    if state is not None:
         try:
-            ModePages().import_saved(mode_state)
-        except (KeyError, TypeError, ValueError, AttributeError):
-            return "saved mode pages", mode_file
-    if lu_options.get("pr_state") is not None:
-        return "saved reservations", pr_file
-    return None
+            ModePages().import_saved(state)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise _unrestorable(where, "saved mode pages", path, e) from None
+    return state
+
+
+def _unrestorable(where: str, what: str, path: Path, e: Exception) -> AdminError:
+    return AdminError(f"{where}: {what} {path} cannot be restored ({type(e).__name__}: {e}); "
+                      "repair it, or move it aside to start without them")
 
 
 def _save_json_atomically(path: Path, data: Any) -> None:
