@@ -75,8 +75,6 @@ def validate_keys(keys: dict[str, str] | None, session_type: str = "Normal") -> 
         raise ConfigError(f"login key: {exc}") from None
 
 
-#: RFC 7143 §4.2.7.1: iSCSI names are at most 223 bytes.
-MAX_ISCSI_NAME_BYTES = 223
 #: RFC 7143 §4.2.7 naming formats.
 _NAME_PREFIXES = ("iqn.", "eui.", "naa.")
 
@@ -87,9 +85,9 @@ def check_iscsi_name(name: str, what: str) -> None:
     on purpose: RFC 3722 allows only letters, digits, '-', '.', ':', but targets that accept
     e.g. '_' exist, so only a wrong format, spaces and control characters are refused."""
     lowered = name.lower()
-    if len(name.encode()) > MAX_ISCSI_NAME_BYTES:
+    if len(name.encode()) > K.MAX_ISCSI_NAME_LEN:
         raise ConfigError(f"{what} is {len(name.encode())} bytes; RFC 7143 §4.2.7.1 allows "
-                          f"{MAX_ISCSI_NAME_BYTES}")
+                          f"{K.MAX_ISCSI_NAME_LEN}")
     if not name.isprintable() or any(c.isspace() for c in name) or not lowered.startswith(_NAME_PREFIXES):
         raise ConfigError(f"{what} {name!r} is not an iSCSI name: iqn.YYYY-MM.domain[:unique], "
                           f"eui.<16 hex> or naa.<hex>, without spaces (RFC 7143 §4.2.7)")

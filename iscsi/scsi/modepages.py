@@ -117,13 +117,6 @@ class ModePages:
     def saved_state(self) -> dict[int, bytes]:
         return {c: bytes(v) for c, v in self._saved.items()}
 
-    def load_saved_state(self, state: dict[int, bytes]) -> None:
-        for c, v in state.items():
-            c = int(c)
-            if c in self._saved and len(v) == len(self._saved[c]):
-                self._saved[c][:] = v
-        self.reset_to_saved()
-
     def export_saved(self, saved: dict[int, bytes | bytearray] | None = None) -> dict:
         """JSON-serialisable saved values, what a ``persist`` callback stores."""
         saved = self._saved if saved is None else saved
