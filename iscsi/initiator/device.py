@@ -46,6 +46,17 @@ MODE_SENSE10_HEADER = 8
 NO_DEVICE_TYPE = 0x1F
 
 
+def check_lu_present(lun: int, inq: Any) -> None:
+    """LunNotAvailable unless standard INQUIRY data shows a logical unit at ``lun``.
+
+    SPC-4 §6.6.2: qualifier 3 (or type 1Fh) = no logical unit at this LUN; 1 = one could be
+    there but is not connected.
+    """
+    if inq.peripheral_qualifier != 0 or inq.device_type == NO_DEVICE_TYPE:
+        raise LunNotAvailable(lun, f"does not exist (peripheral qualifier {inq.peripheral_qualifier}, "
+                                   f"device type 0x{inq.device_type:02x})")
+
+
 class Executor(Protocol):
     listeners: list
 
@@ -96,11 +107,7 @@ class BlockDevice:
             if exc.asc_ascq == LOGICAL_UNIT_NOT_SUPPORTED:
                 raise LunNotAvailable(self.lun, "does not exist (LOGICAL UNIT NOT SUPPORTED)") from exc
             raise
-        # SPC-4 §6.6.2: qualifier 3 (or type 1Fh) = no logical unit at this LUN; 1 = one could
-        # be there but is not connected.
-        if inq.peripheral_qualifier != 0 or inq.device_type == NO_DEVICE_TYPE:
-            raise LunNotAvailable(self.lun, f"does not exist (peripheral qualifier "
-                                            f"{inq.peripheral_qualifier}, device type 0x{inq.device_type:02x})")
+        check_lu_present(self.lun, inq)
         if inq.device_type not in BLOCK_DEVICE_TYPES:
             raise LunNotAvailable(self.lun, f"is not a block device (peripheral device type "
                                             f"0x{inq.device_type:02x})")

@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 from ..log import event
 from . import scsi
-from .device import NO_DEVICE_TYPE, BlockDevice
-from .errors import ConnectionLost, IscsiError, LunNotAvailable, ScsiError, SessionFailed
+from .device import BlockDevice, check_lu_present
+from .errors import ConnectionLost, IscsiError, ScsiError, SessionFailed
 from .session import Session, SessionOptions, State
 
 log = logging.getLogger("iscsi.initiator.multipath")
@@ -205,9 +205,7 @@ async def probe_path(session: Session, lun: int) -> Path:
     """Identity (VPD 83h LU designator) and port (relative port, port group) of one path."""
     dev = BlockDevice(session, lun)
     inq = await dev.inquiry()
-    if inq.peripheral_qualifier != 0 or inq.device_type == NO_DEVICE_TYPE:   # SPC-4 §6.6.2
-        raise LunNotAvailable(lun, f"does not exist (peripheral qualifier {inq.peripheral_qualifier}, "
-                                   f"device type 0x{inq.device_type:02x})")
+    check_lu_present(lun, inq)
     designators = scsi.parse_vpd83(await dev.vpd(0x83))
     rel, tpg = scsi.port_identity(designators)
     path = Path(session, lun, scsi.lu_identity(designators), rel, tpg)
