@@ -220,20 +220,24 @@ def test_write_pattern_must_be_a_byte(open_peer):
 # dd: sizes of devices, the end of the LUN, truncation of an existing output file
 # ---------------------------------------------------------------------------------------------
 
+def read_blocks(url: str, lba: int, count: int) -> bytes:
+    """``count`` blocks at ``lba`` through a session of its own."""
+    async def go() -> bytes:
+        s, dev = await open_device(url, initiator_name=INITIATOR)
+        try:
+            return await dev.read(lba, count)
+        finally:
+            await s.close()
+    return asyncio.run(go())
+
+
 def test_dd_from_character_device_copies_count_blocks(open_peer):
     url = open_peer.url(0)
     assert run_cli("write", url, "--pattern", "0xab", "-n", "8").exit_code == 0
     r = run_cli("dd", "if=/dev/zero", f"of={url}", "bs=4k", "count=1")
     assert r.exit_code == 0, r.output
     assert "4096 bytes" in r.output            # /dev/zero's st_size 0 used to mean "copy nothing"
-
-    async def first_block() -> bytes:
-        s, dev = await open_device(url, initiator_name=INITIATOR)
-        try:
-            return await dev.read(0, 8)
-        finally:
-            await s.close()
-    assert asyncio.run(first_block()) == bytes(4096)
+    assert read_blocks(url, 0, 8) == bytes(4096)
 
 
 def test_dd_past_the_end_of_the_lun_fails_before_writing(open_peer):
@@ -241,14 +245,7 @@ def test_dd_past_the_end_of_the_lun_fails_before_writing(open_peer):
     assert run_cli("write", url, "--pattern", "0x5a", "-n", "1").exit_code == 0
     r = run_cli("dd", "if=/dev/zero", f"of={url}", "bs=1M", "count=20")
     assert_error(r, "do not fit", code=1)
-
-    async def first_block() -> bytes:
-        s, dev = await open_device(url, initiator_name=INITIATOR)
-        try:
-            return await dev.read(0, 1)
-        finally:
-            await s.close()
-    assert asyncio.run(first_block()) == b"\x5a" * 512
+    assert read_blocks(url, 0, 1) == b"\x5a" * 512
 
 
 def test_dd_skip_past_the_end_names_skip(open_peer, tmp_path):
