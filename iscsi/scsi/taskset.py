@@ -21,10 +21,14 @@ from .types import ScsiResult, TaskAttr
 
 
 class TaskSet:
-    __slots__ = ("_ordered", "_inflight")
+    __slots__ = ("_ordered", "_ordered_all", "_inflight")
 
     def __init__(self) -> None:
         self._ordered: asyncio.Future | None = None  # completion of the newest ORDERED task
+        # Completion of the newest ORDERED task *and of every task received before it*.  The
+        # same as ``_ordered`` unless that ORDERED task was aborted while it waited: the
+        # next ORDERED task must still wait for the older ones (SAM-5 §8.7.3).
+        self._ordered_all: asyncio.Future | None = None
         self._inflight: set[asyncio.Future] = set()  # non-ORDERED tasks received after it
 
     @property
@@ -72,10 +76,13 @@ class TaskSet:
 
     async def _run_ordered(self, start) -> ScsiResult:
         earlier = list(self._inflight)
-        if self._ordered is not None:
-            earlier.append(self._ordered)
-        me = asyncio.get_running_loop().create_future()
+        if self._ordered_all is not None:
+            earlier.append(self._ordered_all)
+        loop = asyncio.get_running_loop()
+        me = loop.create_future()
+        me_all = loop.create_future()
         self._ordered = me
+        self._ordered_all = me_all
         self._inflight = set()
         try:
             if earlier:
@@ -85,17 +92,44 @@ class TaskSet:
                 result = await result
             return result
         finally:
+            # Done (or aborted): SIMPLE tasks received after it may run (SAM-5 §8.7.2).
             if not me.done():
                 me.set_result(None)
             if self._ordered is me:
                 self._ordered = None
+            self._resolve_when_done(earlier, me_all)
+
+    def _resolve_when_done(self, futures: list[asyncio.Future], target: asyncio.Future) -> None:
+        """Complete ``target`` once every one of ``futures`` is done (at once if they are)."""
+        pending = [f for f in futures if not f.done()]
+
+        def finish(_=None) -> None:
+            if not target.done():
+                target.set_result(None)
+            if self._ordered_all is target:
+                self._ordered_all = None
+
+        if not pending:
+            finish()
+            return
+        left = [len(pending)]
+
+        def one_done(_: asyncio.Future) -> None:
+            left[0] -= 1
+            if not left[0]:
+                finish()
+
+        for f in pending:
+            f.add_done_callback(one_done)
 
     def release_all(self) -> None:
         """Unblock everything (LOGICAL UNIT RESET: the aborted tasks no longer order anyone)."""
         for fut in list(self._inflight):
             if not fut.done():
                 fut.set_result(None)
-        if self._ordered is not None and not self._ordered.done():
-            self._ordered.set_result(None)
+        for fut in (self._ordered, self._ordered_all):
+            if fut is not None and not fut.done():
+                fut.set_result(None)
         self._inflight = set()
         self._ordered = None
+        self._ordered_all = None

@@ -1,0 +1,94 @@
+"""Review of persistent reservations, unit attentions and the task set across several sessions.
+
+The cases are those a Windows cluster validation, an ESXi host or Pacemaker's fence_scsi
+produce: one logical unit reached through several I_T nexuses (two initiators, two ISIDs
+each, two target ports), driven in-process through :class:`LogicalUnit`.  Each test pins
+one rule of SPC-4 / SAM-5 that the target broke before.
+"""
+from __future__ import annotations
+
+import asyncio
+import struct
+
+from iscsi.scsi.taskset import TaskSet
+from iscsi.scsi.types import ITNexus, ScsiResult, Status, TaskAttr
+from tests.unit.test_scsi_support import Initiator, make_lu, parse_sense
+
+TARGET = "iqn.2026-01.org.example:cluster-disk"
+RESERVATION_CONFLICT = Status.RESERVATION_CONFLICT
+
+# PERSISTENT RESERVE OUT service actions and types (SPC-4 §6.16.2)
+REGISTER, RESERVE, RELEASE, CLEAR, PREEMPT, PREEMPT_AND_ABORT, REGISTER_IGNORE = range(7)
+WE, EA, WE_RO, EA_RO, WE_AR, EA_AR = 1, 3, 5, 6, 7, 8
+READ_KEYS, READ_RESERVATION, REPORT_CAPABILITIES, READ_FULL_STATUS = range(4)
+
+
+def nexus(host: str, isid: int = 1, port: int = 1) -> ITNexus:
+    """An I_T nexus of initiator ``host`` (ISID ``isid``) through target port ``port``."""
+    return ITNexus(f"iqn.1991-05.com.microsoft:{host},i,0x4000013700{isid:02x}",
+                   f"{TARGET},t,0x{port:04x}", port, port)
+
+
+def prout(sa: int, pr_type: int = 0, key: int = 0, sa_key: int = 0, flags: int = 0) -> tuple[bytes, bytes]:
+    params = struct.pack(">QQ4xBxH", key, sa_key, flags, 0)
+    return bytes((0x5F, sa, pr_type, 0, 0)) + len(params).to_bytes(4, "big") + b"\x00", params
+
+
+def prin(sa: int, alloc: int = 1024) -> bytes:
+    return bytes((0x5E, sa, 0, 0, 0, 0, 0)) + alloc.to_bytes(2, "big") + b"\x00"
+
+
+RESERVE6 = bytes((0x16, 0, 0, 0, 0, 0))
+RELEASE6 = bytes((0x17, 0, 0, 0, 0, 0))
+
+
+async def ready(lu, *nexuses: ITNexus) -> list[Initiator]:
+    out = []
+    for nx in nexuses:
+        ini = Initiator(lu, nx)
+        await ini.clear_ua()
+        out.append(ini)
+    return out
+
+
+async def status(ini: Initiator, cdb: bytes, data: bytes = b"") -> int:
+    return (await ini.cmd(cdb, data)).status
+
+
+
+# -- Task set (SAM-5 §8.6, §8.7) ---------------------------------------------------------------
+
+async def test_ordered_task_waits_for_older_tasks_when_the_ordered_task_between_is_aborted():
+    """SAM-5 §8.7.3: an ORDERED task runs only once every task received before it has completed.
+    S1 (SIMPLE, slow), O1 (ORDERED), O2 (ORDERED); ABORT TASK of O1 while it waits for S1.
+    O2 ran at once, before S1, because only O1 had remembered S1."""
+    tasks = TaskSet()
+    done: list[str] = []
+    gate = asyncio.Event()
+
+    def command(name: str, wait: bool = False):
+        async def run() -> ScsiResult:
+            if wait:
+                await gate.wait()
+            done.append(name)
+            return ScsiResult()
+        return run
+
+    s1 = asyncio.create_task(tasks.run(TaskAttr.SIMPLE, command("S1", wait=True)))
+    await asyncio.sleep(0)
+    o1 = asyncio.create_task(tasks.run(TaskAttr.ORDERED, command("O1")))
+    await asyncio.sleep(0)
+    o2 = asyncio.create_task(tasks.run(TaskAttr.ORDERED, command("O2")))
+    await asyncio.sleep(0)
+    o1.cancel()  # ABORT TASK
+    await asyncio.sleep(0.01)
+    assert done == []
+    # A SIMPLE task received after the aborted O1 need not wait for S1 (only for ORDERED
+    # tasks received before it), but O2 waits for it as well.
+    s2 = asyncio.create_task(tasks.run(TaskAttr.SIMPLE, command("S2")))
+    await asyncio.sleep(0.01)
+    assert done == []  # S2 came after O2
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(s1, o2, s2), 5)
+    assert done == ["S1", "O2", "S2"]
+    assert o1.cancelled() and not tasks.blocked and len(tasks) == 0
