@@ -57,6 +57,14 @@ def parse_size(text: str) -> int:
     return value
 
 
+def _truncate(fd: int, size: int, path: str) -> None:
+    """ftruncate, with a size past off_t (2^63 - 1) reported like one past the filesystem's limit."""
+    try:
+        os.ftruncate(fd, size)
+    except OverflowError:
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG), path) from None
+
+
 class FileBackstore:
     """A logical unit's blocks in a (sparse) regular file.
 
@@ -102,11 +110,16 @@ class FileBackstore:
             if current < size:
                 if read_only:
                     raise ValueError(f"read-only image {self.path} is smaller ({current}) than requested ({size})")
-                os.ftruncate(self._fd, size)  # sparse: no blocks are allocated
+                _truncate(self._fd, size, self.path)  # sparse: no blocks are allocated
             elif current > size:
                 raise ValueError(f"refusing to shrink existing image {self.path} from {current} to {size} bytes")
         except BaseException:
             os.close(self._fd)
+            if not exists:  # ours and still empty: an image that failed to be made is no image
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass
             raise
         self._size = size
         self._punch_ok = _fallocate is not None
@@ -260,7 +273,7 @@ class FileBackstore:
             raise PermissionError("read-only backstore cannot be resized")
         if new_size <= 0 or new_size % self.block_size:
             raise ValueError(f"size {new_size} is not a positive multiple of the block size {self.block_size}")
-        os.ftruncate(self._fd, new_size)
+        _truncate(self._fd, new_size, self.path)
         self._size = new_size
 
     def allocated_bytes(self) -> int:

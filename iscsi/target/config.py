@@ -38,6 +38,10 @@ MIN_TPGT, MAX_TPGT = 1, 65535
 # SAM-5 §4.7.7 flat space addressing carries a 14-bit LUN; REPORT LUNS encodes it as such.
 MAX_LUN = 16383
 BLOCK_SIZES = (512, 4096)
+# The largest image a LUN can have: Linux file offsets are a signed 64-bit off_t (ftruncate
+# and pread refuse more), so 8 EiB less one 4 KiB block keeps every LUN whole blocks of any
+# supported size. Filesystems stop earlier (ext4: 16 TiB); that is the OS's error, reported.
+MAX_LUN_BYTES = (1 << 63) - 4096
 # SPC-4 §6.4.2 standard INQUIRY: T10 VENDOR IDENTIFICATION 8 bytes, PRODUCT IDENTIFICATION 16.
 MAX_VENDOR_LEN, MAX_PRODUCT_LEN = 8, 16
 # VPD 0x80 unit serial number: ASCII; 64 chars is ample and keeps VPD 0x83 T10 ids short.
@@ -591,6 +595,9 @@ def _validate_target(cfg: Config, target: Target, where: str, seen_images: dict[
                 raise ConfigError(f"{lw}.size: {lun.size!r} is not a positive number of bytes")
             if lun.size % lun.block_size:
                 raise ConfigError(f"{lw}.size: {lun.size} is not a multiple of the block size {lun.block_size}")
+            if lun.size > MAX_LUN_BYTES:
+                raise ConfigError(f"{lw}.size: {format_size(lun.size)} is more than a file can hold "
+                                  f"(Linux offsets stop below 8EiB: at most {MAX_LUN_BYTES} bytes)")
         for name in ("read_only", "removable"):
             if not isinstance(getattr(lun, name), bool):
                 raise ConfigError(f"{lw}.{name}: must be true or false")

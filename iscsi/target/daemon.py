@@ -811,12 +811,19 @@ class TargetDaemon:
         except ConfigError:
             raise
         except OSError as e:
+            image = cfg.resolve_path(lun.path)
+            where = f"{target.iqn} LUN {lun.number}"
+            if e.errno == errno.EFBIG and lun.size is not None:
+                raise DaemonError(f"{where}: cannot make {image} {C.format_size(lun.size)}: "
+                                  f"{e.strerror or e} (more than its filesystem can hold)") from None
+            if not image.exists() and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                # Creating it failed: the directory is the problem, and :ro needs an image.
+                raise DaemonError(f"{where}: cannot create {image}: {e.strerror or e} "
+                                  f"(is {image.parent} writable?)") from None
             hint = ""
             if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and not lun.read_only:
                 hint = " (to serve it read-only, add :ro to the LUN, or --read-only to lun add)"
-            raise DaemonError(
-                f"{target.iqn} LUN {lun.number}: cannot open {cfg.resolve_path(lun.path)}: {e.strerror or e}{hint}"
-            ) from None
+            raise DaemonError(f"{where}: cannot open {image}: {e.strerror or e}{hint}") from None
         except ValueError as e:  # the backstore's own checks (size, block size): the image, not us
             raise DaemonError(f"{target.iqn} LUN {lun.number}: cannot serve {cfg.resolve_path(lun.path)}: {e}") from None
         event(log, "lun.opened", target=target.iqn, lun=lun.number, image=unit.image, size=unit.size,

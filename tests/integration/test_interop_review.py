@@ -1,0 +1,182 @@
+"""A new admin's review: real clients against a running daemon, and the mistakes admins make.
+
+Each test pins one finding of that review (a traceback, a misleading message, a client that
+breaks): the daemon runs in a thread (tests/threaded_daemon.py) with its real iSCSI server on
+free loopback ports, or ``iscsi-target`` runs in-process through click's runner; clients are
+libiscsi's tools and qemu. A test whose client tool is missing skips with the package name.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from iscsi.backstore.file import FileBackstore
+from iscsi.target import cli as CLI
+from iscsi.target import config as C
+from iscsi.target.config import ConfigError, Lun, PortalGroup, Target
+
+from ..threaded_daemon import ThreadedDaemon
+from .conftest import require, require_qemu_iscsi
+
+T = "iqn.2026-11.org.example:review"
+MIB = 1 << 20
+#: Bound on one client command in these tests (they move a few MiB at most).
+CLIENT_TIMEOUT = 60
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        _free_port("::1")
+        return True
+    except OSError:
+        return False
+
+
+def cli(*args: str):
+    return CliRunner().invoke(CLI.main, list(args), catch_exceptions=False)
+
+
+def _one_line_error(output: str, *needles: str) -> str:
+    assert "Traceback" not in output and "internal error" not in output, output
+    errors = [l for l in output.splitlines() if l.startswith("iscsi-target: error:")]
+    assert len(errors) == 1, output
+    for n in needles:
+        assert n in errors[0], output
+    return errors[0]
+
+
+def client(cmd: list[str], *, check: bool = True) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=CLIENT_TIMEOUT,
+                         stdin=subprocess.DEVNULL)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+    return res
+
+
+class Daemon(ThreadedDaemon):
+    """A real daemon (real server, real images) on free loopback ports, in a thread."""
+
+    def __init__(self, tmp: Path, targets: list[Target]) -> None:
+        self.tmp = tmp
+        super().__init__(C.Config(data_dir=str(tmp), targets=targets), tmp / "target.json", prefix="ir")
+
+    def cli(self, *args: str):
+        return cli("--control", str(self.ctl), *args)
+
+    def raw(self, request: dict) -> dict:
+        """One hand-written control request, as any local root process may send."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(self.ctl))
+            s.sendall(json.dumps(request).encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        return json.loads(buf)
+
+
+def _target(portals: list[str], luns: list[Lun], **kw) -> Target:
+    return Target(iqn=kw.pop("iqn", T), portal_groups=[PortalGroup(1, portals)], luns=luns,
+                  open_access=kw.pop("open_access", True), **kw)
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    port = _free_port()
+    with Daemon(tmp_path, [_target([f"127.0.0.1:{port}"], [Lun(0, "l0.img", 4 * MIB)])]) as d:
+        d.portal = f"127.0.0.1:{port}"
+        yield d
+
+
+# --------------------------------------------------------------------------- huge sizes
+
+
+@pytest.mark.parametrize("size", ["8E", "100E", "9223372036854775808"])
+def test_a_lun_bigger_than_a_linux_file_is_a_config_error_not_a_traceback(tmp_path, size):
+    r = cli("--control", str(tmp_path / "c.sock"), "serve", "--data-dir", str(tmp_path / "data"),
+            "--target", T, "--lun", f"{tmp_path}/huge.img:{size}", "--portal", f"127.0.0.1:{_free_port()}")
+    assert r.exit_code == 1
+    _one_line_error(r.output, "8EiB")
+    assert not (tmp_path / "huge.img").exists()
+
+
+def test_lun_add_and_resize_past_a_linux_file_name_the_limit(daemon, tmp_path):
+    before = daemon.path.read_text()
+    r = daemon.cli("lun", "add", T, f"{tmp_path}/huge.img:9E")
+    assert r.exit_code == 1
+    _one_line_error(r.output, "8EiB")
+    assert not (tmp_path / "huge.img").exists()
+    r = daemon.cli("lun", "resize", T, "0", "100E")
+    assert r.exit_code == 1
+    _one_line_error(r.output, "8EiB")
+    assert daemon.path.read_text() == before
+    assert daemon.raw({"op": "status", "args": {}})["ok"] is True
+
+
+def test_a_config_file_with_a_huge_size_names_the_entry(tmp_path):
+    (tmp_path / "a.img").write_bytes(bytes(MIB))  # exists: the daemon would grow it to the config's size
+    cfg = {"version": 1, "targets": [{"iqn": T, "portal_groups": [{"tag": 1, "portals": ["127.0.0.1:1"]}],
+                                      "luns": [{"number": 0, "path": str(tmp_path / "a.img"), "size": 2**70}]}]}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    path.chmod(0o600)
+    r = cli("--control", str(tmp_path / "c.sock"), "serve", "--config", str(path))
+    assert r.exit_code == 1
+    _one_line_error(r.output, "luns[0]", "8EiB")
+    assert (tmp_path / "a.img").stat().st_size == MIB
+
+
+def test_an_image_that_cannot_be_made_its_size_is_not_left_behind_empty(tmp_path, monkeypatch):
+    """ftruncate fails with EFBIG past the filesystem's largest file (16 TiB on ext4)."""
+    def too_big(fd, size):
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(os, "ftruncate", too_big)
+    with pytest.raises(OSError, match="File too large"):
+        FileBackstore(tmp_path / "new.img", size=64 << 40)
+    assert not (tmp_path / "new.img").exists()
+    # An image that was there already is never removed.
+    (tmp_path / "old.img").write_bytes(b"")
+    with pytest.raises(OSError):
+        FileBackstore(tmp_path / "old.img", size=64 << 40, create=True)
+    assert (tmp_path / "old.img").exists()
+
+
+def test_an_image_too_big_for_its_filesystem_says_so_not_cannot_open(daemon, tmp_path, monkeypatch):
+    def too_big(fd, size):
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(os, "ftruncate", too_big)  # what ext4 answers past 16 TiB
+    r = daemon.cli("lun", "add", T, f"{tmp_path}/big.img:64T")
+    assert r.exit_code == 1
+    line = _one_line_error(r.output, f"{T} LUN 1", "cannot make", "64TiB", "File too large")
+    assert "cannot open" not in line
+    assert not (tmp_path / "big.img").exists()
+
+
+def test_an_image_in_a_directory_nobody_may_create_in_gets_no_read_only_hint(daemon):
+    """/sys refuses new files to root and users alike (EACCES); :ro cannot help a missing image."""
+    if not Path("/sys/kernel").is_dir():
+        pytest.skip("no sysfs at /sys")
+    r = daemon.cli("lun", "add", T, "/sys/sanstack-review.img:1M")
+    assert r.exit_code == 1
+    line = _one_line_error(r.output, "cannot create /sys/sanstack-review.img", "writable")
+    assert ":ro" not in line and "read-only" not in line
