@@ -721,11 +721,13 @@ class PersistentReservations:
         reg = self.lookup(nexus)
         if reg is None or reg.key != key:
             return _conflict()
-        others = [r for r in self._regs.values() if r is not reg]
+        # Every registered I_T nexus but this one: the sender's own registration too when it
+        # covers other target ports (ALL_TG_PT=1); _ua() leaves out the sending nexus itself.
+        everyone = list(self._regs.values())
         self._regs.clear()
         self._drop_reservation()
         self.generation += 1
-        self._ua(others, RESERVATIONS_PREEMPTED, nexus)
+        self._ua(everyone, RESERVATIONS_PREEMPTED, nexus)
         self._save()
         return ScsiResult()
 
@@ -754,7 +756,9 @@ class PersistentReservations:
             self._res_type = new_type
             self._res_holder = None if new_type in _ALL_REGISTRANTS else reg
             if new_type != res_type:
-                self._ua([r for r in self._regs.values() if r is not reg], RESERVATIONS_RELEASED, nexus)
+                # SPC-4 §5.13.11.4.3: every I_T nexus still registered but the sender (its
+                # own ALL_TG_PT registration's other target ports included).
+                self._ua(self._regs.values(), RESERVATIONS_RELEASED, nexus)
         else:
             # Only registrations are preempted; the reservation (if any) is untouched.
             if sa_key == 0:
@@ -822,8 +826,15 @@ class PersistentReservations:
     def _ua(self, regs: Iterable[Registration], asc_ascq: tuple[int, int], except_nexus: ITNexus | None) -> None:
         if self._ua_sink is None:
             return
+        """Unit attention for the I_T nexuses of ``regs``, never for ``except_nexus``.
+
+        A registration that names ``except_nexus`` alone is left out here; one that covers
+        more I_T nexuses (ALL_TG_PT=1, or a TransportID without ISID) goes to the sink,
+        which excludes ``except_nexus`` and reaches the others.
+        """
         for r in list(regs):
-            if except_nexus is not None and r.target_port is not None and r.covers(except_nexus):
+            if except_nexus is not None and r.target_port == except_nexus.target_port \
+                    and r.initiator_port == except_nexus.initiator_port:
                 continue
             self._ua_sink(r.as_nexus(), asc_ascq, except_nexus)
 

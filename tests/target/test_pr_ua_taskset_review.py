@@ -92,3 +92,46 @@ async def test_ordered_task_waits_for_older_tasks_when_the_ordered_task_between_
     await asyncio.wait_for(asyncio.gather(s1, o2, s2), 5)
     assert done == ["S1", "O2", "S2"]
     assert o1.cancelled() and not tasks.blocked and len(tasks) == 0
+
+
+# -- Unit attentions of persistent reservations (SPC-4 §5.13.11) -------------------------------
+
+def pending(lu, ini: Initiator) -> list[tuple[int, int]]:
+    return list(lu.ua.get(ini.nexus) or [])
+
+
+RESERVATIONS_PREEMPTED = (0x2A, 0x03)
+RESERVATIONS_RELEASED = (0x2A, 0x04)
+
+
+async def _all_tg_pt_cluster():
+    """node1 registered once with ALL_TG_PT=1 and seen through both target ports; node2 on port 1;
+    node1 holds a Write Exclusive - Registrants Only reservation."""
+    lu = make_lu("ram", size=1 << 20)
+    n1p1, n1p2, n2 = await ready(lu, nexus("node1", port=1), nexus("node1", port=2), nexus("node2"))
+    assert await status(n1p1, *prout(REGISTER_IGNORE, sa_key=0x11, flags=0x04)) == Status.GOOD
+    assert await status(n2, *prout(REGISTER_IGNORE, sa_key=0x22)) == Status.GOOD
+    assert await status(n1p1, *prout(RESERVE, WE_RO, key=0x11)) == Status.GOOD
+    assert await status(n1p2, bytes((0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0)), bytes(512)) == Status.GOOD
+    return lu, n1p1, n1p2, n2
+
+
+async def test_clear_tells_the_senders_other_target_port_of_an_all_tg_pt_registration():
+    """SPC-4 §5.13.11.3: CLEAR establishes RESERVATIONS PREEMPTED for every registered I_T nexus
+    but the one it came through.  node1's registration made with ALL_TG_PT=1 also registered its
+    I_T nexus through target port 2, which was left without the unit attention."""
+    lu, n1p1, n1p2, n2 = await _all_tg_pt_cluster()
+    assert await status(n1p1, *prout(CLEAR, key=0x11)) == Status.GOOD
+    assert pending(lu, n1p1) == []
+    assert pending(lu, n1p2) == [RESERVATIONS_PREEMPTED]
+    assert pending(lu, n2) == [RESERVATIONS_PREEMPTED]
+
+
+async def test_preempt_changing_type_tells_the_senders_other_target_port():
+    """SPC-4 §5.13.11.4.3: a PREEMPT that changes the reservation's type establishes RESERVATIONS
+    RELEASED for every I_T nexus still registered but the sender: node1 through port 2 too."""
+    lu, n1p1, n1p2, n2 = await _all_tg_pt_cluster()
+    assert await status(n1p1, *prout(PREEMPT, EA_RO, key=0x11, sa_key=0x11)) == Status.GOOD
+    assert pending(lu, n1p1) == []
+    assert pending(lu, n1p2) == [RESERVATIONS_RELEASED]
+    assert pending(lu, n2) == [RESERVATIONS_RELEASED]
