@@ -818,8 +818,8 @@ class TargetDaemon:
                                   f"{e.strerror or e} (more than its filesystem can hold)") from None
             if not image.exists() and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
                 # Creating it failed: the directory is the problem, and :ro needs an image.
-                raise DaemonError(f"{where}: cannot create {image}: {e.strerror or e} "
-                                  f"(is {image.parent} writable?)") from None
+                raise DaemonError(f"{where}: cannot open {image}: {e.strerror or e} "
+                                  f"(it does not exist and cannot be created: is {image.parent} writable?)") from None
             hint = ""
             if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and not lun.read_only:
                 hint = " (to serve it read-only, add :ro to the LUN, or --read-only to lun add)"
