@@ -429,6 +429,8 @@ class Config:
             raise ConfigError(f"version: {self.version!r} is not supported (this daemon reads version {CONFIG_VERSION})")
         if self.data_dir is not None and not (isinstance(self.data_dir, str) and self.data_dir.strip()):
             raise ConfigError(f"data_dir: {self.data_dir!r} must be a directory path (a non-empty string) or null")
+        if isinstance(self.data_dir, str) and "\x00" in self.data_dir:
+            raise ConfigError(f"data_dir: {self.data_dir!r} contains a NUL character")
         if self.discovery_auth is not None:
             _validate_chap(self.discovery_auth, "discovery_auth")
         seen_targets: set[str] = set()
@@ -575,6 +577,8 @@ def _validate_target(cfg: Config, target: Target, where: str, seen_images: dict[
         numbers.add(lun.number)
         if not isinstance(lun.path, str) or not lun.path:
             raise ConfigError(f"{lw}.path: must be a non-empty string")
+        if "\x00" in lun.path:  # no file name can hold one; os calls raise ValueError on it
+            raise ConfigError(f"{lw}.path: {lun.path!r} contains a NUL character")
         image = cfg.resolve_path(lun.path)
         # Compared after symlinks are resolved: two LUNs on one file (each with its own cache
         # and write gathering) corrupt it whatever names lead there.
@@ -902,6 +906,31 @@ LUN_SPEC_OPTIONS = "SIZE (e.g. 1G), ro, rw, removable, bs=N, pbs=N, serial=S, lu
 _FLAG_TOKENS = {"ro": ("read_only", True), "rw": ("read_only", False), "removable": ("removable", True)}
 
 
+_OPTION_PREFIXES = ("bs=", "pbs=", "serial=", "lun=")
+# "size=1G", "blocksize=4096": option syntax with a key we do not know.
+_KEY_VALUE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*=[^/]*$")
+# "readonly", "thin": a bare word, nothing like a file name (no '.', no '/').
+_BARE_WORD = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+def _is_option(token: str) -> bool:
+    low = token.lower()
+    return low in _FLAG_TOKENS or low.startswith(_OPTION_PREFIXES) or bool(_SIZE_RE.match(token))
+
+
+def _misplaced_option(token: str, peeled: dict, inner: list[str]) -> bool:
+    """Whether the component the option scan stopped at is a mistyped option, not part of the path.
+
+    Without this, ``disk.img:readonly:1G`` serves a writable "disk.img:readonly" and
+    ``disk.img:1G:readonly`` looks for an image of that name.
+    """
+    if _KEY_VALUE.match(token):
+        return True
+    if peeled and _BARE_WORD.match(token):
+        return True
+    return any(_is_option(part) for part in inner)
+
+
 def parse_lun_spec(spec: str) -> Lun:
     """Parse the command-line LUN form ``PATH[:SIZE][:ro][:removable][:bs=4096][:pbs=4096][:serial=X][:lun=N]``.
 
@@ -942,6 +971,8 @@ def parse_lun_spec(spec: str) -> Lun:
                 raise ConfigError(f"LUN spec {spec!r}: size {token!r} is negative")
             raise ConfigError(f"LUN spec {spec!r}: size {token!r} is not understood (examples: 512M, 1G, 10GiB)")
         else:
+            if len(parts) > 1 and _misplaced_option(token, opts, parts[1:-1]):
+                raise ConfigError(f"LUN spec {spec!r}: {token!r} is not a LUN option (options: {LUN_SPEC_OPTIONS})")
             break
         parts.pop()
     path = ":".join(parts)

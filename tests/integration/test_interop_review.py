@@ -180,3 +180,45 @@ def test_an_image_in_a_directory_nobody_may_create_in_gets_no_read_only_hint(dae
     assert r.exit_code == 1
     line = _one_line_error(r.output, "/sys/sanstack-review.img", "cannot be created", "writable")
     assert ":ro" not in line and "read-only" not in line
+
+
+# --------------------------------------------------------------------------- LUN specs and paths
+
+
+@pytest.mark.parametrize("tail, bad", [
+    ("readonly:8M", "readonly"),   # was: a writable LUN on an image named "q.img:readonly"
+    ("8M:readonly", "readonly"),   # was: "image q.img:8M:readonly does not exist"
+    ("size=8M", "size=8M"),
+    ("8M:blocksize=4096", "blocksize=4096"),
+])
+def test_a_mistyped_lun_option_is_refused_not_made_part_of_the_file_name(daemon, tmp_path, tail, bad):
+    spec = f"{tmp_path}/q.img:{tail}"
+    with pytest.raises(ConfigError, match=f"'{bad}' is not a LUN option"):
+        C.parse_lun_spec(spec)
+    before = daemon.path.read_text()
+    r = daemon.cli("lun", "add", T, spec)
+    assert r.exit_code != 0
+    assert "is not a LUN option" in r.output and "ro," in r.output, r.output
+    assert "Traceback" not in r.output
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("q.img")] == []
+    assert daemon.path.read_text() == before
+
+
+def test_lun_specs_with_colons_in_real_file_names_still_parse():
+    assert C.parse_lun_spec("/x/a:b.img:512M:ro").path == "/x/a:b.img"
+    assert C.parse_lun_spec("/d/img:2026-01-01.img").path == "/d/img:2026-01-01.img"
+    assert C.parse_lun_spec("/d/a.img:readonly").path == "/d/a.img:readonly"  # no option: a name
+
+
+def test_a_path_with_a_nul_byte_is_refused_by_name(daemon, tmp_path):
+    cfg = {"version": 1, "targets": [{"iqn": T, "portal_groups": [{"tag": 1, "portals": ["127.0.0.1:1"]}],
+                                      "luns": [{"number": 0, "path": "a\u0000.img", "size": MIB}]}]}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    path.chmod(0o600)
+    r = cli("--control", str(tmp_path / "c.sock"), "serve", "--config", str(path))
+    assert r.exit_code == 1
+    _one_line_error(r.output, "luns[0]", "NUL")
+    res = daemon.raw({"op": "lun.add", "args": {"iqn": T, "path": f"{tmp_path}/b\u0000.img", "size": MIB}})
+    assert res["ok"] is False and "NUL" in res["error"] and "internal error" not in res["error"], res
+    assert daemon.raw({"op": "status", "args": {}})["ok"] is True
