@@ -697,6 +697,25 @@ class Connection(asyncio.BufferedProtocol):
         if crc32c(mv[pstart:padded]) != unpack_digest(mv[padded:padded + 4]):
             raise ProtocolViolation(DATA_DIGEST_ERROR)
 
+    def stop_receiving_into(self, itt: int) -> None:
+        """Task ``itt`` was given back to its caller unfinished (cancelled, or its abort
+        failed): a Data-In payload now arriving in place into its buffer goes on into scratch
+        memory instead, with what came so far copied along (the data digest covers all of it).
+        Without this the rest of the payload would land in a buffer the caller may be reusing.
+        """
+        direct = self._direct
+        h = self._direct_hdr
+        if direct is None or h is None or h[6] != itt:
+            return
+        full = self._direct_full
+        if full is not None:
+            copy = memoryview(bytearray(full))
+            self._direct_full = copy
+            self._direct = copy[len(full) - len(direct):]
+        else:
+            self._direct = memoryview(bytearray(len(direct)))
+        self._rbuf = self._direct
+
     def _scratch_view(self, n: int) -> memoryview:
         if self._scratch is None or len(self._scratch) < n:
             self._scratch = bytearray(max(n, 65536))

@@ -199,6 +199,7 @@ class Session:
         # recovery and timers
         self._recovery: asyncio.Task | None = None
         self._keepalive: asyncio.Task | None = None
+        self._aborters: set[asyncio.Task] = set()  # ABORT TASKs for commands whose caller gave up
         self._expired = False
         self._next_delay: float | None = None
         self._closing = False
@@ -347,7 +348,7 @@ class Session:
         # The session's own tasks end before close() returns: a caller that closes and then
         # stops its loop (or checks for leaks) finds nothing of ours still pending.
         mine = asyncio.current_task()
-        helpers = {t for t in (self._keepalive, self._recovery, self._rescan)
+        helpers = {t for t in (self._keepalive, self._recovery, self._rescan, *self._aborters)
                    if t is not None and t is not mine and not t.done()}
         for t in helpers:
             t.cancel()
@@ -461,14 +462,18 @@ class Session:
         task = Task(lun, cdb, read_len, data, buf, attr, fut_cb(fut))
         self.submit(task)
         timeout = timeout if timeout is not None else self.opts.command_timeout
-        if timeout is None:
-            await fut
-        else:
-            try:
-                await asyncio.wait_for(asyncio.shield(fut), timeout)
-            except asyncio.TimeoutError:
-                await self._abort_quietly(task)
-                raise CommandTimeout(f"no status after {timeout:.0f}s for opcode 0x{cdb[0]:02x}") from None
+        try:
+            if timeout is None:
+                await fut
+            else:
+                try:
+                    await asyncio.wait_for(asyncio.shield(fut), timeout)
+                except asyncio.TimeoutError:
+                    await self._abort_quietly(task)
+                    raise CommandTimeout(f"no status after {timeout:.0f}s for opcode 0x{cdb[0]:02x}") from None
+        except asyncio.CancelledError:
+            self._abandon(task)
+            raise
         if task.exc is not None:
             raise task.exc
         return task
@@ -974,8 +979,7 @@ class Session:
         if resp not in (P.TmfResponse.COMPLETE, P.TmfResponse.TASK_DOES_NOT_EXIST):
             raise TmfError(f"ABORT TASK refused (response {resp})", resp)
         if not task.done:
-            self._tasks.pop(task.itt, None)
-            self._finish(task, TaskAborted("aborted by ABORT TASK"))
+            self._let_go(task, TaskAborted("aborted by ABORT TASK"))
             return True
         return False
 
@@ -984,8 +988,42 @@ class Session:
             await self.abort_task(task)
         except (IscsiError, asyncio.TimeoutError):
             if not task.done:
-                self._tasks.pop(task.itt, None)
-                self._finish(task, CommandTimeout("command timed out; abort failed"))
+                self._let_go(task, CommandTimeout("command timed out; abort failed"))
+
+    def _let_go(self, task: Task, exc: BaseException) -> None:
+        """End a sent ``task`` here while the target may still answer it: its later Data-In
+        and status are discarded (unknown ITT), and a payload arriving into its buffer right
+        now is diverted, so nothing writes the caller's buffer once it has it back."""
+        if self._tasks.get(task.itt) is task:
+            del self._tasks[task.itt]
+        if self.conn is not None:
+            self.conn.stop_receiving_into(task.itt)
+        self._finish(task, exc)
+
+    def _abandon(self, task: Task) -> None:
+        """The caller's wait for ``task`` was cancelled.  Unsent, it just leaves the queue;
+        sent, it is let go and the target is asked to abort it in the background (§11.5.1
+        ABORT TASK), so a cancelled WRITE does not land later behind the caller's back."""
+        if task.done:
+            return
+        if self._tasks.get(task.itt) is not task:
+            try:
+                self._waiting.remove(task)
+            except ValueError:
+                pass
+            self._finish(task, TaskAborted("cancelled before it was sent"))
+            return
+        self._let_go(task, TaskAborted("cancelled by its caller"))
+        aborter = self.loop.create_task(self._abort_abandoned(task.lun, task.itt, task.cmdsn))
+        self._aborters.add(aborter)
+        aborter.add_done_callback(self._aborters.discard)
+
+    async def _abort_abandoned(self, lun: int, itt: int, cmdsn: int) -> None:
+        try:
+            await self.task_management(P.TmfFunction.ABORT_TASK, lun, itt, cmdsn)
+        except (IscsiError, asyncio.TimeoutError) as exc:
+            # The session is going or gone: the target ends the task with it (§6.3.5).
+            event(log, "session.abort_failed", logging.INFO, portal=self.portal, itt=itt, error=exc)
 
     async def lun_reset(self, lun: int) -> None:
         """LOGICAL UNIT RESET (§11.5.1 function 5): every task on ``lun`` is ended by the target."""
