@@ -24,10 +24,13 @@ class TaskSet:
     __slots__ = ("_ordered", "_ordered_all", "_inflight")
 
     def __init__(self) -> None:
-        self._ordered: asyncio.Future | None = None  # completion of the newest ORDERED task
-        # Completion of the newest ORDERED task *and of every task received before it*.  The
-        # same as ``_ordered`` unless that ORDERED task was aborted while it waited: the
-        # next ORDERED task must still wait for the older ones (SAM-5 §8.7.3).
+        # Barrier of SIMPLE tasks: done once the newest ORDERED task *and every ORDERED task
+        # received before it* have completed (SAM-5 §8.7.2).
+        self._ordered: asyncio.Future | None = None
+        # Barrier of ORDERED tasks: done once the newest ORDERED task and every task received
+        # before it have completed (SAM-5 §8.7.3).  Both differ from the newest ORDERED task's
+        # own completion only when that task was aborted while it waited: the tasks it was
+        # waiting for still order the ones received after it.
         self._ordered_all: asyncio.Future | None = None
         self._inflight: set[asyncio.Future] = set()  # non-ORDERED tasks received after it
 
@@ -78,11 +81,10 @@ class TaskSet:
         earlier = list(self._inflight)
         if self._ordered_all is not None:
             earlier.append(self._ordered_all)
+        earlier_ordered = [self._ordered] if self._ordered is not None else []
         loop = asyncio.get_running_loop()
-        me = loop.create_future()
-        me_all = loop.create_future()
-        self._ordered = me
-        self._ordered_all = me_all
+        me = self._ordered = loop.create_future()
+        me_all = self._ordered_all = loop.create_future()
         self._inflight = set()
         try:
             if earlier:
@@ -92,32 +94,31 @@ class TaskSet:
                 result = await result
             return result
         finally:
-            # Done (or aborted): SIMPLE tasks received after it may run (SAM-5 §8.7.2).
-            if not me.done():
-                me.set_result(None)
-            if self._ordered is me:
-                self._ordered = None
-            self._resolve_when_done(earlier, me_all)
+            # Completed or aborted.  Without an abort everything it waited for is done by now
+            # and both barriers open at once.
+            self._open_when_done(earlier_ordered, me, "_ordered")
+            self._open_when_done(earlier, me_all, "_ordered_all")
 
-    def _resolve_when_done(self, futures: list[asyncio.Future], target: asyncio.Future) -> None:
-        """Complete ``target`` once every one of ``futures`` is done (at once if they are)."""
+    def _open_when_done(self, futures: list[asyncio.Future], barrier: asyncio.Future, slot: str) -> None:
+        """Complete ``barrier`` once all of ``futures`` are done (at once if they are), and
+        then stop naming it in ``slot`` if it is still the newest one there."""
+
+        def open_barrier() -> None:
+            if not barrier.done():
+                barrier.set_result(None)
+            if getattr(self, slot) is barrier:
+                setattr(self, slot, None)
+
         pending = [f for f in futures if not f.done()]
-
-        def finish(_=None) -> None:
-            if not target.done():
-                target.set_result(None)
-            if self._ordered_all is target:
-                self._ordered_all = None
-
         if not pending:
-            finish()
+            open_barrier()
             return
         left = [len(pending)]
 
         def one_done(_: asyncio.Future) -> None:
             left[0] -= 1
             if not left[0]:
-                finish()
+                open_barrier()
 
         for f in pending:
             f.add_done_callback(one_done)

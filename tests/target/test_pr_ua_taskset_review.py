@@ -94,6 +94,40 @@ async def test_ordered_task_waits_for_older_tasks_when_the_ordered_task_between_
     assert o1.cancelled() and not tasks.blocked and len(tasks) == 0
 
 
+
+async def test_simple_task_waits_for_an_older_ordered_task_when_a_newer_one_is_aborted():
+    """SAM-5 §8.7.2: a SIMPLE task runs only once every ORDERED task received before it has
+    completed.  O1 (ORDERED, waiting for the slow S1), O2 (ORDERED), ABORT TASK of O2, then S3:
+    S3 ran at once, while O1 had not even started."""
+    tasks = TaskSet()
+    done: list[str] = []
+    gate = asyncio.Event()
+
+    def command(name: str, wait: bool = False):
+        async def run() -> ScsiResult:
+            if wait:
+                await gate.wait()
+            done.append(name)
+            return ScsiResult()
+        return run
+
+    s1 = asyncio.create_task(tasks.run(TaskAttr.SIMPLE, command("S1", wait=True)))
+    await asyncio.sleep(0)
+    o1 = asyncio.create_task(tasks.run(TaskAttr.ORDERED, command("O1")))
+    await asyncio.sleep(0)
+    o2 = asyncio.create_task(tasks.run(TaskAttr.ORDERED, command("O2")))
+    await asyncio.sleep(0)
+    o2.cancel()  # ABORT TASK
+    await asyncio.sleep(0.01)
+    s3 = asyncio.create_task(tasks.run(TaskAttr.SIMPLE, command("S3")))
+    await asyncio.sleep(0.01)
+    assert done == []
+    assert tasks.blocked  # a SIMPLE task arriving now must queue (the LU's fast path asks this)
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(s1, o1, s3), 5)
+    assert done == ["S1", "O1", "S3"]
+    assert o2.cancelled() and not tasks.blocked and len(tasks) == 0
+
 # -- Unit attentions of persistent reservations (SPC-4 §5.13.11) -------------------------------
 
 def pending(lu, ini: Initiator) -> list[tuple[int, int]]:
