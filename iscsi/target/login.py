@@ -22,6 +22,7 @@ from .. import auth as A
 from ..auth import AuthState, ChapTargetAuth
 from ..log import event
 from .registry import AccessGrant, ChapCredentials, TargetAccess, TargetRegistry
+from .config import format_portal
 
 log = logging.getLogger("iscsi.target.login")
 
@@ -130,6 +131,7 @@ class TargetLogin:
         self._initiator_alias: str | None = None
         self._session_type = "Normal"
         self._target: TargetAccess | None = None
+        self._target_name: str | None = None  # as asked for: the log names it even when refused
         self._grant: AccessGrant | None = None
         self._tpgt = 1
         self._auth: ChapTargetAuth | None = None
@@ -255,6 +257,7 @@ class TargetLogin:
             tname = values.get("TargetName")
             if not tname:
                 raise LoginError(LoginStatus.MISSING_PARAMETER, "TargetName missing")
+            self._target_name = tname
             target = self.registry.find_target(tname)
             if target is None:
                 raise LoginError(LoginStatus.NOT_FOUND, f"no target {tname}")
@@ -327,8 +330,8 @@ class TargetLogin:
     def _fail(self, req: P.LoginRequest, status: LoginStatus, reason: str) -> P.LoginResponse:
         self.outcome = LoginFailure(status, reason)
         event(log, "login.failed", logging.WARNING, initiator=self._initiator_name,
-              target=self._target.name if self._target else None, status=f"0x{status:04x}",
-              reason=reason, portal=f"{self.local_host}:{self.local_port}")
+              target=self._target.name if self._target else self._target_name, status=f"0x{status:04x}",
+              reason=reason, portal=format_portal(self.local_host, self.local_port))
         resp = self._response(req, b"", transit=False, status=int(status))
         resp.csg, resp.nsg = req.csg, 0
         return resp

@@ -222,3 +222,23 @@ def test_a_path_with_a_nul_byte_is_refused_by_name(daemon, tmp_path):
     res = daemon.raw({"op": "lun.add", "args": {"iqn": T, "path": f"{tmp_path}/b\u0000.img", "size": MIB}})
     assert res["ok"] is False and "NUL" in res["error"] and "internal error" not in res["error"], res
     assert daemon.raw({"op": "status", "args": {}})["ok"] is True
+
+
+# --------------------------------------------------------------------------- login refusals in the log
+
+
+def test_an_acl_refusal_logs_the_target_and_a_bracketed_ipv6_portal(tmp_path, caplog):
+    """The admin greps the log for the target an initiator was refused from; '::1:3260' does
+    not parse back as a portal."""
+    require("iscsi-inq")
+    if not _ipv6_loopback():
+        pytest.skip("no IPv6 loopback")
+    port = _free_port("::1")
+    caplog.set_level(logging.INFO)
+    with Daemon(tmp_path, [_target([f"[::1]:{port}"], [Lun(0, "l0.img", MIB)], open_access=False)]):
+        res = client(["iscsi-inq", "-i", "iqn.2026-11.org.example:stranger", f"iscsi://[::1]:{port}/{T}/0"],
+                     check=False)
+    assert res.returncode != 0 and "Authorization failure" in res.stdout + res.stderr
+    refused = [r.getMessage() for r in caplog.records if "login.failed" in r.getMessage()]
+    assert refused, caplog.text
+    assert f"target={T}" in refused[0] and f"portal=[::1]:{port}" in refused[0], refused[0]
