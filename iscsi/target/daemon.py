@@ -57,6 +57,19 @@ class AdminError(ConfigError):
     """An admin request that cannot be done as asked; the message says why."""
 
 
+def _bind_error(e: OSError) -> str:
+    """Why a portal cannot be bound, in the admin's terms (asyncio's text repeats the address
+    as a Python tuple: "error while attempting to bind on address ('::1', 3260): ...")."""
+    if e.errno == errno.EADDRINUSE:
+        return ("address already in use (another iscsi-target on this config or data directory, "
+                "tgtd or LIO? `ss -ltnp` shows who listens there)")
+    if e.errno == errno.EADDRNOTAVAIL:
+        return "no network interface of this host has that address"
+    if e.errno is not None:
+        return os.strerror(e.errno)
+    return str(e)
+
+
 class DaemonError(OperationFailed):
     """The daemon cannot start or apply its configuration."""
 
@@ -787,7 +800,7 @@ class TargetDaemon:
                 try:
                     await self.server.add_portal(host, port)
                 except OSError as e:
-                    raise DaemonError(f"cannot listen on {C.format_portal(host, port)}: {e.strerror or e}") from None
+                    raise DaemonError(f"cannot listen on {C.format_portal(host, port)}: {_bind_error(e)}") from None
                 bound.append((host, port))
                 event(log, "portal.listening", portal=C.format_portal(host, port))
                 if not C.is_loopback(host):

@@ -260,3 +260,28 @@ def test_qemu_reads_an_unwritten_range_of_a_4k_block_lun(tmp_path):
     with Daemon(tmp_path, [_target([f"127.0.0.1:{port}"], [Lun(0, "l0.img", 32 * MIB, block_size=4096)])]):
         res = client(["qemu-io", "-f", "raw", "-c", "read 8M 1M", f"iscsi://127.0.0.1:{port}/{T}/0"], check=False)
     assert res.returncode == 0 and "read 1048576/1048576 bytes" in res.stdout, res.stdout + res.stderr
+
+
+# --------------------------------------------------------------------------- portals that cannot be bound
+
+
+def test_a_busy_port_says_what_may_hold_it_without_python_tuples(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = cli("--control", str(tmp_path / "c.sock"), "serve", "--data-dir", str(tmp_path / "data"),
+                "--target", T, "--lun", f"{tmp_path}/x.img:1M", "--portal", f"127.0.0.1:{port}")
+    assert r.exit_code == 1
+    line = _one_line_error(r.output, f"cannot listen on 127.0.0.1:{port}", "address already in use", "iscsi-target")
+    assert "('127.0.0.1'" not in line
+
+
+def test_a_portal_on_an_address_this_host_lacks_is_named_so(daemon):
+    if Path("/proc/sys/net/ipv4/ip_nonlocal_bind").read_text().strip() != "0":
+        pytest.skip("ip_nonlocal_bind is on: any address binds")
+    r = daemon.cli("portal", "add", T, "192.0.2.1:3260")  # TEST-NET-1 (RFC 5737): never local
+    assert r.exit_code == 1
+    line = _one_line_error(r.output, "192.0.2.1:3260", "no network interface")
+    assert "('192.0.2.1'" not in line
+    assert "192.0.2.1" not in daemon.path.read_text()
