@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import sbc, spc
+from . import logpages, sbc, spc
 from .cdb import Op, SaIn16, MaintIn, be16, be32, cdb_length
 
 # Gating flags
@@ -135,6 +135,8 @@ def base_commands() -> list[CommandSpec]:
                   sbc.sanitize_data_out_length, SANITIZE_TIMEOUT)
             for sa in (0x01, 0x02, 0x03, 0x1F)
         }),
+        C(Op.LOG_SENSE, None, "LOG SENSE", logpages.log_sense,
+          usage(0x4D, 0x03, 0xFF, 0xFF, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0), 0),
         C(Op.MODE_SELECT_10, None, "MODE SELECT(10)", spc.mode_select_10,
           usage(0x55, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0), 0, _dout_p7),
         C(Op.MODE_SENSE_10, None, "MODE SENSE(10)", spc.mode_sense_10,
