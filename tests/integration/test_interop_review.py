@@ -285,3 +285,33 @@ def test_a_portal_on_an_address_this_host_lacks_is_named_so(daemon):
     line = _one_line_error(r.output, "192.0.2.1:3260", "no network interface")
     assert "('192.0.2.1'" not in line
     assert "192.0.2.1" not in daemon.path.read_text()
+
+
+# --------------------------------------------------------------------------- a full filesystem
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "SBC-4 §4.7.3.7 (resource exhaustion): a write a thin-provisioned LU cannot allocate for ends "
+    "in DATA PROTECT, SPACE ALLOCATION FAILED WRITE PROTECT (27h/07h), which ESXi and Windows "
+    "treat as 'out of space' (pause, alert) rather than a failing disk; iscsi/scsi/lu.py _failed "
+    "maps every OSError, ENOSPC and EDQUOT included, to MEDIUM ERROR / WRITE ERROR (0Ch/00h)"))
+def test_a_write_the_full_filesystem_refuses_reports_space_allocation_failed(tmp_path, monkeypatch):
+    pytest.importorskip("tools.libiscsi")
+    from tools.libiscsi import CheckCondition, Session, load
+
+    try:
+        load()
+    except OSError as e:
+        pytest.skip(f"libiscsi shared library missing ({e}; apt-get install libiscsi-bin)")
+
+    def disk_full(self, offset, data, fua=False):
+        raise OSError(errno.ENOSPC, "No space left on device", self.path)
+
+    port = _free_port()
+    with Daemon(tmp_path, [_target([f"127.0.0.1:{port}"], [Lun(0, "l0.img", 4 * MIB)])]):
+        with Session(f"127.0.0.1:{port}", T, 0) as s:
+            s.test_unit_ready()
+            monkeypatch.setattr(FileBackstore, "write", disk_full)
+            with pytest.raises(CheckCondition) as e:
+                s.write16(8, b"x" * 4096)
+    assert (e.value.sense_key, e.value.ascq) == (0x07, 0x2707), str(e.value)
