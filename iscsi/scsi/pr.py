@@ -66,6 +66,9 @@ PersistFn = Callable[[dict], None]
 #: Version of the dictionary returned by :meth:`PersistentReservations.state`.
 STATE_VERSION = 1
 
+#: SPC-4 §6.15.2: the PRGENERATION field is four bytes and the counter wraps.
+GENERATION_MASK = 0xFFFFFFFF
+
 #: SPC-4 §6.16.3: every service action but REGISTER AND MOVE (and SPEC_I_PT=1) takes exactly
 #: this many parameter bytes.
 BASIC_PARAMETER_LIST_LENGTH = 24
@@ -659,7 +662,7 @@ class PersistentReservations:
                 self._unregister(reg, nexus)
             else:
                 reg.key = sa_key
-        self.generation += 1
+        self._bump_generation()
         self._set_aptpl(aptpl)
         return ScsiResult()
 
@@ -726,7 +729,7 @@ class PersistentReservations:
         everyone = list(self._regs.values())
         self._regs.clear()
         self._drop_reservation()
-        self.generation += 1
+        self._bump_generation()
         self._ua(everyone, RESERVATIONS_PREEMPTED, nexus)
         self._save()
         return ScsiResult()
@@ -770,7 +773,7 @@ class PersistentReservations:
                 return _conflict()  # SPC-4 §5.13.11.4.2: the key identifies no registration
             for r in removed:
                 del self._regs[(r.initiator_port, r.target_port)]
-        self.generation += 1
+        self._bump_generation()
         self._ua(removed, REGISTRATIONS_PREEMPTED, nexus)
         result = ScsiResult()
         if abort:
@@ -814,11 +817,15 @@ class PersistentReservations:
         self._res_holder = dest_reg
         if unreg:
             del self._regs[(reg.initiator_port, reg.target_port)]
-        self.generation += 1
+        self._bump_generation()
         self._set_aptpl(aptpl)
         return ScsiResult()
 
     # ----------------------------------------------------------------- helpers
+    def _bump_generation(self) -> None:
+        """PRgeneration is a 32-bit counter that wraps (SPC-4 §6.15.2)."""
+        self.generation = (self.generation + 1) & GENERATION_MASK
+
     def _learn_port(self, nexus: ITNexus) -> None:
         if self._ports.get(nexus.relative_port_id) != nexus.target_port:
             self._ports[nexus.relative_port_id] = nexus.target_port
@@ -903,5 +910,5 @@ class PersistentReservations:
                     raise ValueError(f"reservation holder {holder!r} is not a registration")
                 self._res_holder = regs[int(holder)]
             self._res_type = pr_type
-        self.generation = int(state.get("generation", 0)) & 0xFFFFFFFF
+        self.generation = int(state.get("generation", 0)) & GENERATION_MASK
         self._aptpl = True
