@@ -1124,6 +1124,9 @@ class TargetDaemon:
             "block_size": lun.block_size,
             "read_only": lun.read_only,
             "removable": lun.removable,
+            # SPC-4 §7.5.8 Control mode page SWP: an initiator write-protected the LU (iscsi-swp,
+            # sg_wr_mode); every write gets DATA PROTECT although the config says rw.
+            "swp": bool(getattr(getattr(getattr(unit, "lu", None), "mode", None), "swp", False)),
             "serial": self.config.serial_for(target, lun),
         }
 

@@ -315,3 +315,20 @@ def test_a_write_the_full_filesystem_refuses_reports_space_allocation_failed(tmp
             with pytest.raises(CheckCondition) as e:
                 s.write16(8, b"x" * 4096)
     assert (e.value.sense_key, e.value.ascq) == (0x07, 0x2707), str(e.value)
+
+
+# --------------------------------------------------------------------------- what the tables show
+
+
+def test_lun_list_shows_a_lun_an_initiator_write_protected(daemon):
+    """After ``iscsi-swp -s on`` every write fails with DATA PROTECT; the table said 'rw'."""
+    require("iscsi-swp")
+    url = f"iscsi://{daemon.portal}/{T}/0"
+    client(["iscsi-swp", "-s", "on", url])
+    rows = json.loads(daemon.cli("lun", "list", "--json").output)
+    assert rows[0]["swp"] is True
+    table = daemon.cli("lun", "list").output
+    assert "rw,swp" in table and "write protect" in table, table
+    client(["iscsi-swp", "-s", "off", url])
+    table = daemon.cli("lun", "list").output
+    assert "swp" not in table, table
