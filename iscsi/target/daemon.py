@@ -1127,6 +1127,9 @@ class TargetDaemon:
             # SPC-4 §7.5.8 Control mode page SWP: an initiator write-protected the LU (iscsi-swp,
             # sg_wr_mode); every write gets DATA PROTECT although the config says rw.
             "swp": bool(getattr(getattr(getattr(unit, "lu", None), "mode", None), "swp", False)),
+            # SBC-4 §4.4: an initiator ejected a removable LU's medium (START STOP UNIT LOEJ=1):
+            # every medium access gets NOT READY, MEDIUM NOT PRESENT until one loads it.
+            "ejected": not getattr(getattr(unit, "lu", None), "medium_present", True),
             "serial": self.config.serial_for(target, lun),
         }
 

@@ -7,6 +7,7 @@ libiscsi's tools and qemu. A test whose client tool is missing skips with the pa
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import logging
@@ -332,3 +333,22 @@ def test_lun_list_shows_a_lun_an_initiator_write_protected(daemon):
     client(["iscsi-swp", "-s", "off", url])
     table = daemon.cli("lun", "list").output
     assert "swp" not in table, table
+
+
+def test_lun_list_shows_a_removable_lun_whose_medium_an_initiator_ejected(tmp_path):
+    from tools.libiscsi import Session, load
+
+    try:
+        lib = load()
+    except OSError as e:
+        pytest.skip(f"libiscsi shared library missing ({e}; apt-get install libiscsi-bin)")
+    stop = lib.iscsi_startstopunit_sync  # (ctx, lun, immed, pcm, pc, no_flush, loej, start)
+    stop.restype, stop.argtypes = load().iscsi_testunitready_sync.restype, [ctypes.c_void_p] + [ctypes.c_int] * 7
+    port = _free_port()
+    with Daemon(tmp_path, [_target([f"127.0.0.1:{port}"], [Lun(0, "l0.img", MIB, removable=True)])]) as d:
+        with Session(f"127.0.0.1:{port}", T, 0) as s:
+            s._run(stop(s._ctx, 0, 0, 0, 0, 0, 1, 0))  # LOEJ=1, START=0: eject
+            table = d.cli("lun", "list").output
+            assert "rw,removable,ejected" in table and "NOT READY" in table, table
+            s._run(stop(s._ctx, 0, 0, 0, 0, 0, 1, 1))  # load
+            assert "ejected" not in d.cli("lun", "list").output
