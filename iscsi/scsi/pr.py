@@ -426,6 +426,8 @@ class PersistentReservations:
         self._res_holder: Registration | None = None  # None for all-registrants types
         self._aptpl = False
         self._scsi2: tuple[str, str] | None = None
+        # Unit attentions of the PERSISTENT RESERVE OUT being processed (None outside one).
+        self._deferred_uas: list[tuple] | None = None
         if state is not None:
             self._restore(state)
 
@@ -606,7 +608,39 @@ class PersistentReservations:
 
     # ----------------------------------------------------------------- PERSISTENT RESERVE OUT
     async def persistent_reserve_out(self, cmd: ScsiCommand) -> ScsiResult:
-        """PERSISTENT RESERVE OUT 5Fh (SPC-4 §6.16, semantics in §5.13)."""
+        """PERSISTENT RESERVE OUT 5Fh (SPC-4 §6.16, semantics in §5.13).
+
+        All or nothing: when the APTPL state cannot be saved (``persist`` raises, e.g. a full
+        disk) the reservation state is put back as it was, no unit attention is established
+        and the error goes to the caller.  Otherwise the initiator would be told the command
+        failed while its effect stayed in memory (a retried REGISTER then conflicts) and the
+        saved copy would no longer match what the logical unit does (SPC-4 §5.13.5).
+        """
+        before = self._snapshot()
+        self._deferred_uas = []
+        try:
+            result = self._service_action(cmd)
+        except BaseException:
+            self._deferred_uas = None
+            self._rollback(before)
+            raise
+        uas, self._deferred_uas = self._deferred_uas, None
+        for args in uas:
+            self._ua_sink(*args)  # type: ignore[misc]
+        return result
+
+    def _snapshot(self) -> tuple:
+        regs = dict(self._regs)
+        return (regs, [(r, r.key) for r in regs.values()], self._res_type, self._res_holder,
+                self.generation, self._aptpl)
+
+    def _rollback(self, before: tuple) -> None:
+        regs, keys, self._res_type, self._res_holder, self.generation, self._aptpl = before
+        self._regs = regs
+        for reg, key in keys:
+            reg.key = key
+
+    def _service_action(self, cmd: ScsiCommand) -> ScsiResult:
         cdb = cmd.cdb
         if len(cdb) < 10:
             raise illegal_field(0)
@@ -831,19 +865,25 @@ class PersistentReservations:
             self._ports[nexus.relative_port_id] = nexus.target_port
 
     def _ua(self, regs: Iterable[Registration], asc_ascq: tuple[int, int], except_nexus: ITNexus | None) -> None:
-        if self._ua_sink is None:
-            return
         """Unit attention for the I_T nexuses of ``regs``, never for ``except_nexus``.
 
         A registration that names ``except_nexus`` alone is left out here; one that covers
         more I_T nexuses (ALL_TG_PT=1, or a TransportID without ISID) goes to the sink,
-        which excludes ``except_nexus`` and reaches the others.
+        which excludes ``except_nexus`` and reaches the others.  Inside a PERSISTENT
+        RESERVE OUT they are established once the command has succeeded.
         """
+        if self._ua_sink is None:
+            return
+        deferred = self._deferred_uas
         for r in list(regs):
             if except_nexus is not None and r.target_port == except_nexus.target_port \
                     and r.initiator_port == except_nexus.initiator_port:
                 continue
-            self._ua_sink(r.as_nexus(), asc_ascq, except_nexus)
+            args = (r.as_nexus(), asc_ascq, except_nexus)
+            if deferred is not None:
+                deferred.append(args)
+            else:
+                self._ua_sink(*args)
 
     def _set_aptpl(self, aptpl: bool) -> None:
         """SPC-4 §5.13.5: the APTPL bit of the last registration decides for the whole LU."""

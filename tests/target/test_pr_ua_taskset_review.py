@@ -191,3 +191,43 @@ async def test_prgeneration_wraps_at_32_bits():
         assert r.status == Status.GOOD, parse_sense(r.sense)
         assert struct.unpack_from(">I", bytes(r.data))[0] == 0
     assert saved[-1]["generation"] == 0
+
+
+# -- APTPL (SPC-4 §5.13.5) ---------------------------------------------------------------------
+
+async def test_a_failed_aptpl_save_leaves_the_reservation_state_unchanged():
+    """With APTPL active every change is saved before it is answered.  When the save failed (a
+    full disk) the initiator was told the command failed, yet the change stayed in memory and
+    its unit attentions were established: the preempted node lost its registration while the
+    saved copy still had it, and the fencing node's retry got RESERVATION CONFLICT."""
+    disk_full = False
+    saved: list[dict] = []
+
+    def persist(state: dict) -> None:
+        if disk_full:
+            raise OSError(28, "No space left on device")
+        saved.append(state)
+
+    lu = make_lu("ram", size=1 << 20, pr_persist=persist)
+    node1, node2 = await ready(lu, nexus("node1"), nexus("node2"))
+    assert await status(node1, *prout(REGISTER_IGNORE, sa_key=0x11, flags=0x01)) == Status.GOOD
+    assert await status(node2, *prout(REGISTER_IGNORE, sa_key=0x22, flags=0x01)) == Status.GOOD
+    assert await status(node1, *prout(RESERVE, WE_RO, key=0x11)) == Status.GOOD
+    before = lu.pr.state()
+    assert saved[-1] == before
+
+    disk_full = True
+    for cdb, params in (prout(PREEMPT_AND_ABORT, WE_RO, key=0x22, sa_key=0x11),  # fence node1
+                        prout(REGISTER, key=0x22, sa_key=0x23, flags=0x01),      # change own key
+                        prout(CLEAR, key=0x22)):
+        r = await node2.cmd(cdb, params)
+        assert r.status == Status.CHECK_CONDITION
+        assert lu.pr.state() == before
+        assert not r.extra  # nothing to abort either
+    assert pending(lu, node1) == [] and pending(lu, node2) == []
+
+    disk_full = False
+    r = await node2.cmd(*prout(PREEMPT_AND_ABORT, WE_RO, key=0x22, sa_key=0x11))
+    assert r.status == Status.GOOD and r.extra["abort_nexuses"]
+    assert pending(lu, node1) == [(0x2A, 0x05)]  # REGISTRATIONS PREEMPTED
+    assert saved[-1] == lu.pr.state() and saved[-1]["generation"] == before["generation"] + 1
