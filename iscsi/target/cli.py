@@ -660,6 +660,9 @@ def portal_remove(iqn: str, address: str, control: Path | None) -> None:
     canon = _check(lambda: C.canonical_portal(address))
     res = _call(control, "portal.remove", iqn=iqn, portal=canon)
     click.echo(f"{res['target']}: portal {res['portal']} removed (TPGT {res['tag']})")
+    if res.get("connections"):
+        click.echo(f"iscsi-target: note: {res['connections']} connection(s) to {res['target']} made through "
+                   f"{res['portal']} stay logged in; the portal only stops taking new logins", err=True)
     if res.get("portals_left") == 0:
         click.echo(f"iscsi-target: note: {res['target']} has no portal left; no initiator can reach it until "
                    f"`iscsi-target portal add {res['target']} HOST:PORT`", err=True)

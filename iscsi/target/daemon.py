@@ -57,6 +57,13 @@ class AdminError(ConfigError):
     """An admin request that cannot be done as asked; the message says why."""
 
 
+def _same_portal(text: Any, wanted: tuple[str, int]) -> bool:
+    try:
+        return isinstance(text, str) and C.parse_portal(text) == wanted
+    except ConfigError:
+        return False
+
+
 def _bind_error(e: OSError) -> str:
     """Why a portal cannot be bound, in the admin's terms (asyncio's text repeats the address
     as a Python tuple: "error while attempting to bind on address ('::1', 3260): ...")."""
@@ -1249,7 +1256,12 @@ class TargetDaemon:
                                 "portals_left": sum(1 for _ in target.portals())}
             raise AdminError(f"target {target.iqn} has no portal {C.format_portal(*wanted)}")
 
-        return await self.change(mutate, "portal.remove")
+        res = await self.change(mutate, "portal.remove")
+        # The portal stops taking logins; connections made through it go on (as with LIO).
+        res["connections"] = sum(
+            1 for row in self._sessions() if str(row.get("target", "")).lower() == res["target"]
+            for conn in row.get("connections") or () if _same_portal(conn.get("local"), wanted))
+        return res
 
     async def portal_list(self, iqn: str | None = None) -> list[dict]:
         targets = [self._target(self.config, iqn)] if iqn else self.config.targets

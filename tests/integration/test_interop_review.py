@@ -352,3 +352,17 @@ def test_lun_list_shows_a_removable_lun_whose_medium_an_initiator_ejected(tmp_pa
             assert "rw,removable,ejected" in table and "NOT READY" in table, table
             s._run(stop(s._ctx, 0, 0, 0, 0, 0, 1, 1))  # load
             assert "ejected" not in d.cli("lun", "list").output
+
+
+def test_portal_remove_says_the_connections_through_it_go_on(tmp_path):
+    from tools.libiscsi import Session
+
+    p1, p2 = _free_port(), _free_port()
+    with Daemon(tmp_path, [_target([f"127.0.0.1:{p1}", f"127.0.0.1:{p2}"], [Lun(0, "l0.img", MIB)])]) as d:
+        with Session(f"127.0.0.1:{p2}", T, 0) as s:
+            r = d.cli("portal", "remove", T, f"127.0.0.1:{p2}")
+            assert r.exit_code == 0, r.output
+            assert f"1 connection(s) to {T} made through 127.0.0.1:{p2} stay logged in" in r.output, r.output
+            s.test_unit_ready()  # and it does go on
+        r = d.cli("portal", "remove", T, f"127.0.0.1:{p1}")
+        assert "connection(s)" not in r.output, r.output
