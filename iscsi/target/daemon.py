@@ -1110,6 +1110,16 @@ class TargetDaemon:
             rt = self._targets.get(target.iqn)
             unit = rt.units.get(lun.number) if rt else None
             current = unit.size if unit is not None else (lun.size or 0)
+            # What no --force can make valid is said first (a 0 or odd size was met with
+            # "use --force", and --force then with the config path's own complaint).
+            where = f"{target.iqn} LUN {lun.number}"
+            if new_size <= 0:
+                raise AdminError(f"{where}: a LUN needs a size above 0 (e.g. 1G); to drop it: iscsi-target lun remove")
+            if new_size % lun.block_size:
+                down = new_size - new_size % lun.block_size
+                raise AdminError(f"{where}: {new_size} bytes is not whole {lun.block_size}-byte blocks "
+                                 f"(nearest below: {C.format_size(down)}, above: "
+                                 f"{C.format_size(down + lun.block_size)})")
             if new_size < current and not force:
                 raise AdminError(
                     f"{target.iqn} LUN {lun.number}: shrinking from {C.format_size(current)} to "

@@ -366,3 +366,14 @@ def test_portal_remove_says_the_connections_through_it_go_on(tmp_path):
             s.test_unit_ready()  # and it does go on
         r = d.cli("portal", "remove", T, f"127.0.0.1:{p1}")
         assert "connection(s)" not in r.output, r.output
+
+
+@pytest.mark.parametrize("size, words", [("0", "above 0"), ("4000001", "not whole 512-byte blocks")])
+def test_a_resize_no_force_can_make_valid_does_not_suggest_force(daemon, size, words):
+    before = daemon.path.read_text()
+    for force in ((), ("--force",)):
+        r = daemon.cli("lun", "resize", *force, T, "0", size)
+        assert r.exit_code == 1
+        line = _one_line_error(r.output, f"{T} LUN 0", words)
+        assert "--force" not in line and "targets[0]" not in line, line
+    assert daemon.path.read_text() == before
