@@ -478,6 +478,11 @@ class PersistentReservations:
         """
         if self._res_type is None and self._scsi2 is None:
             return False
+        if self._scsi2 is not None and cdb[0] in (0x5E, 0x5F):
+            # SPC-2 §5.5.1 (kept by SPC-4 §5.13.3): while a RESERVE reservation exists every
+            # PERSISTENT RESERVE IN/OUT conflicts, whoever sends it and whatever the service
+            # action, so SPC-2 and persistent reservation state never mix.
+            return True
         if self._scsi2 is not None and self._scsi2 != (nexus.initiator_port, nexus.target_port):
             return not _scsi2_allowed(cdb)
         pr_type = self._res_type

@@ -66,7 +66,9 @@ class TargetSession:
         self.offered = ok.offered
         self.answered = ok.answered
         self.nexus = ITNexus(
-            initiator_port=f"{ok.initiator_name},i,0x{ok.isid:012x}",
+            # iSCSI names compare case-insensitively (RFC 3722, RFC 7143 §4.2.7.1) and the
+            # TransportIDs of PERSISTENT RESERVE OUT are lower-cased: so is the nexus.
+            initiator_port=f"{ok.initiator_name.lower()},i,0x{ok.isid:012x}",
             target_port=f"{self.target_name},t,0x{ok.tpgt:04x}",
             relative_port_id=ok.tpgt, target_port_group=ok.tpgt,
         )
@@ -425,7 +427,9 @@ class IscsiServer:
             if conn is None or session.luns is None:
                 continue
             if any(nexus_matches(p, session.nexus) for p in patterns):
-                conn.abort_tasks(lambda t, s=session: s.luns.get(t.lun) is lu)
+                # Aborted by another nexus (PREEMPT AND ABORT): Data-Out still answering their
+                # R2Ts is dropped quietly, as after CLEAR TASK SET (SAM-5 §5.6, RFC 7143 §11.6.2).
+                conn.abort_tasks(lambda t, s=session: s.luns.get(t.lun) is lu, by_tmf=True)
 
     def sessions_info(self) -> list[dict[str, Any]]:
         seen = set()

@@ -231,3 +231,23 @@ async def test_a_failed_aptpl_save_leaves_the_reservation_state_unchanged():
     assert r.status == Status.GOOD and r.extra["abort_nexuses"]
     assert pending(lu, node1) == [(0x2A, 0x05)]  # REGISTRATIONS PREEMPTED
     assert saved[-1] == lu.pr.state() and saved[-1]["generation"] == before["generation"] + 1
+
+
+# -- SPC-2 RESERVE / RELEASE and persistent reservations (SPC-2 §5.5.1, SPC-4 §5.13.3) -------
+
+async def test_persistent_reserve_commands_conflict_even_for_the_reserve6_holder():
+    """SPC-2 §5.5.1, which SPC-4 §5.13.3 keeps: while a RESERVE reservation exists every
+    PERSISTENT RESERVE IN/OUT conflicts "regardless of initiator or service action" (LIO does
+    the same).  The holder used to be able to REGISTER, leaving SPC-2 and SPC-3 state mixed."""
+    lu = make_lu("ram", size=1 << 20)
+    holder, other = await ready(lu, nexus("node1"), nexus("node2"))
+    assert (await holder.cmd(RESERVE6)).status == Status.GOOD
+    for ini in (holder, other):
+        assert await status(ini, *prout(REGISTER_IGNORE, sa_key=0x11)) == RESERVATION_CONFLICT
+        assert await status(ini, prin(READ_KEYS)) == RESERVATION_CONFLICT
+        assert await status(ini, prin(REPORT_CAPABILITIES)) == RESERVATION_CONFLICT
+    assert lu.pr.registrations() == []
+    # Once released, persistent reservations work again.
+    assert (await holder.cmd(RELEASE6)).status == Status.GOOD
+    assert await status(holder, *prout(REGISTER_IGNORE, sa_key=0x11)) == Status.GOOD
+    assert await status(other, prin(READ_KEYS)) == Status.GOOD

@@ -63,14 +63,19 @@ async def test_preempt_and_abort_aborts_the_preempted_nexus_tasks(server):
     assert isinstance(r2t, P.R2T) and r2t.itt == itt
     # A preempts B's reservation and aborts its tasks (SPC-4 §5.13.11.2.4).
     assert await run_prout(a, 0x05, 0xAA, 0xBB, rtype=1) == 0
-    # B's write is gone: its Data-Out now names an unknown task and is rejected (§11.7.4)...
+    # B's write is gone: the Data-Out still answering its R2T is dropped quietly (no Reject
+    # that libiscsi could not match), and no response for the write ever comes...
     b.send(P.DataOut(itt=itt, ttt=r2t.ttt, datasn=0, offset=0, final=True, expstatsn=b.expstatsn,
                      data=b"\1" * 512))
-    rej = await b.recv()
-    assert isinstance(rej, P.Reject) and rej.reason == P.RejectReason.INVALID_PDU_FIELD
-    # ...and no response for it ever comes; B's next command sees the preemption.
     with pytest.raises(asyncio.TimeoutError):
         await b.recv(timeout=0.3)
+    # ...nor is the data written: B's next command sees the preemption, and a READ finds zeroes.
+    b.command(struct.pack(">BBIBHB", 0x28, 0, 0, 0, 1, 0), read=True, edtl=512)
+    first = await b.recv()
+    assert isinstance(first, P.ScsiResponse) and first.status == 2  # UNIT ATTENTION (cleared)
+    a.command(struct.pack(">BBIBHB", 0x28, 0, 0, 0, 1, 0), read=True, edtl=512)
+    data = await a.recv()
+    assert isinstance(data, P.DataIn) and bytes(data.data) == bytes(512)
 
 
 async def test_read_of_4k_blocks_split_at_initiator_max_recv(server):
@@ -117,3 +122,29 @@ async def test_large_fua_write_in_steps_completes(server):
                                 expstatsn=wire.expstatsn, data=payload[o:o + n]))
     assert pdu.status == 0, pdu
     assert server.registry.targets[IQN_T].luns.get(0).backstore.read(0, len(payload)) == payload
+
+
+async def test_a_mixed_case_initiator_name_is_one_nexus_with_its_lower_case_transport_id(server):
+    """iSCSI names compare case-insensitively (RFC 3722, RFC 7143 §4.2.7.1): REGISTER AND MOVE
+    to the TransportID of ``...:NodeB`` (lower-cased, as every TransportID) makes NodeB the
+    holder, so NodeB's writes go through instead of meeting RESERVATION CONFLICT."""
+    a = await login(server, "iqn.2026-11.org.sanstack.test:a", 0x400000000051)
+    b = await login(server, "iqn.2026-11.org.sanstack.test:NodeB", 0x400000000052)
+    assert await run_prout(a, 0x00, 0, 0xAA) == 0                 # A: REGISTER
+    assert await run_prout(a, 0x01, 0xAA, rtype=1) == 0           # A: RESERVE, Write Exclusive
+    name = b"iqn.2026-11.org.sanstack.test:NodeB,i,0x400000000052"
+    name += bytes(-len(name) % 4 or 4)                            # NUL-terminated, 4-byte multiple
+    tid = bytes((0x45, 0)) + struct.pack(">H", len(name)) + name  # iSCSI TransportID, format 01b
+    params = struct.pack(">QQxBHI", 0xAA, 0xBB, 0, 1, len(tid)) + tid  # RELATIVE TARGET PORT 1
+    cdb = bytes((0x5F, 0x07, 0x01, 0, 0)) + len(params).to_bytes(4, "big") + b"\x00"
+    a.command(cdb, write=True, edtl=len(params), data=params)
+    moved = await a.recv()
+    assert isinstance(moved, P.ScsiResponse) and moved.status == 0, moved
+    b.command(struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 1, 0), write=True, edtl=512, data=b"\2" * 512)
+    for _ in range(3):                                            # past any unit attention
+        resp = await b.recv()
+        assert isinstance(resp, P.ScsiResponse)
+        if resp.status != 2:
+            break
+        b.command(struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 1, 0), write=True, edtl=512, data=b"\2" * 512)
+    assert resp.status == 0, "NodeB holds the reservation now"

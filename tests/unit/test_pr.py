@@ -744,8 +744,11 @@ async def test_reserve6_two_initiators(reserve, release):
 async def test_reserve6_blocks_others_except_spc2_list():
     pr = PersistentReservations()
     await scsi2(pr, A, RESERVE6)
-    for cdb in (READ10, WRITE10, bytes(6), prin_cdb(0), prout_cdb(0), MODE_SENSE6):
+    for cdb in (READ10, WRITE10, bytes(6), MODE_SENSE6):
         assert pr.check_conflict(B, cdb) and not pr.check_conflict(A, cdb)
+    # SPC-2 §5.5.1: persistent reservation commands conflict for the holder too.
+    for cdb in (prin_cdb(0), prin_cdb(2), prout_cdb(0), prout_cdb(6)):
+        assert pr.check_conflict(B, cdb) and pr.check_conflict(A, cdb)
     for cdb in (bytes([0x12, 0, 0, 0, 36, 0]), bytes([0xA0]) + bytes(11), bytes([0x03, 0, 0, 0, 18, 0]),
                 RELEASE6, RELEASE10, bytes([0xA3, 0x0A]) + bytes(10)):
         assert not pr.check_conflict(B, cdb)
@@ -804,8 +807,9 @@ async def test_reserve6_with_persistent_reservations_crh(h):
 async def test_persistent_reserve_out_conflicts_under_reserve6():
     pr = PersistentReservations()
     await scsi2(pr, A, RESERVE6)
+    # SPC-2 §5.5.1: "regardless of initiator or service action" — the holder too.
     assert pr.check_conflict(B, prout_cdb(PrOutAction.REGISTER))
-    assert not pr.check_conflict(A, prout_cdb(PrOutAction.REGISTER))
+    assert pr.check_conflict(A, prout_cdb(PrOutAction.REGISTER))
 
 
 def test_state_is_json_and_reports_reserve6_holder():
