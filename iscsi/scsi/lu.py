@@ -192,7 +192,8 @@ class LogicalUnit:
         self._nexus_matches = getattr(pr_mod, "nexus_matches", None)
         self.pr = None
         if pr_cls is not None:
-            self.pr = pr_cls(ua_sink=self._pr_unit_attention, persist=pr_persist, state=pr_state)
+            self.pr = pr_cls(ua_sink=self._pr_unit_attention, persist=pr_persist, state=pr_state,
+                             target_ports=self._target_ports_in_use)
         self.xcopy = None
         if enable_xcopy:
             self.xcopy = copy_manager if copy_manager is not None else default_copy_manager()
@@ -710,6 +711,12 @@ class LogicalUnit:
     def establish_ua(self, asc_ascq: tuple[int, int], except_nexus: ITNexus | None = None) -> None:
         """Queue a unit attention for every I_T nexus that has used this LU (but ``except_nexus``)."""
         self.ua.establish(asc_ascq, except_nexus=except_nexus)
+
+    def _target_ports_in_use(self) -> dict[int, str]:
+        """Relative target port id -> target port name of every nexus that has used this LU:
+        where REGISTER AND MOVE may move a reservation to (SPC-4 §6.16.4), not only the
+        ports that have sent a persistent reservation command themselves."""
+        return {n.relative_port_id: n.target_port for n in self._users}
 
     def _used_by(self, nexus: ITNexus) -> None:
         users = self._users

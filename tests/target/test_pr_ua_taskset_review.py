@@ -251,3 +251,23 @@ async def test_persistent_reserve_commands_conflict_even_for_the_reserve6_holder
     assert (await holder.cmd(RELEASE6)).status == Status.GOOD
     assert await status(holder, *prout(REGISTER_IGNORE, sa_key=0x11)) == Status.GOOD
     assert await status(other, prin(READ_KEYS)) == Status.GOOD
+
+
+async def test_register_and_move_reaches_a_port_that_never_sent_a_reservation_command():
+    """SPC-4 §6.16.4: the destination's RELATIVE TARGET PORT IDENTIFIER names any target port
+    of the LU.  A node logged in through port 2 that has only sent TEST UNIT READY used to
+    be unknown to the reservation module (INVALID FIELD IN PARAMETER LIST, byte 18)."""
+    lu = make_lu("ram", size=1 << 20)
+    src, dst = nexus("node1", port=1), nexus("node2", port=2)
+    a, b = await ready(lu, src, dst)
+    assert await status(a, *prout(REGISTER_IGNORE, sa_key=0x11)) == Status.GOOD
+    assert await status(a, *prout(RESERVE, WE, key=0x11)) == Status.GOOD
+    name = dst.initiator_port.encode()
+    name += bytes(-len(name) % 4 or 4)
+    tid = bytes((0x45, 0)) + struct.pack(">H", len(name)) + name
+    params = struct.pack(">QQxBHI", 0x11, 0x22, 0, 2, len(tid)) + tid
+    cdb = bytes((0x5F, 0x07, WE, 0, 0)) + len(params).to_bytes(4, "big") + b"\x00"
+    assert await status(a, cdb, params) == Status.GOOD
+    write10 = struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 1, 0)
+    assert await status(b, write10, b"\1" * 512) == Status.GOOD, "node2 holds the reservation"
+    assert await status(a, write10, b"\2" * 512) == RESERVATION_CONFLICT
