@@ -58,14 +58,9 @@ async def status(ini: Initiator, cdb: bytes, data: bytes = b"") -> int:
 
 # -- Task set (SAM-5 §8.6, §8.7) ---------------------------------------------------------------
 
-async def test_ordered_task_waits_for_older_tasks_when_the_ordered_task_between_is_aborted():
-    """SAM-5 §8.7.3: an ORDERED task runs only once every task received before it has completed.
-    S1 (SIMPLE, slow), O1 (ORDERED), O2 (ORDERED); ABORT TASK of O1 while it waits for S1.
-    O2 ran at once, before S1, because only O1 had remembered S1."""
-    tasks = TaskSet()
-    done: list[str] = []
-    gate = asyncio.Event()
-
+def recorder(done: list[str], gate: asyncio.Event):
+    """``command(name, wait)``: a task body that records its name when it runs, after ``gate``
+    opens if ``wait``."""
     def command(name: str, wait: bool = False):
         async def run() -> ScsiResult:
             if wait:
@@ -73,6 +68,17 @@ async def test_ordered_task_waits_for_older_tasks_when_the_ordered_task_between_
             done.append(name)
             return ScsiResult()
         return run
+    return command
+
+
+async def test_ordered_task_waits_for_older_tasks_when_the_ordered_task_between_is_aborted():
+    """SAM-5 §8.7.3: an ORDERED task runs only once every task received before it has completed.
+    S1 (SIMPLE, slow), O1 (ORDERED), O2 (ORDERED); ABORT TASK of O1 while it waits for S1.
+    O2 ran at once, before S1, because only O1 had remembered S1."""
+    tasks = TaskSet()
+    done: list[str] = []
+    gate = asyncio.Event()
+    command = recorder(done, gate)
 
     s1 = asyncio.create_task(tasks.run(TaskAttr.SIMPLE, command("S1", wait=True)))
     await asyncio.sleep(0)
@@ -94,7 +100,6 @@ async def test_ordered_task_waits_for_older_tasks_when_the_ordered_task_between_
     assert o1.cancelled() and not tasks.blocked and len(tasks) == 0
 
 
-
 async def test_simple_task_waits_for_an_older_ordered_task_when_a_newer_one_is_aborted():
     """SAM-5 §8.7.2: a SIMPLE task runs only once every ORDERED task received before it has
     completed.  O1 (ORDERED, waiting for the slow S1), O2 (ORDERED), ABORT TASK of O2, then S3:
@@ -102,14 +107,7 @@ async def test_simple_task_waits_for_an_older_ordered_task_when_a_newer_one_is_a
     tasks = TaskSet()
     done: list[str] = []
     gate = asyncio.Event()
-
-    def command(name: str, wait: bool = False):
-        async def run() -> ScsiResult:
-            if wait:
-                await gate.wait()
-            done.append(name)
-            return ScsiResult()
-        return run
+    command = recorder(done, gate)
 
     s1 = asyncio.create_task(tasks.run(TaskAttr.SIMPLE, command("S1", wait=True)))
     await asyncio.sleep(0)
