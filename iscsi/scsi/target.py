@@ -91,9 +91,16 @@ class LunMap:
         try:
             if lu is not None:
                 lu.ua.peek(cmd.nexus)  # REPORT LUNS is a first contact too, but reports no UA
-            return spc.report_luns(lu, cmd, self.numbers())
+            result = spc.report_luns(lu, cmd, self.numbers())
         except SenseError as e:
             return ScsiResult(Status.CHECK_CONDITION, b"", e.to_bytes(lu.mode.d_sense if lu else False))
+        # SPC-4 §6.33: the inventory is now known to this I_T nexus, so the condition is
+        # cleared on every LU it reaches, not only the one REPORT LUNS went through (as tgt
+        # does). Left on the others, each next command to them failed with it again and a
+        # Linux initiator rescanned once per LUN.
+        for other in self._luns.values():
+            other.ua.clear(cmd.nexus, S.REPORTED_LUNS_DATA_HAS_CHANGED)
+        return result
 
     def _no_lu(self, cmd: ScsiCommand) -> ScsiResult:
         cdb = cmd.cdb

@@ -1,0 +1,274 @@
+"""Review sweep: what logged-in initiators see while an admin changes the running daemon.
+
+The promise under test: an admin change never harms sessions it does not concern and never
+loses acknowledged data.  The daemon runs as a subprocess (``iscsi-target serve --config``)
+on free loopback ports; the admin CLI runs as its own process while our initiator library
+(and libiscsi's tools, qemu-io) keep doing I/O.
+
+- LUN resize during writes: CAPACITY DATA HAS CHANGED on every nexus (SBC-4 §4.6,
+  SPC-4 §5.14), READ CAPACITY shows the new size, data written before stays.
+- LUN add/remove while another LUN is busy: REPORTED LUNS DATA HAS CHANGED, cleared on
+  every LU of the nexus by one REPORT LUNS (SPC-4 §6.33); a removed LUN answers LOGICAL
+  UNIT NOT SUPPORTED, the session stays up, the busy LUN is not disturbed.
+- target / portal removal, ACL revocation, CHAP change with sessions logged in.
+- SIGHUP reload and SIGTERM + restart with clients attached: synced writes and APTPL
+  reservations survive.
+- admin commands racing each other stay serialized (targetcli-fb PR #161).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from iscsi.initiator import SessionOptions, open_session
+from iscsi.initiator.device import BlockDevice
+from iscsi.initiator.errors import decode_sense
+from tools.peers.base import free_portals, stop_process, wait_listening
+
+REPO = Path(__file__).resolve().parents[2]
+IQN = "iqn.2026-11.org.example:live"
+IQN2 = "iqn.2026-11.org.example:bystander"
+INIT_A = "iqn.2026-11.org.example:live-a"
+INIT_B = "iqn.2026-11.org.example:live-b"
+BS = 512
+#: Any one admin CLI call; a hung daemon fails the test, not CI.
+ADMIN_TIMEOUT = 30.0
+#: Any one SCSI command of these tests.
+CMD_TIMEOUT = 10.0
+
+UNIT_ATTENTION = 0x6
+ILLEGAL_REQUEST = 0x5
+CHECK_CONDITION = 0x02
+REPORTED_LUNS_CHANGED = (0x3F, 0x0E)
+CAPACITY_CHANGED = (0x2A, 0x09)
+LU_NOT_SUPPORTED = (0x25, 0x00)
+
+TUR = bytes(6)
+REPORT_LUNS = bytes([0xA0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0])
+READ_CAPACITY16 = bytes([0x9E, 0x10]) + bytes(8) + (32).to_bytes(4, "big") + bytes(2)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+class Daemon:
+    """``iscsi-target serve --config FILE --control SOCK`` as a subprocess, restartable."""
+
+    def __init__(self, workdir: Path, config: dict) -> None:
+        self.workdir = workdir
+        self.config_path = workdir / "target.json"
+        self.control = Path(tempfile.mkdtemp(prefix="live", dir="/tmp")) / "c.sock"
+        self.config_path.write_text(json.dumps(config, indent=2))
+        os.chmod(self.config_path, 0o600)
+        self.portals: list = []
+        self.proc: subprocess.Popen | None = None
+        self.log_path = workdir / "daemon.log"
+
+    def start(self, portals) -> "Daemon":
+        self.portals = list(portals)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "iscsi.target", "serve", "--config", str(self.config_path),
+             "--control", str(self.control)],
+            env=_env(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_listening(self.portals, self.proc, 30, self.log_path)
+        return self
+
+    def stop(self) -> int:
+        code = stop_process(self.proc, timeout=30)
+        self._log.close()
+        return code
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def admin(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """One admin CLI process, run without blocking the event loop (I/O goes on meanwhile)."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "iscsi.target", "--control", str(self.control), *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL, env=_env())
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), ADMIN_TIMEOUT)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise AssertionError(f"admin {' '.join(args)} hung{self._tail()}") from None
+        res = subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
+        if check and res.returncode != 0:
+            raise AssertionError(f"admin {' '.join(args)} exited {res.returncode}: {res.stderr}{self._tail()}")
+        return res
+
+    def _tail(self) -> str:
+        return "\n--- daemon log ---\n" + "\n".join(self.log().splitlines()[-25:])
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+        with contextlib.suppress(OSError):
+            for p in self.control.parent.iterdir():
+                p.unlink()
+            self.control.parent.rmdir()
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    made: list[Daemon] = []
+
+    def factory(config: dict) -> Daemon:
+        made.append(Daemon(tmp_path, config))
+        return made[-1]
+
+    yield factory
+    for d in made:
+        d.cleanup()
+
+
+def target_cfg(iqn: str, portal, luns: list[tuple[int, str, str]], **extra) -> dict:
+    return {
+        "iqn": iqn,
+        "portal_groups": [{"tag": 1, "portals": [str(portal)]}],
+        "luns": [{"number": n, "path": path, "size": size} for n, path, size in luns],
+        **extra,
+    }
+
+
+def config(tmp_path: Path, *targets: dict) -> dict:
+    return {"version": 1, "data_dir": str(tmp_path), "targets": list(targets)}
+
+
+async def login(portal, iqn: str = IQN, initiator: str = INIT_A, reconnect: bool = False,
+                auth: str = ""):
+    opts = SessionOptions(reconnect=reconnect, noop_interval=0, command_timeout=CMD_TIMEOUT,
+                          replacement_timeout=5.0)
+    return await asyncio.wait_for(
+        open_session(f"iscsi://{auth}{portal}/{iqn}/0", options=opts, initiator_name=initiator), 15)
+
+
+async def raw(session, lun: int, cdb: bytes, read_len: int = 0, data: bytes | None = None):
+    """(status, (asc, ascq) or None, sense key or None, data) of one command, UAs not retried."""
+    task = await session.execute(lun, cdb, read_len=read_len, data=data, timeout=CMD_TIMEOUT)
+    sense = decode_sense(task.sense_data) if task.sense_data else None
+    return (task.status, (sense.asc, sense.ascq) if sense else None, sense.key if sense else None,
+            bytes(task.data) if read_len else b"")
+
+
+async def pending_ua(session, lun: int) -> tuple[int, int] | None:
+    """The unit attention a TEST UNIT READY to ``lun`` reports, or None (GOOD)."""
+    status, asc, key, _ = await raw(session, lun, TUR)
+    if status == 0:
+        return None
+    assert key == UNIT_ATTENTION, (status, asc, key)
+    return asc
+
+
+async def drain_uas(session, lun: int) -> list[tuple[int, int]]:
+    seen = []
+    for _ in range(20):
+        ua = await pending_ua(session, lun)
+        if ua is None:
+            return seen
+        seen.append(ua)
+    raise AssertionError(f"LUN {lun} keeps reporting unit attentions: {seen}")
+
+
+def pattern(tag: int, lba: int) -> bytes:
+    head = f"{tag:08x}:{lba:012x}:".encode()
+    return (head * (BS // len(head) + 1))[:BS]
+
+
+class Writer:
+    """Writes distinct blocks to one LUN until stopped; remembers what was acknowledged."""
+
+    def __init__(self, dev: BlockDevice, tag: int, first_lba: int, count: int) -> None:
+        self.dev, self.tag, self.first, self.count = dev, tag, first_lba, count
+        self.acked: dict[int, bytes] = {}
+        self.errors: list[BaseException] = []
+        self._stop = asyncio.Event()
+        self.task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            lba = self.first + i % self.count
+            data = pattern(self.tag * 1000 + i, lba)
+            try:
+                await self.dev.write(lba, data)
+            except Exception as e:  # noqa: BLE001 - recorded, the test asserts on it
+                self.errors.append(e)
+                return
+            self.acked[lba] = data
+            i += 1
+            await asyncio.sleep(0)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.wait_for(self.task, CMD_TIMEOUT)
+
+    async def verify(self) -> None:
+        assert self.acked, "the writer never got a write acknowledged"
+        for lba, data in sorted(self.acked.items()):
+            got = await self.dev.read(lba, 1)
+            assert got == data, f"LBA {lba} lost an acknowledged write"
+
+
+# --------------------------------------------------------------------------- LUN add / remove
+
+
+async def test_lun_add_remove_while_another_lun_is_busy(daemon, tmp_path):
+    """Session A writes LUN 0 without pause; session B uses LUNs 0 and 1.  LUN 2 is added,
+    then LUN 1 removed: B sees REPORTED LUNS DATA HAS CHANGED, one REPORT LUNS clears it on
+    every LU of its nexus (SPC-4 §6.33, as tgt does), LUN 1 then answers LOGICAL UNIT NOT
+    SUPPORTED on a session that stays up, and A's writes are all there afterwards."""
+    portal = free_portals(1)[0]
+    d = daemon(config(tmp_path, target_cfg(IQN, portal, [(0, "l0.img", "32M"), (1, "l1.img", "16M")],
+                                           open_access=True))).start([portal])
+    a = await login(portal, initiator=INIT_A)
+    b = await login(portal, initiator=INIT_B)
+    try:
+        dev_a = await BlockDevice.open(a, 0)
+        writer = Writer(dev_a, 1, 0, 256)
+        for lun in (0, 1):
+            await drain_uas(b, lun)
+        await asyncio.sleep(0.2)
+
+        await d.admin("lun", "add", IQN, f"{tmp_path}/l2.img:8M", "--lun", "2")
+        status, _, _, data = await raw(b, 0, REPORT_LUNS, read_len=4096)
+        assert status == 0
+        # that REPORT LUNS answered the condition for every LU of B's nexus
+        assert await pending_ua(b, 1) is None, "LUN 1 still reports REPORTED LUNS DATA HAS CHANGED"
+        assert await pending_ua(b, 0) is None
+
+        await d.admin("lun", "remove", IQN, "1")
+        status, asc, key, _ = await raw(b, 1, TUR)
+        assert (status, key, asc) == (CHECK_CONDITION, ILLEGAL_REQUEST, LU_NOT_SUPPORTED)
+        write = bytes([0x8A]) + bytes(9) + (1).to_bytes(4, "big") + bytes(2)
+        status, asc, key, _ = await raw(b, 1, write, data=bytes(BS))
+        assert (status, key, asc) == (CHECK_CONDITION, ILLEGAL_REQUEST, LU_NOT_SUPPORTED)
+        status, _, _, data = await raw(b, 0, REPORT_LUNS, read_len=4096)
+        assert status == 0 and int.from_bytes(data[:4], "big") == 16  # LUNs 0 and 2
+        assert await pending_ua(b, 0) is None
+        assert REPORTED_LUNS_CHANGED not in await drain_uas(b, 2)  # a new LU: POWER ON only
+        assert b.is_up and a.is_up
+        assert not writer.errors, writer.errors
+        await writer.stop()
+        assert not writer.errors, writer.errors
+        await writer.verify()
+    finally:
+        await b.close()
+        await a.close()
+    assert d.stop() == 0
