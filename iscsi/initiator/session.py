@@ -39,7 +39,9 @@ from .errors import (
     CommandTimeout, ConnectionLost, IscsiError, LoginError, ProtocolViolation, SessionFailed,
     TargetFailure, TaskAborted, TmfError, decode_sense,
 )
+from .errors import LoginRedirect
 from .login import InitiatorLogin, LoginConfig, LoginResult, random_isid
+from .url import parse_portal
 
 log = logging.getLogger("iscsi.initiator.session")
 
@@ -55,6 +57,17 @@ REPLACEMENT_TIMEOUT = 120.0
 #: second), then double up to 5 s so a dead target is not hammered.
 RECONNECT_FIRST_DELAY = 0.2
 RECONNECT_MAX_DELAY = 5.0
+#: A connection that dies sooner than this after its login counts as a flap: the next
+#: recovery starts with the backoff grown, not at zero, so a target that accepts the login
+#: and drops us again (crash loop, a command that kills it) is not hammered in a hot loop.
+STABLE_CONNECTION = 5.0
+#: Re-sends of one command after connection losses before it fails (Linux sd's
+#: SD_MAX_RETRIES = 5): a command that takes the connection down every time it is sent
+#: must end with an error, not reconnect forever with the caller waiting.
+MAX_COMMAND_RETRIES = 5
+#: Login redirects followed in one reconnect attempt (RFC 7143 §11.13.5 status 0101h/0102h);
+#: a loop between two portals would otherwise never end.
+MAX_REDIRECTS = 4
 #: A TMF / logout / text exchange that takes longer than this means the target is stuck.
 MGMT_TIMEOUT = 30.0
 #: How long a logout waits for in-flight commands to drain when the target asks for it.
@@ -202,6 +215,10 @@ class Session:
         self._aborters: set[asyncio.Task] = set()  # ABORT TASKs for commands whose caller gave up
         self._expired = False
         self._next_delay: float | None = None
+        self._ffp_since = 0.0            # loop time of the last successful login
+        self._flap_delay = 0.0           # backoff carried from one recovery to the next
+        self._last_error: BaseException | None = None   # why the last reconnect failed
+        self._logged_in_at: tuple[str, int] | None = None   # address of the last login
         self._closing = False
         self.generation = 0          # bumps on every successful (re)login
         self.reconnects = 0
@@ -265,19 +282,51 @@ class Session:
         return self.state
 
     async def login(self) -> LoginResult:
-        """Connect and log in (first time or after a loss); sets up full feature phase."""
+        """Connect and log in (first time or after a loss); sets up full feature phase.
+
+        Login redirects (RFC 7143 §11.13.5) are followed: "moved permanently" (0102h) makes
+        the new address this session's portal, "moved temporarily" (0101h) is used for this
+        login only.  On a reconnect to the same portal the target portal group tag must not
+        have changed (§13.9): another TPGT is another I_T nexus, so the old session would not
+        be reinstated (its tasks and reservations stay behind); that login is refused.
+        """
         if self.state == State.NEW:
             self._set_state(State.LOGGING_IN)
-        conn = await open_connection(self.host, self.port, timeout=self.opts.login_timeout,
-                                     name=self.portal)
+        host, port = self.host, self.port
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                return await self._login_at(host, port)
+            except LoginRedirect as redirect:
+                try:
+                    host, port = parse_portal(redirect.address)
+                except ValueError:
+                    raise LoginError(f"{redirect} (not a usable address)", 1, redirect.status_detail) from None
+                event(log, "session.login_redirect", portal=self.portal, to=f"{host}:{port}",
+                      permanent=redirect.permanent)
+                if redirect.permanent:
+                    self.host, self.port = host, port
+        raise LoginError(f"login to {self.portal}: more than {MAX_REDIRECTS} redirects", 1, 1)
+
+    async def _login_at(self, host: str, port: int) -> LoginResult:
+        name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        conn = await open_connection(host, port, timeout=self.opts.login_timeout, name=name)
         try:
             result = await asyncio.wait_for(self._login_on(conn), self.opts.login_timeout)
         except asyncio.TimeoutError:
             conn.abort("login timed out")
-            raise ConnectionLost(f"login to {self.portal} timed out after {self.opts.login_timeout:.0f}s") from None
+            raise ConnectionLost(f"login to {name} timed out after {self.opts.login_timeout:.0f}s") from None
         except BaseException:
             conn.abort("login failed")
             raise
+        prev = self.login_result
+        if prev is not None and (host, port) == self._logged_in_at:
+            old = prev.target_keys.get("TargetPortalGroupTag")
+            new = result.target_keys.get("TargetPortalGroupTag")
+            if old is not None and new is not None and old != new:
+                conn.abort("portal group tag changed")
+                raise LoginError(f"login to {name}: target portal group tag changed from {old} to {new} "
+                                 f"(RFC 7143 §13.9: not the same I_T nexus, the session cannot be reinstated)")
+        self._logged_in_at = (host, port)
         self._enter_ffp(conn, result)
         return result
 
@@ -312,6 +361,8 @@ class Session:
         self.conn = conn
         self.generation += 1
         self._expired = False
+        self._ffp_since = self.loop.time()
+        self._last_error = None
         self._set_state(State.LOGGED_IN)
         self._ready = True  # also when the state was LOGGED_IN already (a new connection)
         event(log, "session.login", initiator=self.cfg.initiator_name, target=self.cfg.target_name,
@@ -446,7 +497,9 @@ class Session:
         elif state == State.RECOVERING and (self._expired or self.opts.fail_fast):
             self._finish(task, ConnectionLost(f"path {self.portal} is down") if self.opts.fail_fast
                          else SessionFailed(f"session to {self.portal} not recovered within "
-                                            f"{self.opts.replacement_timeout:.0f}s"))
+                                            f"{self.opts.replacement_timeout:.0f}s"
+                                            + (f" (last attempt: {self._last_error})"
+                                               if self._last_error is not None else "")))
         else:
             self._waiting.append(task)
 
@@ -745,8 +798,14 @@ class Session:
             for t in unfinished:
                 self._finish(t, ConnectionLost(f"connection to {self.portal} lost: {exc}"))
         else:
-            # Re-issue in the order they were first sent, ahead of commands not yet sent.
+            # Re-issue in the order they were first sent, ahead of commands not yet sent;
+            # one that has taken MAX_COMMAND_RETRIES connections down with it fails instead.
             for t in reversed(unfinished):
+                if t.tries >= MAX_COMMAND_RETRIES:
+                    self._finish(t, SessionFailed(
+                        f"connection to {self.portal} lost {t.tries + 1} times while opcode "
+                        f"0x{t.cdb[0]:02x} was outstanding; not sent again (last: {exc})"))
+                    continue
                 t._reset_for_retry()
                 self._waiting.appendleft(t)
         if not self.opts.reconnect:
@@ -884,17 +943,30 @@ class Session:
 
     # ------------------------------------------------------------------ recovery
     async def _recover(self) -> None:
-        """Session reinstatement with backoff until the replacement timeout (RFC 7143 §6.3.5)."""
+        """Session reinstatement with backoff until the replacement timeout (RFC 7143 §6.3.5).
+
+        The timeout is a timer of its own: a reconnect attempt that hangs (a target that
+        accepts TCP but never answers the login) does not hold the waiting commands past it.
+        """
         start = self.loop.time()
         deadline = start + self.opts.replacement_timeout
-        delay = RECONNECT_FIRST_DELAY
+        # A connection that died soon after its login: go on with the grown backoff.
+        if start - self._ffp_since < STABLE_CONNECTION:
+            self._flap_delay = min(max(self._flap_delay * 2, RECONNECT_FIRST_DELAY), RECONNECT_MAX_DELAY)
+        else:
+            self._flap_delay = 0.0
+        delay = max(RECONNECT_FIRST_DELAY, self._flap_delay)
         attempt = 0
+        expiry = None if self._expired else self.loop.call_at(deadline, self._expire)
         try:
             while not self._closing:
-                wait = self._next_delay if self._next_delay is not None else (delay if attempt else 0.0)
+                if self._next_delay is not None:
+                    wait = self._next_delay
+                else:
+                    wait = delay if attempt else self._flap_delay
                 self._next_delay = None
                 if wait:
-                    await asyncio.sleep(min(wait, max(0.05, deadline - self.loop.time()) if not self._expired else wait))
+                    await asyncio.sleep(wait)
                 attempt += 1
                 try:
                     await self.login()
@@ -904,21 +976,31 @@ class Session:
                     self._emit("recovered", attempts=attempt)
                     return
                 except (IscsiError, OSError, asyncio.TimeoutError) as exc:
+                    self._last_error = exc
                     event(log, "session.reconnect_failed", logging.INFO, portal=self.portal,
                           attempt=attempt, error=exc)
-                if not self._expired and self.loop.time() >= deadline:
-                    self._expired = True
-                    event(log, "session.replacement_timeout", logging.ERROR, portal=self.portal,
-                          seconds=self.opts.replacement_timeout, failed=len(self._waiting))
-                    waiting = list(self._waiting)
-                    self._waiting.clear()
-                    for t in waiting:
-                        self._finish(t, SessionFailed(
-                            f"session to {self.portal} not recovered within {self.opts.replacement_timeout:.0f}s"))
-                    self._emit("expired")
-                delay = min(delay * 2, RECONNECT_MAX_DELAY)
+                if attempt > 1:
+                    delay = min(delay * 2, RECONNECT_MAX_DELAY)
         except asyncio.CancelledError:
             pass
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+
+    def _expire(self) -> None:
+        """The replacement timeout passed without a login: fail what waits, and what comes."""
+        if self._expired or self.state != State.RECOVERING or self._closing:
+            return
+        self._expired = True
+        why = f" (last attempt: {self._last_error})" if self._last_error is not None else ""
+        event(log, "session.replacement_timeout", logging.ERROR, portal=self.portal,
+              seconds=self.opts.replacement_timeout, failed=len(self._waiting), error=self._last_error)
+        waiting = list(self._waiting)
+        self._waiting.clear()
+        for t in waiting:
+            self._finish(t, SessionFailed(
+                f"session to {self.portal} not recovered within {self.opts.replacement_timeout:.0f}s{why}"))
+        self._emit("expired")
 
     # ------------------------------------------------------------------ LUN inventory
     def rescan_soon(self) -> None:
