@@ -152,9 +152,9 @@ def config(tmp_path: Path, *targets: dict) -> dict:
 
 
 async def login(portal, iqn: str = IQN, initiator: str = INIT_A, reconnect: bool = False,
-                auth: str = ""):
-    opts = SessionOptions(reconnect=reconnect, noop_interval=0, command_timeout=CMD_TIMEOUT,
-                          replacement_timeout=5.0)
+                auth: str = "", command_timeout: float = CMD_TIMEOUT):
+    opts = SessionOptions(reconnect=reconnect, noop_interval=0, command_timeout=command_timeout,
+                          replacement_timeout=20.0)
     return await asyncio.wait_for(
         open_session(f"iscsi://{auth}{portal}/{iqn}/0", options=opts, initiator_name=initiator), 15)
 
@@ -425,4 +425,188 @@ async def test_target_remove_force_tells_the_session_before_it_ends(daemon, tmp_
         assert events and events[0] in (1, 3), f"no Async Message before the end (events {events})"
     finally:
         await a.close(logout=False)
+    assert d.stop() == 0
+
+
+# --------------------------------------------------------------------------- ACL and CHAP
+
+
+SECRET_OLD = "live-review-secret-1"
+SECRET_NEW = "live-review-secret-2"
+
+
+async def test_acl_revoke_and_chap_change_while_logged_in(daemon, tmp_path):
+    """Revoking A's ACL ends A's session (and only A's); B keeps writing.  Changing the
+    target's CHAP secret leaves logged-in B alone; a new login needs the new secret.  Closing
+    open access ends the session of an initiator that had come in without an ACL."""
+    from iscsi.initiator.errors import LoginError as InitLoginError
+
+    portal = free_portals(1)[0]
+    init_c = "iqn.2026-11.org.example:live-c"
+    d = daemon(config(tmp_path, target_cfg(
+        IQN, portal, [(0, "acl.img", "16M")], open_access=True,
+        acls=[{"initiator": INIT_A}, {"initiator": INIT_B}],
+        chap={"username": "alice", "secret": SECRET_OLD}))).start([portal])
+    old = f"alice%{SECRET_OLD}@"
+    a = await login(portal, IQN, INIT_A, auth=old)
+    b = await login(portal, IQN, INIT_B, auth=old)
+    c = await login(portal, IQN, init_c, auth=old)
+    try:
+        dev_a = await BlockDevice.open(a, 0)
+        dev_b = await BlockDevice.open(b, 0)
+        await BlockDevice.open(c, 0)
+        wa = Writer(dev_a, 5, 0, 64)
+        wb = Writer(dev_b, 6, 1024, 256)
+        await asyncio.sleep(0.2)
+
+        await d.admin("acl", "remove", IQN, INIT_A)
+        await asyncio.wait_for(wa.task, CMD_TIMEOUT)
+        assert wa.errors, "a revoked initiator's session still takes writes"
+        assert not a.is_up
+        assert b.is_up and c.is_up and not wb.errors, wb.errors
+
+        secret = tmp_path / "new-secret"
+        secret.write_text(SECRET_NEW + "\n")
+        await d.admin("chap", "set", "--target", IQN, "--username", "alice", "--secret-file", str(secret))
+        await asyncio.sleep(0.2)
+        assert b.is_up and c.is_up and not wb.errors, wb.errors
+        with pytest.raises(InitLoginError):
+            await login(portal, IQN, INIT_B, auth=old)
+        fresh = await login(portal, IQN, INIT_B, auth=f"alice%{SECRET_NEW}@")
+        await fresh.close()
+
+        await d.admin("target", "set", IQN, "--no-open-access")
+        for _ in range(50):
+            if not c.is_up:
+                break
+            await asyncio.sleep(0.05)
+        assert not c.is_up, "closing open access left a session without an ACL logged in"
+        assert b.is_up and not wb.errors, wb.errors
+        await wb.stop()
+        assert not wb.errors, wb.errors
+        await wb.verify()
+    finally:
+        for s in (a, b, c):
+            await s.close(logout=s.is_up)
+    assert d.stop() == 0
+
+
+# --------------------------------------------------------------------------- reload and restart
+
+
+PR_REGISTER, PR_RESERVE = 0x00, 0x01
+PR_READ_KEYS, PR_READ_RESERVATION = 0x00, 0x01
+WRITE_EXCLUSIVE = 0x1
+RESERVATION_CONFLICT = 0x18
+
+
+async def test_reload_and_restart_with_clients_attached(daemon, tmp_path):
+    """A writer keeps going through a SIGHUP that adds a LUN (its session stays, it learns of
+    the LUN) and through SIGTERM + start on the same file (it reconnects by itself).  Every
+    acknowledged write (the ones before SYNCHRONIZE CACHE above all) is there afterwards, and
+    a reservation made with APTPL=1 holds across the restart (SPC-4 §5.13.5)."""
+    from tools.libiscsi import CheckCondition, Session as LibSession
+
+    portal = free_portals(1)[0]
+    d = daemon(config(tmp_path, target_cfg(IQN, portal, [(0, "keep.img", "16M")], open_access=True))).start([portal])
+    a = await login(portal, IQN, INIT_A, reconnect=True, command_timeout=30.0)
+    events: list[str] = []
+    a.listeners.append(lambda name, info: events.append(name))
+    try:
+        dev = await BlockDevice.open(a, 0)
+        synced = {lba: pattern(7, lba) for lba in range(2048, 2112)}
+        for lba, data in synced.items():
+            await dev.write(lba, data)
+        await dev.flush()
+        await dev.persistent_reserve_out(PR_REGISTER, sa_key=0xABC, aptpl=True)
+        await dev.persistent_reserve_out(PR_RESERVE, key=0xABC, type=WRITE_EXCLUSIVE)
+        writer = Writer(dev, 8, 0, 512)
+        await asyncio.sleep(0.2)
+
+        cfg = json.loads(d.config_path.read_text())
+        cfg["targets"][0]["luns"].append({"number": 1, "path": "hup.img", "size": "8M"})
+        d.config_path.write_text(json.dumps(cfg))
+        os.kill(d.proc.pid, signal.SIGHUP)
+        for _ in range(100):
+            if 1 in (a.luns or []):
+                break
+            await asyncio.sleep(0.05)
+        assert 1 in (a.luns or []), f"the initiator never learnt of the LUN SIGHUP added ({a.luns})"
+        assert a.is_up and "state" not in events, "SIGHUP disturbed a session it did not concern"
+        assert not writer.errors, writer.errors
+
+        assert d.stop() == 0
+        stopped_at = writer.count_acked
+        d.start([portal])
+        for _ in range(300):
+            if writer.count_acked > stopped_at + 20 or writer.task.done():
+                break
+            await asyncio.sleep(0.05)
+        assert writer.count_acked > stopped_at + 20, "the writer did not get going again after the restart"
+        assert "state" in events  # it did go through a reconnect
+        await writer.stop()
+        assert not writer.errors, writer.errors
+        assert a.is_up
+        await writer.verify()
+        for lba, data in synced.items():
+            assert await dev.read(lba, 1) == data
+
+        # the reservation came back from its APTPL file: another initiator is fenced off
+        keys = await dev.persistent_reserve_in(PR_READ_KEYS)
+        assert 0xABC.to_bytes(8, "big") in keys[8:], keys[:32].hex()
+        other = await asyncio.to_thread(LibSession(str(portal), IQN, 0, initiator=INIT_B).connect)
+        try:
+            with contextlib.suppress(CheckCondition):
+                await asyncio.to_thread(other.test_unit_ready)
+            with pytest.raises(CheckCondition) as e:
+                await asyncio.to_thread(other.write16, 0, bytes(BS))
+            assert e.value.status == RESERVATION_CONFLICT, str(e.value)
+        finally:
+            await asyncio.to_thread(other.close)
+        await dev.write(3000, pattern(9, 3000))  # the holder still may
+    finally:
+        await a.close()
+    assert d.stop() == 0
+
+
+# --------------------------------------------------------------------------- racing admins
+
+
+async def test_racing_admin_commands_are_serialized(daemon, tmp_path):
+    """Six ``lun add`` processes at once (no LUN number given) plus a resize and a SIGHUP,
+    while a session writes LUN 0: each add gets its own LUN, the config file ends with all
+    of them (targetcli-fb PR #161: concurrent saves lost entries), the initiator sees them
+    all, and the writer is undisturbed."""
+    portal = free_portals(1)[0]
+    d = daemon(config(tmp_path, target_cfg(IQN, portal, [(0, "base.img", "16M")], open_access=True))).start([portal])
+    a = await login(portal, IQN, INIT_A)
+    try:
+        dev = await BlockDevice.open(a, 0)
+        writer = Writer(dev, 10, 0, 256)
+        adds = [d.admin("lun", "add", IQN, f"{tmp_path}/race{i}.img:{i + 1}M", check=False) for i in range(6)]
+        results = await asyncio.gather(*adds, d.admin("lun", "resize", IQN, "0", "32M", check=False))
+        os.kill(d.proc.pid, signal.SIGHUP)
+        for res in results:
+            assert res.returncode == 0, res.stderr
+        listed = json.loads((await d.admin("lun", "list", IQN, "--json")).stdout)
+        numbers = sorted(row["lun"] for row in listed)
+        assert numbers == list(range(7)), numbers
+        by_path = {Path(row["path"]).name: row for row in listed}
+        for i in range(6):
+            assert by_path[f"race{i}.img"]["size"] == (i + 1) << 20
+        saved = json.loads(d.config_path.read_text())["targets"][0]["luns"]
+        assert sorted(l["number"] for l in saved) == list(range(7))
+        assert len({l["path"] for l in saved}) == 7
+        status, _, _, data = await raw(a, 0, REPORT_LUNS, read_len=4096)
+        assert status == 0 and int.from_bytes(data[:4], "big") == 7 * 8
+        await asyncio.sleep(0.2)
+        await writer.stop()
+        assert not writer.errors, writer.errors
+        await writer.verify()
+    finally:
+        await a.close()
+    assert d.stop() == 0
+    d.start([portal])  # the file the race left behind starts as it was
+    res = await d.admin("lun", "list", IQN, "--json")
+    assert sorted(row["lun"] for row in json.loads(res.stdout)) == list(range(7))
     assert d.stop() == 0
