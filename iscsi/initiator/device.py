@@ -19,7 +19,8 @@ from typing import Any, Iterable, Protocol
 
 from ..log import event
 from . import scsi
-from ..scsi.sense import LOGICAL_UNIT_NOT_SUPPORTED
+from ..scsi.sense import (CAPACITY_DATA_HAS_CHANGED, LOGICAL_UNIT_NOT_SUPPORTED,
+                          REPORTED_LUNS_DATA_HAS_CHANGED)
 from .errors import (Busy, IllegalRequest, LunNotAvailable, ScsiError, ScsiStatus, TaskSetFull,
                      UnitAttention, scsi_error)
 
@@ -91,6 +92,7 @@ class BlockDevice:
         self.info: LunInfo | None = None
         self.max_transfer_blocks = DEFAULT_MAX_TRANSFER_BYTES // 512
         self.ua_seen: list[tuple[int, int]] = []   # (asc, ascq) of every UNIT ATTENTION absorbed
+        self._reading_capacity = False
 
     @classmethod
     async def open(cls, executor: Executor, lun: int) -> "BlockDevice":
@@ -168,6 +170,8 @@ class BlockDevice:
             err = scsi_error(status, task.sense_data, cdb)
             if isinstance(err, UnitAttention) and retry_ua and ua_left > 0:
                 ua_left -= 1
+                if err.asc_ascq == CAPACITY_DATA_HAS_CHANGED:
+                    await self._capacity_changed()   # before listeners hear of it
                 self._unit_attention(err)
                 continue
             if isinstance(err, (Busy, TaskSetFull)) and busy_left > 0:
@@ -177,17 +181,43 @@ class BlockDevice:
                 continue
             raise err
 
+    async def _capacity_changed(self) -> None:
+        """CAPACITY DATA HAS CHANGED (SBC-4 §4.9, an admin resized the LU): read the capacity
+        again before the command that got the UA is retried, so ``blocks``/``size`` (and the
+        range checks of read/write) follow a grown or shrunk LU."""
+        if self._reading_capacity:
+            return                       # the READ CAPACITY below got the UA itself
+        self._reading_capacity = True
+        try:
+            cap = await self.read_capacity()
+        except ScsiError as exc:
+            event(log, "device.capacity_reread_failed", logging.WARNING, lun=self.lun, error=exc)
+            return
+        finally:
+            self._reading_capacity = False
+        if (cap.blocks, cap.block_size) != (self.blocks, self.block_size):
+            event(log, "device.capacity_changed", lun=self.lun, blocks=cap.blocks,
+                  block_size=cap.block_size, was=self.blocks)
+        self.blocks, self.block_size = cap.blocks, cap.block_size
+        if self.info is not None:
+            self.info.capacity = cap
+
     def _unit_attention(self, err: UnitAttention) -> None:
         pair = err.asc_ascq or (0, 0)
         self.ua_seen.append(pair)
         del self.ua_seen[:-32]
         event(log, "device.unit_attention", logging.INFO, lun=self.lun, asc=f"0x{pair[0]:02x}",
               ascq=f"0x{pair[1]:02x}")
+        if pair == REPORTED_LUNS_DATA_HAS_CHANGED:
+            # The session's LUN inventory (Session.luns) follows, as for the async event.
+            rescan = getattr(self.executor, "rescan_soon", None)
+            if rescan is not None:
+                rescan()
         for cb in list(getattr(self.executor, "listeners", [])):
             try:
-                if pair == (0x3F, 0x0E):
+                if pair == REPORTED_LUNS_DATA_HAS_CHANGED:
                     cb("luns_changed", {"lun": self.lun})
-                elif pair == (0x2A, 0x09):
+                elif pair == CAPACITY_DATA_HAS_CHANGED:
                     cb("capacity_changed", {"lun": self.lun})
             except Exception:
                 log.exception("listener failed")

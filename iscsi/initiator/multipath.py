@@ -3,7 +3,9 @@
 Like dm-multipath with ``queue_if_no_path`` for a bounded time:
 
 * paths are matched by the LU's identity in VPD page 83h (NAA designator first): paths
-  to different LUs are refused;
+  to different LUs are refused, and a path whose session logged in again is used only once
+  its identity has been read again and still matches (behind the same portal there may now
+  be another LU: a re-mapped LUN, a target rebuilt with other images);
 * each path's session runs with ``fail_fast`` so a lost connection hands its commands
   back at once; they are re-issued on another path, and the session reconnects in the
   background and rejoins when logged in again;
@@ -55,14 +57,26 @@ class Path:
     group: int | None = None
     alua: scsi.AluaState | None = None   # None: the LU does not do ALUA
     failures: int = 0
+    #: Session generation whose login the LU identity was checked for (see _verify).
+    verified_generation: int | None = None
+    #: Why this path is never used again (it leads to another LU), or None.
+    refused: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.verified_generation is None:
+            self.verified_generation = self.session.generation
 
     @property
     def up(self) -> bool:
         return self.session.state == State.LOGGED_IN
 
     @property
+    def verified(self) -> bool:
+        return self.refused is None and self.verified_generation == self.session.generation
+
+    @property
     def usable(self) -> bool:
-        return self.up and (self.alua is None or self.alua in _USABLE)
+        return self.up and self.verified and (self.alua is None or self.alua in _USABLE)
 
     @property
     def name(self) -> str:
@@ -86,6 +100,8 @@ class MultipathExecutor:
         self._alua = False
         self._change = asyncio.Event()
         self._refreshing: asyncio.Task | None = None
+        self._verifying: dict[int, asyncio.Task] = {}
+        self.identity = paths[0].identity
         self.failovers = 0
         for p in paths:
             p.session.listeners.append(self._path_event(p))
@@ -95,7 +111,9 @@ class MultipathExecutor:
             if name == "state":
                 event(log, "multipath.path_state", path=path.name, state=info.get("state"))
                 self._change.set()
-                if info.get("state") == State.LOGGED_IN and self._alua:
+                if info.get("state") == State.LOGGED_IN and not path.verified and path.refused is None:
+                    self._verify_soon(path)
+                elif info.get("state") == State.LOGGED_IN and self._alua:
                     self.refresh_alua_soon()
             for cb in list(self.listeners):
                 cb(name, {**info, "path": path.name})
@@ -119,8 +137,10 @@ class MultipathExecutor:
             path = self._pick()
             if path is not None:
                 return path
-            if all(p.session.state == State.CLOSED for p in self.paths):
-                raise SessionFailed("every path is closed")
+            if all(p.session.state == State.CLOSED or p.refused for p in self.paths):
+                refused = [f"{p.name} {p.refused}" for p in self.paths if p.refused]
+                raise SessionFailed("every path is closed" + (f" or refused: {'; '.join(refused)}"
+                                                               if refused else ""))
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise SessionFailed(f"no usable path for {self.no_path_timeout:.0f}s")
@@ -162,6 +182,41 @@ class MultipathExecutor:
             return task
         raise SessionFailed(f"command failed on every path: {last_exc}")
 
+    # ------------------------------------------------------------------ identity
+    def _verify_soon(self, path: Path) -> None:
+        key = id(path)
+        t = self._verifying.get(key)
+        if t is None or t.done():
+            self._verifying[key] = asyncio.get_running_loop().create_task(self._verify(path))
+
+    async def _verify(self, path: Path) -> None:
+        """Read VPD 83h again through a path that logged in again; use it only if it is the
+        same LU (SPC-4 §7.8.6).  Another LU there is refused for good: mixing its blocks into
+        this device would corrupt both."""
+        session = path.session
+        while path.refused is None and not path.verified and session.state == State.LOGGED_IN:
+            generation = session.generation
+            try:
+                dev = BlockDevice(session, path.lun)
+                inq = await dev.inquiry()
+                check_lu_present(path.lun, inq)
+                identity = scsi.lu_identity(scsi.parse_vpd83(await dev.vpd(0x83)))
+            except (IscsiError, ScsiError, asyncio.TimeoutError) as exc:
+                event(log, "multipath.path_verify_failed", logging.WARNING, path=path.name, error=exc)
+                await asyncio.sleep(1.0)
+                continue
+            if identity != self.identity:
+                path.refused = f"leads to another logical unit ({identity}, not {self.identity})"
+                event(log, "multipath.path_refused", logging.ERROR, path=path.name, reason=path.refused)
+                self._change.set()
+                return
+            if session.generation == generation:
+                path.verified_generation = generation
+                event(log, "multipath.path_verified", path=path.name)
+                self._change.set()
+                if self._alua:
+                    self.refresh_alua_soon()
+
     # ------------------------------------------------------------------ ALUA
     def refresh_alua_soon(self) -> None:
         if self._refreshing is None or self._refreshing.done():
@@ -178,7 +233,7 @@ class MultipathExecutor:
         if not self._alua:
             return
         for p in self.paths:
-            if not p.up:
+            if not p.up or not p.verified:
                 continue
             dev = BlockDevice(p.session, p.lun)
             groups = await dev.report_target_port_groups()
@@ -198,6 +253,8 @@ class MultipathExecutor:
 
     # ------------------------------------------------------------------ lifecycle
     async def close(self) -> None:
+        for t in self._verifying.values():
+            t.cancel()
         await asyncio.gather(*(p.session.close() for p in self.paths), return_exceptions=True)
 
 

@@ -795,6 +795,11 @@ class Session:
         unfinished = list(self._tasks.values())
         self._tasks.clear()
         if self.opts.fail_fast or not self.opts.reconnect:
+            # fail_fast hands back the commands not sent yet as well (the window was closed):
+            # multipath re-issues them on a path it trusts instead of on this one after its
+            # reconnect, which may lead to another LU by then.
+            unfinished += self._waiting
+            self._waiting.clear()
             for t in unfinished:
                 self._finish(t, ConnectionLost(f"connection to {self.portal} lost: {exc}"))
         else:

@@ -309,3 +309,161 @@ async def test_target_that_now_requires_chap_fails_the_io_with_the_login_error(t
     finally:
         await proxy.close()
         await asyncio.to_thread(target.admin, "chap", "clear", "--target", target.iqn)
+
+
+# --------------------------------------------------------------------------- LUN changes
+async def test_resize_and_lun_add_under_a_live_session(target):
+    """The admin grows LUN 1 and adds LUN 2 online.  The next command gets CAPACITY DATA HAS
+    CHANGED / REPORTED LUNS DATA HAS CHANGED; it is retried (not failed), the device's size
+    follows, writes to the new end work, and the session's LUN list learns of LUN 2."""
+    s, dev = await open_device(target.url(0).rsplit("/", 1)[0] + "/1", initiator_name=INITIATOR,
+                               options=quick())
+    try:
+        await s.rescan()
+        assert s.luns == [0, 1]
+        old_blocks = dev.blocks
+        new_bytes = old_blocks * dev.block_size + 4 * MiB
+        r = await asyncio.to_thread(target.admin, "lun", "resize", target.iqn, "1", str(new_bytes))
+        assert r.returncode == 0, r.stderr
+        img = Path(target.workdir) / "extra.img"
+        r = await asyncio.to_thread(target.admin, "lun", "add", target.iqn, f"{img}:4M")
+        assert r.returncode == 0, r.stderr
+        await asyncio.wait_for(dev.read(0, 1), 5)          # gets the UAs, retried
+        assert (0x2A, 0x09) in dev.ua_seen
+        assert dev.blocks == new_bytes // dev.block_size, (dev.blocks, old_blocks)
+        last = dev.blocks - 1
+        await asyncio.wait_for(dev.write(last, b"\x77" * dev.block_size), 5)
+        assert await asyncio.wait_for(dev.read(last, 1), 5) == b"\x77" * dev.block_size
+        for _ in range(50):
+            if s.luns and 2 in s.luns:
+                break
+            await dev.test_unit_ready()
+            await asyncio.sleep(0.05)
+        assert s.luns == [0, 1, 2]
+    finally:
+        await asyncio.wait_for(s.close(), 5)
+
+
+# --------------------------------------------------------------------------- multipath
+def _pattern(lba: int, blocks: int = 1) -> bytes:
+    return b"".join(struct.pack(">Q", lba + i) * 64 for i in range(blocks))
+
+
+async def test_multipath_path_that_comes_back_to_another_lu_is_refused(target, tmp_path):
+    """Path B's portal is re-pointed (a rebuilt target, a re-mapped LUN: same IQN, same TPGT,
+    another image).  After B logs in again, its LU identity (VPD 83h) no longer matches: no
+    write may go there, the path is refused and says why; I/O goes on over path A."""
+    other = make_peer("sanstack", tmp_path / "other", size="8M")
+    assert other.iqn == target.iqn
+    other.start()
+    pa = await FaultProxy(upstream(target)).start()
+    pb = await FaultProxy(upstream(target)).start()
+    mp = None
+    try:
+        mp, dev = await open_multipath([url_via(target, pa.port), url_via(target, pb.port)],
+                                       initiator_name=INITIATOR, no_path_timeout=5,
+                                       options=quick(login_timeout=2.0))
+        b = mp.paths[1].session
+        pb.upstream = upstream(other)
+        pb.drop_all()
+        for _ in range(100):
+            if b.state == State.LOGGED_IN and b.reconnects:
+                break
+            await asyncio.sleep(0.05)
+        assert b.state == State.LOGGED_IN and b.reconnects == 1
+        await asyncio.wait_for(asyncio.gather(*(dev.write(100 + i, _pattern(100 + i)) for i in range(16))), 10)
+        for i in range(16):
+            assert await dev.read(100 + i, 1) == _pattern(100 + i)
+        for _ in range(100):
+            if mp.paths[1].refused:
+                break
+            await asyncio.sleep(0.05)
+        assert "another logical unit" in (mp.paths[1].refused or "")
+        s2, wrong = await open_device(other.url(0), initiator_name=INITIATOR, options=quick())
+        try:
+            assert await wrong.read(100, 16) == bytes(16 * 512), "writes went to the wrong LU"
+        finally:
+            await s2.close()
+    finally:
+        if mp is not None:
+            await asyncio.wait_for(mp.close(), 10)
+        await pa.close()
+        await pb.close()
+        other.stop()
+
+
+async def test_multipath_survives_one_path_then_both_paths_failing(target):
+    """Kill path A mid-I/O: every write completes through B.  A comes back and is used again.
+    Both paths fail, then B returns: the I/O that waited completes.  Data checked at the end."""
+    pa = await FaultProxy(upstream(target, 0)).start()
+    pb = await FaultProxy(upstream(target, 1)).start()
+    mp = None
+    try:
+        mp, dev = await open_multipath([url_via(target, pa.port), url_via(target, pb.port)],
+                                       initiator_name=INITIATOR, no_path_timeout=10,
+                                       options=quick(login_timeout=1.0))
+        a = mp.paths[0].session
+
+        writes = [asyncio.ensure_future(dev.write(200 + 8 * i, _pattern(200 + 8 * i, 8))) for i in range(64)]
+        for _ in range(1000):
+            if a.in_flight:
+                break
+            await asyncio.sleep(0)
+        assert a.in_flight, "no write in flight on path A to interrupt"
+        pa.mode = "blackhole"
+        pa.drop_all()
+        await asyncio.wait_for(asyncio.gather(*writes), 15)
+        assert not mp.paths[0].up
+        assert mp.failovers >= 1
+        pa.mode = "forward"
+        await a.wait_state(State.LOGGED_IN, timeout=10)
+        for _ in range(100):
+            if mp.paths[0].usable:
+                break
+            await asyncio.sleep(0.05)
+        itt_before = a._itt
+        await asyncio.gather(*(dev.read(200, 1) for _ in range(8)))
+        assert a._itt != itt_before, "path A came back but is not used"
+        # Both paths down; B returns after a while.
+        for p in (pa, pb):
+            p.mode = "blackhole"
+            p.drop_all()
+        pending = asyncio.ensure_future(dev.read(200, 8))
+        await asyncio.sleep(0.5)
+        assert not pending.done()
+        pb.mode = "forward"
+        assert await asyncio.wait_for(pending, 10) == _pattern(200, 8)
+        for i in range(64):
+            assert await dev.read(200 + 8 * i, 8) == _pattern(200 + 8 * i, 8)
+    finally:
+        if mp is not None:
+            await asyncio.wait_for(mp.close(), 10)
+        await pa.close()
+        await pb.close()
+
+
+async def test_fail_fast_hands_back_commands_still_waiting_for_the_window(target):
+    """With fail_fast (multipath's setting) a lost connection hands back at once every command
+    of the session, also those queued behind a closed command window (RFC 7143 §4.2.2.1):
+    they must not sit there to be sent after the reconnect, to whatever is behind that portal
+    by then, while another path could take them now."""
+    proxy = await FaultProxy(upstream(target)).start()
+    try:
+        s, dev = await open_device(url_via(target, proxy.port), initiator_name=INITIATOR,
+                                   options=quick(fail_fast=True, replacement_timeout=5.0))
+        try:
+            reads = [asyncio.ensure_future(s.execute(0, scsi.read16(i, 1), read_len=512)) for i in range(400)]
+            await asyncio.sleep(0)
+            assert s.queued > s.in_flight > 0
+            proxy.mode = "blackhole"
+            proxy.drop_all()
+            t0 = time.monotonic()
+            done = await asyncio.wait_for(asyncio.gather(*reads, return_exceptions=True), 10)
+            took = time.monotonic() - t0
+            failed = [r for r in done if isinstance(r, BaseException)]
+            assert failed and all(isinstance(r, ConnectionLost) for r in failed), {type(r) for r in failed}
+            assert took < 1.0, f"queued commands handed back after {took:.1f}s"
+        finally:
+            await asyncio.wait_for(s.close(logout=False), 5)
+    finally:
+        await proxy.close()
