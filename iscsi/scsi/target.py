@@ -15,6 +15,7 @@ from .cdb import MAX_LUN, Op, be16, decode_lun, encode_lun
 from .lu import LogicalUnit
 from .sense import SenseError, SenseKey, build_sense
 from .types import ITNexus, ScsiCommand, ScsiResult, Status
+from .ua import MAX_NEXUSES
 
 __all__ = ["LunMap", "encode_lun", "decode_lun"]
 
@@ -24,6 +25,11 @@ class LunMap:
 
     def __init__(self, luns: dict[int, LogicalUnit] | None = None) -> None:
         self._luns: dict[int, LogicalUnit] = {}
+        # The I_T nexuses that have sent commands through this map: the ones whose LUN
+        # inventory it is.  An LU shared by several maps (ACLs with their own mapping, open
+        # access) knows the nexuses of all of them; a change to this map concerns only these.
+        self._nexuses: dict[ITNexus, None] = {}  # insertion order: the oldest goes first
+        self._last_nexus: ITNexus | None = None  # hot path: one identity test per command
         for n, lu in (luns or {}).items():
             self._attach(n, lu)
 
@@ -36,7 +42,7 @@ class LunMap:
         lu.served = True
 
     def add(self, number: int, lu: LogicalUnit) -> None:
-        """Map ``lu`` at ``number`` and tell every initiator REPORTED LUNS DATA HAS CHANGED."""
+        """Map ``lu`` at ``number``; the nexuses using this map get REPORTED LUNS DATA HAS CHANGED."""
         if number in self._luns:
             raise ValueError(f"LUN {number} already mapped")
         self._attach(number, lu)
@@ -80,6 +86,9 @@ class LunMap:
 
     def start(self, cmd: ScsiCommand) -> ScsiResult | Awaitable[ScsiResult]:
         """The result at once, or an awaitable of it (see :meth:`LogicalUnit.start`)."""
+        nexus = cmd.nexus
+        if nexus is not self._last_nexus:
+            self._note(nexus)
         lu = self._luns.get(cmd.lun)
         if lu is not None:
             if cmd.cdb[0] == Op.REPORT_LUNS:
@@ -120,12 +129,33 @@ class LunMap:
             return ScsiResult(Status.CHECK_CONDITION, b"", e.to_bytes(False))
 
     # -- events -------------------------------------------------------------------------------
+    def _note(self, nexus: ITNexus) -> None:
+        self._last_nexus = nexus
+        nexuses = self._nexuses
+        if nexus not in nexuses:
+            nexuses[nexus] = None
+            if len(nexuses) > MAX_NEXUSES:  # sessions that ended without nexus_lost
+                del nexuses[next(iter(nexuses))]
+
     def report_luns_changed(self) -> None:
-        """REPORTED LUNS DATA HAS CHANGED on every LU for every nexus (SPC-4 §6.33, libiscsi #153)."""
+        """REPORTED LUNS DATA HAS CHANGED on every LU of this map, for the nexuses that use
+        this map (SPC-4 §6.33, libiscsi #153).
+
+        Only those: the nexuses another map brings to a shared LU see an inventory that did
+        not change, and a unit attention about it would fail their next command for nothing
+        (LIO raises it per ACL too).  A nexus an LU has never seen gets POWER ON first anyway.
+        """
+        nexuses = self._nexuses
         for lu in self._luns.values():
-            lu.establish_ua(S.REPORTED_LUNS_DATA_HAS_CHANGED)
+            ua = lu.ua
+            for nexus in nexuses:
+                if ua.get(nexus) is not None:
+                    ua.establish(S.REPORTED_LUNS_DATA_HAS_CHANGED, nexus=nexus)
 
     def nexus_lost(self, nexus: ITNexus) -> None:
+        self._nexuses.pop(nexus, None)
+        if self._last_nexus == nexus:
+            self._last_nexus = None
         for lu in self._luns.values():
             lu.nexus_lost(nexus)
 

@@ -610,3 +610,32 @@ async def test_racing_admin_commands_are_serialized(daemon, tmp_path):
     res = await d.admin("lun", "list", IQN, "--json")
     assert sorted(row["lun"] for row in json.loads(res.stdout)) == list(range(7))
     assert d.stop() == 0
+
+
+async def test_lun_change_reaches_only_the_nexuses_whose_inventory_changed(daemon, tmp_path):
+    """B's ACL shows target LUN 1 as its LUN 0 (an explicit mapping); A sees every LUN.  A
+    LUN added to the target changes A's inventory, not B's: A gets REPORTED LUNS DATA HAS
+    CHANGED, B's I/O goes on without a unit attention that is not about it (SPC-4 §6.33; LIO
+    raises it per ACL too)."""
+    portal = free_portals(1)[0]
+    d = daemon(config(tmp_path, target_cfg(
+        IQN, portal, [(0, "m0.img", "8M"), (1, "m1.img", "8M")],
+        acls=[{"initiator": INIT_A}, {"initiator": INIT_B, "lun_map": {"0": 1}}]))).start([portal])
+    a = await login(portal, IQN, INIT_A)
+    b = await login(portal, IQN, INIT_B)
+    for s in (a, b):  # no REPORT LUNS of their own on the Async Message: the UAs stay visible
+        s.rescan_soon = lambda: None
+    try:
+        for lun in (0, 1):
+            await drain_uas(a, lun)
+        await drain_uas(b, 0)
+        await d.admin("lun", "add", IQN, f"{tmp_path}/m2.img:8M", "--lun", "2")
+        assert await pending_ua(b, 0) is None, "B got a LUN inventory change that is not its own"
+        assert await pending_ua(a, 1) == REPORTED_LUNS_CHANGED
+        assert await pending_ua(a, 0) == REPORTED_LUNS_CHANGED
+        status, _, _, data = await raw(b, 0, REPORT_LUNS, read_len=4096)
+        assert status == 0 and int.from_bytes(data[:4], "big") == 8  # B still sees one LUN
+    finally:
+        await b.close()
+        await a.close()
+    assert d.stop() == 0
