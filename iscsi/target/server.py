@@ -445,12 +445,22 @@ class IscsiServer:
         return self.sessions_info()
 
     async def drop_sessions(self, target: str | None = None, initiator: str | None = None) -> int:
+        """End the sessions of ``target`` (of ``initiator`` only, if given): the admin removed
+        the target or took the initiator's access away.
+
+        Each is told first (RFC 7143 §11.9.1 AsyncEvent 3, "all connections of this session
+        will be dropped", Time2Retain 0: nothing to reinstate), then closed once that is
+        written, so the initiator stops sending instead of finding a reset connection."""
         dropped = 0
         for session in list(self.by_tsih.values()):
             if (target is None or session.target_name == target) and \
                (initiator is None or session.initiator_name == initiator):
-                if session.connection is not None:
-                    session.connection.abort_connection()
+                conn = session.connection
+                if conn is not None:
+                    if session.session_type == "Normal" and not conn.closed:
+                        wait = getattr(getattr(session.params, "session", None), "default_time2wait", 2)
+                        conn.send(P.AsyncMessage(event=P.AsyncEvent.SESSION_DROP, param2=int(wait), param3=0))
+                    conn.close()
                 dropped += 1
         return dropped
 
