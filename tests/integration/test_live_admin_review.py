@@ -402,9 +402,6 @@ async def test_target_remove_force_ends_its_sessions_only(daemon, tmp_path):
     assert d.stop() == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server.IscsiServer.drop_sessions aborts the TCP connection with no Async Message: the CLI's "
-    "'--force: Log out its sessions first' is a connection reset (see the review report)"))
 async def test_target_remove_force_tells_the_session_before_it_ends(daemon, tmp_path):
     """RFC 7143 §11.9.1: a target that ends a session on its own says so first (AsyncEvent 1,
     logout request, or 3, session drop), so the initiator stops sending and does not spin on
