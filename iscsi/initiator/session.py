@@ -70,6 +70,10 @@ MAX_COMMAND_RETRIES = 5
 MAX_REDIRECTS = 4
 #: A TMF / logout / text exchange that takes longer than this means the target is stuck.
 MGMT_TIMEOUT = 30.0
+#: An ABORT TASK for a timed-out command unanswered this long means the target (or the
+#: connection) is stuck: the connection is dropped and the session reinstated (ERL 0), as
+#: open-iscsi escalates.  node.session.err_timeo.abort_timeout.
+ABORT_TIMEOUT = 15.0
 #: How long a logout waits for in-flight commands to drain when the target asks for it.
 LOGOUT_DRAIN_MAX = 10.0
 
@@ -523,7 +527,7 @@ class Session:
                     await asyncio.wait_for(asyncio.shield(fut), timeout)
                 except asyncio.TimeoutError:
                     await self._abort_quietly(task)
-                    raise CommandTimeout(f"no status after {timeout:.0f}s for opcode 0x{cdb[0]:02x}") from None
+                    raise CommandTimeout(f"no status after {timeout:g}s for opcode 0x{cdb[0]:02x}") from None
         except asyncio.CancelledError:
             self._abandon(task)
             raise
@@ -880,7 +884,7 @@ class Session:
                     if conn.bytes_in == before and conn is self.conn and not conn.closed:
                         event(log, "session.nop_timeout", logging.WARNING, portal=self.portal,
                               timeout=timeout)
-                        conn.abort(ConnectionLost(f"no answer to NOP-Out within {timeout:.0f}s"))
+                        conn.abort(ConnectionLost(f"no answer to NOP-Out within {timeout:g}s"))
                 except IscsiError:
                     pass
         except asyncio.CancelledError:
@@ -1032,7 +1036,7 @@ class Session:
 
     # ------------------------------------------------------------------ task management
     async def task_management(self, function: int, lun: int = 0, rtt: int = RESERVED,
-                              refcmdsn: int = 0) -> int:
+                              refcmdsn: int = 0, *, timeout: float = MGMT_TIMEOUT) -> int:
         """Send a TMF request (immediate, §11.5) and return the response code (§11.6.1)."""
         conn = self.conn
         if conn is None or self.state != State.LOGGED_IN:
@@ -1044,13 +1048,13 @@ class Session:
                                         cmdsn=self._cmdsn, expstatsn=self._expstatsn, refcmdsn=refcmdsn,
                                         itt=itt))
         try:
-            resp = await asyncio.wait_for(fut, MGMT_TIMEOUT)
+            resp = await asyncio.wait_for(fut, timeout)
         finally:
             self._mgmt.pop(itt, None)
         event(log, "session.tmf", portal=self.portal, function=function, lun=lun, response=resp.response)
         return resp.response
 
-    async def abort_task(self, task: Task) -> bool:
+    async def abort_task(self, task: Task, *, timeout: float = MGMT_TIMEOUT) -> bool:
         """ABORT TASK (§11.5.1 function 1); True if the task ended aborted, False if it had finished."""
         if task.done:
             return False
@@ -1062,7 +1066,8 @@ class Session:
                 return False
             self._finish(task, TaskAborted("aborted before it was sent"))
             return True
-        resp = await self.task_management(P.TmfFunction.ABORT_TASK, task.lun, task.itt, task.cmdsn)
+        resp = await self.task_management(P.TmfFunction.ABORT_TASK, task.lun, task.itt, task.cmdsn,
+                                          timeout=timeout)
         if resp not in (P.TmfResponse.COMPLETE, P.TmfResponse.TASK_DOES_NOT_EXIST):
             raise TmfError(f"ABORT TASK refused (response {resp})", resp)
         if not task.done:
@@ -1071,11 +1076,38 @@ class Session:
         return False
 
     async def _abort_quietly(self, task: Task) -> None:
+        conn = self.conn
         try:
-            await self.abort_task(task)
-        except (IscsiError, asyncio.TimeoutError):
+            await self.abort_task(task, timeout=min(ABORT_TIMEOUT, MGMT_TIMEOUT))
+        except asyncio.TimeoutError:
+            if not task.done:
+                self._let_go(task, CommandTimeout("command timed out; abort unanswered"))
+            # Neither the command nor its ABORT TASK was answered: check the connection in
+            # the background (the caller has its error now).
+            if conn is not None and conn is self.conn and not conn.closed:
+                checker = self.loop.create_task(self._check_alive(conn))
+                self._aborters.add(checker)
+                checker.add_done_callback(self._aborters.discard)
+        except IscsiError:
             if not task.done:
                 self._let_go(task, CommandTimeout("command timed out; abort failed"))
+
+    async def _check_alive(self, conn: Connection) -> None:
+        """After an unanswered ABORT TASK: a NOP-Out ping; no answer and not a byte received
+        meanwhile = the target or the connection is stuck.  Drop it, as open-iscsi escalates
+        a failed abort: recovery reinstates the session, which ends every task the target
+        still holds (§6.3.5), instead of leaving each next command to time out the same way
+        (the keepalive, when disabled, would never notice)."""
+        before = conn.bytes_in
+        timeout = self.opts.noop_timeout or NOOP_TIMEOUT
+        try:
+            await self.ping(timeout)
+        except asyncio.TimeoutError:
+            if conn is self.conn and not conn.closed and conn.bytes_in == before:
+                event(log, "session.abort_timeout", logging.WARNING, portal=self.portal, timeout=timeout)
+                conn.abort(ConnectionLost(f"no answer to ABORT TASK nor to a NOP-Out within {timeout:g}s"))
+        except IscsiError:
+            pass
 
     def _let_go(self, task: Task, exc: BaseException) -> None:
         """End a sent ``task`` here while the target may still answer it: its later Data-In

@@ -467,3 +467,111 @@ async def test_fail_fast_hands_back_commands_still_waiting_for_the_window(target
             await asyncio.wait_for(s.close(logout=False), 5)
     finally:
         await proxy.close()
+
+
+# --------------------------------------------------------------------------- target restart / stall
+@pytest.fixture
+def own_target(tmp_path):
+    """A target of this test's own, to kill and stop: one 8 MiB LUN."""
+    peer = make_peer("sanstack", tmp_path / "own", size="8M")
+    peer.start()
+    yield peer
+    if peer.proc is not None and peer.proc.poll() is None:
+        os.kill(peer.proc.pid, signal.SIGCONT)
+        peer.stop()
+
+
+async def test_target_kill9_and_restart_mid_io_then_gone_past_the_timeout(own_target):
+    """kill -9 with writes in flight, start again on the same port and images: every write
+    completes (re-sent after session reinstatement) and reads back right.  Then kill it for
+    longer than replacement_timeout: the caller gets SessionFailed near that timeout, with the
+    cause, and the reconnect loop does not spin the CPU; started again, the session recovers."""
+    s, dev = await open_device(own_target.url(0), initiator_name=INITIATOR,
+                               options=quick(replacement_timeout=3.0))
+    try:
+        writes = [asyncio.ensure_future(dev.write(64 * i, _pattern(64 * i, 64))) for i in range(48)]
+        for _ in range(1000):
+            if s.in_flight:
+                break
+            await asyncio.sleep(0)
+        assert s.in_flight
+        own_target.kill()
+        await asyncio.to_thread(own_target.restart)
+        await asyncio.wait_for(asyncio.gather(*writes), 20)
+        assert s.reconnects >= 1
+        for i in range(48):
+            assert await dev.read(64 * i, 64) == _pattern(64 * i, 64), f"extent {i} wrong after restart"
+
+        own_target.kill()
+        cpu0, t0 = time.process_time(), time.monotonic()
+        with pytest.raises(SessionFailed, match=r"not recovered within 3s \(last attempt: connect to "):
+            await asyncio.wait_for(dev.read(0, 1), 15)
+        took = time.monotonic() - t0
+        assert 2.0 <= took <= 5.0, took
+        await asyncio.sleep(1.0)
+        cpu = time.process_time() - cpu0
+        assert cpu < 1.0, f"{cpu:.2f}s of CPU in {took + 1:.1f}s while the target was down"
+        await asyncio.to_thread(own_target.restart)
+        await s.wait_state(State.LOGGED_IN, timeout=10)
+        assert await dev.read(0, 64) == _pattern(0, 64)
+    finally:
+        await asyncio.wait_for(s.close(logout=False), 5)
+
+
+async def test_stopped_target_nop_timeout_then_resume(own_target):
+    """SIGSTOP the target with a read outstanding: the NOP-Out keepalive declares the
+    connection dead within noop_interval + noop_timeout, the session reconnects (the login
+    waits while the target is stopped), and after SIGCONT the read completes once, right."""
+    s, dev = await open_device(own_target.url(0), initiator_name=INITIATOR,
+                               options=quick(noop_interval=0.5, noop_timeout=0.5, login_timeout=2.0,
+                                             replacement_timeout=15.0))
+    done: list = []
+    try:
+        await dev.write(300, _pattern(300, 4))
+        lost = asyncio.Event()
+        s.listeners.append(lambda name, info: lost.set() if info.get("state") == State.RECOVERING else None)
+        pid = own_target.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            task = asyncio.ensure_future(dev.command(scsi.read16(300, 4), read_len=2048))
+            task.add_done_callback(done.append)
+            await asyncio.wait_for(lost.wait(), 4)
+            await asyncio.sleep(1.0)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        t = await asyncio.wait_for(task, 15)
+        assert t.status == 0 and bytes(t.data) == _pattern(300, 4)
+        assert len(done) == 1 and s.reconnects >= 1
+    finally:
+        await asyncio.wait_for(s.close(), 10)
+
+
+async def test_command_timeout_on_a_stopped_target_aborts_then_drops_the_connection(own_target, monkeypatch):
+    """No keepalive, command_timeout 0.5 s, target SIGSTOPped: the command's ABORT TASK goes
+    unanswered too.  The caller gets CommandTimeout after the abort timeout (not the 30 s
+    management timeout); a NOP-Out finds the connection dead and it is dropped (ERL 0
+    escalation) rather than kept for the next command to hang on the same way; after SIGCONT
+    the session is back, data intact."""
+    from iscsi.initiator import session as S
+    from iscsi.initiator.errors import CommandTimeout
+    monkeypatch.setattr(S, "ABORT_TIMEOUT", 1.0, raising=False)
+    s, dev = await open_device(own_target.url(0), initiator_name=INITIATOR,
+                               options=quick(command_timeout=0.5, noop_timeout=1.0, login_timeout=2.0,
+                                             replacement_timeout=20.0))
+    try:
+        await dev.write(500, _pattern(500, 2))
+        pid = own_target.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(CommandTimeout):
+                await asyncio.wait_for(dev.read(500, 2), 10)
+            took = time.monotonic() - t0
+            assert took < 2.5, took
+            await s.wait_state(State.RECOVERING, timeout=2.0)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await s.wait_state(State.LOGGED_IN, timeout=10)
+        assert await asyncio.wait_for(dev.read(500, 2), 5) == _pattern(500, 2)
+    finally:
+        await asyncio.wait_for(s.close(), 10)
