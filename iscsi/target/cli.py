@@ -339,6 +339,12 @@ def target_set(iqn: str, alias: str | None, no_alias: bool, open_access: bool | 
     res = _call(control, "target.set", iqn=iqn, alias=alias, clear_alias=no_alias, open_access=open_access,
                 params=parsed, clear_params=list(clear_params))
     click.echo(f"target {res['iqn']}: open_access={_cell(res['open_access'])} params={_cell(res['params'])}")
+    if res.get("logged_out"):
+        click.echo(f"iscsi-target: note: {res['logged_out']} session(s) of initiators without an ACL were "
+                   f"logged out (`iscsi-target acl add {res['iqn']} INITIATOR` lets one back in)", err=True)
+    if res.get("keep_params"):
+        click.echo(f"iscsi-target: note: {res['keep_params']} session(s) keep the parameters they negotiated; "
+                   "the change applies to logins from now on", err=True)
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -618,6 +624,9 @@ def chap_set(discovery: bool, target_iqn: str | None, initiator: str | None, use
     res = _call(control, "chap.set", scope=scope, iqn=target_iqn, initiator=initiator, username=username,
                 secret=secret, mutual_username=mutual_username, mutual_secret=mutual_secret)
     click.echo(f"CHAP set for {res['scope']} (user {res['username']}{', mutual' if res['mutual'] else ''})")
+    if res.get("sessions"):
+        click.echo(f"iscsi-target: note: {res['sessions']} session(s) logged in before stay logged in; "
+                   "CHAP applies to logins from now on", err=True)
 
 
 @chap.command("clear")

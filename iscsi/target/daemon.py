@@ -1020,6 +1020,7 @@ class TargetDaemon:
                          clear_params: list[str] | None = None) -> dict:
         def mutate(cfg: Config) -> dict:
             target = self._target(cfg, iqn)
+            was_open, old_params = target.open_access, dict(target.params)
             if alias is not None:
                 target.alias = alias
             if clear_alias:
@@ -1031,7 +1032,17 @@ class TargetDaemon:
             for key, value in (params or {}).items():
                 k, v = C.canonical_param(key, value)
                 target.params[k] = v
-            return self._target_row(target)
+            row = self._target_row(target)
+            # What the change does to sessions already logged in, for the admin's note:
+            # closing open access logs out initiators without an ACL (_commit drops them);
+            # key preferences were negotiated at login and hold until the next one.
+            allowed = {a.initiator.lower() for a in target.acls}
+            rows = [r for r in self._sessions() if str(r.get("target", "")).lower() == target.iqn]
+            if was_open and not target.open_access:
+                row["logged_out"] = sum(1 for r in rows if str(r.get("initiator", "")).lower() not in allowed)
+            if target.params != old_params:
+                row["keep_params"] = len(rows) - row.get("logged_out", 0)
+            return row
 
         return await self.change(mutate, "target.set")
 
@@ -1221,7 +1232,14 @@ class TargetDaemon:
         def mutate(cfg: Config) -> dict:
             holder, attr, label = self._chap_holder(cfg, scope, iqn, initiator)
             setattr(holder, attr, ChapConfig(username, secret, mutual_username, mutual_secret))
-            return {"scope": label, "username": username, "mutual": mutual_username is not None}
+            # Sessions logged in before were never asked for these credentials and go on.
+            target = None if scope == "discovery" or iqn is None else self._target(cfg, iqn)
+            who = None if initiator is None else initiator.lower()
+            before = 0 if target is None else sum(
+                1 for r in self._sessions() if str(r.get("target", "")).lower() == target.iqn
+                and (who is None or str(r.get("initiator", "")).lower() == who))
+            return {"scope": label, "username": username, "mutual": mutual_username is not None,
+                    "sessions": before}
 
         return await self.change(mutate, "chap.set")
 

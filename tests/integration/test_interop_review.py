@@ -377,3 +377,30 @@ def test_a_resize_no_force_can_make_valid_does_not_suggest_force(daemon, size, w
         line = _one_line_error(r.output, f"{T} LUN 0", words)
         assert "--force" not in line and "targets[0]" not in line, line
     assert daemon.path.read_text() == before
+
+
+def test_access_params_and_chap_changes_tell_what_happens_to_logged_in_sessions(tmp_path):
+    from tools.libiscsi import Session
+
+    good, other = "iqn.2026-11.org.example:good", "iqn.2026-11.org.example:other"
+    port = _free_port()
+    target = _target([f"127.0.0.1:{port}"], [Lun(0, "l0.img", MIB)], acls=[C.Acl(good)])
+    secret = tmp_path / "secret"
+    secret.write_text("a-fine-chap-secret\n")
+    with Daemon(tmp_path, [target]) as d:
+        dropped = Session(f"127.0.0.1:{port}", T, 0, initiator=other, timeout=5).connect()
+        try:
+            with Session(f"127.0.0.1:{port}", T, 0, initiator=good, timeout=5) as kept:
+                r = d.cli("target", "set", "--no-open-access", T)
+                assert r.exit_code == 0, r.output
+                assert "1 session(s) of initiators without an ACL were logged out" in r.output, r.output
+                r = d.cli("target", "set", "--param", "MaxBurstLength=65536", T)
+                assert "1 session(s) keep the parameters they negotiated" in r.output, r.output
+                r = d.cli("chap", "set", "--target", T, "--username", "u", "--secret-file", str(secret))
+                assert r.exit_code == 0, r.output
+                assert "1 session(s) logged in before stay logged in" in r.output, r.output
+                kept.test_unit_ready()
+                sessions = d.raw({"op": "status", "args": {}})["result"]["sessions"]
+                assert [s["initiator"] for s in sessions] == [good]
+        finally:
+            dropped.close(logout=False)  # its connection is gone: no logout, no reconnect
