@@ -504,12 +504,17 @@ def acl_add(iqn: str, initiator: str, maps: tuple[str, ...], params: tuple[str, 
     def parse() -> dict[str, int] | None:
         if not maps:
             return None
-        out = {}
+        out: dict[str, int] = {}
+        given: dict[int, str] = {}
         for m in maps:
             a, t = _key_value(m)
             if not (a.isdigit() and t.isdigit()):
                 raise ConfigError(f"--map {m!r}: expected ACL_LUN=TARGET_LUN, e.g. 0=3")
-            out[a] = int(t)
+            if int(a) in given:  # the later one silently replaced the earlier
+                raise ConfigError(f"--map: ACL LUN {int(a)} is given twice ({given[int(a)]} and {m}); "
+                                  "an initiator sees one LU per LUN")
+            given[int(a)] = m
+            out[str(int(a))] = int(t)
         return out
 
     lun_map = _check(parse)

@@ -1177,6 +1177,8 @@ class TargetDaemon:
                 mapping = None if lun_map is None else {int(k): int(v) for k, v in lun_map.items()}
             except (TypeError, ValueError):
                 raise AdminError("lun_map must map ACL LUN numbers to target LUN numbers") from None
+            if mapping is not None and len(mapping) != len(lun_map):  # "0" and "00": one ACL LUN
+                raise AdminError("lun_map names one ACL LUN twice")
             target.acls.append(Acl(initiator=name, lun_map=mapping, params=dict(params or {})))
             return {"target": target.iqn, "initiator": name, "open_access": target.open_access}
 

@@ -404,3 +404,18 @@ def test_access_params_and_chap_changes_tell_what_happens_to_logged_in_sessions(
                 assert [s["initiator"] for s in sessions] == [good]
         finally:
             dropped.close(logout=False)  # its connection is gone: no logout, no reconnect
+
+
+def test_acl_add_with_one_acl_lun_mapped_twice_is_refused(tmp_path):
+    port = _free_port()
+    target = _target([f"127.0.0.1:{port}"], [Lun(0, "l0.img", MIB), Lun(1, "l1.img", MIB)], open_access=False)
+    with Daemon(tmp_path, [target]) as d:
+        before = d.path.read_text()
+        for maps in (("0=0", "0=1"), ("0=0", "00=1")):
+            r = d.cli("acl", "add", *(f"--map={m}" for m in maps), T, "iqn.2026-11.org.example:i")
+            assert r.exit_code != 0, r.output
+            assert "ACL LUN 0 is given twice" in r.output, r.output
+        res = d.raw({"op": "acl.add", "args": {"iqn": T, "initiator": "iqn.2026-11.org.example:i",
+                                               "lun_map": {"0": 0, "00": 1}}})
+        assert res["ok"] is False and "twice" in res["error"], res
+        assert d.path.read_text() == before
