@@ -21,8 +21,8 @@ from ..log import event
 from . import scsi
 from ..scsi.sense import (CAPACITY_DATA_HAS_CHANGED, LOGICAL_UNIT_NOT_SUPPORTED,
                           REPORTED_LUNS_DATA_HAS_CHANGED)
-from .errors import (Busy, IllegalRequest, LunNotAvailable, ScsiError, ScsiStatus, TaskSetFull,
-                     UnitAttention, scsi_error)
+from .errors import (Busy, IllegalRequest, LunNotAvailable, MiscompareError, ScsiError, ScsiStatus,
+                     TaskSetFull, UnitAttention, scsi_error)
 
 log = logging.getLogger("iscsi.initiator.device")
 
@@ -161,9 +161,11 @@ class BlockDevice:
                       timeout: float | None = None, retry_ua: bool = True):
         """Run ``cdb``; returns the task on GOOD/CONDITION MET, raises a :class:`ScsiError` otherwise."""
         ua_left, busy_left, delay = UA_RETRIES, BUSY_RETRIES, BUSY_FIRST_DELAY
+        resends = 0
         while True:
             task = await self.executor.execute(self.lun, cdb, read_len=read_len, data=data, buf=buf,
                                                timeout=timeout)
+            resends += getattr(task, "tries", 0)
             status = task.status
             if status == 0 or status == ScsiStatus.CONDITION_MET:
                 return task
@@ -179,6 +181,9 @@ class BlockDevice:
                 await asyncio.sleep(delay)
                 delay *= 2
                 continue
+            # How often the transport sent this command again after a connection or path loss
+            # (the first send may have been carried out): compare_and_write needs to know.
+            err.transport_resends = resends
             raise err
 
     async def _capacity_changed(self) -> None:
@@ -374,7 +379,19 @@ class BlockDevice:
         if count > limit:
             raise ValueError(f"COMPARE AND WRITE of {count} blocks exceeds the target's limit {limit}")
         self._check_range(lba, count)
-        await self.command(scsi.compare_and_write(lba, count, fua=fua), data=bytes(compare) + bytes(write))
+        try:
+            await self.command(scsi.compare_and_write(lba, count, fua=fua), data=bytes(compare) + bytes(write))
+        except MiscompareError as err:
+            if not getattr(err, "transport_resends", 0):
+                raise
+            # The command was sent again after a connection (or path) loss: the first send may
+            # have compared and written, and the re-send then compares against our own data.
+            # The medium holding exactly ``write`` means that happened: report success, as
+            # ESXi resolves an ATS miscompare after a retry.  Otherwise the miscompare stands.
+            if await self.read(lba, count) != bytes(write):
+                raise
+            event(log, "device.ats_retry_miscompare_resolved", logging.WARNING, lun=self.lun, lba=lba,
+                  blocks=count, resends=err.transport_resends)
 
     async def get_lba_status(self, lba: int) -> list[scsi.LbaStatus]:
         """GET LBA STATUS (SBC-4 §5.6): mapped/deallocated extents starting at ``lba``."""

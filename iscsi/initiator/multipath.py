@@ -157,6 +157,7 @@ class MultipathExecutor:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.no_path_timeout
         last_exc: BaseException | None = None
+        resends = 0          # sends after a path lost the command (it may have been carried out)
         for _ in range(MAX_PATH_RETRIES):
             path = await self._wait_for_path(deadline)
             try:
@@ -168,7 +169,10 @@ class MultipathExecutor:
                 self.failovers += 1
                 event(log, "multipath.failover", logging.WARNING, path=path.name, error=exc)
                 self._change.set()
+                if isinstance(exc, ConnectionLost):
+                    resends += 1
                 continue
+            task.tries += resends
             if task.status == 2 and task.sense_data:
                 sense = task.sense
                 if sense is not None and sense.key == 0x2 and sense.asc_ascq in _ALUA_SENSE:
