@@ -22,6 +22,17 @@ MAX_NEXUSES = 4096
 
 RESET_ASC = 0x29  # the POWER ON / RESET class, highest priority
 
+# Conditions a reset (or an I_T nexus loss) does not imply, kept queued behind it: they tell
+# of the medium and the target's configuration, which no reset restores, and initiators act
+# on them only (Linux re-reads the capacity on 2A/09 and rescans LUNs on 3F/0E, never on a
+# 29h condition).  Replaced by the reset, a LUN grown or removed by the admin while the
+# initiator's connection was down went unnoticed for good.
+SURVIVE_RESET = frozenset({
+    S.CAPACITY_DATA_HAS_CHANGED,       # SBC-4 §4.6
+    S.REPORTED_LUNS_DATA_HAS_CHANGED,  # SPC-4 §6.33
+    S.INQUIRY_DATA_HAS_CHANGED,        # SPC-4 §6.6
+})
+
 
 class UnitAttentions:
     """Pending unit attention conditions per I_T nexus."""
@@ -63,9 +74,9 @@ class UnitAttentions:
 
     def _add(self, q: list[tuple[int, int]], asc_ascq: tuple[int, int]) -> None:
         if asc_ascq[0] == RESET_ASC:
-            # A reset supersedes everything queued before it (SPC-4 §5.14: the reset
-            # class is reported first and the conditions it implies are not repeated).
-            q[:] = [asc_ascq]
+            # A reset supersedes what it implies (SPC-4 §5.14: the reset class is reported
+            # first and the conditions it implies are not repeated); SURVIVE_RESET stays.
+            q[:] = [asc_ascq] + [c for c in q if c in SURVIVE_RESET]
             return
         if asc_ascq in q:
             return
@@ -90,8 +101,9 @@ class UnitAttentions:
 
     def nexus_lost(self, nexus: ITNexus) -> None:
         """SAM-5 §6.3.4: after an I_T nexus loss the nexus next sees I_T NEXUS LOSS OCCURRED."""
-        if nexus in self._pending:
-            self._pending[nexus] = [S.I_T_NEXUS_LOSS]
+        q = self._pending.get(nexus)
+        if q is not None:
+            self._add(q, S.I_T_NEXUS_LOSS)
 
     def forget(self, nexus: ITNexus) -> None:
         self._pending.pop(nexus, None)

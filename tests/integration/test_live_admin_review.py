@@ -720,3 +720,134 @@ async def test_lun_remove_under_queued_large_writes_ends_them_cleanly(daemon, tm
     with open(tmp_path / "fresh.img", "rb") as f:
         while block := f.read(1 << 20):
             assert b"\xc3" not in block, "a write to the removed LUN landed in another image"
+
+
+async def test_portal_remove_keeps_sessions_and_other_targets(daemon, tmp_path):
+    """Portal P1 is shared by two targets; T1 also has P2.  ``portal remove T1 P1`` with a
+    writer on T1 through P1 and one on T2 through P1: the listener stays for T2 (its writer
+    and new logins go on), T1 is no longer offered on P1 (discovery, login), its connection
+    made through P1 goes on as documented, and T1 through P2 is untouched."""
+    from iscsi.initiator import discover
+    from iscsi.initiator.errors import LoginError as InitLoginError
+
+    p1, p2 = free_portals(2)
+    t1 = target_cfg(IQN, p1, [(0, "p1.img", "8M")], open_access=True)
+    t1["portal_groups"].append({"tag": 2, "portals": [str(p2)]})
+    d = daemon(config(tmp_path, t1, target_cfg(IQN2, p1, [(0, "p2.img", "8M")], open_access=True))).start([p1, p2])
+    a = await login(p1, IQN, INIT_A)
+    c = await login(p1, IQN2, INIT_B)
+    try:
+        wa = Writer(await BlockDevice.open(a, 0), 12, 0, 64)
+        wc = Writer(await BlockDevice.open(c, 0), 13, 0, 64)
+        await asyncio.sleep(0.2)
+        res = await d.admin("portal", "remove", IQN, str(p1))
+        await asyncio.sleep(0.3)
+        assert a.is_up and c.is_up and not wa.errors and not wc.errors, (wa.errors, wc.errors)
+        found = await asyncio.wait_for(discover(p1.host, p1.port, initiator_name=INIT_B), 15)
+        assert [t.name for t in found] == [IQN2], found
+        with pytest.raises(InitLoginError):
+            await login(p1, IQN, INIT_B)
+        other = await login(p2, IQN, INIT_B)
+        await other.close()
+        again = await login(p1, IQN2, INIT_A)
+        await again.close()
+        for w in (wa, wc):
+            await w.stop()
+            assert not w.errors, w.errors
+            await w.verify()
+        assert "1" in res.stdout or "connection" in res.stdout.lower(), res.stdout
+    finally:
+        await c.close()
+        await a.close()
+    assert d.stop() == 0
+
+
+async def test_forced_shrink_under_reads_and_writes(daemon, tmp_path):
+    """``lun resize --force`` to half the size while 1 MiB READs (zero-copy) and writes run
+    at the end being cut off: no READ of the cut range answers GOOD with zeroes in place of
+    data written there, commands past the new end get CAPACITY DATA HAS CHANGED then LOGICAL
+    BLOCK ADDRESS OUT OF RANGE, and the first half is intact."""
+    portal = free_portals(1)[0]
+    d = daemon(config(tmp_path, target_cfg(IQN, portal, [(0, "s.img", "64M")], open_access=True))).start([portal])
+    a = await login(portal, IQN, INIT_A, reconnect=True, command_timeout=20.0)
+    chunk = 1 << 20
+    half = (32 << 20) // BS
+    per = chunk // BS
+    try:
+        dev = await BlockDevice.open(a, 0)
+        keep = {lba: pattern(14, lba) for lba in range(0, half, 997)}
+        for lba, data in keep.items():
+            await dev.write(lba, data)
+        tail = bytes(b"\x7e" * chunk)
+        for lba in range(half, 2 * half, per):
+            await dev.write(lba, tail)
+        await dev.flush()
+        outcomes: list[tuple[str, object]] = []
+        stop = asyncio.Event()
+
+        async def reader(slot: int) -> None:
+            lba = half + slot * per
+            while not stop.is_set():
+                cdb = bytes([0x88, 0]) + lba.to_bytes(8, "big") + per.to_bytes(4, "big") + bytes(2)
+                try:
+                    status, asc, key, data = await raw(a, 0, cdb, read_len=chunk)
+                except Exception as e:  # noqa: BLE001
+                    outcomes.append(("exc", repr(e)))
+                    return
+                if status == 0:
+                    assert data == tail, f"READ at LBA {lba} answered GOOD without the data written there"
+                    outcomes.append(("good", lba))
+                else:
+                    outcomes.append(("check", (key, asc)))
+                    if key != UNIT_ATTENTION:
+                        return
+                lba = half + (lba - half + 4 * per) % half
+
+        readers = [asyncio.ensure_future(reader(i)) for i in range(4)]
+        await asyncio.sleep(0.3)
+        await d.admin("lun", "resize", IQN, "0", "32M", "--force")
+        await asyncio.wait_for(asyncio.gather(*readers), 40)
+        stop.set()
+        ends = [o for o in outcomes if o[0] != "good"]
+        # The zero-copy READs holding the cut range lost their connection (lu.resize): the
+        # reconnected nexus sees I_T NEXUS LOSS, and still the capacity change after it.
+        assert all(o in (("check", (ILLEGAL_REQUEST, (0x21, 0x00))), ("check", (UNIT_ATTENTION, CAPACITY_CHANGED)),
+                         ("check", (UNIT_ATTENTION, (0x29, 0x07)))) for o in ends), ends
+        assert ("check", (UNIT_ATTENTION, CAPACITY_CHANGED)) in ends, \
+            f"the initiator never learnt that the LUN shrank: {ends}"
+        assert a.is_up
+        await dev.refresh()
+        assert dev.blocks == half
+        for lba, data in keep.items():
+            assert await dev.read(lba, 1) == data
+    finally:
+        await a.close(logout=a.is_up)
+    assert d.stop() == 0
+
+
+async def test_capacity_change_survives_a_reconnect(daemon, tmp_path):
+    """A LUN grows, and the initiator's connection drops before its next command (it logs in
+    again with the same ISID: the same I_T nexus, SAM-5 §6.3.4).  It is told I_T NEXUS LOSS
+    OCCURRED and still CAPACITY DATA HAS CHANGED after it: a reset says nothing about the
+    capacity, and an initiator that misses the condition keeps using the old size."""
+    portal = free_portals(1)[0]
+    d = daemon(config(tmp_path, target_cfg(IQN, portal, [(0, "g.img", "8M")], open_access=True))).start([portal])
+    a = await login(portal, IQN, INIT_A, reconnect=True)
+    try:
+        a.rescan_soon = lambda: None  # keep the inventory condition visible
+        await drain_uas(a, 0)
+        await d.admin("lun", "resize", IQN, "0", "16M")
+        await d.admin("lun", "add", IQN, f"{tmp_path}/g1.img:8M", "--lun", "1")
+        old_conn = a.conn
+        old_conn.abort("test: connection lost")
+        for _ in range(200):
+            if a.is_up and a.conn is not old_conn:
+                break
+            await asyncio.sleep(0.05)
+        assert a.is_up and a.conn is not old_conn, "the initiator did not log in again"
+        seen = await drain_uas(a, 0)
+        assert seen[0] == (0x29, 0x07), seen
+        assert CAPACITY_CHANGED in seen and REPORTED_LUNS_CHANGED in seen, seen
+    finally:
+        await a.close()
+    assert d.stop() == 0
