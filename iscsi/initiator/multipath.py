@@ -37,6 +37,9 @@ log = logging.getLogger("iscsi.initiator.multipath")
 NO_PATH_TIMEOUT = 120.0
 #: Re-issues of one command across path failures before giving up.
 MAX_PATH_RETRIES = 32
+#: While no port group serves I/O, REPORT TARGET PORT GROUPS is asked again this often (an
+#: array's failover takes seconds; dm-multipath's polling_interval is 5 s, but the I/O waits).
+ALUA_POLL_INTERVAL = 0.5
 POLICIES = ("round-robin", "least-queue")
 
 _USABLE = (scsi.AluaState.ACTIVE_OPTIMIZED, scsi.AluaState.ACTIVE_NON_OPTIMIZED,
@@ -101,6 +104,7 @@ class MultipathExecutor:
         self._change = asyncio.Event()
         self._refreshing: asyncio.Task | None = None
         self._verifying: dict[int, asyncio.Task] = {}
+        self._alua_polled = 0.0
         self.identity = paths[0].identity
         self.failovers = 0
         for p in paths:
@@ -144,9 +148,19 @@ class MultipathExecutor:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise SessionFailed(f"no usable path for {self.no_path_timeout:.0f}s")
+            wait = min(remaining, 1.0)
+            if self._alua and any(p.up and p.verified for p in self.paths):
+                # Paths are logged in but no port group serves I/O (all transitioning,
+                # standby, unavailable): only REPORT TARGET PORT GROUPS tells when that ends,
+                # so ask again every ALUA_POLL_INTERVAL.
+                now = loop.time()
+                if now - self._alua_polled >= ALUA_POLL_INTERVAL:
+                    self._alua_polled = now
+                    self.refresh_alua_soon()
+                wait = min(wait, ALUA_POLL_INTERVAL)
             self._change.clear()
             try:
-                await asyncio.wait_for(self._change.wait(), min(remaining, 1.0))
+                await asyncio.wait_for(self._change.wait(), wait)
             except asyncio.TimeoutError:
                 pass
 

@@ -690,3 +690,37 @@ async def test_ats_whose_status_was_lost_is_not_reported_as_a_miscompare(target,
             await asyncio.wait_for(s.close(logout=False), 5)
         await pa.close()
         await pb.close()
+
+
+async def test_multipath_all_port_groups_transitioning_then_back():
+    """ALUA (SPC-4 §5.16): every port group goes "transitioning" for a moment (a controller
+    failover on an array).  The I/O that meets it must wait and complete once a group is
+    active again: the initiator has to keep re-reading REPORT TARGET PORT GROUPS while no
+    path is usable, not wait for a state change it never asks about."""
+    from iscsi.initiator.scsi import AluaState
+    from tests.unit.test_initiator_multipath import AluaLu, FakeTarget, _urls
+    lu = AluaLu()
+    targets = [await FakeTarget(lu.handler(1)).start(), await FakeTarget(lu.handler(2)).start()]
+    mp = None
+    try:
+        mp, dev = await open_multipath(_urls(targets), options=SessionOptions(noop_interval=0), no_path_timeout=6)
+        polls = 0
+        real = mp.refresh_alua
+
+        async def counting():
+            nonlocal polls
+            polls += 1
+            await real()
+        mp.refresh_alua = counting
+        lu.states[1] = lu.states[2] = AluaState.TRANSITIONING
+        pending = asyncio.ensure_future(dev.read(0, 8))
+        await asyncio.sleep(1.0)
+        assert not pending.done()
+        assert 1 <= polls <= 6, f"{polls} REPORT TARGET PORT GROUPS rounds in 1 s"
+        lu.states[1] = lu.states[2] = AluaState.ACTIVE_OPTIMIZED
+        assert await asyncio.wait_for(pending, 4) == bytes(8 * 512)
+    finally:
+        if mp is not None:
+            await asyncio.wait_for(mp.close(), 10)
+        for t in targets:
+            await t.stop()
