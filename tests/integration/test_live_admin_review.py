@@ -886,3 +886,32 @@ async def test_qemu_io_rides_through_a_restart(daemon, tmp_path):
     with open(tmp_path / "qemu.img", "rb") as f:
         assert f.read(48 << 20) == b"\x3c" * (48 << 20)
     assert "login.ok" in d.log().split("daemon.stopped", 1)[1], "qemu-io never logged in again"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "server.IscsiServer.notify_luns_changed(target) sends the Async Message to every session of "
+    "the target, not only to those whose LUN map changed (see the review report)"))
+async def test_lun_change_async_message_only_where_the_inventory_changed(daemon, tmp_path):
+    """The Async Message carrying REPORTED LUNS DATA HAS CHANGED (RFC 7143 §11.9.1 event 0)
+    goes to the sessions whose inventory changed: B, whose ACL maps one fixed LUN, is not
+    made to rescan because A's view grew."""
+    portal = free_portals(1)[0]
+    d = daemon(config(tmp_path, target_cfg(
+        IQN, portal, [(0, "n0.img", "8M"), (1, "n1.img", "8M")],
+        acls=[{"initiator": INIT_A}, {"initiator": INIT_B, "lun_map": {"0": 1}}]))).start([portal])
+    a = await login(portal, IQN, INIT_A)
+    b = await login(portal, IQN, INIT_B)
+    got: dict[str, list] = {"a": [], "b": []}
+    a.listeners.append(lambda name, info: got["a"].append(name) if name == "scsi_event" else None)
+    b.listeners.append(lambda name, info: got["b"].append(name) if name == "scsi_event" else None)
+    try:
+        await drain_uas(a, 0)
+        await drain_uas(b, 0)
+        await d.admin("lun", "add", IQN, f"{tmp_path}/n2.img:8M", "--lun", "2")
+        await asyncio.sleep(0.3)
+        assert got["a"], "A's inventory changed and A was not told"
+        assert not got["b"], "B was told of an inventory change that is not its own"
+    finally:
+        await b.close()
+        await a.close()
+    assert d.stop() == 0
