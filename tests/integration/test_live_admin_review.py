@@ -915,3 +915,102 @@ async def test_lun_change_async_message_only_where_the_inventory_changed(daemon,
         await b.close()
         await a.close()
     assert d.stop() == 0
+
+
+async def test_unrelated_admin_changes_leave_sessions_alone(daemon, tmp_path):
+    """Alias, CHAP, a new ACL, a new portal, a new target, a SIGHUP with the file unchanged:
+    none of them concerns the sessions logged in, so their writer sees no unit attention, no
+    Async Message, no reconnect, and every write lands."""
+    p1, p2 = free_portals(2)
+    d = daemon(config(tmp_path, target_cfg(IQN, p1, [(0, "u.img", "8M")], open_access=True,
+                                           acls=[{"initiator": INIT_A}]))).start([p1])
+    a = await login(p1, IQN, INIT_A)
+    b = await login(p1, IQN, INIT_B)
+    events: list[str] = []
+    for s in (a, b):
+        s.listeners.append(lambda name, info: events.append(name))
+    try:
+        devs = [await BlockDevice.open(s, 0) for s in (a, b)]
+        writers = [Writer(dev, 20 + i, i * 4096, 128) for i, dev in enumerate(devs)]
+        await asyncio.sleep(0.1)
+        secret = tmp_path / "s"
+        secret.write_text(SECRET_NEW + "\n")
+        await d.admin("target", "set", IQN, "--alias", "renamed")
+        await d.admin("chap", "set", "--target", IQN, "--initiator", INIT_A, "--username", "u",
+                      "--secret-file", str(secret))
+        await d.admin("acl", "add", IQN, "iqn.2026-11.org.example:live-newcomer")
+        await d.admin("portal", "add", IQN, str(p2))
+        await d.admin("target", "add", IQN2, "--portal", str(p2))
+        os.kill(d.proc.pid, signal.SIGHUP)
+        await asyncio.sleep(0.3)
+        for w in writers:
+            await w.stop()
+            assert not w.errors, w.errors
+            await w.verify()
+        for dev in devs:
+            assert dev.ua_seen == [(0x29, 0x00)], dev.ua_seen  # the first contact only
+        assert events == [], events
+    finally:
+        await b.close()
+        await a.close()
+    assert d.stop() == 0
+
+
+async def test_reload_that_reopens_a_lun_under_writes(daemon, tmp_path):
+    """SIGHUP with a LUN's product string changed reopens that LUN (the same image) while a
+    session writes it: the session stays up, learns the change (a unit attention it retries
+    past), and every acknowledged write is in the image, before and after the swap."""
+    portal = free_portals(1)[0]
+    d = daemon(config(tmp_path, target_cfg(IQN, portal, [(0, "re.img", "8M")], open_access=True))).start([portal])
+    a = await login(portal, IQN, INIT_A)
+    try:
+        dev = await BlockDevice.open(a, 0)
+        writer = Writer(dev, 30, 0, 64)  # a small range: the same blocks rewritten across the swap
+        await asyncio.sleep(0.2)
+        cfg = json.loads(d.config_path.read_text())
+        cfg["targets"][0]["luns"][0]["product"] = "RELOADED"
+        d.config_path.write_text(json.dumps(cfg))
+        before = writer.count_acked
+        os.kill(d.proc.pid, signal.SIGHUP)
+        for _ in range(100):
+            if "lun.closed" in d.log():
+                break
+            await asyncio.sleep(0.05)
+        assert "lun.closed" in d.log(), "the reload did not reopen the LUN"
+        await asyncio.sleep(0.3)
+        await writer.stop()
+        assert not writer.errors, writer.errors
+        assert writer.count_acked > before + 50
+        assert a.is_up
+        assert len(dev.ua_seen) > 1, dev.ua_seen
+        await writer.verify()
+        inq = await dev.inquiry()
+        assert "RELOADED" in str(inq), inq
+    finally:
+        await a.close()
+    assert d.stop() == 0
+    for lba, data in writer.acked.items():
+        assert _image_block(tmp_path / "re.img", lba) == data
+
+
+async def test_removing_lun_0_keeps_report_luns_working_through_it(daemon, tmp_path):
+    """LUN 0 removed under a session that uses LUNs 0 and 1: REPORT LUNS still answers through
+    LUN 0 (SPC-4 §6.33; our initiator and Linux rescan there), lists LUN 1, and clears the
+    condition LUN 1 holds; INQUIRY of LUN 0 says no LU there (qualifier 011b)."""
+    portal = free_portals(1)[0]
+    d = daemon(config(tmp_path, target_cfg(IQN, portal, [(0, "z0.img", "8M"), (1, "z1.img", "8M")],
+                                           open_access=True))).start([portal])
+    a = await login(portal, IQN, INIT_A)
+    a.rescan_soon = lambda: None
+    try:
+        await drain_uas(a, 0)
+        await drain_uas(a, 1)
+        await d.admin("lun", "remove", IQN, "0")
+        status, _, _, data = await raw(a, 0, REPORT_LUNS, read_len=4096)
+        assert status == 0 and data[:4] == (8).to_bytes(4, "big") and data[8:10] == b"\x00\x01", data[:16].hex()
+        assert await pending_ua(a, 1) is None
+        status, _, _, data = await raw(a, 0, bytes([0x12, 0, 0, 0, 36, 0]), read_len=36)
+        assert status == 0 and data[0] >> 5 == 0b011
+    finally:
+        await a.close()
+    assert d.stop() == 0
