@@ -40,6 +40,11 @@ MAX_PATH_RETRIES = 32
 #: While no port group serves I/O, REPORT TARGET PORT GROUPS is asked again this often (an
 #: array's failover takes seconds; dm-multipath's polling_interval is 5 s, but the I/O waits).
 ALUA_POLL_INTERVAL = 0.5
+#: A path that could not log in when the device was opened is tried again in the background,
+#: first after this many seconds, doubling up to REVIVE_MAX_DELAY (dm-multipath keeps checking
+#: failed paths every polling_interval, 5 s, and adds them back when they answer).
+REVIVE_FIRST_DELAY = 1.0
+REVIVE_MAX_DELAY = 30.0
 POLICIES = ("round-robin", "least-queue")
 
 _USABLE = (scsi.AluaState.ACTIVE_OPTIMIZED, scsi.AluaState.ACTIVE_NON_OPTIMIZED,
@@ -105,6 +110,7 @@ class MultipathExecutor:
         self._refreshing: asyncio.Task | None = None
         self._verifying: dict[int, asyncio.Task] = {}
         self._alua_polled = 0.0
+        self._reviving: set[asyncio.Task] = set()
         self.identity = paths[0].identity
         self.failovers = 0
         for p in paths:
@@ -270,7 +276,55 @@ class MultipathExecutor:
             return
 
     # ------------------------------------------------------------------ lifecycle
+    def revive_later(self, url: Any, opener: Callable[[Any], Any]) -> None:
+        """Keep trying to log in through ``url`` (a path that was down when the device was
+        opened) and add it once it is up and leads to this LU; ``opener(url)`` logs in."""
+        t = asyncio.get_running_loop().create_task(self._revive(url, opener))
+        self._reviving.add(t)
+        t.add_done_callback(self._reviving.discard)
+
+    async def _revive(self, url: Any, opener: Callable[[Any], Any]) -> None:
+        from .errors import ConfigError
+        delay = REVIVE_FIRST_DELAY
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, REVIVE_MAX_DELAY)
+            session = None
+            try:
+                session = await opener(url)
+                path = await probe_path(session, url.lun)
+            except ConfigError as exc:
+                event(log, "multipath.path_unused", logging.ERROR, portal=url.portal, error=exc)
+                return
+            except (IscsiError, ScsiError, OSError, asyncio.TimeoutError) as exc:
+                if session is not None:
+                    await session.close(logout=False)
+                event(log, "multipath.path_still_down", logging.INFO, portal=url.portal, error=exc)
+                continue
+            except BaseException:
+                if session is not None:
+                    await session.close(logout=False)
+                raise
+            if path.identity is None or path.identity != self.identity:
+                await session.close()
+                event(log, "multipath.path_refused", logging.ERROR, path=path.name,
+                      reason=f"leads to another logical unit ({path.identity}, not {self.identity})")
+                return
+            if path.alua is not None and not self._alua:
+                path.alua = None               # the device runs without ALUA
+            self.paths.append(path)
+            session.listeners.append(self._path_event(path))
+            event(log, "multipath.path_added", path=path.name)
+            self._change.set()
+            if self._alua:
+                self.refresh_alua_soon()
+            return
+
     async def close(self) -> None:
+        for t in list(self._reviving):
+            t.cancel()
+        if self._reviving:
+            await asyncio.wait(self._reviving)
         for t in self._verifying.values():
             t.cancel()
         await asyncio.gather(*(p.session.close() for p in self.paths), return_exceptions=True)
@@ -305,10 +359,12 @@ async def open_multipath(urls: list, *, policy: str = "round-robin", initiator_n
     live = [(s, u) for s, u in zip(sessions, parsed) if isinstance(s, Session)]
     if not live:
         raise MultipathError(f"no path could log in: {sessions[0]}")
+    down = []
     for s, u in zip(sessions, parsed):
         if not isinstance(s, Session):
-            # Only the paths that logged in are used (a dead one is not retried): say so.
-            event(log, "multipath.path_unused", logging.WARNING, portal=u.portal, error=s)
+            # Used once it answers: tried again in the background (revive_later).
+            event(log, "multipath.path_down", logging.WARNING, portal=u.portal, error=s)
+            down.append(u)
     paths = []
     try:
         for s, u in live:
@@ -333,4 +389,10 @@ async def open_multipath(urls: list, *, policy: str = "round-robin", initiator_n
     except BaseException:
         await mp.close()          # the sessions must not outlive a failed open
         raise
+
+    async def opener(u):
+        return await open_session(u, options=SessionOptions(**vars(opts)), initiator_name=initiator_name,
+                                  keys=keys)
+    for u in down:
+        mp.revive_later(u, opener)
     return mp, dev

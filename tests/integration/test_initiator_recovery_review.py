@@ -38,7 +38,8 @@ BHS_LEN = 48
 class FaultProxy:
     """TCP proxy on 127.0.0.1 with switchable faults (see the module docstring).
 
-    ``mode``: "forward" (default), "blackhole" (accept, read and discard, never answer),
+    ``mode``: "forward" (default), "reset" (accept and close at once: a portal that is down),
+    "blackhole" (accept, read and discard, never answer),
     "redirect" (answer the first Login Request with status 0101h/0102h and ``redirect_to``).
     ``drop_on(pred)``: parse the initiator's PDUs (no digests) and abort the connection pair
     when ``pred(bhs)`` is true for one of them.
@@ -88,6 +89,8 @@ class FaultProxy:
         pair = (cw, None)
         self._pairs.add(pair)
         try:
+            if self.mode == "reset":
+                return
             if self.mode == "blackhole":
                 while await cr.read(65536):
                     pass
@@ -724,3 +727,35 @@ async def test_multipath_all_port_groups_transitioning_then_back():
             await asyncio.wait_for(mp.close(), 10)
         for t in targets:
             await t.stop()
+
+
+async def test_multipath_path_down_at_open_joins_when_it_comes_up(target, monkeypatch):
+    """One portal is down when the device is opened (a switch port, a rebooting controller):
+    the device opens on the other path, and the missing path is tried again in the background
+    and joins once it answers and leads to the same LU; I/O then uses it too."""
+    from iscsi.initiator import multipath as M
+    monkeypatch.setattr(M, "REVIVE_FIRST_DELAY", 0.1, raising=False)
+    pa = await FaultProxy(upstream(target, 0)).start()
+    pb = await FaultProxy(upstream(target, 1)).start()
+    pb.mode = "reset"
+    mp = None
+    try:
+        mp, dev = await open_multipath([url_via(target, pa.port), url_via(target, pb.port)],
+                                       initiator_name=INITIATOR, no_path_timeout=5, options=quick())
+        assert len(mp.paths) == 1
+        await asyncio.sleep(0.3)
+        pb.mode = "forward"
+        for _ in range(100):
+            if len(mp.paths) == 2 and mp.paths[1].usable:
+                break
+            await asyncio.sleep(0.05)
+        assert len(mp.paths) == 2 and mp.paths[1].usable, "the path that came up was not added"
+        b = mp.paths[1].session
+        itt = b._itt
+        await asyncio.gather(*(dev.read(8 * i, 8) for i in range(8)))
+        assert b._itt != itt, "the added path carries no I/O"
+    finally:
+        if mp is not None:
+            await asyncio.wait_for(mp.close(), 10)
+        await pa.close()
+        await pb.close()
