@@ -692,12 +692,25 @@ async def test_lun_remove_under_queued_large_writes_ends_them_cleanly(daemon, tm
                 return
             lba = (lba + 8 * chunk // BS) % ((64 << 20) // BS)
 
+    async def syncer() -> None:  # SYNCHRONIZE CACHE (16) in flight when the LU closes
+        cdb = bytes([0x91]) + bytes(15)
+        while not stop.is_set():
+            try:
+                status, asc, key, _ = await raw(a, 1, cdb)
+            except Exception as e:  # noqa: BLE001 - asserted below
+                outcomes.append((-1, e))
+                return
+            outcomes.append((status, (key, asc)))
+            if status != 0 and key != UNIT_ATTENTION:
+                return
+
     try:
         await drain_uas(a, 0)
         await drain_uas(a, 1)
         dev0 = await BlockDevice.open(a, 0)
         writer = Writer(dev0, 11, 0, 128)
         streams = [asyncio.ensure_future(stream(i)) for i in range(8)]
+        streams += [asyncio.ensure_future(syncer()) for _ in range(2)]
         await asyncio.sleep(0.5)
         await d.admin("lun", "remove", IQN, "1")
         await d.admin("lun", "add", IQN, f"{tmp_path}/fresh.img:64M", "--lun", "2")
@@ -708,7 +721,7 @@ async def test_lun_remove_under_queued_large_writes_ends_them_cleanly(daemon, tm
                                                          (UNIT_ATTENTION, REPORTED_LUNS_CHANGED)))]
         assert not bad, f"writes to the removed LUN ended badly: {bad[:5]}"
         assert sum(1 for o in outcomes if o[0] == 0) > 0
-        assert sum(1 for o in outcomes if o[1] == (ILLEGAL_REQUEST, LU_NOT_SUPPORTED)) == 8
+        assert sum(1 for o in outcomes if o[1] == (ILLEGAL_REQUEST, LU_NOT_SUPPORTED)) == 10
         assert a.is_up
         await writer.stop()
         assert not writer.errors, writer.errors
@@ -1013,4 +1026,34 @@ async def test_removing_lun_0_keeps_report_luns_working_through_it(daemon, tmp_p
         assert status == 0 and data[0] >> 5 == 0b011
     finally:
         await a.close()
+    assert d.stop() == 0
+
+
+async def test_portal_removed_and_added_back_while_a_session_reconnects(daemon, tmp_path):
+    """targetcli-fb #116: a portal taken away and given back must not leave the initiator with
+    I/O errors.  The writer's connection drops while its portal is gone; once the portal is
+    back, the session logs in again (same portal group tag) and the writer never saw an error."""
+    portal = free_portals(1)[0]
+    d = daemon(config(tmp_path, target_cfg(IQN, portal, [(0, "pb.img", "8M")], open_access=True))).start([portal])
+    a = await login(portal, IQN, INIT_A, reconnect=True, command_timeout=30.0)
+    try:
+        writer = Writer(await BlockDevice.open(a, 0), 40, 0, 64)
+        await asyncio.sleep(0.2)
+        await d.admin("portal", "remove", IQN, str(portal))
+        a.conn.abort("test: the network drops the connection")
+        await asyncio.sleep(0.6)
+        assert not a.is_up  # nothing listens: it keeps trying
+        stalled = writer.count_acked
+        res = await d.admin("portal", "add", IQN, str(portal))
+        assert '"tag": 1' in res.stdout or "1" in res.stdout, res.stdout
+        for _ in range(200):
+            if writer.count_acked > stalled + 20:
+                break
+            await asyncio.sleep(0.05)
+        await writer.stop()
+        assert not writer.errors, writer.errors
+        assert writer.count_acked > stalled + 20, "the writer did not resume once the portal was back"
+        await writer.verify()
+    finally:
+        await a.close(logout=a.is_up)
     assert d.stop() == 0
