@@ -1057,3 +1057,96 @@ async def test_portal_removed_and_added_back_while_a_session_reconnects(daemon, 
     finally:
         await a.close(logout=a.is_up)
     assert d.stop() == 0
+
+
+class HoldingRelay:
+    """A loopback TCP relay that forwards the initiator's first PDU (its first Login Request)
+    and holds everything after it until :meth:`release`: a login kept half way (CHAP needs
+    more round trips) while the admin changes the target under it."""
+
+    def __init__(self, upstream) -> None:
+        self.upstream = upstream
+        self.released = asyncio.Event()
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+        self._tasks: list[asyncio.Task] = []
+
+    async def __aenter__(self) -> "HoldingRelay":
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.released.set()
+        self.server.close()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def release(self) -> None:
+        self.released.set()
+
+    async def _serve(self, reader, writer) -> None:
+        up_r, up_w = await asyncio.open_connection(self.upstream.host, self.upstream.port)
+
+        async def pump(src, dst, hold: bool) -> None:
+            try:
+                if hold:
+                    bhs = await src.readexactly(48)
+                    dlen = int.from_bytes(bhs[5:8], "big")
+                    dst.write(bhs + await src.readexactly(bhs[4] * 4 + (dlen + 3) // 4 * 4))
+                    await self.released.wait()
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                dst.close()
+
+        self._tasks += [asyncio.ensure_future(pump(reader, up_w, True)),
+                        asyncio.ensure_future(pump(up_r, writer, False))]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "target/login.py takes the target and grant at the first Login Request and never looks "
+    "again before Full Feature Phase (see the review report for the change)"))
+@pytest.mark.parametrize("change", ["target", "acl"])
+async def test_admin_change_during_a_login_in_progress(daemon, tmp_path, change):
+    """A login half way through CHAP when the target is removed (or the initiator's ACL
+    revoked) must not end in a session: its target and grant were looked up at the first
+    Login Request, and the admin's session drop ran before the session existed.  Before the
+    fix the login completed, onto closed images or past the revoked ACL."""
+    from iscsi.initiator.errors import LoginError as InitLoginError
+
+    portal = free_portals(1)[0]
+    d = daemon(config(tmp_path, target_cfg(
+        IQN, portal, [(0, "li.img", "8M")], acls=[{"initiator": INIT_A}],
+        chap={"username": "alice", "secret": SECRET_OLD}))).start([portal])
+    async with HoldingRelay(portal) as relay:
+        via = f"127.0.0.1:{relay.port}"
+        login_task = asyncio.ensure_future(login(via, IQN, INIT_A, auth=f"alice%{SECRET_OLD}@"))
+        for _ in range(100):
+            if "login" in d.log() and relay._tasks:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)  # the first Login Request has reached the target
+        if change == "target":
+            await d.admin("target", "remove", IQN, "--force")
+        else:
+            await d.admin("acl", "remove", IQN, INIT_A)
+        relay.release()
+        try:
+            session = await asyncio.wait_for(login_task, 15)
+        except InitLoginError:
+            session = None
+        if session is not None:
+            try:
+                status, asc, key, _ = await raw(session, 0, bytes([0x88]) + bytes(9) + (1).to_bytes(4, "big")
+                                                + bytes(2), read_len=BS)
+            except Exception:  # noqa: BLE001 - a dropped session is a fine outcome
+                status = None
+            finally:
+                await session.close(logout=False)
+            pytest.fail(f"the login completed after the {change} change (a READ then got {status}, {key}, {asc})")
+    assert d.stop() == 0
