@@ -596,6 +596,16 @@ async def test_racing_admin_commands_are_serialized(daemon, tmp_path):
         assert len({l["path"] for l in saved}) == 7
         status, _, _, data = await raw(a, 0, REPORT_LUNS, read_len=4096)
         assert status == 0 and int.from_bytes(data[:4], "big") == 7 * 8
+        # two admins wanting the same LUN number: one gets it, the other is told, and leaves
+        # no image of its own behind
+        both = await asyncio.gather(*(d.admin("lun", "add", IQN, f"{tmp_path}/nine{i}.img:4M", "--lun", "9",
+                                              check=False) for i in range(2)))
+        assert sorted(r.returncode == 0 for r in both) == [False, True], [(r.returncode, r.stderr) for r in both]
+        loser = [i for i, r in enumerate(both) if r.returncode != 0][0]
+        assert "LUN 9" in both[loser].stderr, both[loser].stderr
+        assert not (tmp_path / f"nine{loser}.img").exists()
+        saved = json.loads(d.config_path.read_text())["targets"][0]["luns"]
+        assert [Path(l["path"]).name for l in saved if l["number"] == 9] == [f"nine{1 - loser}.img"]
         await asyncio.sleep(0.2)
         await writer.stop()
         assert not writer.errors, writer.errors
@@ -605,7 +615,7 @@ async def test_racing_admin_commands_are_serialized(daemon, tmp_path):
     assert d.stop() == 0
     d.start([portal])  # the file the race left behind starts as it was
     res = await d.admin("lun", "list", IQN, "--json")
-    assert sorted(row["lun"] for row in json.loads(res.stdout)) == list(range(7))
+    assert sorted(row["lun"] for row in json.loads(res.stdout)) == list(range(7)) + [9]
     assert d.stop() == 0
 
 
