@@ -27,7 +27,7 @@ from typing import Any, Callable
 from ..log import event
 from . import scsi
 from .device import BlockDevice, check_lu_present
-from .errors import ConnectionLost, IscsiError, ScsiError, SessionFailed
+from .errors import CommandTimeout, ConnectionLost, IscsiError, ScsiError, SessionFailed
 from .session import Session, SessionOptions, State
 
 log = logging.getLogger("iscsi.initiator.multipath")
@@ -130,8 +130,11 @@ class MultipathExecutor:
         return on_event
 
     # ------------------------------------------------------------------ path choice
-    def _pick(self) -> Path | None:
+    def _pick(self, avoid: set[int] | None = None) -> Path | None:
         usable = [p for p in self.paths if p.usable]
+        if avoid:
+            # Paths this command already timed out on, unless nothing else is left.
+            usable = [p for p in usable if id(p) not in avoid] or usable
         if not usable:
             return None
         best = [p for p in usable if p.alua in (None, scsi.AluaState.ACTIVE_OPTIMIZED)]
@@ -141,10 +144,10 @@ class MultipathExecutor:
         self._rr += 1
         return candidates[self._rr % len(candidates)]
 
-    async def _wait_for_path(self, deadline: float) -> Path:
+    async def _wait_for_path(self, deadline: float, avoid: set[int] | None = None) -> Path:
         loop = asyncio.get_running_loop()
         while True:
-            path = self._pick()
+            path = self._pick(avoid)
             if path is not None:
                 return path
             if all(p.session.state == State.CLOSED or p.refused for p in self.paths):
@@ -178,11 +181,25 @@ class MultipathExecutor:
         deadline = loop.time() + self.no_path_timeout
         last_exc: BaseException | None = None
         resends = 0          # sends after a path lost the command (it may have been carried out)
+        timed_out: set[int] = set()
         for _ in range(MAX_PATH_RETRIES):
-            path = await self._wait_for_path(deadline)
+            path = await self._wait_for_path(deadline, timed_out)
             try:
                 task = await path.session.execute(path.lun, cdb, read_len=read_len, data=data, buf=buf,
                                                   attr=attr, timeout=timeout)
+            except CommandTimeout as exc:
+                # The path's target port or link stalls (the session aborted the command and
+                # checks the connection).  Another path may answer: try it there, as
+                # dm-multipath retries a command the SCSI error handler failed on one path.
+                if not any(p.usable and p is not path and id(p) not in timed_out for p in self.paths):
+                    raise
+                timed_out.add(id(path))
+                last_exc = exc
+                path.failures += 1
+                self.failovers += 1
+                resends += 1
+                event(log, "multipath.failover", logging.WARNING, path=path.name, error=exc)
+                continue
             except (ConnectionLost, SessionFailed) as exc:
                 last_exc = exc
                 path.failures += 1

@@ -55,6 +55,9 @@ class FaultProxy:
         #: target carries the command out, the initiator never hears of it.
         self.lose_answer_pred = None
         self._muted: set[asyncio.StreamWriter] = set()
+        #: Cleared = every established connection stalls (bytes held, nothing closed).
+        self.flowing = asyncio.Event()
+        self.flowing.set()
         self.accepted = 0
         self.dropped_on_pred = 0
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter | None]] = set()
@@ -114,7 +117,7 @@ class FaultProxy:
             pair = (cw, uw)
             self._pairs.add(pair)
             up = asyncio.ensure_future(self._pump_up(cr, uw, cw))
-            down = asyncio.ensure_future(self._pump(ur, cw, self._muted))
+            down = asyncio.ensure_future(self._pump(ur, cw, self._muted, self.flowing))
             self._tasks.update((up, down))
             try:
                 await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
@@ -131,13 +134,14 @@ class FaultProxy:
             self._tasks.discard(me)
 
     @staticmethod
-    async def _pump(r: asyncio.StreamReader, w: asyncio.StreamWriter, muted: set = frozenset()) -> None:
+    async def _pump(r: asyncio.StreamReader, w: asyncio.StreamWriter, muted: set, flowing: asyncio.Event) -> None:
         while True:
             data = await r.read(65536)
             if not data:
                 return
             if w in muted:
                 continue
+            await flowing.wait()
             w.write(data)
             await w.drain()
 
@@ -149,6 +153,7 @@ class FaultProxy:
             ahs = hdr[4] * 4
             dlen = int.from_bytes(hdr[5:8], "big")
             rest = await r.readexactly(ahs + dlen + (-dlen & 3)) if ahs or dlen else b""
+            await self.flowing.wait()
             if self.drop_pred is not None and self.drop_pred(hdr):
                 self.dropped_on_pred += 1
                 cw.transport.abort()
@@ -755,6 +760,37 @@ async def test_multipath_path_down_at_open_joins_when_it_comes_up(target, monkey
         await asyncio.gather(*(dev.read(8 * i, 8) for i in range(8)))
         assert b._itt != itt, "the added path carries no I/O"
     finally:
+        if mp is not None:
+            await asyncio.wait_for(mp.close(), 10)
+        await pa.close()
+        await pb.close()
+
+
+async def test_multipath_command_timing_out_on_a_stalled_path_completes_on_the_other(target, monkeypatch):
+    """Path A's link stalls (nothing closes, nothing moves: a hung switch port).  A command
+    sent there times out and its ABORT TASK is not answered; with path B healthy the caller
+    must not get CommandTimeout: the command is sent again on B.  Path A is then dropped by
+    the session's liveness check and comes back when the link moves again."""
+    from iscsi.initiator import session as S
+    monkeypatch.setattr(S, "ABORT_TIMEOUT", 0.5, raising=False)
+    pa = await FaultProxy(upstream(target, 0)).start()
+    pb = await FaultProxy(upstream(target, 1)).start()
+    mp = None
+    try:
+        mp, dev = await open_multipath([url_via(target, pa.port), url_via(target, pb.port)],
+                                       initiator_name=INITIATOR, no_path_timeout=10,
+                                       options=quick(command_timeout=0.5, noop_timeout=0.5, login_timeout=2.0))
+        await dev.write(4000, _pattern(4000, 8))
+        pa.flowing.clear()
+        t0 = time.monotonic()
+        got = await asyncio.wait_for(asyncio.gather(*(dev.read(4000, 8) for _ in range(6))), 10)
+        assert all(g == _pattern(4000, 8) for g in got)
+        assert mp.failovers >= 1 and time.monotonic() - t0 < 5
+        await mp.paths[0].session.wait_state(State.RECOVERING, State.LOGGING_IN, timeout=5)
+        pa.flowing.set()
+        await mp.paths[0].session.wait_state(State.LOGGED_IN, timeout=10)
+    finally:
+        pa.flowing.set()
         if mp is not None:
             await asyncio.wait_for(mp.close(), 10)
         await pa.close()
