@@ -11,8 +11,8 @@ from collections import OrderedDict
 from . import sense as S
 from .types import ITNexus
 
-# A handful of distinct conditions is all an initiator ever has queued; past this the
-# oldest non-reset ones are dropped (SPC-4 §5.14 lets a device server discard UAs it
+# A handful of distinct conditions is all an initiator ever has queued; past this a new
+# non-reset condition is not queued (SPC-4 §5.14 lets a device server discard UAs it
 # cannot queue, as long as the reset class is kept).
 MAX_PENDING_PER_NEXUS = 16
 # Nexuses remembered per LU.  A forgotten nexus comes back as "never seen" and gets a
