@@ -792,9 +792,12 @@ def from_dict(data: Any) -> Config:
                 if not isinstance(lun_map, dict):
                     raise ConfigError(f"{aw}.lun_map: expected an object of \"acl_lun\": target_lun")
                 try:
+                    lun_map_in = lun_map
                     lun_map = {int(k): v for k, v in lun_map.items()}
                 except ValueError:
                     raise ConfigError(f"{aw}.lun_map: keys must be LUN numbers") from None
+                if len(lun_map) != len(lun_map_in):  # "0" and "00"
+                    raise ConfigError(f"{aw}.lun_map: one ACL LUN is given twice")
             target.acls.append(
                 Acl(ad["initiator"], lun_map, _chap_from(ad.get("chap"), f"{aw}.chap"), ad.get("params") or {})
             )
@@ -803,9 +806,21 @@ def from_dict(data: Any) -> Config:
     return cfg
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads keeps the last of two equal keys: in a hand-edited config the first
+    (``"read_only": true`` ... ``"read_only": false``) would be ignored without a word."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ConfigError(f"key {key!r} appears twice in one object; JSON would keep only the last: "
+                              "say it once")
+        out[key] = value
+    return out
+
+
 def loads(text: str) -> Config:
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise ConfigError(f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:  # "[[[[...": no config nests more than a few levels

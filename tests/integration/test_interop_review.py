@@ -100,6 +100,16 @@ def _target(portals: list[str], luns: list[Lun], **kw) -> Target:
 
 
 @pytest.fixture
+def busy_portal():
+    """A portal some other socket listens on: a config that passes by mistake fails at once
+    ('cannot listen') instead of serving until the test times out."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        yield f"127.0.0.1:{busy.getsockname()[1]}"
+
+
+@pytest.fixture
 def daemon(tmp_path):
     port = _free_port()
     with Daemon(tmp_path, [_target([f"127.0.0.1:{port}"], [Lun(0, "l0.img", 4 * MIB)])]) as d:
@@ -132,9 +142,9 @@ def test_lun_add_and_resize_past_a_linux_file_name_the_limit(daemon, tmp_path):
     assert daemon.raw({"op": "status", "args": {}})["ok"] is True
 
 
-def test_a_config_file_with_a_huge_size_names_the_entry(tmp_path):
+def test_a_config_file_with_a_huge_size_names_the_entry(tmp_path, busy_portal):
     (tmp_path / "a.img").write_bytes(bytes(MIB))  # exists: the daemon would grow it to the config's size
-    cfg = {"version": 1, "targets": [{"iqn": T, "portal_groups": [{"tag": 1, "portals": ["127.0.0.1:1"]}],
+    cfg = {"version": 1, "targets": [{"iqn": T, "portal_groups": [{"tag": 1, "portals": [busy_portal]}],
                                       "luns": [{"number": 0, "path": str(tmp_path / "a.img"), "size": 2**70}]}]}
     path = tmp_path / "c.json"
     path.write_text(json.dumps(cfg))
@@ -211,8 +221,8 @@ def test_lun_specs_with_colons_in_real_file_names_still_parse():
     assert C.parse_lun_spec("/d/a.img:readonly").path == "/d/a.img:readonly"  # no option: a name
 
 
-def test_a_path_with_a_nul_byte_is_refused_by_name(daemon, tmp_path):
-    cfg = {"version": 1, "targets": [{"iqn": T, "portal_groups": [{"tag": 1, "portals": ["127.0.0.1:1"]}],
+def test_a_path_with_a_nul_byte_is_refused_by_name(daemon, tmp_path, busy_portal):
+    cfg = {"version": 1, "targets": [{"iqn": T, "portal_groups": [{"tag": 1, "portals": [busy_portal]}],
                                       "luns": [{"number": 0, "path": "a\u0000.img", "size": MIB}]}]}
     path = tmp_path / "c.json"
     path.write_text(json.dumps(cfg))
@@ -419,3 +429,34 @@ def test_acl_add_with_one_acl_lun_mapped_twice_is_refused(tmp_path):
                                                "lun_map": {"0": 0, "00": 1}}})
         assert res["ok"] is False and "twice" in res["error"], res
         assert d.path.read_text() == before
+
+
+# --------------------------------------------------------------------------- hand-edited config files
+
+
+def _serve_config(tmp: Path, text: str):
+    path = tmp / "c.json"
+    path.write_text(text)
+    path.chmod(0o600)
+    return cli("--control", str(tmp / "c.sock"), "serve", "--config", str(path))
+
+
+def test_a_config_key_given_twice_is_refused_not_last_one_wins(tmp_path, busy_portal):
+    """The admin adds "read_only": true above the generated "read_only": false."""
+    text = ('{"version": 1, "targets": [{"iqn": "%s", "portal_groups": [{"tag": 1, "portals": ["%s"]}],'
+            ' "luns": [{"number": 0, "path": "a.img", "size": 1048576, "read_only": true, "read_only": false}]}]}'
+            % (T, busy_portal))
+    r = _serve_config(tmp_path, text)
+    assert r.exit_code == 1
+    _one_line_error(r.output, "'read_only' appears twice")
+    assert not (tmp_path / "a.img").exists()
+
+
+def test_a_config_lun_map_naming_one_acl_lun_twice_is_refused(tmp_path, busy_portal):
+    text = json.dumps({"version": 1, "targets": [{
+        "iqn": T, "portal_groups": [{"tag": 1, "portals": [busy_portal]}],
+        "luns": [{"number": 0, "path": "a.img", "size": MIB}, {"number": 1, "path": "b.img", "size": MIB}],
+        "acls": [{"initiator": "iqn.2026-11.org.example:i", "lun_map": {"0": 0, "00": 1}}]}]})
+    r = _serve_config(tmp_path, text)
+    assert r.exit_code == 1
+    _one_line_error(r.output, "acls[0]", "lun_map", "twice")
