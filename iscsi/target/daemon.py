@@ -533,11 +533,17 @@ class TargetRuntime:
         return groups or [(nexus.target_port_group, 0, [nexus.relative_port_id])]
 
     def addresses(self, local_host: str) -> list[str]:
-        """TargetAddress values (RFC 7143 §13.8): ``addr:port,tpgt``; wildcards become ``local_host``."""
+        """TargetAddress values (RFC 7143 §13.8): ``addr:port,tpgt``; wildcards become ``local_host``.
+
+        Only wildcards of ``local_host``'s family: [::] listens with IPV6_V6ONLY and 0.0.0.0
+        takes no IPv6, so 127.0.0.1 on the port of a [::] portal (or [::1] on a 0.0.0.0 one)
+        is an address nobody answers at, and multipath initiators log in to every address."""
         out: list[str] = []
         for tag, portal in self.cfg.portals():
             host, port = C.parse_portal(portal)
             if C.is_wildcard(host):
+                if (":" in host) != (":" in local_host):
+                    continue
                 host = local_host
             text = f"{C.format_portal(host, port)},{tag}"
             if text not in out:

@@ -460,3 +460,18 @@ def test_a_config_lun_map_naming_one_acl_lun_twice_is_refused(tmp_path, busy_por
     r = _serve_config(tmp_path, text)
     assert r.exit_code == 1
     _one_line_error(r.output, "acls[0]", "lun_map", "twice")
+
+
+# --------------------------------------------------------------------------- SendTargets
+
+
+def test_send_targets_offers_wildcard_portals_only_in_their_own_family():
+    """Found with iscsi-ls --url: discovery through 127.0.0.1 listed 127.0.0.1:P for a [::]:P
+    portal, which (IPV6_V6ONLY) never answers there; and [::1]:Q for a 0.0.0.0:Q portal."""
+    from iscsi.target.daemon import TargetRuntime
+
+    rt = TargetRuntime(Target(iqn=T, portal_groups=[
+        PortalGroup(1, ["127.0.0.1:3260", "[::1]:3260"]), PortalGroup(2, ["0.0.0.0:3261"]),
+        PortalGroup(3, ["[::]:3262"])]))
+    assert rt.addresses("127.0.0.1") == ["127.0.0.1:3260,1", "[::1]:3260,1", "127.0.0.1:3261,2"]
+    assert rt.addresses("::1") == ["127.0.0.1:3260,1", "[::1]:3260,1", "[::1]:3262,3"]
