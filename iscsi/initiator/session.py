@@ -501,7 +501,7 @@ class Session:
         elif state == State.RECOVERING and (self._expired or self.opts.fail_fast):
             self._finish(task, ConnectionLost(f"path {self.portal} is down") if self.opts.fail_fast
                          else SessionFailed(f"session to {self.portal} not recovered within "
-                                            f"{self.opts.replacement_timeout:.0f}s"
+                                            f"{self.opts.replacement_timeout:g}s"
                                             + (f" (last attempt: {self._last_error})"
                                                if self._last_error is not None else "")))
         else:
@@ -1008,7 +1008,7 @@ class Session:
         self._waiting.clear()
         for t in waiting:
             self._finish(t, SessionFailed(
-                f"session to {self.portal} not recovered within {self.opts.replacement_timeout:.0f}s{why}"))
+                f"session to {self.portal} not recovered within {self.opts.replacement_timeout:g}s{why}"))
         self._emit("expired")
 
     # ------------------------------------------------------------------ LUN inventory

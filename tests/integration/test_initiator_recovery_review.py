@@ -795,3 +795,24 @@ async def test_multipath_command_timing_out_on_a_stalled_path_completes_on_the_o
             await asyncio.wait_for(mp.close(), 10)
         await pa.close()
         await pb.close()
+
+
+async def test_reconnect_to_a_portal_that_no_longer_has_our_target_names_the_cause(target, tmp_path):
+    """Behind our portal there is now another target (renamed / re-provisioned): the login
+    says "target not found" (0203h); after the replacement timeout the caller's error says so."""
+    other = make_peer("sanstack", tmp_path / "renamed", size="8M", iqn="iqn.2026-11.org.example:renamed")
+    other.start()
+    proxy = await FaultProxy(upstream(target)).start()
+    try:
+        s, dev = await open_device(url_via(target, proxy.port), initiator_name=INITIATOR,
+                                   options=quick(replacement_timeout=1.5))
+        try:
+            proxy.upstream = upstream(other)
+            proxy.drop_all()
+            with pytest.raises(SessionFailed, match=r"not recovered within 1.5s \(last attempt: .*0x0203"):
+                await asyncio.wait_for(dev.read(0, 1), 10)
+        finally:
+            await asyncio.wait_for(s.close(logout=False), 5)
+    finally:
+        await proxy.close()
+        other.stop()
