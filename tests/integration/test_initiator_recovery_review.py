@@ -60,6 +60,8 @@ class FaultProxy:
         self.flowing.set()
         self.accepted = 0
         self.dropped_on_pred = 0
+        #: (opcode, LBA) of every READ (16) / WRITE (16) the initiator sent through us.
+        self.commands: list[tuple[int, int]] = []
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter | None]] = set()
         self._tasks: set[asyncio.Task] = set()
         self.server: asyncio.AbstractServer | None = None
@@ -154,6 +156,8 @@ class FaultProxy:
             dlen = int.from_bytes(hdr[5:8], "big")
             rest = await r.readexactly(ahs + dlen + (-dlen & 3)) if ahs or dlen else b""
             await self.flowing.wait()
+            if hdr[0] & 0x3F == 0x01 and hdr[32] in (0x88, 0x8A):      # READ/WRITE (16)
+                self.commands.append((hdr[32], struct.unpack_from(">Q", hdr, 34)[0]))
             if self.drop_pred is not None and self.drop_pred(hdr):
                 self.dropped_on_pred += 1
                 cw.transport.abort()
@@ -816,3 +820,33 @@ async def test_reconnect_to_a_portal_that_no_longer_has_our_target_names_the_cau
     finally:
         await proxy.close()
         other.stop()
+
+
+async def test_connection_loss_resends_each_unfinished_command_exactly_once(target):
+    """Connection lost with writes in flight: after reinstatement every unfinished command is
+    sent once more, a finished one never, nothing twice (counted on the wire)."""
+    from collections import Counter
+    proxy = await FaultProxy(upstream(target)).start()
+    try:
+        s, dev = await open_device(url_via(target, proxy.port), initiator_name=INITIATOR, options=quick())
+        try:
+            lbas = [6000 + 8 * i for i in range(64)]
+            writes = [asyncio.ensure_future(dev.write(lba, _pattern(lba, 8))) for lba in lbas]
+            for _ in range(1000):
+                if s.in_flight:
+                    break
+                await asyncio.sleep(0)
+            unfinished = {t.cdb and struct.unpack_from(">Q", t.cdb, 2)[0] for t in s._tasks.values()}
+            assert unfinished
+            proxy.drop_all()
+            await asyncio.wait_for(asyncio.gather(*writes), 10)
+            sent = Counter(lba for op, lba in proxy.commands if op == 0x8A and lba in set(lbas))
+            assert set(sent) == set(lbas)
+            twice = {lba for lba, n in sent.items() if n == 2}
+            assert max(sent.values()) <= 2 and twice <= unfinished, (twice - unfinished)
+            for lba in lbas:
+                assert await dev.read(lba, 8) == _pattern(lba, 8)
+        finally:
+            await asyncio.wait_for(s.close(logout=False), 5)
+    finally:
+        await proxy.close()
