@@ -154,7 +154,12 @@ def _call(control: Path | None, op: str, /, **args: Any) -> Any:
     ctx = click.get_current_context()
     path = control or (ctx.find_root().obj or {}).get("control") or default_control_path()
     try:
-        return ControlClient(path).call(op, **args)
+        res = ControlClient(path).call(op, **args)
+        if isinstance(res, dict) and res.get("not_saved"):
+            ctx.call_on_close(lambda: click.echo(
+                "iscsi-target: note: this daemon runs a quick-start setup (serve --target/--lun), which has no "
+                "config file: the change lasts until the daemon stops (serve --config FILE keeps changes)", err=True))
+        return res
     except DaemonNotRunning as e:
         raise NoDaemon(f"{e}; start the daemon with `iscsi-target serve` (or pass --control PATH)") from None
     except ControlError as e:

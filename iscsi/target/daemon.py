@@ -748,6 +748,8 @@ class TargetDaemon:
                 result = await result
             await self._apply(new, save=True)
         event(log, "config.changed", op=what, persisted=self.config_path is not None)
+        if self.config_path is None and isinstance(result, dict):
+            result["not_saved"] = True  # quick start: the admin is told the change ends with the daemon
         return result
 
     async def reload(self) -> dict:

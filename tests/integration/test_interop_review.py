@@ -475,3 +475,29 @@ def test_send_targets_offers_wildcard_portals_only_in_their_own_family():
         PortalGroup(3, ["[::]:3262"])]))
     assert rt.addresses("127.0.0.1") == ["127.0.0.1:3260,1", "[::1]:3260,1", "127.0.0.1:3261,2"]
     assert rt.addresses("::1") == ["127.0.0.1:3260,1", "[::1]:3260,1", "[::1]:3262,3"]
+
+
+class QuickStartDaemon(ThreadedDaemon):
+    """What ``serve --target --lun`` runs: a daemon without a config file behind it."""
+
+    def _main(self) -> None:
+        import asyncio
+
+        from iscsi.target.daemon import TargetDaemon
+
+        asyncio.set_event_loop(self.loop)
+        self.daemon = TargetDaemon(C.load_config(self.path), None, control_path=self.ctl)
+        self.loop.run_until_complete(self.daemon.start())
+        self.ready.set()
+        self.loop.run_until_complete(self.daemon._stop.wait())
+        self.loop.run_until_complete(self.daemon.stop())
+
+
+def test_a_change_to_a_quick_start_daemon_says_it_is_not_saved(tmp_path):
+    cfg = CLI.quickstart_config(T, [f"{tmp_path}/q0.img:1M"], [f"127.0.0.1:{_free_port()}"])
+    with QuickStartDaemon(cfg, tmp_path / "only-read-at-start.json", prefix="irq") as d:
+        r = cli("--control", str(d.ctl), "lun", "add", T, f"{tmp_path}/q1.img:1M")
+        assert r.exit_code == 0, r.output
+        assert "LUN 1 added" in r.output and "lasts until the daemon stops" in r.output, r.output
+        r = cli("--control", str(d.ctl), "lun", "list")
+        assert "lasts until" not in r.output  # only changes carry the note
