@@ -446,7 +446,24 @@ class Config:
                 raise ConfigError(f"{where}: a target with this name is already defined")
             seen_targets.add(target.iqn)
             _validate_target(self, target, where, seen_images)
+        self._check_serials_unique()
         self._check_secret_reuse()
+
+    def _check_serials_unique(self) -> None:
+        """The serial is what VPD 0x80 reports and what the LU's NAA and T10 designators in VPD
+        0x83 derive from (SPC-4 §7.8.6: they identify one logical unit). Two LUs with one
+        serial look like two paths to one disk: dm-multipath and ESXi merge them and spread
+        writes meant for one image over both."""
+        seen: dict[str, str] = {}
+        for ti, target in enumerate(self.targets):
+            for li, lun in enumerate(target.luns):
+                serial = self.serial_for(target, lun)
+                where = f"targets[{ti}] ({target.iqn}).luns[{li}] (LUN {lun.number})"
+                if serial in seen:
+                    raise ConfigError(
+                        f"{where}.serial: {serial} is already the serial of {seen[serial]}; initiators "
+                        "(multipath, ESXi) would take the two LUs for paths to one disk. Give each its own")
+                seen[serial] = f"{target.iqn} LUN {lun.number}"
 
     def _chap_places(self) -> Iterator[tuple[str, ChapConfig]]:
         if self.discovery_auth is not None:

@@ -501,3 +501,26 @@ def test_a_change_to_a_quick_start_daemon_says_it_is_not_saved(tmp_path):
         assert "LUN 1 added" in r.output and "lasts until the daemon stops" in r.output, r.output
         r = cli("--control", str(d.ctl), "lun", "list")
         assert "lasts until" not in r.output  # only changes carry the note
+
+
+# --------------------------------------------------------------------------- LU identity
+
+
+def test_two_luns_with_one_serial_are_refused(tmp_path):
+    """Both reported one NAA, one T10 id and one unit serial (found with iscsi-inq -e 1 -c 131):
+    multipath takes two disks for two paths to one."""
+    port = _free_port()
+    t2 = "iqn.2026-11.org.example:review2"
+    targets = [_target([f"127.0.0.1:{port}"], [Lun(0, "a.img", MIB, serial="SAME1")]),
+               _target([f"127.0.0.1:{port}"], [Lun(0, "b.img", MIB)], iqn=t2)]
+    with Daemon(tmp_path, targets) as d:
+        before = d.path.read_text()
+        r = d.cli("lun", "add", "--serial", "SAME1", t2, f"{tmp_path}/c.img:1M")
+        assert r.exit_code == 1
+        _one_line_error(r.output, "SAME1", f"{T} LUN 0", "paths to one disk")
+        taken = json.loads(d.cli("lun", "list", "--json", t2).output)[0]["serial"]  # a derived one
+        r = d.cli("lun", "add", "--serial", taken, T, f"{tmp_path}/c.img:1M")
+        assert r.exit_code == 1
+        _one_line_error(r.output, taken, "review2", "paths to one disk")
+        assert d.path.read_text() == before
+        assert not (tmp_path / "c.img").exists()
