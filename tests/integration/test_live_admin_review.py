@@ -76,7 +76,7 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
         self.log_path = workdir / "daemon.log"
 
-    def start(self, portals) -> "Daemon":
+    def start(self, portals) -> Daemon:
         self.portals = list(portals)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
@@ -104,7 +104,7 @@ class Daemon:
             stdin=asyncio.subprocess.DEVNULL, env=_env())
         try:
             out, err = await asyncio.wait_for(proc.communicate(), ADMIN_TIMEOUT)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             await proc.wait()
             raise AssertionError(f"admin {' '.join(args)} hung{self._tail()}") from None
@@ -287,7 +287,8 @@ async def test_resize_during_writes_reaches_every_nexus_and_keeps_data(daemon, t
     a libiscsi session all get CAPACITY DATA HAS CHANGED, READ CAPACITY says the new size,
     the blocks past the old end are writable, and every acknowledged write is intact.  A
     shrink without --force is refused and changes nothing."""
-    from tools.libiscsi import CheckCondition, Session as LibSession
+    from tools.libiscsi import CheckCondition
+    from tools.libiscsi import Session as LibSession
 
     from .conftest import require_qemu_iscsi
 
@@ -502,7 +503,8 @@ async def test_reload_and_restart_with_clients_attached(daemon, tmp_path):
     the LUN) and through SIGTERM + start on the same file (it reconnects by itself).  Every
     acknowledged write (the ones before SYNCHRONIZE CACHE above all) is there afterwards, and
     a reservation made with APTPL=1 holds across the restart (SPC-4 §5.13.5)."""
-    from tools.libiscsi import CheckCondition, Session as LibSession
+    from tools.libiscsi import CheckCondition
+    from tools.libiscsi import Session as LibSession
 
     portal = free_portals(1)[0]
     d = daemon(config(tmp_path, target_cfg(IQN, portal, [(0, "keep.img", "16M")], open_access=True))).start([portal])
@@ -778,7 +780,7 @@ async def test_portal_remove_keeps_sessions_and_other_targets(daemon, tmp_path):
             await w.stop()
             assert not w.errors, w.errors
             await w.verify()
-        assert "1" in res.stdout or "connection" in res.stdout.lower(), res.stdout
+        assert f"portal {p1} removed (TPGT 1)" in res.stdout, res.stdout
     finally:
         await c.close()
         await a.close()
@@ -1055,7 +1057,7 @@ async def test_portal_removed_and_added_back_while_a_session_reconnects(daemon, 
         assert not a.is_up  # nothing listens: it keeps trying
         stalled = writer.count_acked
         res = await d.admin("portal", "add", IQN, str(portal))
-        assert '"tag": 1' in res.stdout or "1" in res.stdout, res.stdout
+        assert "added (TPGT 1)" in res.stdout, res.stdout  # the tag the session logged in with
         for _ in range(200):
             if writer.count_acked > stalled + 20:
                 break
@@ -1081,7 +1083,7 @@ class HoldingRelay:
         self.port = 0
         self._tasks: list[asyncio.Task] = []
 
-    async def __aenter__(self) -> "HoldingRelay":
+    async def __aenter__(self) -> HoldingRelay:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
