@@ -58,6 +58,17 @@ def check_lu_present(lun: int, inq: Any) -> None:
                                    f"device type 0x{inq.device_type:02x})")
 
 
+async def _all_or_first_error(commands: Iterable[Any]) -> None:
+    """Run the pieces of one split transfer together; when one fails, raise its error only
+    after every other piece has ended.  (A plain gather raises at the first error while the
+    other pieces still run: READ data would land in the caller's buffer, and WRITE data on
+    the medium, after the caller was told the transfer failed.)"""
+    results = await asyncio.gather(*commands, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+
+
 class Executor(Protocol):
     listeners: list
 
@@ -291,10 +302,10 @@ class BlockDevice:
         if count <= step:
             await self.command(scsi.read16(lba, count, fua=fua), read_len=count * bs, buf=view)
             return
-        await asyncio.gather(*(
+        await _all_or_first_error(
             self.command(scsi.read16(lba + i, min(step, count - i), fua=fua),
                          read_len=min(step, count - i) * bs, buf=view[i * bs:(i + min(step, count - i)) * bs])
-            for i in range(0, count, step)))
+            for i in range(0, count, step))
 
     async def write(self, lba: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         """Write whole blocks at ``lba``; with ``fua`` the data is durable when this returns."""
@@ -308,10 +319,10 @@ class BlockDevice:
         if count <= step:
             await self.command(scsi.write16(lba, count, fua=fua), data=view)
             return
-        await asyncio.gather(*(
+        await _all_or_first_error(
             self.command(scsi.write16(lba + i, min(step, count - i), fua=fua),
                          data=view[i * bs:(i + min(step, count - i)) * bs])
-            for i in range(0, count, step)))
+            for i in range(0, count, step))
 
     async def flush(self) -> None:
         """SYNCHRONIZE CACHE (16) over the whole medium (10 when 16 is not supported)."""

@@ -850,3 +850,44 @@ async def test_connection_loss_resends_each_unfinished_command_exactly_once(targ
             await asyncio.wait_for(s.close(logout=False), 5)
     finally:
         await proxy.close()
+
+
+# --------------------------------------------------------------------------- split transfers
+@pytest.mark.parametrize("op", ["read_into", "write"])
+async def test_split_transfer_reports_a_failed_piece_only_after_the_others_ended(op):
+    """A transfer larger than the target's maximum is split; when one piece fails the caller's
+    error must come after the other pieces ended: else their READ data lands in the caller's
+    buffer (or their WRITE on the medium) after the caller was told it failed, and it may
+    already be reusing that buffer or retrying that write."""
+    from iscsi.initiator.errors import IllegalRequest
+    from iscsi.initiator.session import Task
+
+    running: list[int] = []
+    sense = bytes([0x70, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x21, 0, 0, 0, 0, 0])   # LBA out of range
+
+    class SlowFirstPiece:
+        listeners: list = []
+
+        async def execute(self, lun, cdb, *, read_len=0, data=None, buf=None, attr=1, timeout=None):
+            lba = struct.unpack_from(">Q", cdb, 2)[0]
+            t = Task(lun, cdb, read_len, data, buf)
+            if lba == 0:
+                running.append(lba)
+                await asyncio.sleep(0.2)
+                if buf is not None:
+                    buf[:] = b"\x01" * len(buf)
+                running.remove(lba)
+                t.status = 0
+            else:
+                t.status, t.sense_data = 2, sense
+            return t
+
+    dev = BlockDevice(SlowFirstPiece(), 0)
+    dev.blocks, dev.max_transfer_blocks = 64, 8
+    buf = bytearray(16 * 512)
+    with pytest.raises(IllegalRequest):
+        if op == "read_into":
+            await dev.read_into(0, buf)
+        else:
+            await dev.write(0, bytes(buf))
+    assert not running, "a piece of the failed transfer was still running when the caller got the error"
