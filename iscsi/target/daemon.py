@@ -716,9 +716,18 @@ class TargetDaemon:
         """Start, serve until SIGTERM/SIGINT (SIGHUP reloads), then stop cleanly."""
         loop = asyncio.get_running_loop()
         installed = []
+        def stop_on(sig: signal.Signals) -> Callable[[], None]:
+            def handler() -> None:
+                if not self._stop.is_set():
+                    # Why the daemon goes away, and what it takes with it: the log otherwise shows
+                    # sessions ending with "connection lost" and then "daemon.stopped".
+                    event(log, "daemon.stopping", signal=sig.name, sessions=len(self._sessions()))
+                self._stop.set()
+            return handler
+
         for sig, handler in (
-            (signal.SIGTERM, self._stop.set),
-            (signal.SIGINT, self._stop.set),
+            (signal.SIGTERM, stop_on(signal.SIGTERM)),
+            (signal.SIGINT, stop_on(signal.SIGINT)),
             (signal.SIGHUP, lambda: asyncio.ensure_future(self.reload_quietly())),
         ):
             try:

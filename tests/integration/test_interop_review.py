@@ -12,8 +12,11 @@ import errno
 import json
 import logging
 import os
+import shutil
+import signal
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -524,3 +527,42 @@ def test_two_luns_with_one_serial_are_refused(tmp_path):
         _one_line_error(r.output, taken, "review2", "paths to one disk")
         assert d.path.read_text() == before
         assert not (tmp_path / "c.img").exists()
+
+
+# --------------------------------------------------------------------------- the daemon's own log
+
+
+def test_sigterm_is_logged_with_the_sessions_it_ends(tmp_path):
+    import sys
+    import time
+
+    from tools.libiscsi import Session
+
+    port = _free_port()
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    ctl = Path(tempfile.mkdtemp(prefix="irs", dir="/tmp"))
+    proc = subprocess.Popen([sys.executable, "-m", "iscsi.target", "--control", str(ctl / "c.sock"), "serve",
+                             "--portal", f"127.0.0.1:{port}", "--target", T, "--lun", f"{tmp_path}/s.img:1M"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not (ctl / "c.sock").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "slow"
+            time.sleep(0.05)
+        s = Session(f"127.0.0.1:{port}", T, 0, timeout=5).connect()
+        try:
+            s.test_unit_ready()
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=30)
+        finally:
+            s.close(logout=False)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(ctl, ignore_errors=True)
+    assert proc.returncode == 0, out
+    stopping = [l for l in out.splitlines() if "daemon.stopping" in l]
+    assert stopping and "signal=SIGTERM" in stopping[0] and "sessions=1" in stopping[0], out
