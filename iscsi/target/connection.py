@@ -463,16 +463,23 @@ class TargetConnection(asyncio.Protocol):
             data.release()
 
     def close(self) -> None:
-        """Close after what was queued has been written (e.g. a Logout Response)."""
+        """Close after what was queued has been written (e.g. a Logout Response).
+
+        A peer that reads nothing more for CLOSE_LINGER is cut off, whether the rest waits in
+        our backlog or in the transport's buffer (which would otherwise keep the connection,
+        and what it holds, for as long as the peer keeps its socket open)."""
         if not self.closed and self.transport is not None:
             self._flush()
             self.closed = True
+            self._arm_close_linger()
             if self._backlog:
-                # The transport closes once the socket has taken the rest; a peer that
-                # reads nothing more for CLOSE_LINGER is cut off.
-                self._arm_close_linger()
-                return
+                return  # the transport closes once the socket has taken the rest
             self.transport.close()
+
+    @property
+    def backlogged(self) -> bool:
+        """READ data the peer has not taken yet is queued on our side (zero-copy backlog)."""
+        return bool(self._backlog)
 
     def abort_connection(self) -> None:
         if self.transport is not None:

@@ -457,10 +457,16 @@ class IscsiServer:
                (initiator is None or session.initiator_name == initiator):
                 conn = session.connection
                 if conn is not None:
-                    if session.session_type == "Normal" and not conn.closed:
-                        wait = getattr(getattr(session.params, "session", None), "default_time2wait", 2)
-                        conn.send(P.AsyncMessage(event=P.AsyncEvent.SESSION_DROP, param2=int(wait), param3=0))
-                    conn.close()
+                    if conn.backlogged:
+                        # The peer is not reading: the message would wait behind READ data
+                        # it may never take, holding ranges of an image being removed.
+                        conn.abort_connection()
+                    else:
+                        if session.session_type == "Normal" and not conn.closed:
+                            wait = getattr(getattr(session.params, "session", None), "default_time2wait", 2)
+                            conn.send(P.AsyncMessage(event=P.AsyncEvent.SESSION_DROP, param2=int(wait),
+                                                     param3=0))
+                        conn.close()
                 dropped += 1
         return dropped
 

@@ -225,3 +225,19 @@ async def test_a_slow_but_steady_reader_gets_its_logout_response(zc, monkeypatch
     pdus = a.parser.feed(bytes(raw))
     assert any(isinstance(p, P.LogoutResponse) for p in pdus), \
         f"cut off after {len(raw)} bytes while reading steadily"
+
+
+async def test_a_closed_connection_whose_output_never_drains_is_cut_off(zc, monkeypatch):
+    """close() (after a Logout, or an admin's session drop) lets queued output drain, but a
+    peer that reads nothing more must not keep the connection, and what it holds, for as long
+    as it keeps its socket open: CLOSE_LINGER later it is aborted, also when the unsent bytes
+    sit in the transport's buffer rather than in the zero-copy backlog."""
+    import iscsi.target.connection as connection_module
+
+    monkeypatch.setattr(connection_module, "CLOSE_LINGER", 0.3)
+    a, conn, _ = await filled_session(zc, 0x400000000409)
+    assert not conn.backlogged
+    monkeypatch.setattr(conn.transport, "close", lambda: None)  # a buffer that never drains
+    conn.close()
+    await until(lambda: conn not in zc.connections)
+    a.w.close()
