@@ -22,7 +22,7 @@ from .. import auth as A
 from ..auth import AuthState, ChapTargetAuth
 from ..log import event
 from .registry import AccessGrant, ChapCredentials, TargetAccess, TargetRegistry
-from .config import format_portal
+from .config import ConfigError, canonical_iscsi_name, format_portal
 
 log = logging.getLogger("iscsi.target.login")
 
@@ -266,6 +266,10 @@ class TargetLogin:
                 raise LoginError(LoginStatus.NOT_FOUND, f"target {tname} not offered on this portal")
             grant = target.authorize(name)
             if grant is None:
+                try:  # open access admits valid names only: say which rule refused it
+                    canonical_iscsi_name(name)
+                except ConfigError as e:
+                    raise LoginError(LoginStatus.AUTHORIZATION_FAILURE, f"InitiatorName refused: {e}") from None
                 raise LoginError(LoginStatus.AUTHORIZATION_FAILURE, "initiator not in the target's ACL")
             self._target, self._grant, self._tpgt = target, grant, tpgt
             creds = grant.chap

@@ -566,3 +566,14 @@ def test_sigterm_is_logged_with_the_sessions_it_ends(tmp_path):
     assert proc.returncode == 0, out
     stopping = [l for l in out.splitlines() if "daemon.stopping" in l]
     assert stopping and "signal=SIGTERM" in stopping[0] and "sessions=1" in stopping[0], out
+
+
+def test_an_invalid_initiator_name_is_named_as_the_reason_not_a_missing_acl(daemon, caplog):
+    """iscsi-inq -i foo against an open-access target: the log blamed the ACL it does not have."""
+    require("iscsi-inq")
+    caplog.set_level(logging.INFO)
+    res = client(["iscsi-inq", "-i", "foo", f"iscsi://{daemon.portal}/{T}/0"], check=False)
+    assert res.returncode != 0
+    refused = [r.getMessage() for r in caplog.records if "login.failed" in r.getMessage()]
+    assert refused and "InitiatorName refused" in refused[0] and "iqn." in refused[0], refused
+    assert "ACL" not in refused[0]
