@@ -342,8 +342,11 @@ class MultipathExecutor:
             t.cancel()
         if self._reviving:
             await asyncio.wait(self._reviving)
-        for t in self._verifying.values():
+        verifying = [t for t in self._verifying.values() if not t.done()]
+        for t in verifying:
             t.cancel()
+        if verifying:
+            await asyncio.wait(verifying)
         await asyncio.gather(*(p.session.close() for p in self.paths), return_exceptions=True)
 
 
