@@ -12,6 +12,7 @@ progress / medium not present -> reservation conflict -> task attribute -> handl
 from __future__ import annotations
 
 import asyncio
+import errno
 import inspect
 import logging
 import time
@@ -58,6 +59,9 @@ MAX_WRITE_SAME_BLOCKS = 0x10000
 # Sparse images live on filesystems with 4 KiB blocks: UNMAP is most effective in whole
 # 4 KiB pieces (Block Limits OPTIMAL UNMAP GRANULARITY).
 UNMAP_GRANULARITY_BYTES = 4096
+
+# errno values that mean "no room for this write", not "the medium failed".
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 # SANITIZE OVERWRITE runs in a worker thread at no more than this rate, so that it does
 # not starve the other LUs whose images share the disk (a sanitize is a background job:
@@ -253,6 +257,13 @@ class LogicalUnit:
         """Block Limits VPD page from the current limits (tests and the daemon may tune them)."""
         phys = 1 << self.lbppbe
         unmap_gran = max(phys, UNMAP_GRANULARITY_BYTES // self.block_size)
+        if self.block_size > 512 or unmap_gran <= 1:
+            # OPTIMAL UNMAP GRANULARITY 0 = not reported (SBC-4 §6.6.4).  One block says
+            # nothing; and on blocks over 512 bytes qemu (7.2 .. current, block/iscsi.c) builds
+            # an allocation map from it, then asks for the status of 2 GiB - 512 bytes and
+            # asserts that is a multiple of the block size: any read of an unwritten range
+            # of a 4 KiB-block LUN aborted qemu.  Linux falls back to the physical block size.
+            unmap_gran = 0
         return vpd.block_limits_page(vpd.BlockLimits(
             max_compare_and_write=self.max_compare_and_write,
             optimal_granularity=phys,
@@ -696,11 +707,19 @@ class LogicalUnit:
             return self._error(e)
         if isinstance(e, OSError):
             log.error("backstore I/O error on opcode 0x%02x: %s", cdb[0], e)
+            # No room left under the image (full filesystem, quota): a resource exhaustion of
+            # a thin-provisioned LU (SBC-4 §4.7.3.7), which initiators treat as "out of space"
+            # (ESXi pauses the VM, Windows alerts) rather than as a failing disk.
+            full = e.errno in _NO_SPACE_ERRNOS
+            key, asc = (SenseKey.DATA_PROTECT, S.SPACE_ALLOCATION_FAILED_WRITE_PROTECT) if full \
+                else (SenseKey.MEDIUM_ERROR, S.WRITE_ERROR)
             if getattr(e, "deferred", False):
                 # An earlier, acknowledged write failed on its way to the image: a deferred
                 # error, reported instead of running this command (SPC-4 §4.5.4).
                 return ScsiResult(Status.CHECK_CONDITION, b"", build_sense(
-                    SenseKey.MEDIUM_ERROR, S.WRITE_ERROR, descriptor=self.mode.d_sense, deferred=True))
+                    key, asc, descriptor=self.mode.d_sense, deferred=True))
+            if full:
+                return self._sense(key, asc)
             # A failed flush (SYNCHRONIZE CACHE, START STOP UNIT, FUA) lost written data too.
             writes = (spec is not None and spec.dout is not None) or cdb[0] in _FLUSH_OPCODES
             return self._sense(SenseKey.MEDIUM_ERROR, S.WRITE_ERROR if writes else S.UNRECOVERED_READ_ERROR)

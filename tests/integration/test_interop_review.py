@@ -261,12 +261,6 @@ def test_an_acl_refusal_logs_the_target_and_a_bracketed_ipv6_portal(tmp_path, ca
 # --------------------------------------------------------------------------- qemu on a 4 KiB-block LUN
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "qemu (7.2 .. master) block/iscsi.c: iscsi_co_readv asks iscsi_co_block_status for "
-    "BDRV_REQUEST_MAX_BYTES (2 GiB - 512, not a multiple of 4096) and asserts; it takes that path "
-    "when LBPRZ=1 and OPTIMAL UNMAP GRANULARITY x block size is 4 KiB..16 MiB (its allocation map). "
-    "Reporting OPTIMAL UNMAP GRANULARITY 0 (not reported, SBC-4 §6.6.4) on 4096-byte LUNs avoids it: "
-    "iscsi/scsi/lu.py block_limits_page, not this reviewer's file"))
 def test_qemu_reads_an_unwritten_range_of_a_4k_block_lun(tmp_path):
     require("qemu-io")
     require_qemu_iscsi()
@@ -304,11 +298,6 @@ def test_a_portal_on_an_address_this_host_lacks_is_named_so(daemon):
 # --------------------------------------------------------------------------- a full filesystem
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SBC-4 §4.7.3.7 (resource exhaustion): a write a thin-provisioned LU cannot allocate for ends "
-    "in DATA PROTECT, SPACE ALLOCATION FAILED WRITE PROTECT (27h/07h), which ESXi and Windows "
-    "treat as 'out of space' (pause, alert) rather than a failing disk; iscsi/scsi/lu.py _failed "
-    "maps every OSError, ENOSPC and EDQUOT included, to MEDIUM ERROR / WRITE ERROR (0Ch/00h)"))
 def test_a_write_the_full_filesystem_refuses_reports_space_allocation_failed(tmp_path, monkeypatch):
     pytest.importorskip("tools.libiscsi")
     from tools.libiscsi import CheckCondition, Session, load

@@ -9,6 +9,8 @@ import asyncio
 import struct
 import threading
 
+import pytest
+
 from tests.unit.test_scsi_support import Initiator, make_lu, parse_sense, request_sense
 
 NOT_READY_SANITIZE = (0x2, 0x04, 0x1B)
@@ -308,10 +310,14 @@ async def test_failed_synchronize_cache_is_a_write_error(tmp_path):
         assert s.code == (0x3, 0x0C, 0x00)
 
 
-async def test_failed_gathered_write_is_reported_as_a_deferred_error(tmp_path):
+@pytest.mark.parametrize("errno_, key, asc", [
+    (5, 0x3, b"\x0c\x00"),    # EIO: MEDIUM ERROR, WRITE ERROR
+    (28, 0x7, b"\x27\x07"),   # ENOSPC: DATA PROTECT, SPACE ALLOCATION FAILED WRITE PROTECT (SBC-4 §4.7.3.7)
+])
+async def test_failed_gathered_write_is_reported_as_a_deferred_error(tmp_path, errno_, key, asc):
     """A gathered write acknowledged earlier that failed on its way to the file is reported to the
-    next command as a deferred error (response code 71h, MEDIUM ERROR, WRITE ERROR), not as a
-    read error of that command."""
+    next command as a deferred error (response code 71h), not as a read error of that command;
+    a full filesystem is a thin LU out of space, not a failing medium."""
     from iscsi.backstore.file import FileBackstore
     from iscsi.scsi.lu import LogicalUnit
 
@@ -319,10 +325,10 @@ async def test_failed_gathered_write_is_reported_as_a_deferred_error(tmp_path):
     lu = LogicalUnit(bs, serial="deferred")
     ini = await ready(lu)
     assert bs._gather is not None
-    bs._gather.error = OSError(28, "No space left on device")  # as a failed pwritev leaves it
+    bs._gather.error = OSError(errno_, "failed")  # as a failed pwritev leaves it
     r = await ini.cmd(struct.pack(">BBIBHB", 0x28, 0, 0, 0, 1, 0))  # READ(10)
     assert r.status == 0x02
-    assert r.sense[0] == 0x71 and r.sense[2] & 0x0F == 0x3 and r.sense[12:14] == b"\x0c\x00"
+    assert r.sense[0] == 0x71 and r.sense[2] & 0x0F == key and r.sense[12:14] == asc
     await ini.ok(struct.pack(">BBIBHB", 0x28, 0, 0, 0, 1, 0))  # reported once
     bs.close()
 
