@@ -282,14 +282,20 @@ class FileBackstore:
         return os.fstat(self._fd).st_blocks * 512
 
     def close(self) -> None:
-        if self._gather is not None and self._fd >= 0:
-            self._gather.drain()  # an error here was already logged; nothing is left to tell
+        gather = self._gather
+        if gather is not None and self._fd >= 0:
+            gather.drain()  # an error here was already logged; nothing is left to tell
         fd = self._fd
         if fd >= 0:
             # -1 first: the daemon closes images from a worker thread while the event loop
             # may still look at fileno (a held zero-copy READ); it must never see a number
             # that is closed and may already name another file.
             self._fd = -1
+            if gather is not None:
+                # Nor may a write that resumes after the close (a command suspended on a
+                # removed LUN) be gathered onto that number: it fails (EBADF) instead.
+                self._gather = None
+                gather.fd = -1
             os.close(fd)
 
     def __enter__(self) -> "FileBackstore":

@@ -891,7 +891,7 @@ class TargetDaemon:
         to_close: list[tuple[str, Unit]] = []
         # (target, initiator in lowercase or None for every initiator) whose sessions must go
         drops: list[tuple[str, str | None]] = []
-        notify_targets: list[str] = []
+        notify_targets: list[tuple[str, list]] = []
         self._listening.update(bound)
         new_names = {t.iqn for t in new.targets}
         for iqn in list(self._targets):
@@ -924,14 +924,20 @@ class TargetDaemon:
                     del rt.maps[key]
                     if key is not None:
                         drops.append((target.iqn, key))
-            changed_maps = False
+            changed_maps: list = []
             for key, luns in wanted.items():
+                contents = {n: id(lu) for n, lu in luns.items()}
                 if key in rt.maps:
-                    current = self._map_contents(rt.maps[key])
-                    if current != {n: id(lu) for n, lu in luns.items()}:
+                    if self._map_contents(rt.maps[key]) != contents:
                         self.provider.update_map(rt.maps[key], luns)
-                        changed_maps = True
+                        changed_maps.append(rt.maps[key])
                 else:
+                    open_map = rt.maps.get(None)
+                    if key is not None and open_map is not None and self._map_contents(open_map) != contents:
+                        # A new ACL for an initiator that may be logged in through open access:
+                        # its session still sees the open-access LUNs.  It logs in again, onto
+                        # what the ACL maps (an ACL narrows access at once, not at the next login).
+                        drops.append((target.iqn, key))
                     rt.maps[key] = self.provider.new_map(luns)
             if old_target.open_access and not target.open_access:
                 # Initiators that came in through open access and have no ACL lose access.
@@ -941,7 +947,7 @@ class TargetDaemon:
                     if str(row.get("target", "")).lower() == target.iqn and who not in allowed:
                         drops.append((target.iqn, who))
             if changed_maps:
-                notify_targets.append(target.iqn)
+                notify_targets.append((target.iqn, changed_maps))
         self.config = new
         for host, port in sorted(self._listening - new.all_portals()):
             self._listening.discard((host, port))
@@ -952,9 +958,11 @@ class TargetDaemon:
                 event(log, "portal.close_failed", logging.ERROR, portal=C.format_portal(host, port), error=repr(e))
         await self._drop(drops)
         notify = getattr(self.server, "notify_luns_changed", None)
-        for iqn in notify_targets if notify is not None else ():
+        for iqn, maps in notify_targets if notify is not None else ():
             try:
-                notify(iqn)  # RFC 7143 §11.9.1 AsyncEvent 0 carrying REPORTED LUNS DATA HAS CHANGED
+                # RFC 7143 §11.9.1 AsyncEvent 0 carrying REPORTED LUNS DATA HAS CHANGED, to the
+                # sessions whose LUN inventory changed.
+                notify(iqn, **_accepted_kwargs(notify, maps=maps))
             except Exception as e:
                 event(log, "luns.notify_failed", logging.ERROR, target=iqn, error=repr(e))
         for iqn, unit in to_close:

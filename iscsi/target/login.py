@@ -340,9 +340,28 @@ class TargetLogin:
         resp.csg, resp.nsg = req.csg, 0
         return resp
 
+    def _recheck_access(self) -> None:
+        """The target and the access grant were looked up at the first Login Request; an
+        admin may have removed the target, taken it off this portal or revoked the ACL while
+        the login went on (a CHAP exchange takes round trips).  The admin's session drop ran
+        before this session existed, so the login itself must now fail, instead of ending
+        in a session on closed images or past a revoked ACL."""
+        assert self._target is not None and self._initiator_name is not None
+        target = self.registry.find_target(self._target.name)
+        if target is None:
+            raise LoginError(LoginStatus.TARGET_REMOVED, f"target {self._target.name} was removed during the login")
+        if target.portal_group_tag(self.local_host, self.local_port) != self._tpgt:
+            raise LoginError(LoginStatus.NOT_FOUND, f"target {self._target.name} left this portal during the login")
+        grant = target.authorize(self._initiator_name)
+        if grant is None:
+            raise LoginError(LoginStatus.AUTHORIZATION_FAILURE, "access revoked during the login")
+        self._target, self._grant = target, grant
+
     def _finish(self, req: P.LoginRequest, resp: P.LoginResponse) -> None:
         """Allocate the TSIH and record the outcome; a LoginError here fails the login."""
         assert self._negotiator is not None and self._initiator_name is not None
+        if self._session_type == "Normal":
+            self._recheck_access()
         target_name = self._target.name if self._target else ""
         tsih = self.allocate_tsih(req.isid, self._initiator_name, target_name, req.tsih, req.cid)
         resp.tsih = tsih

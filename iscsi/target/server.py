@@ -470,13 +470,17 @@ class IscsiServer:
                 dropped += 1
         return dropped
 
-    def notify_luns_changed(self, target: str) -> None:
-        """Tell logged-in initiators of ``target`` that its LUN inventory changed (§11.9.1 event 0)."""
+    def notify_luns_changed(self, target: str, maps: list | None = None) -> None:
+        """Tell logged-in initiators of ``target`` that their LUN inventory changed (§11.9.1
+        event 0): those whose session uses one of ``maps`` (every session of the target when
+        None).  An initiator whose own ACL map did not change is not made to rescan."""
         from ..scsi.sense import REPORTED_LUNS_DATA_HAS_CHANGED, SenseKey, build_sense
 
         sense = build_sense(SenseKey.UNIT_ATTENTION, REPORTED_LUNS_DATA_HAS_CHANGED)
         for session in list(self.session_table.values()):
             conn = session.connection
+            if maps is not None and not any(session.luns is m for m in maps):
+                continue
             if session.target_name == target and conn is not None:
                 conn.send(P.AsyncMessage(event=P.AsyncEvent.SCSI_ASYNC_EVENT,
                                          data=P.ScsiResponse.sense_segment(sense)))

@@ -650,9 +650,6 @@ async def test_lun_change_reaches_only_the_nexuses_whose_inventory_changed(daemo
     assert d.stop() == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "daemon._commit gives a new ACL its own LunMap but leaves the initiator's open-access sessions "
-    "on the open-access map (see the review report for the change)"))
 async def test_acl_added_for_an_open_access_session_takes_effect(daemon, tmp_path):
     """An initiator logged in through open access, then given an ACL that maps only LUN 0:
     its session must not keep reaching LUN 1 (the ACL narrows what it may reach; a session
@@ -913,9 +910,6 @@ async def test_qemu_io_rides_through_a_restart(daemon, tmp_path):
     assert "login.ok" in d.log().split("daemon.stopped", 1)[1], "qemu-io never logged in again"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server.IscsiServer.notify_luns_changed(target) sends the Async Message to every session of "
-    "the target, not only to those whose LUN map changed (see the review report)"))
 async def test_lun_change_async_message_only_where_the_inventory_changed(daemon, tmp_path):
     """The Async Message carrying REPORTED LUNS DATA HAS CHANGED (RFC 7143 §11.9.1 event 0)
     goes to the sessions whose inventory changed: B, whose ACL maps one fixed LUN, is not
@@ -1120,9 +1114,6 @@ class HoldingRelay:
                         asyncio.ensure_future(pump(up_r, writer, False))]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "target/login.py takes the target and grant at the first Login Request and never looks "
-    "again before Full Feature Phase (see the review report for the change)"))
 @pytest.mark.parametrize("change", ["target", "acl"])
 async def test_admin_change_during_a_login_in_progress(daemon, tmp_path, change):
     """A login half way through CHAP when the target is removed (or the initiator's ACL
@@ -1164,10 +1155,6 @@ async def test_admin_change_during_a_login_in_progress(daemon, tmp_path, change)
     assert d.stop() == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "backstore/file.py FileBackstore.close() leaves its WriteGather holding the closed "
-    "descriptor number: a write that runs after the close lands in whatever file reuses it "
-    "(see the review report for the change)"))
 def test_a_write_after_the_image_closed_never_lands_in_another_file(tmp_path):
     """What a command suspended on a removed LUN (behind an ORDERED task, a zero-copy hold)
     does when it resumes after ``lun remove`` closed the image: its write must fail, not be
