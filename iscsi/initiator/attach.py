@@ -251,6 +251,42 @@ def _losetup_attach(file: Path, block_size: int, read_only: bool = False) -> str
     return res.stdout.strip()
 
 
+def _losetup_grow(loopdev: str) -> None:
+    """``losetup --set-capacity``: the loop device takes the backing file's new size."""
+    res = subprocess.run(["losetup", "--set-capacity", loopdev], capture_output=True, text=True, timeout=30)
+    if res.returncode != 0:
+        raise RuntimeError(f"losetup --set-capacity failed: {res.stderr.strip()}")
+
+
+def _follow_capacity(dev: BlockDevice, executor, loopdev: str) -> None:
+    """When the LU is resized online (CAPACITY DATA HAS CHANGED, seen on the next command and
+    re-read by BlockDevice), give the loop device the new size: the FUSE file's cached
+    attributes are dropped (the kernel caches them for an hour) and the loop capacity set
+    again, as ``iscsiadm -m session --rescan`` makes sd re-read it.  A mounted file system
+    can then be grown (resize2fs)."""
+    import pyfuse3
+
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task] = set()
+
+    async def grow(size: int) -> None:
+        try:
+            # Not from inside the FUSE request that got the UA (invalidation may block).
+            await asyncio.to_thread(pyfuse3.invalidate_inode, DISK_INODE, True)
+            await asyncio.to_thread(_losetup_grow, loopdev)
+            event(log, "attach.resized", loop=loopdev, size=size)
+        except (OSError, RuntimeError) as exc:
+            event(log, "attach.resize_failed", logging.WARNING, loop=loopdev, size=size, error=exc)
+
+    def on_event(name: str, info: dict) -> None:
+        if name == "capacity_changed":
+            t = loop.create_task(grow(dev.size))
+            pending.add(t)
+            t.add_done_callback(pending.discard)
+
+    executor.listeners.append(on_event)
+
+
 def _losetup_detach(loopdev: str) -> None:
     subprocess.run(["losetup", "--detach", loopdev], capture_output=True, text=True, timeout=30)
 
@@ -308,6 +344,7 @@ async def serve(urls: list[str], *, ident: str, report_fd: int | None, replaceme
               "read_only": read_only,
               "paths": [parse_url(x).portal for x in urls]}
         _write_state(state_path, st)
+        _follow_capacity(dev, session, loopdev)
         event(log, "attach.ready", loop=loopdev, url=u.to_string(), size=dev.size)
         report(f"ok {loopdev}")
         stop = asyncio.Event()

@@ -891,3 +891,33 @@ async def test_split_transfer_reports_a_failed_piece_only_after_the_others_ended
         else:
             await dev.write(0, bytes(buf))
     assert not running, "a piece of the failed transfer was still running when the caller got the error"
+
+
+# --------------------------------------------------------------------------- attach + resize
+def test_attached_loop_device_grows_after_an_online_lun_resize(tmp_path, monkeypatch):
+    """``iscsi-initiator attach`` then ``iscsi-target lun resize``: after the next I/O (which
+    gets CAPACITY DATA HAS CHANGED) the loop device has the new size, as a rescan gives sd."""
+    from tests.integration.test_initiator_attach import _cli, _problem, _run
+    if _problem():
+        pytest.skip(_problem())
+    run = tmp_path / "run"
+    env = {"SANSTACK_INITIATOR_RUN": str(run), "SANSTACK_INITIATOR_DIR": str(tmp_path / "cfg")}
+    peer = make_peer("sanstack", tmp_path / "t", size="16M")
+    peer.start()
+    try:
+        res = _cli("attach", peer.url(), env_extra=env)
+        assert res.returncode == 0, res.stderr
+        loop = res.stdout.strip()
+        assert int(_run("blockdev", "--getsize64", loop)) == 16 * MiB
+        r = peer.admin("lun", "resize", peer.iqn, "0", str(24 * MiB))
+        assert r.returncode == 0, r.stderr
+        _run("dd", f"if={loop}", "of=/dev/null", "bs=4096", "count=1", "iflag=direct")
+        deadline = time.monotonic() + 10
+        while int(_run("blockdev", "--getsize64", loop)) != 24 * MiB and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert int(_run("blockdev", "--getsize64", loop)) == 24 * MiB
+        _run("dd", "if=/dev/zero", f"of={loop}", "bs=4096", "count=1", f"seek={(20 * MiB) // 4096}",
+             "oflag=direct")
+    finally:
+        _cli("detach", "--all", env_extra=env)
+        peer.stop()
