@@ -29,6 +29,7 @@ from ..scsi.types import ScsiCommand, ScsiResult, Status, TaskAttr
 from ..scsi.zerocopy import FileExtent
 from . import sendpath
 from ..session import DataOutError, StatSequence, WriteTransfer, residual
+from .config import format_portal
 from .login import LoginFailure, LoginSuccess, TargetLogin, describe_params
 
 if TYPE_CHECKING:
@@ -277,7 +278,7 @@ class TargetConnection(asyncio.Protocol):
     # Output
     # ------------------------------------------------------------------
     def _peer_str(self) -> str:
-        return f"{self.peer[0]}:{self.peer[1]}"
+        return format_portal(self.peer[0], self.peer[1])  # [::1]:port, not ::1:port
 
     def send(self, pdu: P.Pdu, *, status: bool = True) -> None:
         """Stamp sequence numbers and write one PDU.
@@ -556,7 +557,7 @@ class TargetConnection(asyncio.Protocol):
         self.session = self.server.bind_session(self, ok)
         event(log, "login.ok", initiator=ok.initiator_name, target=ok.target.name if ok.target else None,
               type=ok.session_type, isid=f"{ok.isid:012x}", tsih=ok.tsih, cid=ok.cid, tpgt=ok.tpgt,
-              peer=self._peer_str(), portal=f"{self.local[0]}:{self.local[1]}",
+              peer=self._peer_str(), portal=format_portal(self.local[0], self.local[1]),
               user=ok.authenticated_as,
               params=" ".join(f"{k}={v}" for k, v in describe_params(ok.params).items()))
         self._schedule_nop()

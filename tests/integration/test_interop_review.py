@@ -258,6 +258,20 @@ def test_an_acl_refusal_logs_the_target_and_a_bracketed_ipv6_portal(tmp_path, ca
     assert f"target={T}" in refused[0] and f"portal=[::1]:{port}" in refused[0], refused[0]
 
 
+def test_a_login_over_ipv6_logs_bracketed_peer_and_portal(tmp_path, caplog):
+    """login.ok names both ends as portals an admin can paste: [::1]:port, not ::1:port."""
+    require("iscsi-inq")
+    if not _ipv6_loopback():
+        pytest.skip("no IPv6 loopback")
+    port = _free_port("::1")
+    caplog.set_level(logging.INFO)
+    with Daemon(tmp_path, [_target([f"[::1]:{port}"], [Lun(0, "l0.img", MIB)])]):
+        client(["iscsi-inq", f"iscsi://[::1]:{port}/{T}/0"])
+    ok = [r.getMessage() for r in caplog.records if "login.ok" in r.getMessage()]
+    assert ok, caplog.text
+    assert "peer=[::1]:" in ok[0] and f"portal=[::1]:{port}" in ok[0], ok[0]
+
+
 # --------------------------------------------------------------------------- qemu on a 4 KiB-block LUN
 
 
