@@ -921,3 +921,27 @@ def test_attached_loop_device_grows_after_an_online_lun_resize(tmp_path, monkeyp
     finally:
         _cli("detach", "--all", env_extra=env)
         peer.stop()
+
+
+async def test_async_connection_drop_waits_time2wait_before_reconnecting(target):
+    """Async Message "connection drop" (§11.9.1 event 2) with Parameter2 = Time2Wait 1 s, then
+    the drop: the session reconnects no sooner than Time2Wait, and the I/O goes on."""
+    proxy = await FaultProxy(upstream(target)).start()
+    try:
+        s, dev = await open_device(url_via(target, proxy.port), initiator_name=INITIATOR, options=quick())
+        try:
+            await dev.write(7000, _pattern(7000))
+            exp, mx = s.window
+            msg = P.AsyncMessage(event=P.AsyncEvent.CONNECTION_DROP, param1=0, param2=1, param3=20,
+                                 statsn=s._expstatsn, expcmdsn=exp, maxcmdsn=mx)
+            (cw, _uw), = proxy._pairs
+            cw.write(b"".join(bytes(b) for b in encode_pdu(msg)))
+            await asyncio.sleep(0.1)
+            t0 = time.monotonic()
+            proxy.drop_all()
+            assert await asyncio.wait_for(dev.read(7000, 1), 10) == _pattern(7000)
+            assert s.reconnects == 1 and time.monotonic() - t0 >= 0.9
+        finally:
+            await asyncio.wait_for(s.close(logout=False), 5)
+    finally:
+        await proxy.close()
