@@ -40,6 +40,9 @@ LOGOUT_CID_NOT_FOUND = 1
 LOGOUT_RECOVERY_NOT_SUPPORTED = 2
 # How long shutdown waits for in-flight commands before closing connections.
 SHUTDOWN_DRAIN_TIMEOUT = 10.0
+# How long shutdown then waits for the logouts it asked for (RFC 7143 §11.9.1 event 1);
+# open-iscsi and libiscsi answer within a round trip, a peer that ignores it costs this much.
+SHUTDOWN_LOGOUT_GRACE = 2.0
 
 
 def format_portal(host: str, port: int) -> str:
@@ -496,10 +499,19 @@ class IscsiServer:
             if conn is not None and session.session_type == "Normal":
                 # §11.9.1 event 1: the target requests a logout within Parameter3 seconds.
                 conn.send(P.AsyncMessage(event=P.AsyncEvent.LOGOUT_REQUEST, param3=int(drain_timeout)))
+        deadline = asyncio.get_running_loop().time() + drain_timeout
         pending = [t.future for c in list(self.connections) for t in c.tasks.values()
                    if t.future is not None and not t.future.done()]
         if pending:
             await asyncio.wait(pending, timeout=drain_timeout)
+        # Give the initiators a moment to log out as asked (a clean session end on their
+        # side, instead of a connection loss they retry): bounded, idle peers do not answer.
+        grace = min(SHUTDOWN_LOGOUT_GRACE, max(0.0, deadline - asyncio.get_running_loop().time()))
+        for _ in range(int(grace / 0.05)):
+            if not any(s.session_type == "Normal" and s.connection is not None
+                       for s in self.by_tsih.values()):
+                break
+            await asyncio.sleep(0.05)
         for conn in list(self.connections):
             conn.close()
         await asyncio.sleep(0)

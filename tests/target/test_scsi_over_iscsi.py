@@ -148,3 +148,18 @@ async def test_a_mixed_case_initiator_name_is_one_nexus_with_its_lower_case_tran
             break
         b.command(struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 1, 0), write=True, edtl=512, data=b"\2" * 512)
     assert resp.status == 0, "NodeB holds the reservation now"
+
+
+async def test_shutdown_waits_for_the_logout_it_asks_for(server):
+    """RFC 7143 §11.9.1 event 1: shutdown asks each initiator to log out; one that answers at
+    once gets its Logout Response (a clean end it will not retry), instead of a connection
+    closed under it as soon as no command was in flight."""
+    wire = await login(server, "iqn.2026-11.org.sanstack.test:bye", 0x400000000061)
+    stopping = asyncio.ensure_future(server.shutdown(drain_timeout=5))
+    ask = await wire.recv()
+    assert isinstance(ask, P.AsyncMessage) and ask.event == P.AsyncEvent.LOGOUT_REQUEST
+    wire.send(P.LogoutRequest(immediate=True, reason=P.LogoutReason.CLOSE_SESSION, cmdsn=wire.cmdsn,
+                              expstatsn=wire.expstatsn, itt=0x77))
+    resp = await wire.recv()
+    assert isinstance(resp, P.LogoutResponse) and resp.response == 0
+    await asyncio.wait_for(stopping, 5)
