@@ -34,6 +34,7 @@ exactly as it was: digest mode is separate code, not branches in it.
 from __future__ import annotations
 
 import asyncio
+import os
 import logging
 import struct
 from collections import deque
@@ -858,5 +859,7 @@ async def open_connection(host: str, port: int, *, timeout: float, name: str = "
     except asyncio.TimeoutError:
         raise ConnectionLost(f"connect to {host}:{port} timed out after {timeout:.0f}s") from None
     except OSError as exc:
-        raise ConnectionLost(f"connect to {host}:{port}: {exc.strerror or exc}") from None
+        # asyncio's connect error keeps errno but says "Connect call failed (...)": name it.
+        reason = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))
+        raise ConnectionLost(f"connect to {host}:{port}: {reason}") from None
     return conn

@@ -945,3 +945,19 @@ async def test_async_connection_drop_waits_time2wait_before_reconnecting(target)
             await asyncio.wait_for(s.close(logout=False), 5)
     finally:
         await proxy.close()
+
+
+async def test_a_refused_connect_says_connection_refused():
+    """asyncio's connect error reads 'Connect call failed (...)'; the admin is told the errno."""
+    import socket as _socket
+
+    from iscsi.initiator.connection import open_connection
+    from iscsi.initiator.errors import ConnectionLost
+
+    probe = _socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now
+    with pytest.raises(ConnectionLost, match="Connection refused") as err:
+        await open_connection("127.0.0.1", port, timeout=2)
+    assert "Connect call failed" not in str(err.value)
