@@ -70,6 +70,9 @@ MAX_COMMAND_RETRIES = 5
 MAX_REDIRECTS = 4
 #: A TMF / logout / text exchange that takes longer than this means the target is stuck.
 MGMT_TIMEOUT = 30.0
+# An Async Message announcing a connection/session drop sets the wait before reconnecting;
+# a loss more than this long after it (or after its Time2Retain, if longer) is not that drop.
+ANNOUNCED_DROP_VALID = 10.0
 #: An ABORT TASK for a timed-out command unanswered this long means the target (or the
 #: connection) is stuck: the connection is dropped and the session reinstated (ERL 0), as
 #: open-iscsi escalates.  node.session.err_timeo.abort_timeout.
@@ -218,7 +221,8 @@ class Session:
         self._keepalive: asyncio.Task | None = None
         self._aborters: set[asyncio.Task] = set()  # ABORT TASKs for commands whose caller gave up
         self._expired = False
-        self._next_delay: float | None = None
+        self._next_delay: float | None = None       # Time2Wait of an announced drop (§11.9.1)
+        self._next_delay_until = 0.0                # ... valid until then
         self._ffp_since = 0.0            # loop time of the last successful login
         self._flap_delay = 0.0           # backoff carried from one recovery to the next
         self._last_error: BaseException | None = None   # why the last reconnect failed
@@ -906,8 +910,10 @@ class Session:
             # §11.9.1: log out within Parameter3 seconds; we drain, log out and log in again.
             self.loop.create_task(self._requested_logout(pdu.param3 or LOGOUT_DRAIN_MAX))
         elif ev in (P.AsyncEvent.CONNECTION_DROP, P.AsyncEvent.SESSION_DROP):
-            # The target will drop us; Parameter2 = Time2Wait before reconnecting.
+            # The target will drop us; Parameter2 = Time2Wait before reconnecting.  It holds
+            # for that drop only: a loss long after (the drop never came) waits as usual.
             self._next_delay = float(pdu.param2)
+            self._next_delay_until = self.loop.time() + max(float(pdu.param3), ANNOUNCED_DROP_VALID)
         elif ev == P.AsyncEvent.NEGOTIATION_REQUEST:
             # §11.9.1 event 4: the target wants a Text negotiation; an empty Text Request
             # lets it make its offers.
@@ -969,7 +975,7 @@ class Session:
         expiry = None if self._expired else self.loop.call_at(deadline, self._expire)
         try:
             while not self._closing:
-                if self._next_delay is not None:
+                if self._next_delay is not None and self.loop.time() <= self._next_delay_until:
                     wait = self._next_delay
                 else:
                     wait = delay if attempt else self._flap_delay

@@ -961,3 +961,30 @@ async def test_a_refused_connect_says_connection_refused():
     with pytest.raises(ConnectionLost, match="Connection refused") as err:
         await open_connection("127.0.0.1", port, timeout=2)
     assert "Connect call failed" not in str(err.value)
+
+
+async def test_an_announced_drop_that_never_came_does_not_slow_a_later_reconnect(target, monkeypatch):
+    """The Time2Wait of an Async Message "connection drop" holds for that drop: a loss long
+    after it (the drop never came) reconnects as usual, not after the stale Time2Wait."""
+    from iscsi.initiator import session as session_mod
+
+    monkeypatch.setattr(session_mod, "ANNOUNCED_DROP_VALID", 0.2)
+    proxy = await FaultProxy(upstream(target)).start()
+    try:
+        s, dev = await open_device(url_via(target, proxy.port), initiator_name=INITIATOR, options=quick())
+        try:
+            await dev.write(7100, _pattern(7100))
+            exp, mx = s.window
+            msg = P.AsyncMessage(event=P.AsyncEvent.CONNECTION_DROP, param1=0, param2=5, param3=0,
+                                 statsn=s._expstatsn, expcmdsn=exp, maxcmdsn=mx)
+            (cw, _uw), = proxy._pairs
+            cw.write(b"".join(bytes(b) for b in encode_pdu(msg)))
+            await asyncio.sleep(0.5)           # the announced drop does not come
+            t0 = time.monotonic()
+            proxy.drop_all()                   # an unrelated loss, later
+            assert await asyncio.wait_for(dev.read(7100, 1), 10) == _pattern(7100)
+            assert s.reconnects == 1 and time.monotonic() - t0 < 4, "waited the stale Time2Wait (5 s)"
+        finally:
+            await asyncio.wait_for(s.close(logout=False), 5)
+    finally:
+        await proxy.close()
