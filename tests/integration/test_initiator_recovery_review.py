@@ -509,6 +509,23 @@ def own_target(tmp_path):
         peer.stop()
 
 
+async def _writes_survive_a_restart(s, dev, peer, n: int) -> None:
+    """``n`` 64-block writes in flight, kill -9 of ``peer`` and its restart: every write
+    completes (re-sent after session reinstatement) and reads back right."""
+    writes = [asyncio.ensure_future(dev.write(64 * i, _pattern(64 * i, 64))) for i in range(n)]
+    for _ in range(1000):
+        if s.in_flight:
+            break
+        await asyncio.sleep(0)
+    assert s.in_flight
+    peer.kill()
+    await asyncio.to_thread(peer.restart)
+    await asyncio.wait_for(asyncio.gather(*writes), 20)
+    assert s.reconnects >= 1
+    for i in range(n):
+        assert await dev.read(64 * i, 64) == _pattern(64 * i, 64), f"extent {i} wrong after restart"
+
+
 async def test_target_kill9_and_restart_mid_io_then_gone_past_the_timeout(own_target):
     """kill -9 with writes in flight, start again on the same port and images: every write
     completes (re-sent after session reinstatement) and reads back right.  Then kill it for
@@ -517,18 +534,7 @@ async def test_target_kill9_and_restart_mid_io_then_gone_past_the_timeout(own_ta
     s, dev = await open_device(own_target.url(0), initiator_name=INITIATOR,
                                options=quick(replacement_timeout=3.0))
     try:
-        writes = [asyncio.ensure_future(dev.write(64 * i, _pattern(64 * i, 64))) for i in range(48)]
-        for _ in range(1000):
-            if s.in_flight:
-                break
-            await asyncio.sleep(0)
-        assert s.in_flight
-        own_target.kill()
-        await asyncio.to_thread(own_target.restart)
-        await asyncio.wait_for(asyncio.gather(*writes), 20)
-        assert s.reconnects >= 1
-        for i in range(48):
-            assert await dev.read(64 * i, 64) == _pattern(64 * i, 64), f"extent {i} wrong after restart"
+        await _writes_survive_a_restart(s, dev, own_target, 48)
 
         own_target.kill()
         cpu0, t0 = time.process_time(), time.monotonic()
@@ -642,18 +648,7 @@ async def test_tgtd_kill9_and_restart_mid_io(tmp_path):
     try:
         s, dev = await open_device(peer.url(0), initiator_name=INITIATOR, options=quick(replacement_timeout=15.0))
         try:
-            writes = [asyncio.ensure_future(dev.write(64 * i, _pattern(64 * i, 64))) for i in range(32)]
-            for _ in range(1000):
-                if s.in_flight:
-                    break
-                await asyncio.sleep(0)
-            assert s.in_flight
-            peer.kill()
-            await asyncio.to_thread(peer.restart)
-            await asyncio.wait_for(asyncio.gather(*writes), 20)
-            assert s.reconnects >= 1
-            for i in range(32):
-                assert await dev.read(64 * i, 64) == _pattern(64 * i, 64), f"extent {i} wrong after restart"
+            await _writes_survive_a_restart(s, dev, peer, 32)
         finally:
             await asyncio.wait_for(s.close(), 10)
     finally:
