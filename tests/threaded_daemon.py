@@ -7,7 +7,9 @@ SCSI core or the iSCSI server for fakes.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
+import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -58,3 +60,17 @@ class ThreadedDaemon:
         self.loop.call_soon_threadsafe(self.daemon._stop.set)
         self.thread.join(START_TIMEOUT)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def raw(self, request: dict) -> dict:
+        """One hand-written control request, as any local root process may send."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(self.ctl))
+            s.sendall(json.dumps(request).encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        return json.loads(buf)

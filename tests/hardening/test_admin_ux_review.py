@@ -88,20 +88,6 @@ class Live(ThreadedDaemon):
     def cli(self, *args: str, input: str | None = None):
         return run("--control", str(self.ctl), *args, input=input)
 
-    def raw(self, request: dict) -> dict:
-        """One hand-written control request, as any local root process may send."""
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(10)
-            s.connect(str(self.ctl))
-            s.sendall(json.dumps(request).encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        return json.loads(buf)
-
     def saved(self) -> str:
         return self.path.read_text()
 

@@ -82,20 +82,6 @@ class Daemon(ThreadedDaemon):
     def cli(self, *args: str):
         return cli("--control", str(self.ctl), *args)
 
-    def raw(self, request: dict) -> dict:
-        """One hand-written control request, as any local root process may send."""
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(10)
-            s.connect(str(self.ctl))
-            s.sendall(json.dumps(request).encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        return json.loads(buf)
-
 
 def _target(portals: list[str], luns: list[Lun], **kw) -> Target:
     return Target(iqn=kw.pop("iqn", T), portal_groups=[PortalGroup(1, portals)], luns=luns,
