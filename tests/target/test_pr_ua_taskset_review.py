@@ -71,21 +71,25 @@ def recorder(done: list[str], gate: asyncio.Event):
     return command
 
 
-async def test_ordered_task_waits_for_older_tasks_when_the_ordered_task_between_is_aborted():
-    """SAM-5 §8.7.3: an ORDERED task runs only once every task received before it has completed.
-    S1 (SIMPLE, slow), O1 (ORDERED), O2 (ORDERED); ABORT TASK of O1 while it waits for S1.
-    O2 ran at once, before S1, because only O1 had remembered S1."""
+async def _slow_simple_then_two_ordered():
+    """S1 (SIMPLE, held until ``gate`` opens), then O1 and O2 (ORDERED), in that order."""
     tasks = TaskSet()
     done: list[str] = []
     gate = asyncio.Event()
     command = recorder(done, gate)
+    started = []
+    for attr, name, wait in ((TaskAttr.SIMPLE, "S1", True), (TaskAttr.ORDERED, "O1", False),
+                             (TaskAttr.ORDERED, "O2", False)):
+        started.append(asyncio.create_task(tasks.run(attr, command(name, wait=wait))))
+        await asyncio.sleep(0)
+    return tasks, done, gate, command, started
 
-    s1 = asyncio.create_task(tasks.run(TaskAttr.SIMPLE, command("S1", wait=True)))
-    await asyncio.sleep(0)
-    o1 = asyncio.create_task(tasks.run(TaskAttr.ORDERED, command("O1")))
-    await asyncio.sleep(0)
-    o2 = asyncio.create_task(tasks.run(TaskAttr.ORDERED, command("O2")))
-    await asyncio.sleep(0)
+
+async def test_ordered_task_waits_for_older_tasks_when_the_ordered_task_between_is_aborted():
+    """SAM-5 §8.7.3: an ORDERED task runs only once every task received before it has completed.
+    S1 (SIMPLE, slow), O1 (ORDERED), O2 (ORDERED); ABORT TASK of O1 while it waits for S1.
+    O2 ran at once, before S1, because only O1 had remembered S1."""
+    tasks, done, gate, command, (s1, o1, o2) = await _slow_simple_then_two_ordered()
     o1.cancel()  # ABORT TASK
     await asyncio.sleep(0.01)
     assert done == []
@@ -104,17 +108,7 @@ async def test_simple_task_waits_for_an_older_ordered_task_when_a_newer_one_is_a
     """SAM-5 §8.7.2: a SIMPLE task runs only once every ORDERED task received before it has
     completed.  O1 (ORDERED, waiting for the slow S1), O2 (ORDERED), ABORT TASK of O2, then S3:
     S3 ran at once, while O1 had not even started."""
-    tasks = TaskSet()
-    done: list[str] = []
-    gate = asyncio.Event()
-    command = recorder(done, gate)
-
-    s1 = asyncio.create_task(tasks.run(TaskAttr.SIMPLE, command("S1", wait=True)))
-    await asyncio.sleep(0)
-    o1 = asyncio.create_task(tasks.run(TaskAttr.ORDERED, command("O1")))
-    await asyncio.sleep(0)
-    o2 = asyncio.create_task(tasks.run(TaskAttr.ORDERED, command("O2")))
-    await asyncio.sleep(0)
+    tasks, done, gate, command, (s1, o1, o2) = await _slow_simple_then_two_ordered()
     o2.cancel()  # ABORT TASK
     await asyncio.sleep(0.01)
     s3 = asyncio.create_task(tasks.run(TaskAttr.SIMPLE, command("S3")))
