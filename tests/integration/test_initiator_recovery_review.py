@@ -918,6 +918,16 @@ def test_attached_loop_device_grows_after_an_online_lun_resize(tmp_path, monkeyp
         peer.stop()
 
 
+def _announce_connection_drop(s, proxy, *, time2wait: int, time2retain: int) -> None:
+    """The target's Async Message "connection drop" (RFC 7143 §11.9.1 event 2), written into
+    the proxied connection as if the target had sent it."""
+    exp, mx = s.window
+    msg = P.AsyncMessage(event=P.AsyncEvent.CONNECTION_DROP, param1=0, param2=time2wait, param3=time2retain,
+                         statsn=s._expstatsn, expcmdsn=exp, maxcmdsn=mx)
+    (cw, _uw), = proxy._pairs
+    cw.write(b"".join(bytes(b) for b in encode_pdu(msg)))
+
+
 async def test_async_connection_drop_waits_time2wait_before_reconnecting(target):
     """Async Message "connection drop" (§11.9.1 event 2) with Parameter2 = Time2Wait 1 s, then
     the drop: the session reconnects no sooner than Time2Wait, and the I/O goes on."""
@@ -926,11 +936,7 @@ async def test_async_connection_drop_waits_time2wait_before_reconnecting(target)
         s, dev = await open_device(url_via(target, proxy.port), initiator_name=INITIATOR, options=quick())
         try:
             await dev.write(7000, _pattern(7000))
-            exp, mx = s.window
-            msg = P.AsyncMessage(event=P.AsyncEvent.CONNECTION_DROP, param1=0, param2=1, param3=20,
-                                 statsn=s._expstatsn, expcmdsn=exp, maxcmdsn=mx)
-            (cw, _uw), = proxy._pairs
-            cw.write(b"".join(bytes(b) for b in encode_pdu(msg)))
+            _announce_connection_drop(s, proxy, time2wait=1, time2retain=20)
             await asyncio.sleep(0.1)
             t0 = time.monotonic()
             proxy.drop_all()
@@ -969,11 +975,7 @@ async def test_an_announced_drop_that_never_came_does_not_slow_a_later_reconnect
         s, dev = await open_device(url_via(target, proxy.port), initiator_name=INITIATOR, options=quick())
         try:
             await dev.write(7100, _pattern(7100))
-            exp, mx = s.window
-            msg = P.AsyncMessage(event=P.AsyncEvent.CONNECTION_DROP, param1=0, param2=5, param3=0,
-                                 statsn=s._expstatsn, expcmdsn=exp, maxcmdsn=mx)
-            (cw, _uw), = proxy._pairs
-            cw.write(b"".join(bytes(b) for b in encode_pdu(msg)))
+            _announce_connection_drop(s, proxy, time2wait=5, time2retain=0)
             await asyncio.sleep(0.5)           # the announced drop does not come
             t0 = time.monotonic()
             proxy.drop_all()                   # an unrelated loss, later
