@@ -517,7 +517,11 @@ class Session:
                       timeout: float | None = None) -> Task:
         """Run one command; returns the finished :class:`Task` (status not checked here).
 
-        Raises :class:`IscsiError` subclasses for transport-level failures.
+        Raises :class:`IscsiError` subclasses for transport-level failures.  Once this returns
+        or raises, nothing writes ``buf`` any more, also when the await was cancelled or timed
+        out.  ``data`` of a WRITE cancelled that way may still be read for Data-Out already
+        queued on the socket: do not reuse it until the abort has completed (or the session
+        has closed).
         """
         fut = self.loop.create_future()
         task = Task(lun, cdb, read_len, data, buf, attr, fut_cb(fut))
