@@ -379,6 +379,12 @@ def split_text(data: bytes, max_len: int) -> list[bytes]:
 ISCSI_DEFAULT_PORT = 3260
 
 
+def format_portal(host: str, port: int) -> str:
+    """(host, port) as TargetAddress writes it, domainname:port (RFC 7143 §13.8): an IPv6
+    address in brackets ([::1]:3260, not ::1:3260)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parse_target_address(value: str) -> tuple[str, int, int | None]:
     """TargetAddress=domainname[:port][,portal-group-tag] (RFC 7143 §13.8).
 

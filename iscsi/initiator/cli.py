@@ -21,6 +21,7 @@ from typing import Any
 
 import click
 
+from ..keys import format_portal
 from ..log import setup as log_setup
 from . import attach as attach_mod
 from . import bench as bench_mod
@@ -205,8 +206,7 @@ def discover(obj: _Ctx, portal: str, save: bool) -> None:
     store = NodeStore() if save else None
     for t in targets:
         for host, port, tpgt in t.portals:
-            addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            click.echo(f"{addr},{tpgt} {t.name}")
+            click.echo(f"{format_portal(host, port)},{tpgt} {t.name}")
             if store is not None:
                 store.upsert(NodeRecord(target=t.name, host=host, port=port, tpgt=tpgt, user=u.user,
                                         password=u.password, target_user=u.target_user,

@@ -153,14 +153,10 @@ async def open_session(url: IscsiUrl | str, *, options: SessionOptions | None = 
     raise LoginRedirect(f"{host}:{port}", False)
 
 
-def _portal(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 async def _login(host: str, port: int, cfg: LoginConfig, options: SessionOptions | None) -> Session:
     """:meth:`Session.open`, with the portal named in transport failures: a reset or a peer
     that does not speak iSCSI surfaces as a typed error, not a bare ``[Errno 104]``."""
-    portal = _portal(host, port)
+    portal = K.format_portal(host, port)
     try:
         return await Session.open(host, port, cfg, options)
     except ProtocolViolation as exc:

@@ -32,14 +32,14 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .. import pdu as P
+from ..keys import format_portal
 from ..log import event
 from ..digest import crc32c as _crc, pack_digest
 from .connection import BHS, Connection, open_connection
 from .errors import (
-    CommandTimeout, ConnectionLost, IscsiError, LoginError, ProtocolViolation, SessionFailed,
-    TargetFailure, TaskAborted, TmfError, decode_sense,
+    CommandTimeout, ConnectionLost, IscsiError, LoginError, LoginRedirect, ProtocolViolation,
+    SessionFailed, TargetFailure, TaskAborted, TmfError, decode_sense,
 )
-from .errors import LoginRedirect
 from .login import InitiatorLogin, LoginConfig, LoginResult, random_isid
 from .url import parse_portal
 
@@ -316,7 +316,7 @@ class Session:
         raise LoginError(f"login to {self.portal}: more than {MAX_REDIRECTS} redirects", 1, 1)
 
     async def _login_at(self, host: str, port: int) -> LoginResult:
-        name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        name = format_portal(host, port)
         conn = await open_connection(host, port, timeout=self.opts.login_timeout, name=name)
         try:
             result = await asyncio.wait_for(self._login_on(conn), self.opts.login_timeout)

@@ -69,9 +69,8 @@ def _provisioning(lu: "LogicalUnit") -> Parameters:
     bs = lu.block_size
     used = backstore.allocated_bytes() // bs
     params = []
-    fileno = backstore.fileno
     try:
-        fs = os.fstatvfs(fileno() if callable(fileno) else fileno)
+        fs = os.fstatvfs(backstore.fileno)
     except OSError:
         fs = None  # the available count is unknown: that parameter is left out
     if fs is not None:

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..keys import format_portal  # noqa: F401  (also the admin side's C.format_portal)
+
 CONFIG_VERSION = 1
 CONFIG_FILENAME = "target.json"
 
@@ -207,11 +209,6 @@ def parse_portal(text: str) -> tuple[str, int]:
             raise ConfigError(f"portal {text!r}: port {port_text!r} is not 1..65535")
         port = int(port_text)
     return str(addr), port
-
-
-def format_portal(host: str, port: int) -> str:
-    """Render (host, port) as RFC 7143 §13.8 TargetAddress domainname[:port] ([v6] bracketed)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def canonical_portal(text: str) -> str:

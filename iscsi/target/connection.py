@@ -18,6 +18,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .. import keys as K
+from ..keys import format_portal
 from .. import eager
 from ..digest import crc32c, crc32c_extend, pack_digest
 from .. import pdu as P
@@ -29,7 +30,6 @@ from ..scsi.types import ScsiCommand, ScsiResult, Status, TaskAttr
 from ..scsi.zerocopy import FileExtent
 from . import sendpath
 from ..session import DataOutError, StatSequence, WriteTransfer, residual
-from .config import format_portal
 from .login import LoginFailure, LoginSuccess, TargetLogin, describe_params
 
 if TYPE_CHECKING:

@@ -22,7 +22,8 @@ from .. import auth as A
 from ..auth import AuthState, ChapTargetAuth
 from ..log import event
 from .registry import AccessGrant, ChapCredentials, TargetAccess, TargetRegistry
-from .config import ConfigError, canonical_iscsi_name, format_portal
+from ..keys import format_portal
+from .config import ConfigError, canonical_iscsi_name
 
 log = logging.getLogger("iscsi.target.login")
 

@@ -15,6 +15,7 @@ import socket
 from typing import Any
 
 from .. import keys as K
+from ..keys import format_portal
 from .. import pdu as P
 from ..log import event
 from ..scsi.types import ITNexus
@@ -43,10 +44,6 @@ SHUTDOWN_DRAIN_TIMEOUT = 10.0
 # How long shutdown then waits for the logouts it asked for (RFC 7143 §11.9.1 event 1);
 # open-iscsi and libiscsi answer within a round trip, a peer that ignores it costs this much.
 SHUTDOWN_LOGOUT_GRACE = 2.0
-
-
-def format_portal(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class TargetSession:
