@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from .. import keys as K
 from ..auth import ChapCredentials
 from .device import BlockDevice
-from .errors import ConfigError, ConnectionLost, IscsiError, LoginError, LoginRedirect, PortalError, ProtocolViolation
+from .errors import ConfigError, ConnectionLost, IscsiError, LoginError, PortalError, ProtocolViolation
 from .login import LoginConfig
 from .session import Session, SessionOptions
 from .url import DEFAULT_PORT, IscsiUrl, parse_portal, parse_url
@@ -19,8 +19,6 @@ from .url import DEFAULT_PORT, IscsiUrl, parse_portal, parse_url
 INITIATOR_NAME_FILE = "/etc/iscsi/initiatorname.iscsi"
 #: Login status 0201h (RFC 7143 §11.13.5).
 AUTHENTICATION_FAILURE = 0x0201
-#: Redirects followed before giving up (a loop between two portals would never end).
-MAX_REDIRECTS = 4
 
 
 def default_initiator_name() -> str:
@@ -140,17 +138,11 @@ def login_config(url: IscsiUrl, *, initiator_name: str | None = None, session_ty
 
 async def open_session(url: IscsiUrl | str, *, options: SessionOptions | None = None,
                        initiator_name: str | None = None, keys: dict[str, str] | None = None) -> Session:
-    """Log in to the target named by ``url`` (following login redirects)."""
+    """Log in to the target named by ``url`` (Session.login follows login redirects)."""
     if isinstance(url, str):
         url = parse_url(url)
     cfg = login_config(url, initiator_name=initiator_name, keys=keys)
-    host, port = url.host, url.port
-    for _ in range(MAX_REDIRECTS + 1):
-        try:
-            return await _login(host, port, cfg, options)
-        except LoginRedirect as redirect:
-            host, port = parse_portal(redirect.address)
-    raise LoginRedirect(f"{host}:{port}", False)
+    return await _login(url.host, url.port, cfg, options)
 
 
 async def _login(host: str, port: int, cfg: LoginConfig, options: SessionOptions | None) -> Session:

@@ -245,7 +245,7 @@ class Session:
 
     @property
     def portal(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return format_portal(self.host, self.port)
 
     @property
     def in_flight(self) -> int:
