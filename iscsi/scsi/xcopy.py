@@ -414,14 +414,31 @@ class CopyManager:
         return lu
 
     @staticmethod
-    async def _run(segments: list[_Segment], result: CopyResult) -> None:
+    def _steps(seg: _Segment) -> list[tuple[int, int]]:
+        """(byte offset into the segment, length) of each read-then-write step, in copy order.
+
+        A segment whose destination overlaps its source further on in the same LU is copied
+        from its end backwards, as memmove does: copied forwards, a step would read blocks an
+        earlier step had already overwritten, and the destination would end up holding the
+        first chunk repeated instead of the source's data (the segment says "copy these
+        blocks", SPC-4 §6.4.6.5, not "copy them as they are while being overwritten").
+        """
+        src_bs, dst_bs = seg.src.block_size, seg.dst.block_size
+        step = COPY_CHUNK_BYTES - COPY_CHUNK_BYTES % src_bs
+        step -= step % dst_bs
+        if step <= 0:  # block sizes larger than a chunk: move one source block at a time
+            step = src_bs
+        steps = [(done, min(step, seg.nbytes - done)) for done in range(0, seg.nbytes, step)]
+        if seg.src is seg.dst:
+            src_start, dst_start = seg.src_lba * src_bs, seg.dst_lba * dst_bs
+            if src_start < dst_start < src_start + seg.nbytes:
+                steps.reverse()
+        return steps
+
+    @classmethod
+    async def _run(cls, segments: list[_Segment], result: CopyResult) -> None:
         for index, seg in enumerate(segments):
-            done = 0
-            while done < seg.nbytes:
-                step = min(COPY_CHUNK_BYTES - COPY_CHUNK_BYTES % seg.src.block_size, seg.nbytes - done)
-                step -= step % seg.dst.block_size
-                if step <= 0:  # block sizes larger than a chunk: move one source block at a time
-                    step = min(seg.src.block_size, seg.nbytes - done)
+            for done, step in cls._steps(seg):
                 try:
                     chunk = await seg.src.read_blocks(seg.src_lba + done // seg.src.block_size,
                                                       step // seg.src.block_size)
@@ -434,7 +451,6 @@ class CopyManager:
                 except OSError as exc:
                     raise CopyAborted(COPY_TARGET_DEVICE_NOT_REACHABLE, segments_processed=index,
                                       field_pointer=seg.offset) from exc
-                done += step
                 result.bytes_transferred += step
                 # Let every other session run between chunks: a copy of up to 1 GiB must not
                 # stall NOP answers or an ATS heartbeat (ESXi drops a datastore after ~8 s).
