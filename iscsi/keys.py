@@ -486,7 +486,10 @@ class KeySpec:
     values: tuple[str, ...] = ()       # allowed values (lists, enumerations)
     low: int = 0                       # numerical range, inclusive
     high: int = 0
-    repeatable: bool = False           # may legitimately occur more than once
+    # May legitimately occur more than once -- in what the *target* sends (SendTargets answers
+    # list many TargetName/TargetAddress pairs, §13.3, Appendix C).  An initiator declares its
+    # TargetName once; a second one is a redeclaration the target must detect (§6.2).
+    repeatable: bool = False
 
 
 def _k(*args, **kw) -> KeySpec:
@@ -773,7 +776,7 @@ class Negotiator:
             # A key repeated within one request or across the login is caught by
             # the same bookkeeping: _received, _answered.
             spec = KEYS.get(key)
-            repeatable = spec is not None and spec.repeatable
+            repeatable = spec is not None and spec.repeatable and self.peer_role == "target"
             if key in self._offered:
                 self._absorb_answer(key, value)
                 continue
