@@ -60,7 +60,7 @@ class CommandWindow:
     commands are delivered at once and do not advance ExpCmdSN.
     """
 
-    __slots__ = ("expcmdsn", "depth", "pending", "in_flight")
+    __slots__ = ("expcmdsn", "depth", "pending", "in_flight", "highest")
 
     def __init__(self, expcmdsn: int, depth: int = DEFAULT_COMMAND_WINDOW) -> None:
         self.expcmdsn = expcmdsn % SN_MOD
@@ -69,6 +69,10 @@ class CommandWindow:
         # lane reads it: an empty dict means nothing is waiting).
         self.pending: dict[int, object] = {}
         self.in_flight = 0  # commands accepted and not yet completed; shrinks the window
+        # The highest MaxCmdSN handed out so far (every read of ``maxcmdsn`` may go on the
+        # wire): the top of the range the initiator may use.  It starts at the whole window,
+        # so an initiator that goes by the login response's narrower value is never refused.
+        self.highest = (self.expcmdsn + depth - 1) & 0xFFFFFFFF
 
     @property
     def maxcmdsn(self) -> int:
@@ -76,10 +80,24 @@ class CommandWindow:
         room = self.depth - self.in_flight - len(self.pending)
         # MaxCmdSN = ExpCmdSN - 1 means a closed window (§4.2.2.1).  (Read per response:
         # plain arithmetic, no helper calls.)
-        return (self.expcmdsn + (room if room > 0 else 0) - 1) & 0xFFFFFFFF
+        top = (self.expcmdsn + (room if room > 0 else 0) - 1) & 0xFFFFFFFF
+        if 0 < (top - self.highest) & 0xFFFFFFFF < _HALF:
+            self.highest = top
+        return top
 
     def in_window(self, cmdsn: int) -> bool:
-        return sn_le(self.expcmdsn, cmdsn) and sn_le(cmdsn, sn_add(self.expcmdsn, self.depth - 1))
+        """Is ``cmdsn`` in [ExpCmdSN, MaxCmdSN] (RFC 7143 §4.2.2.1)?
+
+        MaxCmdSN is the highest one advertised, not ExpCmdSN + depth: ExpCmdSN moves up with
+        every command that arrives in order, so a bound relative to it alone lets an initiator
+        that ignores MaxCmdSN keep any number of commands (and their data) in the target."""
+        exp = self.expcmdsn
+        ahead = (cmdsn - exp) & 0xFFFFFFFF
+        if ahead >= self.depth:
+            return False
+        self.maxcmdsn  # noqa: B018 - refreshes ``highest`` (after a reinstatement moved ExpCmdSN)
+        limit = (self.highest - exp) & 0xFFFFFFFF
+        return limit < _HALF and ahead <= limit
 
     def arrive(self, cmdsn: int, item: object, immediate: bool = False) -> list[object]:
         if immediate:
