@@ -6,11 +6,22 @@ first sweep is tests/target/test_scsi_semantics_review.py; this file does not re
 """
 from __future__ import annotations
 
+import asyncio
 import struct
 
 import pytest
 
+from iscsi import pdu as P
+from iscsi.backstore.ram import RamBackstore
+from iscsi.scsi.lu import LogicalUnit
+from iscsi.scsi.target import LunMap
+from iscsi.target.server import IscsiServer
 from tests.unit.test_scsi_support import Initiator, make_lu, parse_sense
+
+from .fakes import FakeRegistry, FakeTarget
+from .wire import Wire
+
+IQN_T = "iqn.2026-11.org.sanstack:review2"
 
 GOOD = 0x00
 CHECK = 0x02
@@ -93,3 +104,60 @@ async def test_sanitize_overwrite_invert_leaves_the_last_pass_on_the_medium(coun
     params = bytes(((0x80 if invert else 0) | count, 0, 0, 1, 0x0F))
     await ini.ok(bytes((0x48, 0x01, 0, 0, 0, 0, 0, 0, len(params), 0)), params)
     assert lu.backstore.read(0, lu.num_blocks * 512) == bytes((expect,)) * (lu.num_blocks * 512)
+
+
+# -- through the real target (iSCSI transport + SCSI core) ---------------------------------
+
+@pytest.fixture
+async def served():
+    """An IscsiServer on loopback serving one 8 MiB RAM LU; yields (server, lu)."""
+    lu = LogicalUnit(RamBackstore(8 << 20, 512), serial="review2", lun_id=0)
+    reg = FakeRegistry({IQN_T: FakeTarget(IQN_T, luns=LunMap({0: lu}))})
+    srv = IscsiServer(reg, nop_interval=60, nop_timeout=60)
+    _, srv.port = await srv.add_portal("127.0.0.1", 0)
+    yield srv, lu
+    await srv.shutdown(drain_timeout=1)
+
+
+async def logged_in(srv) -> Wire:
+    wire = await Wire.open(srv.port)
+    assert (await wire.login(IQN_T)).status_class == 0
+    for _ in range(3):  # the power-on unit attention
+        wire.command(bytes(6))
+        if (await wire.recv()).status == GOOD:
+            return wire
+    raise AssertionError("unit attentions never cleared")
+
+
+async def set_d_sense(wire: Wire) -> None:
+    """MODE SELECT(6) of the Control mode page with D_SENSE=1 (SPC-4 §7.5.8)."""
+    page = bytearray(12)
+    page[0], page[1], page[2], page[3] = 0x0A, 0x0A, 0x04, 0x10
+    page[8:10] = b"\xff\xff"
+    params = bytes(4) + bytes(page)
+    wire.command(bytes((0x15, 0x10, 0, 0, len(params), 0)), write=True, edtl=len(params), data=params)
+    assert (await wire.recv()).status == GOOD
+
+
+@pytest.mark.xfail(strict=True, reason="iscsi/target/connection.py _fail_task builds fixed-format sense "
+                   "whatever the LU's D_SENSE bit says (fix belongs to the transport owner)")
+async def test_data_phase_error_sense_follows_d_sense(served):
+    """SPC-4 §7.5.8: with D_SENSE=1 the device server returns descriptor-format sense data
+    with every CHECK CONDITION.  The LU's own errors do (response code 72h); the transport's
+    ABORTED COMMAND for a bad Data-Out still came back as fixed format (70h)."""
+    srv, _lu = served
+    wire = await logged_in(srv)
+    await set_d_sense(wire)
+    wire.command(struct.pack(">BBIBHB", 0x28, 0, 0xFFFFFF, 0, 1, 0), read=True, edtl=512)
+    resp = await wire.recv()
+    assert resp.status == CHECK and bytes(resp.data)[2] == 0x72  # the LU's own sense: descriptor format
+    itt = wire.command(struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 1, 0), write=True, edtl=512)
+    r2t = await wire.recv()
+    assert isinstance(r2t, P.R2T) and r2t.itt == itt
+    # Data-Out beyond the Expected Data Transfer Length: a data phase error of this task
+    wire.send(P.DataOut(itt=itt, ttt=r2t.ttt, datasn=0, offset=0, final=True, expstatsn=wire.expstatsn,
+                        data=bytes(1024)))
+    resp = await wire.recv()
+    assert isinstance(resp, P.ScsiResponse) and resp.status == CHECK
+    sense = bytes(resp.data)[2:]  # after the SenseLength field (RFC 7143 §11.4.7.2)
+    assert sense[0] == 0x72 and sense[1] & 0x0F == 0xB  # descriptor format, ABORTED COMMAND
