@@ -540,6 +540,12 @@ def unmap(lu: LogicalUnit, cmd: ScsiCommand):
         raise S.illegal_param(8)
     for lba, n in ranges:
         _deallocate(lu, lba, n)
+    if ranges and not lu.mode.wce:
+        # WCE=0 (SBC-4 §6.5.5): no volatile cache, so the new medium state is stable before
+        # GOOD.  A punched hole is a metadata change of the image, and where holes cannot be
+        # punched (or only part of a filesystem block goes) the backstore writes zeroes: both
+        # sit in the page cache until a flush, and a crash would bring the old data back.
+        return lu.flushed(ScsiResult())
     return ScsiResult()
 
 

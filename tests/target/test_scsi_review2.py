@@ -161,3 +161,35 @@ async def test_data_phase_error_sense_follows_d_sense(served):
     assert isinstance(resp, P.ScsiResponse) and resp.status == CHECK
     sense = bytes(resp.data)[2:]  # after the SenseLength field (RFC 7143 §11.4.7.2)
     assert sense[0] == 0x72 and sense[1] & 0x0F == 0xB  # descriptor format, ABORTED COMMAND
+
+
+# -- UNMAP with the write cache disabled, SBC-4 §5.32, §6.5.5 --------------------------------
+
+def _unmap(ranges: list[tuple[int, int]]) -> tuple[bytes, bytes]:
+    body = b"".join(struct.pack(">QI4x", lba, n) for lba, n in ranges)
+    params = struct.pack(">HH4x", len(body) + 6, len(body)) + body
+    return bytes((0x42, 0, 0, 0, 0, 0, 0)) + struct.pack(">HB", len(params), 0), params
+
+
+async def test_unmap_with_wce_off_is_stable_before_good():
+    """With WCE=0 every medium change is on stable storage before GOOD; a deallocation is
+    one (reads of the LBAs return zeroes from then on, LBPRZ=1).  WRITE SAME with UNMAP=1
+    flushed; UNMAP did not, so after a power cut the unmapped blocks could read back their
+    old data."""
+    lu = make_lu("ram", size=1 << 20)
+    ini = await ready(lu)
+    await ini.ok(struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 8, 0), b"\xAB" * 4096)
+    cdb, params = _unmap([(0, 8)])
+    before = lu.backstore.flushes
+    await ini.ok(cdb, params)
+    assert lu.backstore.flushes == before  # WCE=1 (the default): no flush needed
+    page = bytearray(20)
+    page[0], page[1] = 0x08, 0x12  # Caching mode page, WCE=0
+    await ini.ok(bytes((0x15, 0x10, 0, 0, 24, 0)), bytes(4) + bytes(page))
+    assert not lu.mode.wce
+    await ini.ok(struct.pack(">BBIBHB", 0x2A, 0, 8, 0, 8, 0), b"\xAB" * 4096)
+    before = lu.backstore.flushes
+    cdb, params = _unmap([(8, 8)])
+    await ini.ok(cdb, params)
+    assert lu.backstore.flushes == before + 1
+    assert lu.backstore.read(0, 8192) == bytes(8192)
