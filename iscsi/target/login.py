@@ -113,14 +113,23 @@ class TargetLogin:
     is authenticated and authorised, just before the final response: it returns
     the TSIH to report (a new one for TSIH=0, the same one for a connection
     reinstatement) or raises :class:`LoginError` (e.g. session does not exist).
+
+    ``session_params(isid, initiator, target, tsih)`` gives the values in force in the
+    session a login with TSIH != 0 joins (None: no such session of this initiator port).
+    Session-wide keys (Use: LO, RFC 7143 §13.10-§13.20) are negotiated by the leading
+    login only, so such a login starts from the session's values, not the RFC defaults:
+    an initiator replacing its connection (§6.3.4) need not (and should not) offer them
+    again.  Without it a TSIH != 0 login starts from the RFC defaults.
     """
 
     def __init__(self, registry: TargetRegistry, local_host: str, local_port: int,
                  allocate_tsih: Callable[[int, str, str, int, int], int],
-                 statsn_start: int = 0) -> None:
+                 statsn_start: int = 0, *,
+                 session_params: Callable[[int, str, str, int], "K.Negotiated | None"] | None = None) -> None:
         self.registry = registry
         self.local_host, self.local_port = local_host, local_port
         self.allocate_tsih = allocate_tsih
+        self.session_params = session_params
         self.outcome: LoginSuccess | LoginFailure | None = None
         self._statsn = statsn_start
         self._pdus = 0
@@ -286,7 +295,21 @@ class TargetLogin:
         self._auth = _chap_for(creds)
         if not self._auth_required:
             self._auth_done = True
-        self._negotiator = K.Negotiator("target", session_type=stype, local=local)
+        self._negotiator = K.Negotiator("target", session_type=stype, local=local,
+                                        initial=self._joined_session_values(name))
+
+    def _joined_session_values(self, initiator: str) -> "K.Negotiated | None":
+        """The session-wide values of the session a TSIH != 0 login joins (see the class
+        docstring); connection-only keys (digests, MaxRecvDataSegmentLength, §13.1,
+        §13.12) start again from their defaults on every new connection."""
+        first = self._first
+        if first is None or first.tsih == 0 or self.session_params is None:
+            return None
+        target = self._target.name if self._target is not None else ""
+        current = self.session_params(first.isid, initiator, target, first.tsih)
+        if current is None:
+            return None  # allocate_tsih refuses the login later (0x020A)
+        return K.Negotiated(session=current.session, connection=K.ConnectionParams())
 
     def _security(self, received: list[tuple[str, str]], req: P.LoginRequest) -> list[tuple[str, str]]:
         """Security stage (§6.3.1, §12): names are declared, AuthMethod/CHAP answered by auth.py."""

@@ -37,8 +37,10 @@ def still_works(s: RawSession, lba: int = 9000) -> None:
 
 
 def login_keys(daemon, extra=()) -> list[tuple[str, str]]:
+    """open-iscsi's first login PDU; ``extra`` replaces or adds operational keys."""
+    override = dict(extra)
     return [("InitiatorName", INITIATOR), ("TargetName", daemon.iqn), ("SessionType", "Normal")] + \
-        list(OPERATIONAL) + list(extra)
+        [(k, override.pop(k, v)) for k, v in OPERATIONAL] + list(override.items())
 
 
 @pytest.fixture
@@ -116,3 +118,179 @@ def test_commands_beyond_the_advertised_max_cmd_sn_are_ignored(daemon, clean_log
     assert not beyond, f"{len(beyond)} commands beyond MaxCmdSN were accepted ({len(r2ts)} R2Ts, room {room})"
     assert len(r2ts) == room
     s.close()
+
+
+# -- login: text spanning PDUs (§6.2 C bit, §11.12.2) --------------------------------------
+
+def test_login_key_split_across_pdus_mid_name_and_mid_value(daemon, clean_log):
+    """§11.12.2: with C=1 the text goes on in the next PDU; a key=value pair may be cut
+    anywhere, even inside the key name or the value.  Each piece gets an empty response."""
+    s = raw(daemon)
+    text = K.encode_text(login_keys(daemon, extra=[("MaxRecvDataSegmentLength", "65536")]))
+    cut1 = text.index(b"TargetName") + 4           # inside a key name
+    cut2 = text.index(b"MaxRecvDataSegmentLength=") + 27  # inside a value
+    pieces = [text[:cut1], text[cut1:cut2], text[cut2:]]
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        s.send(P.LoginRequest(transit=last, cont=not last, csg=1, nsg=3, isid=ISID + 1, itt=1, cmdsn=s.cmdsn,
+                              data=piece))
+        resp = s.recv()
+        assert resp.status_class == 0, resp
+        if not last:
+            assert not resp.transit and not resp.cont and resp.data == b"", resp
+    assert resp.transit and resp.nsg == 3 and resp.tsih, resp
+    s.tsih, s.expstatsn = resp.tsih, (resp.statsn + 1) & 0xFFFFFFFF
+    s.expcmdsn, s.maxcmdsn = resp.expcmdsn, resp.maxcmdsn
+    s.max_send = int(dict(K.parse_text(resp.data))["MaxRecvDataSegmentLength"])
+    s.clear_unit_attentions()
+    # Our declaration went through whole: a 64 KiB READ comes back in one Data-In.
+    payload = bytes(range(256)) * 256
+    assert s.write(9200, payload) == 0
+    itt = s.command(read10(9200, len(payload) // BLOCK), read=True, edtl=len(payload))
+    pdu = s.recv()
+    assert isinstance(pdu, P.DataIn) and pdu.itt == itt and len(pdu.data) == len(payload) and pdu.has_status
+    s.close()
+
+
+# -- Text in Full Feature Phase: long answers (§11.11) -------------------------------------
+
+def test_text_answer_longer_than_the_initiators_segment_is_continued(daemon, clean_log):
+    """§11.11.2/§11.11.4/§11.11.6: an answer longer than the initiator's
+    MaxRecvDataSegmentLength (512 here) is cut into pieces <= 512 bytes; every piece but the
+    last has C=1, F=0 and a TTT other than 0xffffffff, which the initiator copies into an
+    empty request to get the next; the last has C=0, F=1, TTT 0xffffffff."""
+    s = session(daemon, extra=[("MaxRecvDataSegmentLength", "512")])
+    keys = [(f"X-org.example.k{i:03d}", "v") for i in range(60)]  # ~60 x 34 bytes answered
+    itt = s.next_itt()
+    s.send(P.TextRequest(itt=itt, cmdsn=s.cmdsn, expstatsn=s.expstatsn, immediate=True,
+                         data=K.encode_text(keys)))
+    answer, pieces = bytearray(), 0
+    for _ in range(20):
+        pdu = s.recv()
+        assert isinstance(pdu, P.TextResponse) and pdu.itt == itt, pdu
+        assert len(pdu.data) <= 512, f"text piece of {len(pdu.data)} bytes to a 512-byte receiver"
+        answer += pdu.data
+        pieces += 1
+        if pdu.final:
+            assert not pdu.cont and pdu.ttt == P.RESERVED_TAG, pdu
+            break
+        assert pdu.cont and pdu.ttt != P.RESERVED_TAG, pdu
+        s.send(P.TextRequest(itt=itt, ttt=pdu.ttt, cmdsn=s.cmdsn, expstatsn=s.expstatsn, immediate=True))
+    assert pieces > 2
+    assert K.parse_text(bytes(answer)) == [(k, "NotUnderstood") for k, _ in keys]
+    still_works(s)
+    s.close()
+
+
+@pytest.mark.xfail(strict=True, reason="server.py TargetSession.text_request answers F=1 to a Text "
+                   "Request with F=0 (RFC 7143 §11.11.1: a protocol error)")
+def test_text_request_with_f_0_is_answered_with_f_0(daemon, clean_log):
+    """§11.11.1: 'A Text Response with the F bit set to 1 in response to a Text Request with
+    the F bit set to 0 is a protocol error'; a response with F=0 carries a TTT other than
+    0xffffffff (§11.11.4), which the initiator's next (F=1) request copies to end the
+    exchange."""
+    s = session(daemon)
+    itt = s.next_itt()
+    s.send(P.TextRequest(itt=itt, final=False, cmdsn=s.cmdsn, expstatsn=s.expstatsn, immediate=True,
+                         data=b"SendTargets=All\0"))
+    pdu = s.recv()
+    assert isinstance(pdu, P.TextResponse) and pdu.itt == itt
+    assert not pdu.final and pdu.ttt != P.RESERVED_TAG, pdu
+    s.send(P.TextRequest(itt=itt, ttt=pdu.ttt, cmdsn=s.cmdsn, expstatsn=s.expstatsn, immediate=True))
+    last = s.recv()
+    assert isinstance(last, P.TextResponse) and last.final and last.ttt == P.RESERVED_TAG, last
+    s.close()
+
+
+# -- a second connection in a MaxConnections=1 session (§6.3, §11.13.5) ------------------
+
+def test_second_connection_with_another_cid_is_refused_and_the_session_lives(daemon, clean_log):
+    """A login with the TSIH of a live session and a new CID asks for a second connection;
+    MaxConnections is 1: 0x0206 (too many connections), and the first connection goes on."""
+    isid = ISID + 2
+    a = session(daemon, isid=isid)
+    b = raw(daemon)
+    b.send(P.LoginRequest(transit=True, csg=1, nsg=3, isid=isid, tsih=a.tsih, cid=1, itt=1, cmdsn=a.cmdsn,
+                          data=K.encode_text(login_keys(daemon))))
+    resp = b.recv()
+    assert isinstance(resp, P.LoginResponse) and (resp.status_class, resp.status_detail) == (2, 6), resp
+    assert b.closed_by_target(3.0)
+    b.close()
+    still_works(a)
+    a.close()
+
+
+# -- connection reinstatement keeps the session's values (§6.3.4, §13 "Use: LO") -----------
+
+def _reinstate(daemon, a: RawSession, isid: int, keys) -> RawSession:
+    b = raw(daemon)
+    b.send(P.LoginRequest(transit=True, csg=1, nsg=3, isid=isid, tsih=a.tsih, cid=0, itt=1, cmdsn=a.cmdsn,
+                          data=K.encode_text(keys)))
+    resp = b.recv()
+    assert resp.status_class == 0 and resp.tsih == a.tsih, resp
+    b.login_answers = dict(K.parse_text(resp.data))
+    b.tsih, b.cmdsn, b.expstatsn = resp.tsih, a.cmdsn, (resp.statsn + 1) & 0xFFFFFFFF
+    b.max_send = int(b.login_answers.get("MaxRecvDataSegmentLength", 8192))
+    return b
+
+
+@pytest.mark.xfail(strict=True, reason="connection.py builds TargetLogin without session_params, so a "
+                   "connection reinstatement falls back to the RFC defaults of session-wide keys")
+def test_connection_reinstatement_keeps_the_session_wide_values(daemon, clean_log):
+    """Session-wide keys (Use: LO, §13.10-§13.20) are negotiated on the leading connection only;
+    a login that replaces the session's connection (§6.3.4, same ISID/TSIH/CID) leaves them as
+    they are.  Here the session agreed FirstBurstLength=262144; the replacing login offers only
+    connection keys, and a 128 KiB immediate write (within the session's FirstBurstLength) must
+    go through.  Was: the new connection took the RFC defaults (FirstBurstLength 65536,
+    InitialR2T=Yes ...), so the initiator's writes were rejected."""
+    isid = ISID + 3
+    a = session(daemon, isid=isid, extra=[("FirstBurstLength", "262144")])
+    assert a.login_answers.get("FirstBurstLength") == "262144", a.login_answers
+    conn_only = [("InitiatorName", INITIATOR), ("TargetName", daemon.iqn), ("SessionType", "Normal"),
+                 ("HeaderDigest", "None"), ("DataDigest", "None"), ("MaxRecvDataSegmentLength", "262144")]
+    b = _reinstate(daemon, a, isid, conn_only)
+    b.clear_unit_attentions()
+    payload = b"\x3c" * (128 * 1024)
+    itt = b.command(write10(9300, len(payload) // BLOCK), write=True, edtl=len(payload), data=payload)
+    status, _ = b.wait_status(itt)
+    assert status.status == 0
+    a.close()
+    b.close()
+
+
+def test_a_login_joining_a_session_starts_from_the_sessions_values():
+    """The login side of the fix above (sans-IO): given the joined session's values
+    (``session_params``), a TSIH != 0 login that offers only connection keys ends with the
+    session's session-wide values, while connection keys start again from their defaults."""
+    from dataclasses import replace
+
+    from tests.target.fakes import FakeRegistry, FakeTarget
+    from iscsi.target.login import LoginSuccess, TargetLogin
+
+    iqn = "iqn.2026-11.org.sanstack:t1"
+    agreed = K.Negotiated()
+    agreed = K.Negotiated(
+        session=replace(agreed.session, initial_r2t=False, first_burst_length=262144, max_burst_length=1048576,
+                        max_outstanding_r2t=4, default_time2retain=0),
+        connection=replace(agreed.connection, header_digest=True, max_send_data_segment_length=4096))
+    asked = []
+
+    def session_params(isid, initiator, target, tsih):
+        asked.append((isid, initiator, target, tsih))
+        return agreed
+
+    login = TargetLogin(FakeRegistry({iqn: FakeTarget(iqn)}), "127.0.0.1", 3260, lambda *a: a[3],
+                        session_params=session_params)
+    keys = [("InitiatorName", INITIATOR), ("TargetName", iqn), ("HeaderDigest", "None"),
+            ("MaxRecvDataSegmentLength", "65536")]
+    (resp,) = login.receive(P.LoginRequest(transit=True, csg=1, nsg=3, isid=ISID, tsih=9, itt=7,
+                                           data=K.encode_text(keys)))
+    assert resp.status_class == 0 and resp.transit and resp.tsih == 9, resp
+    assert asked == [(ISID, INITIATOR, iqn, 9)]
+    ok = login.outcome
+    assert isinstance(ok, LoginSuccess)
+    s = ok.params.session
+    assert (s.initial_r2t, s.first_burst_length, s.max_burst_length, s.max_outstanding_r2t,
+            s.default_time2retain) == (False, 262144, 1048576, 4, 0)
+    c = ok.params.connection
+    assert not c.header_digest and c.max_send_data_segment_length == 65536
