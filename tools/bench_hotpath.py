@@ -5,7 +5,7 @@ whose transport only counts bytes, so the figure is the Python work per I/O
 (parse → SCSI dispatch → backstore → response build) that a benchmark over TCP
 hides behind syscalls and the client's own CPU.
 
-    python -m tools.bench_hotpath [--ops 200000] [--profile] [--digests]
+    python -m tools.bench_hotpath [--ops 200000] [--profile] [--digests] [--only read|write]
 """
 from __future__ import annotations
 
@@ -103,8 +103,11 @@ def main() -> None:
     ap.add_argument("--ops", type=int, default=100000)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--digests", action="store_true", help="negotiate CRC32C header and data digests")
+    ap.add_argument("--only", choices=("read", "write"), help="run one of the two (default: both)")
     args = ap.parse_args()
     for write in (False, True):
+        if args.only and args.only != ("write" if write else "read"):
+            continue
         asyncio.run(run(args.ops, write, args.profile, args.digests))
 
 

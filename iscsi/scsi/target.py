@@ -96,6 +96,13 @@ class LunMap:
             return lu.start(cmd)
         return self._no_lu(cmd)
 
+    def read_now(self, lun: int, cdb: bytes, nexus: ITNexus, zero_copy: bool):
+        """A SIMPLE READ(10)/(16)'s data at once, or None: see :meth:`LogicalUnit.read_now`."""
+        if nexus is not self._last_nexus:
+            self._note(nexus)
+        lu = self._luns.get(lun)
+        return None if lu is None else lu.read_now(cdb, nexus, zero_copy)
+
     def _report_luns(self, lu: LogicalUnit | None, cmd: ScsiCommand) -> ScsiResult:
         try:
             if lu is not None:

@@ -78,6 +78,7 @@ ZERO_COPY_MAX_BYTES = 16 << 20
 
 _BHS = P.BHS_STRUCT  # packs a whole response header in one call
 _TASK_ATTRS = tuple(TaskAttr(i) for i in range(5))
+_READ_NOW_OPS = frozenset({0x28, 0x88})  # READ(10), READ(16): LogicalUnit.read_now
 _PADDING = (b"", b"\0", b"\0\0", b"\0\0\0")  # by pad length (RFC 7143 §11.1: 4-byte boundary)
 DATA_PHASE_ERROR = (0x4B, 0x00)  # SPC-4 Annex D: ABORTED COMMAND for a broken Data-Out sequence
 decode_lun = P.decode_lun
@@ -750,6 +751,17 @@ class TargetConnection(asyncio.Protocol):
         luns = session.luns
         lun = decode_lun(pdu.lun)
         cdb = pdu.cdb
+        if pdu.read and cdb[0] in _READ_NOW_OPS and pdu.attr <= 1 and not pdu.write and not self.closed:
+            # The common READ: its data at once (LogicalUnit.read_now), or None for start().
+            edtl = pdu.edtl
+            data = luns.read_now(lun, cdb, session.nexus, edtl >= self._zc_min and self._zero_copy_ok(pdu))
+            if data is not None:
+                n = len(data)
+                if n == edtl and n <= self._one_data_in:
+                    self._data_in_with_status(pdu.itt, pdu.lun, data, n, 0, 0)
+                else:
+                    self._respond(pdu.itt, pdu.lun, True, False, edtl, None, ScsiResult(Status.GOOD, data))
+                return
         needed = luns.data_out_length(lun, cdb) if pdu.write or not pdu.read else None
         data_out = pdu.data
         if needed is not None and len(data_out) > needed:

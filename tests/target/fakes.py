@@ -84,6 +84,10 @@ class FakeLunMap:
             return int.from_bytes(cdb[7:9], "big") * self.BLOCK
         return None
 
+    def read_now(self, lun: int, cdb: bytes, nexus, zero_copy: bool):
+        """The transport's READ shortcut (LunMap.read_now): never taken here, start() decides."""
+        return None
+
     def start(self, cmd):
         """The transport's entry point: a result, or a coroutine when it has to wait (always here)."""
         return self.execute(cmd)
