@@ -15,8 +15,8 @@ from .device import BlockDevice
 from .errors import (
     AbortedCommand, Busy, CheckCondition, CommandTimeout, ConnectionLost, DataProtect, HardwareError,
     IllegalRequest, IscsiError, LoginError, LoginRedirect, MediumError, MiscompareError, NotReady,
-    ProtocolViolation, ReservationConflict, ScsiError, Sense, SessionFailed, TargetFailure, TaskAborted,
-    TaskSetFull, TmfError, UnitAttention,
+    ProtocolViolation, ReservationConflict, ScsiError, Sense, SessionFailed, ShortTransfer, TargetFailure,
+    TaskAborted, TaskSetFull, TmfError, UnitAttention,
 )
 from .multipath import MultipathExecutor, open_multipath
 from .session import Session, SessionOptions, Task
@@ -27,6 +27,6 @@ __all__ = [
     "DataProtect", "DiscoveredTarget", "HardwareError", "IllegalRequest", "IscsiError", "IscsiUrl",
     "LoginError", "LoginRedirect", "MediumError", "MiscompareError", "MultipathExecutor", "NotReady",
     "ProtocolViolation", "ReservationConflict", "ScsiError", "Sense", "Session", "SessionFailed",
-    "SessionOptions", "TargetFailure", "Task", "TaskAborted", "TaskSetFull", "TmfError", "UnitAttention",
+    "SessionOptions", "ShortTransfer", "TargetFailure", "Task", "TaskAborted", "TaskSetFull", "TmfError", "UnitAttention",
     "default_initiator_name", "discover", "open_device", "open_multipath", "open_session", "parse_url",
 ]

@@ -172,6 +172,7 @@ async def run(session: Session, lun: int, *, block_size: int, blocks: int, bs: i
         task.done = False
         task.status = -1
         task.next_datasn = 0
+        task.received = 0
         if task.underflow or task.overflow:
             task.underflow = task.overflow = False
             task.residual = 0

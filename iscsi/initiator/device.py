@@ -22,7 +22,7 @@ from . import scsi
 from ..scsi.sense import (CAPACITY_DATA_HAS_CHANGED, LOGICAL_UNIT_NOT_SUPPORTED,
                           REPORTED_LUNS_DATA_HAS_CHANGED)
 from .errors import (Busy, IllegalRequest, LunNotAvailable, MiscompareError, ScsiError, ScsiStatus,
-                     TaskSetFull, UnitAttention, scsi_error)
+                     ShortTransfer, TaskSetFull, UnitAttention, scsi_error)
 
 log = logging.getLogger("iscsi.initiator.device")
 
@@ -300,12 +300,18 @@ class BlockDevice:
         count = len(view) // bs
         step = self.max_transfer_blocks
         if count <= step:
-            await self.command(scsi.read16(lba, count, fua=fua), read_len=count * bs, buf=view)
+            await self._read(lba, count, view, fua)
             return
         await _all_or_first_error(
-            self.command(scsi.read16(lba + i, min(step, count - i), fua=fua),
-                         read_len=min(step, count - i) * bs, buf=view[i * bs:(i + min(step, count - i)) * bs])
+            self._read(lba + i, min(step, count - i), view[i * bs:(i + min(step, count - i)) * bs], fua)
             for i in range(0, count, step))
+
+    async def _read(self, lba: int, count: int, view: memoryview, fua: bool) -> None:
+        n = count * self.block_size
+        task = await self.command(scsi.read16(lba, count, fua=fua), read_len=n, buf=view)
+        if task.underflow and task.residual:
+            raise ShortTransfer(f"READ (16) of {count} blocks at LBA {lba}: the target sent "
+                                f"{n - task.residual} of {n} bytes with GOOD status")
 
     async def write(self, lba: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         """Write whole blocks at ``lba``; with ``fua`` the data is durable when this returns."""

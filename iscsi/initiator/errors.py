@@ -167,6 +167,12 @@ class CommandTimeout(IscsiError):
     """No status within the command timeout; the task was aborted."""
 
 
+class ShortTransfer(IscsiError):
+    """A READ ended GOOD with fewer bytes than it asked for (residual underflow, RFC 7143
+    §11.4.5.2).  SBC-4 READ transfers every block or ends in CHECK CONDITION, so the bytes
+    that did not come are not data: the read fails instead of handing back a hole."""
+
+
 class TargetFailure(IscsiError):
     """SCSI Response with Response != 0 (RFC 7143 §11.4.3: target failure)."""
 

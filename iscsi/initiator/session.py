@@ -119,15 +119,20 @@ class Task:
     """One SCSI command from submission to status.
 
     A finished task may be submitted again (the benchmark keeps one per queue slot) once its
-    caller has reset ``done``, ``status`` and ``next_datasn`` (and the rarely set
-    ``sense_data``/``residual``/``underflow``/``overflow``/``exc`` if they were set).
-    ``tries`` counts re-sends after a connection loss.
+    caller has reset ``done``, ``status``, ``next_datasn`` and ``received`` (and the rarely set
+    ``sense_data``/``residual``/``underflow``/``overflow``/``exc``/``next_r2tsn``/``solicited``
+    if they were set).  ``tries`` counts re-sends after a connection loss.
+
+    ``received``: Data-In bytes placed so far.  Data-In comes in order (DataPDUInOrder and
+    DataSequenceInOrder are Yes, RFC 7143 §13.18/§13.19), so it is also the Buffer Offset the
+    next Data-In must carry, and at the status the residual follows from it (§11.4.5.2).
+    ``next_r2tsn``/``solicited``: R2TSN expected next and bytes asked for by R2Ts (§11.8).
     """
 
     __slots__ = ("itt", "lun", "lun_field", "cdb", "read_len", "buf", "view", "out", "attr",
                  "cmdsn", "status", "sense_data", "residual", "underflow", "overflow",
                  "next_datasn", "cb", "exc", "response", "done", "tries", "sent",
-                 "user")
+                 "user", "received", "next_r2tsn", "solicited")
 
     def __init__(self, lun: int, cdb: bytes, read_len: int = 0, out: bytes | memoryview | None = None,
                  buf: bytearray | memoryview | None = None, attr: int = ATTR_SIMPLE,
@@ -150,6 +155,9 @@ class Task:
         self.underflow = False
         self.overflow = False
         self.next_datasn = 0
+        self.received = 0
+        self.next_r2tsn = 0
+        self.solicited = 0
         self.cb = cb
         self.exc: BaseException | None = None
         self.response = 0
@@ -177,6 +185,7 @@ class Task:
         self.residual = 0
         self.underflow = self.overflow = False
         self.next_datasn = 0
+        self.received = self.next_r2tsn = self.solicited = 0
         self.tries += 1
 
 
@@ -660,6 +669,8 @@ class Session:
         task = self._tasks.get(itt)
         if task is None:
             return None
+        if offset != task.received:
+            raise ProtocolViolation(_misplaced(task, offset, length))
         view = task.view
         end = offset + length
         if end > task.read_len or view is None:
@@ -719,7 +730,13 @@ class Session:
             end = off + len(payload)
             if end > task.read_len or task.view is None:
                 raise ProtocolViolation(f"Data-In beyond the expected length ({end} > {task.read_len})")
+            if off != task.received:
+                raise ProtocolViolation(_misplaced(task, off, len(payload)))
             task.view[off:end] = payload
+            task.received = end
+        else:
+            # Received in place (rx_data_in_dest checked its Buffer Offset), or no data.
+            task.received += h[4] & 0xFFFFFF
         datasn = h[11]
         if datasn != task.next_datasn:
             # ERL 0 cannot recover a lost Data-In (§7.1): drop the connection, the command is retried.
@@ -730,28 +747,36 @@ class Session:
             return
         # S bit: status in this PDU (phase collapse, §11.7.4); its sequence numbers are applied
         # by apply_sn at the end of the read.  next_datasn stays: the task ends here.
-        self.sn_pending = h
-        task.status = h[3]
-        if flags & 0x06:
+        if flags & 0x06 or task.received != task.read_len:
+            if flags & 0x06 == 0x06:
+                raise ProtocolViolation(BOTH_RESIDUALS)
             task.overflow = bool(flags & 0x04)
             task.underflow = bool(flags & 0x02)
             task.residual = h[13]
+            if task.read_len:
+                self._settle_residual(task, h[3])
+        self.sn_pending = h
+        task.status = h[3]
         del self._tasks[h[6]]
         self._finish(task)
 
     def rx_response(self, h: tuple, payload: bytes) -> None:
         # h: op, flags, response, status, lenword, _, itt, snacktag, statsn, expcmdsn, maxcmdsn,
         #    expdatasn, bidi_residual, residual
+        flags = h[1]
+        if flags & 0x06 == 0x06 or flags & 0x18 == 0x18:
+            raise ProtocolViolation(BOTH_RESIDUALS)
         self.sn_pending = h        # applied by apply_sn at the end of the read
         task = self._tasks.pop(h[6], None)
         if task is None:
             return
-        flags = h[1]
         task.status = h[3]
         task.response = h[2]
         task.overflow = bool(flags & 0x04)
         task.underflow = bool(flags & 0x02)
         task.residual = h[13] if flags & 0x06 else 0
+        if task.read_len and (task.received != task.read_len or flags & 0x06):
+            self._settle_residual(task, h[3])
         if len(payload) >= 2:
             n = (payload[0] << 8) | payload[1]
             task.sense_data = payload[2:2 + n]
@@ -759,6 +784,27 @@ class Session:
             self._finish(task, TargetFailure(f"target failure (response 0x{h[2]:02x})"))
             return
         self._finish(task)
+
+    def _settle_residual(self, task: Task, status: int) -> None:
+        """A read's residual is what it says only when it matches the Data-In that came:
+        RFC 7143 §11.4.5.2 defines it as EDTL minus the bytes sent.  A target that sent less
+        than it reports (no U bit, or a residual too small) must not have the caller take the
+        bytes it never sent (zeros, or what the buffer held) for data; one that reports less
+        than it sent is taken at its bytes too.  Only GOOD status: with another the data is
+        not the command's result, and many targets send CHECK CONDITION without a residual."""
+        short = task.read_len - task.received
+        said = task.residual if task.underflow else 0
+        if short == said or status != 0:
+            return
+        event(log, "session.residual_mismatch", logging.WARNING, portal=self.portal, itt=task.itt,
+              expected=task.read_len, received=task.received,
+              residual=f"{'U' if task.underflow else 'O' if task.overflow else '-'}{task.residual}")
+        if short > 0:
+            task.underflow, task.overflow, task.residual = True, False, short
+        else:
+            task.underflow = False
+            if not task.overflow:
+                task.residual = 0
 
     def rx_r2t(self, h: tuple) -> None:
         # h: op, flags, _, _, lenword, lun, itt, ttt, statsn, expcmdsn, maxcmdsn, r2tsn, offset, length
@@ -1193,6 +1239,15 @@ class Session:
             data = b""
             ttt = resp.ttt
         raise ProtocolViolation("text response never ends")
+
+
+#: RFC 7143 §11.4.1 (SCSI Response) and §11.7.5 (Data-In): O and U are mutually exclusive.
+BOTH_RESIDUALS = "status with both residual overflow and underflow (O and U bits, RFC 7143 §11.4.1)"
+
+
+def _misplaced(task: Task, offset: int, length: int) -> str:
+    return (f"Data-In at Buffer Offset {offset} (+{length}) where {task.received} was next "
+            f"(DataPDUInOrder/DataSequenceInOrder=Yes, RFC 7143 §13.18/§13.19: no gaps, no overlays)")
 
 
 def fut_cb(fut: asyncio.Future) -> Callable[[Task], None]:
