@@ -408,6 +408,10 @@ class LogoutRequest(Pdu):
 
     def _load(self, b1, b2, b3, lun, w):
         self.reason, self.cid, self.cmdsn, self.expstatsn = b1 & 0x7F, w[0] >> 16, w[1], w[2]
+        if self.reason > max(LogoutReason):
+            # §11.14.1: codes 3-127 are reserved; acting on one (as "close the session", say)
+            # would end what the initiator never asked to end.  Refused: Reject 0x09.
+            raise PduFormatError(f"reserved Logout reason code {self.reason}", RejectReason.INVALID_PDU_FIELD)
 
 
 class SnackRequest(Pdu):

@@ -294,3 +294,80 @@ def test_a_login_joining_a_session_starts_from_the_sessions_values():
             s.default_time2retain) == (False, 262144, 1048576, 4, 0)
     c = ok.params.connection
     assert not c.header_digest and c.max_send_data_segment_length == 65536
+
+
+# -- Data-Out (§11.7) --------------------------------------------------------------------------
+
+def test_burst_ended_by_an_empty_final_data_out(daemon, clean_log):
+    """§11.7.7: 'initiators and targets MUST be able to properly receive 0-length data
+    segments'.  A burst whose data all came with F=0 is ended by an empty Data-Out with F=1
+    (DataSN and offset following on): the write completes GOOD with the data sent."""
+    s = session(daemon, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
+    payload = bytes(range(256)) * 4
+    itt = s.command(write10(9400, 2), write=True, edtl=len(payload))
+    r2t = s.recv()
+    assert isinstance(r2t, P.R2T) and r2t.length == len(payload), r2t
+    s.send(P.DataOut(itt=itt, ttt=r2t.ttt, datasn=0, offset=0, final=False, expstatsn=s.expstatsn,
+                     data=payload))
+    s.send(P.DataOut(itt=itt, ttt=r2t.ttt, datasn=1, offset=len(payload), final=True, expstatsn=s.expstatsn))
+    resp = s.recv()
+    assert isinstance(resp, P.ScsiResponse) and resp.itt == itt and resp.status == 0, resp
+    status, data = s.read(9400, len(payload))
+    assert status == 0 and data == payload
+    s.close()
+
+
+def test_unsolicited_data_out_without_immediate_data(daemon, clean_log):
+    """ImmediateData=No, InitialR2T=No (§13.10, §13.11): no data in the command PDU, the first
+    burst as unsolicited Data-Out (TTT 0xffffffff, DataSN from 0, F on its last PDU), the rest
+    solicited by R2T from the end of the first burst."""
+    s = session(daemon, extra=[("ImmediateData", "No"), ("InitialR2T", "No"), ("FirstBurstLength", "4096")])
+    payload = bytes((i * 7) & 0xFF for i in range(8192))
+    itt = s.command(write10(9500, len(payload) // BLOCK), write=True, edtl=len(payload), final=False)
+    for sn, off in enumerate(range(0, 4096, 1024)):
+        s.send(P.DataOut(itt=itt, datasn=sn, offset=off, final=off + 1024 == 4096, expstatsn=s.expstatsn,
+                         data=payload[off:off + 1024]))
+    s.pending_write = payload
+    status, _ = s.wait_status(itt)
+    assert status.status == 0
+    st, data = s.read(9500, len(payload))
+    assert st == 0 and data == payload
+    s.close()
+
+
+def test_immediate_data_when_immediate_data_is_no_is_rejected(daemon, clean_log):
+    """§13.11: with ImmediateData=No the initiator MUST NOT send data with the command; the
+    target refuses it (Reject 0x04 carrying the header) and writes nothing."""
+    s = session(daemon, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
+    assert s.write(9600, b"\x11" * BLOCK) == 0
+    cmd = P.ScsiCommandPdu(write=True, edtl=BLOCK, cmdsn=s.cmdsn, expstatsn=s.expstatsn, cdb=write10(9600, 1),
+                           itt=s.next_itt(), data=b"\x99" * BLOCK)
+    s.send(cmd)
+    rej = s.recv()
+    assert isinstance(rej, P.Reject) and rej.reason == P.RejectReason.PROTOCOL_ERROR, rej
+    assert bytes(rej.data)[:P.BHS_LEN] == cmd.header()[:P.BHS_LEN]
+    st, data = s.read(9600, BLOCK)  # the rejected CmdSN is used again (§7.3)
+    assert st == 0 and data == b"\x11" * BLOCK
+    s.close()
+
+
+# -- Logout (§11.14) ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reason", [3, 0x7F])
+def test_logout_with_a_reserved_reason_code_is_rejected(daemon, clean_log, reason):
+    """§11.14.1: reason codes 0-2 are defined, the rest reserved.  A Logout with a reserved
+    one is refused (Reject 0x09, invalid PDU field, with its header) and the session goes on.
+    Was: taken as 'close the session' -- the session and its nexus (reservations, unit
+    attentions) ended on a code the initiator never defined."""
+    s = session(daemon)
+    req = P.LogoutRequest(reason=reason, itt=s.next_itt(), cmdsn=s.cmdsn, expstatsn=s.expstatsn, immediate=True)
+    s.send(req)
+    try:
+        rej = s.recv()
+    except Closed:
+        pytest.fail("session closed on a reserved Logout reason")
+    assert isinstance(rej, P.Reject) and rej.reason == P.RejectReason.INVALID_PDU_FIELD, rej
+    assert bytes(rej.data)[:P.BHS_LEN] == req.header()[:P.BHS_LEN]
+    still_works(s)
+    assert s.logout().response == 0
+    s.close()
