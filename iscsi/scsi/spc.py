@@ -88,17 +88,25 @@ def mode_select(lu: LogicalUnit, cmd: ScsiCommand, ten: bool) -> ScsiResult:
 
     A change raises MODE PARAMETERS CHANGED for the other I_T nexuses (SPC-4 §5.14),
     since the pages are shared by all of them.
+
+    Turning the write cache off (WCE 1 -> 0, SBC-4 §6.5.5) empties it before GOOD: from then
+    on the initiator sees no volatile cache and sends no SYNCHRONIZE CACHE (Linux sd makes
+    fsync a no-op on a write-through disk), so what it wrote before the switch would stay in
+    the page cache with nothing left to ask for it to be made stable.
     """
     cdb = cmd.cdb
     plen = be16(cdb, 7) if ten else cdb[4]
     params = bytes(cmd.data_out[:plen])
     if len(params) < plen:
         raise SenseError(SenseKey.ILLEGAL_REQUEST, S.PARAMETER_LIST_LENGTH_ERROR)
+    cached = lu.mode.wce
     changed = lu.mode.select(
         ten=ten, cdb=cdb, params=params, block_size=lu.block_size, num_blocks=lu.num_blocks,
     )
     if changed:
         lu.ua.establish(S.MODE_PARAMETERS_CHANGED, except_nexus=cmd.nexus)
+    if cached and not lu.mode.wce:
+        return lu.flushed(ScsiResult())
     return ScsiResult()
 
 

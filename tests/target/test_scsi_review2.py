@@ -285,3 +285,27 @@ def test_first_difference_finds_the_first_byte_in_any_buffer_type():
         b[-1] ^= 0x01 if where != len(a) - 1 else 0
         assert first_difference(memoryview(a), memoryview(b)) == where
         assert first_difference(a, bytes(b)) == where
+
+
+# -- MODE SELECT turning the write cache off, SBC-4 §6.5.5 -----------------------------------
+
+def _caching_page(wce: bool) -> bytes:
+    page = bytearray(20)
+    page[0], page[1], page[2] = 0x08, 0x12, 0x04 if wce else 0
+    return bytes(4) + bytes(page)
+
+
+async def test_turning_wce_off_flushes_what_the_cache_holds():
+    """After WCE=0 the initiator believes there is no volatile cache: Linux sd stops sending
+    SYNCHRONIZE CACHE and an fsync returns at once.  Writes acknowledged before the switch
+    were still only in the page cache, and nothing would ever ask for them to be flushed."""
+    lu = make_lu("ram", size=1 << 20)
+    ini = await ready(lu)
+    await ini.ok(struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 8, 0), b"\x42" * 4096)  # WCE=1: not flushed
+    before = lu.backstore.flushes
+    await ini.ok(bytes((0x15, 0x10, 0, 0, 24, 0)), _caching_page(wce=True))  # no change
+    assert lu.backstore.flushes == before
+    await ini.ok(bytes((0x15, 0x10, 0, 0, 24, 0)), _caching_page(wce=False))
+    assert lu.backstore.flushes == before + 1 and not lu.mode.wce
+    await ini.ok(bytes((0x15, 0x10, 0, 0, 24, 0)), _caching_page(wce=False))  # already off
+    assert lu.backstore.flushes == before + 1
