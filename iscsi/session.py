@@ -212,6 +212,12 @@ class WriteTransfer:
                 raise DataOutError("unsolicited Data-Out not allowed here")
             if pdu.datasn != self.unsolicited_datasn:
                 raise DataOutError(f"DataSN {pdu.datasn} out of order (expected {self.unsolicited_datasn})")
+            if pdu.offset != self.next_r2t_offset:
+                # DataPDUInOrder=Yes (the only value we agree to, §13.18): each PDU starts
+                # where the data before it ended.  A gap would never be solicited (R2Ts start
+                # at the end of the unsolicited data) and would be written as zeros.
+                raise DataOutError(f"unsolicited Data-Out at offset {pdu.offset}, expected "
+                                   f"{self.next_r2t_offset} (DataPDUInOrder=Yes)")
             if pdu.offset + len(pdu.data) > min(self.first_burst, self.edtl):
                 raise DataOutError("unsolicited data beyond FirstBurstLength")
             self.unsolicited_datasn += 1
