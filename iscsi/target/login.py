@@ -203,6 +203,14 @@ class TargetLogin:
 
         if self._initiator_name is None:
             self._leading_keys(received)
+        else:
+            for key, value in received:
+                if key == "SessionType" and value != self._session_type:
+                    # The first request chose the session type (absent: Normal, §13.21) and
+                    # with it the target, ACL, CHAP and which keys are relevant; a later
+                    # SessionType may only repeat it (§6.2: no redeclaration).
+                    raise LoginError(LoginStatus.INITIATOR_ERROR,
+                                     f"SessionType={value[:32]!r} after a {self._session_type} login began")
         answers: list[tuple[str, str]] = []
         self._offered.extend(received)
 

@@ -371,3 +371,55 @@ def test_logout_with_a_reserved_reason_code_is_rejected(daemon, clean_log, reaso
     still_works(s)
     assert s.logout().response == 0
     s.close()
+
+
+@pytest.mark.parametrize("offset", [1024, 256])
+def test_unsolicited_data_out_out_of_order_fails_the_task(daemon, clean_log, offset):
+    """DataPDUInOrder=Yes (§13.18): unsolicited Data-Out goes on where the immediate data
+    ended (512 here).  A PDU at 1024 leaves a hole that no R2T would ever ask for; one at 256
+    overlaps.  Either ends the task with CHECK CONDITION and writes nothing.  Was: GOOD, with
+    zeros written in the hole (R2Ts started after the highest offset seen)."""
+    s = session(daemon, extra=[("InitialR2T", "No")])
+    lba = 9700
+    assert s.write(lba, b"\x11" * 2048) == 0
+    itt = s.command(write10(lba, 4), write=True, edtl=2048, data=b"\x22" * 512, final=False)
+    s.send(P.DataOut(itt=itt, datasn=0, offset=offset, final=True, expstatsn=s.expstatsn, data=b"\x33" * 512))
+    s.pending_write = b"\x44" * 2048
+    while True:
+        try:
+            pdu = s.recv()
+        except Closed:
+            return  # dropping the connection is the other correct answer
+        if isinstance(pdu, P.R2T) and pdu.itt == itt:
+            s.send(P.DataOut(itt=itt, ttt=pdu.ttt, datasn=0, offset=pdu.offset, final=True,
+                             expstatsn=s.expstatsn, data=s.pending_write[pdu.offset:pdu.offset + pdu.length]))
+            continue
+        if isinstance(pdu, P.Reject):
+            continue
+        assert isinstance(pdu, P.ScsiResponse) and pdu.itt == itt, pdu
+        break
+    assert pdu.status == 0x02, f"status {pdu.status:#x} for a write with a hole in its unsolicited data"
+    st, data = s.read(lba, 2048)
+    assert st == 0 and data == b"\x11" * 2048, "a failed write changed the blocks"
+    still_works(s)
+    s.close()
+
+
+def test_session_type_changed_after_the_first_login_pdu_is_refused(daemon, clean_log):
+    """SessionType is chosen by the first Login Request (§13.21; 'Normal' when absent, and the
+    target looks up the target, ACL and CHAP by it).  A later SessionType that contradicts it
+    is refused (0x0200).  Was: the operational stage was answered as a Discovery session
+    (every session-wide key 'Irrelevant') while a Normal session was created: the two ends
+    then disagreed on InitialR2T, burst lengths, ..."""
+    s = raw(daemon)
+    s.send(P.LoginRequest(transit=True, csg=0, nsg=1, isid=ISID + 4, itt=1, cmdsn=s.cmdsn,
+                          data=K.encode_text([("InitiatorName", INITIATOR), ("TargetName", daemon.iqn),
+                                              ("AuthMethod", "None")])))
+    r = s.recv()
+    assert r.status_class == 0 and r.transit, r
+    s.send(P.LoginRequest(transit=True, csg=1, nsg=3, isid=ISID + 4, itt=1, cmdsn=s.cmdsn,
+                          data=K.encode_text([("SessionType", "Discovery")] + OPERATIONAL)))
+    r = s.recv()
+    assert (r.status_class, r.status_detail) == (2, 0), (r, K.parse_text(r.data))
+    assert s.closed_by_target(3.0)
+    s.close()
