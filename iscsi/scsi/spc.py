@@ -130,8 +130,14 @@ _SELECT_REPORT = {0x00, 0x01, 0x02, 0x10, 0x11, 0x12}
 
 
 def report_luns(lu: LogicalUnit | None, cmd: ScsiCommand, luns: list[int]) -> ScsiResult:
-    """REPORT LUNS (SPC-4 §6.33): valid through any LUN, even one with no logical unit."""
+    """REPORT LUNS (SPC-4 §6.33): valid through any LUN, even one with no logical unit.
+
+    The target level answers it without the logical unit's dispatch, so the CONTROL byte is
+    checked here: NACA=1 is an INVALID FIELD IN CDB with ACA unsupported (SAM-5 §5.9.1.4).
+    """
     cdb = cmd.cdb
+    if len(cdb) > 11 and cdb[11] & 0x04:
+        raise S.illegal_field(11, 2)
     select = cdb[2]
     if select not in _SELECT_REPORT:
         raise S.illegal_field(2)

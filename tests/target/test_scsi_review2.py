@@ -309,3 +309,34 @@ async def test_turning_wce_off_flushes_what_the_cache_holds():
     assert lu.backstore.flushes == before + 1 and not lu.mode.wce
     await ini.ok(bytes((0x15, 0x10, 0, 0, 24, 0)), _caching_page(wce=False))  # already off
     assert lu.backstore.flushes == before + 1
+
+
+# -- NACA=1 in the CONTROL byte of the commands the target level answers (SAM-5 §5.9.1.4) -----
+
+def _report_luns(control: int = 0) -> bytes:
+    return struct.pack(">BBB3xIBB", 0xA0, 0, 0, 64, 0, control)
+
+
+async def test_report_luns_with_naca_is_refused_through_every_lun():
+    """NormACA=0 in the INQUIRY data: a CDB with NACA=1 ends in INVALID FIELD IN CDB (pointing
+    at the CONTROL byte, bit 2), as every command dispatched by the LU does.  REPORT LUNS is
+    answered by the LUN map (through an LU or a LUN without one) and returned GOOD."""
+    lu = make_lu("ram", size=1 << 20)
+    luns = LunMap({0: lu})
+    for lun in (0, 5):
+        ini = Initiator(luns, lun=lun)
+        if lun == 0:
+            await ini.clear_ua()
+        s = await ini.fails(_report_luns(control=0x04))
+        assert s.code == INVALID_FIELD_IN_CDB and s.sks == bytes((0xCA, 0, 11))
+        r = await ini.ok(_report_luns())
+        assert bytes(r.data)[:4] == b"\x00\x00\x00\x08"
+
+
+@pytest.mark.xfail(strict=True, reason="iscsi/scsi/target.py LunMap._no_lu answers INQUIRY (and REQUEST "
+                   "SENSE) for a LUN without an LU before looking at the CONTROL byte")
+async def test_inquiry_with_naca_to_a_lun_without_lu_is_refused():
+    luns = LunMap({0: make_lu("ram", size=1 << 20)})
+    ini = Initiator(luns, lun=5)
+    s = await ini.fails(bytes((0x12, 0, 0, 0, 36, 0x04)))
+    assert s.code == INVALID_FIELD_IN_CDB and s.sks == bytes((0xCA, 0, 5))
