@@ -191,11 +191,17 @@ def block_limits_page(bl: BlockLimits) -> bytes:
 
 
 def block_device_characteristics_page(*, sanitize: bool) -> bytes:
-    """Block Device Characteristics (SBC-4 §6.6.2): non-rotating medium."""
+    """Block Device Characteristics (SBC-4 §6.6.2): non-rotating medium.
+
+    VBULS=1: a VERIFY with BYTCHK=01b/11b over deallocated LBAs compares their data (the
+    zeroes a READ returns) like any other; with VBULS=0 SBC-4 §5.38 would require it to end
+    in MISCOMPARE, MISCOMPARE VERIFY OF UNMAPPED LBA (1Dh/01h), which sbc.py never reports.
+    """
     body = bytearray(0x3C)
     struct.pack_into(">H", body, 0, 0x0001)  # MEDIUM ROTATION RATE: non-rotating (solid state)
     if sanitize:
         body[3] = 0x50  # WABEREQ=01b, WACEREQ=01b: reads after erase succeed (return zeroes)
+    body[4] = 0x01  # byte 8: VBULS
     return _page(PAGE_BLOCK_DEVICE_CHARACTERISTICS, bytes(body))
 
 

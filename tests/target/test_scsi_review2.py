@@ -340,3 +340,22 @@ async def test_inquiry_with_naca_to_a_lun_without_lu_is_refused():
     ini = Initiator(luns, lun=5)
     s = await ini.fails(bytes((0x12, 0, 0, 0, 36, 0x04)))
     assert s.code == INVALID_FIELD_IN_CDB and s.sks == bytes((0xCA, 0, 5))
+
+
+# -- VERIFY over deallocated LBAs and the VBULS bit, SBC-4 §5.38, §6.6.2 ----------------------
+
+async def test_vbuls_matches_how_verify_treats_unmapped_lbas():
+    """The device server compares unmapped LBAs in a VERIFY BYTCHK=01b/11b like mapped ones (they
+    read as zeroes, LBPRZ=1).  The Block Device Characteristics page has to say so with
+    VBULS=1 (byte 8 bit 0); with VBULS=0 an initiator must expect MISCOMPARE VERIFY OF
+    UNMAPPED LBA for any deallocated LBA instead."""
+    lu = make_lu("ram", size=1 << 20)
+    ini = await ready(lu)
+    b1 = bytes((await ini.ok(bytes((0x12, 1, 0xB1, 0, 64, 0)))).data)
+    assert b1[1] == 0xB1 and b1[8] & 0x01
+    cdb, params = _unmap([(0, 16)])
+    await ini.ok(cdb, params)
+    await ini.ok(struct.pack(">BBQIBB", 0x8F, 0x02, 0, 16, 0, 0), bytes(16 * 512))  # BYTCHK=01b
+    await ini.ok(struct.pack(">BBQIBB", 0x8F, 0x06, 0, 16, 0, 0), bytes(512))  # BYTCHK=11b
+    s = await ini.fails(struct.pack(">BBQIBB", 0x8F, 0x02, 0, 1, 0, 0), b"\x01" + bytes(511))
+    assert s.code == (0xE, 0x1D, 0x00) and s.info == 0
