@@ -287,8 +287,13 @@ def _miscompare(offset: int) -> SenseError:
     return SenseError(SenseKey.MISCOMPARE, S.MISCOMPARE_DURING_VERIFY, information=offset)
 
 
-def _verify(lu: LogicalUnit, cmd: ScsiCommand, flags: int, lba: int, n: int, len_field: int) -> ScsiResult:
-    """VERIFY (SBC-4 §5.38-5.40). BYTCHK 00b: check the medium; 01b: compare n blocks; 11b: one block against each."""
+def _verify(lu: LogicalUnit, cmd: ScsiCommand, flags: int, lba: int, n: int, len_field: int):
+    """VERIFY (SBC-4 §5.38-5.40). BYTCHK 00b: check the medium; 01b: compare n blocks; 11b: one block against each.
+
+    A logical unit with a cache writes the referenced cached blocks to the medium first, as
+    SYNCHRONIZE CACHE of the range would (SBC-4 §5.38): with WCE=1 the blocks verified may
+    still be in the page cache only, so a verified range is a flushed one.
+    """
     if flags & 0xE0:
         raise _protect()
     bytchk = _bytchk(flags)
@@ -298,28 +303,32 @@ def _verify(lu: LogicalUnit, cmd: ScsiCommand, flags: int, lba: int, n: int, len
         raise _oob()
     if n > lu.max_transfer:
         raise S.illegal_field(len_field)
-    if not n or not bytchk:
+    if not n:
         return ScsiResult()
-    bs = lu.block_size
-    if bytchk == 1:
-        data = _whole_blocks(lu, cmd.data_out, n * bs)
-        if not data:
-            return ScsiResult()
-        if len(data) > LARGE_TRANSFER_STEP:
-            return _verify_in_steps(lu, lba * bs, data)
-        medium = lu.backstore.read(lba * bs, len(data))
-        off = first_difference(data, medium)
-        if off >= 0:
-            raise _miscompare(off)
-        return ScsiResult()
-    pattern = bytes(cmd.data_out[:bs])
-    if len(pattern) < bs:
-        return ScsiResult()
-    for i in range(n):
-        medium = lu.backstore.read((lba + i) * bs, bs)
-        off = first_difference(pattern, medium)
-        if off >= 0:
-            raise _miscompare(i * bs + off)
+    if bytchk:
+        bs = lu.block_size
+        if bytchk == 1:
+            data = _whole_blocks(lu, cmd.data_out, n * bs)
+            if len(data) > LARGE_TRANSFER_STEP:
+                return _verify_in_steps(lu, lba * bs, data)
+            if data:
+                off = first_difference(data, lu.backstore.read(lba * bs, len(data)))
+                if off >= 0:
+                    raise _miscompare(off)
+        else:
+            pattern = bytes(cmd.data_out[:bs])
+            if len(pattern) == bs:
+                for i in range(n):
+                    off = first_difference(pattern, lu.backstore.read((lba + i) * bs, bs))
+                    if off >= 0:
+                        raise _miscompare(i * bs + off)
+    return _verified(lu)
+
+
+def _verified(lu: LogicalUnit):
+    """GOOD once the verified blocks are on the medium (nothing to flush with WCE=0)."""
+    if lu.mode.wce:
+        return lu.flushed(ScsiResult())
     return ScsiResult()
 
 
@@ -335,7 +344,8 @@ async def _verify_in_steps(lu: LogicalUnit, offset: int, data) -> ScsiResult:
         off = first_difference(piece, backstore.read(offset + pos, len(piece)))
         if off >= 0:
             raise _miscompare(pos + off)
-    return ScsiResult()
+    r = _verified(lu)
+    return r if r.__class__ is ScsiResult else await r
 
 
 def verify_10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:

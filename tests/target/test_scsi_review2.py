@@ -359,3 +359,20 @@ async def test_vbuls_matches_how_verify_treats_unmapped_lbas():
     await ini.ok(struct.pack(">BBQIBB", 0x8F, 0x06, 0, 16, 0, 0), bytes(512))  # BYTCHK=11b
     s = await ini.fails(struct.pack(">BBQIBB", 0x8F, 0x02, 0, 1, 0, 0), b"\x01" + bytes(511))
     assert s.code == (0xE, 0x1D, 0x00) and s.info == 0
+
+
+# -- VERIFY writes the referenced cached blocks to the medium, SBC-4 §5.38 -------------------
+
+@pytest.mark.parametrize("bytchk, blocks_out", [(0, 0), (1, 8), (3, 1)])
+async def test_verify_flushes_the_write_cache(bytchk, blocks_out):
+    """"Logical units that contain cache shall write referenced cached logical blocks to the
+    medium" before verifying them.  With WCE=1 the image's page cache is that cache; VERIFY
+    returned GOOD with the blocks possibly still only in memory."""
+    lu = make_lu("ram", size=1 << 20)
+    ini = await ready(lu)
+    cdb = struct.pack(">BBIBHB", 0x2F, bytchk << 1, 0, 0, 8, 0)
+    before = lu.backstore.flushes
+    await ini.ok(struct.pack(">BBIBHB", 0x2F, bytchk << 1, 0, 0, 0, 0))  # 0 blocks: nothing to verify
+    assert lu.backstore.flushes == before
+    await ini.ok(cdb, bytes(blocks_out * 512))
+    assert lu.backstore.flushes == before + 1
