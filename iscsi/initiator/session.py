@@ -812,8 +812,20 @@ class Session:
         task = self._tasks.get(h[6])
         if task is None:
             return
-        if task.out is None or h[12] + h[13] > len(task.out) or h[13] == 0:
-            raise ProtocolViolation(f"R2T for bytes {h[12]}+{h[13]} of a {len(task.out or b'')}-byte write")
+        out = task.out
+        if out is None or h[12] + h[13] > len(out) or h[13] == 0:
+            raise ProtocolViolation(f"R2T for bytes {h[12]}+{h[13]} of a {len(out or b'')}-byte write")
+        # R2TSN counts the task's R2Ts from 0 (§11.8.2); at ERL 0 none is repeated or lost, and
+        # no byte is asked for twice (recovery R2Ts need ERL > 0, §7.1): together the R2Ts ask
+        # for at most the write's length, so a target cannot make us send it again and again.
+        if h[11] != task.next_r2tsn:
+            raise ProtocolViolation(f"R2TSN {h[11]} where {task.next_r2tsn} was expected (RFC 7143 §11.8.2)")
+        solicited = task.solicited + h[13]
+        if solicited > len(out):
+            raise ProtocolViolation(f"R2Ts ask for {solicited} bytes of a {len(out)}-byte write "
+                                    f"(at ErrorRecoveryLevel 0 no byte is asked for twice)")
+        task.next_r2tsn += 1
+        task.solicited = solicited
         self._send_data_out(task, h[7], h[12], h[13])
 
     def rx_pdu(self, pdu: P.Pdu) -> None:

@@ -204,3 +204,316 @@ async def test_exact_data_with_an_overflow_residual_is_still_whole(fake):
     finally:
         await s.close()
 
+
+
+# --------------------------------------------------------------------------- R2T
+#: No immediate or unsolicited data: every byte of a WRITE goes out because of an R2T.
+SOLICITED_ONLY = {"InitialR2T": "Yes", "ImmediateData": "No"}
+
+
+def data_out_bytes(conn: FakeConn) -> int:
+    return sum(len(p.data) for p in conn.received if isinstance(p, P.DataOut))
+
+
+async def test_r2ts_asking_for_the_same_bytes_again_and_again_are_refused(fake):
+    """A target that sends R2T after R2T for the whole 64 KiB write (R2TSN 0, 1, ... as if
+    each were new).  At ErrorRecoveryLevel 0 nothing is asked for twice (RFC 7143 §11.8:
+    R2Ts split the transfer; recovery R2Ts need ERL > 0).  The initiator sent 64 KiB for
+    every 48-byte R2T, without bound (a target that does not read makes that memory); now
+    R2Ts asking for more than the write holds drop the connection."""
+    size = 64 * KiB
+
+    async def greedy(conn, pdu):
+        if read_cmd(pdu, 0x8A):
+            for sn in range(20):
+                conn.send(P.R2T(itt=pdu.itt, ttt=0x500 + sn, r2tsn=sn, offset=0, length=size,
+                                statsn=conn.statsn))
+            return True
+        return isinstance(pdu, P.DataOut)
+
+    t = await fake(greedy, login_local=SOLICITED_ONLY)
+    s = await no_reconnect(t, keys=SOLICITED_ONLY)
+    try:
+        with pytest.raises(ConnectionLost, match="R2T"):
+            await asyncio.wait_for(s.execute(0, scsi.write16(0, size // 512), data=os.urandom(size)), 5)
+        await asyncio.sleep(0.1)
+        assert data_out_bytes(t.conns[-1]) <= size
+    finally:
+        await s.close()
+
+
+@pytest.mark.parametrize("r2tsns", [(1,), (0, 0), (0, 2)], ids=["starts-at-1", "duplicate", "gap"])
+async def test_r2tsn_out_of_order_is_a_protocol_error(fake, r2tsns):
+    """R2TSN counts a task's R2Ts from 0 (RFC 7143 §11.8.2); at ERL 0 a repeated or skipped
+    one cannot be recovered: the connection drops (the command is retried elsewhere/later)."""
+    size = 16 * KiB
+
+    async def numbered(conn, pdu):
+        if read_cmd(pdu, 0x8A):
+            n = len(r2tsns)
+            for i, sn in enumerate(r2tsns):
+                conn.send(P.R2T(itt=pdu.itt, ttt=0x600 + i, r2tsn=sn, offset=i * size // n,
+                                length=size // n, statsn=conn.statsn))
+            return True
+        return isinstance(pdu, P.DataOut)
+
+    t = await fake(numbered, login_local=SOLICITED_ONLY)
+    s = await no_reconnect(t, keys=SOLICITED_ONLY)
+    try:
+        with pytest.raises(ConnectionLost, match="R2TSN"):
+            await asyncio.wait_for(s.execute(0, scsi.write16(0, size // 512), data=bytes(size)), 5)
+    finally:
+        await s.close()
+
+
+@pytest.mark.parametrize("case", ["read", "beyond", "zero"])
+async def test_r2t_for_a_read_or_outside_the_write_is_refused(fake, case):
+    """Checked fine: an R2T for a READ, past the WRITE's end, or for 0 bytes (RFC 7143 §11.8.4:
+    DesiredDataTransferLength MUST NOT be 0) drops the connection with the reason."""
+    async def bad(conn, pdu):
+        if isinstance(pdu, P.ScsiCommandPdu) and pdu.cdb[0] in (0x88, 0x8A):
+            offset, length = {"read": (0, 512), "beyond": (4096, 8192), "zero": (0, 0)}[case]
+            conn.send(P.R2T(itt=pdu.itt, ttt=0x700, r2tsn=0, offset=offset, length=length, statsn=conn.statsn))
+            return True
+        return False
+
+    t = await fake(bad, login_local=SOLICITED_ONLY)
+    s = await no_reconnect(t, keys=SOLICITED_ONLY)
+    try:
+        cdb, kw = ((scsi.read16(0, 1), {"read_len": 512}) if case == "read"
+                   else (scsi.write16(0, 16), {"data": bytes(8192)}))
+        with pytest.raises(ConnectionLost, match="R2T"):
+            await asyncio.wait_for(s.execute(0, cdb, **kw), 5)
+    finally:
+        await s.close()
+
+
+# --------------------------------------------------------------------------- text / discovery
+def text_answer(data: bytes, *, cont: bool = False):
+    """Handler: every Text Request is answered with ``data`` (C bit ``cont``)."""
+    async def answer(conn, pdu):
+        if isinstance(pdu, P.TextRequest):
+            conn.send(P.TextResponse(itt=pdu.itt, ttt=0x900 if cont else R, final=not cont, cont=cont,
+                                     statsn=conn.next_statsn(), data=data))
+            return True
+        return False
+    return answer
+
+
+def run_cli(*args: str):
+    """The CLI in this thread (its own event loop); a Python exception is a bug here."""
+    from click.testing import CliRunner
+    from iscsi.initiator import cli as CLI
+    r = CliRunner().invoke(CLI.main, ["-i", "iqn.2026-11.org.sanstack:hostile-review", *args])
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise AssertionError(f"traceback instead of an error line: {r.exception!r}\n{r.output}")
+    return r
+
+
+# --------------------------------------------------------------------------- login
+class LoginHookTarget(FakeTarget):
+    """FakeTarget whose Login Responses pass through ``mangle(request, response)`` first;
+    ``login`` replaces the per-connection login responder (CHAP users, say)."""
+
+    def __init__(self, mangle=None, *, login=None, **kw) -> None:
+        super().__init__(**kw)
+        self.mangle = mangle
+        self.make_login = login
+
+    async def _serve(self, reader, writer) -> None:
+        conn = FakeConn(self, reader, writer)
+        if self.make_login is not None:
+            conn.login = self.make_login()
+        respond = conn.login.respond
+        if self.mangle is not None:
+            conn.login.respond = lambda req: self.mangle(req, respond(req))
+        self.conns.append(conn)
+        await conn.run()
+
+
+@pytest.fixture
+async def hooked():
+    targets: list[LoginHookTarget] = []
+
+    async def make(mangle=None, **kw) -> LoginHookTarget:
+        t = await LoginHookTarget(mangle, **kw).start()
+        targets.append(t)
+        return t
+
+    yield make
+    for t in targets:
+        await t.stop()
+
+
+def add_text(extra: bytes, *, stage: int | None = None):
+    """mangle: append ``extra`` to the text of every Login Response (of CSG ``stage``)."""
+    def mangle(req, resp):
+        if stage is None or resp.csg == stage:
+            resp.data = bytes(resp.data) + extra
+        return resp
+    return mangle
+
+
+async def test_unknown_keys_in_login_responses_do_not_break_the_login(hooked):
+    """Checked fine: a vendor key (security stage) and a key nobody knows (operational stage)
+    are answered NotUnderstood or ignored (RFC 7143 §6.2); the login completes, I/O works.
+    (The same key again in a later response is a redeclaration: the login fails, as §6.2
+    wants — seen while writing this test.)"""
+    vendor, unknown = add_text(b"X-com.example.Foo=bar\x00", stage=0), add_text(b"NoSuchKey=1\x00", stage=1)
+    t = await hooked(lambda req, resp: unknown(req, vendor(req, resp)))
+    s = await open_session(t)
+    try:
+        await BlockDevice(s, 0).test_unit_ready()
+    finally:
+        await s.close()
+
+
+@pytest.mark.parametrize("extra,why", [
+    (b"MaxBurstLength=65536\x00MaxBurstLength=131072\x00", "MaxBurstLength"),
+    (b"TargetAlias=" + b"a" * 300 + b"\x00", "longer than 255"),
+    (b"TargetAlias=" + b"a" * 200 + b"\x00" + b"X-Pad=" + b"b" * 250 + b"\x00" * 300, None),
+], ids=["key-twice", "huge-alias", "padding"])
+async def test_odd_login_text_fails_cleanly_or_passes(hooked, extra, why):
+    """A key offered twice in one stage (RFC 7143 §6.2: a protocol error) and a value above
+    255 bytes (§6.1) end the login with a LoginError naming the key or the rule; long
+    legal text and runs of NULs pass.  Never a traceback, never a hang."""
+    from iscsi.initiator.errors import LoginError
+    t = await hooked(add_text(extra, stage=1))
+    if why is None:
+        s = await asyncio.wait_for(open_session(t), 10)
+        await s.close()
+        return
+    with pytest.raises(LoginError, match=why):
+        await asyncio.wait_for(open_session(t), 10)
+
+
+USER, USER_SECRET = "alice", "alice-secret-12345"
+TGT_USER, TGT_SECRET = "tgt", "target-secret-6789"
+
+
+def chap_target(**kw):
+    from iscsi.auth import ChapCredentials
+    from tests.unit.test_initiator_login import FakeTargetLogin
+    mutual = ChapCredentials(TGT_USER, kw.pop("target_secret", TGT_SECRET))
+    return lambda: FakeTargetLogin(users={USER: USER_SECRET}, mutual=mutual, **kw)
+
+
+def replace_key(key: str, value: str):
+    def mangle(req, resp):
+        from iscsi import keys as K
+        pairs = K.parse_text(resp.data) if resp.data else []
+        if any(k == key for k, _ in pairs):
+            resp.data = b"".join(f"{k}={value if k == key else v}".encode() + b"\x00" for k, v in pairs)
+        return resp
+    return mangle
+
+
+@pytest.mark.parametrize("case", ["chap_i-not-a-number", "chap_i-too-big", "chap_c-not-hex", "chap_c-too-long",
+                                  "chap_c-empty", "mutual-wrong-secret"])
+async def test_chap_faults_fail_the_login_with_a_clear_message_and_no_secret(hooked, case, caplog):
+    """CHAP (RFC 7143 §12.1.3, RFC 1994) with a challenge that is not one, or a target whose
+    answer to our mutual challenge is wrong: the login fails with an authentication
+    LoginError saying why, and neither secret appears in the error or the log."""
+    from iscsi.auth import ChapCredentials
+    from iscsi.initiator.errors import LoginError
+    from iscsi.initiator.login import LoginConfig
+    from iscsi.initiator.session import SessionOptions
+    from tests.unit.test_initiator_login import INI, TGT
+    mangle, why = {
+        "chap_i-not-a-number": (replace_key("CHAP_I", "zz"), "CHAP"),
+        "chap_i-too-big": (replace_key("CHAP_I", "256"), "CHAP_I"),
+        "chap_c-not-hex": (replace_key("CHAP_C", "0xZZZZ"), "CHAP"),
+        "chap_c-too-long": (replace_key("CHAP_C", "0x" + "ab" * 1025), "CHAP"),
+        "chap_c-empty": (replace_key("CHAP_C", "0x"), "CHAP"),
+        "mutual-wrong-secret": (None, "target"),
+    }[case]
+    t = await hooked(mangle, login=chap_target(target_secret="not-the-target-secret"
+                                               if case == "mutual-wrong-secret" else TGT_SECRET))
+    cfg = LoginConfig(INI, TGT, chap=ChapCredentials(USER, USER_SECRET),
+                      mutual_chap=ChapCredentials(TGT_USER, TGT_SECRET))
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(LoginError, match=why) as err:
+        await asyncio.wait_for(Session.open("127.0.0.1", t.port, cfg, SessionOptions(noop_interval=0)), 10)
+    assert err.value.status_class == 2
+    text = str(err.value) + repr(err.value) + caplog.text
+    for secret in (USER_SECRET, TGT_SECRET, USER_SECRET.encode().hex(), TGT_SECRET.encode().hex()):
+        assert secret not in text
+
+
+# --------------------------------------------------------------------------- full feature phase
+async def wait_for(pred, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not pred():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def close_window(t: FakeTarget, s: Session) -> FakeConn:
+    """Leave the session's command window closed (MaxCmdSN = ExpCmdSN - 1, §4.2.2.1): the
+    target (window 1) lets one command in and then stops moving MaxCmdSN.  An initiator
+    never shrinks a window it knows (MaxCmdSN only grows), so the slot is used up first."""
+    conn = t.conns[-1]
+    t.fixed_maxcmdsn = conn.expcmdsn
+    await asyncio.wait_for(BlockDevice(s, 0).test_unit_ready(), 5)
+    assert s.window == ((t.fixed_maxcmdsn + 1) & 0xFFFFFFFF, t.fixed_maxcmdsn)
+    return conn
+
+
+async def test_a_window_that_never_opens_times_commands_out_cleanly(fake):
+    """Checked fine: MaxCmdSN stays at ExpCmdSN - 1 (§4.2.2.1: window closed).  A command
+    with a timeout fails CommandTimeout in time and leaves the queue; nothing was sent
+    beyond MaxCmdSN; once the window opens the session carries on."""
+    from iscsi.initiator.errors import CommandTimeout
+    t = await fake(window=1)
+    s = await open_session(t)
+    try:
+        conn = await close_window(t, s)
+        sent = len(conn.received)
+        with pytest.raises(CommandTimeout):
+            await asyncio.wait_for(s.execute(0, scsi.test_unit_ready(), timeout=0.3), 5)
+        assert s.queued == 0 and t.window_violations == 0
+        assert not any(isinstance(p, P.ScsiCommandPdu) for p in conn.received[sent:])
+        t.fixed_maxcmdsn = None
+        conn.send(P.NopIn(itt=R, ttt=R, statsn=conn.statsn))
+        await asyncio.wait_for(BlockDevice(s, 0).test_unit_ready(), 5)
+    finally:
+        await s.close()
+
+
+async def test_odd_but_harmless_target_pdus_leave_the_session_working(fake):
+    """Checked fine: a SCSI Response and a Data-In for an ITT we never used, a StatSN jump
+    of 1000, a SenseLength longer than the data segment, Async Messages with unknown event
+    codes, vendor-specific data and a SCSI event whose sense is garbage: none raises, the
+    session stays up, the commands around them complete."""
+    from iscsi.initiator.errors import IllegalRequest
+    sense = bytes([0x70, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0, 0, 0])
+
+    async def odd(conn, pdu):
+        if read_cmd(pdu, 0x00):
+            conn.send(P.ScsiResponse(itt=0xDEAD, status=0, statsn=conn.next_statsn()))
+            conn.send(P.DataIn(itt=0xBEEF, final=True, has_status=True, statsn=conn.next_statsn(), data=b"x" * 64))
+            conn.statsn += 1000
+            conn.send(P.AsyncMessage(event=0, statsn=conn.next_statsn(), data=b"\x00\x40" + os.urandom(7)))
+            conn.send(P.AsyncMessage(event=5, param1=7, statsn=conn.next_statsn()))
+            conn.send(P.AsyncMessage(event=42, statsn=conn.next_statsn(), data=b"junk"))
+            conn.send(P.AsyncMessage(event=255, vcode=9, statsn=conn.next_statsn(), data=os.urandom(100)))
+            conn.status(pdu)
+            return True
+        if read_cmd(pdu, 0x12):
+            # SenseLength 200, 18 bytes of sense present.
+            conn.send(P.ScsiResponse(itt=pdu.itt, status=2, statsn=conn.next_statsn(),
+                                     data=struct.pack(">H", 200) + sense))
+            return True
+        return False
+
+    t = await fake(odd)
+    s = await open_session(t)
+    try:
+        await asyncio.wait_for(BlockDevice(s, 0).test_unit_ready(), 5)
+        with pytest.raises(IllegalRequest):
+            await asyncio.wait_for(BlockDevice(s, 0).inquiry(), 5)
+        await asyncio.sleep(0.05)
+        assert s.is_up and s.in_flight == 0
+        assert s._expstatsn == t.conns[-1].statsn
+    finally:
+        await s.close()
