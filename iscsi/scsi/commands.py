@@ -159,7 +159,7 @@ def base_commands() -> list[CommandSpec]:
           usage(0x9C, 0x18, *_ff(8), 0xFF, 0xFF, 0xFF, 0xFF, 0, 0), M, _dout_atomic),
         C(Op.SERVICE_ACTION_IN_16, None, "SERVICE ACTION IN(16)", None, b"", M, sub={
             SaIn16.READ_CAPACITY_16: C(Op.SERVICE_ACTION_IN_16, SaIn16.READ_CAPACITY_16, "READ CAPACITY(16)",
-                                       sbc.read_capacity_16, usage(0x9E, 0x10, *_ff(8), *_ff(4), 0, 0), M),
+                                       sbc.read_capacity_16, usage(0x9E, 0x10, *_ff(8), *_ff(4), 0x01, 0), M),
             SaIn16.GET_LBA_STATUS: C(Op.SERVICE_ACTION_IN_16, SaIn16.GET_LBA_STATUS, "GET LBA STATUS",
                                      sbc.get_lba_status, usage(0x9E, 0x12, *_ff(8), *_ff(4), 0, 0), M),
         }),

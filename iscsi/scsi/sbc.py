@@ -437,8 +437,15 @@ def read_capacity_10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
 
 
 def read_capacity_16(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
-    """READ CAPACITY(16) (SBC-4 §5.20): LBPPBE, LBPME and LBPRZ for thin provisioning."""
-    alloc = be32(cmd.cdb, 10)
+    """READ CAPACITY(16) (SBC-4 §5.20): LBPPBE, LBPME and LBPRZ for thin provisioning.
+
+    The (obsolete) LOGICAL BLOCK ADDRESS and PMI fields follow READ CAPACITY(10): an LBA
+    without PMI is an INVALID FIELD IN CDB, as REPORT SUPPORTED OPERATION CODES says.
+    """
+    cdb = cmd.cdb
+    if not cdb[14] & 0x01 and be64(cdb, 2):
+        raise S.illegal_field(2)
+    alloc = be32(cdb, 10)
     b14 = 0
     if lu.thin:
         b14 = 0x80 | (0x40 if lu.lbprz else 0)  # LBPME, LBPRZ; LOWEST ALIGNED LBA 0

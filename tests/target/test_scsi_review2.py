@@ -376,3 +376,20 @@ async def test_verify_flushes_the_write_cache(bytchk, blocks_out):
     assert lu.backstore.flushes == before
     await ini.ok(cdb, bytes(blocks_out * 512))
     assert lu.backstore.flushes == before + 1
+
+
+# -- READ CAPACITY(16): obsolete LBA / PMI as READ CAPACITY(10), SBC-4 §5.20 ---------------------
+
+async def test_read_capacity16_lba_without_pmi_is_refused_as_rsoc_reports():
+    """REPORT SUPPORTED OPERATION CODES said READ CAPACITY(16) evaluates the LBA field (bytes
+    2-9) but not PMI (byte 14 bit 0), while the handler ignored both.  Like READ CAPACITY(10):
+    an LBA with PMI=0 is INVALID FIELD IN CDB; with PMI=1 the last LBA is returned."""
+    lu = make_lu("ram", size=1 << 20)
+    ini = await ready(lu)
+    s = await ini.fails(struct.pack(">BBQIBB", 0x9E, 0x10, 5, 32, 0, 0))
+    assert s.code == INVALID_FIELD_IN_CDB and s.sks == b"\xc0\x00\x02"
+    r = await ini.ok(struct.pack(">BBQIBB", 0x9E, 0x10, 5, 32, 0x01, 0))
+    assert struct.unpack_from(">QI", bytes(r.data)) == (lu.num_blocks - 1, 512)
+    one = bytes((await ini.ok(struct.pack(">BBBBHIBB", 0xA3, 0x0C, 0x02, 0x9E, 0x10, 64, 0, 0))).data)
+    usage = one[4:4 + struct.unpack_from(">H", one, 2)[0]]
+    assert usage[2:10] == b"\xff" * 8 and usage[14] == 0x01
