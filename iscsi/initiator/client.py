@@ -183,7 +183,10 @@ class DiscoveredTarget:
 
 
 def parse_send_targets(pairs: list[tuple[str, str]]) -> list[DiscoveredTarget]:
-    """RFC 7143 Appendix C: TargetName starts a record, TargetAddress=host:port,tpgt follow it."""
+    """RFC 7143 Appendix C: TargetName starts a record, TargetAddress=host:port,tpgt follow it.
+
+    An address that is not one (§13.8: no host, a port out of range, an open bracket, a
+    portal group tag that is not a 16-bit number) is left out, not guessed at."""
     out: list[DiscoveredTarget] = []
     name: str | None = None
     portals: list[tuple[str, int, int]] = []
@@ -193,12 +196,12 @@ def parse_send_targets(pairs: list[tuple[str, str]]) -> list[DiscoveredTarget]:
                 out.append(DiscoveredTarget(name, tuple(portals)))
             name, portals = value, []
         elif key == "TargetAddress" and name is not None:
-            addr, _, tpgt = value.partition(",")
             try:
-                host, port = parse_portal(addr)
-            except ValueError:
+                host, port, tpgt = K.parse_target_address(value)
+                parse_portal(K.format_portal(host, port))      # a host name we can use
+            except (K.ProtocolError, ValueError):
                 continue
-            portals.append((host, port, int(tpgt) if tpgt.isdigit() else 1))
+            portals.append((host, port, tpgt if tpgt is not None else 1))
     if name is not None:
         out.append(DiscoveredTarget(name, tuple(portals)))
     return out

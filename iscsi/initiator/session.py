@@ -1245,9 +1245,14 @@ class Session:
                 resp = await asyncio.wait_for(fut, MGMT_TIMEOUT)
             finally:
                 self._mgmt.pop(itt, None)
-            whole = acc.append(resp.data, resp.cont)
-            if whole is not None:
-                return K.parse_text(whole)
+            try:
+                whole = acc.append(resp.data, resp.cont)
+                if whole is not None:
+                    return K.parse_text(whole)
+            except K.ProtocolError as exc:
+                # Text that breaks §6.1 (no '=', not UTF-8, longer than we take): the
+                # caller gets the session layer's error, not the text codec's.
+                raise ProtocolViolation(f"Text Response from {self.portal}: {exc}") from None
             data = b""
             ttt = resp.ttt
         raise ProtocolViolation("text response never ends")

@@ -310,6 +310,41 @@ def run_cli(*args: str):
     return r
 
 
+@pytest.mark.parametrize("data,cont,why", [
+    (b"SendTargets answer without an equals sign\x00", False, "without '='"),
+    (b"TargetName=\xff\xfe\x00", False, "UTF-8"),
+    (b"TargetAddress=" + b"x" * 8000 + b"\x00", True, "longer than"),
+], ids=["no-equals", "not-utf8", "endless-continuation"])
+async def test_sendtargets_answer_that_is_not_text_is_an_iscsi_error_not_a_traceback(fake, data, cont, why):
+    """RFC 7143 §6.1 text rules broken in a SendTargets answer (Appendix C): the discovery
+    fails with a typed IscsiError naming the fault; it was iscsi.keys.ProtocolError, which
+    no caller expects, and the CLI printed a traceback."""
+    from iscsi.initiator.client import discover
+    t = await fake(text_answer(data, cont=cont))
+    with pytest.raises(IscsiError, match=why):
+        await asyncio.wait_for(discover("127.0.0.1", t.port, initiator_name="iqn.2026-11.org.sanstack:x"), 10)
+    r = await asyncio.to_thread(run_cli, "discover", f"127.0.0.1:{t.port}")
+    assert r.exit_code == 1 and "error:" in r.output and why in r.output, r.output
+
+
+async def test_sendtargets_with_malformed_target_addresses(fake):
+    """Checked: a SendTargets answer with TargetAddress values that are no portal (no host,
+    a port out of range, brackets left open, a portal group tag that is not a number or above
+    65535) lists the target with the good addresses only, and no traceback comes out."""
+    from iscsi.initiator.client import discover
+    text = (b"TargetName=iqn.2026-11.org.sanstack:t1\x00"
+            b"TargetAddress=:3260,1\x00TargetAddress=10.0.0.1:99999,1\x00TargetAddress=[::1:3260,1\x00"
+            b"TargetAddress=10.0.0.2:3260,abc\x00TargetAddress=10.0.0.3:3260,70000\x00"
+            b"TargetAddress=10.0.0.4:3261,2\x00"
+            b"TargetName=iqn.2026-11.org.sanstack:t2\x00TargetAddress=\x00")
+    t = await fake(text_answer(text))
+    found = await asyncio.wait_for(discover("127.0.0.1", t.port, initiator_name="iqn.2026-11.org.sanstack:x"), 10)
+    by_name = {d.name: d.portals for d in found}
+    assert by_name["iqn.2026-11.org.sanstack:t1"] == (("10.0.0.4", 3261, 2),)
+    # No usable address: the portal of the discovery session is implied (Appendix C).
+    assert by_name["iqn.2026-11.org.sanstack:t2"] == (("127.0.0.1", t.port, 1),)
+
+
 # --------------------------------------------------------------------------- login
 class LoginHookTarget(FakeTarget):
     """FakeTarget whose Login Responses pass through ``mangle(request, response)`` first;
