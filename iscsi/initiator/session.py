@@ -901,8 +901,11 @@ class Session:
             return
         if pdu.ttt != RESERVED and self.conn is not None:
             # A ping from the target: answer with its TTT and LUN, ITT reserved, immediate (§11.18).
+            # Its ping data is echoed, but never more than the target can receive (§13.12
+            # MaxRecvDataSegmentLength): it may send us more than it takes itself.
             self.conn.send_pdu(P.NopOut(immediate=True, lun=pdu.lun, ttt=pdu.ttt, itt=RESERVED,
-                                        cmdsn=self._cmdsn, expstatsn=self._expstatsn, data=pdu.data))
+                                        cmdsn=self._cmdsn, expstatsn=self._expstatsn,
+                                        data=pdu.data[:self._max_send]))
 
     async def ping(self, timeout: float = NOOP_TIMEOUT, data: bytes = b"") -> float:
         """NOP-Out with a reply requested; returns the round trip in seconds."""

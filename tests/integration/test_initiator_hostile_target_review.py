@@ -494,6 +494,23 @@ async def close_window(t: FakeTarget, s: Session) -> FakeConn:
     return conn
 
 
+async def test_ping_data_echoed_within_the_targets_max_recv_data_segment_length(fake):
+    """A NOP-In ping (TTT set, RFC 7143 §11.19) carrying 16 KiB to an initiator that may
+    receive 256 KiB, from a target that declared MaxRecvDataSegmentLength 4096: the
+    NOP-Out answer echoed all 16 KiB, a PDU the target said it cannot take (§13.12)."""
+    t = await fake(login_local={"MaxRecvDataSegmentLength": "4096"})
+    s = await open_session(t)
+    try:
+        conn = t.conns[-1]
+        conn.send(P.NopIn(ttt=0x1234, itt=R, statsn=conn.statsn, data=os.urandom(16 * KiB)))
+        await wait_for(lambda: any(isinstance(p, P.NopOut) and p.ttt == 0x1234 for p in conn.received))
+        answer = next(p for p in conn.received if isinstance(p, P.NopOut) and p.ttt == 0x1234)
+        assert answer.itt == R and answer.immediate and len(answer.data) <= 4096
+        await BlockDevice(s, 0).test_unit_ready()
+    finally:
+        await s.close()
+
+
 async def test_a_window_that_never_opens_times_commands_out_cleanly(fake):
     """Checked fine: MaxCmdSN stays at ExpCmdSN - 1 (§4.2.2.1: window closed).  A command
     with a timeout fails CommandTimeout in time and leaves the queue; nothing was sent
