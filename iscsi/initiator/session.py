@@ -1011,7 +1011,13 @@ class Session:
             event(log, "session.renegotiate_failed", logging.WARNING, portal=self.portal, error=exc)
 
     def _on_reject(self, pdu: P.Reject) -> None:
-        rejected_itt = struct.unpack_from(">I", bytes(pdu.data), 16)[0] if len(pdu.data) >= 20 else RESERVED
+        if len(pdu.data) < P.BHS_LEN:
+            # §11.17: the data segment holds the complete header of the rejected PDU.  Without
+            # it the PDU, maybe a command now waiting for ever, cannot be named: at ERL 0
+            # the connection goes, and session recovery re-issues what was outstanding.
+            raise ProtocolViolation(f"Reject (reason 0x{pdu.reason:02x}) without the rejected PDU's "
+                                    f"header ({len(pdu.data)} bytes, RFC 7143 §11.17)")
+        rejected_itt = struct.unpack_from(">I", bytes(pdu.data), 16)[0]
         event(log, "session.reject", logging.WARNING, portal=self.portal, reason=pdu.reason,
               itt=rejected_itt)
         task = self._tasks.pop(rejected_itt, None)

@@ -532,6 +532,25 @@ async def test_a_window_that_never_opens_times_commands_out_cleanly(fake):
         await s.close()
 
 
+async def test_reject_without_the_rejected_header_drops_the_connection(fake):
+    """A Reject must carry the complete header of the PDU it rejects (RFC 7143 §11.17).
+    One with an empty data segment, in answer to a command, named no task: the command
+    waited for ever (no timeout by default) while the target answered every ping."""
+    async def reject(conn, pdu):
+        if read_cmd(pdu, 0x00):
+            conn.send(P.Reject(reason=P.RejectReason.PROTOCOL_ERROR, statsn=conn.next_statsn(), data=b""))
+            return True
+        return False
+
+    t = await fake(reject)
+    s = await no_reconnect(t)
+    try:
+        with pytest.raises(ConnectionLost, match="Reject"):
+            await asyncio.wait_for(s.execute(0, scsi.test_unit_ready()), 5)
+    finally:
+        await s.close()
+
+
 async def test_odd_but_harmless_target_pdus_leave_the_session_working(fake):
     """Checked fine: a SCSI Response and a Data-In for an ITT we never used, a StatSN jump
     of 1000, a SenseLength longer than the data segment, Async Messages with unknown event
