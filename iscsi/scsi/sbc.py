@@ -761,10 +761,10 @@ def sanitize(lu: LogicalUnit, cmd: ScsiCommand):
 
     Block and cryptographic erase deallocate every block (reads return zeroes afterwards,
     WABEREQ/WACEREQ=01b).  OVERWRITE writes only the last pass: a file keeps no remanence
-    of earlier ones.  That pass is the pattern inverted when INVERT=1 and OVERWRITE COUNT
-    is even (SBC-4 §5.30.2.2: the pattern is inverted between consecutive passes, so the
-    2nd, 4th ... pass writes its inverse).  While it runs the LU answers NOT READY,
-    SANITIZE IN PROGRESS.
+    of earlier ones.  That pass is the INITIALIZATION PATTERN itself whatever INVERT and
+    OVERWRITE COUNT say: with INVERT=1 the first pass of an even count is the inverse,
+    so the passes alternate and end on the pattern (SBC-4 §5.30.2.2).  While it runs the
+    LU answers NOT READY, SANITIZE IN PROGRESS.
     """
     cdb = cmd.cdb
     sa = cdb[1] & 0x1F
@@ -787,8 +787,6 @@ def sanitize(lu: LogicalUnit, cmd: ScsiCommand):
         pattern = params[4:4 + pat_len]
         bs = lu.block_size
         block = (pattern * (bs // pat_len + 1))[:bs]
-        if params[0] & 0x80 and count % 2 == 0:  # INVERT: the last of an even number of passes
-            block = bytes(b ^ 0xFF for b in block)
         job = ("overwrite", block, count)
     elif sa in (0x02, 0x03):  # BLOCK ERASE, CRYPTOGRAPHIC ERASE
         if plen:
