@@ -79,6 +79,8 @@ ANNOUNCED_DROP_VALID = 10.0
 ABORT_TIMEOUT = 15.0
 #: How long a logout waits for in-flight commands to drain when the target asks for it.
 LOGOUT_DRAIN_MAX = 10.0
+#: How often a text exchange looks again at a closed command window (rare; see _window_slot).
+WINDOW_POLL = 0.01
 
 SN_MASK = 0xFFFFFFFF
 SN_HALF = 0x80000000
@@ -242,6 +244,7 @@ class Session:
         self.listeners: list[Callable[[str, dict], None]] = []
         self.luns: list[int] | None = None      # last REPORT LUNS answer (see rescan)
         self._rescan: asyncio.Task | None = None
+        self._renegotiation: asyncio.Task | None = None
         self._state_waiters: list[asyncio.Future] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -416,7 +419,8 @@ class Session:
         # The session's own tasks end before close() returns: a caller that closes and then
         # stops its loop (or checks for leaks) finds nothing of ours still pending.
         mine = asyncio.current_task()
-        helpers = {t for t in (self._keepalive, self._recovery, self._rescan, *self._aborters)
+        helpers = {t for t in (self._keepalive, self._recovery, self._rescan, self._renegotiation,
+                               *self._aborters)
                    if t is not None and t is not mine and not t.done()}
         for t in helpers:
             t.cancel()
@@ -981,8 +985,9 @@ class Session:
             self._next_delay_until = self.loop.time() + max(float(pdu.param3), ANNOUNCED_DROP_VALID)
         elif ev == P.AsyncEvent.NEGOTIATION_REQUEST:
             # §11.9.1 event 4: the target wants a Text negotiation; an empty Text Request
-            # lets it make its offers.
-            self.loop.create_task(self._renegotiate())
+            # lets it make its offers.  One at a time: a burst of requests is one exchange.
+            if self._renegotiation is None or self._renegotiation.done():
+                self._renegotiation = self.loop.create_task(self._renegotiate())
         self._emit("async", event=ev, lun=P.decode_lun(pdu.lun))
 
     async def _requested_logout(self, within: float) -> None:
@@ -1232,6 +1237,20 @@ class Session:
                 self._finish(task, TaskAborted("ended by LOGICAL UNIT RESET"))
 
     # ------------------------------------------------------------------ text (full feature phase)
+    async def _window_slot(self, conn: Connection, deadline: float) -> None:
+        """Return once a non-immediate PDU other than a SCSI command may take the next CmdSN
+        (CmdSN <= MaxCmdSN, RFC 7143 §4.2.2.1).  Polled: only text exchanges wait here, and
+        a target that keeps its window closed is rare; commands wait in ``_waiting``."""
+        while True:
+            self.window            # applies what the last reads brought
+            if self._window_open():
+                return
+            if conn is not self.conn or conn.closed or self.state != State.LOGGED_IN:
+                raise ConnectionLost("not logged in")
+            if self.loop.time() >= deadline:
+                raise asyncio.TimeoutError(f"command window closed (MaxCmdSN {self._maxcmdsn})")
+            await asyncio.sleep(WINDOW_POLL)
+
     async def text_exchange(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """One Text Request/Response exchange (§11.10), following C-bit continuations."""
         from .. import keys as K
@@ -1242,8 +1261,11 @@ class Session:
         itt = self._new_itt()
         ttt = RESERVED
         data = K.encode_text(pairs) if pairs else b""
-        # Text Requests are non-immediate here, so they take a CmdSN (§11.10).
+        # Text Requests are non-immediate here, so they take a CmdSN (§11.10) and wait for
+        # the command window like any command (§4.2.2.1).
+        deadline = self.loop.time() + MGMT_TIMEOUT
         for _ in range(1024):  # bound: 1024 continuation PDUs = 8 MiB of text at 8 KiB each
+            await self._window_slot(conn, deadline)
             fut = self.loop.create_future()
             self._mgmt[itt] = fut
             cmdsn = self._cmdsn

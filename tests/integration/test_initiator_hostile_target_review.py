@@ -511,6 +511,32 @@ async def test_ping_data_echoed_within_the_targets_max_recv_data_segment_length(
         await s.close()
 
 
+async def test_negotiation_request_waits_for_the_command_window(fake):
+    """Async Message event 4 (RFC 7143 §11.9.1) while the command window is closed
+    (MaxCmdSN = ExpCmdSN - 1).  The Text Request it starts is non-immediate, so it may not
+    be sent beyond MaxCmdSN (§4.2.2.1): a target drops such a PDU, and every later command
+    then waits behind the missing CmdSN.  It went out at once; a burst of event 4 sent one
+    Text Request each.  Now one exchange at a time, sent once the window opens."""
+    t = await fake(window=1)
+    s = await open_session(t)
+    try:
+        conn = await close_window(t, s)
+        for _ in range(5):
+            conn.send(P.AsyncMessage(event=P.AsyncEvent.NEGOTIATION_REQUEST, statsn=conn.next_statsn()))
+        await asyncio.sleep(0.3)
+        assert not any(isinstance(p, P.TextRequest) for p in conn.received)
+        assert t.window_violations == 0
+        t.fixed_maxcmdsn = None
+        conn.send(P.NopIn(itt=R, ttt=R, statsn=conn.statsn))      # carries the open window
+        await wait_for(lambda: any(isinstance(p, P.TextRequest) for p in conn.received))
+        await asyncio.wait_for(BlockDevice(s, 0).test_unit_ready(), 5)
+        await asyncio.sleep(0.1)
+        assert sum(isinstance(p, P.TextRequest) for p in conn.received) == 1
+        assert t.window_violations == 0
+    finally:
+        await s.close()
+
+
 async def test_a_window_that_never_opens_times_commands_out_cleanly(fake):
     """Checked fine: MaxCmdSN stays at ExpCmdSN - 1 (§4.2.2.1: window closed).  A command
     with a timeout fails CommandTimeout in time and leaves the queue; nothing was sent
