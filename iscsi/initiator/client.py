@@ -48,6 +48,10 @@ RESERVED_KEYS = {
 }
 
 
+#: Keys whose Yes the session relies on (Data-In in order, checked per PDU: session.py).
+IN_ORDER_KEYS = ("DataPDUInOrder", "DataSequenceInOrder")
+
+
 def normalize_keys(keys: dict[str, str] | None) -> dict[str, str]:
     """``keys`` with what follows from them: a MaxBurstLength below our default
     FirstBurstLength brings FirstBurstLength down with it (RFC 7143 §13.14 wants
@@ -67,6 +71,9 @@ def validate_keys(keys: dict[str, str] | None, session_type: str = "Normal") -> 
     for name in keys:
         if name in RESERVED_KEYS:
             raise ConfigError(f"login key {name} cannot be set: {RESERVED_KEYS[name]}")
+        if name in IN_ORDER_KEYS and keys[name] != "Yes":
+            raise ConfigError(f"login key {name}={keys[name]} cannot be used: this initiator places "
+                              f"and checks Data-In in order (RFC 7143 §13.18/§13.19)")
     try:
         K.Negotiator("initiator", session_type=session_type, local=normalize_keys(keys))
     except ValueError as exc:

@@ -338,6 +338,12 @@ class Session:
         except BaseException:
             conn.abort("login failed")
             raise
+        sp = result.params.session
+        if not (sp.data_pdu_in_order and sp.data_sequence_in_order):
+            conn.abort("out-of-order data negotiated")
+            key = "DataPDUInOrder" if not sp.data_pdu_in_order else "DataSequenceInOrder"
+            raise LoginError(f"login to {name}: {key}=No negotiated; this initiator places and checks "
+                             f"Data-In in order (RFC 7143 §13.18/§13.19), do not set {key}=No")
         prev = self.login_result
         if prev is not None and (host, port) == self._logged_in_at:
             old = prev.target_keys.get("TargetPortalGroupTag")

@@ -614,3 +614,19 @@ async def test_odd_but_harmless_target_pdus_leave_the_session_working(fake):
         assert s._expstatsn == t.conns[-1].statsn
     finally:
         await s.close()
+
+
+@pytest.mark.parametrize("key", ["DataPDUInOrder", "DataSequenceInOrder"])
+async def test_out_of_order_data_cannot_be_negotiated(fake, key):
+    """The in-order Buffer Offset check above needs DataPDUInOrder and DataSequenceInOrder
+    Yes (RFC 7143 §13.18/§13.19, OR results: Yes unless both sides say No).  A caller asking
+    for No is refused before connecting (ConfigError), and a login that still ends with No
+    (a LoginConfig built by hand) fails with a LoginError saying why, instead of a session
+    that would drop the connection on the first out-of-order Data-In."""
+    from iscsi.initiator.client import validate_keys
+    from iscsi.initiator.errors import ConfigError, LoginError
+    with pytest.raises(ConfigError, match=key):
+        validate_keys({key: "No"})
+    t = await fake(login_local={key: "No"})
+    with pytest.raises(LoginError, match=key):
+        await asyncio.wait_for(open_session(t, keys={key: "No"}), 10)
