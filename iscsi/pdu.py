@@ -408,10 +408,6 @@ class LogoutRequest(Pdu):
 
     def _load(self, b1, b2, b3, lun, w):
         self.reason, self.cid, self.cmdsn, self.expstatsn = b1 & 0x7F, w[0] >> 16, w[1], w[2]
-        if self.reason > max(LogoutReason):
-            # §11.14.1: codes 3-127 are reserved; acting on one (as "close the session", say)
-            # would end what the initiator never asked to end.  Refused: Reject 0x09.
-            raise PduFormatError(f"reserved Logout reason code {self.reason}", RejectReason.INVALID_PDU_FIELD)
 
 
 class SnackRequest(Pdu):
@@ -741,6 +737,29 @@ PDU_CLASSES: dict[int, type[Pdu]] = {
 }
 INITIATOR_OPCODES = frozenset(op for op in PDU_CLASSES if op < 0x20)
 TARGET_OPCODES = frozenset(op for op in PDU_CLASSES if op >= 0x20)
+#: Requests that start a task of their own: their ITT names it, and 0xffffffff "is reserved and
+#: MUST NOT be assigned for a task by the initiator" (RFC 7143 §11.2.1.8; only NOP-Out, answering
+#: a NOP-In, carries it).  A command under it could never be aborted or told apart.
+_TASK_OPCODES = frozenset({Opcode.SCSI_COMMAND, Opcode.TASK_MGMT_REQUEST, Opcode.TEXT_REQUEST,
+                           Opcode.LOGOUT_REQUEST})
+
+
+def request_violation(pdu: Pdu) -> tuple[RejectReason, str] | None:
+    """What a target must refuse in a decoded initiator request, as (Reject reason, why); None
+    when it may act on it.
+
+    :func:`decode` is a faithful codec (any field value round-trips); these are the values a
+    target must not act on though they decode, checked where requests are dispatched:
+    - a task's ITT 0xffffffff (RFC 7143 §11.2.1.8);
+    - a Logout reason code 3-127, reserved (§11.14.1) -- taking one for "close the session"
+      would end what the initiator never asked to end.
+    Both are answered with Reject 0x09 (invalid PDU field, §11.17.1) and the connection goes on.
+    """
+    if pdu.itt == RESERVED_TAG and pdu.OPCODE in _TASK_OPCODES:
+        return RejectReason.INVALID_PDU_FIELD, f"{type(pdu).__name__} with the reserved ITT 0xffffffff"
+    if pdu.OPCODE == Opcode.LOGOUT_REQUEST and pdu.reason > max(LogoutReason):  # type: ignore[attr-defined]
+        return RejectReason.INVALID_PDU_FIELD, f"reserved Logout reason code {pdu.reason}"  # type: ignore[attr-defined]
+    return None
 
 
 # ---------------------------------------------------------------------------
