@@ -199,17 +199,23 @@ def parse_send_targets(pairs: list[tuple[str, str]]) -> list[DiscoveredTarget]:
     portals: list[tuple[str, int, int]] = []
     for key, value in pairs:
         if key == "TargetName":
-            if name is not None:
+            if name:
                 out.append(DiscoveredTarget(name, tuple(portals)))
             name, portals = value, []
-        elif key == "TargetAddress" and name is not None:
+            try:
+                # Not an iSCSI name (§4.2.7): control characters would reach the admin's
+                # terminal ('discover' prints names) and the node store.  Left out.
+                check_iscsi_name(value, "TargetName")
+            except ConfigError:
+                name = ""
+        elif key == "TargetAddress" and name:
             try:
                 host, port, tpgt = K.parse_target_address(value)
                 parse_portal(K.format_portal(host, port))      # a host name we can use
             except (K.ProtocolError, ValueError):
                 continue
             portals.append((host, port, tpgt if tpgt is not None else 1))
-    if name is not None:
+    if name:
         out.append(DiscoveredTarget(name, tuple(portals)))
     return out
 

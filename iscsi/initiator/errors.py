@@ -127,7 +127,9 @@ class LoginRedirect(LoginError):
     """Status class 1: the target moved to ``address`` (RFC 7143 §11.13.5, TargetAddress key)."""
 
     def __init__(self, address: str, permanent: bool) -> None:
-        super().__init__(f"target moved {'permanently' if permanent else 'temporarily'} to {address}",
+        # The address is the target's text: shown escaped when it is not printable.
+        shown = address if address.isprintable() else ascii(address)
+        super().__init__(f"target moved {'permanently' if permanent else 'temporarily'} to {shown}",
                          1, 2 if permanent else 1)
         self.address = address
         self.permanent = permanent

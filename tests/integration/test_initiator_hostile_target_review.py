@@ -630,3 +630,34 @@ async def test_out_of_order_data_cannot_be_negotiated(fake, key):
     t = await fake(login_local={key: "No"})
     with pytest.raises(LoginError, match=key):
         await asyncio.wait_for(open_session(t, keys={key: "No"}), 10)
+
+
+# --------------------------------------------------------------------------- what reaches the terminal
+ESCAPES = "\x1b]0;owned\x07\x1b[2J"
+
+
+async def test_discovered_target_names_with_control_characters_are_not_listed(fake):
+    """A TargetName is an iSCSI name (RFC 7143 §4.2.7: printable, no spaces).  One carrying
+    terminal escape sequences was listed as is and printed by 'discover' (retitling or
+    clearing the admin's terminal, faking output lines) and saved as a node record.  It is
+    left out now; the well-formed target beside it is listed."""
+    from iscsi.initiator.client import discover
+    text = (f"TargetName=iqn.2026-11.org.example:evil{ESCAPES}\x00TargetAddress=10.0.0.9:3260,1\x00"
+            f"TargetName=iqn.2026-11.org.example:good\x00TargetAddress=10.0.0.8:3260,1\x00").encode()
+    t = await fake(text_answer(text))
+    found = await asyncio.wait_for(discover("127.0.0.1", t.port, initiator_name="iqn.2026-11.org.sanstack:x"), 10)
+    assert [d.name for d in found] == ["iqn.2026-11.org.example:good"]
+    r = await asyncio.to_thread(run_cli, "discover", f"127.0.0.1:{t.port}")
+    assert r.exit_code == 0 and "\x1b" not in r.output and "example:good" in r.output, r.output
+
+
+async def test_a_redirect_address_with_control_characters_is_not_printed_raw(hooked):
+    """Login redirect (RFC 7143 §11.13.5) to a TargetAddress that is no address and carries
+    escape sequences: the LoginError shows it escaped, not raw."""
+    from iscsi.initiator.errors import LoginError
+    from tests.unit.test_initiator_login import FakeTargetLogin
+    t = await hooked(login=lambda: FakeTargetLogin(redirect=f"evil{ESCAPES}:3260,1"))
+    with pytest.raises(LoginError) as err:
+        await asyncio.wait_for(open_session(t), 10)
+    assert "\x1b" not in str(err.value) and "\x07" not in str(err.value)
+    assert "not a usable address" in str(err.value)
