@@ -130,10 +130,15 @@ class AuthStep:
     drop_connection: bool = False
 
 
-def _first(received: Iterable[tuple[str, str]]) -> dict[str, str]:
+def _unique(received: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The keys of one PDU by name.  A key sent twice is refused, never resolved (RFC 7143 §6.2:
+    a redeclaration "MUST be detected" and the login rejected): a second CHAP_N or CHAP_R must
+    not leave it to us which one was meant."""
     found: dict[str, str] = {}
     for key, value in received:
-        found.setdefault(key, value)
+        if key in found:
+            raise ProtocolError(f"{key} sent twice in one PDU (RFC 7143 §6.2)")
+        found[key] = value
     return found
 
 
@@ -230,8 +235,8 @@ class ChapTargetAuth:
         if self._state is _Target.FAILED:
             assert self._failure is not None
             return self._failure
-        got = _first(received)
         try:
+            got = _unique(received)
             if self._state is _Target.START:
                 return self._on_method(got)
             if self._state is _Target.WAIT_ALGORITHM:
@@ -404,8 +409,8 @@ class ChapInitiatorAuth:
             return self._failure
         if self._state is _Initiator.START:
             raise ValueError("call start() first")
-        got = _first(received)
         try:
+            got = _unique(received)
             if self._state is _Initiator.WAIT_METHOD:
                 return self._on_method(got)
             if self._state is _Initiator.WAIT_CHALLENGE:

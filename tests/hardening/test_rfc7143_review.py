@@ -475,3 +475,42 @@ def test_request_violation_names_what_a_target_must_refuse():
             P.TaskMgmtRequest(itt=1, rtt=R), P.SnackRequest(itt=R)]
     for pdu in fine:
         assert P.request_violation(P.decode_pdu(pdu.encode(), allowed=P.INITIATOR_OPCODES)) is None, pdu
+
+
+# -- CHAP keys sent twice (§6.2, §12.1.3) -------------------------------------------------------
+
+@pytest.mark.parametrize("twice", ["CHAP_N", "CHAP_R", "CHAP_A"])
+def test_a_chap_key_twice_in_one_pdu_fails_the_login(twice):
+    """§6.2: a key sent twice MUST be detected and the login rejected (initiator error).  The
+    security keys go to auth.py, not through the Negotiator's bookkeeping, so a second CHAP_N,
+    CHAP_R or CHAP_A in one PDU was resolved silently (the first one won).  Sans-IO."""
+    import hashlib
+
+    from tests.target.fakes import FakeRegistry, FakeTarget
+    from iscsi.target.login import LoginFailure, TargetLogin
+    from iscsi.target.registry import ChapCredentials
+
+    iqn = "iqn.2026-11.org.sanstack:t1"
+    secret = b"sixteen-byte-sec"
+    login = TargetLogin(FakeRegistry({iqn: FakeTarget(iqn, chap=ChapCredentials("user1", secret.decode()))}),
+                        "127.0.0.1", 3260, lambda *a: 1)
+
+    def req(keys):
+        return P.LoginRequest(transit=True, csg=0, nsg=1, isid=ISID, itt=7, data=K.encode_text(keys))
+
+    (r1,) = login.receive(req([("InitiatorName", INITIATOR), ("TargetName", iqn), ("AuthMethod", "CHAP")]))
+    assert r1.status_class == 0, r1
+    chap_a = [("CHAP_A", "5")] + ([("CHAP_A", "7")] if twice == "CHAP_A" else [])
+    (r2,) = login.receive(req(chap_a))
+    if twice == "CHAP_A":
+        assert (r2.status_class, r2.status_detail) == (2, 0), r2
+        assert isinstance(login.outcome, LoginFailure)
+        return
+    got = dict(K.parse_text(r2.data))
+    ident, challenge = int(got["CHAP_I"]), bytes.fromhex(got["CHAP_C"][2:])
+    right = "0x" + hashlib.md5(bytes([ident]) + secret + challenge).hexdigest()
+    keys = [("CHAP_N", "user1"), ("CHAP_R", right)]
+    keys.append((twice, "someone-else" if twice == "CHAP_N" else "0x" + "00" * 16))
+    (r3,) = login.receive(req(keys))
+    assert (r3.status_class, r3.status_detail) == (2, 0), r3
+    assert isinstance(login.outcome, LoginFailure)
