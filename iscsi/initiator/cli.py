@@ -94,6 +94,14 @@ def _fail(msg: str) -> None:
     sys.exit(1)
 
 
+def _shown(value: Any) -> Any:
+    """A string from the target (INQUIRY text, designators) as printed: SPC-4 §4.3.1 allows
+    only printable ASCII there; anything else is escaped so it cannot drive the terminal."""
+    if isinstance(value, str) and not value.isprintable():
+        return ascii(value)[1:-1]
+    return value
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -265,8 +273,8 @@ def ls_cmd(obj: _Ctx, url: str, as_json: bool) -> None:
         click.echo(f"Target: {target}")
         for r in rows:
             size = f"{_human(r['size'])} ({r['size'] // r['block_size']} x {r['block_size']})" if "size" in r else ""
-            click.echo(f"  Lun:{r['lun']:<3} Type:{r['type']:<2} {r['vendor']} {r['product']} {size}"
-                       f"{'  ' + r['identity'] if r.get('identity') else ''}")
+            click.echo(f"  Lun:{r['lun']:<3} Type:{r['type']:<2} {_shown(r['vendor'])} {_shown(r['product'])} "
+                       f"{size}{'  ' + _shown(r['identity']) if r.get('identity') else ''}")
 
 
 @main.command()
@@ -286,7 +294,7 @@ def inquiry(obj: _Ctx, url: str, page: str | None) -> None:
             if vpd_page is not None:
                 return (await dev.vpd(vpd_page)).hex()
             inq = await dev.inquiry()
-            return "\n".join(f"{k}: {v}" for k, v in vars(inq).items() if k != "raw")
+            return "\n".join(f"{k}: {_shown(v)}" for k, v in vars(inq).items() if k != "raw")
         finally:
             await _close(session, obj.timeout)
 

@@ -661,3 +661,25 @@ async def test_a_redirect_address_with_control_characters_is_not_printed_raw(hoo
         await asyncio.wait_for(open_session(t), 10)
     assert "\x1b" not in str(err.value) and "\x07" not in str(err.value)
     assert "not a usable address" in str(err.value)
+
+
+def inquiry_with(vendor: bytes, product: bytes):
+    """Handler: standard INQUIRY answered with these VENDOR/PRODUCT IDENTIFICATION bytes."""
+    async def answer(conn, pdu):
+        if read_cmd(pdu, 0x12) and not pdu.cdb[1] & 1:
+            data = bytes([0, 0, 6, 2, 31, 0, 0, 2]) + vendor.ljust(8)[:8] + product.ljust(16)[:16] + b"0001"
+            data_in(conn, pdu, [(0, data[:pdu.edtl])], underflow=max(0, pdu.edtl - len(data)))
+            return True
+        return False
+    return answer
+
+
+async def test_inquiry_strings_with_control_characters_are_printed_escaped(fake):
+    """SPC-4 §4.3.1: INQUIRY's ASCII fields hold printable characters (20h-7Eh).  A target
+    putting ESC/BEL sequences there had them printed raw by 'inquiry' and 'ls'."""
+    t = await fake(inquiry_with(b"EV\x1b[2J\x07", b"PROD\x1b]0;x\x07"))
+    url = f"iscsi://127.0.0.1:{t.port}/iqn.2026-11.org.sanstack:unit-target/0"
+    for args in (("inquiry", url), ("ls", url)):
+        r = await asyncio.to_thread(run_cli, *args)
+        assert "EV" in r.output and "PROD" in r.output, r.output
+        assert "\x1b" not in r.output and "\x07" not in r.output, r.output
