@@ -192,6 +192,8 @@ def parse_read_capacity16(data: bytes) -> Capacity:
 
 
 def parse_read_capacity10(data: bytes) -> Capacity:
+    if len(data) < 8:
+        raise ValueError("READ CAPACITY (10) data shorter than 8 bytes")
     last, bs = struct.unpack_from(">II", data)
     return Capacity(last, bs)
 
@@ -325,7 +327,7 @@ def parse_report_luns(data: bytes) -> list[int]:
         return []
     n = _U32.unpack_from(data, 0)[0]
     luns = []
-    for pos in range(8, min(len(data), 8 + n), 8):
+    for pos in range(8, min(len(data), 8 + n) - 7, 8):     # whole 8-byte entries only
         first = _U16.unpack_from(data, pos)[0]
         method = first >> 14
         if method == 0:
@@ -412,8 +414,14 @@ class Reservation:
     type: int = 0
 
 
+def _pr_header(data: bytes) -> None:
+    if len(data) < 8:
+        raise ValueError("PERSISTENT RESERVE IN data shorter than its 8-byte header")
+
+
 def parse_pr_read_keys(data: bytes) -> tuple[int, list[int]]:
     """(PRgeneration, registered keys), SPC-4 §6.15.2."""
+    _pr_header(data)
     gen, n = struct.unpack_from(">II", data)
     keys = [_U64.unpack_from(data, 8 + i)[0] for i in range(0, min(n, len(data) - 8) - 7, 8)]
     return gen, keys
@@ -421,6 +429,7 @@ def parse_pr_read_keys(data: bytes) -> tuple[int, list[int]]:
 
 def parse_pr_read_reservation(data: bytes) -> Reservation:
     """SPC-4 §6.15.3."""
+    _pr_header(data)
     gen, n = struct.unpack_from(">II", data)
     if n < 16 or len(data) < 24:
         return Reservation(gen)

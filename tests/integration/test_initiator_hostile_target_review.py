@@ -683,3 +683,31 @@ async def test_inquiry_strings_with_control_characters_are_printed_escaped(fake)
         r = await asyncio.to_thread(run_cli, *args)
         assert "EV" in r.output and "PROD" in r.output, r.output
         assert "\x1b" not in r.output and "\x07" not in r.output, r.output
+
+
+# --------------------------------------------------------------------------- short parameter data
+@pytest.mark.parametrize("name", sorted(n for n in dir(scsi) if n.startswith("parse_")))
+@pytest.mark.parametrize("n", [0, 1, 3, 4, 7, 9, 13])
+def test_parsers_refuse_short_data_with_value_error(name, n):
+    """What a target returns is cut to what it sent (the residual above), so parameter data
+    can be shorter than its format: each parser returns what it can or raises ValueError
+    (the CLI's one-line error), never struct.error or IndexError (a traceback)."""
+    try:
+        getattr(scsi, name)(b"\x01" * n)
+    except ValueError:
+        pass
+
+
+async def test_short_read_capacity_is_an_error_line_not_a_traceback(fake):
+    """READ CAPACITY (16) not supported, READ CAPACITY (10) answered GOOD with 4 of its 8
+    bytes (and the residual saying so): 'readcap' printed a struct.error traceback."""
+    async def short_rc10(conn, pdu):
+        if read_cmd(pdu, 0x25):
+            data_in(conn, pdu, [(0, b"\x00\x00\x10\x00")], underflow=4)
+            return True
+        return False
+
+    t = await fake(short_rc10)
+    url = f"iscsi://127.0.0.1:{t.port}/iqn.2026-11.org.sanstack:unit-target/0"
+    r = await asyncio.to_thread(run_cli, "readcap", url)
+    assert r.exit_code == 1 and "error:" in r.output and "READ CAPACITY (10)" in r.output, r.output
