@@ -711,3 +711,29 @@ async def test_short_read_capacity_is_an_error_line_not_a_traceback(fake):
     url = f"iscsi://127.0.0.1:{t.port}/iqn.2026-11.org.sanstack:unit-target/0"
     r = await asyncio.to_thread(run_cli, "readcap", url)
     assert r.exit_code == 1 and "error:" in r.output and "READ CAPACITY (10)" in r.output, r.output
+
+
+@pytest.mark.parametrize("chunk", [1000, 4096, 20000])
+async def test_a_misplaced_payload_received_in_place_never_lands_in_the_buffer(chunk):
+    """The in-place receive of a large Data-In (connection.py) asks the session where the
+    payload goes before a byte of it arrives: a Buffer Offset other than the next one is
+    refused there, so the caller's buffer is not overwritten at the wrong place even for a
+    moment (socket-less, fed in chunks so the payload is received in place)."""
+    from iscsi import framing
+    from tests.unit.test_initiator_fastpath import STATSN0, feed, logged_in
+    from iscsi.initiator.session import Task
+    size = 32 * KiB
+    s, conn, _wire = logged_in()
+    buf = bytearray(b"\xee" * (3 * size))
+    done: list[Task] = []
+    task = Task(0, scsi.read16(0, 3 * size // 512), 3 * size, None, buf, 1, done.append)
+    s.submit(task)
+    await asyncio.sleep(0)
+    win = dict(statsn=STATSN0, expcmdsn=8, maxcmdsn=70)
+    stream = (framing.encode_bytes(P.DataIn(itt=task.itt, datasn=0, offset=0, data=b"D" * size, **win))
+              + framing.encode_bytes(P.DataIn(itt=task.itt, datasn=1, offset=size // 2, data=b"E" * size, **win)))
+    with pytest.raises(AssertionError):
+        feed(conn, stream, [chunk])       # feed stops at the closed connection
+    assert conn.closed and "Buffer Offset" in str(conn.close_reason)
+    assert bytes(buf[:size]) == b"D" * size and bytes(buf[size:]) == b"\xee" * (2 * size)
+    assert done and isinstance(done[0].exc, ConnectionLost)
