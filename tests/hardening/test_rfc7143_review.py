@@ -514,3 +514,73 @@ def test_a_chap_key_twice_in_one_pdu_fails_the_login(twice):
     (r3,) = login.receive(req(keys))
     assert (r3.status_class, r3.status_detail) == (2, 0), r3
     assert isinstance(login.outcome, LoginFailure)
+
+
+# -- Logout with tasks outstanding (§11.14) ------------------------------------------------------
+
+@pytest.mark.parametrize("reason", [P.LogoutReason.CLOSE_SESSION, P.LogoutReason.CLOSE_CONNECTION])
+def test_logout_while_a_write_waits_for_its_data(daemon, clean_log, reason):
+    """A Logout (close the session, or close this connection -- the only one) while a write
+    waits for the Data-Out its R2T asked for: the target does not wait for data that will not
+    come; it answers the Logout (response 0), closes the connection, and the write is not
+    performed."""
+    s = session(daemon, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
+    lba = 9800
+    assert s.write(lba, b"\x55" * BLOCK) == 0
+    itt = s.command(write10(lba, 1), write=True, edtl=BLOCK)
+    r2t = s.recv()
+    assert isinstance(r2t, P.R2T) and r2t.itt == itt
+    s.send(P.LogoutRequest(reason=reason, cid=0, itt=s.next_itt(), cmdsn=s.cmdsn, expstatsn=s.expstatsn,
+                           immediate=True))
+    resp = s.recv(timeout=3.0)
+    assert isinstance(resp, P.LogoutResponse) and resp.response == 0, resp
+    assert s.closed_by_target(3.0)
+    s.close()
+    t = session(daemon)
+    st, data = t.read(lba, BLOCK)
+    assert st == 0 and data == b"\x55" * BLOCK
+    t.close()
+
+
+# -- ABORT TASK SET (§11.5.1) ----------------------------------------------------------------
+
+def test_abort_task_set_ends_writes_waiting_for_data_and_held_commands(daemon, clean_log):
+    """ABORT TASK SET aborts every task of this I_T nexus on the LU: writes waiting for the
+    Data-Out their R2Ts asked for, and a command held behind a missing CmdSN.  The TMF response
+    answers for all of them (no SCSI Response for an aborted task), their late Data-Out is
+    dropped without a Reject (§11.6.2), nothing is written, and the session (its window
+    included) goes on when the missing CmdSN arrives."""
+    s = session(daemon, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
+    lba = 9900
+    assert s.write(lba, b"\x66" * 2048) == 0
+    writes = [s.command(write10(lba + 2 * i, 2), write=True, edtl=1024) for i in range(2)]
+    r2ts = {}
+    while len(r2ts) < 2:
+        pdu = s.recv()
+        assert isinstance(pdu, P.R2T), pdu
+        r2ts[pdu.itt] = pdu
+    gap = s.cmdsn
+    held = s.command(read10(lba, 4), read=True, edtl=2048, cmdsn=(gap + 1) & 0xFFFFFFFF)
+    tmf_itt = s.next_itt()
+    s.send(P.TaskMgmtRequest(function=P.TmfFunction.ABORT_TASK_SET, itt=tmf_itt, cmdsn=gap, expstatsn=s.expstatsn,
+                             immediate=True))
+    resp = s.recv()
+    assert isinstance(resp, P.TaskMgmtResponse) and resp.itt == tmf_itt and resp.response == 0, resp
+    for itt, r2t in r2ts.items():
+        s.send(P.DataOut(itt=itt, ttt=r2t.ttt, datasn=0, offset=0, final=True, expstatsn=s.expstatsn,
+                         data=b"\x77" * 1024))
+    # The missing CmdSN arrives now: it runs, the held (aborted) one behind it does not answer.
+    s.cmdsn = gap
+    st, data = s.read(lba, 2048)
+    s.cmdsn = (gap + 2) & 0xFFFFFFFF
+    assert st == 0 and data == b"\x66" * 2048, "an aborted write was performed"
+    ping = s.next_itt()
+    s.send(P.NopOut(itt=ping, cmdsn=s.cmdsn, expstatsn=s.expstatsn, immediate=True))
+    while True:
+        pdu = s.recv()
+        assert not isinstance(pdu, P.Reject), f"Reject {pdu.reason:#x} after ABORT TASK SET"
+        assert getattr(pdu, "itt", None) not in writes + [held], f"aborted task answered: {pdu}"
+        if isinstance(pdu, P.NopIn) and pdu.itt == ping:
+            break
+    still_works(s)
+    s.close()
