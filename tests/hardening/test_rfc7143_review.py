@@ -584,3 +584,40 @@ def test_abort_task_set_ends_writes_waiting_for_data_and_held_commands(daemon, c
             break
     still_works(s)
     s.close()
+
+
+# -- a login that skips the operational stage: every key at its RFC default (§13) ----------
+
+def test_login_straight_from_security_to_full_feature_uses_the_rfc_defaults(daemon, clean_log):
+    """CSG=0 -> NSG=3 (§6.3: the operational stage may be skipped) with no operational key:
+    the target still declares its MaxRecvDataSegmentLength (§13.12), and everything else is at
+    its default -- in particular the initiator's MaxRecvDataSegmentLength is 8192, so a 32 KiB
+    READ comes back in Data-In PDUs of at most 8192 bytes, and InitialR2T=Yes: a write without
+    immediate data is solicited by R2T."""
+    s = raw(daemon)
+    s.send(P.LoginRequest(transit=True, csg=0, nsg=3, isid=ISID + 5, itt=1, cmdsn=s.cmdsn,
+                          data=K.encode_text([("InitiatorName", INITIATOR), ("TargetName", daemon.iqn),
+                                              ("SessionType", "Normal"), ("AuthMethod", "None")])))
+    resp = s.recv()
+    assert resp.status_class == 0 and resp.transit and resp.nsg == 3 and resp.tsih, resp
+    answers = dict(K.parse_text(resp.data))
+    assert 512 <= int(answers["MaxRecvDataSegmentLength"]) <= 2**24 - 1, answers
+    s.tsih, s.expstatsn = resp.tsih, (resp.statsn + 1) & 0xFFFFFFFF
+    s.clear_unit_attentions()
+    payload = bytes(range(256)) * 128
+    s.immediate_data = False  # InitialR2T=Yes: the whole write answers R2Ts (raw.write solicits)
+    assert s.write(9950, payload) == 0
+    itt = s.command(read10(9950, len(payload) // BLOCK), read=True, edtl=len(payload))
+    got, sizes = bytearray(len(payload)), []
+    while True:
+        pdu = s.recv()
+        if isinstance(pdu, P.DataIn) and pdu.itt == itt:
+            sizes.append(len(pdu.data))
+            got[pdu.offset:pdu.offset + len(pdu.data)] = pdu.data
+            if pdu.has_status:
+                break
+        elif isinstance(pdu, P.ScsiResponse) and pdu.itt == itt:
+            break
+    assert max(sizes) <= 8192, f"Data-In of {max(sizes)} bytes to an initiator that declared nothing (8192)"
+    assert bytes(got) == payload
+    s.close()
