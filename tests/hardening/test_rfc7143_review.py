@@ -621,3 +621,31 @@ def test_login_straight_from_security_to_full_feature_uses_the_rfc_defaults(daem
     assert max(sizes) <= 8192, f"Data-In of {max(sizes)} bytes to an initiator that declared nothing (8192)"
     assert bytes(got) == payload
     s.close()
+
+
+# -- offers of the wrong type or out of range (§6.2, §6.2.1, §6.2.2) ----------------------------
+
+def test_offers_out_of_range_or_of_the_wrong_type_are_answered_reject_and_the_login_goes_on(daemon, clean_log):
+    """A negotiated key whose offered value is out of its range or not of its type is answered
+    'Reject' and keeps its current (default) value; the login itself goes on (§6.2: 'Reject'
+    ... the key is left at its current value).  An unknown key is 'NotUnderstood', a value the
+    rules cap (ErrorRecoveryLevel=2, Minimum) is answered with the result."""
+    odd = [("MaxBurstLength", "100"), ("FirstBurstLength", "abc"), ("InitialR2T", "Maybe"),
+           ("DataDigest", "Bogus"), ("MaxOutstandingR2T", "0"), ("DefaultTime2Wait", "3601"),
+           ("ErrorRecoveryLevel", "2"), ("X-org.example.odd", "1")]
+    s = session(daemon, isid=ISID + 6, extra=odd)
+    got = s.login_answers
+    assert {k: got.get(k) for k, _ in odd} == {
+        "MaxBurstLength": "Reject", "FirstBurstLength": "Reject", "InitialR2T": "Reject", "DataDigest": "Reject",
+        "MaxOutstandingR2T": "Reject", "DefaultTime2Wait": "Reject", "ErrorRecoveryLevel": "0",
+        "X-org.example.odd": "NotUnderstood"}, got
+    # The rejected keys stay at their defaults: InitialR2T=Yes (a write gets an R2T for all of
+    # its data when it carries none), MaxBurstLength 262144.
+    payload = b"\x5e" * 4096
+    itt = s.command(write10(9980, 8), write=True, edtl=len(payload))
+    r2t = s.recv()
+    assert isinstance(r2t, P.R2T) and r2t.itt == itt and (r2t.offset, r2t.length) == (0, 4096), r2t
+    s.send(P.DataOut(itt=itt, ttt=r2t.ttt, datasn=0, offset=0, final=True, expstatsn=s.expstatsn, data=payload))
+    resp = s.recv()
+    assert isinstance(resp, P.ScsiResponse) and resp.status == 0, resp
+    s.close()
