@@ -649,3 +649,26 @@ def test_offers_out_of_range_or_of_the_wrong_type_are_answered_reject_and_the_lo
     resp = s.recv()
     assert isinstance(resp, P.ScsiResponse) and resp.status == 0, resp
     s.close()
+
+
+# -- session reinstatement only by a login that succeeds (§6.3.5) --------------------------------
+
+def test_a_failed_login_with_a_live_sessions_isid_leaves_that_session_alone(daemon, clean_log):
+    """§6.3.5: a new login (TSIH 0) with the ISID of a live session reinstates it -- once the
+    login succeeds.  One that fails (here: a key declared twice, §6.2) must not end or disturb
+    the live session; the one that succeeds afterwards replaces it and closes its connection."""
+    isid = ISID + 7
+    a = session(daemon, isid=isid)
+    b = raw(daemon)
+    bad = K.encode_text(login_keys(daemon) + [("InitiatorName", INITIATOR + "x")])
+    b.send(P.LoginRequest(transit=True, csg=1, nsg=3, isid=isid, itt=1, cmdsn=b.cmdsn, data=bad))
+    resp = b.recv()
+    assert resp.status_class == 2, resp
+    b.close()
+    still_works(a)
+    c = session(daemon, isid=isid)
+    assert c.tsih != a.tsih
+    assert a.closed_by_target(3.0), "the reinstated session's connection was kept"
+    still_works(c)
+    a.close()
+    c.close()
