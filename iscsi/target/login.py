@@ -265,6 +265,14 @@ class TargetLogin:
         name = values.get("InitiatorName")
         if not name:
             raise LoginError(LoginStatus.MISSING_PARAMETER, "InitiatorName missing")
+        try:
+            # iSCSI names compare after stringprep (RFC 7143 §4.2.7.1, RFC 3722: case folded):
+            # "IQN.X" and "iqn.x" name one initiator, so one session identity (§6.3.5
+            # reinstatement by initiator name + ISID) and one I_T nexus.  A name that is not
+            # valid is kept as sent (only a Discovery session or the ACL refusal below sees it).
+            name = canonical_iscsi_name(name)
+        except ConfigError:
+            pass
         self._initiator_name = name
         self._initiator_alias = values.get("InitiatorAlias")
         stype = values.get("SessionType", "Normal")

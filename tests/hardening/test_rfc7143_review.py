@@ -672,3 +672,18 @@ def test_a_failed_login_with_a_live_sessions_isid_leaves_that_session_alone(daem
     still_works(c)
     a.close()
     c.close()
+
+
+def test_an_initiator_name_in_other_case_is_the_same_initiator(daemon, clean_log):
+    """iSCSI names are compared after stringprep, which folds case (RFC 7143 §4.2.7.1, RFC 3722):
+    a login from 'IQN.2026-11.ORG...' with the ISID of a live session of 'iqn.2026-11.org...'
+    comes from the same initiator port, so it reinstates that session (§6.3.5).  Was: a second
+    session with the same I_T nexus (the nexus is case-folded) -- the first one's end (or a
+    reset of either) then dropped the other's reservations and unit attentions."""
+    isid = ISID + 8
+    a = session(daemon, isid=isid)
+    b = session(daemon, isid=isid, initiator=INITIATOR.upper())
+    assert a.closed_by_target(3.0), "two sessions of one initiator port (names differing in case only)"
+    still_works(b)
+    a.close()
+    b.close()
