@@ -983,7 +983,7 @@ class Session:
                 self.rescan_soon()
         elif ev == P.AsyncEvent.LOGOUT_REQUEST:
             # §11.9.1: log out within Parameter3 seconds; we drain, log out and log in again.
-            self.loop.create_task(self._requested_logout(pdu.param3 or LOGOUT_DRAIN_MAX))
+            self._logout_requested(pdu.param3 or LOGOUT_DRAIN_MAX)
         elif ev in (P.AsyncEvent.CONNECTION_DROP, P.AsyncEvent.SESSION_DROP):
             # The target will drop us; Parameter2 = Time2Wait before reconnecting.  It holds
             # for that drop only: a loss long after (the drop never came) waits as usual.
@@ -996,12 +996,16 @@ class Session:
                 self._renegotiation = self.loop.create_task(self._renegotiate())
         self._emit("async", event=ev, lun=P.decode_lun(pdu.lun))
 
-    async def _requested_logout(self, within: float) -> None:
+    def _logout_requested(self, within: float) -> None:
+        """The target wants a logout (Async Message event 1, or a Reject "Waiting for
+        Logout"): stop sending now — new commands wait in the queue until the new login —
+        then drain what is in flight, log out and log in again."""
         if self.state != State.LOGGED_IN:
             return
-        conn = self.conn
-        # Stop sending new commands: hold them in the queue until the new login.
         self._set_state(State.RECOVERING)
+        self.loop.create_task(self._requested_logout(self.conn, within))
+
+    async def _requested_logout(self, conn: Connection | None, within: float) -> None:
         deadline = self.loop.time() + max(0.0, min(within, LOGOUT_DRAIN_MAX) - 0.5)
         while self._tasks and self.loop.time() < deadline and conn is self.conn and not conn.closed:
             await asyncio.sleep(0.01)
@@ -1033,6 +1037,13 @@ class Session:
               itt=rejected_itt)
         task = self._tasks.pop(rejected_itt, None)
         if task is not None:
+            if pdu.reason == P.RejectReason.WAITING_FOR_LOGOUT and task.tries < MAX_COMMAND_RETRIES:
+                # §11.9.1 event 1 / §11.17.1: refused, not carried out, because the target
+                # waits for our logout.  It goes again after the logout and the new login.
+                task._reset_for_retry()
+                self._waiting.appendleft(task)
+                self._logout_requested(LOGOUT_DRAIN_MAX)
+                return
             self._finish(task, ProtocolViolation(f"target rejected the command (reason 0x{pdu.reason:02x})"))
         fut = self._mgmt.get(rejected_itt)
         if fut is not None and not fut.done():

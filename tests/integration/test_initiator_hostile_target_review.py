@@ -737,3 +737,33 @@ async def test_a_misplaced_payload_received_in_place_never_lands_in_the_buffer(c
     assert conn.closed and "Buffer Offset" in str(conn.close_reason)
     assert bytes(buf[:size]) == b"D" * size and bytes(buf[size:]) == b"\xee" * (2 * size)
     assert done and isinstance(done[0].exc, ConnectionLost)
+
+
+@pytest.mark.parametrize("announce", [False, True], ids=["reject-only", "async-then-reject"])
+async def test_a_command_rejected_waiting_for_logout_is_sent_again_after_the_relogin(fake, announce):
+    """RFC 7143 §11.9.1 event 1: after asking for a logout the target "MAY reject any new
+    I/O requests ... with the reason code 'Waiting for Logout'" (§11.17.1, 0x0c).  Such a
+    command was not carried out: it failed the caller with ProtocolViolation.  Now it waits
+    for the logout and the new login (started by the Reject itself when the Async Message
+    did not come first) and is sent again."""
+    rejected: list[int] = []
+
+    async def waiting_for_logout(conn, pdu):
+        if read_cmd(pdu) and not rejected:
+            rejected.append(pdu.itt)
+            if announce:
+                conn.send(P.AsyncMessage(event=P.AsyncEvent.LOGOUT_REQUEST, param3=5, statsn=conn.next_statsn()))
+            conn.send(P.Reject(reason=P.RejectReason.WAITING_FOR_LOGOUT, statsn=conn.next_statsn(),
+                               data=pdu.header()[:48]))
+            return True
+        return False
+
+    t = await fake(waiting_for_logout)
+    t.disk[0:4096] = b"w" * 4096
+    s = await open_session(t)
+    try:
+        assert await asyncio.wait_for(BlockDevice(s, 0).read(0, 8), 10) == b"w" * 4096
+        assert rejected and s.reconnects == 1
+        assert any(isinstance(p, P.LogoutRequest) for p in t.conns[0].received)
+    finally:
+        await s.close()
