@@ -384,6 +384,13 @@ class Session:
         self._cmdsn = result.expcmdsn
         self._expcmdsn = result.expcmdsn
         self._maxcmdsn = result.maxcmdsn
+        if ((result.maxcmdsn + 1 - result.expcmdsn) & SN_MASK) >= SN_HALF:
+            # MaxCmdSN < ExpCmdSN - 1: not a window (§4.2.2.1 says ignore it), and taken as is
+            # no valid MaxCmdSN would ever count as newer.  Room for one command: its answer
+            # brings a real window.
+            event(log, "session.login_window_invalid", logging.WARNING, portal=self.portal,
+                  expcmdsn=result.expcmdsn, maxcmdsn=result.maxcmdsn)
+            self._maxcmdsn = result.expcmdsn
         self.conn = conn
         self.generation += 1
         self._expired = False

@@ -767,3 +767,24 @@ async def test_a_command_rejected_waiting_for_logout_is_sent_again_after_the_rel
         assert any(isinstance(p, P.LogoutRequest) for p in t.conns[0].received)
     finally:
         await s.close()
+
+
+@pytest.mark.parametrize("delta", [0x80000005, 0xFFFFF000], ids=["half-range-ahead", "far-behind"])
+async def test_an_invalid_window_in_the_final_login_response_does_not_stall_the_session(fake, delta):
+    """The final Login Response carries MaxCmdSN < ExpCmdSN - 1 in serial arithmetic (RFC
+    7143 §4.2.2.1: such a pair is to be ignored).  It was taken as the session's window:
+    'MaxCmdSN' 2**31 + 5 ahead reads as closed, and no later valid MaxCmdSN ever counts as
+    newer, so every command waited for ever.  Now the session starts with a window of one
+    command and the target's next answer sets it right."""
+    # The fake target answers logins with MaxCmdSN = CmdSN + window - 1, and later PDUs with
+    # fixed_maxcmdsn (a valid window: the session's CmdSNs start at 1).
+    t = await fake(window=(delta + 1) & 0xFFFFFFFF)
+    t.fixed_maxcmdsn = 1000
+    s = await open_session(t)
+    try:
+        for _ in range(3):
+            await asyncio.wait_for(s.execute(0, scsi.test_unit_ready(), timeout=2), 5)
+        exp, mx = s.window
+        assert mx == 1000 and t.window_violations == 0
+    finally:
+        await s.close()
