@@ -245,6 +245,7 @@ class Session:
         self.luns: list[int] | None = None      # last REPORT LUNS answer (see rescan)
         self._rescan: asyncio.Task | None = None
         self._renegotiation: asyncio.Task | None = None
+        self._logout_task: asyncio.Task | None = None      # a logout the target asked for
         self._state_waiters: list[asyncio.Future] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -433,7 +434,7 @@ class Session:
         # stops its loop (or checks for leaks) finds nothing of ours still pending.
         mine = asyncio.current_task()
         helpers = {t for t in (self._keepalive, self._recovery, self._rescan, self._renegotiation,
-                               *self._aborters)
+                               self._logout_task, *self._aborters)
                    if t is not None and t is not mine and not t.done()}
         for t in helpers:
             t.cancel()
@@ -1010,7 +1011,7 @@ class Session:
         if self.state != State.LOGGED_IN:
             return
         self._set_state(State.RECOVERING)
-        self.loop.create_task(self._requested_logout(self.conn, within))
+        self._logout_task = self.loop.create_task(self._requested_logout(self.conn, within))
 
     async def _requested_logout(self, conn: Connection | None, within: float) -> None:
         deadline = self.loop.time() + max(0.0, min(within, LOGOUT_DRAIN_MAX) - 0.5)

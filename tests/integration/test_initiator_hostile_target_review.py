@@ -788,3 +788,27 @@ async def test_an_invalid_window_in_the_final_login_response_does_not_stall_the_
         assert mx == 1000 and t.window_violations == 0
     finally:
         await s.close()
+
+
+async def test_close_during_a_requested_logout_or_renegotiation_leaves_no_task_pending(fake):
+    """The target asks for a logout (a read still in flight, so the session drains) and for
+    a negotiation it never answers; the caller closes the session meanwhile.  close() ends
+    the session's helper tasks before it returns (as it does for keepalive and recovery):
+    the drain loop of the requested logout was left running."""
+    async def hold_reads(conn, pdu):
+        return read_cmd(pdu) or isinstance(pdu, P.TextRequest)
+
+    t = await fake(hold_reads)
+    s = await open_session(t)
+    conn = t.conns[-1]
+    read = asyncio.ensure_future(s.execute(0, scsi.read16(0, 1), read_len=512))
+    await wait_for(lambda: any(read_cmd(p) for p in conn.received))
+    conn.send(P.AsyncMessage(event=P.AsyncEvent.NEGOTIATION_REQUEST, statsn=conn.next_statsn()))
+    conn.send(P.AsyncMessage(event=P.AsyncEvent.LOGOUT_REQUEST, param3=5, statsn=conn.next_statsn()))
+    await asyncio.sleep(0.1)
+    await s.close()
+    with pytest.raises(IscsiError):
+        await read
+    pending = [x for x in asyncio.all_tasks() if x is not asyncio.current_task() and not x.done()
+               and "Session" in repr(x.get_coro())]
+    assert pending == []
