@@ -812,3 +812,20 @@ async def test_close_during_a_requested_logout_or_renegotiation_leaves_no_task_p
     pending = [x for x in asyncio.all_tasks() if x is not asyncio.current_task() and not x.done()
                and "Session" in repr(x.get_coro())]
     assert pending == []
+
+
+async def test_an_r2t_above_max_burst_length_is_served(fake):
+    """Checked fine (lenient on purpose): one R2T for all 64 KiB of a write while
+    MaxBurstLength is 16 KiB (RFC 7143 §11.8.4: MUST NOT exceed it).  Sending what the target
+    asked for harms nothing; the Data-Out PDUs still respect its MaxRecvDataSegmentLength."""
+    keys = {**SOLICITED_ONLY, "MaxBurstLength": "16384", "FirstBurstLength": "16384"}
+    t = await fake(login_local={**keys, "MaxRecvDataSegmentLength": "8192"})
+    s = await open_session(t, keys=keys)
+    try:
+        data = os.urandom(64 * KiB)
+        await asyncio.wait_for(BlockDevice(s, 0).write(8, data), 5)
+        assert bytes(t.disk[8 * 512:8 * 512 + len(data)]) == data
+        outs = [p for p in t.conns[-1].received if isinstance(p, P.DataOut)]
+        assert outs and max(len(p.data) for p in outs) <= 8192
+    finally:
+        await s.close()
