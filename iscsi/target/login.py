@@ -125,7 +125,7 @@ class TargetLogin:
     def __init__(self, registry: TargetRegistry, local_host: str, local_port: int,
                  allocate_tsih: Callable[[int, str, str, int, int], int],
                  statsn_start: int = 0, *,
-                 session_params: Callable[[int, str, str, int], "K.Negotiated | None"] | None = None) -> None:
+                 session_params: Callable[[int, str, str, int], K.Negotiated | None] | None = None) -> None:
         self.registry = registry
         self.local_host, self.local_port = local_host, local_port
         self.allocate_tsih = allocate_tsih
@@ -314,7 +314,7 @@ class TargetLogin:
         self._negotiator = K.Negotiator("target", session_type=stype, local=local,
                                         initial=self._joined_session_values(name))
 
-    def _joined_session_values(self, initiator: str) -> "K.Negotiated | None":
+    def _joined_session_values(self, initiator: str) -> K.Negotiated | None:
         """The session-wide values of the session a TSIH != 0 login joins (see the class
         docstring); connection-only keys (digests, MaxRecvDataSegmentLength, §13.1,
         §13.12) start again from their defaults on every new connection."""

@@ -2,8 +2,12 @@
 login/text negotiation corners and Full Feature Phase rules that test_malformed.py,
 test_hostile_peer_review.py and tests/target/test_login.py do not cover yet.
 
-Live cases run against the module's daemon and end with the daemon alive, memory bounded and the
-witness sessions doing verified I/O (``baseline``); sans-IO cases drive the login/key code alone.
+Live cases run against the module's daemon and end with the daemon alive, memory bounded, no
+internal error in its log and the witness sessions doing verified I/O (``clean_log`` on top of
+``baseline``); sans-IO cases drive the login/key/auth code alone.
+
+Strict xfails mark bugs whose fix belongs to files this review does not own (connection.py,
+server.py); each names the change needed in its reason.
 """
 from __future__ import annotations
 
@@ -72,8 +76,8 @@ def test_login_declaring_target_name_twice_is_refused(daemon, clean_log):
 def test_target_name_redeclared_in_a_later_login_pdu_is_refused():
     """The same rule across the PDUs of one login: TargetName=A in the security stage,
     TargetName=B in the operational stage (sans-IO)."""
-    from tests.target.fakes import FakeRegistry, FakeTarget
     from iscsi.target.login import LoginFailure, TargetLogin
+    from tests.target.fakes import FakeRegistry, FakeTarget
 
     iqn = "iqn.2026-11.org.sanstack:t1"
     login = TargetLogin(FakeRegistry({iqn: FakeTarget(iqn)}), "127.0.0.1", 3260, lambda *a: 1)
@@ -264,8 +268,8 @@ def test_a_login_joining_a_session_starts_from_the_sessions_values():
     session's session-wide values, while connection keys start again from their defaults."""
     from dataclasses import replace
 
-    from tests.target.fakes import FakeRegistry, FakeTarget
     from iscsi.target.login import LoginSuccess, TargetLogin
+    from tests.target.fakes import FakeRegistry, FakeTarget
 
     iqn = "iqn.2026-11.org.sanstack:t1"
     agreed = K.Negotiated()
@@ -486,9 +490,9 @@ def test_a_chap_key_twice_in_one_pdu_fails_the_login(twice):
     CHAP_R or CHAP_A in one PDU was resolved silently (the first one won).  Sans-IO."""
     import hashlib
 
-    from tests.target.fakes import FakeRegistry, FakeTarget
     from iscsi.target.login import LoginFailure, TargetLogin
     from iscsi.target.registry import ChapCredentials
+    from tests.target.fakes import FakeRegistry, FakeTarget
 
     iqn = "iqn.2026-11.org.sanstack:t1"
     secret = b"sixteen-byte-sec"
