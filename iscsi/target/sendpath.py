@@ -85,29 +85,54 @@ def send_parts(sock: socket.socket, parts: list) -> list:
     all went.  Raises OSError if the socket or the image failed.
 
     The bytes before an extent go with MSG_MORE, so a PDU's header and its data leave in
-    the same segments rather than a 48-byte packet of their own.
+    the same segments rather than a 48-byte packet of their own.  The usual turn is
+    header, extent, header, extent...: a lone header goes with ``send`` and a whole extent
+    with one ``sendfile``, without the general loops' lists and sums (per-READ path).
     """
     fd = sock.fileno()
     i, n = 0, len(parts)
     while i < n:
-        j = i
-        while j < n and parts[j].__class__ is not FileExtent:
-            j += 1
-        if j > i:  # bytes first: parts[i:j]
-            rest = _send(sock, parts[i:j], socket.MSG_MORE if j < n else 0)
-            if rest:
-                return rest + parts[j:]
+        part = parts[i]
+        if part.__class__ is not FileExtent:
+            j = i + 1
+            while j < n and parts[j].__class__ is not FileExtent:
+                j += 1
+            if j == i + 1:  # one piece of bytes: a Data-In header
+                try:
+                    sent = sock.send(part, socket.MSG_MORE if j < n else 0)
+                except BlockingIOError:
+                    return parts[i:]
+                if sent < len(part):
+                    return [memoryview(part)[sent:], *parts[j:]]
+            else:
+                rest = _send(sock, parts[i:j], socket.MSG_MORE if j < n else 0)
+                if rest:
+                    return rest + parts[j:]
             i = j
             continue
-        extent = parts[i]
-        sent, full = _sendfile(fd, extent)
-        if sent == extent.length:
+        length = part.length
+        src = part.source.fileno
+        try:
+            k = os.sendfile(fd, src, part.offset, length) if src >= 0 else -1
+        except BlockingIOError:
+            return parts[i:]
+        except OSError as err:
+            if err.errno not in _SENDFILE_UNSUPPORTED:
+                raise
+            k = -1  # _sendfile meets the refusal again and falls back to a copy
+        if k == length:  # the usual case: all of it at once
+            i += 1
+            continue
+        if k > 0:  # a part went: the general path carries on from there
+            part = parts[i] = FileExtent(part.source, part.offset + k, length - k, part.fence)
+        sent, full = _sendfile(fd, part)
+        if sent == part.length:
             i += 1
         elif full:  # the rest when the socket is writable again
-            rest = FileExtent(extent.source, extent.offset + sent, extent.length - sent, extent.fence)
+            rest = FileExtent(part.source, part.offset + sent, part.length - sent, part.fence)
             return [rest, *parts[i + 1:]]
         else:
-            parts[i] = extent.read(sent)  # past the image's end, or no splicing there: copy
+            parts[i] = part.read(sent)  # past the image's end, or no splicing there: copy
     return []
 
 
