@@ -1267,7 +1267,8 @@ class Session:
         (CmdSN <= MaxCmdSN, RFC 7143 §4.2.2.1).  Polled: only text exchanges wait here, and
         a target that keeps its window closed is rare; commands wait in ``_waiting``."""
         while True:
-            self.window            # applies what the last reads brought
+            self.apply_sn()        # what the last reads brought
+            self._apply_window()
             if self._window_open():
                 return
             if conn is not self.conn or conn.closed or self.state != State.LOGGED_IN:
