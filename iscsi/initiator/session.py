@@ -73,6 +73,9 @@ MGMT_TIMEOUT = 30.0
 # An Async Message announcing a connection/session drop sets the wait before reconnecting;
 # a loss more than this long after it (or after its Time2Retain, if longer) is not that drop.
 ANNOUNCED_DROP_VALID = 10.0
+#: The longest Time2Wait an Async Message may impose: DefaultTime2Wait's range is 0..3600
+#: (RFC 7143 §13.15); Parameter2 is 16 bits, and 65535 s would park the session 18 hours.
+MAX_TIME2WAIT = 3600.0
 #: An ABORT TASK for a timed-out command unanswered this long means the target (or the
 #: connection) is stuck: the connection is dropped and the session reinstated (ERL 0), as
 #: open-iscsi escalates.  node.session.err_timeo.abort_timeout.
@@ -995,7 +998,7 @@ class Session:
         elif ev in (P.AsyncEvent.CONNECTION_DROP, P.AsyncEvent.SESSION_DROP):
             # The target will drop us; Parameter2 = Time2Wait before reconnecting.  It holds
             # for that drop only: a loss long after (the drop never came) waits as usual.
-            self._next_delay = float(pdu.param2)
+            self._next_delay = min(float(pdu.param2), MAX_TIME2WAIT)
             self._next_delay_until = self.loop.time() + max(float(pdu.param3), ANNOUNCED_DROP_VALID)
         elif ev == P.AsyncEvent.NEGOTIATION_REQUEST:
             # §11.9.1 event 4: the target wants a Text negotiation; an empty Text Request

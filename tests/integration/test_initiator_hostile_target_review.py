@@ -829,3 +829,24 @@ async def test_an_r2t_above_max_burst_length_is_served(fake):
         assert outs and max(len(p.data) for p in outs) <= 8192
     finally:
         await s.close()
+
+
+async def test_an_announced_drop_with_an_absurd_time2wait_is_bounded(fake, monkeypatch):
+    """Async Message "connection drop" (RFC 7143 §11.9.1 event 2) with Parameter2 = 65535 s
+    Time2Wait: the session waited 18 hours before its first reconnect (commands failed at the
+    replacement timeout meanwhile).  Time2Wait is bounded by DefaultTime2Wait's range,
+    3600 s (§13.15) — here shrunk so the test can see the bound hold."""
+    from iscsi.initiator import session as S
+    monkeypatch.setattr(S, "MAX_TIME2WAIT", 0.2)
+    t = await fake()
+    s = await open_session(t)
+    try:
+        conn = t.conns[-1]
+        conn.send(P.AsyncMessage(event=P.AsyncEvent.CONNECTION_DROP, param2=65535, param3=0,
+                                 statsn=conn.next_statsn()))
+        await asyncio.sleep(0.05)
+        conn.drop()
+        await asyncio.wait_for(BlockDevice(s, 0).test_unit_ready(), 5)
+        assert s.reconnects == 1
+    finally:
+        await s.close()
