@@ -177,7 +177,8 @@ class TargetConnection(asyncio.Protocol):
         local = transport.get_extra_info("sockname") or ("?", 0)
         self.peer, self.local = (peer[0], peer[1]), (local[0], local[1])
         self.login = TargetLogin(self.server.registry, self.local[0], self.local[1],
-                                 self.server.allocate_tsih, self.stat.statsn)
+                                 self.server.allocate_tsih, self.stat.statsn,
+                                 session_params=self._joined_session_params)
         self._login_timer = self.loop.call_later(LOGIN_TIMEOUT, self._login_timeout)
         self.server.connections.add(self)
         sock = transport.get_extra_info("socket")
@@ -608,12 +609,24 @@ class TargetConnection(asyncio.Protocol):
     # ------------------------------------------------------------------
     # Full Feature Phase dispatch
     # ------------------------------------------------------------------
+    def _joined_session_params(self, isid: int, initiator: str, target: str, tsih: int):
+        """The values in force in the session a login with ``tsih`` joins (session-wide keys
+        are negotiated once, on the leading connection: RFC 7143 §6.3.4, §13), or None."""
+        s = self.server.by_tsih.get(tsih)
+        return s.params if s is not None and s.key == (initiator, isid, target) else None
+
     def _ffp_pdu(self, pdu: P.Pdu) -> None:
         session = self.session
         assert session is not None
-        if type(pdu) is P.ScsiCommandPdu and session.luns is not None:
+        if type(pdu) is P.ScsiCommandPdu and session.luns is not None and pdu.itt != P.RESERVED_TAG:
             self._acknowledge(pdu.expstatsn)
             self._scsi_command_arrived(pdu)
+            return
+        bad = P.request_violation(pdu)
+        if bad is not None:
+            # A task under ITT 0xffffffff (§11.2.1.8), a reserved Logout reason (§11.14.1).
+            event(log, "conn.request_refused", logging.WARNING, peer=self._peer_str(), why=bad[1])
+            self._reject(pdu, bad[0])
             return
         op = type(pdu).OPCODE
         if op in (P.Opcode.SCSI_COMMAND, P.Opcode.NOP_OUT, P.Opcode.TEXT_REQUEST,

@@ -103,8 +103,9 @@ class TargetSession:
         if pending and req.ttt != P.RESERVED_TAG:
             # Continuation of a long answer of ours (§11.11.1).
             chunk = pending.pop(0)
-            conn.send(P.TextResponse(itt=req.itt, cont=bool(pending), final=not pending,
-                                     ttt=0x7FFF0001 if pending else P.RESERVED_TAG, data=chunk))
+            final = not pending and req.final
+            conn.send(P.TextResponse(itt=req.itt, cont=bool(pending), final=final,
+                                     ttt=P.RESERVED_TAG if final else 0x7FFF0001, data=chunk))
             return
         pending.clear()
         conn.text_itt = req.itt
@@ -142,8 +143,11 @@ class TargetSession:
         text = K.encode_text(answers)
         chunks = K.split_text(text, conn.max_send_segment) if text else [b""]
         first, pending[:] = chunks[0], chunks[1:]
-        conn.send(P.TextResponse(itt=req.itt, cont=bool(pending), final=not pending,
-                                 ttt=0x7FFF0001 if pending else P.RESERVED_TAG, data=first))
+        # §11.11.1: F=1 never answers a request with F=0 (the initiator means to go on);
+        # a response with F=0 carries a TTT the initiator echoes (§11.11.4).
+        final = not pending and req.final
+        conn.send(P.TextResponse(itt=req.itt, cont=bool(pending), final=final,
+                                 ttt=P.RESERVED_TAG if final else 0x7FFF0001, data=first))
         if declared is not None:
             # §13.12: MaxRecvDataSegmentLength is declarative and may be declared again in
             # Full Feature Phase; PDUs we send from now on respect the new limit.

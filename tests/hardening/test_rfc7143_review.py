@@ -6,8 +6,8 @@ Live cases run against the module's daemon and end with the daemon alive, memory
 internal error in its log and the witness sessions doing verified I/O (``clean_log`` on top of
 ``baseline``); sans-IO cases drive the login/key/auth code alone.
 
-Strict xfails mark bugs whose fix belongs to files this review does not own (connection.py,
-server.py); each names the change needed in its reason.
+Bugs found here were fixed in the files they belong to (keys, session, login, auth, pdu by the
+review; connection.py and server.py right after it).
 """
 from __future__ import annotations
 
@@ -186,8 +186,6 @@ def test_text_answer_longer_than_the_initiators_segment_is_continued(daemon, cle
     s.close()
 
 
-@pytest.mark.xfail(strict=True, reason="server.py TargetSession.text_request answers F=1 to a Text "
-                   "Request with F=0 (RFC 7143 §11.11.1: a protocol error)")
 def test_text_request_with_f_0_is_answered_with_f_0(daemon, clean_log):
     """§11.11.1: 'A Text Response with the F bit set to 1 in response to a Text Request with
     the F bit set to 0 is a protocol error'; a response with F=0 carries a TTT other than
@@ -238,8 +236,6 @@ def _reinstate(daemon, a: RawSession, isid: int, keys) -> RawSession:
     return b
 
 
-@pytest.mark.xfail(strict=True, reason="connection.py builds TargetLogin without session_params, so a "
-                   "connection reinstatement falls back to the RFC defaults of session-wide keys")
 def test_connection_reinstatement_keeps_the_session_wide_values(daemon, clean_log):
     """Session-wide keys (Use: LO, §13.10-§13.20) are negotiated on the leading connection only;
     a login that replaces the session's connection (§6.3.4, same ISID/TSIH/CID) leaves them as
@@ -357,12 +353,6 @@ def test_immediate_data_when_immediate_data_is_no_is_rejected(daemon, clean_log)
 
 # -- Logout (§11.14) ---------------------------------------------------------------------------
 
-#: The target half of P.request_violation is not wired yet: connection.py has to call it.
-NOT_WIRED = pytest.mark.xfail(strict=True, reason="connection.py TargetConnection._ffp_pdu does not call "
-                              "P.request_violation(pdu) (Reject its reason, then return) before dispatch")
-
-
-@NOT_WIRED
 @pytest.mark.parametrize("reason", [3, 0x7F])
 def test_logout_with_a_reserved_reason_code_is_rejected(daemon, clean_log, reason):
     """§11.14.1: reason codes 0-2 are defined, the rest reserved.  A Logout with a reserved
@@ -437,7 +427,6 @@ def test_session_type_changed_after_the_first_login_pdu_is_refused(daemon, clean
 
 # -- the reserved task tag (§11.2.1.8) ----------------------------------------------------------
 
-@NOT_WIRED
 @pytest.mark.parametrize("kind", ["scsi", "tmf", "text", "logout"])
 def test_a_request_under_the_reserved_itt_is_rejected(daemon, clean_log, kind):
     """§11.2.1.8: ITT 0xffffffff 'is reserved and MUST NOT be assigned for a task by the
