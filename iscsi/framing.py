@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from .digest import crc32c, crc32c_extend, digest_bytes, pack_digest, unpack_digest_from
 import struct
 
-from .pdu import BHS_LEN, Pdu, PduFormatError, RejectReason, decode, pad4
+from .pdu import BHS_LEN, BHS_STRUCT, Pdu, PduFormatError, RejectReason, decode, pad4
 
 # RFC 7143 §13.12 caps MaxRecvDataSegmentLength at 2^24-1; login PDUs are limited to 8192
 # bytes of data before negotiation (§13.12: "the default ... is 8192").
 LOGIN_MAX_DATA_SEGMENT = 8192
-_LENGTH_WORD = struct.Struct(">I")  # TotalAHSLength(8) | DataSegmentLength(24) at byte 4
+_BHS_UNPACK = BHS_STRUCT.unpack_from  # field 4: TotalAHSLength(8) | DataSegmentLength(24)
 # AHS of more than 1 KiB has no legitimate use (the longest standard one is a 260-byte CDB).
 MAX_AHS_LENGTH = 1024
 
@@ -85,7 +85,8 @@ class PduReader:
         max_data = self.max_data_segment
         allowed = self.allowed
         while end - pos >= BHS_LEN:
-            length_word = _LENGTH_WORD.unpack_from(buf, pos + 4)[0]
+            fields = _BHS_UNPACK(buf, pos)  # the whole BHS at once: decode() takes it as is
+            length_word = fields[4]
             ahs_len = (length_word >> 24) << 2
             data_len = length_word & 0xFFFFFF
             if ahs_len > MAX_AHS_LENGTH or data_len > max_data:
@@ -100,25 +101,26 @@ class PduReader:
             total = data_start - pos + ((data_len + 3) & ~3) + dd if data_len else data_start - pos
             if end - pos < total:
                 break
-            header = bytes(buf[pos:hdr_end])
-            if hd and crc32c(header) != unpack_digest_from(buf, hdr_end)[0]:
+            if hd and crc32c(memoryview(buf)[pos:hdr_end]) != unpack_digest_from(buf, hdr_end)[0]:
                 raise HeaderDigestError("header digest mismatch")
             payload = bytes(buf[data_start:data_start + data_len]) if data_len else b""
             try:
                 if ahs_len:
-                    pdu = decode(header[:BHS_LEN], header[BHS_LEN:], payload, allowed=allowed)
+                    pdu = decode(buf, bytes(buf[pos + BHS_LEN:hdr_end]), payload, allowed=allowed,
+                                 offset=pos, fields=fields)
                 else:
-                    pdu = decode(header, b"", payload, allowed=allowed)
+                    pdu = decode(buf, b"", payload, allowed=allowed, offset=pos, fields=fields)
             except PduFormatError as err:
+                out.append(BadPdu(bytes(buf[pos:pos + BHS_LEN]), err.reason, str(err)))
                 pos += total
-                out.append(BadPdu(header[:BHS_LEN], err.reason, str(err)))
                 continue
-            pos += total
             if dd and data_len:
                 padded_end = data_start + ((data_len + 3) & ~3)
                 if crc32c(memoryview(buf)[data_start:padded_end]) != unpack_digest_from(buf, padded_end)[0]:
-                    out.append(DataDigestFailure(pdu, header[:BHS_LEN]))
+                    out.append(DataDigestFailure(pdu, bytes(buf[pos:pos + BHS_LEN])))
+                    pos += total
                     continue
+            pos += total
             out.append(pdu)
         # Compact once per feed, not once per PDU.
         if pos:

@@ -789,14 +789,18 @@ def parse_bhs(bhs: bytes | bytearray | memoryview) -> tuple[int, int, int]:
 
 
 def decode(bhs: bytes | bytearray | memoryview, ahs: bytes = b"",
-           data: bytes | bytearray | memoryview = b"", *, allowed: frozenset[int] | None = None) -> Pdu:
+           data: bytes | bytearray | memoryview = b"", *, allowed: frozenset[int] | None = None,
+           offset: int = 0, fields: tuple[int, ...] | None = None) -> Pdu:
     """Build the typed PDU from its BHS, AHS and (unpadded) data segment.
 
     ``allowed`` restricts the opcodes accepted (a target accepts only initiator
     opcodes); anything else raises :class:`PduFormatError` with reason
     COMMAND_NOT_SUPPORTED (RFC 7143 §11.17.1: unknown opcodes are rejected).
+    The BHS starts at ``offset`` of ``bhs``; ``fields`` is its BHS_STRUCT unpacking when
+    the caller already made it (the stream reader does: no copy of the header, one unpack).
     """
-    fields = _BHS.unpack_from(bhs)
+    if fields is None:
+        fields = _BHS.unpack_from(bhs, offset)
     b0 = fields[0]
     opcode = b0 & 0x3F
     if opcode == 0x01 and not ahs and (allowed is None or opcode in allowed):
@@ -813,7 +817,7 @@ def decode(bhs: bytes | bytearray | memoryview, ahs: bytes = b"",
         pdu.edtl = fields[7]
         pdu.cmdsn = fields[8]
         pdu.expstatsn = fields[9]
-        pdu.cdb = bhs[32:48] if type(bhs) is bytes else bytes(bhs[32:48])
+        pdu.cdb = bhs[offset + 32:offset + 48] if type(bhs) is bytes else bytes(bhs[offset + 32:offset + 48])
         pdu.bidi_read_length = None
         pdu.ahs = b""
         pdu.data = data

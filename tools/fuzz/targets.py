@@ -208,7 +208,8 @@ def login(data: bytes) -> None:
 
 def _check_success(ok: LoginSuccess, registry: _Registry, chap_needed: bool, proved: bool,
                    initiator: str | None, discovery: bool) -> None:
-    assert ok.initiator_name and ok.initiator_name == initiator
+    # iSCSI names are case-folded at login (RFC 3722 stringprep); an invalid one is kept as sent.
+    assert ok.initiator_name and initiator is not None and ok.initiator_name in (initiator, initiator.lower())
     if ok.session_type == "Discovery":
         assert discovery
         assert registry.discovery_chap is None or proved, "discovery login without the required CHAP"
