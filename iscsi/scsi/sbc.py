@@ -348,17 +348,17 @@ async def _verify_in_steps(lu: LogicalUnit, offset: int, data) -> ScsiResult:
     return r if r.__class__ is ScsiResult else await r
 
 
-def verify_10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
+def verify_10(lu: LogicalUnit, cmd: ScsiCommand):
     flags, lba, _g, n = RW10.unpack_from(cmd.cdb)
     return _verify(lu, cmd, flags, lba, n, 7)
 
 
-def verify_12(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
+def verify_12(lu: LogicalUnit, cmd: ScsiCommand):
     flags, lba, n = RW12.unpack_from(cmd.cdb)
     return _verify(lu, cmd, flags, lba, n, 6)
 
 
-def verify_16(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
+def verify_16(lu: LogicalUnit, cmd: ScsiCommand):
     flags, lba, n, _g = RW16.unpack_from(cmd.cdb)
     return _verify(lu, cmd, flags, lba, n, 10)
 

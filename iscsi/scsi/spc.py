@@ -83,7 +83,7 @@ def mode_sense_10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     return mode_sense(lu, cmd, True)
 
 
-def mode_select(lu: LogicalUnit, cmd: ScsiCommand, ten: bool) -> ScsiResult:
+def mode_select(lu: LogicalUnit, cmd: ScsiCommand, ten: bool):
     """MODE SELECT(6)/(10) (SPC-4 §6.9, §6.10).
 
     A change raises MODE PARAMETERS CHANGED for the other I_T nexuses (SPC-4 §5.14),
@@ -110,11 +110,11 @@ def mode_select(lu: LogicalUnit, cmd: ScsiCommand, ten: bool) -> ScsiResult:
     return ScsiResult()
 
 
-def mode_select_6(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
+def mode_select_6(lu: LogicalUnit, cmd: ScsiCommand):
     return mode_select(lu, cmd, False)
 
 
-def mode_select_10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
+def mode_select_10(lu: LogicalUnit, cmd: ScsiCommand):
     return mode_select(lu, cmd, True)
 
 
