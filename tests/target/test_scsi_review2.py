@@ -16,7 +16,7 @@ from iscsi.backstore.ram import RamBackstore
 from iscsi.scsi.lu import LogicalUnit
 from iscsi.scsi.target import LunMap
 from iscsi.target.server import IscsiServer
-from tests.unit.test_scsi_support import Initiator, make_lu, parse_sense
+from tests.unit.test_scsi_support import Initiator, make_lu
 
 from .fakes import FakeRegistry, FakeTarget
 from .wire import Wire
