@@ -41,7 +41,7 @@ class CountingTransport(StubTransport):
 
 
 
-async def run(ops: int, write: bool, profile: bool, digests: bool = False) -> None:
+async def run(ops: int, write: bool, profile: bool, digests: bool = False, feed: int | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         img = os.path.join(tmp, "lun.img")
         bs = FileBackstore(img, size=256 << 20, create=True)
@@ -81,6 +81,9 @@ async def run(ops: int, write: bool, profile: bool, digests: bool = False) -> No
             cmdsn += 1
             raws.append(encode_bytes(pdu, **wire))
         chunks = [b"".join(raws[i:i + batch]) for i in range(0, ops, batch)]
+        if feed is not None:  # build ``ops`` commands, run the first ``feed``: an instruction count's
+            chunks = chunks[:feed // batch]  # difference between two runs then leaves out the building
+            ops = len(chunks) * batch
         prof = cProfile.Profile() if profile else None
         t0 = time.process_time()  # CPU time: the figure survives a busy machine
         if prof:
@@ -104,11 +107,12 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--digests", action="store_true", help="negotiate CRC32C header and data digests")
     ap.add_argument("--only", choices=("read", "write"), help="run one of the two (default: both)")
+    ap.add_argument("--feed", type=int, help="build --ops commands but run only this many (for callgrind A/B)")
     args = ap.parse_args()
     for write in (False, True):
         if args.only and args.only != ("write" if write else "read"):
             continue
-        asyncio.run(run(args.ops, write, args.profile, args.digests))
+        asyncio.run(run(args.ops, write, args.profile, args.digests, args.feed))
 
 
 if __name__ == "__main__":
