@@ -1,0 +1,671 @@
+"""Review: one logical unit shared by several sessions at once, as a cluster uses it.
+
+Several initiators on one LUN (VMFS-style datastores, multipath): versioned writes checked
+by a model (no torn block, no lost write, a READ issued after a WRITE's status sees it),
+COMPARE AND WRITE lock words contended by every session (exactly one winner per value),
+ORDERED tasks, ABORT TASK / LOGICAL UNIT RESET from another session and sessions killed
+mid-I/O in the middle of that load -- and afterwards nothing left behind in the LU (zero-copy
+holds, the writers counter, the task set's barriers, the COMPARE AND WRITE lock).
+
+The target runs in-process (the test's event loop, a write-gathering file backstore as the
+daemon uses), so its state can be looked at; the initiators are raw sessions in threads,
+each with its own socket.  Every loop is bounded in iterations and time.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from iscsi import pdu as P
+from iscsi.backstore.file import FileBackstore
+from iscsi.scsi.lu import LogicalUnit
+from iscsi.scsi.target import LunMap
+from iscsi.target.server import IscsiServer
+
+from ..target.fakes import FakeRegistry, FakeTarget
+from .raw import RawSession
+
+IQN = "iqn.2026-11.org.sanstack:concurrency"
+BS = 512
+LU_BYTES = 16 << 20
+#: Bound on any one wait of a client thread for the target (loopback answers in ms).
+WAIT = 8.0
+
+GOOD, CHECK_CONDITION = 0x00, 0x02
+MISCOMPARE, UNIT_ATTENTION, ABORTED_COMMAND = 0x0E, 0x06, 0x0B
+
+# Block stamp: magic, owner, lba, version -- repeated over the whole block, so a torn
+# block (pieces of two versions, or of a version and zeroes) cannot pass for a whole one.
+_STAMP = struct.Struct(">IIII")
+MAGIC = 0x5A4E5354
+
+
+def stamp(owner: int, lba: int, version: int) -> bytes:
+    return _STAMP.pack(MAGIC, owner, lba, version) * (BS // _STAMP.size)
+
+
+def parse_block(block: bytes) -> tuple[int, int, int] | None:
+    """(owner, lba, version) of a whole stamped block; None for a never-written (zero) block.
+    Raises AssertionError for anything else: a torn or foreign block."""
+    if not any(block):
+        return None
+    head = block[:_STAMP.size]
+    assert head * (BS // _STAMP.size) == block, f"torn block: {block[:48].hex()}..."
+    magic, owner, lba, version = _STAMP.unpack(head)
+    assert magic == MAGIC, f"foreign block {head.hex()}"
+    return owner, lba, version
+
+
+def read10(lba: int, blocks: int) -> bytes:
+    return struct.pack(">BBIBHB", 0x28, 0, lba, 0, blocks, 0).ljust(16, b"\0")
+
+
+def write10(lba: int, blocks: int, fua: bool = False) -> bytes:
+    return struct.pack(">BBIBHB", 0x2A, 0x08 if fua else 0, lba, 0, blocks, 0).ljust(16, b"\0")
+
+
+def caw(lba: int, blocks: int = 1) -> bytes:
+    """COMPARE AND WRITE (SBC-4 §5.3): Data-Out = compare blocks then write blocks."""
+    return struct.pack(">BBQ3xBBB", 0x89, 0, lba, blocks, 0, 0)
+
+
+def write_same16(lba: int, blocks: int, unmap: bool = False) -> bytes:
+    return struct.pack(">BBQIBB", 0x93, 0x08 if unmap else 0, lba, blocks, 0, 0)
+
+
+def unmap_cdb(param_len: int) -> bytes:
+    return struct.pack(">BB4xBHB", 0x42, 0, 0, param_len, 0).ljust(16, b"\0")
+
+
+def unmap_params(ranges: list[tuple[int, int]]) -> bytes:
+    desc = b"".join(struct.pack(">QI4x", lba, n) for lba, n in ranges)
+    return struct.pack(">HH4x", 6 + len(desc), len(desc)) + desc
+
+
+def sense_key(resp) -> int | None:
+    data = bytes(getattr(resp, "data", b""))
+    if len(data) < 5:
+        return None
+    sense = data[2:2 + struct.unpack(">H", data[:2])[0]]
+    if not sense:
+        return None
+    if sense[0] & 0x7F in (0x72, 0x73):
+        return sense[1] & 0x0F
+    return sense[2] & 0x0F
+
+
+class Client(RawSession):
+    """A raw session with task attributes, pipelining and task management."""
+
+    def __init__(self, port: int, name: str, isid: int) -> None:
+        super().__init__("127.0.0.1", port, timeout=WAIT)
+        try:
+            resp = self.login(IQN, initiator=f"iqn.2026-11.org.sanstack.test:{name}", isid=isid)
+            assert resp.status_class == 0, resp
+        except BaseException:
+            self.close()
+            raise
+        self.pending_write = b""
+        self.writes: dict[int, bytes] = {}  # itt -> Data-Out still to send on R2T
+        self.answers: dict[int, tuple[P.Pdu, bytes]] = {}
+        self.data: dict[int, bytearray] = {}
+
+    def submit(self, cdb: bytes, *, read_len: int = 0, data: bytes = b"", attr: int = 1) -> int:
+        """Send one command (immediate data up to FirstBurstLength); answers come via collect."""
+        itt = self.next_itt()
+        first = data[:min(len(data), self.max_send, 65536)] if data else b""
+        self.writes[itt] = data
+        self.data[itt] = bytearray()
+        self.send(P.ScsiCommandPdu(read=bool(read_len), write=bool(data), edtl=read_len or len(data),
+                                   cmdsn=self.cmdsn, expstatsn=self.expstatsn, cdb=cdb, itt=itt,
+                                   final=True, data=first, attr=attr))
+        self.cmdsn = (self.cmdsn + 1) & 0xFFFFFFFF
+        return itt
+
+    def pump(self, timeout: float = WAIT) -> P.Pdu:
+        """Handle one PDU: Data-In collected, R2Ts answered, a final answer stored and returned."""
+        pdu = self.recv(timeout)
+        if isinstance(pdu, P.DataIn):
+            buf = self.data.setdefault(pdu.itt, bytearray())
+            buf[pdu.offset:pdu.offset + len(pdu.data)] = pdu.data
+            if pdu.has_status:
+                self.answers[pdu.itt] = (pdu, bytes(buf))
+        elif isinstance(pdu, P.R2T):
+            payload = self.writes.get(pdu.itt, b"")[pdu.offset:pdu.offset + pdu.length]
+            for i, off in enumerate(range(0, len(payload), self.max_send)):
+                chunk = payload[off:off + self.max_send]
+                self.send(P.DataOut(itt=pdu.itt, ttt=pdu.ttt, datasn=i, offset=pdu.offset + off,
+                                    final=off + len(chunk) >= len(payload), expstatsn=self.expstatsn,
+                                    data=chunk))
+        elif isinstance(pdu, (P.ScsiResponse, P.TaskMgmtResponse)):
+            self.answers[pdu.itt] = (pdu, bytes(self.data.get(pdu.itt, b"")))
+        return pdu
+
+    def result(self, itt: int, timeout: float = WAIT) -> tuple[P.Pdu, bytes]:
+        deadline = time.monotonic() + timeout
+        while itt not in self.answers:
+            self.pump(max(0.01, deadline - time.monotonic()))
+        self.writes.pop(itt, None)
+        self.data.pop(itt, None)
+        return self.answers.pop(itt)
+
+    def run(self, cdb: bytes, *, read_len: int = 0, data: bytes = b"", attr: int = 1) -> tuple[P.Pdu, bytes]:
+        return self.result(self.submit(cdb, read_len=read_len, data=data, attr=attr))
+
+    def tmf(self, function: int, rtt: int = P.RESERVED_TAG, refcmdsn: int = 0) -> int:
+        itt = self.next_itt()
+        self.send(P.TaskMgmtRequest(function=function, rtt=rtt, itt=itt, cmdsn=self.cmdsn,
+                                    expstatsn=self.expstatsn, refcmdsn=refcmdsn, immediate=True))
+        return itt
+
+    def kill(self) -> None:
+        """Drop the connection the way a crashed host does (RST, nothing more sent)."""
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        self.close()
+
+
+@pytest.fixture
+async def shared(tmp_path):
+    backstore = FileBackstore(tmp_path / "shared.img", size=LU_BYTES, block_size=BS, gather_writes=True)
+    lu = LogicalUnit(backstore, serial="conc0001", lun_id=0)
+    reg = FakeRegistry({IQN: FakeTarget(IQN, luns=LunMap({0: lu}))})
+    srv = IscsiServer(reg, nop_interval=60, nop_timeout=60)
+    _, srv.port = await srv.add_portal("127.0.0.1", 0)
+    srv.lu = lu
+    yield srv
+    await srv.shutdown(drain_timeout=1)
+    backstore.close()
+
+
+async def in_threads(*fns, timeout: float = 30.0) -> list:
+    """Run blocking client functions in threads while the target runs on this loop."""
+    return await asyncio.wait_for(asyncio.gather(*(asyncio.to_thread(f) for f in fns)), timeout)
+
+
+async def settled(lu: LogicalUnit, timeout: float = 6.0) -> None:
+    """Wait until the LU has nothing in flight; fail naming what stayed behind."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = {
+            "holds": len(lu.fence.holds),
+            "writers": lu.fence.writers,
+            "tasks": len(lu.tasks),
+            "ordered barrier": lu.tasks._ordered is not None,
+            "caw lock": lu._caw_lock.locked(),
+        }
+        if not any(left.values()):
+            return
+        assert time.monotonic() < deadline, f"state left behind in the LU: {left}"
+        await asyncio.sleep(0.02)
+
+
+class Model:
+    """What has been issued and acknowledged for each stamped block (shared by the threads)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.issued: dict[int, int] = {}  # lba -> highest version sent
+        self.acked: dict[int, int] = {}  # lba -> highest version whose WRITE got GOOD
+        self.owner: dict[int, int] = {}
+
+    def issue(self, owner: int, lba: int, n: int) -> int:
+        with self.lock:
+            v = max(self.issued.get(b, 0) for b in range(lba, lba + n)) + 1
+            for b in range(lba, lba + n):
+                self.issued[b] = v
+                self.owner[b] = owner
+            return v
+
+    def ack(self, lba: int, n: int, v: int) -> None:
+        with self.lock:
+            for b in range(lba, lba + n):
+                self.acked[b] = max(self.acked.get(b, 0), v)
+
+    def floor(self, lba: int, n: int) -> list[int]:
+        with self.lock:
+            return [self.acked.get(b, 0) for b in range(lba, lba + n)]
+
+    def check(self, lba: int, data: bytes, floor: list[int]) -> None:
+        """Every block whole, its own, and at least as new as what was acknowledged before the READ."""
+        with self.lock:
+            issued = [self.issued.get(b, 0) for b in range(lba, lba + len(floor))]
+        for i, low in enumerate(floor):
+            got = parse_block(data[i * BS:(i + 1) * BS])
+            version = 0 if got is None else got[2]
+            if got is not None:
+                assert got[1] == lba + i, f"block {lba + i} holds the data of block {got[1]}"
+            assert version >= low, f"block {lba + i}: read version {version} after version {low} was acknowledged"
+            assert version <= issued[i], f"block {lba + i}: version {version} was never written"
+
+
+# Layout of the shared LU (blocks): lock words, then one region per session, then a
+# scratch range WRITE SAME / UNMAP clear while others read it.
+LOCKS = 8  # blocks 8.. hold the contended ATS lock words
+REGION = 2048
+REGION_BLOCKS = 512  # 256 KiB per session
+SCRATCH = 16384
+SCRATCH_BLOCKS = 256
+
+
+def region(i: int) -> int:
+    return REGION + i * REGION_BLOCKS
+
+
+def _scratch_fill(owner: int, version: int) -> bytes:
+    return _STAMP.pack(MAGIC, owner, 0xFFFFFFFF, version) * (BS // _STAMP.size)
+
+
+def _check_scratch(data: bytes) -> None:
+    for i in range(0, len(data), BS):
+        block = data[i:i + BS]
+        if any(block):
+            got = parse_block(block)
+            assert got is not None and got[1] == 0xFFFFFFFF, f"scratch block torn or foreign: {block[:32].hex()}"
+
+
+class Worker:
+    """One session's share of the mixed load; counts what it did for the final checks."""
+
+    def __init__(self, port: int, i: int, model: Model, stop_at: float, rng_seed: int) -> None:
+        self.port, self.i, self.model, self.stop_at = port, i, model, stop_at
+        self.rng = random.Random(rng_seed)
+        self.wins: dict[int, int] = {}
+        self.ops: dict[str, int] = {}
+
+    def good(self, resp) -> bool:
+        """True for GOOD; anything else fails the test (the chaos worker allows resets)."""
+        assert resp.status == GOOD, (resp, sense_key(resp))
+        return True
+
+    def _count(self, what: str) -> None:
+        self.ops[what] = self.ops.get(what, 0) + 1
+
+    def write_own(self, c: Client) -> None:
+        rng = self.rng
+        n = rng.choice((1, 8, 64, 256))
+        lba = region(self.i) + rng.randrange(REGION_BLOCKS - n + 1)
+        v = self.model.issue(self.i, lba, n)
+        payload = b"".join(stamp(self.i, lba + k, v) for k in range(n))
+        attr = rng.choice((1, 1, 1, 2))  # mostly SIMPLE, sometimes ORDERED
+        resp, _ = c.run(write10(lba, n, fua=rng.random() < 0.2), data=payload, attr=attr)
+        assert resp.status == GOOD, (resp, sense_key(resp))
+        self.model.ack(lba, n, v)
+        self._count("write")
+
+    def read_any(self, c: Client) -> None:
+        rng = self.rng
+        n = rng.choice((1, 8, 128, 256))
+        lba = region(rng.randrange(4)) + rng.randrange(REGION_BLOCKS - n + 1)
+        floor = self.model.floor(lba, n)
+        resp, data = c.run(read10(lba, n), read_len=n * BS)
+        assert resp.status == GOOD and len(data) == n * BS, resp
+        self.model.check(lba, data, floor)
+        self._count("read")
+
+    def write_then_ordered_read(self, c: Client) -> None:
+        """WRITE, ORDERED READ, SIMPLE READ pipelined: both READs see the WRITE (SAM-5 §8.7)."""
+        n = 8
+        lba = region(self.i) + self.rng.randrange(REGION_BLOCKS - n + 1)
+        v = self.model.issue(self.i, lba, n)
+        payload = b"".join(stamp(self.i, lba + k, v) for k in range(n))
+        w = c.submit(write10(lba, n), data=payload)
+        r1 = c.submit(read10(lba, n), read_len=n * BS, attr=2)
+        r2 = c.submit(read10(lba, n), read_len=n * BS)
+        written = self.good(c.result(w)[0])
+        if written:
+            self.model.ack(lba, n, v)
+        for itt in (r1, r2):
+            resp, data = c.result(itt)
+            if self.good(resp) and written:
+                assert data == payload, "a READ behind an ORDERED task did not see the WRITE before it"
+        self._count("ordered")
+
+    def ats(self, c: Client) -> None:
+        """One attempt at the lock word: read it, COMPARE AND WRITE it one higher."""
+        lock = LOCKS + self.rng.randrange(2)
+        resp, cur = c.run(read10(lock, 1), read_len=BS)
+        assert resp.status == GOOD
+        got = parse_block(cur)
+        count = 0 if got is None else got[2]
+        resp, _ = c.run(caw(lock), data=cur + stamp(self.i, lock, count + 1))
+        if resp.status == GOOD:
+            self.wins[lock] = self.wins.get(lock, 0) + 1
+            self._count("ats win")
+        else:
+            assert resp.status == CHECK_CONDITION and sense_key(resp) == MISCOMPARE, (resp, sense_key(resp))
+            self._count("ats lost")
+
+    def scratch(self, c: Client) -> None:
+        """WRITE SAME / UNMAP of a scratch range others read: each block whole or zero."""
+        rng = self.rng
+        n = rng.choice((8, 64, 256))
+        lba = SCRATCH + rng.randrange(SCRATCH_BLOCKS - n + 1)
+        kind = rng.randrange(4)
+        if kind == 0:
+            resp, _ = c.run(write_same16(lba, n), data=_scratch_fill(self.i, rng.randrange(1 << 30)))
+        elif kind == 1:
+            resp, _ = c.run(write_same16(lba, n, unmap=True), data=bytes(BS))
+        elif kind == 2:
+            params = unmap_params([(lba, n)])
+            resp, _ = c.run(unmap_cdb(len(params)), data=params)
+        else:
+            resp, data = c.run(read10(lba, n), read_len=n * BS)
+            if self.good(resp):
+                _check_scratch(data)
+            self._count("scratch read")
+            return
+        self.good(resp)
+        self._count("scratch write")
+
+    def __call__(self) -> None:
+        c = Client(self.port, f"host{self.i}", 0x400000c00000 + self.i)
+        ops = (self.write_own, self.read_any, self.read_any, self.write_then_ordered_read, self.ats, self.ats,
+               self.scratch)
+        try:
+            for _ in range(20000):
+                if time.monotonic() > self.stop_at:
+                    break
+                self.rng.choice(ops)(c)
+            c.logout()
+        finally:
+            c.close()
+
+
+async def test_mixed_load_from_four_hosts_keeps_every_block_whole_and_every_ats_atomic(shared):
+    """Four hosts on one LUN: versioned writes, reads of each other's regions, ORDERED
+    tasks, ATS lock words and WRITE SAME / UNMAP on a range others read, for a few seconds."""
+    lu = shared.lu
+    model = Model()
+    stop_at = time.monotonic() + 4.0
+    workers = [Worker(shared.port, i, model, stop_at, 1000 + i) for i in range(4)]
+    await in_threads(*workers)
+    total: dict[str, int] = {}
+    for w in workers:
+        for k, v in w.ops.items():
+            total[k] = total.get(k, 0) + v
+    assert total.get("ats win", 0) > 10 and total.get("ats lost", 0) > 0, total  # it was contended
+    assert total.get("read", 0) > 50 and total.get("ordered", 0) > 5, total
+    for lock in (LOCKS, LOCKS + 1):
+        got = parse_block(lu.backstore.read(lock * BS, BS))
+        wins = sum(w.wins.get(lock, 0) for w in workers)
+        assert (0 if got is None else got[2]) == wins, "an ATS increment was lost or doubled"
+    # the final image holds, for every block, the last acknowledged version
+    for lba, v in model.acked.items():
+        got = parse_block(lu.backstore.read(lba * BS, BS))
+        assert got is not None and got[2] == v and got[1] == lba
+    await settled(lu)
+
+
+class Lost(Exception):
+    """A command got no answer in time (aborted by a reset, or its session was dropped)."""
+
+
+class ChaosClient(Client):
+    """A client whose commands may be aborted: no answer within ``patience`` raises Lost,
+    a unit attention (the reset) is reported as such; the caller reconnects on Lost."""
+
+    # A task of this session aborted by another host's LOGICAL UNIT RESET ends without a
+    # response (TAS=0, SAM-5 §5.6): the host notices by its timeout, like this one.
+    patience = 2.5
+
+    def result(self, itt: int, timeout: float | None = None) -> tuple[P.Pdu, bytes]:
+        try:
+            return super().result(itt, self.patience if timeout is None else timeout)
+        except (TimeoutError, OSError, P.PduError if hasattr(P, "PduError") else OSError) as err:
+            raise Lost(str(err)) from err
+        except Exception as err:  # Closed, a parse error of a cut stream
+            raise Lost(repr(err)) from err
+
+
+class ChaosWorker(Worker):
+    """Mixed load on a LUN that is reset and whose sessions are killed meanwhile."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.caw_wins: list[tuple[int, int]] = []  # (lock, value) of every GOOD COMPARE AND WRITE
+        self.reconnects = 0
+        self.stalls: list = []
+        self.c: ChaosClient | None = None
+
+    def connect(self) -> ChaosClient:
+        for _ in range(20):
+            try:
+                c = ChaosClient(self.port, f"host{self.i}", 0x400000c20000 + self.i)
+                return c
+            except Exception:  # noqa: BLE001 - the old session being reinstated, a reset racing the login
+                time.sleep(0.05)
+        raise AssertionError("could not log in again")
+
+    def good(self, resp) -> bool:
+        """GOOD, or False for the UNIT ATTENTION of a reset (the command did not run)."""
+        if resp.status == GOOD:
+            return True
+        assert resp.status == CHECK_CONDITION and sense_key(resp) == UNIT_ATTENTION, (resp, sense_key(resp))
+        return False
+
+    def write_own(self, c) -> None:
+        rng = self.rng
+        n = rng.choice((1, 8, 64, 256))
+        lba = region(self.i) + rng.randrange(REGION_BLOCKS - n + 1)
+        v = self.model.issue(self.i, lba, n)
+        payload = b"".join(stamp(self.i, lba + k, v) for k in range(n))
+        resp, _ = c.run(write10(lba, n, fua=rng.random() < 0.2), data=payload, attr=rng.choice((1, 1, 2)))
+        if resp.status == GOOD:
+            self.model.ack(lba, n, v)
+        else:
+            assert sense_key(resp) == UNIT_ATTENTION, (resp, sense_key(resp))
+        self._count("write")
+
+    def read_any(self, c) -> None:
+        rng = self.rng
+        n = rng.choice((1, 8, 128, 256))
+        lba = region(rng.randrange(4)) + rng.randrange(REGION_BLOCKS - n + 1)
+        floor = self.model.floor(lba, n)
+        resp, data = c.run(read10(lba, n), read_len=n * BS)
+        if resp.status == GOOD:
+            self.model.check(lba, data, floor)
+        else:
+            assert sense_key(resp) == UNIT_ATTENTION, (resp, sense_key(resp))
+        self._count("read")
+
+    def ats(self, c) -> None:
+        lock = LOCKS + self.rng.randrange(2)
+        resp, cur = c.run(read10(lock, 1), read_len=BS)
+        if resp.status != GOOD:
+            return
+        got = parse_block(cur)
+        count = 0 if got is None else got[2]
+        resp, _ = c.run(caw(lock), data=cur + stamp(self.i, lock, count + 1))
+        if resp.status == GOOD:
+            self.caw_wins.append((lock, count + 1))
+            self._count("ats win")
+        else:
+            assert sense_key(resp) in (MISCOMPARE, UNIT_ATTENTION), (resp, sense_key(resp))
+
+    def abort_own(self, c) -> None:
+        """A FUA WRITE (it suspends for its flush) and ABORT TASK for it in the same segment."""
+        n = 64
+        lba = region(self.i) + self.rng.randrange(REGION_BLOCKS - n + 1)
+        v = self.model.issue(self.i, lba, n)
+        payload = b"".join(stamp(self.i, lba + k, v) for k in range(n))
+        from iscsi.framing import encode_bytes
+
+        itt = c.next_itt()
+        c.writes[itt] = payload
+        cmd = P.ScsiCommandPdu(write=True, edtl=len(payload), cmdsn=c.cmdsn, expstatsn=c.expstatsn,
+                               cdb=write10(lba, n, fua=True), itt=itt, final=True, data=payload[:c.max_send])
+        c.cmdsn = (c.cmdsn + 1) & 0xFFFFFFFF
+        t = c.next_itt()
+        tmf = P.TaskMgmtRequest(function=1, rtt=itt, itt=t, cmdsn=c.cmdsn, expstatsn=c.expstatsn,
+                                refcmdsn=(c.cmdsn - 1) & 0xFFFFFFFF, immediate=True)
+        c.send_raw(encode_bytes(cmd) + encode_bytes(tmf))
+        resp, _ = c.result(t)
+        assert resp.response in (0, 1), resp  # complete, or the task was already done
+        if itt in c.answers:
+            status = c.answers.pop(itt)[0]
+            if status.status == GOOD:
+                self.model.ack(lba, n, v)
+        self._count("abort")
+
+    def kill_mid_io(self, c) -> None:
+        """Crash this host with a large WRITE waiting for its R2T data and a READ in flight."""
+        n = 512  # 256 KiB: beyond the immediate data, so the rest waits for Data-Out
+        lba = region(self.i)
+        self.model.issue(self.i, lba, n)  # never executed: its Data-Out is never complete
+        c.submit(write10(lba, n), data=b"".join(stamp(self.i, lba + k, 0) for k in range(n)))
+        c.writes.clear()  # the R2T will never be answered
+        c.submit(read10(region((self.i + 1) % 4), 256), read_len=256 * BS)
+        time.sleep(0.002)
+        c.kill()
+        self._count("killed")
+        raise Lost("killed on purpose")
+
+    def __call__(self) -> None:
+        ops = (self.write_own, self.read_any, self.read_any, self.write_then_ordered_read, self.ats, self.ats,
+               self.scratch, self.abort_own, self.kill_mid_io)
+        weights = (4, 4, 4, 2, 4, 4, 2, 2, 1)
+        c = self.connect()
+        try:
+            for _ in range(20000):
+                if time.monotonic() > self.stop_at:
+                    break
+                op = self.rng.choices(ops, weights)[0]
+                t0 = time.monotonic()
+                try:
+                    op(c)
+                except Lost as err:
+                    if op != self.kill_mid_io:
+                        self.stalls.append((op.__name__, round(time.monotonic() - t0, 2), str(err)))
+                    c.kill()
+                    self.reconnects += 1
+                    c = self.connect()
+            try:
+                c.logout()
+            except Exception:  # noqa: BLE001
+                pass
+        finally:
+            c.close()
+
+
+def resetter(port: int, stop_at: float, period: float = 0.5) -> int:
+    """Another host sending LOGICAL UNIT RESET now and then; returns how many it sent."""
+    sent = 0
+    c = Client(port, "resetter", 0x400000c30000)
+    try:
+        for _ in range(100):
+            if time.monotonic() > stop_at:
+                break
+            time.sleep(period)
+            itt = c.tmf(5)
+            resp, _ = c.result(itt)
+            assert resp.response == 0, resp
+            sent += 1
+            for _ in range(3):  # its own unit attention
+                if c.run(bytes(16))[0].status == GOOD:
+                    break
+        c.logout()
+    finally:
+        c.close()
+    return sent
+
+
+# A reset handled in the loop turn a command arrived in leaves an unstarted eager.resume()
+# behind ("coroutine 'resume' was never awaited"): the xfail test at the end of this file.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_resets_aborts_and_killed_hosts_under_load_leave_nothing_behind(shared):
+    """As the mixed load above, while one more host resets the LU twice a second and the
+    four hosts abort their own FUA writes and crash mid-I/O now and then: every block stays
+    whole and never goes back, no two ATS attempts win the same value, and afterwards the LU
+    holds no zero-copy hold, writer, task, barrier or lock, and zero-copy works again."""
+    lu = shared.lu
+    model = Model()
+    # the first host alone reads large ranges first: zero-copy holds exist when the others arrive
+    def early() -> Client:
+        c = Client(shared.port, "early", 0x400000c40000)
+        for _ in range(4):
+            assert c.run(read10(region(0), 256), read_len=256 * BS)[0].status == GOOD
+        return c
+
+    [first] = await in_threads(early)
+    assert lu.fence.holds  # its last READ is held: nothing acknowledged it yet
+    stop_at = time.monotonic() + 6.0
+    workers = [ChaosWorker(shared.port, i, model, stop_at, 2000 + i) for i in range(4)]
+    results = await in_threads(*workers, lambda: resetter(shared.port, stop_at), lambda: first.kill(),
+                               timeout=45)
+    assert results[4] >= 5
+    total: dict[str, int] = {}
+    for w in workers:
+        for k, v in w.ops.items():
+            total[k] = total.get(k, 0) + v
+    assert total.get("killed", 0) >= 2 and total.get("abort", 0) >= 4 and total.get("ats win", 0) >= 5, total
+    wins = [win for w in workers for win in w.caw_wins]
+    assert len(wins) == len(set(wins)), "two COMPARE AND WRITEs won the same lock value"
+    await settled(lu)
+    # a host alone on the LU again: its large READ is held (the writers counter is back to
+    # zero), and it reads back what the model says
+    def alone() -> int:
+        c = Client(shared.port, "after", 0x400000c50000)
+        try:
+            for i in range(4):
+                n = 256
+                for lba in range(region(i), region(i) + REGION_BLOCKS, n):
+                    floor = model.floor(lba, n)
+                    resp, data = c.run(read10(lba, n), read_len=n * BS)
+                    assert resp.status == GOOD
+                    model.check(lba, data, floor)
+            return 0
+        finally:
+            c.close()
+
+    await in_threads(alone)
+    # every session is gone, killed or not: the LU keeps none of them as a user (a stale one
+    # would keep zero-copy off for the next host alone on it: sole_user)
+    deadline = time.monotonic() + 5
+    while lu._users:
+        assert time.monotonic() < deadline, f"{len(lu._users)} I_T nexuses outlived their sessions"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a command Task cancelled before its first step (a LOGICAL UNIT RESET or ABORT from another "
+    "connection handled in the same loop turn as the command's arrival) never delivers the "
+    "cancellation to the command's coroutine: eager.resume() is never started, so the command's "
+    "finally blocks (fence.writers, the task set's in-flight future) wait for garbage collection; "
+    "fix: iscsi/eager.py and TargetConnection._run_now close the command coroutine when the Task "
+    "is cancelled (e.g. task.add_done_callback(lambda t: t.cancelled() and coro.close()))"))
+async def test_a_command_task_cancelled_before_its_first_step_releases_what_the_command_holds(tmp_path):
+    """What TargetConnection._run_now does with a command that suspends (a FUA WRITE waits
+    for its flush): step it once, hand the rest to a Task running eager.resume().  A reset
+    from another connection handled before that Task's first step cancels it; the command
+    must then end (its writer count released) as if it had been cancelled while waiting."""
+    from iscsi import eager
+    from iscsi.scsi.types import ITNexus, ScsiCommand, TaskAttr
+
+    backstore = FileBackstore(tmp_path / "x.img", size=1 << 20, block_size=BS)
+    lu = LogicalUnit(backstore, serial="conc0002", lun_id=0)
+    nexus = ITNexus("iqn.2026-11.org.sanstack.test:i,i,0x400000000001", f"{IQN},t,0x0001")
+    lu.ua.pop(nexus)  # the power-on condition, seen
+    data = stamp(0, 8, 1)
+    cmd = ScsiCommand(write10(8, 1, fua=True), 0, nexus, data, len(data), TaskAttr.SIMPLE, 1)
+    coro = lu.start(cmd)
+    assert asyncio.iscoroutine(coro) and lu.fence.writers == 1  # it waits for its flush
+    yielded = coro.send(None)
+    task = asyncio.get_running_loop().create_task(eager.resume(coro, yielded))
+    task.cancel()  # before the Task ever ran
+    await asyncio.sleep(0.3)  # the flush ends meanwhile
+    try:
+        assert task.cancelled()
+        assert lu.fence.writers == 0, "the cancelled command still counts as a writer"
+    finally:
+        del task
+        coro.close()
+        backstore.close()
