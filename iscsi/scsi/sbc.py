@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import weakref
 from typing import TYPE_CHECKING
 
 from . import sense as S
@@ -756,6 +757,12 @@ def sanitize_data_out_length(cdb: bytes, block_size: int) -> int:
     return be16(cdb, 7)
 
 
+# LUs whose last SANITIZE asked for the restricted completion mode (AUSE=0): if it failed,
+# only another SANITIZE that succeeds ends the failure mode (SBC-4 §4.11.4).  Weak: the
+# set never keeps a removed LU alive.
+_RESTRICTED_COMPLETION: "weakref.WeakSet[LogicalUnit]" = weakref.WeakSet()
+
+
 def sanitize(lu: LogicalUnit, cmd: ScsiCommand):
     """SANITIZE (SBC-4 §5.30): OVERWRITE, BLOCK ERASE, CRYPTOGRAPHIC ERASE, EXIT FAILURE MODE.
 
@@ -769,8 +776,16 @@ def sanitize(lu: LogicalUnit, cmd: ScsiCommand):
     cdb = cmd.cdb
     sa = cdb[1] & 0x1F
     immed = cdb[1] & 0x80
+    ause = bool(cdb[1] & 0x20)
     if cdb[1] & 0x40 or any(cdb[2:7]):
         raise S.illegal_field(1 if cdb[1] & 0x40 else 2)
+    if lu.sanitize_failed and lu in _RESTRICTED_COMPLETION:
+        # Restricted completion: neither EXIT FAILURE MODE nor a SANITIZE that would allow it
+        # (AUSE=1) may put back to use a medium whose erase failed (SBC-4 §4.11.4, §5.30.1).
+        if sa == 0x1F:
+            raise S.illegal_field(1, 4)
+        if ause:
+            raise S.illegal_field(1, 5)
     plen = be16(cdb, 7)
     if sa == 0x01:  # OVERWRITE
         if plen < 5 or plen > lu.block_size + 4:
@@ -796,8 +811,13 @@ def sanitize(lu: LogicalUnit, cmd: ScsiCommand):
         if plen:
             raise S.illegal_field(7)
         lu.exit_sanitize_failure_mode()
+        _RESTRICTED_COMPLETION.discard(lu)
         return ScsiResult()
     else:
         raise S.illegal_field(1, 4)
     lu.check_writable()
+    if ause:
+        _RESTRICTED_COMPLETION.discard(lu)
+    else:
+        _RESTRICTED_COMPLETION.add(lu)
     return lu.run_sanitize(job, bool(immed))

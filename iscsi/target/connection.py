@@ -787,7 +787,7 @@ class TargetConnection(asyncio.Protocol):
         try:
             result = luns.start(cmd)
         except Exception:
-            result = self._internal_error(cdb)
+            result = self._internal_error(cdb, lun)
         if result.__class__ is ScsiResult:
             self._respond(pdu.itt, pdu.lun, pdu.read, pdu.write, pdu.edtl, needed, result)  # type: ignore[arg-type]
             return
@@ -800,7 +800,7 @@ class TargetConnection(asyncio.Protocol):
             self._respond(pdu.itt, pdu.lun, pdu.read, pdu.write, pdu.edtl, needed, stop.value)
             return
         except Exception:
-            self._respond(pdu.itt, pdu.lun, pdu.read, pdu.write, pdu.edtl, needed, self._internal_error(cdb))
+            self._respond(pdu.itt, pdu.lun, pdu.read, pdu.write, pdu.edtl, needed, self._internal_error(cdb, lun))
             return
         task = Task(pdu, lun)
         task.needed = needed
@@ -817,20 +817,28 @@ class TargetConnection(asyncio.Protocol):
             self._forget(task)
             raise
         except Exception:
-            result = self._internal_error(task.pdu.cdb)
+            result = self._internal_error(task.pdu.cdb, task.lun)
         if task.aborted:
             self._forget(task)
             self._drop_result(result)
             return
         self._finish_task(task, result)
 
-    @staticmethod
-    def _internal_error(cdb: bytes) -> ScsiResult:
+    def _internal_error(self, cdb: bytes, lun: int) -> ScsiResult:
         from ..scsi.sense import INTERNAL_TARGET_FAILURE, SenseKey, build_sense
 
         log.exception("cmd.internal_error cdb=%s", bytes(cdb[:16]).hex())
         return ScsiResult(status=Status.CHECK_CONDITION,
-                          sense=build_sense(SenseKey.HARDWARE_ERROR, INTERNAL_TARGET_FAILURE))
+                          sense=build_sense(SenseKey.HARDWARE_ERROR, INTERNAL_TARGET_FAILURE,
+                                            descriptor=self._descriptor_sense(lun)))
+
+    def _descriptor_sense(self, lun: int) -> bool:
+        """The LU's D_SENSE (Control mode page): sense this transport builds for it follows the
+        format the LU's own errors use (SPC-4 §7.5.8)."""
+        session = self.session
+        luns = session.luns if session is not None else None
+        lu = luns.get(lun) if luns is not None else None
+        return bool(getattr(getattr(lu, "mode", None), "d_sense", False))
 
     @staticmethod
     def _max_data_out(session: "TargetSession", lun: int) -> int:
@@ -877,7 +885,7 @@ class TargetConnection(asyncio.Protocol):
             del self.ttt_map[ttt]
         task.transfer = None
         task.aborted = True  # when its CmdSN turn comes, the window advances and nothing runs
-        sense = build_sense(SenseKey.ABORTED_COMMAND, DATA_PHASE_ERROR)
+        sense = build_sense(SenseKey.ABORTED_COMMAND, DATA_PHASE_ERROR, descriptor=self._descriptor_sense(task.lun))
         self._finish_task(task, ScsiResult(status=Status.CHECK_CONDITION, sense=sense))
 
     def _maybe_execute(self, task: Task) -> None:
@@ -911,7 +919,7 @@ class TargetConnection(asyncio.Protocol):
             self._forget(task)
             raise
         except Exception:
-            result = self._internal_error(pdu.cdb)
+            result = self._internal_error(pdu.cdb, task.lun)
         if task.aborted:
             self._forget(task)
             self._drop_result(result)

@@ -134,8 +134,6 @@ async def set_d_sense(wire: Wire) -> None:
     assert (await wire.recv()).status == GOOD
 
 
-@pytest.mark.xfail(strict=True, reason="iscsi/target/connection.py _fail_task builds fixed-format sense "
-                   "whatever the LU's D_SENSE bit says (fix belongs to the transport owner)")
 async def test_data_phase_error_sense_follows_d_sense(served):
     """SPC-4 §7.5.8: with D_SENSE=1 the device server returns descriptor-format sense data
     with every CHECK CONDITION.  The LU's own errors do (response code 72h); the transport's
@@ -328,8 +326,6 @@ async def test_report_luns_with_naca_is_refused_through_every_lun():
         assert bytes(r.data)[:4] == b"\x00\x00\x00\x08"
 
 
-@pytest.mark.xfail(strict=True, reason="iscsi/scsi/target.py LunMap._no_lu answers INQUIRY (and REQUEST "
-                   "SENSE) for a LUN without an LU before looking at the CONTROL byte")
 async def test_inquiry_with_naca_to_a_lun_without_lu_is_refused():
     luns = LunMap({0: make_lu("ram", size=1 << 20)})
     ini = Initiator(luns, lun=5)
@@ -419,9 +415,6 @@ async def test_exit_failure_mode_after_an_unrestricted_sanitize():
     await ini.ok(struct.pack(">BBIBHB", 0x28, 0, 0, 0, 1, 0))
 
 
-@pytest.mark.xfail(strict=True, reason="sbc.sanitize lets EXIT FAILURE MODE end any failed sanitize; the fix "
-                   "(track AUSE per LU) breaks tests/unit/test_scsi_misc.py::test_sanitize_failure_mode_until_exit, "
-                   "which fails a SANITIZE with AUSE=0 and then expects EXIT FAILURE MODE to work")
 async def test_exit_failure_mode_is_refused_after_a_restricted_sanitize_failed():
     """AUSE=0 asks for the restricted completion mode: if that sanitize fails, the only way out is
     another sanitize that succeeds; EXIT FAILURE MODE, and a new SANITIZE asking for AUSE=1, end

@@ -257,7 +257,8 @@ async def test_sanitize_failure_mode_until_exit():
     real = lu.backstore.write
     lu.backstore.write = broken
     params = bytes((0x01, 0, 0, 4)) + b"\x01\x02\x03\x04"
-    s = await ini.fails(sanitize_cdb(0x01, len(params)), params)
+    # AUSE=1: the initiator allows EXIT FAILURE MODE should this sanitize fail (SBC-4 §5.30.1).
+    s = await ini.fails(sanitize_cdb(0x21, len(params)), params)
     assert s.code == (0x3, 0x31, 0x03)
     lu.backstore.write = real
     assert (await ini.fails(read10(0, 1))).code == (0x3, 0x31, 0x03)
