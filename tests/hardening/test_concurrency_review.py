@@ -33,8 +33,10 @@ from .raw import RawSession
 
 # A reset handled in the loop turn a command arrived in leaves an unstarted eager.resume()
 # behind ("coroutine 'resume' was never awaited"): the xfail test at the end of this file.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Exception ignored in. <coroutine object resume:pytest.PytestUnraisableExceptionWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Exception ignored in. <coroutine object resume:pytest.PytestUnraisableExceptionWarning"),
+    pytest.mark.filterwarnings("ignore:coroutine 'resume' was never awaited:RuntimeWarning"),
+]
 
 IQN = "iqn.2026-11.org.sanstack:concurrency"
 BS = 512
