@@ -304,6 +304,12 @@ class TargetLogin:
             if target.alias:
                 local["TargetAlias"] = target.alias
         else:
+            try:
+                # Every target lists only valid names (an ACL names them, open access admits
+                # them): an invalid one would get an empty list and no word why.
+                canonical_iscsi_name(name)
+            except ConfigError as e:
+                raise LoginError(LoginStatus.AUTHORIZATION_FAILURE, f"InitiatorName refused: {e}") from None
             creds = self.registry.discovery_auth()
             local = {}
             self._tpgt = 1

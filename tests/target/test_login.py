@@ -145,6 +145,16 @@ def test_discovery_session_declares_no_tpgt_and_skips_operational_keys():
     assert login.outcome.session_type == "Discovery"
 
 
+def test_discovery_with_an_invalid_initiator_name_is_refused_with_the_reason():
+    """Every target lists only valid iSCSI names (RFC 7143 §4.2.7): a discovery login from an
+    invalid one used to succeed and get an empty SendTargets list, with no word why."""
+    login = make()
+    (resp,) = login.receive(req([("InitiatorName", "my host"), ("SessionType", "Discovery")],
+                                csg=1, nsg=3, transit=True))
+    assert (resp.status_class, resp.status_detail) == (2, 2)
+    assert isinstance(login.outcome, LoginFailure) and "InitiatorName refused" in login.outcome.reason
+
+
 def test_text_continuation_c_bit():
     login = make()
     (r1,) = login.receive(req([("InitiatorName", IQN_I)], csg=1, nsg=3, cont=True))
