@@ -1000,8 +1000,11 @@ def parse_lun_spec(spec: str) -> Lun:
                 raise ConfigError(f"LUN spec {spec!r}: size {token!r} is negative")
             raise ConfigError(f"LUN spec {spec!r}: size {token!r} is not understood (examples: 512M, 1G, 10GiB)")
         else:
-            if len(parts) > 1 and _misplaced_option(token, opts, parts[1:-1]):
-                raise ConfigError(f"LUN spec {spec!r}: {token!r} is not a LUN option (options: {LUN_SPEC_OPTIONS})")
+            if len(parts) > 1 and _misplaced_option(token, opts, parts[1:-1]) \
+                    and not os.path.exists(":".join(parts)):  # an existing image named "vm:disk" is a path
+                raise ConfigError(f"LUN spec {spec!r}: {token!r} is not a LUN option (options: {LUN_SPEC_OPTIONS}); "
+                                  f"an image whose name has ':' in it must exist already, or be added with "
+                                  f"'lun add --size'")
             break
         parts.pop()
     path = ":".join(parts)

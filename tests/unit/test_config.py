@@ -174,6 +174,16 @@ def test_lun_spec_options_in_any_order_and_colons_in_path():
     assert (lun.size, lun.block_size) == (10 << 30, 4096)
 
 
+def test_lun_spec_an_existing_image_with_a_colon_and_a_bare_word_in_its_name(tmp_path):
+    """'/srv/vm:disk:1G' reads like a mistyped option ('disk') after the path '/srv/vm'; when
+    the image '/srv/vm:disk' exists it is what was meant. A new one is still refused, with
+    the way out in the message."""
+    (tmp_path / "vm:disk").write_bytes(b"")
+    assert C.parse_lun_spec(f"{tmp_path}/vm:disk:1G") == Lun(-1, f"{tmp_path}/vm:disk", 1 << 30)
+    with pytest.raises(ConfigError, match="'other' is not a LUN option.*lun add --size"):
+        C.parse_lun_spec(f"{tmp_path}/vm:other:1G")
+
+
 def test_lun_spec_errors():
     with pytest.raises(ConfigError):
         C.parse_lun_spec(":1G")
