@@ -12,10 +12,13 @@ progress / medium not present -> reservation conflict -> task attribute -> handl
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import inspect
 import logging
+import struct
 import time
+from collections import deque
 from typing import Awaitable, Callable, Iterable
 
 from . import commands as C
@@ -71,6 +74,15 @@ _NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 # SBC-4 §4.11 lets it take as long as it needs while the LU reports it in progress).
 SANITIZE_BYTES_PER_SECOND = 128 << 20
 SANITIZE_CHUNK_BYTES = 4 << 20
+
+# Atomic writes (WRITE ATOMIC(16), COMPARE AND WRITE) remembered for the READs read in
+# steps meanwhile (see LogicalUnit._read_whole); a READ that started before the oldest one
+# kept is read again whole, so the bound costs at most a re-read, never a torn result.
+ATOMIC_LOG = 64
+# Tries of such a READ in steps before it is read in one loop turn (atomic writes keep
+# landing in its range): bounds the work, and a READ is never starved.
+ATOMIC_REREADS = 2
+_READ_OPCODES = frozenset(zerocopy.READ_SPANS)
 
 def _import_optional(module: str):
     try:
@@ -164,6 +176,10 @@ class LogicalUnit:
         if mode_state is not None:
             self.mode.import_saved(mode_state)
         self._caw_lock = asyncio.Lock()
+        # Atomic writes since the LU was made: a count, and the byte ranges of the latest
+        # (count after it, start, end), for READs read in steps (_read_whole).
+        self._atomic_count = 0
+        self._atomic_recent: deque[tuple[int, int, int]] = deque(maxlen=ATOMIC_LOG)
         # Zero-copy READs (zerocopy.py): ranges held for Data-In still in flight, and the
         # image a transport may send from (a file backstore only).
         self.fence = zerocopy.ReadFence()
@@ -239,6 +255,10 @@ class LogicalUnit:
         table: list[C.CommandSpec | None] = [None] * 256
         for s in specs:
             table[s.opcode] = s
+        atomic = table[0x9C]
+        if atomic is not None and atomic.handler is not None:
+            # WRITE ATOMIC(16) leaves its range in the log READs in steps look at.
+            table[0x9C] = dataclasses.replace(atomic, handler=self._write_atomic_handler(atomic.handler))
         self._table = table
         # read_now() stands in for these two handlers only.
         self._fast_reads = all(
@@ -460,6 +480,7 @@ class LogicalUnit:
             if off >= 0:
                 raise SenseError(SenseKey.MISCOMPARE, S.MISCOMPARE_DURING_VERIFY, information=off)
             self.backstore.write(lba * bs, write)
+            self._atomic_written(lba * bs, lba * bs + len(write))
         if fua or not self.mode.wce:
             await self._flush()
         return ScsiResult()
@@ -658,9 +679,13 @@ class LogicalUnit:
                 r = self._run_write(handler, cmd) if writes else handler(self, cmd)
                 if r.__class__ is ScsiResult:
                     return r
+                if cdb[0] in _READ_OPCODES:
+                    r = self._read_whole(cdb, r)
                 return self._finish(cdb, spec, tasks.track(r))
             if writes:
                 return self._finish(cdb, spec, tasks.run(attr, lambda: self._run_write(handler, cmd)))
+            if cdb[0] in _READ_OPCODES:
+                return self._finish(cdb, spec, tasks.run(attr, lambda: self._read_whole(cdb, handler(self, cmd))))
             return self._finish(cdb, spec, tasks.run(attr, lambda: handler(self, cmd)))
         except Exception as e:
             return self._failed(cdb, spec, e)
@@ -714,6 +739,69 @@ class LogicalUnit:
             return self.backstore.read(lba * bs, length)
         except Exception:
             return None  # start() runs it again and reports the failure
+
+    # -- atomic writes against READs read in steps ----------------------------------------
+    def _write_atomic_handler(self, inner):
+        def write_atomic(lu: "LogicalUnit", cmd: ScsiCommand):
+            r = inner(lu, cmd)  # the write itself happens here, in one step (or raises)
+            bs = lu.block_size
+            lba, n = zerocopy.WRITE_SPANS[0x9C](cmd.cdb)
+            lu._atomic_written(lba * bs, (lba + n) * bs)
+            return r
+        return write_atomic
+
+    def _atomic_written(self, start: int, end: int) -> None:
+        self._atomic_count += 1
+        self._atomic_recent.append((self._atomic_count, start, end))
+
+    def _atomic_since(self, count: int, start: int, end: int) -> bool:
+        """Did an atomic write after the ``count``-th touch [start, end)?  (True if unsure.)"""
+        recent = self._atomic_recent
+        if not recent or recent[0][0] > count + 1:
+            return self._atomic_count != count  # some were forgotten
+        return any(c > count and s < end and start < e for c, s, e in recent)
+
+    def _read_whole(self, cdb: bytes, r: ScsiResult | Awaitable[ScsiResult]) -> ScsiResult | Awaitable[ScsiResult]:
+        """A READ that did not complete at once (read in steps, a loop turn between them)."""
+        if r.__class__ is ScsiResult:
+            return r
+        return self._read_not_torn(cdb, r)  # type: ignore[arg-type]
+
+    async def _read_not_torn(self, cdb: bytes, pending: Awaitable[ScsiResult]) -> ScsiResult:
+        """Read the range again if an atomic write landed in it while it was read in steps: a
+        READ returns an atomic write's blocks all as before it or all as after it (SBC-4
+        §4.29.3, WRITE ATOMIC; SBC-4 §5.3, COMPARE AND WRITE), never a mix of the two.
+
+        Again in steps (a READ may be 256 MiB, too much for one loop turn), and in one step
+        after ATOMIC_REREADS tries that atomic writes kept landing in."""
+        count = self._atomic_count
+        result = await pending
+        if self._atomic_count == count or result.status != Status.GOOD:
+            return result
+        try:
+            lba, _n = zerocopy.READ_SPANS[cdb[0]](cdb)
+        except (struct.error, IndexError):
+            return result
+        bs = self.block_size
+        start = lba * bs
+        data = result.data
+        end = start + len(data)
+        if not self._atomic_since(count, start, end):
+            return result
+        if data.__class__ is not bytearray:
+            return dataclasses.replace(result, data=self.backstore.read(start, len(data)))
+        view = memoryview(data)
+        backstore = self.backstore
+        for _ in range(ATOMIC_REREADS):
+            count = self._atomic_count
+            for pos in range(0, len(view), LARGE_TRANSFER_STEP):
+                if pos:
+                    await asyncio.sleep(0)
+                backstore.read_into(start + pos, view[pos:pos + LARGE_TRANSFER_STEP])
+            if not self._atomic_since(count, start, end):
+                return result
+        backstore.read_into(start, view)
+        return result
 
     def _run_write(self, handler, cmd: ScsiCommand) -> ScsiResult | Awaitable[ScsiResult]:
         """Run a medium-modifying command once no zero-copy READ holds its range.

@@ -90,6 +90,8 @@ WRITE_SPANS = {
     0xAE: _span_12,  # WRITE AND VERIFY(12)
 }
 WRITE_OPCODES = frozenset(WRITE_SPANS)
+# READ(6)/(10)/(12)/(16): where their LBA and length are (SBC-4 §5.15-5.18).
+READ_SPANS = {0x08: _span_6, 0x28: _span_10, 0xA8: _span_12, 0x88: _span_16}
 
 
 def write_span(cdb: bytes, block_size: int, size: int) -> tuple[int, int]:

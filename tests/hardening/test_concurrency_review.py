@@ -773,3 +773,86 @@ async def test_pipelined_zero_copy_reads_and_writes_then_a_second_host_joins(sha
     assert holds_alone >= 2, "the host alone on the LU never had zero-copy READs in flight"
     assert all(d["read"] > 20 and d["write"] > 20 for d in done), done
     await settled(lu)
+
+
+def _atomic16(lba: int, blocks: int) -> bytes:
+    return struct.pack(">BBQHHBB", 0x9C, 0, lba, 0, blocks, 0, 0)
+
+
+def _read16(lba: int, blocks: int) -> bytes:
+    return struct.pack(">BBQIBB", 0x88, 0, lba, blocks, 0, 0)
+
+
+async def _lu_alone(tmp_path, size: int = 32 << 20):
+    from iscsi.scsi.types import ITNexus
+
+    backstore = FileBackstore(tmp_path / "atomic.img", size=size, block_size=BS, gather_writes=True)
+    lu = LogicalUnit(backstore, serial="conc0003", lun_id=0)
+    a = ITNexus("iqn.2026-11.org.sanstack.test:a,i,0x400000000001", f"{IQN},t,0x0001")
+    b = ITNexus("iqn.2026-11.org.sanstack.test:b,i,0x400000000002", f"{IQN},t,0x0001")
+    for n in (a, b):
+        lu.ua.pop(n)
+    return lu, a, b
+
+
+def _caw16(lba: int, blocks: int) -> bytes:
+    return caw(lba, blocks)
+
+
+@pytest.mark.parametrize("kind,attr", [("atomic", 1), ("atomic", 2), ("caw", 1)])  # SIMPLE / ORDERED READ
+async def test_a_large_read_never_sees_half_of_an_atomic_write(tmp_path, kind, attr):
+    """SBC-4 §4.29.3 (atomic writes) and §5.3 (COMPARE AND WRITE): a read overlapping an
+    atomic write returns its blocks either all as before it or all as after it.  A READ over
+    4 MiB is read in steps with a loop turn between them (sbc._read_in_steps); a WRITE
+    ATOMIC(16) of the same range from another host, or a COMPARE AND WRITE across a step's
+    end, executed in such a turn left the READ with part old and part new blocks."""
+    from iscsi.scsi.types import ScsiCommand, ScsiResult, TaskAttr
+
+    lu, a, b = await _lu_alone(tmp_path)
+    n = (12 << 20) // BS  # 12 MiB: three steps
+    lu.backstore.write(0, b"\x11" * (n * BS))
+    if kind == "atomic":
+        first, count = 0, n
+        cdb, data = _atomic16(0, n), b"\x22" * (n * BS)
+    else:  # 200 blocks across the end of the first 4 MiB step
+        first, count = (4 << 20) // BS - 100, 200
+        cdb, data = _caw16(first, count), b"\x11" * (count * BS) + b"\x22" * (count * BS)
+    read = lu.start(ScsiCommand(_read16(0, n), 0, a, b"", n * BS, TaskAttr(attr), 1))
+    assert asyncio.iscoroutine(read)
+    reading = asyncio.ensure_future(read)
+    await asyncio.sleep(0)  # the READ has read its first step
+    w = lu.start(ScsiCommand(cdb, 0, b, data, len(data), TaskAttr.SIMPLE, 2))
+    if not isinstance(w, ScsiResult):
+        w = await w
+    assert w.status == 0
+    result = await asyncio.wait_for(reading, 5)
+    assert result.status == 0
+    got = bytes(result.data)[first * BS:(first + count) * BS]
+    seen = got.count(0x22) // BS
+    assert seen in (0, count), f"the READ saw {seen} of the {count} blocks of the atomic write"
+    lu.close()
+
+
+async def test_a_large_read_overtaken_by_atomic_writes_at_every_step_still_ends_whole(tmp_path):
+    """Atomic writes landing in every loop turn of the READ (and of its re-reads): it still
+    completes, with every atomic write's blocks whole."""
+    from iscsi.scsi.types import ScsiCommand, ScsiResult, TaskAttr
+
+    lu, a, b = await _lu_alone(tmp_path)
+    n = (12 << 20) // BS
+    count = 2048  # 1 MiB atomic writes, each across the end of a 4 MiB step
+    first = (4 << 20) // BS - count // 2
+    reading = asyncio.ensure_future(lu.start(ScsiCommand(_read16(0, n), 0, a, b"", n * BS, TaskAttr.SIMPLE, 1)))
+    for k in range(1, 40):
+        await asyncio.sleep(0)
+        if reading.done():
+            break
+        w = lu.start(ScsiCommand(_atomic16(first, count), 0, b, bytes([k]) * (count * BS), count * BS,
+                                 TaskAttr.SIMPLE, 1 + k))
+        if not isinstance(w, ScsiResult):
+            w = await w
+        assert w.status == 0
+    result = await asyncio.wait_for(reading, 5)
+    got = bytes(result.data)[first * BS:(first + count) * BS]
+    assert got == got[:1] * len(got), "the READ saw pieces of two atomic writes"
+    lu.close()
