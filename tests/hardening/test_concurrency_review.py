@@ -110,10 +110,10 @@ def sense_key(resp) -> int | None:
 class Client(RawSession):
     """A raw session with task attributes, pipelining and task management."""
 
-    def __init__(self, port: int, name: str, isid: int) -> None:
+    def __init__(self, port: int, name: str, isid: int, iqn: str = IQN) -> None:
         super().__init__("127.0.0.1", port, timeout=WAIT)
         try:
-            resp = self.login(IQN, initiator=f"iqn.2026-11.org.sanstack.test:{name}", isid=isid)
+            resp = self.login(iqn, initiator=f"iqn.2026-11.org.sanstack.test:{name}", isid=isid)
             assert resp.status_class == 0, resp
         except BaseException:
             self.close()
@@ -307,8 +307,8 @@ def _check_scratch(data: bytes) -> None:
 class Worker:
     """One session's share of the mixed load; counts what it did for the final checks."""
 
-    def __init__(self, port: int, i: int, model: Model, stop_at: float, rng_seed: int) -> None:
-        self.port, self.i, self.model, self.stop_at = port, i, model, stop_at
+    def __init__(self, port: int, i: int, model: Model, stop_at: float, rng_seed: int, iqn: str = IQN) -> None:
+        self.port, self.i, self.model, self.stop_at, self.iqn = port, i, model, stop_at, iqn
         self.rng = random.Random(rng_seed)
         self.wins: dict[int, int] = {}
         self.ops: dict[str, int] = {}
@@ -399,7 +399,7 @@ class Worker:
         self._count("scratch write")
 
     def __call__(self) -> None:
-        c = Client(self.port, f"host{self.i}", 0x400000c00000 + self.i)
+        c = Client(self.port, f"host{self.i}", 0x400000c00000 + self.i, self.iqn)
         ops = (self.write_own, self.read_any, self.read_any, self.write_then_ordered_read, self.ats, self.ats,
                self.scratch)
         try:
@@ -471,7 +471,7 @@ class ChaosWorker(Worker):
     def connect(self) -> ChaosClient:
         for _ in range(20):
             try:
-                c = ChaosClient(self.port, f"host{self.i}", 0x400000c20000 + self.i)
+                c = ChaosClient(self.port, f"host{self.i}", 0x400000c20000 + self.i, self.iqn)
                 return c
             except Exception:  # noqa: BLE001 - the old session being reinstated, a reset racing the login
                 time.sleep(0.05)
@@ -856,3 +856,46 @@ async def test_a_large_read_overtaken_by_atomic_writes_at_every_step_still_ends_
     got = bytes(result.data)[first * BS:(first + count) * BS]
     assert got == got[:1] * len(got), "the READ saw pieces of two atomic writes"
     lu.close()
+
+
+def test_mixed_load_against_the_daemon(tmp_path):
+    """The same four hosts against the real daemon process (its event loop and image
+    settings); the ATS counters and every block's last version read back at the end."""
+    from .conftest import running_daemon
+
+    model = Model()
+    with running_daemon(tmp_path, size=LU_BYTES) as peer:
+        port = peer.portals[0].port
+        stop_at = time.monotonic() + 3.0
+        workers = [Worker(port, i, model, stop_at, 3000 + i, peer.iqn) for i in range(4)]
+        errors: list[BaseException] = []
+
+        def guarded(w: Worker) -> None:
+            try:
+                w()
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=guarded, args=(w,), daemon=True) for w in workers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads), "a host never finished"
+        if errors:
+            raise errors[0]
+        assert peer.alive(), peer.log_text()[-3000:]
+        wins = {lock: sum(w.wins.get(lock, 0) for w in workers) for lock in (LOCKS, LOCKS + 1)}
+        assert sum(wins.values()) > 10
+        c = Client(port, "checker", 0x400000c70000, peer.iqn)
+        try:
+            for lock, n in wins.items():
+                _, block = c.run(read10(lock, 1), read_len=BS)
+                got = parse_block(block)
+                assert (0 if got is None else got[2]) == n, "an ATS increment was lost or doubled"
+            for lba, v in model.last_acknowledged().items():  # one writer per block
+                _, block = c.run(read10(lba, 1), read_len=BS)
+                got = parse_block(block)
+                assert (0 if got is None else got[2]) == v
+        finally:
+            c.close()
