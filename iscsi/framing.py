@@ -9,6 +9,7 @@ feed them byte by byte.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from .digest import crc32c, crc32c_extend, digest_bytes, pack_digest, unpack_digest_from
 import struct
@@ -57,7 +58,7 @@ class PduReader:
     broke the protocol (§13.12) and gets a :class:`PduFormatError`.
     """
 
-    __slots__ = ("allowed", "header_digest", "data_digest", "max_data_segment", "_buf", "_pos")
+    __slots__ = ("allowed", "header_digest", "data_digest", "max_data_segment", "_buf", "_pos", "take_command")
 
     def __init__(self, *, allowed: frozenset[int] | None = None, header_digest: bool = False,
                  data_digest: bool = False, max_data_segment: int = LOGIN_MAX_DATA_SEGMENT) -> None:
@@ -67,6 +68,10 @@ class PduReader:
         self.max_data_segment = max_data_segment
         self._buf = bytearray()
         self._pos = 0
+        # take_command(fields, buf, pos) -> bool: offered each bare SCSI Command PDU (48 bytes,
+        # no AHS, no data, no header digest) before it is decoded, while no PDU of this feed is
+        # waiting in the result (so order is kept); True means it was handled and is consumed.
+        self.take_command: Callable[[tuple, bytearray, int], bool] | None = None
 
     @property
     def buffered(self) -> int:
@@ -84,6 +89,7 @@ class PduReader:
         dd = 4 if self.data_digest else 0
         max_data = self.max_data_segment
         allowed = self.allowed
+        take = self.take_command
         while end - pos >= BHS_LEN:
             fields = _BHS_UNPACK(buf, pos)  # the whole BHS at once: decode() takes it as is
             length_word = fields[4]
@@ -101,6 +107,9 @@ class PduReader:
             total = data_start - pos + ((data_len + 3) & ~3) + dd if data_len else data_start - pos
             if end - pos < total:
                 break
+            if take is not None and fields[0] == 0x01 and total == BHS_LEN and not out and take(fields, buf, pos):
+                pos += total
+                continue
             if hd and crc32c(memoryview(buf)[pos:hdr_end]) != unpack_digest_from(buf, hdr_end)[0]:
                 raise HeaderDigestError("header digest mismatch")
             payload = bytes(buf[data_start:data_start + data_len]) if data_len else b""

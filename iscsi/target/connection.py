@@ -242,13 +242,17 @@ class TargetConnection(asyncio.Protocol):
         self._last_rx = time.monotonic()
         self._nop_outstanding = None  # the peer is alive; whatever it sent answers our ping
         try:
-            pdus = self.reader.feed(data)
+            pdus = self.reader.feed(data)  # READs on the raw lane are answered in there
         except HeaderDigestError:
             event(log, "conn.header_digest_error", logging.WARNING, peer=self._peer_str())
             self.close()
             return
         except P.PduFormatError as err:
             self._protocol_violation(str(err), err.reason, getattr(err, "header", None))
+            return
+        except Exception:  # a fault on the raw lane: as for any PDU, never take the daemon down
+            log.exception("conn.internal_error peer=%s", self._peer_str())
+            self.close()
             return
         for item in pdus:
             if self.closed:
@@ -557,6 +561,8 @@ class TargetConnection(asyncio.Protocol):
         self.reader.data_digest = conn_params.data_digest
         self.reader.max_data_segment = conn_params.max_recv_data_segment_length
         self.session = self.server.bind_session(self, ok)
+        if self.session.luns is not None:  # a Normal session: READs may take the raw lane
+            self.reader.take_command = self._read_arrived
         event(log, "login.ok", initiator=ok.initiator_name, target=ok.target.name if ok.target else None,
               type=ok.session_type, isid=f"{ok.isid:012x}", tsih=ok.tsih, cid=ok.cid, tpgt=ok.tpgt,
               peer=self._peer_str(), portal=format_portal(self.local[0], self.local[1]),
@@ -758,6 +764,47 @@ class TargetConnection(asyncio.Protocol):
         for item in session.window.arrive(pdu.cmdsn, task, pdu.immediate):
             self._run_in_order(item)
 
+    def _read_arrived(self, f: tuple, buf: bytearray, pos: int) -> bool:
+        """The raw lane (PduReader.take_command): a bare SCSI Command PDU at ``buf[pos:]``,
+        ``f`` its unpacked BHS.  A READ(10)/(16) that would take the fast lane of
+        :meth:`_scsi_command_arrived` and that the LU answers at once
+        (:meth:`LogicalUnit.read_now`) is answered here, without a PDU object or the
+        dispatch; anything else returns False and is decoded and dispatched as usual.
+
+        The conditions are those of the fast lane: F and R set, W clear, SIMPLE or untagged,
+        not immediate (the caller checked byte 0), the next CmdSN with nothing held back, a
+        fresh ITT, nothing deferred, no congestion.
+        """
+        b1 = f[1]
+        op = buf[pos + 32]
+        if (b1 != 0xC1 and b1 != 0xC0) or (op != 0x88 and op != 0x28) or self.closed:
+            return False
+        session = self.session
+        window = session.window  # type: ignore[union-attr]
+        itt = f[6]
+        cmdsn = f[8]
+        if (cmdsn != window.expcmdsn or window.pending or itt == 0xFFFFFFFF or itt in self.tasks
+                or self._deferred or self._paused or self._out_bytes + self._reserved > WRITE_HIGH_WATER):
+            return False
+        self._acknowledge(f[9])  # as _ffp_pdu would (harmless to repeat if we decline below)
+        edtl = f[7]
+        data = session.luns.read_now(  # type: ignore[union-attr]
+            decode_lun(f[5]), bytes(buf[pos + 32:pos + 48]), session.nexus,  # type: ignore[union-attr]
+            self._zc_min <= edtl <= self._zc_max and len(self._zc_unacked) < ZERO_COPY_UNACKED_LIMIT)
+        if data is None:
+            return False
+        window.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF
+        self._read_answered(itt, f[5], edtl, data)
+        return True
+
+    def _read_answered(self, itt: int, lun_field: int, edtl: int, data) -> None:
+        """Data-In (with status) for a READ that LogicalUnit.read_now answered."""
+        n = len(data)
+        if n == edtl and n <= self._one_data_in:
+            self._data_in_with_status(itt, lun_field, data, n, 0, 0)
+        else:
+            self._respond(itt, lun_field, True, False, edtl, None, ScsiResult(Status.GOOD, data))
+
     def _run_now(self, pdu: P.ScsiCommandPdu, session: "TargetSession") -> None:
         """Execute a command whose turn it is and whose data is complete, without a Task
         unless the SCSI layer has to wait (flush, lock, worker thread)."""
@@ -769,11 +816,7 @@ class TargetConnection(asyncio.Protocol):
             edtl = pdu.edtl
             data = luns.read_now(lun, cdb, session.nexus, edtl >= self._zc_min and self._zero_copy_ok(pdu))
             if data is not None:
-                n = len(data)
-                if n == edtl and n <= self._one_data_in:
-                    self._data_in_with_status(pdu.itt, pdu.lun, data, n, 0, 0)
-                else:
-                    self._respond(pdu.itt, pdu.lun, True, False, edtl, None, ScsiResult(Status.GOOD, data))
+                self._read_answered(pdu.itt, pdu.lun, edtl, data)
                 return
         needed = luns.data_out_length(lun, cdb) if pdu.write or not pdu.read else None
         data_out = pdu.data
