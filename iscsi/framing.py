@@ -68,9 +68,9 @@ class PduReader:
         self.max_data_segment = max_data_segment
         self._buf = bytearray()
         self._pos = 0
-        # take_command(fields, buf, pos) -> bool: offered each bare SCSI Command PDU (48 bytes,
-        # no AHS, no data, no header digest) before it is decoded, while no PDU of this feed is
-        # waiting in the result (so order is kept); True means it was handled and is consumed.
+        # take_command(fields, buf, pos) -> bool: offered each bare SCSI Command PDU (a BHS and
+        # its checked header digest, no AHS, no data) before it is decoded, while no PDU of this
+        # feed is waiting in the result (so order is kept); True: it was handled and is consumed.
         self.take_command: Callable[[tuple, bytearray, int], bool] | None = None
 
     @property
@@ -107,11 +107,12 @@ class PduReader:
             total = data_start - pos + ((data_len + 3) & ~3) + dd if data_len else data_start - pos
             if end - pos < total:
                 break
-            if take is not None and fields[0] == 0x01 and total == BHS_LEN and not out and take(fields, buf, pos):
-                pos += total
-                continue
             if hd and crc32c(memoryview(buf)[pos:hdr_end]) != unpack_digest_from(buf, hdr_end)[0]:
                 raise HeaderDigestError("header digest mismatch")
+            if take is not None and fields[0] == 0x01 and total == BHS_LEN + hd and not out \
+                    and take(fields, buf, pos):
+                pos += total
+                continue
             payload = bytes(buf[data_start:data_start + data_len]) if data_len else b""
             try:
                 if ahs_len:

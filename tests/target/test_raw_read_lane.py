@@ -65,9 +65,12 @@ async def served(tmp_path, monkeypatch):
     backstore.close()
 
 
-async def login(srv, isid: int = 0x400000000201, clear_ua: bool = True) -> Wire:
+async def login(srv, isid: int = 0x400000000201, clear_ua: bool = True, extra=()) -> Wire:
     wire = await Wire.open(srv.port)
-    assert (await wire.login(IQN_T, initiator="iqn.2026-11.org.sanstack.test:raw", isid=isid)).status_class == 0
+    assert (await wire.login(IQN_T, initiator="iqn.2026-11.org.sanstack.test:raw", isid=isid,
+                             extra=extra)).status_class == 0
+    wire.data_digest = wire.parser.data_digest = wire.answers.get("DataDigest") == "CRC32C"
+    wire.header_digest = wire.parser.header_digest = wire.answers.get("HeaderDigest") == "CRC32C"
     if clear_ua:
         for _ in range(3):
             wire.command(bytes(6))
@@ -83,10 +86,14 @@ def command_bytes(wire: Wire, cdb: bytes, *, read=False, write=False, edtl=0, da
     sn = wire.cmdsn if cmdsn is None else cmdsn
     if cmdsn is None:
         wire.cmdsn += 1
-    raw = bytearray(encode_bytes(P.ScsiCommandPdu(read=read, write=write, attr=attr, edtl=edtl, cmdsn=sn,
-                                                  expstatsn=wire.expstatsn, cdb=cdb, itt=itt, data=data)))
-    raw[1] |= flags
-    return bytes(raw)
+    pdu = P.ScsiCommandPdu(read=read, write=write, attr=attr, edtl=edtl, cmdsn=sn, expstatsn=wire.expstatsn,
+                           cdb=cdb, itt=itt, data=data)
+    if flags:  # bits the codec has no field for: the header digest has to cover them
+        header = bytearray(pdu.header())
+        header[1] |= flags
+        assert not wire.header_digest and not data
+        return bytes(header)
+    return encode_bytes(pdu, header_digest=wire.header_digest, data_digest=wire.data_digest)
 
 
 async def answer(wire: Wire) -> tuple[bytes, P.Pdu]:
@@ -114,6 +121,24 @@ async def test_ordinary_reads_take_the_raw_lane_and_return_the_medium(served):
         lba = struct.unpack_from(">I", cdb, 2)[0] if cdb[0] == 0x28 else struct.unpack_from(">Q", cdb, 2)[0]
         assert status.status == 0 and data == bytes(served.content[lba * BS:lba * BS + n])
     assert served.taken == [True] * len(cases)
+
+
+@pytest.mark.parametrize("digests", ["None", "CRC32C"])
+async def test_reads_with_digests_take_the_lane_and_a_bad_header_digest_does_not(served, digests):
+    wire = await login(served, extra=[("HeaderDigest", digests), ("DataDigest", digests)])
+    assert wire.header_digest == (digests == "CRC32C")
+    served.taken.clear()
+    wire.send_raw(command_bytes(wire, read16(300, 32), read=True, edtl=16 << 10))
+    data, status = await answer(wire)
+    assert status.status == 0 and data == bytes(served.content[300 * BS:332 * BS])
+    assert served.taken == [True]
+    if wire.header_digest:
+        raw = bytearray(command_bytes(wire, read16(300, 32), read=True, edtl=16 << 10))
+        raw[-1] ^= 0xFF  # the header digest no longer matches: the connection goes (RFC 7143 §7.8)
+        wire.send_raw(bytes(raw))
+        with pytest.raises(ConnectionError):
+            await wire.recv(5.0)
+        assert served.taken == [True]
 
 
 @pytest.mark.parametrize("immediate", [False, True])
