@@ -125,21 +125,34 @@ class WriteGather:
         return err
 
     def _write_run(self) -> None:
-        buffers, self.buffers = self.buffers, []
+        """Write the pending run to the file; the caller holds the lock.
+
+        The run stays in ``buffers`` until it is in the file: a flush drains from a worker
+        thread, and whoever looks meanwhile from the event loop (a read, ``drain_all``
+        before acknowledging) must see it pending and wait on the lock -- with the list
+        emptied first, a READ issued after the writes' GOOD read the old blocks, and GOOD
+        could go out before the bytes were in the file."""
+        buffers = self.buffers
+        if not buffers:
+            return
+        pending = list(buffers)
         offset = self.start
         fd = self.fd
-        while buffers:
-            try:
-                written = os.pwritev(fd, buffers, offset)
-            except OSError as err:
-                lost = sum(len(b) for b in buffers)
-                log.error("gathered write of %d bytes at offset %d to %s failed: %s (reported to the "
-                          "next command on this LU)", lost, offset, self.path or f"fd {fd}", err)
-                self.error = err
-                return
-            offset += written
-            # A short write (rare: a signal, a full disk) leaves the rest to write again.
-            while buffers and written >= len(buffers[0]):
-                written -= len(buffers.pop(0))
-            if written:
-                buffers[0] = memoryview(buffers[0])[written:]
+        try:
+            while pending:
+                try:
+                    written = os.pwritev(fd, pending, offset)
+                except OSError as err:
+                    lost = sum(len(b) for b in pending)
+                    log.error("gathered write of %d bytes at offset %d to %s failed: %s (reported to the "
+                              "next command on this LU)", lost, offset, self.path or f"fd {fd}", err)
+                    self.error = err
+                    return
+                offset += written
+                # A short write (rare: a signal, a full disk) leaves the rest to write again.
+                while pending and written >= len(pending[0]):
+                    written -= len(pending.pop(0))
+                if written:
+                    pending[0] = memoryview(pending[0])[written:]
+        finally:
+            self.buffers = []

@@ -936,3 +936,42 @@ def test_mixed_load_against_the_daemon(tmp_path):
                 assert (0 if got is None else got[2]) == v
         finally:
             c.close()
+
+
+@pytest.mark.parametrize("reader", ["read", "drain_all"])
+def test_a_gathered_write_being_written_by_a_flush_is_seen_by_reads_and_acknowledgements(tmp_path, monkeypatch, reader):
+    """A FUA write or SYNCHRONIZE CACHE of one host flushes in a worker thread, and that
+    drain writes out the pending gathered run of every host's small writes.  While its
+    pwritev runs, the event loop must not read past that run (a READ of another host, a
+    COMPARE AND WRITE comparing) nor acknowledge the writes in it (drain_all before the
+    responses): it found the run already taken out of the buffer list and read the old
+    blocks -- a READ issued after a WRITE's GOOD status missed that write."""
+    import os as _os
+
+    from iscsi.backstore import gather
+
+    backstore = FileBackstore(tmp_path / "g.img", size=1 << 20, block_size=BS, gather_writes=True)
+    new = stamp(1, 0, 1) * 8
+    backstore.write(0, new)  # gathered: pending, not yet in the file
+    assert backstore._gather is not None and backstore._gather.buffers
+    real = _os.pwritev
+    in_write = threading.Event()
+
+    def slow_pwritev(fd, buffers, offset):
+        in_write.set()
+        time.sleep(0.3)  # a pwritev that takes a while (a page fault, a busy disk)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(gather.os, "pwritev", slow_pwritev)
+    flusher = threading.Thread(target=backstore.flush)  # as LogicalUnit._flush runs it
+    flusher.start()
+    try:
+        assert in_write.wait(2)
+        if reader == "read":
+            assert backstore.read(0, len(new)) == new, "a READ missed a write the flush was writing"
+        else:
+            gather.drain_all()  # what the transport calls before sending GOOD for the write
+            assert _os.pread(backstore.fileno, len(new), 0) == new, "GOOD was sent before the data was in the file"
+    finally:
+        flusher.join(5)
+        backstore.close()
