@@ -135,21 +135,26 @@ class WriteGather:
         buffers = self.buffers
         if not buffers:
             return
-        pending = list(buffers)
         offset = self.start
         fd = self.fd
+        pending = buffers
+        left = self.end - offset
         try:
-            while pending:
+            while True:
                 try:
                     written = os.pwritev(fd, pending, offset)
                 except OSError as err:
-                    lost = sum(len(b) for b in pending)
                     log.error("gathered write of %d bytes at offset %d to %s failed: %s (reported to the "
-                              "next command on this LU)", lost, offset, self.path or f"fd {fd}", err)
+                              "next command on this LU)", left, offset, self.path or f"fd {fd}", err)
                     self.error = err
                     return
-                offset += written
+                left -= written
+                if left <= 0:
+                    return
                 # A short write (rare: a signal, a full disk) leaves the rest to write again.
+                offset += written
+                if pending is buffers:
+                    pending = list(buffers)  # ``buffers`` stays as it is until the end
                 while pending and written >= len(pending[0]):
                     written -= len(pending.pop(0))
                 if written:
