@@ -742,7 +742,7 @@ class LogicalUnit:
 
     # -- atomic writes against READs read in steps ----------------------------------------
     def _write_atomic_handler(self, inner):
-        def write_atomic(lu: "LogicalUnit", cmd: ScsiCommand):
+        def write_atomic(lu: LogicalUnit, cmd: ScsiCommand):
             r = inner(lu, cmd)  # the write itself happens here, in one step (or raises)
             bs = lu.block_size
             lba, n = zerocopy.WRITE_SPANS[0x9C](cmd.cdb)

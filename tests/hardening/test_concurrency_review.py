@@ -14,6 +14,7 @@ each with its own socket.  Every loop is bounded in iterations and time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import struct
@@ -373,14 +374,13 @@ class Worker:
             self.model.ack(lba, n, v)
         for itt in (r1, r2):
             resp, data = c.result(itt)
-            if self.good(resp) and written:
-                if data != payload:
-                    got = parse_block(data[:BS])
-                    m = self.model
-                    hist = [(w, m.sent[w], m.done[w]) for w in m.history.get(lba, [])][-8:]
-                    raise AssertionError(f"a READ behind an ORDERED task did not see the WRITE before it: "
-                                         f"wrote {v} at {lba}, read {got}; history {hist}; "
-                                         f"events {m.events[-12:]} now {m.clock}")
+            if self.good(resp) and written and data != payload:
+                got = parse_block(data[:BS])
+                m = self.model
+                hist = [(w, m.sent[w], m.done[w]) for w in m.history.get(lba, [])][-8:]
+                raise AssertionError(f"a READ behind an ORDERED task did not see the WRITE before it: "
+                                     f"wrote {v} at {lba}, read {got}; history {hist}; "
+                                     f"events {m.events[-12:]} now {m.clock}")
         self._count("ordered")
 
     def ats(self, c: Client) -> None:
@@ -474,9 +474,7 @@ class ChaosClient(Client):
     def result(self, itt: int, timeout: float | None = None) -> tuple[P.Pdu, bytes]:
         try:
             return super().result(itt, self.patience if timeout is None else timeout)
-        except (TimeoutError, OSError, P.PduError if hasattr(P, "PduError") else OSError) as err:
-            raise Lost(str(err)) from err
-        except Exception as err:  # Closed, a parse error of a cut stream
+        except Exception as err:  # a timeout, Closed, a parse error of a cut stream
             raise Lost(repr(err)) from err
 
 
@@ -603,10 +601,8 @@ class ChaosWorker(Worker):
                     c.kill()
                     self.reconnects += 1
                     c = self.connect()
-            try:
+            with contextlib.suppress(Exception):  # a reset may have dropped it just now
                 c.logout()
-            except Exception:  # noqa: BLE001
-                pass
         finally:
             c.close()
 
