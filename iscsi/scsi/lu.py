@@ -354,8 +354,15 @@ class LogicalUnit:
         bs = self.block_size
         check_range(self, lba, len(data) // bs)
         self.check_writable()
-        if self.fence.holds:
-            await self.fence.clear(lba * bs, lba * bs + len(data))
+        fence = self.fence
+        if fence.overlapping(lba * bs, lba * bs + len(data)):
+            # A writer while it waits, as WRITE commands are (_run_write): new READs of the
+            # LU are copied meanwhile, so a host reading this range cannot starve the copy.
+            fence.writers += 1
+            try:
+                await fence.clear(lba * bs, lba * bs + len(data))
+            finally:
+                fence.writers -= 1
         self.backstore.write(lba * bs, data)
         if not self.mode.wce:
             await self._flush()

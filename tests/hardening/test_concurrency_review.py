@@ -977,3 +977,56 @@ def test_a_gathered_write_being_written_by_a_flush_is_seen_by_reads_and_acknowle
     finally:
         flusher.join(5)
         backstore.close()
+
+
+async def test_an_extended_copy_write_is_not_starved_by_a_host_reading_its_range(tmp_path):
+    """EXTENDED COPY writes its destination through LogicalUnit.write_blocks, which waits for
+    the zero-copy holds on the range.  A host alone on the LU that keeps reading that range
+    (a new READ as soon as it acknowledges one, as a queue does) renewed the holds forever:
+    the copy waited ACK_TIMEOUT (5 s) and then dropped that host's connection.  A waiting
+    copy write counts as a writer, like WRITE commands: new READs are copied meanwhile."""
+    from iscsi.scsi.zerocopy import FileExtent
+
+    lu, a, _b = await _lu_alone(tmp_path, size=4 << 20)
+    loop = asyncio.get_running_loop()
+    n = 256  # 128 KiB READs: zero-copy
+    cdb = read10(0, n)
+
+    class QueuedReader:
+        """The host's connection: acknowledges at once and has the next READ in flight."""
+
+        def __init__(self) -> None:
+            self.drops = 0
+            self.held: list[FileExtent] = []
+            self.read()
+
+        def read(self) -> None:
+            h = lu.read_now(cdb, a, True)
+            if h.__class__ is FileExtent:
+                h.owner = self
+                self.held.append(h)
+
+        def solicit_ack(self) -> None:
+            loop.call_soon(self.acknowledge)
+
+        def acknowledge(self) -> None:
+            for h in self.held:
+                h.release()
+            self.held.clear()
+            self.read()
+
+        def ack_timed_out(self) -> None:
+            self.drops += 1
+
+        def held_range_removed(self) -> None:
+            self.drops += 1
+
+    reader = QueuedReader()
+    assert lu.fence.holds, "the READ was not held (zero-copy)"
+    t0 = loop.time()
+    await asyncio.wait_for(lu.write_blocks(8, stamp(0, 8, 1) * 8), 3)
+    assert loop.time() - t0 < 1.0 and reader.drops == 0
+    assert lu.backstore.read(8 * BS, 8 * BS) == stamp(0, 8, 1) * 8
+    for h in reader.held:
+        h.release()
+    lu.close()
