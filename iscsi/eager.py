@@ -9,7 +9,7 @@ coroutine at once and only when it really blocks hands the rest to a task.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 
@@ -43,6 +43,32 @@ async def resume(coro: Coroutine, yielded: Any) -> Any:
             return stop.value
 
 
+def finish_later(coro: Coroutine, yielded: Any, loop: asyncio.AbstractEventLoop,
+                 wrap: Callable[[Coroutine], Coroutine] | None = None) -> asyncio.Task:
+    """The Task that finishes ``coro``, already stepped up to a suspension that yielded
+    ``yielded`` (``wrap`` may put a coroutine of its own around that: it gets the rest).
+
+    A Task cancelled before its first step never runs its coroutine, so the cancellation
+    would never reach ``coro``: its ``finally`` blocks (a SCSI command's writer count, its
+    place in the task set) would wait for the garbage collector, and every ORDERED task
+    behind it with them.  When that happens the coroutines are closed at once instead.
+    """
+    rest = resume(coro, yielded)
+    outer = wrap(rest) if wrap is not None else rest
+    task = loop.create_task(outer)
+
+    def closed_if_cancelled(t: asyncio.Task) -> None:
+        if t.cancelled():
+            for c in (outer, rest, coro):
+                try:
+                    c.close()  # unstarted or finished: nothing; suspended: its finally blocks run
+                except RuntimeError:  # it awaited in its finally block: nothing more to do here
+                    pass
+
+    task.add_done_callback(closed_if_cancelled)
+    return task
+
+
 def start(coro: Coroutine, loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Task | None:
     """Step ``coro`` now; None if it finished, else the Task that finishes it.
 
@@ -52,4 +78,4 @@ def start(coro: Coroutine, loop: asyncio.AbstractEventLoop | None = None) -> asy
         yielded = coro.send(None)
     except StopIteration:
         return None
-    return (loop or asyncio.get_running_loop()).create_task(resume(coro, yielded))
+    return finish_later(coro, yielded, loop or asyncio.get_running_loop())

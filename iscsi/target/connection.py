@@ -851,7 +851,8 @@ class TargetConnection(asyncio.Protocol):
         self._reserve(task)
         self.tasks[pdu.itt] = task
         session.window.in_flight += 1
-        task.future = self.loop.create_task(self._finish_suspended(task, eager.resume(coro, yielded)))
+        task.future = eager.finish_later(coro, yielded, self.loop,  # type: ignore[arg-type]
+                                         lambda rest: self._finish_suspended(task, rest))
 
     async def _finish_suspended(self, task: Task, pending) -> None:
         try:

@@ -32,13 +32,6 @@ from iscsi.target.server import IscsiServer
 from ..target.fakes import FakeRegistry, FakeTarget
 from .raw import RawSession
 
-# A reset handled in the loop turn a command arrived in leaves an unstarted eager.resume()
-# behind ("coroutine 'resume' was never awaited"): the xfail test at the end of this file.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:Exception ignored in. <coroutine object resume:pytest.PytestUnraisableExceptionWarning"),
-    pytest.mark.filterwarnings("ignore:coroutine 'resume' was never awaited:RuntimeWarning"),
-]
-
 IQN = "iqn.2026-11.org.sanstack:concurrency"
 BS = 512
 LU_BYTES = 16 << 20
@@ -200,13 +193,10 @@ async def in_threads(*fns, timeout: float = 30.0) -> list:
 
 
 async def settled(lu: LogicalUnit, timeout: float = 6.0) -> None:
-    """Wait until the LU has nothing in flight; fail naming what stayed behind.
-
-    A command aborted in the loop turn it arrived in is only ended by the cyclic garbage
-    collector (test_a_command_task_cancelled_before_its_first_step_...): one collection is
-    run before giving up, so what is checked here is state that nothing would ever end."""
+    """Wait until the LU has nothing in flight; fail naming what stayed behind.  (No garbage
+    collection first: a command aborted in the loop turn it arrived in is closed at once
+    since eager.finish_later, see test_a_command_task_cancelled_before_its_first_step_...)"""
     deadline = time.monotonic() + timeout
-    collected = False
     while True:
         left = {
             "holds": len(lu.fence.holds),
@@ -217,13 +207,7 @@ async def settled(lu: LogicalUnit, timeout: float = 6.0) -> None:
         }
         if not any(left.values()):
             return
-        if time.monotonic() >= deadline:
-            assert not collected, f"state left behind in the LU: {left}"
-            import gc
-
-            gc.collect()
-            collected = True
-            deadline = time.monotonic() + 1.0
+        assert time.monotonic() < deadline, f"state left behind in the LU: {left}"
         await asyncio.sleep(0.02)
 
 
@@ -694,15 +678,6 @@ async def test_resets_aborts_and_killed_hosts_under_load_leave_nothing_behind(sh
         await asyncio.sleep(0.05)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a command Task cancelled before its first step (a reset, CLEAR TASK SET or ABORT from another "
-    "connection handled in the same loop turn as the command's arrival) never delivers the "
-    "cancellation to the command's coroutine: eager.resume() is never started, so the command's "
-    "finally blocks (fence.writers, the task set's in-flight future) wait for the cyclic garbage "
-    "collector -- meanwhile zero-copy is off for the LU and every ORDERED task waits; "
-    "fix: iscsi/eager.py start() and TargetConnection._run_now close the command coroutine (and "
-    "the unstarted resume() coroutine) when the Task is cancelled, e.g. "
-    "task.add_done_callback(lambda t: t.cancelled() and (r.close(), coro.close()))"))
 async def test_a_command_task_cancelled_before_its_first_step_releases_what_the_command_holds(tmp_path):
     """What TargetConnection._run_now does with a command that suspends (a FUA WRITE waits
     for its flush): step it once, hand the rest to a Task running eager.resume().  A reset
@@ -723,7 +698,7 @@ async def test_a_command_task_cancelled_before_its_first_step_releases_what_the_
     coro = lu.start(cmd)
     assert asyncio.iscoroutine(coro) and lu.fence.writers == 1  # it waits for its flush
     yielded = coro.send(None)
-    task = asyncio.get_running_loop().create_task(eager.resume(coro, yielded))
+    task = eager.finish_later(coro, yielded, asyncio.get_running_loop())  # as _run_now and eager.start do
     task.cancel()  # before the Task ever ran
     await asyncio.sleep(0.3)  # the flush ends meanwhile
     try:
