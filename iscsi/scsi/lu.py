@@ -889,6 +889,15 @@ class LogicalUnit:
         ports that have sent a persistent reservation command themselves."""
         return {n.relative_port_id: n.target_port for n in self._users}
 
+    def user_joined(self, nexus: ITNexus) -> None:
+        """An I_T nexus that can reach this LU logged in: the LU is shared from now on, not
+        from its first command.  Until then the other nexus was its sole user and had its
+        READs held for zero-copy, and a first WRITE from the newcomer waited for that
+        host's acknowledgement (zerocopy.py; a single-threaded client driving both paths
+        answers nothing while it waits: 5 s, then the first path was dropped)."""
+        if nexus is not self.sole_user:
+            self._used_by(nexus)
+
     def _used_by(self, nexus: ITNexus) -> None:
         users = self._users
         users.add(nexus)

@@ -163,6 +163,11 @@ class LunMap:
                 if ua.get(nexus) is not None:
                     ua.establish(S.REPORTED_LUNS_DATA_HAS_CHANGED, nexus=nexus)
 
+    def nexus_joined(self, nexus: ITNexus) -> None:
+        """A session that reaches these LUs logged in (see LogicalUnit.user_joined)."""
+        for lu in self._luns.values():
+            lu.user_joined(nexus)
+
     def nexus_lost(self, nexus: ITNexus) -> None:
         self._nexuses.pop(nexus, None)
         if self._last_nexus == nexus:

@@ -396,6 +396,8 @@ class IscsiServer:
         if ok.session_type == "Normal":
             self.session_table[key] = session
         self.by_tsih[ok.tsih] = session
+        if session.luns is not None:
+            session.luns.nexus_joined(session.nexus)  # shared from the login on, not the first command
         return session
 
     def end_session(self, session: TargetSession, reason: str) -> None:

@@ -60,6 +60,9 @@ class FakeLunMap:
     def get(self, lun: int):
         return self if lun == 0 else None
 
+    def nexus_joined(self, nexus) -> None:
+        pass  # the fake has no zero-copy holds to share
+
     def nexus_lost(self, nexus) -> None:
         self.nexuses.discard(nexus)
 

@@ -114,6 +114,27 @@ async def test_large_read_is_sent_from_the_file_and_held_until_acknowledged(zc):
     assert data == old[:8 * BS] and not zc.lu.fence.holds
 
 
+async def test_a_second_session_shares_the_lu_from_its_login_not_its_first_command(zc):
+    """Holds are for a sole user only; a host that has logged in but sent nothing yet makes
+    the LU shared already.  Before, the first host's READs were still held, and the
+    newcomer's first WRITE there waited for the first host to acknowledge them (5 s, then
+    the first host dropped, with a single-threaded client driving both sessions)."""
+    content = os.urandom(SIZE)
+    zc.lu.backstore.write(0, content)
+    a = await session(zc, 0x400000000111)
+    b = await Wire.open(zc.port)
+    assert (await b.login(IQN_T, initiator="iqn.2026-11.org.sanstack.test:zcb", isid=0x400000000112)).status_class == 0
+    a.command(read10(0, BLOCKS), read=True, edtl=SIZE)
+    data, status = await read_reply(a)
+    assert data == content and status.status == 0
+    assert not zc.lu.fence.holds, "READ held although another session can reach the LU"
+    b.w.close()
+    await until(lambda: zc.lu.sole_user is not None)  # alone again once b's session ends
+    a.command(read10(0, BLOCKS), read=True, edtl=SIZE)
+    data, _ = await read_reply(a)
+    assert data == content and len(zc.lu.fence.holds) == 1
+
+
 async def test_write_waits_until_the_reader_has_the_old_data(zc):
     old, new = os.urandom(SIZE), os.urandom(64 * BS)
     zc.lu.backstore.write(0, old)
