@@ -702,12 +702,14 @@ class LogicalUnit:
 
         The per-I/O shortcut of :meth:`start` for the one outcome most commands have:
         GOOD with the data at once.  It makes the same checks in the same order and gives
-        up (None) wherever :meth:`start` would do anything else — a unit attention to
-        report, a reservation, an ORDERED barrier, a not-ready state, any error, a large
-        transfer read in steps — and the caller then runs the command through
-        :meth:`start`, which decides.  ``zero_copy`` as in :class:`ScsiCommand`.  No
-        command or result objects and one call instead of five: a measurable part of a
-        READ's cost.  tests/unit/test_read_now.py holds it to :meth:`start`.
+        up (None, nothing done) wherever :meth:`start` would do anything else — a unit
+        attention to report, a reservation, an ORDERED barrier, a not-ready state, a CDB
+        error, a large transfer read in steps — and the caller then runs the command
+        through :meth:`start`, which decides.  A read that fails once started is answered
+        here (a CHECK CONDITION :class:`ScsiResult`, as :meth:`start` would answer it).
+        ``zero_copy`` as in :class:`ScsiCommand`.  No command or result objects and one call
+        instead of five: a measurable part of a READ's cost.  tests/unit/test_read_now.py
+        holds it to :meth:`start`.
         """
         if nexus is not self.sole_user:
             self._used_by(nexus)
@@ -744,8 +746,10 @@ class LogicalUnit:
             if length > LARGE_TRANSFER_STEP:
                 return None
             return self.backstore.read(lba * bs, length)
-        except Exception:
-            return None  # start() runs it again and reports the failure
+        except Exception as e:
+            # Answered here, as start() would: the failure may not happen twice (a deferred
+            # error of an earlier gathered write is raised once, then it is gone).
+            return self._failed(cdb, self._table[op], e)
 
     # -- atomic writes against READs read in steps ----------------------------------------
     def _write_atomic_handler(self, inner):

@@ -97,7 +97,8 @@ class LunMap:
         return self._no_lu(cmd)
 
     def read_now(self, lun: int, cdb: bytes, nexus: ITNexus, zero_copy: bool):
-        """A SIMPLE READ(10)/(16)'s data at once, or None: see :meth:`LogicalUnit.read_now`."""
+        """A SIMPLE READ(10)/(16)'s data (or failure) at once, or None: see
+        :meth:`LogicalUnit.read_now`."""
         if nexus is not self._last_nexus:
             self._note(nexus)
         lu = self._luns.get(lun)

@@ -798,7 +798,11 @@ class TargetConnection(asyncio.Protocol):
         return True
 
     def _read_answered(self, itt: int, lun_field: int, edtl: int, data) -> None:
-        """Data-In (with status) for a READ that LogicalUnit.read_now answered."""
+        """Data-In (with status) for a READ that LogicalUnit.read_now answered: its data, or
+        the ScsiResult of a read that failed."""
+        if data.__class__ is ScsiResult:
+            self._respond(itt, lun_field, True, False, edtl, None, data)
+            return
         n = len(data)
         if n == edtl and n <= self._one_data_in:
             self._data_in_with_status(itt, lun_field, data, n, 0, 0)

@@ -222,3 +222,23 @@ async def test_a_fault_on_the_lane_ends_that_connection_only(served, monkeypatch
     other.send_raw(command_bytes(other, read10(3, 1), read=True, edtl=512))
     data, status = await answer(other)
     assert status.status == 0 and data == bytes(served.content[3 * BS:4 * BS])
+
+
+async def test_a_read_that_fails_on_the_lane_gets_its_check_condition(served, monkeypatch):
+    wire = await login(served)
+
+    def broken(offset, length):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(served.lu.backstore, "read", broken)
+    served.taken.clear()
+    wire.send_raw(command_bytes(wire, read10(0, 8), read=True, edtl=4096))
+    data, status = await answer(wire)
+    assert not data and status.status == 2
+    sense = bytes(status.data)[2:]
+    assert sense[2] & 0x0F == 0x03  # MEDIUM ERROR, answered on the lane
+    assert served.taken == [True]
+    monkeypatch.undo()
+    wire.send_raw(command_bytes(wire, read10(0, 8), read=True, edtl=4096))
+    data, status = await answer(wire)
+    assert status.status == 0 and data == bytes(served.content[:4096])

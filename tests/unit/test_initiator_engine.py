@@ -446,8 +446,8 @@ async def test_async_logout_request_and_lun_change(fake):
         conn.send(P.AsyncMessage(event=P.AsyncEvent.SCSI_ASYNC_EVENT, statsn=conn.next_statsn(),
                                  data=P.ScsiResponse.sense_segment(sense)))
         conn.send(P.AsyncMessage(event=P.AsyncEvent.LOGOUT_REQUEST, param3=2, statsn=conn.next_statsn()))
-        for _ in range(100):
-            if s.reconnects:
+        for _ in range(200):  # the reconnect, and the REPORT LUNS that may be queued across it
+            if s.reconnects and s.luns == [0, 1, 2]:
                 break
             await asyncio.sleep(0.02)
         assert "luns_changed" in events

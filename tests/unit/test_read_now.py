@@ -13,6 +13,8 @@ import struct
 
 import pytest
 
+from iscsi.backstore.file import FileBackstore
+from iscsi.scsi.lu import LogicalUnit
 from iscsi.scsi.types import ScsiCommand, ScsiResult, Status, TaskAttr
 from iscsi.scsi.zerocopy import FileExtent
 
@@ -45,14 +47,18 @@ CDBS = [
 ]
 
 
-def twins(tmp_path, kind: str = "file"):
-    """Two LUs with the same pattern on the medium."""
+def twins(tmp_path, kind: str = "file", gather: bool = False):
+    """Two LUs with the same pattern on the medium (``gather``: file backstores that gather
+    writes, as the daemon's do)."""
     lus = []
     pattern = os.urandom(SIZE)
     for i in range(2):
         d = tmp_path / f"lu{i}"
         d.mkdir()
-        lu = make_lu(kind, d, size=SIZE)
+        if gather:
+            lu = LogicalUnit(FileBackstore(d / "lu.img", size=SIZE, gather_writes=True), serial=f"gather{i}")
+        else:
+            lu = make_lu(kind, d, size=SIZE)
         lu.backstore.write(0, pattern)
         lus.append(lu)
     return lus
@@ -69,6 +75,9 @@ async def same_answer(a, b, cdb: bytes, nexus=NEXUS_A, zero_copy: bool = False) 
             (full.status, bytes(as_bytes(full.data)), bytes(full.sense)), cdb.hex()
         release(mine.data, full.data)
         return False
+    if isinstance(data, ScsiResult):  # a read that failed once started: start()'s answer
+        assert (data.status, bytes(data.sense)) == (full.status, bytes(full.sense)), cdb.hex()
+        return True
     assert full.status == Status.GOOD and not full.sense, f"shortcut answered where start() did not: {cdb.hex()}"
     assert as_bytes(data) == as_bytes(full.data), cdb.hex()
     release(data, full.data)
@@ -190,6 +199,37 @@ async def test_a_failing_medium_is_reported_by_start(tmp_path):
         raise OSError(5, "Input/output error")
 
     a.backstore.read = broken
-    assert a.read_now(read10(0, 1), NEXUS_A, False) is None
-    r = await a.execute(ScsiCommand(read10(0, 1), 0, NEXUS_A, b"", BS))
+    r = a.read_now(read10(0, 1), NEXUS_A, False)
+    assert isinstance(r, ScsiResult)
     assert r.status == Status.CHECK_CONDITION and r.sense[2] & 0x0F == 0x03  # MEDIUM ERROR
+    b.backstore.read = broken
+    full = await b.execute(ScsiCommand(read10(0, 1), 0, NEXUS_A, b"", BS))
+    assert (full.status, bytes(full.sense)) == (r.status, bytes(r.sense))
+
+
+@pytest.mark.parametrize("zero_copy", [False, True])
+async def test_a_deferred_write_error_is_reported_by_the_next_read_once(tmp_path, zero_copy):
+    """A gathered write that failed after its GOOD is reported to the LU's next command
+    (SPC-4 §4.5.4 deferred error).  The error is handed out once: a shortcut that swallowed
+    it and let start() read again would answer GOOD and lose it."""
+    a, b = twins(tmp_path, gather=True)
+    await clear_ua(a, b)
+    for lu in (a, b):
+        gather = lu.backstore._gather
+        assert gather is not None, "the file backstore gathers writes"
+        gather.error = OSError(5, "Input/output error")
+    cdb = read16(64, 256) if zero_copy else read10(0, 1)
+    assert await same_answer(a, b, cdb, zero_copy=zero_copy)  # answered by the shortcut...
+    r = await b.execute(ScsiCommand(cdb, 0, NEXUS_A, b"", 1 << 20, zero_copy=zero_copy))
+    assert r.status == Status.GOOD  # ...and once: the next READ is GOOD again
+    first = await Initiator(a).cmd(cdb)
+    assert first.status == Status.GOOD
+
+
+async def test_a_deferred_write_error_reaches_the_initiator_through_the_shortcut(tmp_path):
+    a, b = twins(tmp_path, gather=True)
+    await clear_ua(a, b)
+    a.backstore._gather.error = OSError(5, "Input/output error")
+    r = a.read_now(read10(0, 1), NEXUS_A, False)
+    assert isinstance(r, ScsiResult) and r.status == Status.CHECK_CONDITION
+    assert r.sense[0] & 0x7F == 0x71  # deferred error, fixed format (SPC-4 §4.5.4)
