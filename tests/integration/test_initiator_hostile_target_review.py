@@ -28,24 +28,12 @@ from iscsi.initiator import scsi
 from iscsi.initiator.device import BlockDevice
 from iscsi.initiator.errors import ConnectionLost, IscsiError
 from iscsi.initiator.session import Session
-from tests.unit.test_initiator_engine import FakeConn, FakeTarget, open_session
+from tests.unit.test_initiator_engine import FakeConn, FakeTarget, fake, open_session, started_targets
 
 R = P.RESERVED_TAG
 KiB = 1024
 
 
-@pytest.fixture
-async def fake():
-    targets: list[FakeTarget] = []
-
-    async def make(handler=None, **kw) -> FakeTarget:
-        t = await FakeTarget(handler, **kw).start()
-        targets.append(t)
-        return t
-
-    yield make
-    for t in targets:
-        await t.stop()
 
 
 def read_cmd(pdu: P.Pdu, op: int = 0x88) -> bool:
@@ -367,18 +355,7 @@ class LoginHookTarget(FakeTarget):
         await conn.run()
 
 
-@pytest.fixture
-async def hooked():
-    targets: list[LoginHookTarget] = []
-
-    async def make(mangle=None, **kw) -> LoginHookTarget:
-        t = await LoginHookTarget(mangle, **kw).start()
-        targets.append(t)
-        return t
-
-    yield make
-    for t in targets:
-        await t.stop()
+hooked = started_targets(LoginHookTarget)
 
 
 def add_text(extra: bytes, *, stage: int | None = None):

@@ -23,6 +23,7 @@ from iscsi.target.connection import TargetConnection
 from iscsi.target.server import IscsiServer
 
 from .fakes import FakeRegistry, FakeTarget
+from .test_zero_copy_reads import read_reply as answer
 from .wire import Wire
 
 IQN_T = "iqn.2026-11.org.sanstack:raw"
@@ -94,21 +95,6 @@ def command_bytes(wire: Wire, cdb: bytes, *, read=False, write=False, edtl=0, da
         assert not wire.header_digest and not data
         return bytes(header)
     return encode_bytes(pdu, header_digest=wire.header_digest, data_digest=wire.data_digest)
-
-
-async def answer(wire: Wire) -> tuple[bytes, P.Pdu]:
-    """Data-In bytes up to the status, and the PDU that carried the status."""
-    data = b""
-    while True:
-        pdu = await wire.recv(5.0)
-        if isinstance(pdu, P.NopIn):
-            continue
-        if isinstance(pdu, P.DataIn):
-            data += bytes(pdu.data)
-            if pdu.has_status:
-                return data, pdu
-            continue
-        return data, pdu
 
 
 async def test_ordinary_reads_take_the_raw_lane_and_return_the_medium(served):

@@ -200,18 +200,25 @@ def _write_done(target: FakeTarget, conn: FakeConn, itt: int, cmd: P.ScsiCommand
     conn.status(cmd)
 
 
-@pytest.fixture
-async def fake():
-    targets = []
+def started_targets(cls):
+    """A fixture giving ``make(*args, **kw)``: a started ``cls`` target; all are stopped at the end."""
+    @pytest.fixture
+    async def fixture():
+        targets = []
 
-    async def make(handler=None, **kw) -> FakeTarget:
-        t = await FakeTarget(handler, **kw).start()
-        targets.append(t)
-        return t
+        async def make(*args, **kw):
+            t = await cls(*args, **kw).start()
+            targets.append(t)
+            return t
 
-    yield make
-    for t in targets:
-        await t.stop()
+        yield make
+        for t in targets:
+            await t.stop()
+
+    return fixture
+
+
+fake = started_targets(FakeTarget)
 
 
 async def open_session(t: FakeTarget, **opts) -> Session:
