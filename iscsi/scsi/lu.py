@@ -37,6 +37,7 @@ from .sbc import LARGE_TRANSFER_STEP
 log = logging.getLogger(__name__)
 
 _WRITE_OPCODES = zerocopy.WRITE_OPCODES
+GOOD_WRITE = ScsiResult()  # write_now's GOOD: one shared object, recognised by identity, never handed on
 # Commands without Data-Out that flush the write cache: an I/O error there is a write error.
 _FLUSH_OPCODES = frozenset((0x35, 0x91, 0x1B))  # SYNCHRONIZE CACHE(10)/(16), START STOP UNIT
 # What an EXTENDED COPY's reads and writes of a copy target are, for its reservation check.
@@ -260,10 +261,13 @@ class LogicalUnit:
             # WRITE ATOMIC(16) leaves its range in the log READs in steps look at.
             table[0x9C] = dataclasses.replace(atomic, handler=self._write_atomic_handler(atomic.handler))
         self._table = table
-        # read_now() stands in for these two handlers only.
+        # read_now() and write_now() stand in for these handlers only.
         self._fast_reads = all(
             table[op] is not None and table[op].handler is handler and table[op].sub is None
             for op, handler in ((0x28, sbc.read_10), (0x88, sbc.read_16)))
+        self._fast_writes = all(
+            table[op] is not None and table[op].handler is handler and table[op].sub is None
+            for op, handler in ((0x2A, sbc.write_10), (0x8A, sbc.write_16)))
         self._supported = sorted(
             [sub for s in specs if s.sub for sub in s.sub.values()] + [s for s in specs if not s.sub],
             key=lambda s: (s.opcode, s.sa or 0),
@@ -750,6 +754,58 @@ class LogicalUnit:
             # Answered here, as start() would: the failure may not happen twice (a deferred
             # error of an earlier gathered write is raised once, then it is gone).
             return self._failed(cdb, self._table[op], e)
+
+    def write_now(self, cdb: bytes, nexus: ITNexus, data) -> ScsiResult | None:
+        """A SIMPLE WRITE(10)/WRITE(16) with all its data and nothing in its way, done: its
+        result, or None (nothing done).
+
+        The per-I/O shortcut of :meth:`start` for writes, as :meth:`read_now` is for READs:
+        the same checks in the same order, and None wherever :meth:`start` would do anything
+        but write at once — a unit attention, a reservation, an ORDERED barrier, a not-ready
+        or write-protected LU, a CDB error, data not exactly the CDB's length, FUA or a write
+        cache that is off (both wait for a flush), a zero-copy READ holding the range, a
+        large transfer written in steps.  Once the write is started its failure is answered
+        here, as :meth:`start` answers it.  tests/unit/test_write_now.py holds it to
+        :meth:`start`.
+        """
+        if nexus is not self.sole_user:
+            self._used_by(nexus)
+        if self._abnormal or self.tasks._ordered is not None or not self._fast_writes:
+            return None
+        q = self._ua_pending.get(nexus)
+        if q is None or q:
+            return None
+        op = cdb[0]
+        if op == 0x8A:
+            if cdb[15] & 0x04:
+                return None  # NACA
+            flags, lba, n, _g = RW16.unpack_from(cdb)
+        elif op == 0x2A:
+            if cdb[9] & 0x04:
+                return None
+            flags, lba, _g, n = RW10.unpack_from(cdb)
+        else:
+            return None
+        pr = self.pr
+        if pr is not None and pr.check_conflict(nexus, cdb):
+            return None
+        if flags & 0xE8 or not n or lba + n > self.num_blocks or n > self.max_transfer:
+            return None  # WRPROTECT or FUA, nothing to write, or an error to report
+        if self.read_only or self.mode.swp or not self.mode.wce:
+            return None
+        bs = self.block_size
+        start = lba * bs
+        length = n * bs
+        if len(data) != length or length > LARGE_TRANSFER_STEP:
+            return None
+        fence = self.fence
+        if fence.holds and fence.overlapping(start, start + length):
+            return None  # it waits for the READs holding its range (zerocopy.py)
+        try:
+            self.backstore.write(start, data)
+        except Exception as e:
+            return self._failed(cdb, self._table[op], e)
+        return GOOD_WRITE
 
     # -- atomic writes against READs read in steps ----------------------------------------
     def _write_atomic_handler(self, inner):

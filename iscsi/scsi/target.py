@@ -104,6 +104,13 @@ class LunMap:
         lu = self._luns.get(lun)
         return None if lu is None else lu.read_now(cdb, nexus, zero_copy)
 
+    def write_now(self, lun: int, cdb: bytes, nexus: ITNexus, data) -> ScsiResult | None:
+        """A SIMPLE WRITE(10)/(16) done at once, or None: see :meth:`LogicalUnit.write_now`."""
+        if nexus is not self._last_nexus:
+            self._note(nexus)
+        lu = self._luns.get(lun)
+        return None if lu is None else lu.write_now(cdb, nexus, data)
+
     def _report_luns(self, lu: LogicalUnit | None, cmd: ScsiCommand) -> ScsiResult:
         try:
             if lu is not None:

@@ -28,6 +28,7 @@ from ..log import event
 from ..scsi import zerocopy
 from ..scsi.types import ScsiCommand, ScsiResult, Status, TaskAttr
 from ..scsi.zerocopy import FileExtent
+from ..scsi.lu import GOOD_WRITE as _GOOD_WRITE
 from . import sendpath
 from ..session import DataOutError, StatSequence, WriteTransfer, residual
 from .login import LoginFailure, LoginSuccess, TargetLogin, describe_params
@@ -79,6 +80,7 @@ ZERO_COPY_MAX_BYTES = 16 << 20
 _BHS = P.BHS_STRUCT  # packs a whole response header in one call
 _TASK_ATTRS = tuple(TaskAttr(i) for i in range(5))
 _READ_NOW_OPS = frozenset({0x28, 0x88})  # READ(10), READ(16): LogicalUnit.read_now
+_WRITE_NOW_OPS = frozenset({0x2A, 0x8A})  # WRITE(10), WRITE(16): LogicalUnit.write_now
 _PADDING = (b"", b"\0", b"\0\0", b"\0\0\0")  # by pad length (RFC 7143 §11.1: 4-byte boundary)
 DATA_PHASE_ERROR = (0x4B, 0x00)  # SPC-4 Annex D: ABORTED COMMAND for a broken Data-Out sequence
 decode_lun = P.decode_lun
@@ -821,6 +823,18 @@ class TargetConnection(asyncio.Protocol):
             data = luns.read_now(lun, cdb, session.nexus, edtl >= self._zc_min and self._zero_copy_ok(pdu))
             if data is not None:
                 self._read_answered(pdu.itt, pdu.lun, edtl, data)
+                return
+        elif pdu.write and cdb[0] in _WRITE_NOW_OPS and pdu.attr <= 1 and not pdu.read and not self.closed:
+            # The common WRITE, its data all here (the fast lane's condition): done at once
+            # (LogicalUnit.write_now, which takes only data of exactly the CDB's length, so
+            # nothing is left over: no residual), or None for start().
+            result = luns.write_now(lun, cdb, session.nexus, pdu.data)
+            if result is not None:
+                if result is _GOOD_WRITE:
+                    self._scsi_response(pdu.itt, 0, 0, 0, 0, b"")
+                else:
+                    edtl = pdu.edtl
+                    self._respond(pdu.itt, pdu.lun, False, True, edtl, edtl, result)
                 return
         needed = luns.data_out_length(lun, cdb) if pdu.write or not pdu.read else None
         data_out = pdu.data

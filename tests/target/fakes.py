@@ -91,6 +91,10 @@ class FakeLunMap:
         """The transport's READ shortcut (LunMap.read_now): never taken here, start() decides."""
         return None
 
+    def write_now(self, lun: int, cdb: bytes, nexus, data):
+        """The transport's WRITE shortcut (LunMap.write_now): never taken here either."""
+        return None
+
     def start(self, cmd):
         """The transport's entry point: a result, or a coroutine when it has to wait (always here)."""
         return self.execute(cmd)
