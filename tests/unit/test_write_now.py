@@ -13,13 +13,12 @@ import struct
 
 import pytest
 
-from iscsi.backstore.file import FileBackstore
-from iscsi.scsi.lu import LogicalUnit
 from iscsi.scsi.types import ScsiCommand, ScsiResult, Status, TaskAttr
 from iscsi.scsi.zerocopy import FileExtent
 
 from .test_pr import basic_params, prout_cdb
-from .test_scsi_support import NEXUS_A, NEXUS_B, Initiator, make_lu, read16, rw10, rw16
+from .test_read_now import clear_ua, twins
+from .test_scsi_support import NEXUS_A, NEXUS_B, Initiator, read16, rw10, rw16
 
 BS = 512
 SIZE = 1 << 20
@@ -34,21 +33,6 @@ def write16c(lba: int, n: int, flags: int = 0, control: int = 0) -> bytes:
     return struct.pack(">BBQIBB", 0x8A, flags, lba, n, 0, control)
 
 
-def twins(tmp_path, kind: str = "file", gather: bool = False):
-    lus = []
-    pattern = os.urandom(SIZE)
-    for i in range(2):
-        d = tmp_path / f"lu{i}"
-        d.mkdir()
-        if gather:
-            lu = LogicalUnit(FileBackstore(d / "lu.img", size=SIZE, gather_writes=True), serial=f"wgather{i}")
-        else:
-            lu = make_lu(kind, d, size=SIZE)
-        lu.backstore.write(0, pattern)
-        lus.append(lu)
-    return lus
-
-
 async def same_answer(a, b, cdb: bytes, data: bytes, nexus=NEXUS_A) -> bool:
     """``cdb`` with ``data`` on ``a`` the transport's way and on ``b`` the full way: the same
     answer and the same medium afterwards.  Returns whether the shortcut answered."""
@@ -60,11 +44,6 @@ async def same_answer(a, b, cdb: bytes, data: bytes, nexus=NEXUS_A) -> bool:
     assert (mine.status, bytes(mine.sense)) == (full.status, bytes(full.sense)), cdb.hex()
     assert bytes(a.backstore.read(0, SIZE)) == bytes(b.backstore.read(0, SIZE)), f"media differ after {cdb.hex()}"
     return taken
-
-
-async def clear_ua(*lus, nexus=NEXUS_A) -> None:
-    for lu in lus:
-        await Initiator(lu, nexus).clear_ua()
 
 
 def blocks(n: int) -> bytes:
