@@ -46,6 +46,17 @@ SHUTDOWN_DRAIN_TIMEOUT = 10.0
 SHUTDOWN_LOGOUT_GRACE = 2.0
 
 
+def _text_response(conn: TargetConnection, req: P.TextRequest, data: bytes, *, more: bool) -> None:
+    """One piece of our answer to ``req``; ``more``: pieces of it are still to come (C bit).
+
+    RFC 7143 §11.11.1: F=1 never answers a request with F=0 (the initiator means to go on);
+    a response with F=0 carries a TTT the initiator echoes to get the rest (§11.11.4).
+    """
+    final = not more and req.final
+    conn.send(P.TextResponse(itt=req.itt, cont=more, final=final,
+                             ttt=P.RESERVED_TAG if final else 0x7FFF0001, data=data))
+
+
 class TargetSession:
     """One iSCSI session (MaxConnections=1, so one connection at a time)."""
 
@@ -102,10 +113,7 @@ class TargetSession:
             return
         if pending and req.ttt != P.RESERVED_TAG:
             # Continuation of a long answer of ours (§11.11.1).
-            chunk = pending.pop(0)
-            final = not pending and req.final
-            conn.send(P.TextResponse(itt=req.itt, cont=bool(pending), final=final,
-                                     ttt=P.RESERVED_TAG if final else 0x7FFF0001, data=chunk))
+            _text_response(conn, req, pending.pop(0), more=bool(pending))
             return
         pending.clear()
         conn.text_itt = req.itt
@@ -143,11 +151,7 @@ class TargetSession:
         text = K.encode_text(answers)
         chunks = K.split_text(text, conn.max_send_segment) if text else [b""]
         first, pending[:] = chunks[0], chunks[1:]
-        # §11.11.1: F=1 never answers a request with F=0 (the initiator means to go on);
-        # a response with F=0 carries a TTT the initiator echoes (§11.11.4).
-        final = not pending and req.final
-        conn.send(P.TextResponse(itt=req.itt, cont=bool(pending), final=final,
-                                 ttt=P.RESERVED_TAG if final else 0x7FFF0001, data=first))
+        _text_response(conn, req, first, more=bool(pending))
         if declared is not None:
             # §13.12: MaxRecvDataSegmentLength is declarative and may be declared again in
             # Full Feature Phase; PDUs we send from now on respect the new limit.
