@@ -265,14 +265,15 @@ class TargetLogin:
         name = values.get("InitiatorName")
         if not name:
             raise LoginError(LoginStatus.MISSING_PARAMETER, "InitiatorName missing")
+        invalid: ConfigError | None = None
         try:
             # iSCSI names compare after stringprep (RFC 7143 §4.2.7.1, RFC 3722: case folded):
             # "IQN.X" and "iqn.x" name one initiator, so one session identity (§6.3.5
             # reinstatement by initiator name + ISID) and one I_T nexus.  A name that is not
-            # valid is kept as sent (only a Discovery session or the ACL refusal below sees it).
+            # valid is kept as sent, and refused below with the reason.
             name = canonical_iscsi_name(name)
-        except ConfigError:
-            pass
+        except ConfigError as e:
+            invalid = e
         self._initiator_name = name
         self._initiator_alias = values.get("InitiatorAlias")
         stype = values.get("SessionType", "Normal")
@@ -292,10 +293,8 @@ class TargetLogin:
                 raise LoginError(LoginStatus.NOT_FOUND, f"target {tname} not offered on this portal")
             grant = target.authorize(name)
             if grant is None:
-                try:  # open access admits valid names only: say which rule refused it
-                    canonical_iscsi_name(name)
-                except ConfigError as e:
-                    raise LoginError(LoginStatus.AUTHORIZATION_FAILURE, f"InitiatorName refused: {e}") from None
+                if invalid is not None:  # open access admits valid names only: say which rule refused it
+                    raise LoginError(LoginStatus.AUTHORIZATION_FAILURE, f"InitiatorName refused: {invalid}")
                 raise LoginError(LoginStatus.AUTHORIZATION_FAILURE, "initiator not in the target's ACL")
             self._target, self._grant, self._tpgt = target, grant, tpgt
             creds = grant.chap
@@ -304,12 +303,10 @@ class TargetLogin:
             if target.alias:
                 local["TargetAlias"] = target.alias
         else:
-            try:
+            if invalid is not None:
                 # Every target lists only valid names (an ACL names them, open access admits
                 # them): an invalid one would get an empty list and no word why.
-                canonical_iscsi_name(name)
-            except ConfigError as e:
-                raise LoginError(LoginStatus.AUTHORIZATION_FAILURE, f"InitiatorName refused: {e}") from None
+                raise LoginError(LoginStatus.AUTHORIZATION_FAILURE, f"InitiatorName refused: {invalid}")
             creds = self.registry.discovery_auth()
             local = {}
             self._tpgt = 1
