@@ -9,6 +9,8 @@ from __future__ import annotations
 import struct
 from enum import IntEnum
 
+from .cdb import cdb_length
+
 
 class SenseKey(IntEnum):
     NO_SENSE = 0x0
@@ -126,6 +128,15 @@ class SenseError(Exception):
 def illegal_field(byte: int, bit: int | None = None) -> SenseError:
     """INVALID FIELD IN CDB pointing at CDB byte ``byte`` (and ``bit``)."""
     return SenseError(SenseKey.ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB, field_pointer=byte, bit=bit)
+
+
+def refuse_naca(cdb: bytes) -> None:
+    """NACA=1 in the CONTROL byte (the CDB's last byte) asks for ACA, which is not supported:
+    INVALID FIELD IN CDB at that bit (SAM-5 §5.9.1.4).  For the commands answered without the
+    logical unit's dispatch, which makes this check itself for the rest."""
+    n = cdb_length(cdb[0])
+    if n and len(cdb) >= n and cdb[n - 1] & 0x04:
+        raise illegal_field(n - 1, 2)
 
 
 def illegal_param(byte: int, bit: int | None = None) -> SenseError:

@@ -136,8 +136,7 @@ def report_luns(lu: LogicalUnit | None, cmd: ScsiCommand, luns: list[int]) -> Sc
     checked here: NACA=1 is an INVALID FIELD IN CDB with ACA unsupported (SAM-5 §5.9.1.4).
     """
     cdb = cmd.cdb
-    if len(cdb) > 11 and cdb[11] & 0x04:
-        raise S.illegal_field(11, 2)
+    S.refuse_naca(cdb)
     select = cdb[2]
     if select not in _SELECT_REPORT:
         raise S.illegal_field(2)

@@ -11,7 +11,7 @@ from typing import Awaitable, Iterable
 
 from . import sense as S
 from . import spc, vpd
-from .cdb import MAX_LUN, Op, be16, cdb_length, decode_lun, encode_lun
+from .cdb import MAX_LUN, Op, be16, decode_lun, encode_lun
 from .lu import LogicalUnit
 from .sense import SenseError, SenseKey, build_sense
 from .types import ITNexus, ScsiCommand, ScsiResult, Status
@@ -133,9 +133,7 @@ class LunMap:
             if op == Op.REPORT_LUNS:
                 return self._report_luns(None, cmd)
             if op in (Op.INQUIRY, Op.REQUEST_SENSE):
-                n = cdb_length(op)
-                if len(cdb) >= n and cdb[n - 1] & 0x04:
-                    raise S.illegal_field(n - 1, 2)  # NACA: ACA is not supported (SAM-5 §5.9.1.4)
+                S.refuse_naca(cdb)
             if op == Op.INQUIRY:
                 if cdb[1] & 0x01:
                     raise SenseError(SenseKey.ILLEGAL_REQUEST, S.LOGICAL_UNIT_NOT_SUPPORTED)
