@@ -41,7 +41,7 @@ from collections import deque
 from typing import Any, Callable, Protocol
 
 from .. import pdu as P
-from ..digest import crc32c, pack_digest, unpack_digest
+from ..digest import RESIDUE, crc32c, pack_digest
 from ..framing import LOGIN_MAX_DATA_SEGMENT, MAX_AHS_LENGTH, encode as encode_pdu
 from ..log import event
 from .errors import ConnectionLost, ProtocolViolation
@@ -689,13 +689,13 @@ class Connection(asyncio.BufferedProtocol):
     def _check_header_digest(mv: memoryview, start: int, hlen: int, hd: int) -> None:
         if hd:
             hdr_end = start + hlen - hd
-            if crc32c(mv[start:hdr_end]) != unpack_digest(mv[hdr_end:hdr_end + 4]):
+            if crc32c(mv[start:hdr_end + 4]) != RESIDUE:  # header and digest summed together
                 raise ProtocolViolation(HEADER_DIGEST_ERROR)
 
     @staticmethod
     def _check_data_digest(mv: memoryview, pstart: int, dlen: int) -> None:
         padded = pstart + dlen + (-dlen & 3)
-        if crc32c(mv[pstart:padded]) != unpack_digest(mv[padded:padded + 4]):
+        if crc32c(mv[pstart:padded + 4]) != RESIDUE:
             raise ProtocolViolation(DATA_DIGEST_ERROR)
 
     def stop_receiving_into(self, itt: int) -> None:
@@ -730,10 +730,8 @@ class Connection(asyncio.BufferedProtocol):
         if self.data_digest:
             assert trailer is not None
             dlen = h[4] & 0xFFFFFF
-            dest = dest[:dlen]
-            pad = -dlen & 3
-            data = bytes(dest) + b"\0" * pad if pad else dest
-            if crc32c(data) != unpack_digest(trailer[pad:pad + 4]):
+            # The trailer is the padding and the digest: summed on from the payload's CRC.
+            if crc32c(trailer, crc32c(dest[:dlen])) != RESIDUE:
                 raise ProtocolViolation(DATA_DIGEST_ERROR + " on Data-In")
         self.sink.rx_data_in(h, None)   # payload already in place
 

@@ -1087,9 +1087,7 @@ class TargetConnection(asyncio.Protocol):
         header = _BHS.pack(0x21, 0x80 | flags, 0, status, len(segment), 0, itt, 0,
                            statsn, window.expcmdsn, window.maxcmdsn, datasn, 0, resid)
         out = self._out
-        out.append(header)
-        if self.header_digest:
-            out.append(pack_digest(crc32c(header)))
+        out.append(header + pack_digest(crc32c(header)) if self.header_digest else header)
         if segment:
             padded = segment + _PADDING[-len(segment) & 3]
             out.append(padded)
@@ -1106,11 +1104,13 @@ class TargetConnection(asyncio.Protocol):
         window = self.session.window  # type: ignore[union-attr]
         header = _BHS.pack(0x25, 0x81 | flags, 0, 0, n, lun_field, itt, 0xFFFFFFFF,
                            statsn, window.expcmdsn, window.maxcmdsn, 0, 0, resid)
-        if n & 3 or self.header_digest or self.data_digest:
+        if n & 3 or self.data_digest:
             self._append_pdu(header, data)
         else:
+            # Without padding or a data digest the header (and its digest, one piece with it)
+            # and the data are all there is: no call to _append_pdu.
             out = self._out
-            out.append(header)
+            out.append(header + pack_digest(crc32c(header)) if self.header_digest else header)
             out.append(data)
         if data.__class__ is FileExtent:
             self._held_until_acknowledged(statsn, data)
@@ -1120,9 +1120,7 @@ class TargetConnection(asyncio.Protocol):
     def _append_pdu(self, header: bytes, data) -> None:
         """Queue a packed header and its data segment, with padding and the digests in use."""
         out = self._out
-        out.append(header)
-        if self.header_digest:
-            out.append(pack_digest(crc32c(header)))
+        out.append(header + pack_digest(crc32c(header)) if self.header_digest else header)
         out.append(data)
         pad = -len(data) & 3
         if pad:

@@ -99,6 +99,29 @@ def test_bad_header_digest_raises():
         PduReader(header_digest=True).feed(bytes(raw))
 
 
+def test_residue_check_accepts_exactly_the_right_digest():
+    """Digests are checked as crc32c(bytes + digest) == RESIDUE: every right digest passes,
+    and any change to the bytes, the digest or its byte order fails."""
+    for size in (0, 1, 48, 52, 4096):
+        data = os.urandom(size)
+        good = data + digest.pack_digest(crc32c(data))
+        assert crc32c(good) == digest.RESIDUE == crc32c_reference(good)
+        for bit in range(0, len(good) * 8, 7):
+            bad = bytearray(good)
+            bad[bit // 8] ^= 1 << (bit % 8)
+            assert crc32c(bad) != digest.RESIDUE
+        swapped = data + crc32c(data).to_bytes(4, "big")
+        assert crc32c(data) == int.from_bytes(swapped[-4:], "little") or crc32c(swapped) != digest.RESIDUE
+
+
+def test_bad_header_digest_in_a_later_pdu_raises():
+    raw = bytearray(_stream([P.NopOut(itt=1, data=b"abc"), P.NopOut(itt=2)], header_digest=True))
+    raw[-1] ^= 0x80  # the second PDU's header digest
+    reader = PduReader(header_digest=True)
+    with pytest.raises(HeaderDigestError):
+        reader.feed(bytes(raw))
+
+
 def test_bad_data_digest_reported_not_fatal():
     raw = bytearray(_stream([P.NopOut(itt=1, data=b"abcdef"), P.NopOut(itt=2)], data_digest=True))
     raw[50] ^= 0xFF  # inside the first data segment
