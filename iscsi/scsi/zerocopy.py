@@ -132,19 +132,26 @@ class FileExtent:
     closed).  The range [offset, end) stays unchanged until :meth:`release`.
     """
 
-    __slots__ = ("source", "offset", "length", "end", "fence", "owner", "released")
+    __slots__ = ("source", "offset", "length", "fence", "owner")
 
     def __init__(self, source, offset: int, length: int, fence: "ReadFence") -> None:
         self.source = source
         self.offset = offset
         self.length = length
-        self.end = offset + length
         self.fence = fence
         self.owner: HoldOwner | None = None
-        self.released = False
 
     def __len__(self) -> int:
         return self.length
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    @property
+    def released(self) -> bool:
+        """No longer held (or a piece of a held extent, which is never held itself)."""
+        return self not in self.fence.holds
 
     def read(self, skip: int = 0) -> bytes:
         """The bytes themselves from ``skip`` on (a copy, for when they cannot be sent in place)."""
@@ -158,10 +165,12 @@ class FileExtent:
         return data
 
     def release(self) -> None:
-        """The initiator has the bytes (or never will): writers may change the range again."""
-        if not self.released:
-            self.released = True
-            self.fence._released(self)
+        """The initiator has the bytes (or never will): writers may change the range again.
+        Releasing twice does nothing; a waiting writer is woken (it checks the holds again)."""
+        fence = self.fence
+        fence.holds.discard(self)
+        if fence._changed is not None:
+            fence._wake()
 
 
 class ReadFence:
@@ -182,17 +191,15 @@ class ReadFence:
         self.holds.add(extent)
         return extent
 
-    def _released(self, h: FileExtent) -> None:
-        self.holds.discard(h)
-        changed = self._changed
-        if changed is not None:
-            self._changed = None
-            if not changed.done():
-                changed.set_result(None)
+    def _wake(self) -> None:
+        """A hold was released: the writers waiting in :meth:`clear` look again."""
+        changed, self._changed = self._changed, None
+        if changed is not None and not changed.done():
+            changed.set_result(None)
 
     def overlapping(self, start: int, end: int) -> list[FileExtent]:
         """The holds a write of [start, end) has to wait for."""
-        return [h for h in self.holds if h.offset < end and start < h.end]
+        return [h for h in self.holds if h.offset < end and start < h.offset + h.length]
 
     def drop_holders(self, start: int, end: int) -> None:
         """[start, end) is about to disappear (the LU shrinks): the connections holding any of

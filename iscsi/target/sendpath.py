@@ -22,6 +22,8 @@ from ..log import event
 from ..scsi.zerocopy import FileExtent
 
 _IOV_MAX = 1024  # Linux's limit on the parts of one writev
+_MSG_MORE = socket.MSG_MORE
+_os_sendfile = os.sendfile  # (module-level names: one lookup fewer per READ in send_parts)
 # sendfile errors that mean "not from this file" rather than a broken socket or image.
 _SENDFILE_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 
@@ -99,13 +101,13 @@ def send_parts(sock: socket.socket, parts: list) -> list:
                 j += 1
             if j == i + 1:  # one piece of bytes: a Data-In header
                 try:
-                    sent = sock.send(part, socket.MSG_MORE if j < n else 0)
+                    sent = sock.send(part, _MSG_MORE if j < n else 0)
                 except BlockingIOError:
                     return parts[i:]
                 if sent < len(part):
                     return [memoryview(part)[sent:], *parts[j:]]
             else:
-                rest = _send(sock, parts[i:j], socket.MSG_MORE if j < n else 0)
+                rest = _send(sock, parts[i:j], _MSG_MORE if j < n else 0)
                 if rest:
                     return rest + parts[j:]
             i = j
@@ -113,7 +115,7 @@ def send_parts(sock: socket.socket, parts: list) -> list:
         length = part.length
         src = part.source.fileno
         try:
-            k = os.sendfile(fd, src, part.offset, length) if src >= 0 else -1
+            k = _os_sendfile(fd, src, part.offset, length) if src >= 0 else -1
         except BlockingIOError:
             return parts[i:]
         except OSError as err:

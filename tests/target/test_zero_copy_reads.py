@@ -522,6 +522,7 @@ def test_a_filesystem_that_refuses_sendfile_is_copied_from_then_on(image, monkey
         raise OSError(errno.EINVAL, "Invalid argument")
 
     monkeypatch.setattr(sendpath.os, "sendfile", refuse)
+    monkeypatch.setattr(sendpath, "_os_sendfile", refuse)  # send_parts' own binding
     left, right = socket.socketpair()
     left.setblocking(False)
     t = Transport()
