@@ -68,10 +68,12 @@ class PduReader:
         self.max_data_segment = max_data_segment
         self._buf = bytearray()
         self._pos = 0
-        # take_command(fields, buf, pos) -> bool: offered each bare SCSI Command PDU (a BHS and
-        # its checked header digest, no AHS, no data) before it is decoded, while no PDU of this
-        # feed is waiting in the result (so order is kept); True: it was handled and is consumed.
-        self.take_command: Callable[[tuple, bytearray, int], bool] | None = None
+        # take_command(fields, buf, pos, data_start) -> bool: offered each non-immediate SCSI
+        # Command PDU without AHS (its digests checked; a data segment, if any, from
+        # ``data_start``) before it is decoded, while no PDU of this feed is waiting in the
+        # result (so order is kept); True: it was handled and is consumed.  A bad data digest
+        # is not offered: the regular path reports it.
+        self.take_command: Callable[[tuple, bytearray, int, int], bool] | None = None
 
     @property
     def buffered(self) -> int:
@@ -111,8 +113,10 @@ class PduReader:
             # than a memoryview and its slice.
             if hd and crc32c(buf[pos:data_start]) != RESIDUE:
                 raise HeaderDigestError("header digest mismatch")
-            if take is not None and fields[0] == 0x01 and total == BHS_LEN + hd and not out \
-                    and take(fields, buf, pos):
+            if take is not None and fields[0] == 0x01 and not ahs_len and not out and (
+                    not dd or not data_len
+                    or crc32c(memoryview(buf)[data_start:pos + total]) == RESIDUE) \
+                    and take(fields, buf, pos, data_start):
                 pos += total
                 continue
             payload = bytes(buf[data_start:data_start + data_len]) if data_len else b""

@@ -564,8 +564,8 @@ class TargetConnection(asyncio.Protocol):
         self.reader.data_digest = conn_params.data_digest
         self.reader.max_data_segment = conn_params.max_recv_data_segment_length
         self.session = self.server.bind_session(self, ok)
-        if self.session.luns is not None:  # a Normal session: READs may take the raw lane
-            self.reader.take_command = self._read_arrived
+        if self.session.luns is not None:  # a Normal session: READs and WRITEs may take the raw lane
+            self.reader.take_command = self._command_arrived_raw
         event(log, "login.ok", initiator=ok.initiator_name, target=ok.target.name if ok.target else None,
               type=ok.session_type, isid=f"{ok.isid:012x}", tsih=ok.tsih, cid=ok.cid, tpgt=ok.tpgt,
               peer=self._peer_str(), portal=format_portal(self.local[0], self.local[1]),
@@ -767,20 +767,23 @@ class TargetConnection(asyncio.Protocol):
         for item in session.window.arrive(pdu.cmdsn, task, pdu.immediate):
             self._run_in_order(item)
 
-    def _read_arrived(self, f: tuple, buf: bytearray, pos: int) -> bool:
-        """The raw lane (PduReader.take_command): a bare SCSI Command PDU at ``buf[pos:]``,
-        ``f`` its unpacked BHS.  A READ(10)/(16) that would take the fast lane of
-        :meth:`_scsi_command_arrived` and that the LU answers at once
-        (:meth:`LogicalUnit.read_now`) is answered here, without a PDU object or the
-        dispatch; anything else returns False and is decoded and dispatched as usual.
+    def _command_arrived_raw(self, f: tuple, buf: bytearray, pos: int, data_start: int) -> bool:
+        """The raw lane (PduReader.take_command): a non-immediate SCSI Command PDU at
+        ``buf[pos:]``, ``f`` its unpacked BHS, its data segment (if any) from ``data_start``.
+        A READ(10)/(16) that would take the fast lane of :meth:`_scsi_command_arrived` and
+        that the LU answers at once (:meth:`LogicalUnit.read_now`) is answered here, without
+        a PDU object or the dispatch; a WRITE goes to :meth:`_write_arrived`; anything else
+        returns False and is decoded and dispatched as usual.
 
-        The conditions are those of the fast lane: F and R set, W clear, SIMPLE or untagged,
-        not immediate (the caller checked byte 0), the next CmdSN with nothing held back, a
-        fresh ITT, nothing deferred, no congestion.
+        The conditions are those of the fast lane: F and R set, W clear, no data, SIMPLE or
+        untagged, not immediate (the caller checked byte 0), the next CmdSN with nothing held
+        back, a fresh ITT, nothing deferred, no congestion.
         """
         b1 = f[1]
+        if b1 != 0xC1 and b1 != 0xC0:
+            return (b1 == 0xA1 or b1 == 0xA0) and self._write_arrived(f, buf, pos, data_start)
         op = buf[pos + 32]
-        if (b1 != 0xC1 and b1 != 0xC0) or (op != 0x88 and op != 0x28) or self.closed:
+        if (op != 0x88 and op != 0x28) or f[4] or self.closed:
             return False
         session = self.session
         window = session.window  # type: ignore[union-attr]
@@ -807,6 +810,36 @@ class TargetConnection(asyncio.Protocol):
             self._data_in_with_status(itt, f[5], data, n, 0, 0)
         else:
             self._read_answered(itt, f[5], edtl, data)
+        return True
+
+    def _write_arrived(self, f: tuple, buf: bytearray, pos: int, data_start: int) -> bool:
+        """The raw lane for a WRITE(10)/(16) whose immediate data is the whole transfer (F and
+        W set, R clear, SIMPLE or untagged): done by :meth:`LogicalUnit.write_now` and answered
+        here, without a PDU object or the dispatch, when the fast lane of
+        :meth:`_scsi_command_arrived` would have run it at once and the LU writes it at once;
+        otherwise False, nothing done, and the PDU is decoded and dispatched as usual."""
+        op = buf[pos + 32]
+        edtl = f[7]
+        if (op != 0x8A and op != 0x2A) or f[4] != edtl or edtl > self._immediate_max or self.closed:
+            return False  # (f[4] is the data length: no AHS is offered here)
+        session = self.session
+        window = session.window  # type: ignore[union-attr]
+        itt = f[6]
+        cmdsn = f[8]
+        if (cmdsn != window.expcmdsn or window.pending or itt == 0xFFFFFFFF or itt in self.tasks
+                or self._deferred or self._congested()):
+            return False
+        self._acknowledge(f[9])  # as _ffp_pdu would (harmless to repeat if we decline below)
+        result = session.luns.write_now(  # type: ignore[union-attr]
+            decode_lun(f[5]), bytes(buf[pos + 32:pos + 48]), session.nexus,  # type: ignore[union-attr]
+            bytes(buf[data_start:data_start + edtl]))
+        if result is None:
+            return False
+        window.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF
+        if result is _GOOD_WRITE:
+            self._scsi_response(itt, 0, 0, 0, 0, b"")
+        else:
+            self._respond(itt, f[5], False, True, edtl, edtl, result)
         return True
 
     def _read_answered(self, itt: int, lun_field: int, edtl: int, data) -> None:
