@@ -97,7 +97,7 @@ def login_seeds() -> dict[str, bytes]:
 
 def pdu_stream_seeds() -> dict[str, bytes]:
     def stream(config: int, step: int, pdus: list[P.Pdu]) -> bytes:
-        hd, dd, _limit = READER_CONFIGS[config]
+        hd, dd, _limit = READER_CONFIGS[config % len(READER_CONFIGS)]
         return bytes([config, step]) + b"".join(encode_bytes(p, header_digest=hd, data_digest=dd) for p in pdus)
 
     who = [("InitiatorName", INITIATOR), ("TargetName", TARGET)] + OPERATIONAL
@@ -122,6 +122,17 @@ def pdu_stream_seeds() -> dict[str, bytes]:
         "ffp-small-segments": stream(3, 1, [nop, read, text, logout]),
         "data-over-limit": stream(3, 60, [P.DataOut(itt=2, data=bytes(1024))]),
     }
+    # With a raw lane attached (config + 4): commands it takes (even ITT) and declines (odd)
+    # behind and between other PDUs, in one read (step byte 255) and in small reads.
+    def cmd(itt: int, **kw) -> P.ScsiCommandPdu:
+        return P.ScsiCommandPdu(cmdsn=itt, itt=itt, cdb=bytes.fromhex("28000000000000000800") + bytes(6), **kw)
+
+    lane = [cmd(20, read=True, edtl=4096), nop, cmd(22, read=True, edtl=4096), cmd(23, read=True, edtl=4096),
+            cmd(24, write=True, edtl=1024, data=bytes(range(256)) * 4), text, cmd(26, read=True, edtl=512),
+            dout, cmd(27, write=True, edtl=3, data=b"abc"), cmd(28, read=True, edtl=512)]
+    seeds["lane-one-read"] = stream(4, 255, lane)
+    seeds["lane-both-digests"] = stream(6, 255, lane)
+    seeds["lane-header-digest-small-reads"] = stream(5, 70, lane)
     bad_digest = bytearray(seeds["ffp-both-digests"])
     bad_digest[-5] ^= 0xFF  # the last data digest
     seeds["bad-data-digest"] = bytes(bad_digest)

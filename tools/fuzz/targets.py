@@ -5,6 +5,8 @@
   (digests, MaxRecvDataSegmentLength).  Only PduFormatError / HeaderDigestError may come out
   (the connection answers those with a Reject or a drop, RFC 7143 §7.8, §11.17); the reader
   never buffers more than one PDU's worth of bytes; every PDU it returns is an initiator PDU.
+  Half the inputs run with a raw lane attached (``take_command``): it is offered only bare,
+  non-immediate commands with good digests, in order, and what it takes is not returned.
 - :func:`login` plays a whole login (RFC 7143 §6, §11.12) against
   :class:`iscsi.target.login.TargetLogin` with one of several target set-ups (open, CHAP,
   mutual CHAP, ACL that refuses, discovery with and without CHAP).  Invariants: ``receive``
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from iscsi import auth as A
 from iscsi import keys as K
 from iscsi import pdu as P
+from iscsi.digest import RESIDUE, crc32c
 from iscsi.framing import BadPdu, HeaderDigestError, PduReader
 from iscsi.target.login import LoginFailure, LoginSuccess, TargetLogin
 from iscsi.target.registry import AccessGrant, ChapCredentials
@@ -39,29 +42,89 @@ READER_CONFIGS = [(False, False, 8192), (True, False, 262144), (True, True, 6553
 MAX_AHS = 1024  # iscsi.framing.MAX_AHS_LENGTH
 
 
-def pdu_stream(data: bytes) -> None:
-    if len(data) < 2:
-        return
-    hd, dd, limit = READER_CONFIGS[data[0] % len(READER_CONFIGS)]
-    step = 1 + data[1] % 97  # read sizes 1..97, so every split point gets exercised
-    body = data[2:]
-    reader = PduReader(allowed=P.INITIATOR_OPCODES, header_digest=hd, data_digest=dd, max_data_segment=limit)
-    # One PDU's worth at most stays buffered: header + AHS + digests + data + padding.
-    bound = P.BHS_LEN + MAX_AHS + 4 + limit + 3 + 4
+class _RawLane:
+    """A ``take_command`` hook like the target's raw lane: it checks what it is offered (a
+    non-immediate SCSI Command without AHS, digests good, only while every earlier PDU of the
+    feed was taken too, so order is kept) and takes the commands with an even ITT."""
+
+    def __init__(self, hd: bool, dd: bool) -> None:
+        self.hd, self.dd = hd, dd
+        self.next_pos = 0  # where the next offer must start: 0 at the start of each feed
+        self.taken: list[tuple[int, int]] = []  # (opcode, ITT) of each taken in the current feed
+
+    def __call__(self, fields: tuple, buf: bytearray, pos: int, data_start: int) -> bool:
+        assert pos == self.next_pos, "offered a command behind a PDU not yet dispatched"
+        assert fields[0] == 0x01 and buf[pos] == 0x01 and not fields[4] >> 24, "not a bare command"
+        hd = 4 if self.hd else 0
+        assert data_start == pos + P.BHS_LEN + hd
+        assert not hd or crc32c(bytes(buf[pos:data_start])) == RESIDUE, "bad header digest offered"
+        data_len = fields[4] & 0xFFFFFF
+        end = data_start
+        if data_len:
+            end += (data_len + 3) & ~3
+            if self.dd:
+                end += 4
+                assert crc32c(bytes(buf[data_start:end])) == RESIDUE, "bad data digest offered"
+        assert end <= len(buf)
+        if fields[6] & 1:
+            return False
+        self.next_pos = end
+        self.taken.append((0x01, fields[6]))
+        return True
+
+
+def _key(header: bytes) -> tuple[int, int]:
+    return header[0] & 0x3F, struct.unpack_from(">I", header, 16)[0]
+
+
+def _read_stream(reader: PduReader, body: bytes, step: int, bound: int, limit: int,
+                 lane: _RawLane | None) -> list[tuple[int, int]]:
+    """Feed ``body`` in reads of ``step`` bytes; (opcode, ITT) of every PDU dispatched (taken by
+    the lane or returned), in stream order, up to the first error that would drop the connection."""
+    seen: list[tuple[int, int]] = []
     for pos in range(0, len(body), step):
+        if lane is not None:
+            lane.next_pos, lane.taken = 0, []
         try:
             out = reader.feed(body[pos:pos + step])
         except (P.PduFormatError, HeaderDigestError):
-            return  # the connection would be dropped here: nothing more to check
+            return seen  # the connection would be dropped here: nothing more to check
+        if lane is not None:
+            seen += lane.taken  # all of them came before this feed's first returned PDU
         for item in out:
             if isinstance(item, BadPdu):
                 # Sound lengths, unacceptable contents: answered with a Reject that carries it.
                 assert len(item.header) == P.BHS_LEN and item.reason in set(P.RejectReason)
+                seen.append(_key(item.header))
                 continue
             pdu = getattr(item, "pdu", item)
             assert pdu.OPCODE in P.INITIATOR_OPCODES, f"target opcode {pdu.OPCODE:#x} accepted"
             assert len(pdu.data) <= limit
+            seen.append(_key(item.header) if item is not pdu else (pdu.OPCODE, pdu.itt))
         assert reader.buffered < bound + step, f"reader holds {reader.buffered} bytes"
+    return seen
+
+
+def pdu_stream(data: bytes) -> None:
+    if len(data) < 2:
+        return
+    hd, dd, limit = READER_CONFIGS[data[0] % len(READER_CONFIGS)]
+    body = data[2:]
+    # Read sizes 1..97, so every split point gets exercised; or all of it in one read, so
+    # that many PDUs share one (the raw lane's ordering rule only matters there).
+    step = 1 + data[1] % 97 if data[1] < 194 else max(len(body), 1)
+    # One PDU's worth at most stays buffered: header + AHS + digests + data + padding.
+    bound = P.BHS_LEN + MAX_AHS + 4 + limit + 3 + 4
+
+    def reader() -> PduReader:
+        return PduReader(allowed=P.INITIATOR_OPCODES, header_digest=hd, data_digest=dd, max_data_segment=limit)
+
+    plain = _read_stream(reader(), body, step, bound, limit, None)
+    if data[0] // len(READER_CONFIGS) & 1:  # half the inputs: again with a raw lane attached
+        laned = reader()
+        lane = laned.take_command = _RawLane(hd, dd)
+        # What the lane takes is dispatched exactly once, in its place in the stream.
+        assert _read_stream(laned, body, step, bound, limit, lane) == plain
 
 
 # -- login -----------------------------------------------------------------------------------
