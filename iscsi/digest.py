@@ -101,7 +101,8 @@ pack_digest = _DIGEST.pack
 #: The CRC32C of any bytes followed by their own digest (the CRC's residue).  A digest is
 #: checked with one call over the bytes *and* the digest, ``crc32c(b) == RESIDUE``: the last
 #: four bytes map one-to-one onto the result, so this holds exactly when the digest is right,
-#: and it saves unpacking the digest (a third of a header check's cost).
+#: and it saves unpacking the digest (a third of a header check's cost).  Both the target's
+#: reader (framing.py) and the initiator's receive paths check digests this way.
 RESIDUE = 0x48674BC7
 #: ``unpack_digest_from(buffer, offset)[0]`` reads a digest in place.
 unpack_digest_from = _DIGEST.unpack_from

@@ -66,11 +66,8 @@ DIRECT_MIN = 16384
 RX_ROOM = 64
 _PLAIN_ROOM = BHS_LEN
 
-#: CRC32C of any byte string followed by its own CRC32C sent least significant byte first (the
-#: way iSCSI sends digests, RFC 7143 §12.1) is this constant (the CRC's residue): one CRC call
-#: over header+digest (or data+pad+digest) checks a digest, with no unpack and no compare of
-#: two computed values.  Cross-checked against iscsi.digest in the unit tests.
-DIGEST_RESIDUE = 0x48674BC7
+#: One CRC call over header+digest (or data+pad+digest) checks a digest: iscsi.digest.RESIDUE.
+DIGEST_RESIDUE = RESIDUE
 #: crc32c(buffer[, crc to continue]): iscsi.digest's C function (hardware CRC) when present.
 _crc = crc32c
 HEADER_DIGEST_ERROR = "header digest mismatch (RFC 7143 §7.8: drop the connection)"
@@ -689,13 +686,13 @@ class Connection(asyncio.BufferedProtocol):
     def _check_header_digest(mv: memoryview, start: int, hlen: int, hd: int) -> None:
         if hd:
             hdr_end = start + hlen - hd
-            if crc32c(mv[start:hdr_end + 4]) != RESIDUE:  # header and digest summed together
+            if crc32c(mv[start:hdr_end + 4]) != DIGEST_RESIDUE:  # header and digest summed together
                 raise ProtocolViolation(HEADER_DIGEST_ERROR)
 
     @staticmethod
     def _check_data_digest(mv: memoryview, pstart: int, dlen: int) -> None:
         padded = pstart + dlen + (-dlen & 3)
-        if crc32c(mv[pstart:padded + 4]) != RESIDUE:
+        if crc32c(mv[pstart:padded + 4]) != DIGEST_RESIDUE:
             raise ProtocolViolation(DATA_DIGEST_ERROR)
 
     def stop_receiving_into(self, itt: int) -> None:
@@ -731,7 +728,7 @@ class Connection(asyncio.BufferedProtocol):
             assert trailer is not None
             dlen = h[4] & 0xFFFFFF
             # The trailer is the padding and the digest: summed on from the payload's CRC.
-            if crc32c(trailer, crc32c(dest[:dlen])) != RESIDUE:
+            if crc32c(trailer, crc32c(dest[:dlen])) != DIGEST_RESIDUE:
                 raise ProtocolViolation(DATA_DIGEST_ERROR + " on Data-In")
         self.sink.rx_data_in(h, None)   # payload already in place
 
