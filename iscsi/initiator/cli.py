@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import math
 import os
@@ -212,13 +213,34 @@ def discover(obj: _Ctx, portal: str, save: bool) -> None:
     targets = _run(do_discover(u.host, u.port, url=u, initiator_name=obj.initiator_name, keys=obj.keys,
                                timeout=min(LOGIN_TIMEOUT, obj.timeout)))
     store = NodeStore() if save else None
+    withheld = []
     for t in targets:
         for host, port, tpgt in t.portals:
             click.echo(f"{format_portal(host, port)},{tpgt} {t.name}")
-            if store is not None:
-                store.upsert(NodeRecord(target=t.name, host=host, port=port, tpgt=tpgt, user=u.user,
-                                        password=u.password, target_user=u.target_user,
-                                        target_password=u.target_password))
+            if store is None:
+                continue
+            # The CHAP credentials given for discovery go only to portals at the address they
+            # were given for: a portal elsewhere (which the discovery answer alone names) would
+            # otherwise be sent responses to its own challenges, enough for an offline guess.
+            same_host = _same_address(host, u.host)
+            if u.user and not same_host:
+                withheld.append(f"{format_portal(host, port)} {t.name}")
+            store.upsert(NodeRecord(target=t.name, host=host, port=port, tpgt=tpgt,
+                                    user=u.user if same_host else None,
+                                    password=u.password if same_host else None,
+                                    target_user=u.target_user if same_host else None,
+                                    target_password=u.target_password if same_host else None))
+    for where in withheld:
+        click.echo(f"note: saved {where} without the discovery CHAP credentials (another address); "
+                   "give them with: node add iscsi://USER%SECRET@HOST:PORT/TARGET", err=True)
+
+
+def _same_address(a: str, b: str) -> bool:
+    """Do two portal hosts name the same address (case and IPv6 spelling aside)?"""
+    try:
+        return ipaddress.ip_address(a.strip("[]")) == ipaddress.ip_address(b.strip("[]"))
+    except ValueError:
+        return a.strip("[]").lower() == b.strip("[]").lower()
 
 
 async def _lun_table(u: IscsiUrl, obj: _Ctx) -> list[dict]:
