@@ -262,12 +262,12 @@ class LogicalUnit:
             table[0x9C] = dataclasses.replace(atomic, handler=self._write_atomic_handler(atomic.handler))
         self._table = table
         # read_now() and write_now() stand in for these handlers only.
-        self._fast_reads = all(
-            table[op] is not None and table[op].handler is handler and table[op].sub is None
-            for op, handler in ((0x28, sbc.read_10), (0x88, sbc.read_16)))
-        self._fast_writes = all(
-            table[op] is not None and table[op].handler is handler and table[op].sub is None
-            for op, handler in ((0x2A, sbc.write_10), (0x8A, sbc.write_16)))
+        def plain(pairs) -> bool:
+            return all(table[op] is not None and table[op].handler is handler and table[op].sub is None
+                       for op, handler in pairs)
+
+        self._fast_reads = plain(((0x28, sbc.read_10), (0x88, sbc.read_16)))
+        self._fast_writes = plain(((0x2A, sbc.write_10), (0x8A, sbc.write_16)))
         self._supported = sorted(
             [sub for s in specs if s.sub for sub in s.sub.values()] + [s for s in specs if not s.sub],
             key=lambda s: (s.opcode, s.sa or 0),

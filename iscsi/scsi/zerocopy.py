@@ -129,7 +129,7 @@ class FileExtent:
     It stands in for the bytes in a :class:`~iscsi.scsi.types.ScsiResult` and is only
     produced for a transport that asked for it (``ScsiCommand.zero_copy``).  ``source``
     is the backstore (its ``fileno`` is -1 once the LU was removed and the image
-    closed).  The range [offset, end) stays unchanged until :meth:`release`.
+    closed).  The range [offset, offset + length) stays unchanged until :meth:`release`.
     """
 
     __slots__ = ("source", "offset", "length", "fence", "owner")
@@ -143,10 +143,6 @@ class FileExtent:
 
     def __len__(self) -> int:
         return self.length
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.length
 
     @property
     def released(self) -> bool:
