@@ -704,14 +704,21 @@ class TargetConnection(asyncio.Protocol):
         self._next_ttt = (ttt + 1) & 0x7FFFFFFF or 1
         return ttt
 
+    def _runs_now(self, cmdsn: int, itt: int) -> bool:
+        """The fast lane's rule for a non-immediate command: the next CmdSN with nothing held
+        back, a fresh ITT (not the reserved one), nothing deferred, no congestion.  (The raw
+        READ lane writes it out, see _command_arrived_raw.)"""
+        window = self.session.window  # type: ignore[union-attr]
+        return (cmdsn == window.expcmdsn and not window.pending and itt != 0xFFFFFFFF
+                and itt not in self.tasks and not self._deferred and not self._congested())
+
     def _scsi_command_arrived(self, pdu: P.ScsiCommandPdu) -> None:
         session = self.session
         assert session is not None
         window = session.window
-        # Fast lane: the next command in CmdSN order, all its data already here (a read,
-        # or a write whose immediate data is the whole transfer), nothing held back.
-        if (pdu.cmdsn == window.expcmdsn and not pdu.immediate and not window.pending
-                and pdu.itt not in self.tasks and not self._deferred and not self._congested()
+        # Fast lane: its turn now, all its data already here (a read, or a write whose
+        # immediate data is the whole transfer).
+        if (not pdu.immediate and self._runs_now(pdu.cmdsn, pdu.itt)
                 and (not pdu.write or (pdu.final and len(pdu.data) == pdu.edtl <= self._immediate_max))
                 and (pdu.write or not pdu.data)):
             window.expcmdsn = (pdu.cmdsn + 1) & 0xFFFFFFFF
@@ -789,9 +796,9 @@ class TargetConnection(asyncio.Protocol):
         window = session.window  # type: ignore[union-attr]
         itt = f[6]
         cmdsn = f[8]
-        # _congested() and _zero_copy_ok() (below) written out: the two calls cost 3.6 % of a
-        # READ's instructions on this lane (callgrind); test_raw_read_lane holds it to the
-        # regular path.
+        # _runs_now() (with _congested()) and _zero_copy_ok() (below) written out: the calls
+        # cost 3.6 % of a READ's instructions on this lane (callgrind); test_raw_read_lane
+        # holds it to the regular path.
         if (cmdsn != window.expcmdsn or window.pending or itt == 0xFFFFFFFF or itt in self.tasks
                 or self._deferred or self._paused or self._out_bytes + self._reserved > WRITE_HIGH_WATER):
             return False
@@ -822,25 +829,27 @@ class TargetConnection(asyncio.Protocol):
         edtl = f[7]
         if (op != 0x8A and op != 0x2A) or f[4] != edtl or edtl > self._immediate_max or self.closed:
             return False  # (f[4] is the data length: no AHS is offered here)
-        session = self.session
-        window = session.window  # type: ignore[union-attr]
-        itt = f[6]
         cmdsn = f[8]
-        if (cmdsn != window.expcmdsn or window.pending or itt == 0xFFFFFFFF or itt in self.tasks
-                or self._deferred or self._congested()):
+        if not self._runs_now(cmdsn, f[6]):
             return False
         self._acknowledge(f[9])  # as _ffp_pdu would (harmless to repeat if we decline below)
+        session = self.session
         result = session.luns.write_now(  # type: ignore[union-attr]
             decode_lun(f[5]), bytes(buf[pos + 32:pos + 48]), session.nexus,  # type: ignore[union-attr]
             bytes(buf[data_start:data_start + edtl]))
         if result is None:
             return False
-        window.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF
+        session.window.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF  # type: ignore[union-attr]
+        self._write_answered(f[6], f[5], edtl, result)
+        return True
+
+    def _write_answered(self, itt: int, lun_field: int, edtl: int, result: ScsiResult) -> None:
+        """The response to a WRITE that LogicalUnit.write_now did: the bare GOOD (it took data
+        of exactly the CDB's length, so there is no residual), or its CHECK CONDITION."""
         if result is _GOOD_WRITE:
             self._scsi_response(itt, 0, 0, 0, 0, b"")
         else:
-            self._respond(itt, f[5], False, True, edtl, edtl, result)
-        return True
+            self._respond(itt, lun_field, False, True, edtl, edtl, result)
 
     def _read_answered(self, itt: int, lun_field: int, edtl: int, data) -> None:
         """Data-In (with status) for a READ that LogicalUnit.read_now answered: its data, or
@@ -873,11 +882,7 @@ class TargetConnection(asyncio.Protocol):
             # nothing is left over: no residual), or None for start().
             result = luns.write_now(lun, cdb, session.nexus, pdu.data)
             if result is not None:
-                if result is _GOOD_WRITE:
-                    self._scsi_response(pdu.itt, 0, 0, 0, 0, b"")
-                else:
-                    edtl = pdu.edtl
-                    self._respond(pdu.itt, pdu.lun, False, True, edtl, edtl, result)
+                self._write_answered(pdu.itt, pdu.lun, pdu.edtl, result)
                 return
         needed = luns.data_out_length(lun, cdb) if pdu.write or not pdu.read else None
         data_out = pdu.data
