@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import struct
 
 import pytest
 
@@ -27,11 +26,12 @@ NB = SIZE // BS
 
 
 def read10c(lba: int, n: int, flags: int = 0, control: int = 0) -> bytes:
-    return struct.pack(">BBIBHB", 0x28, flags, lba, 0, n, control).ljust(16, b"\0")
+    """READ(10) as the transport hands it on: in the 16-byte CDB field."""
+    return rw10(0x28, lba, n, flags, control).ljust(16, b"\0")
 
 
 def read16c(lba: int, n: int, flags: int = 0, control: int = 0) -> bytes:
-    return struct.pack(">BBQIBB", 0x88, flags, lba, n, 0, control)
+    return rw16(0x88, lba, n, flags, control)
 
 
 CDBS = [

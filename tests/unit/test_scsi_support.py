@@ -124,16 +124,16 @@ def write6(lba: int, n: int) -> bytes:
     return bytes((0x0A, (lba >> 16) & 0x1F, (lba >> 8) & 0xFF, lba & 0xFF, n & 0xFF, 0))
 
 
-def rw10(op: int, lba: int, n: int, flags: int = 0) -> bytes:
-    return struct.pack(">BBIBHB", op, flags, lba & 0xFFFFFFFF, 0, n, 0)
+def rw10(op: int, lba: int, n: int, flags: int = 0, control: int = 0) -> bytes:
+    return struct.pack(">BBIBHB", op, flags, lba & 0xFFFFFFFF, 0, n, control)
 
 
 def rw12(op: int, lba: int, n: int, flags: int = 0) -> bytes:
     return struct.pack(">BBIIBB", op, flags, lba & 0xFFFFFFFF, n, 0, 0)
 
 
-def rw16(op: int, lba: int, n: int, flags: int = 0) -> bytes:
-    return struct.pack(">BBQIBB", op, flags, lba & 0xFFFFFFFFFFFFFFFF, n, 0, 0)
+def rw16(op: int, lba: int, n: int, flags: int = 0, control: int = 0) -> bytes:
+    return struct.pack(">BBQIBB", op, flags, lba & 0xFFFFFFFFFFFFFFFF, n, 0, control)
 
 
 def read10(lba, n, flags=0):

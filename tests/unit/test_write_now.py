@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import struct
 
 import pytest
 
@@ -26,11 +25,11 @@ NB = SIZE // BS
 
 
 def write10c(lba: int, n: int, flags: int = 0, control: int = 0) -> bytes:
-    return struct.pack(">BBIBHB", 0x2A, flags, lba, 0, n, control).ljust(16, b"\0")
+    return rw10(0x2A, lba, n, flags, control).ljust(16, b"\0")
 
 
 def write16c(lba: int, n: int, flags: int = 0, control: int = 0) -> bytes:
-    return struct.pack(">BBQIBB", 0x8A, flags, lba, n, 0, control)
+    return rw16(0x8A, lba, n, flags, control)
 
 
 async def same_answer(a, b, cdb: bytes, data: bytes, nexus=NEXUS_A) -> bool:
