@@ -1149,14 +1149,17 @@ class TargetConnection(asyncio.Protocol):
         window = self.session.window  # type: ignore[union-attr]
         header = _BHS.pack(0x25, 0x81 | flags, 0, 0, n, lun_field, itt, 0xFFFFFFFF,
                            statsn, window.expcmdsn, window.maxcmdsn, 0, 0, resid)
-        if n & 3 or self.data_digest:
+        if n & 3:
             self._append_pdu(header, data)
         else:
-            # Without padding or a data digest the header (and its digest, one piece with it)
-            # and the data are all there is: no call to _append_pdu.
+            # Without padding: the header (and its digest, one piece with it), the data and
+            # its digest are all there is, written out here rather than in _append_pdu (per
+            # READ).  A data digest never meets a FileExtent: zero-copy is off with it.
             out = self._out
             out.append(header + pack_digest(crc32c(header)) if self.header_digest else header)
             out.append(data)
+            if self.data_digest:
+                out.append(pack_digest(crc32c(data)))
         if data.__class__ is FileExtent:  # _held_until_acknowledged, written out (per READ)
             data.owner = self
             self._zc_unacked.append((statsn, data))
