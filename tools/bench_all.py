@@ -41,6 +41,7 @@ Exit status: 0 when every run worked (MISSes are results, not failures), 1 when 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -485,6 +486,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--chart", type=Path, help="draw the ratios to this PNG (needs matplotlib)")
     ap.add_argument("--from-json", type=Path, help="do not measure: reprint/redraw a saved --json run")
     args = ap.parse_args(argv)
+    if args.chart and importlib.util.find_spec("matplotlib") is None:
+        # Said before an eight-minute run, not after it.
+        print("--chart needs matplotlib: pip install -e '.[bench]' (or leave out --chart)", file=sys.stderr)
+        return 2
     if args.from_json:
         doc = json.loads(args.from_json.read_text())
         print(format_table(doc["rows"], doc["runs"]))

@@ -11,6 +11,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import require, run
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -43,3 +45,18 @@ def test_bench_hotpath_reports_per_command_cost():
               timeout=120, cwd=REPO_ROOT)
     lines = [l for l in res.stdout.splitlines() if "us/command" in l]
     assert len(lines) == 2 and all("H+D digests" in l for l in lines), res.stdout
+
+
+def test_bench_all_says_before_measuring_that_chart_needs_matplotlib(monkeypatch, capsys, tmp_path):
+    """--chart without matplotlib fails at once with the install line, not after the run."""
+    import importlib.util
+
+    from tools import bench_all
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(bench_all.Bench, "setup", lambda self: pytest.fail("measured anyway"))
+    assert bench_all.main(["--chart", str(tmp_path / "c.png")]) == 2
+    assert ".[bench]" in capsys.readouterr().err
+    assert not (tmp_path / "c.png").exists()
