@@ -186,10 +186,14 @@ class LogicalUnit:
         self.fence = zerocopy.ReadFence()
         self.zero_copy_source = backstore if isinstance(getattr(backstore, "fileno", None), int) \
             and callable(getattr(backstore, "drain", None)) else None
-        # The I_T nexuses using this LU, and the one using it alone (None when shared):
-        # only a sole user's READs are held (zerocopy.py), so a hold can only be in the way
-        # of its own writes, which its next PDU acknowledges.
+        # The I_T nexuses that have sent commands to this LU, and the one using it alone
+        # (None when shared): only a sole user's READs are held (zerocopy.py), so a hold can
+        # only be in the way of its own writes, which its next PDU acknowledges.  A nexus
+        # that logged in through a map of this LU (``_maps``, LunMap.joined) shares it
+        # too, before its first command; the maps keep those, so a login costs no memory
+        # per LU it can reach.
         self._users: set[ITNexus] = set()
+        self._maps: list = []  # the LunMaps that map this LU (LunMap._attach / remove)
         self.sole_user: ITNexus | None = None
         self._flush_next: asyncio.Task | None = None
         self._flush_running: asyncio.Task | None = None
@@ -381,7 +385,8 @@ class LogicalUnit:
         READ(16)/WRITE(16) from the nexus would get RESERVATION CONFLICT there (SPC-4
         §5.13: copies do not bypass reservations).
         """
-        if other is not self and self.served and nexus not in getattr(other, "_users", ()):
+        reachable = getattr(other, "reachable_by", None)
+        if other is not self and self.served and (reachable is None or not reachable(nexus)):
             return "unreachable"
         if getattr(other, "_abnormal", False):
             return "unreachable"  # no medium, sanitizing or sanitize failed
@@ -950,28 +955,50 @@ class LogicalUnit:
         """Relative target port id -> target port name of every nexus that has used this LU:
         where REGISTER AND MOVE may move a reservation to (SPC-4 §6.16.4), not only the
         ports that have sent a persistent reservation command themselves."""
-        return {n.relative_port_id: n.target_port for n in self._users}
+        nexuses = set(self._users).union(*(m.joined for m in self._maps))
+        return {n.relative_port_id: n.target_port for n in nexuses}
 
     def user_joined(self, nexus: ITNexus) -> None:
-        """An I_T nexus that can reach this LU logged in: the LU is shared from now on, not
-        from its first command.  Until then the other nexus was its sole user and had its
-        READs held for zero-copy, and a first WRITE from the newcomer waited for that
-        host's acknowledgement (zerocopy.py; a single-threaded client driving both paths
-        answers nothing while it waits: 5 s, then the first path was dropped)."""
-        if nexus is not self.sole_user:
-            self._used_by(nexus)
+        """An I_T nexus that can reach this LU logged in (LunMap.nexus_joined): the LU is
+        shared from now on, not from its first command.  Otherwise the other nexus stayed its
+        sole user with its READs held for zero-copy, and a first WRITE from the newcomer
+        waited for that host's acknowledgement (zerocopy.py; a single-threaded client driving
+        both paths answers nothing while it waits: 5 s, then the first path was dropped)."""
+        sole = self.sole_user
+        if sole is not None and sole != nexus:
+            self.sole_user = None
+
+    def reachable_by(self, nexus: ITNexus) -> bool:
+        """Has ``nexus`` used this LU, or logged in through a map of it?"""
+        return nexus in self._users or any(nexus in m.joined for m in self._maps)
 
     def _used_by(self, nexus: ITNexus) -> None:
         users = self._users
+        if nexus in users:
+            # Nothing changes, except that a sole user reinstated (an equal nexus of a new
+            # session) is kept as this object: the fast paths compare by identity.
+            if self.sole_user is not None:
+                self.sole_user = nexus
+            return
         users.add(nexus)
-        # ``nexus`` itself (not an equal one kept from a session it reinstated): the fast
-        # paths compare by identity.
-        self.sole_user = nexus if len(users) == 1 else None
+        self._settle_sole_user()
+
+    def _settle_sole_user(self) -> None:
+        """The one nexus using this LU, when no other uses it or has logged in to reach it."""
+        users = self._users
+        sole = next(iter(users)) if len(users) == 1 else None
+        if sole is not None:
+            for m in self._maps:
+                joined = m.joined
+                if len(joined) > 1 or (joined and sole not in joined):
+                    sole = None
+                    break
+        self.sole_user = sole
 
     def nexus_lost(self, nexus: ITNexus) -> None:
         """I_T nexus loss (session closed or reinstated, SAM-5 §6.3.4)."""
         self._users.discard(nexus)
-        self.sole_user = next(iter(self._users)) if len(self._users) == 1 else None
+        self._settle_sole_user()
         self.ua.nexus_lost(nexus)
         self._prevent.discard(nexus)
         if self.pr is not None:

@@ -30,6 +30,9 @@ class LunMap:
         # access) knows the nexuses of all of them; a change to this map concerns only these.
         self._nexuses: dict[ITNexus, None] = {}  # insertion order: the oldest goes first
         self._last_nexus: ITNexus | None = None  # hot path: one identity test per command
+        # The I_T nexuses of the sessions logged in through this map (nexus_joined until
+        # nexus_lost): they can reach its LUs whether or not they have sent commands yet.
+        self.joined: set[ITNexus] = set()
         for n, lu in (luns or {}).items():
             self._attach(n, lu)
 
@@ -40,6 +43,10 @@ class LunMap:
         self._luns[number] = lu
         lu.lun_numbers = self.numbers
         lu.served = True
+        maps = getattr(lu, "_maps", None)
+        if maps is not None and self not in maps:
+            maps.append(self)
+            lu._settle_sole_user()  # the sessions of this map reach it now
 
     def add(self, number: int, lu: LogicalUnit) -> None:
         """Map ``lu`` at ``number``; the nexuses using this map get REPORTED LUNS DATA HAS CHANGED."""
@@ -50,6 +57,10 @@ class LunMap:
 
     def remove(self, number: int) -> LogicalUnit:
         lu = self._luns.pop(number)
+        maps = getattr(lu, "_maps", None)
+        if maps is not None and self in maps and lu not in self._luns.values():
+            maps.remove(self)
+            lu._settle_sole_user()  # the sessions of this map no longer reach it
         self.report_luns_changed()
         return lu
 
@@ -171,10 +182,13 @@ class LunMap:
 
     def nexus_joined(self, nexus: ITNexus) -> None:
         """A session that reaches these LUs logged in (see LogicalUnit.user_joined)."""
+        self.joined.add(nexus)
         for lu in self._luns.values():
-            lu.user_joined(nexus)
+            if lu.sole_user is not None:
+                lu.user_joined(nexus)
 
     def nexus_lost(self, nexus: ITNexus) -> None:
+        self.joined.discard(nexus)  # first: the LUs below settle their sole user without it
         self._nexuses.pop(nexus, None)
         if self._last_nexus == nexus:
             self._last_nexus = None
