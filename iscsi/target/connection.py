@@ -324,7 +324,11 @@ class TargetConnection(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         self._turn_responses = 0
-        if self._write_out() and self._deferred:
+        self._write_out()
+        if self._deferred:
+            # Also when nothing was left to write: an early write (_response_queued) or a
+            # finished READ's reservation may have ended the congestion that held them, and
+            # nothing else would start them (the initiator may be waiting for exactly these).
             self._run_deferred()
 
     def _write_out(self) -> bool:
@@ -1051,6 +1055,8 @@ class TargetConnection(asyncio.Protocol):
         if task.reserved:
             self._reserved -= task.reserved
             task.reserved = 0
+            if self._deferred:
+                self._schedule_flush()  # less reserved output: _flush starts what waited for it
         if self.tasks.get(task.itt) is task:
             del self.tasks[task.itt]
             if self.session is not None:

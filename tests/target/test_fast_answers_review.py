@@ -10,6 +10,8 @@ Every case below was also checked to give the same bytes at decb195 (before the 
 """
 from __future__ import annotations
 
+import asyncio
+
 import struct
 
 import crcmod.predefined
@@ -294,6 +296,42 @@ async def test_fast_lane_respects_congestion(reserved, paused, answered):
         conn._flush()
         pdus = PduReader(allowed=P.TARGET_OPCODES).feed(b"".join(transport.writes))
         assert [(p.itt, bytes(p.data)) for p in pdus] == [(0x55, PATTERN)]
+
+
+async def test_a_deferred_command_starts_when_the_congestion_ended_without_output():
+    """The congestion that deferred a command can end with nothing left to write: the turn's
+    first responses went out early (_response_queued), or a READ's reservation was dropped.
+    The turn's flush must still start it; before, it started only when that flush wrote
+    something, and an initiator waiting for exactly these answers sent nothing more: the
+    session hung (test_concurrency_review's pipelined hosts, 1 run in 4 on a fast machine)."""
+    conn, transport = connect()
+    conn._reserved = C.WRITE_HIGH_WATER + 1
+    exp = conn.session.window.expcmdsn
+    send_command(conn, read10(0, 1), exp, 0x56, read=True, edtl=512)
+    conn._flush()
+    assert len(conn._deferred) == 1 and transport.writes == []
+    conn._reserved = 0                      # congestion over, and nothing queued to write
+    conn._flush()
+    await asyncio.sleep(0)                  # the flush its answer scheduled
+    pdus = PduReader(allowed=P.TARGET_OPCODES).feed(b"".join(transport.writes))
+    assert [(p.itt, bytes(p.data)) for p in pdus] == [(0x56, PATTERN)]
+    assert not conn._deferred
+
+
+async def test_dropping_a_reservation_schedules_the_flush_that_starts_deferred_commands():
+    conn, transport = connect()
+    exp = conn.session.window.expcmdsn
+    conn._reserved = C.WRITE_HIGH_WATER + 1
+    send_command(conn, read10(0, 1), exp, 0x57, read=True, edtl=512)
+    conn._flush()
+    assert len(conn._deferred) == 1
+    big = type("T", (), {"reserved": C.WRITE_HIGH_WATER + 1, "itt": 0x99, "transfer": None})()
+    conn._reserved = big.reserved
+    conn._forget(big)                       # e.g. an aborted READ: no output comes of it
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    pdus = PduReader(allowed=P.TARGET_OPCODES).feed(b"".join(transport.writes))
+    assert [p.itt for p in pdus] == [0x57]
 
 
 @pytest.mark.parametrize("edtl,keys,resid_bits,held", [
