@@ -732,8 +732,11 @@ def pipelined_host(port: int, model: Model, owner: int, lba0: int, nblocks: int,
                 if rng.random() < 0.5:
                     n = rng.choice((128, 256, 1024, 2048))
                     lba = lba0 + rng.randrange(nblocks - n + 1)
+                    # The clock before the READ leaves: taken after it, a WRITE acknowledged
+                    # while this thread waited between the two looked older than the READ.
+                    floor = model.floor(lba, n)
                     itt = c.submit(read10(lba, n), read_len=n * BS, attr=rng.choice((1, 1, 1, 2)))
-                    batch.append(("r", itt, lba, n, model.floor(lba, n)))
+                    batch.append(("r", itt, lba, n, floor))
                 else:
                     n = rng.choice((8, 64, 256, 512))
                     lba = lba0 + rng.randrange(nblocks - n + 1)
