@@ -193,7 +193,7 @@ class LogicalUnit:
         # too, before its first command; the maps keep those, so a login costs no memory
         # per LU it can reach.
         self._users: set[ITNexus] = set()
-        self._maps: list = []  # the LunMaps that map this LU (LunMap._attach / remove)
+        self._maps: list = []  # the LunMaps that map this LU (map_added / map_removed)
         self.sole_user: ITNexus | None = None
         self._flush_next: asyncio.Task | None = None
         self._flush_running: asyncio.Task | None = None
@@ -967,6 +967,18 @@ class LogicalUnit:
         sole = self.sole_user
         if sole is not None and sole != nexus:
             self.sole_user = None
+
+    def map_added(self, lun_map) -> None:
+        """A LunMap maps this LU: the sessions logged in through it reach it from now on."""
+        if lun_map not in self._maps:
+            self._maps.append(lun_map)
+            self._settle_sole_user()
+
+    def map_removed(self, lun_map) -> None:
+        """A LunMap no longer maps this LU: its sessions no longer reach it."""
+        if lun_map in self._maps:
+            self._maps.remove(lun_map)
+            self._settle_sole_user()
 
     def reachable_by(self, nexus: ITNexus) -> bool:
         """Has ``nexus`` used this LU, or logged in through a map of it?"""

@@ -43,10 +43,7 @@ class LunMap:
         self._luns[number] = lu
         lu.lun_numbers = self.numbers
         lu.served = True
-        maps = getattr(lu, "_maps", None)
-        if maps is not None and self not in maps:
-            maps.append(self)
-            lu._settle_sole_user()  # the sessions of this map reach it now
+        lu.map_added(self)
 
     def add(self, number: int, lu: LogicalUnit) -> None:
         """Map ``lu`` at ``number``; the nexuses using this map get REPORTED LUNS DATA HAS CHANGED."""
@@ -57,10 +54,8 @@ class LunMap:
 
     def remove(self, number: int) -> LogicalUnit:
         lu = self._luns.pop(number)
-        maps = getattr(lu, "_maps", None)
-        if maps is not None and self in maps and lu not in self._luns.values():
-            maps.remove(self)
-            lu._settle_sole_user()  # the sessions of this map no longer reach it
+        if lu not in self._luns.values():  # (not still mapped at another number)
+            lu.map_removed(self)
         self.report_luns_changed()
         return lu
 
