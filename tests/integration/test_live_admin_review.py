@@ -876,22 +876,28 @@ async def test_capacity_change_survives_a_reconnect(daemon, tmp_path):
 
 
 async def test_qemu_io_rides_through_a_restart(daemon, tmp_path):
-    """qemu-io (libiscsi) writes 48 MiB in 64 KiB commands while the daemon gets SIGTERM and
+    """qemu-io (libiscsi) writes 96 MiB in 64 KiB commands while the daemon gets SIGTERM and
     is started again on the same file: qemu-io reconnects by itself, exits 0, and every byte
-    it wrote is in the image."""
+    it wrote is in the image.  The restart comes as soon as the first write is in the image
+    (not after a fixed delay: on a fast machine qemu-io once finished within it)."""
     from .conftest import require_qemu_iscsi
 
     require_qemu_iscsi()
     portal = free_portals(1)[0]
-    d = daemon(config(tmp_path, target_cfg(IQN, portal, [(0, "qemu.img", "64M")], open_access=True))).start([portal])
+    d = daemon(config(tmp_path, target_cfg(IQN, portal, [(0, "qemu.img", "128M")], open_access=True))).start([portal])
+    writes = 1536
     cmds: list[str] = []
-    for i in range(768):
+    for i in range(writes):
         cmds += ["-c", f"write -P 0x3c {i * 64}k 64k"]
     qemu = await asyncio.create_subprocess_exec(
         "qemu-io", "-f", "raw", *cmds, "-c", "flush", f"iscsi://{portal}/{IQN}/0",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
     try:
-        await asyncio.sleep(0.3)
+        for _ in range(400):  # until its first write is in the image (page cache), at most 10 s
+            with open(tmp_path / "qemu.img", "rb") as f:
+                if f.read(1) == b"\x3c":
+                    break
+            await asyncio.sleep(0.025)
         assert qemu.returncode is None, "qemu-io finished before the restart: nothing was tested"
         assert await asyncio.to_thread(d.stop) == 0
         await asyncio.sleep(0.3)
@@ -903,10 +909,10 @@ async def test_qemu_io_rides_through_a_restart(daemon, tmp_path):
             await qemu.wait()
     text = out.decode(errors="replace")
     assert qemu.returncode == 0, text[-2000:] + err.decode(errors="replace")[-2000:]
-    assert text.count("wrote 65536/65536") == 768
+    assert text.count("wrote 65536/65536") == writes
     assert d.stop() == 0
     with open(tmp_path / "qemu.img", "rb") as f:
-        assert f.read(48 << 20) == b"\x3c" * (48 << 20)
+        assert f.read(writes << 16) == b"\x3c" * (writes << 16)
     assert "login.ok" in d.log().split("daemon.stopped", 1)[1], "qemu-io never logged in again"
 
 
