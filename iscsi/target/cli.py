@@ -16,6 +16,7 @@ import click
 
 from . import config as C
 from .config import Config, ConfigError, Lun, PortalGroup, Target
+from . import stats as S
 from .control import SYSTEM_SOCKET, ControlClient, ControlError, DaemonNotRunning
 
 DEFAULT_TARGET = "iqn.2026-11.org.sanstack:default"
@@ -188,6 +189,7 @@ def main(ctx: click.Context, control: Path | None) -> None:
     iscsi-target serve                      default target, 1 GiB LUN, 127.0.0.1:3260
     iscsi-target serve --portal 127.0.0.1:3261 --target iqn.2026-11.org.example:t1 --lun /path/disk.img:1G
     iscsi-target status
+    iscsi-target stats -i 2 -c 5            I/O rates per session, five 2-second reports
 
     Exit codes: 0 ok, 1 failed, 2 usage, 3 daemon not running.
     """
@@ -724,8 +726,14 @@ def _render_status(st: dict) -> str:
     if not sessions:
         lines.append("no sessions")
         return "\n".join(lines)
+    for r in sessions:
+        counters = r.get("stats") or {}
+        r["commands"] = counters.get("commands")
+        r["received"] = S.human_bytes(counters.get("rx_bytes", 0))
+        r["sent"] = S.human_bytes(counters.get("tx_bytes", 0))
     lines.append(_table(sessions, [("target", "TARGET"), ("initiator", "INITIATOR"), ("isid", "ISID"),
-                                   ("tsih", "TSIH")]))
+                                   ("tsih", "TSIH"), ("commands", "CMDS"), ("received", "RECEIVED"),
+                                   ("sent", "SENT")]))
     for s in sessions:
         for c in s.get("connections") or []:
             params = c.get("params") or {}
@@ -746,6 +754,43 @@ def status(as_json: bool, control: Path | None) -> None:
         _echo_json(st)
     else:
         click.echo(_render_status(st))
+
+
+@main.command()
+@click.option("-i", "--interval", type=click.FloatRange(0.1, 3600), default=1.0, show_default=True,
+              help="Seconds each report measures.")
+@click.option("-c", "--count", type=click.IntRange(1, 1_000_000), default=1, show_default=True,
+              help="Reports to print, one per interval (Ctrl-C stops early).")
+@_json_option
+@_control_option
+def stats(interval: float, count: int, as_json: bool, control: Path | None) -> None:
+    """I/O rates per session: commands/s and MB/s received and sent, as iostat measures them.
+
+    Each report covers the INTERVAL before it; `iscsi-target status` shows the totals since
+    each login."""
+    import time
+
+    before = _call(control, "status")
+    try:
+        for n in range(count):
+            time.sleep(interval)
+            after = _call(control, "status")
+            rows = S.rates(before, after)
+            before = after
+            if as_json:
+                click.echo(json.dumps({"interval": interval, "sessions": rows, "total": S.totals(rows)}))
+                continue
+            if n:
+                click.echo("")
+            if not rows:
+                click.echo("no sessions")
+                continue
+            table = [S.display(r) for r in rows] + [S.display(S.totals(rows))]
+            click.echo(_table(table, [("target", "TARGET"), ("initiator", "INITIATOR"), ("tsih", "TSIH"),
+                                      ("cmds_per_s", "CMD/s"), ("rx_mb_per_s", "RECV MB/s"),
+                                      ("tx_mb_per_s", "SENT MB/s")]))
+    except KeyboardInterrupt:
+        pass
 
 
 @main.group("config")

@@ -138,6 +138,12 @@ class TargetConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self._out: list = []
         self._out_bytes = 0  # queued in _out, not yet handed to the transport
+        # Traffic counters for `iscsi-target stats` (like LIO's iscsi_sess_stats rx/txdata_octs):
+        # added once per recv and once per writev, never per PDU.  Bytes of PDU headers and
+        # data segments; digests and padding are not counted.
+        self.rx_bytes = 0
+        self.tx_bytes = 0
+        self.data_digest_errors = 0
         # Data-In that running (suspended) READs will produce: a large READ is read in steps
         # (sbc.LARGE_TRANSFER_STEP), so its output exists before it is queued.
         self._reserved = 0
@@ -242,6 +248,7 @@ class TargetConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_rx = time.monotonic()
+        self.rx_bytes += len(data)
         self._nop_outstanding = None  # the peer is alive; whatever it sent answers our ping
         try:
             pdus = self.reader.feed(data)  # READs on the raw lane are answered in there
@@ -339,6 +346,7 @@ class TargetConnection(asyncio.Protocol):
         if not self._out or self.closed or self.transport is None:
             return False
         out, self._out = self._out, []
+        self.tx_bytes += self._out_bytes
         self._out_bytes = 0
         if self._backlog:
             self._zc_out = False
@@ -1269,6 +1277,7 @@ class TargetConnection(asyncio.Protocol):
     def _data_digest_failure(self, item: DataDigestFailure) -> None:
         """RFC 7143 §7.8: Reject the PDU with reason Data Digest Error; ERL 0 then fails the task."""
         event(log, "conn.data_digest_error", logging.WARNING, peer=self._peer_str())
+        self.data_digest_errors += 1
         self._reject(None, P.RejectReason.DATA_DIGEST_ERROR, header=item.header)
         pdu = item.pdu
         task = None

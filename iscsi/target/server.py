@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 from .. import keys as K
@@ -73,6 +74,8 @@ class TargetSession:
         self.params = ok.params
         self.luns = ok.grant.luns if ok.grant is not None else None
         self.window = CommandWindow(ok.cmdsn)
+        self.first_cmdsn = self.window.expcmdsn
+        self.logged_in_at = time.monotonic()
         self.connection: TargetConnection | None = conn
         self.offered = ok.offered
         self.answered = ok.answered
@@ -292,6 +295,21 @@ class TargetSession:
                 "tasks": len(conn.tasks),
                 "params": describe_params(self.params),
             }],
+            "stats": self.stats(),
+        }
+
+    def stats(self) -> dict[str, int | float]:
+        """Counters since login, for ``iscsi-target status`` and ``stats`` (rates are the
+        difference of two samples): commands numbered by CmdSN (immediate ones, which take
+        no CmdSN, are not counted), bytes received and sent by its connection, data digest
+        errors, and seconds since login."""
+        conn = self.connection
+        return {
+            "commands": (self.window.expcmdsn - self.first_cmdsn) & 0xFFFFFFFF,
+            "rx_bytes": conn.rx_bytes if conn is not None else 0,
+            "tx_bytes": conn.tx_bytes if conn is not None else 0,
+            "data_digest_errors": conn.data_digest_errors if conn is not None else 0,
+            "seconds": round(time.monotonic() - self.logged_in_at, 3),
         }
 
 

@@ -1,0 +1,79 @@
+"""Per-session I/O rates for ``iscsi-target stats``, from two ``status`` samples (as iostat does).
+
+The daemon keeps only counters since each login (commands, bytes received, bytes sent: see
+``TargetSession.stats``) and its own monotonic clock; a rate is the difference of two samples
+divided by the daemon-clock time between them, so the admin command's own delays do not
+skew it.  Pure functions on the ``status`` dicts: no I/O here.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+#: A session is the same one in two samples when these match (a re-login gets a new TSIH).
+_KEY_FIELDS = ("target", "initiator", "isid", "tsih")
+
+
+def _key(session: dict[str, Any]) -> tuple:
+    return tuple(session.get(k) for k in _KEY_FIELDS)
+
+
+def _counters(session: dict[str, Any]) -> dict[str, float]:
+    st = session.get("stats") or {}
+    return {k: float(st.get(k, 0) or 0) for k in ("commands", "rx_bytes", "tx_bytes", "seconds")}
+
+
+def rates(before: dict[str, Any], after: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per session in ``after``: commands/s and MB/s received and sent since ``before``.
+
+    A session that logged in between the samples is measured from its login (its counters
+    started at zero then); one that ended is not listed.  Counters that went backwards (the
+    daemon restarted between samples) are measured from zero as well.
+    """
+    elapsed = float(after.get("clock", 0)) - float(before.get("clock", 0))
+    earlier = {_key(s): _counters(s) for s in before.get("sessions") or []}
+    rows = []
+    for s in after.get("sessions") or []:
+        now = _counters(s)
+        was = earlier.get(_key(s))
+        if was is None or elapsed <= 0 or any(now[k] < was[k] for k in now):
+            was = {k: 0.0 for k in now}
+            span = now["seconds"]
+        else:
+            span = elapsed
+        span = span if span > 0 else float("inf")
+        rows.append({
+            "target": s.get("target"),
+            "initiator": s.get("initiator"),
+            "tsih": s.get("tsih"),
+            "type": s.get("type"),
+            "cmds_per_s": (now["commands"] - was["commands"]) / span,
+            "rx_mb_per_s": (now["rx_bytes"] - was["rx_bytes"]) / span / 1e6,
+            "tx_mb_per_s": (now["tx_bytes"] - was["tx_bytes"]) / span / 1e6,
+        })
+    rows.sort(key=lambda r: (str(r["target"]), str(r["initiator"]), r["tsih"] or 0))
+    return rows
+
+
+def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sum of ``rows`` as one more row (for the table's last line)."""
+    return {
+        "target": "TOTAL", "initiator": f"{len(rows)} session(s)", "tsih": None, "type": None,
+        "cmds_per_s": sum(r["cmds_per_s"] for r in rows),
+        "rx_mb_per_s": sum(r["rx_mb_per_s"] for r in rows),
+        "tx_mb_per_s": sum(r["tx_mb_per_s"] for r in rows),
+    }
+
+
+def display(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with its rates rounded for a table (commands/s whole, MB/s to 0.1)."""
+    return {**row, "cmds_per_s": f"{row['cmds_per_s']:.0f}", "rx_mb_per_s": f"{row['rx_mb_per_s']:.1f}",
+            "tx_mb_per_s": f"{row['tx_mb_per_s']:.1f}"}
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB': counters in the status table."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

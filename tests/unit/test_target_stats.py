@@ -1,0 +1,62 @@
+"""iscsi/target/stats.py: rates between two ``status`` samples, as ``iscsi-target stats`` prints them."""
+from __future__ import annotations
+
+import pytest
+
+from iscsi.target import stats as S
+
+T, A, B = "iqn.2026-11.org.x:t", "iqn.2026-11.org.x:a", "iqn.2026-11.org.x:b"
+
+
+def _session(initiator: str, tsih: int, commands: int, rx: int, tx: int, seconds: float) -> dict:
+    return {"target": T, "initiator": initiator, "isid": "400000000001", "tsih": tsih, "type": "Normal",
+            "stats": {"commands": commands, "rx_bytes": rx, "tx_bytes": tx, "seconds": seconds}}
+
+
+def test_rates_divide_by_the_daemon_clock_between_samples():
+    before = {"clock": 100.0, "sessions": [_session(A, 1, 1_000, 10_000_000, 0, 50.0)]}
+    after = {"clock": 102.0, "sessions": [_session(A, 1, 5_000, 30_000_000, 8_000_000, 52.0)]}
+    (row,) = S.rates(before, after)
+    assert row["cmds_per_s"] == pytest.approx(2_000)
+    assert row["rx_mb_per_s"] == pytest.approx(10.0)
+    assert row["tx_mb_per_s"] == pytest.approx(4.0)
+
+
+def test_a_session_that_logged_in_between_samples_counts_from_its_login():
+    before = {"clock": 10.0, "sessions": [_session(A, 1, 0, 0, 0, 5.0)]}
+    after = {"clock": 12.0, "sessions": [_session(A, 1, 0, 0, 0, 7.0), _session(B, 2, 500, 0, 1_000_000, 0.5)]}
+    rows = {r["initiator"]: r for r in S.rates(before, after)}
+    assert rows[A]["cmds_per_s"] == 0
+    assert rows[B]["cmds_per_s"] == pytest.approx(1_000)   # 500 commands in its 0.5 s
+    assert rows[B]["tx_mb_per_s"] == pytest.approx(2.0)
+
+
+def test_ended_sessions_are_dropped_and_a_relogin_is_a_new_session():
+    before = {"clock": 0.0, "sessions": [_session(A, 1, 9_000, 0, 0, 30.0)]}
+    # Same initiator, new TSIH: its counters started again at its login 1 s ago.
+    after = {"clock": 1.0, "sessions": [_session(A, 3, 100, 0, 0, 1.0)]}
+    (row,) = S.rates(before, after)
+    assert row["tsih"] == 3 and row["cmds_per_s"] == pytest.approx(100)
+
+
+def test_counters_that_went_backwards_are_measured_from_zero():
+    # The daemon restarted between samples and TSIHs repeat: never a negative rate.
+    before = {"clock": 500.0, "sessions": [_session(A, 1, 9_000, 9_000, 9_000, 400.0)]}
+    after = {"clock": 2.0, "sessions": [_session(A, 1, 10, 2_000_000, 0, 2.0)]}
+    (row,) = S.rates(before, after)
+    assert row["cmds_per_s"] == pytest.approx(5) and row["rx_mb_per_s"] == pytest.approx(1.0)
+
+
+def test_totals_and_display():
+    before = {"clock": 0.0, "sessions": [_session(A, 1, 0, 0, 0, 1.0), _session(B, 2, 0, 0, 0, 1.0)]}
+    after = {"clock": 1.0, "sessions": [_session(A, 1, 10, 1_500_000, 0, 2.0),
+                                        _session(B, 2, 20, 0, 2_250_000, 2.0)]}
+    total = S.totals(S.rates(before, after))
+    assert total["cmds_per_s"] == 30 and total["initiator"] == "2 session(s)"
+    shown = S.display(total)
+    assert (shown["cmds_per_s"], shown["rx_mb_per_s"], shown["tx_mb_per_s"]) == ("30", "1.5", "2.2")
+
+
+@pytest.mark.parametrize("n, text", [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (5 << 30, "5.0 GiB")])
+def test_human_bytes(n, text):
+    assert S.human_bytes(n) == text
