@@ -476,10 +476,13 @@ def lun_list(iqn: str | None, as_json: bool, control: Path | None) -> None:
         return
     for r in rows:
         r["size_h"] = C.format_size(r["size"]) if r.get("size") is not None else "-"
+        r["used"] = S.allocation(r.get("allocated"), r.get("size"))
         r["mode"] = (("ro" if r["read_only"] else "rw") + (",swp" if r.get("swp") else "")
                      + (",removable" if r["removable"] else "") + (",ejected" if r.get("ejected") else ""))
-    click.echo(_table(rows, [("target", "TARGET"), ("lun", "LUN"), ("size_h", "SIZE"), ("block_size", "BS"),
-                             ("mode", "MODE"), ("serial", "SERIAL"), ("path", "IMAGE")]))
+    click.echo(_table(rows, [("target", "TARGET"), ("lun", "LUN"), ("size_h", "SIZE"), ("used", "USED"),
+                             ("block_size", "BS"), ("mode", "MODE"), ("serial", "SERIAL"), ("path", "IMAGE")]))
+    for warning in S.overcommitted(rows):
+        click.echo("\n" + warning)
     if any(r.get("swp") for r in rows):
         click.echo("\nswp: an initiator turned on software write protect (Control mode page SWP, e.g. "
                    "iscsi-swp -s on); writes get DATA PROTECT until an initiator turns it off")

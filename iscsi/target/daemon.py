@@ -481,6 +481,18 @@ def _scrub(value: Any) -> Any:
     return value
 
 
+def _space_of(path: Path) -> dict[str, int | None]:
+    """Thin provisioning at a glance: bytes the image file has allocated, and the free bytes
+    (for an unprivileged writer) and identity of the filesystem under it; None where the
+    image cannot be looked at (not created yet, a permission problem)."""
+    try:
+        st = os.stat(path)
+        fs = os.statvfs(path)
+    except OSError:
+        return {"allocated": None, "fs_free": None, "fs_id": None}
+    return {"allocated": st.st_blocks * 512, "fs_free": fs.f_bavail * fs.f_frsize, "fs_id": st.st_dev}
+
+
 def _creds(chap: ChapConfig | None) -> ChapCredentials | None:
     if chap is None:
         return None
@@ -1185,6 +1197,7 @@ class TargetDaemon:
             # every medium access gets NOT READY, MEDIUM NOT PRESENT until one loads it.
             "ejected": not getattr(getattr(unit, "lu", None), "medium_present", True),
             "serial": self.config.serial_for(target, lun),
+            **_space_of(self.config.resolve_path(lun.path)),
         }
 
     async def lun_list(self, iqn: str | None = None) -> list[dict]:

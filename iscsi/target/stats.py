@@ -1,9 +1,12 @@
-"""Per-session I/O rates for ``iscsi-target stats``, from two ``status`` samples (as iostat does).
+"""What ``iscsi-target stats``, ``status`` and ``lun list`` compute from the daemon's rows.
+
+Per-session I/O rates for ``iscsi-target stats``, from two ``status`` samples (as iostat does).
 
 The daemon keeps only counters since each login (commands, bytes received, bytes sent: see
 ``TargetSession.stats``) and its own monotonic clock; a rate is the difference of two samples
 divided by the daemon-clock time between them, so the admin command's own delays do not
-skew it.  Pure functions on the ``status`` dicts: no I/O here.
+skew it.  And for ``lun list``: how much of each thin image is allocated, and whether the
+LUNs on one filesystem could outgrow it.  Pure functions on the daemon's dicts: no I/O here.
 """
 from __future__ import annotations
 
@@ -77,3 +80,37 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def allocation(allocated: int | None, size: int | None) -> str:
+    """'12.0 MiB (1%)': bytes a thin image has allocated, and its share of the LUN's size."""
+    if allocated is None:
+        return "-"
+    if not size:
+        return human_bytes(allocated)
+    return f"{human_bytes(allocated)} ({100 * allocated / size:.0f}%)"
+
+
+def overcommitted(luns: list[dict[str, Any]]) -> list[str]:
+    """One warning per filesystem whose LUNs could grow by more than it has free.
+
+    A thin LUN takes space as initiators write; when the filesystem is full, writes to
+    unallocated blocks fail with DATA PROTECT, SPACE ALLOCATION FAILED WRITE PROTECT
+    (SBC-4 §4.7.3.7).  ``luns`` are ``lun list`` rows (``allocated``, ``fs_free``,
+    ``fs_id``, ``size``, ``path``).
+    """
+    by_fs: dict[Any, list[dict[str, Any]]] = {}
+    for lun in luns:
+        if lun.get("fs_id") is not None and lun.get("allocated") is not None and lun.get("size"):
+            by_fs.setdefault(lun["fs_id"], []).append(lun)
+    warnings = []
+    for group in by_fs.values():
+        growth = sum(max(0, lun["size"] - lun["allocated"]) for lun in group)
+        free = min(lun["fs_free"] for lun in group)  # one filesystem: the latest sample
+        if growth > free:
+            paths = ", ".join(sorted(lun["path"] for lun in group))
+            warnings.append(
+                f"thin provisioning: the LUN images on one filesystem ({paths}) can still grow by "
+                f"{human_bytes(growth)} but it has {human_bytes(free)} free; once it is full, writes to "
+                f"unallocated blocks fail (DATA PROTECT, SPACE ALLOCATION FAILED WRITE PROTECT)")
+    return warnings

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import stat
 from pathlib import Path
 
@@ -196,6 +197,14 @@ def test_lun_add_list_resize_remove(live, tmp_path):
     assert [(x["lun"], x["size"], x["block_size"]) for x in rows] == [(0, 1 << 20, 512), (1, 2 << 20, 4096)]
     table = live.cli("lun", "list", T2).output
     assert "2MiB" in table and "SERIAL" in table
+    # USED: what the thin image has allocated, from the file itself.
+    with open(tmp_path / "n.img", "r+b") as f:
+        f.write(b"\x01" * (1 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+    row = json.loads(live.cli("lun", "list", T2, "--json").output)[1]
+    assert (1 << 20) <= row["allocated"] <= (1 << 20) + (64 << 10) and row["fs_free"] > 0
+    assert "1.0 MiB (50%)" in live.cli("lun", "list", T2).output
     r = live.cli("lun", "resize", T2, "1", "4M")
     assert r.exit_code == 0 and "2MiB -> 4MiB" in r.output
     r = live.cli("lun", "resize", T2, "1", "1M")

@@ -60,3 +60,29 @@ def test_totals_and_display():
 @pytest.mark.parametrize("n, text", [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (5 << 30, "5.0 GiB")])
 def test_human_bytes(n, text):
     assert S.human_bytes(n) == text
+
+
+# ------------------------------------------------------------------ lun list: thin images
+
+
+def _lun(path: str, size: int, allocated: int | None, fs_free: int | None, fs_id: int | None = 7) -> dict:
+    return {"path": path, "size": size, "allocated": allocated, "fs_free": fs_free, "fs_id": fs_id}
+
+
+def test_allocation_cell():
+    assert S.allocation(None, 1 << 30) == "-"
+    assert S.allocation(256 << 20, 1 << 30) == "256.0 MiB (25%)"
+    assert S.allocation(4096, None) == "4.0 KiB"
+
+
+def test_overcommitted_filesystem_is_named_once_with_its_luns():
+    gib = 1 << 30
+    luns = [_lun("/a.img", 10 * gib, 1 * gib, 5 * gib), _lun("/b.img", 4 * gib, 4 * gib, 5 * gib),
+            _lun("/other/c.img", 100 * gib, 0, 1 * gib, fs_id=8)]
+    (first, second) = S.overcommitted(luns)
+    # fs 7: a.img can grow by 9 GiB, b.img is full: 9 GiB against 5 GiB free.
+    assert "/a.img, /b.img" in first and "9.0 GiB" in first and "5.0 GiB free" in first
+    assert "/other/c.img" in second and "100.0 GiB" in second
+    # Enough room, or nothing known about the image: no warning.
+    assert S.overcommitted([_lun("/a.img", 10 * gib, 1 * gib, 9 * gib)]) == []
+    assert S.overcommitted([_lun("/a.img", 10 * gib, None, None, fs_id=None)]) == []
