@@ -708,6 +708,18 @@ def portal_list(iqn: str | None, as_json: bool, control: Path | None) -> None:
 # --------------------------------------------------------------------------- status / config
 
 
+def _sessions_table(sessions: list[dict]) -> str:
+    """One line per session with its counters since login (``TargetSession.stats``)."""
+    for r in sessions:
+        counters = r.get("stats") or {}
+        r["commands"] = counters.get("commands")
+        r["received"] = S.human_bytes(counters.get("rx_bytes", 0))
+        r["sent"] = S.human_bytes(counters.get("tx_bytes", 0))
+    return _table(sessions, [("target", "TARGET"), ("initiator", "INITIATOR"), ("isid", "ISID"),
+                             ("tsih", "TSIH"), ("type", "TYPE"), ("commands", "CMDS"),
+                             ("received", "RECEIVED"), ("sent", "SENT")])
+
+
 def _render_status(st: dict) -> str:
     lines = [
         f"config:   {st['config'] or '(quick start, not saved)'}",
@@ -729,14 +741,7 @@ def _render_status(st: dict) -> str:
     if not sessions:
         lines.append("no sessions")
         return "\n".join(lines)
-    for r in sessions:
-        counters = r.get("stats") or {}
-        r["commands"] = counters.get("commands")
-        r["received"] = S.human_bytes(counters.get("rx_bytes", 0))
-        r["sent"] = S.human_bytes(counters.get("tx_bytes", 0))
-    lines.append(_table(sessions, [("target", "TARGET"), ("initiator", "INITIATOR"), ("isid", "ISID"),
-                                   ("tsih", "TSIH"), ("commands", "CMDS"), ("received", "RECEIVED"),
-                                   ("sent", "SENT")]))
+    lines.append(_sessions_table(sessions))
     for s in sessions:
         for c in s.get("connections") or []:
             params = c.get("params") or {}
@@ -757,6 +762,50 @@ def status(as_json: bool, control: Path | None) -> None:
         _echo_json(st)
     else:
         click.echo(_render_status(st))
+
+
+@main.group()
+def session() -> None:
+    """Sessions logged in: list them, or end some now."""
+
+
+@session.command("list")
+@click.argument("iqn", required=False)
+@_json_option
+@_control_option
+def session_list(iqn: str | None, as_json: bool, control: Path | None) -> None:
+    """Sessions (of one target or all), with commands and bytes since login."""
+    rows = _call(control, "status")["sessions"]
+    if iqn is not None:
+        rows = [r for r in rows if str(r.get("target", "")).lower() == iqn.lower()]
+    if as_json:
+        _echo_json(rows)
+    elif not rows:
+        click.echo("no sessions")
+    else:
+        click.echo(_sessions_table(rows))
+
+
+@session.command("drop")
+@click.argument("iqn")
+@click.option("--initiator", help="Every session of this initiator.")
+@click.option("--tsih", type=click.IntRange(1, 0xFFFF), help="The session with this TSIH (see `session list`).")
+@click.option("--all", "all_sessions", is_flag=True, help="Every session of the target.")
+@_control_option
+def session_drop(iqn: str, initiator: str | None, tsih: int | None, all_sessions: bool, control: Path | None) -> None:
+    """End sessions of a target now (the initiator is told first: RFC 7143 Async Message,
+    session dropped).  Access is unchanged: an initiator may log in again at once (open-iscsi
+    does); `acl remove` keeps it out."""
+    if all_sessions and (initiator or tsih is not None):
+        raise click.UsageError("--all goes alone (or name --initiator / --tsih instead)")
+    args: dict[str, Any] = {"iqn": iqn, "all_sessions": all_sessions}
+    if initiator is not None:
+        args["initiator"] = initiator
+    if tsih is not None:
+        args["tsih"] = tsih
+    res = _call(control, "session.drop", **args)
+    click.echo(f"{res['target']}: {res['dropped']} session(s) dropped (their initiators may log in again; "
+               "`iscsi-target acl remove` keeps one out)")
 
 
 @main.command()

@@ -91,7 +91,8 @@ class Server(Protocol):
     async def add_portal(self, host: str, port: int) -> None: ...
     async def remove_portal(self, host: str, port: int) -> None: ...
     def sessions(self) -> list[dict]: ...
-    async def drop_sessions(self, target: str | None = None, initiator: str | None = None) -> None: ...
+    async def drop_sessions(self, target: str | None = None, initiator: str | None = None,
+                            tsih: int | None = None) -> int: ...
     async def shutdown(self) -> None: ...
 
 
@@ -1200,6 +1201,31 @@ class TargetDaemon:
             **_space_of(self.config.resolve_path(lun.path)),
         }
 
+    async def session_drop(self, iqn: str, initiator: str | None = None, tsih: int | None = None,
+                           all_sessions: bool = False) -> dict:
+        """End sessions of a target now (RFC 7143 §11.9.1 AsyncEvent 3 first): one by TSIH,
+        an initiator's, or with ``all_sessions`` every one.  Access is unchanged, so an
+        initiator may log in again (open-iscsi does at once): removing its ACL keeps it out."""
+        target = self._target(self.config, iqn)
+        if initiator is None and tsih is None and not all_sessions:
+            raise AdminError("name the session(s): --initiator NAME, --tsih N, or --all for every session of the target")
+        wanted = initiator.lower() if initiator is not None else None
+        rows = [r for r in self._sessions()
+                if str(r.get("target", "")).lower() == target.iqn
+                and (wanted is None or str(r.get("initiator", "")).lower() == wanted)
+                and (tsih is None or r.get("tsih") == tsih)]
+        if not rows:
+            who = " and ".join(x for x in (initiator and f"initiator {initiator}", tsih is not None and f"TSIH {tsih}")
+                               if x) or "any initiator"
+            raise AdminError(f"target {target.iqn} has no session of {who}")
+        dropped = 0
+        if self.server is not None:
+            for name, number in sorted({(str(r.get("initiator")), r.get("tsih")) for r in rows}, key=str):
+                dropped += await self.server.drop_sessions(target=target.iqn, initiator=name, tsih=number) or 0
+        event(log, "sessions.dropped", target=target.iqn, initiator=initiator, tsih=tsih, sessions=dropped,
+              by="admin")
+        return {"target": target.iqn, "dropped": dropped}
+
     async def lun_list(self, iqn: str | None = None) -> list[dict]:
         targets = [self._target(self.config, iqn)] if iqn else self.config.targets
         return [self._lun_row(t, l) for t in targets for l in t.luns]
@@ -1385,6 +1411,7 @@ class TargetDaemon:
         "portal.add": "portal_add",
         "portal.remove": "portal_remove",
         "portal.list": "portal_list",
+        "session.drop": "session_drop",
     }
 
     async def handle_request(self, op: str, args: dict) -> Any:

@@ -472,9 +472,11 @@ class IscsiServer:
         """Status rows for the admin CLI: one per session, with its connection and parameters."""
         return self.sessions_info()
 
-    async def drop_sessions(self, target: str | None = None, initiator: str | None = None) -> int:
-        """End the sessions of ``target`` (of ``initiator`` only, if given): the admin removed
-        the target or took the initiator's access away.
+    async def drop_sessions(self, target: str | None = None, initiator: str | None = None,
+                            tsih: int | None = None) -> int:
+        """End the sessions of ``target`` (of ``initiator`` only, and the one with ``tsih``
+        only, if given): the admin removed the target, took the initiator's access away, or
+        asked for it (``iscsi-target session drop``).
 
         Each is told first (RFC 7143 §11.9.1 AsyncEvent 3, "all connections of this session
         will be dropped", Time2Retain 0: nothing to reinstate), then closed once that is
@@ -482,7 +484,8 @@ class IscsiServer:
         dropped = 0
         for session in list(self.by_tsih.values()):
             if (target is None or session.target_name == target) and \
-               (initiator is None or session.initiator_name == initiator):
+               (initiator is None or session.initiator_name == initiator) and \
+               (tsih is None or session.tsih == tsih):
                 conn = session.connection
                 if conn is not None:
                     if conn.backlogged:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from iscsi import pdu as P
+
 from .conftest import running_daemon
-from .raw import RawSession
+from .raw import Closed, RawSession
 
 KIB = 1024
 WRITES, WRITE_SIZE = 5, 64 * KIB
@@ -57,3 +61,35 @@ def test_status_counts_commands_and_bytes_of_a_session(tmp_path):
         raw.close()
         res = daemon.admin("stats", "--interval", "0.1")
         assert res.returncode == 0 and res.stdout.strip() == "no sessions", res.stdout
+
+
+def test_session_drop_ends_only_the_named_session(tmp_path):
+    """`iscsi-target session drop --tsih N`: that session hears Async Message event 3
+    (RFC 7143 §11.9.1) and is closed; another session of the same initiator goes on."""
+    with running_daemon(tmp_path) as daemon:
+        doomed = RawSession(daemon.portals[0].host, daemon.portals[0].port)
+        other = RawSession(daemon.portals[0].host, daemon.portals[0].port)
+        assert doomed.login(daemon.iqn).status_class == 0
+        assert other.login(daemon.iqn).status_class == 0
+        assert doomed.tsih != other.tsih
+
+        refused = daemon.admin("session", "drop", daemon.iqn)
+        assert refused.returncode == 1 and "--tsih" in refused.stderr
+        missing = daemon.admin("session", "drop", daemon.iqn, "--tsih", "999")
+        assert missing.returncode == 1 and "no session of TSIH 999" in missing.stderr
+
+        res = daemon.admin("session", "drop", daemon.iqn, "--tsih", str(doomed.tsih))
+        assert res.returncode == 0 and "1 session(s) dropped" in res.stdout, res.stdout + res.stderr
+        message = doomed.recv(timeout=5)
+        assert isinstance(message, P.AsyncMessage) and message.event == P.AsyncEvent.SESSION_DROP, message
+        with pytest.raises(Closed):
+            doomed.recv(timeout=5)
+        doomed.close()
+
+        assert other.write(0, b"\x5a" * 4096) == 0
+        status, data = other.read(0, 4096)
+        assert status == 0 and data == b"\x5a" * 4096
+        listed = json.loads(daemon.admin("session", "list", "--json").stdout)
+        assert [s["tsih"] for s in listed] == [other.tsih]
+        other.logout()
+        other.close()

@@ -110,12 +110,14 @@ class FakeServer:
     def sessions(self) -> list[dict]:
         return [dict(r) for r in self.session_rows]
 
-    async def drop_sessions(self, target: str | None = None, initiator: str | None = None) -> int:
-        self.dropped.append((target, initiator))
+    async def drop_sessions(self, target: str | None = None, initiator: str | None = None,
+                            tsih: int | None = None) -> int:
+        self.dropped.append((target, initiator) if tsih is None else (target, initiator, tsih))
         before = len(self.session_rows)
         self.session_rows = [
             r for r in self.session_rows
-            if not ((target is None or r["target"] == target) and (initiator is None or r["initiator"] == initiator))
+            if not ((target is None or r["target"] == target) and (initiator is None or r["initiator"] == initiator)
+                    and (tsih is None or r.get("tsih") == tsih))
         ]
         return before - len(self.session_rows)
 

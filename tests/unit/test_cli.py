@@ -313,3 +313,30 @@ def test_status_table_counts_luns_not_their_numbers():
                        "luns": [0], "acls": [], "sessions": 0}]}
     row = [line for line in _render_status(st).splitlines() if line.startswith("iqn.2026-11.org.x:t")][0]
     assert row.split()[1:3] == ["1", "(0)"]
+
+
+def test_session_list_and_drop(live):
+    rows = [{"target": T1, "initiator": H1, "isid": "400001370000", "tsih": 3, "type": "Normal",
+             "stats": {"commands": 12, "rx_bytes": 1536, "tx_bytes": 5 << 20, "seconds": 9.0}},
+            {"target": T1, "initiator": H1, "isid": "400001370001", "tsih": 4, "type": "Normal"},
+            {"target": T2, "initiator": H1, "isid": "400001370002", "tsih": 5, "type": "Normal"}]
+    live.server.session_rows = [dict(r) for r in rows]
+    table = live.cli("session", "list", T1).output
+    assert "CMDS" in table and "1.5 KiB" in table and "5.0 MiB" in table and T2 not in table
+    assert [r["tsih"] for r in json.loads(live.cli("session", "list", "--json").output)] == [3, 4, 5]
+
+    r = live.cli("session", "drop", T1)
+    assert r.exit_code == 1 and "--all" in r.output and live.server.dropped == []
+    r = live.cli("session", "drop", T1, "--all", "--tsih", "3")
+    assert r.exit_code == 2
+    r = live.cli("session", "drop", T1, "--tsih", "9")
+    assert r.exit_code == 1 and "no session of TSIH 9" in r.output
+    r = live.cli("session", "drop", T1, "--tsih", "3")
+    assert r.exit_code == 0 and "1 session(s) dropped" in r.output, r.output
+    assert live.server.dropped == [(T1, H1, 3)]
+    r = live.cli("session", "drop", T1, "--initiator", H1.upper())  # names compare case-insensitively
+    assert r.exit_code == 0 and "1 session(s) dropped" in r.output
+    assert [s["tsih"] for s in live.server.session_rows] == [5]
+    assert live.cli("session", "drop", "iqn.2026-11.org.example:none", "--all").exit_code == 1
+    assert live.cli("session", "drop", T2, "--all").exit_code == 0
+    assert live.cli("session", "list").output.strip() == "no sessions"
