@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -820,8 +821,6 @@ def stats(interval: float, count: int, as_json: bool, control: Path | None) -> N
 
     Each report covers the INTERVAL before it; `iscsi-target status` shows the totals since
     each login."""
-    import time
-
     before = _call(control, "status")
     try:
         for n in range(count):

@@ -138,9 +138,9 @@ class TargetConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self._out: list = []
         self._out_bytes = 0  # queued in _out, not yet handed to the transport
-        # Traffic counters for `iscsi-target stats` (like LIO's iscsi_sess_stats rx/txdata_octs):
-        # added once per recv and once per writev, never per PDU.  Bytes of PDU headers and
-        # data segments; digests and padding are not counted.
+        # Traffic counters for `iscsi-target stats` (like LIO's iscsi_sess_stats rx/txdata_octs),
+        # added once per recv and once per writev, never per PDU: every byte received; the
+        # headers and data segments sent (their digests and padding are not counted).
         self.rx_bytes = 0
         self.tx_bytes = 0
         self.data_digest_errors = 0
