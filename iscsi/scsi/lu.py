@@ -171,6 +171,11 @@ class LogicalUnit:
         self.ua = UnitAttentions()
         self._ua_pending = self.ua._pending  # hot path: one dict lookup per command
         self.tasks = TaskSet()
+        # I/O counters for `iscsi-target stats --luns` (as LIO keeps per-LU statistics): READs
+        # and medium-modifying commands with the bytes their CDBs ask for, and every other
+        # command, counted once where each starts (read_now or write_now on the fast lanes,
+        # start() otherwise).  They cost a 4K READ ~1k instructions (callgrind, +2.6 %).
+        self.reads = self.read_bytes = self.writes = self.written_bytes = self.other_commands = 0
         # MODE SELECT SP=1 must reach nonvolatile storage (SPC-4 §6.9): ``mode_persist``
         # stores the saved pages, ``mode_state`` is what it stored last time.
         self.mode = ModePages(persist=mode_persist)
@@ -639,6 +644,22 @@ class LogicalUnit:
     def _update_state(self) -> None:
         self._abnormal = self.sanitizing or self.sanitize_failed or not self.medium_present
 
+    def _count(self, op: int, cdb: bytes) -> None:
+        """The I/O counters for a command that goes the full way (:meth:`start`): a READ with
+        the bytes its CDB asks for, a medium-modifying command with its Data-Out bytes, or
+        another command.  (read_now and write_now count what they serve themselves.)"""
+        if op in _READ_OPCODES:
+            self.reads += 1
+            try:
+                self.read_bytes += zerocopy.READ_SPANS[op](cdb)[1] * self.block_size
+            except (IndexError, struct.error):
+                pass  # a CDB too short to say: start() reports that
+        elif op in _WRITE_OPCODES:
+            self.writes += 1
+            self.written_bytes += self.data_out_length(cdb) or 0
+        else:
+            self.other_commands += 1
+
     async def execute(self, cmd: ScsiCommand) -> ScsiResult:
         """Execute one SCSI command and return its status, Data-In (cut to the allocation length) and sense."""
         r = self.start(cmd)
@@ -655,7 +676,9 @@ class LogicalUnit:
         a measurable part of their cost.
         """
         cdb = cmd.cdb
-        spec = self._table[cdb[0]]
+        op = cdb[0]
+        spec = self._table[op]
+        self._count(op, cdb)
         if cmd.nexus is not self.sole_user:
             self._used_by(cmd.nexus)
         if self.sanitizing and spec is not None and not spec.flags & C.F_SANITIZE_OK:
@@ -750,10 +773,14 @@ class LogicalUnit:
             if zero_copy and length >= zerocopy.MIN_BYTES and self.zero_copy_source is not None \
                     and not fence.writers and nexus is self.sole_user and fence.sendfile_ok:
                 source = self.zero_copy_source
+                self.reads += 1
+                self.read_bytes += length
                 source.drain()
                 return fence.hold(source, lba * bs, length)
             if length > LARGE_TRANSFER_STEP:
                 return None
+            self.reads += 1
+            self.read_bytes += length
             return self.backstore.read(lba * bs, length)
         except Exception as e:
             # Answered here, as start() would: the failure may not happen twice (a deferred
@@ -809,6 +836,8 @@ class LogicalUnit:
         fence = self.fence
         if fence.holds and fence.overlapping(start, start + length):
             return None  # it waits for the READs holding its range (zerocopy.py)
+        self.writes += 1
+        self.written_bytes += length
         try:
             self.backstore.write(start, data)
         except Exception as e:

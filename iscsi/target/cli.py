@@ -191,6 +191,7 @@ def main(ctx: click.Context, control: Path | None) -> None:
     iscsi-target serve --portal 127.0.0.1:3261 --target iqn.2026-11.org.example:t1 --lun /path/disk.img:1G
     iscsi-target status
     iscsi-target stats -i 2 -c 5            I/O rates per session, five 2-second reports
+    iscsi-target stats --luns               I/O rates per LUN
 
     Exit codes: 0 ok, 1 failed, 2 usage, 3 daemon not running.
     """
@@ -814,10 +815,12 @@ def session_drop(iqn: str, initiator: str | None, tsih: int | None, all_sessions
               help="Seconds each report measures.")
 @click.option("-c", "--count", type=click.IntRange(1, 1_000_000), default=1, show_default=True,
               help="Reports to print, one per interval (Ctrl-C stops early).")
+@click.option("--luns", is_flag=True, help="Per LUN (READs, WRITEs, MB/s) instead of per session.")
 @_json_option
 @_control_option
-def stats(interval: float, count: int, as_json: bool, control: Path | None) -> None:
-    """I/O rates per session: commands/s and MB/s received and sent, as iostat measures them.
+def stats(interval: float, count: int, luns: bool, as_json: bool, control: Path | None) -> None:
+    """I/O rates per session (commands/s, MB/s received and sent) or with --luns per LUN
+    (READs/s, WRITEs/s, other commands/s, MB/s read and written), as iostat measures them.
 
     Each report covers the INTERVAL before it; `iscsi-target status` shows the totals since
     each login."""
@@ -826,22 +829,39 @@ def stats(interval: float, count: int, as_json: bool, control: Path | None) -> N
         for n in range(count):
             time.sleep(interval)
             after = _call(control, "status")
-            rows = S.rates(before, after)
-            before = after
             if as_json:
-                click.echo(json.dumps({"interval": interval, "sessions": rows, "total": S.totals(rows)}))
-                continue
-            if n:
-                click.echo("")
-            if not rows:
-                click.echo("no sessions")
-                continue
-            table = [S.display(r) for r in rows] + [S.display(S.totals(rows))]
-            click.echo(_table(table, [("target", "TARGET"), ("initiator", "INITIATOR"), ("tsih", "TSIH"),
-                                      ("cmds_per_s", "CMD/s"), ("rx_mb_per_s", "RECV MB/s"),
-                                      ("tx_mb_per_s", "SENT MB/s")]))
+                doc: dict[str, Any] = {"interval": interval}
+                if luns:
+                    doc["luns"] = S.lun_rates(before, after)
+                else:
+                    rows = S.rates(before, after)
+                    doc.update(sessions=rows, total=S.totals(rows))
+                click.echo(json.dumps(doc))
+            else:
+                if n:
+                    click.echo("")
+                click.echo(_lun_rates_table(before, after) if luns else _session_rates_table(before, after))
+            before = after
     except KeyboardInterrupt:
         pass
+
+
+def _session_rates_table(before: dict, after: dict) -> str:
+    rows = S.rates(before, after)
+    if not rows:
+        return "no sessions"
+    table = [S.display(r) for r in rows] + [S.display(S.totals(rows))]
+    return _table(table, [("target", "TARGET"), ("initiator", "INITIATOR"), ("tsih", "TSIH"),
+                          ("cmds_per_s", "CMD/s"), ("rx_mb_per_s", "RECV MB/s"), ("tx_mb_per_s", "SENT MB/s")])
+
+
+def _lun_rates_table(before: dict, after: dict) -> str:
+    rows = S.lun_rates(before, after)
+    if not rows:
+        return "no LUNs"
+    return _table([S.display_lun(r) for r in rows],
+                  [("target", "TARGET"), ("lun", "LUN"), ("reads_per_s", "READ/s"), ("writes_per_s", "WRITE/s"),
+                   ("other_per_s", "OTHER/s"), ("read_mb_per_s", "READ MB/s"), ("write_mb_per_s", "WRITE MB/s")])
 
 
 @main.group("config")

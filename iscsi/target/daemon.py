@@ -1085,6 +1085,21 @@ class TargetDaemon:
 
         return await self.change(mutate, "target.set")
 
+    def _lun_io(self) -> list[dict]:
+        """Each open LU's I/O counters since it was opened (``LogicalUnit.reads`` ...), for
+        ``iscsi-target stats --luns``."""
+        rows = []
+        for target in self.config.targets:
+            rt = self._targets.get(target.iqn)
+            for number, unit in sorted(rt.units.items()) if rt else ():
+                lu = getattr(unit, "lu", None)
+                if lu is None or not hasattr(lu, "reads"):
+                    continue
+                rows.append({"target": target.iqn, "lun": number, "reads": lu.reads, "read_bytes": lu.read_bytes,
+                             "writes": lu.writes, "written_bytes": lu.written_bytes,
+                             "other_commands": lu.other_commands})
+        return rows
+
     def _target_row(self, target: Target) -> dict:
         rt = self._targets.get(target.iqn)
         return {
@@ -1376,6 +1391,7 @@ class TargetDaemon:
                 "discovery_chap": self.config.discovery_auth is not None,
                 "targets": [self._target_row(t) for t in self.config.targets],
                 "sessions": self._sessions(),
+                "lun_io": self._lun_io(),
                 # The daemon's monotonic clock when sampled: `iscsi-target stats` divides
                 # counter differences by the difference of these.
                 "clock": round(time.monotonic(), 6),

@@ -57,6 +57,35 @@ def rates(before: dict[str, Any], after: dict[str, Any]) -> list[dict[str, Any]]
     return rows
 
 
+_LUN_COUNTERS = ("reads", "read_bytes", "writes", "written_bytes", "other_commands")
+
+
+def lun_rates(before: dict[str, Any], after: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per LU in ``after``'s ``lun_io``: READs, WRITEs (any command that changes the
+    medium) and other commands per second, and MB/s read and written, since ``before``.
+    A LU opened between the samples, or whose counters went backwards (removed and added
+    again, the daemon restarted), is measured from zero."""
+    elapsed = float(after.get("clock", 0)) - float(before.get("clock", 0))
+    span = elapsed if elapsed > 0 else float("inf")
+    earlier = {(r.get("target"), r.get("lun")): r for r in before.get("lun_io") or []}
+    rows = []
+    for r in after.get("lun_io") or []:
+        was = earlier.get((r.get("target"), r.get("lun"))) or {}
+        if any(r.get(k, 0) < was.get(k, 0) for k in _LUN_COUNTERS):
+            was = {}
+        d = {k: (r.get(k, 0) - was.get(k, 0)) / span for k in _LUN_COUNTERS}
+        rows.append({"target": r.get("target"), "lun": r.get("lun"), "reads_per_s": d["reads"],
+                     "writes_per_s": d["writes"], "other_per_s": d["other_commands"],
+                     "read_mb_per_s": d["read_bytes"] / 1e6, "write_mb_per_s": d["written_bytes"] / 1e6})
+    return rows
+
+
+def display_lun(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` of :func:`lun_rates` rounded for a table."""
+    return {**row, **{k: f"{row[k]:.0f}" for k in ("reads_per_s", "writes_per_s", "other_per_s")},
+            **{k: f"{row[k]:.1f}" for k in ("read_mb_per_s", "write_mb_per_s")}}
+
+
 def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The sum of ``rows`` as one more row (for the table's last line)."""
     return {

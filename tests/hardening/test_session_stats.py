@@ -48,6 +48,11 @@ def test_status_counts_commands_and_bytes_of_a_session(tmp_path):
         assert after["data_digest_errors"] == 0 and after["seconds"] > 0
         table = daemon.admin("status")
         assert "CMDS" in table.stdout and "RECEIVED" in table.stdout and "SENT" in table.stdout
+        # Per LU: exactly these READs and WRITEs, with the bytes their CDBs asked for.
+        (lu,) = json.loads(daemon.admin("status", "--json").stdout)["lun_io"]
+        assert (lu["reads"], lu["read_bytes"]) == (READS, READS * READ_SIZE)
+        assert (lu["writes"], lu["written_bytes"]) == (WRITES, WRITES * WRITE_SIZE)
+        assert lu["other_commands"] >= 1  # the TEST UNIT READYs of the login
 
         # stats: one report per interval; this idle session is listed, at zero.
         res = daemon.admin("stats", "--interval", "0.2", "--count", "2", "--json")
@@ -57,6 +62,11 @@ def test_status_counts_commands_and_bytes_of_a_session(tmp_path):
         for report in reports:
             (row,) = [r for r in report["sessions"] if r["tsih"] == raw.tsih]
             assert row["cmds_per_s"] == 0 and row["rx_mb_per_s"] == 0 and row["tx_mb_per_s"] == 0
+        res = daemon.admin("stats", "--luns", "--interval", "0.2", "--json")
+        assert res.returncode == 0, res.stderr
+        (row,) = json.loads(res.stdout)["luns"]
+        assert row["lun"] == 0 and row["reads_per_s"] == 0 and row["write_mb_per_s"] == 0
+        assert "READ MB/s" in daemon.admin("stats", "--luns", "--interval", "0.1").stdout
         raw.logout()
         raw.close()
         res = daemon.admin("stats", "--interval", "0.1")

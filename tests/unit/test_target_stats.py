@@ -86,3 +86,32 @@ def test_overcommitted_filesystem_is_named_once_with_its_luns():
     # Enough room, or nothing known about the image: no warning.
     assert S.overcommitted([_lun("/a.img", 10 * gib, 1 * gib, 9 * gib)]) == []
     assert S.overcommitted([_lun("/a.img", 10 * gib, None, None, fs_id=None)]) == []
+
+
+# ------------------------------------------------------------------ stats --luns
+
+
+def _lu(lun: int, reads: int, read_bytes: int, writes: int, written: int, other: int) -> dict:
+    return {"target": T, "lun": lun, "reads": reads, "read_bytes": read_bytes, "writes": writes,
+            "written_bytes": written, "other_commands": other}
+
+
+def test_lun_rates_per_second_over_the_daemon_clock():
+    before = {"clock": 50.0, "lun_io": [_lu(0, 100, 409_600, 10, 40_960, 3), _lu(1, 0, 0, 0, 0, 0)]}
+    after = {"clock": 52.0, "lun_io": [_lu(0, 2_100, 8_409_600, 1_010, 4_040_960, 7), _lu(1, 0, 0, 0, 0, 0),
+                                       _lu(2, 10, 1_000_000, 0, 0, 0)]}
+    rows = {r["lun"]: r for r in S.lun_rates(before, after)}
+    assert rows[0]["reads_per_s"] == pytest.approx(1_000) and rows[0]["read_mb_per_s"] == pytest.approx(4.0)
+    assert rows[0]["writes_per_s"] == pytest.approx(500) and rows[0]["write_mb_per_s"] == pytest.approx(2.0)
+    assert rows[0]["other_per_s"] == pytest.approx(2)
+    assert rows[1]["reads_per_s"] == 0
+    assert rows[2]["reads_per_s"] == pytest.approx(5)  # added between the samples: from zero
+    shown = S.display_lun(rows[0])
+    assert (shown["reads_per_s"], shown["read_mb_per_s"]) == ("1000", "4.0")
+
+
+def test_lun_counters_that_went_backwards_count_from_zero():
+    before = {"clock": 0.0, "lun_io": [_lu(0, 9_000, 9_000, 9_000, 9_000, 9)]}
+    after = {"clock": 1.0, "lun_io": [_lu(0, 4, 4_000_000, 0, 0, 1)]}
+    (row,) = S.lun_rates(before, after)
+    assert row["reads_per_s"] == 4 and row["read_mb_per_s"] == pytest.approx(4.0) and row["writes_per_s"] == 0
