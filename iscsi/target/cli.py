@@ -334,20 +334,27 @@ def target_remove(iqn: str, force: bool, control: Path | None) -> None:
 @click.option("--alias")
 @click.option("--no-alias", is_flag=True, help="Remove the alias.")
 @click.option("--open-access/--no-open-access", default=None, help="Let any initiator in, or only ACLs.")
+@click.option("--target-reset/--no-target-reset", default=None,
+              help="Let initiators send TARGET WARM/COLD RESET (resets every LU for all initiators; "
+                   "cold also ends every session), or refuse it (TMF response 6).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Target-side iSCSI key preference, e.g. HeaderDigest=CRC32C (require) or CRC32C,None.")
 @click.option("--clear-param", "clear_params", multiple=True, metavar="KEY")
 @_control_option
-def target_set(iqn: str, alias: str | None, no_alias: bool, open_access: bool | None, params: tuple[str, ...],
-               clear_params: tuple[str, ...], control: Path | None) -> None:
-    """Change a target's alias, access mode or iSCSI parameters."""
+def target_set(iqn: str, alias: str | None, no_alias: bool, open_access: bool | None, target_reset: bool | None,
+               params: tuple[str, ...], clear_params: tuple[str, ...], control: Path | None) -> None:
+    """Change a target's alias, access mode, target-reset policy or iSCSI parameters."""
     if alias is not None and no_alias:
         raise click.UsageError("give either --alias or --no-alias, not both")
     parsed = _check(lambda: dict(C.canonical_param(*_key_value(p)) for p in params))
     _check(lambda: [C.param_name(k) for k in clear_params])
+    args: dict[str, Any] = {}
+    if target_reset is not None:
+        args["target_reset"] = target_reset
     res = _call(control, "target.set", iqn=iqn, alias=alias, clear_alias=no_alias, open_access=open_access,
-                params=parsed, clear_params=list(clear_params))
-    click.echo(f"target {res['iqn']}: open_access={_cell(res['open_access'])} params={_cell(res['params'])}")
+                params=parsed, clear_params=list(clear_params), **args)
+    click.echo(f"target {res['iqn']}: open_access={_cell(res['open_access'])} "
+               f"target_reset={_cell(res.get('target_reset', True))} params={_cell(res['params'])}")
     if res.get("logged_out"):
         click.echo(f"iscsi-target: note: {res['logged_out']} session(s) of initiators without an ACL were "
                    f"logged out (`iscsi-target acl add {res['iqn']} INITIATOR` lets one back in)", err=True)

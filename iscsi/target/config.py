@@ -373,6 +373,12 @@ class Target:
     open_access: bool = False  # demo mode: any initiator may log in, every LUN visible
     chap: ChapConfig | None = None  # applies to open access and to ACLs without their own
     params: dict[str, str] = field(default_factory=dict)
+    # Whether an initiator may send TARGET WARM / COLD RESET (RFC 7143 §11.5.1): either resets
+    # every LU of the target for every initiator, and a cold reset also ends all their
+    # sessions.  Refused (Task Management Response 6, not authorized) when False, as LIO does
+    # by default; allowed by default here because libiscsi's conformance suite and the Linux
+    # SCSI error handler's target reset use it.
+    target_reset: bool = True
 
     def lun(self, number: int) -> Lun | None:
         return next((l for l in self.luns if l.number == number), None)
@@ -554,6 +560,8 @@ def _validate_target(cfg: Config, target: Target, where: str, seen_images: dict[
         _check_text(target.alias, f"{where}.alias", MAX_ALIAS_BYTES)
     if not isinstance(target.open_access, bool):
         raise ConfigError(f"{where}.open_access: must be true or false")
+    if not isinstance(target.target_reset, bool):
+        raise ConfigError(f"{where}.target_reset: must be true or false")
     if target.chap is not None:
         _validate_chap(target.chap, f"{where}.chap")
     target.params = _validate_params(target.params, f"{where}.params")
@@ -682,6 +690,7 @@ def to_dict(cfg: Config, mask_secrets: bool = False) -> dict:
                 "iqn": t.iqn,
                 "alias": t.alias,
                 "open_access": t.open_access,
+                "target_reset": t.target_reset,
                 "chap": _chap_to_dict(t.chap, mask_secrets),
                 "params": dict(sorted(t.params.items())),
                 "portal_groups": [{"tag": g.tag, "portals": list(g.portals)} for g in t.portal_groups],
@@ -763,12 +772,14 @@ def from_dict(data: Any) -> Config:
     cfg.discovery_auth = _chap_from(d.get("discovery_auth"), "discovery_auth")
     for ti, t in enumerate(_list(d.get("targets"), "targets")):
         tw = f"targets[{ti}]"
-        td = _take(t, tw, ("iqn",), ("alias", "open_access", "chap", "params", "portal_groups", "luns", "acls"))
+        td = _take(t, tw, ("iqn",), ("alias", "open_access", "target_reset", "chap", "params", "portal_groups",
+                                     "luns", "acls"))
         tw = f"targets[{ti}] ({td['iqn']})"
         target = Target(
             iqn=td["iqn"],
             alias=td.get("alias"),
             open_access=td.get("open_access", False),
+            target_reset=td.get("target_reset", True),
             chap=_chap_from(td.get("chap"), f"{tw}.chap"),
             params=td.get("params") or {},
         )

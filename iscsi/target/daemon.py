@@ -517,6 +517,11 @@ class TargetRuntime:
     def alias(self) -> str | None:
         return self.cfg.alias
 
+    @property
+    def target_reset(self) -> bool:
+        """May initiators send TARGET WARM / COLD RESET (config ``target_reset``)?"""
+        return self.cfg.target_reset
+
     def portal_group_tag(self, local_host: str, local_port: int) -> int | None:
         host = _normal_host(local_host)
         best, best_tag = 0, None
@@ -1056,7 +1061,7 @@ class TargetDaemon:
 
     async def target_set(self, iqn: str, alias: str | None = None, clear_alias: bool = False,
                          open_access: bool | None = None, params: dict[str, str] | None = None,
-                         clear_params: list[str] | None = None) -> dict:
+                         clear_params: list[str] | None = None, target_reset: bool | None = None) -> dict:
         def mutate(cfg: Config) -> dict:
             target = self._target(cfg, iqn)
             was_open, old_params = target.open_access, dict(target.params)
@@ -1066,6 +1071,8 @@ class TargetDaemon:
                 target.alias = None
             if open_access is not None:
                 target.open_access = bool(open_access)
+            if target_reset is not None:
+                target.target_reset = bool(target_reset)
             for key in clear_params or []:
                 target.params.pop(C.param_name(key), None)  # a typo is refused, not ignored
             for key, value in (params or {}).items():
@@ -1106,6 +1113,7 @@ class TargetDaemon:
             "iqn": target.iqn,
             "alias": target.alias,
             "open_access": target.open_access,
+            "target_reset": target.target_reset,
             "chap": target.chap is not None,
             "mutual_chap": bool(target.chap and target.chap.mutual),
             "params": dict(target.params),

@@ -220,6 +220,11 @@ class TargetSession:
             else:
                 self.server.abort_tasks_everywhere(lu)
                 luns.lun_reset(lun)
+        elif fn in (P.TmfFunction.TARGET_WARM_RESET, P.TmfFunction.TARGET_COLD_RESET) and \
+                not getattr(self.target, "target_reset", True):
+            # The admin turned target resets off (config target_reset): one initiator may not
+            # reset every LU, or end every session, of the target for all (§11.6.1 response 6).
+            response = R.AUTHORIZATION_FAILED
         elif fn in (P.TmfFunction.TARGET_WARM_RESET, P.TmfFunction.TARGET_COLD_RESET):
             for other in list(self.server.session_table.values()):
                 if other.target_name == self.target_name and other.connection is not None:

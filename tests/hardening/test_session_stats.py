@@ -103,3 +103,41 @@ def test_session_drop_ends_only_the_named_session(tmp_path):
         assert [s["tsih"] for s in listed] == [other.tsih]
         other.logout()
         other.close()
+
+
+def _target_reset(s: RawSession) -> P.TaskMgmtResponse:
+    s.send(P.TaskMgmtRequest(function=P.TmfFunction.TARGET_WARM_RESET, itt=s.next_itt(), cmdsn=s.cmdsn,
+                             expstatsn=s.expstatsn, immediate=True))
+    resp = s.recv(timeout=5)
+    assert isinstance(resp, P.TaskMgmtResponse), resp
+    return resp
+
+
+def _test_unit_ready_sense(s: RawSession) -> tuple[int, bytes]:
+    status, _ = s.wait_status(s.command(bytes(16)))
+    return status.status, bytes(status.data)
+
+
+def test_target_reset_policy(tmp_path):
+    """`target set --no-target-reset`: TARGET WARM RESET from an initiator gets Task
+    Management Response 6 (RFC 7143 §11.6.1, not authorized) and resets nothing, so another
+    initiator sees no unit attention; with resets allowed (the default) it is done."""
+    with running_daemon(tmp_path) as daemon:
+        port = daemon.portals[0]
+        a, b = RawSession(port.host, port.port), RawSession(port.host, port.port)
+        assert a.login(daemon.iqn, initiator="iqn.2026-11.org.example:reset-a").status_class == 0
+        assert b.login(daemon.iqn, initiator="iqn.2026-11.org.example:reset-b").status_class == 0
+
+        res = daemon.admin("target", "set", daemon.iqn, "--no-target-reset")
+        assert res.returncode == 0 and "target_reset=no" in res.stdout, res.stdout + res.stderr
+        assert json.loads(daemon.admin("target", "list", "--json").stdout)[0]["target_reset"] is False
+        assert _target_reset(a).response == P.TmfResponse.AUTHORIZATION_FAILED
+        assert _test_unit_ready_sense(b)[0] == 0  # nothing was reset: no unit attention for b
+        assert b.write(0, b"\x11" * 4096) == 0
+
+        assert daemon.admin("target", "set", daemon.iqn, "--target-reset").returncode == 0
+        assert _target_reset(a).response == P.TmfResponse.COMPLETE
+        status, sense = _test_unit_ready_sense(b)
+        assert status == 2 and sense[2 + 12] == 0x29, sense.hex()  # CHECK CONDITION, POWER ON / RESET
+        a.close()
+        b.close()

@@ -454,3 +454,21 @@ def test_physical_block_below_logical_refused():
         cfg = C.Config(targets=[C.Target(iqn="iqn.2026-11.org.x:t", luns=[
             C.Lun(number=0, path="/tmp/a.img", size=1 << 20, block_size=4096, physical_block_size=512)])])
         cfg.validate()
+
+
+def test_target_reset_policy_round_trips_and_defaults_to_allowed(tmp_path):
+    cfg = Config(targets=[Target(iqn="iqn.2026-11.org.example:t", target_reset=False,
+                                 portal_groups=[PortalGroup(1, ["127.0.0.1:3260"])])])
+    cfg.validate()
+    again = C.from_dict(json.loads(json.dumps(C.to_dict(cfg))))
+    assert again.targets[0].target_reset is False
+    older = C.to_dict(cfg)
+    del older["targets"][0]["target_reset"]  # a config written before the setting existed
+    assert C.from_dict(older).targets[0].target_reset is True
+
+
+def test_target_reset_must_be_a_boolean():
+    cfg = Config(targets=[Target(iqn="iqn.2026-11.org.example:t", target_reset="no",  # type: ignore[arg-type]
+                                 portal_groups=[PortalGroup(1, ["127.0.0.1:3260"])])])
+    with pytest.raises(ConfigError, match="target_reset: must be true or false"):
+        cfg.validate()
