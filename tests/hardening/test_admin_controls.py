@@ -1,5 +1,6 @@
-"""Per-session counters in ``iscsi-target status`` and the rates of ``iscsi-target stats``,
-against a real daemon driven by a raw session whose every command and byte the test knows."""
+"""Admin controls against a real daemon driven by raw sessions whose every command and byte
+the test knows: the counters of ``status`` and the rates of ``stats`` (per session, per LUN),
+``session drop``, and the target-reset policy of ``target set``."""
 from __future__ import annotations
 
 import json
