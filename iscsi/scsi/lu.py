@@ -769,18 +769,17 @@ class LogicalUnit:
         bs = self.block_size
         length = n * bs
         fence = self.fence
+        zero_copy = zero_copy and length >= zerocopy.MIN_BYTES and self.zero_copy_source is not None \
+            and not fence.writers and nexus is self.sole_user and fence.sendfile_ok
+        if not zero_copy and length > LARGE_TRANSFER_STEP:
+            return None
+        self.reads += 1
+        self.read_bytes += length
         try:
-            if zero_copy and length >= zerocopy.MIN_BYTES and self.zero_copy_source is not None \
-                    and not fence.writers and nexus is self.sole_user and fence.sendfile_ok:
+            if zero_copy:
                 source = self.zero_copy_source
-                self.reads += 1
-                self.read_bytes += length
                 source.drain()
                 return fence.hold(source, lba * bs, length)
-            if length > LARGE_TRANSFER_STEP:
-                return None
-            self.reads += 1
-            self.read_bytes += length
             return self.backstore.read(lba * bs, length)
         except Exception as e:
             # Answered here, as start() would: the failure may not happen twice (a deferred

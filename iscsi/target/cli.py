@@ -348,11 +348,8 @@ def target_set(iqn: str, alias: str | None, no_alias: bool, open_access: bool | 
         raise click.UsageError("give either --alias or --no-alias, not both")
     parsed = _check(lambda: dict(C.canonical_param(*_key_value(p)) for p in params))
     _check(lambda: [C.param_name(k) for k in clear_params])
-    args: dict[str, Any] = {}
-    if target_reset is not None:
-        args["target_reset"] = target_reset
     res = _call(control, "target.set", iqn=iqn, alias=alias, clear_alias=no_alias, open_access=open_access,
-                params=parsed, clear_params=list(clear_params), **args)
+                params=parsed, clear_params=list(clear_params), target_reset=target_reset)
     click.echo(f"target {res['iqn']}: open_access={_cell(res['open_access'])} "
                f"target_reset={_cell(res.get('target_reset', True))} params={_cell(res['params'])}")
     if res.get("logged_out"):
@@ -807,12 +804,7 @@ def session_drop(iqn: str, initiator: str | None, tsih: int | None, all_sessions
     does); `acl remove` keeps it out."""
     if all_sessions and (initiator or tsih is not None):
         raise click.UsageError("--all goes alone (or name --initiator / --tsih instead)")
-    args: dict[str, Any] = {"iqn": iqn, "all_sessions": all_sessions}
-    if initiator is not None:
-        args["initiator"] = initiator
-    if tsih is not None:
-        args["tsih"] = tsih
-    res = _call(control, "session.drop", **args)
+    res = _call(control, "session.drop", iqn=iqn, initiator=initiator, tsih=tsih, all_sessions=all_sessions)
     click.echo(f"{res['target']}: {res['dropped']} session(s) dropped (their initiators may log in again; "
                "`iscsi-target acl remove` keeps one out)")
 

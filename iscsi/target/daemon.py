@@ -1238,9 +1238,9 @@ class TargetDaemon:
                 and (wanted is None or str(r.get("initiator", "")).lower() == wanted)
                 and (tsih is None or r.get("tsih") == tsih)]
         if not rows:
-            who = " and ".join(x for x in (initiator and f"initiator {initiator}", tsih is not None and f"TSIH {tsih}")
-                               if x) or "any initiator"
-            raise AdminError(f"target {target.iqn} has no session of {who}")
+            named = ([f"initiator {initiator}"] if initiator is not None else []) + \
+                    ([f"TSIH {tsih}"] if tsih is not None else [])
+            raise AdminError(f"target {target.iqn} has no session of {' and '.join(named) or 'any initiator'}")
         dropped = 0
         if self.server is not None:
             for name, number in sorted({(str(r.get("initiator")), r.get("tsih")) for r in rows}, key=str):

@@ -80,10 +80,15 @@ def lun_rates(before: dict[str, Any], after: dict[str, Any]) -> list[dict[str, A
     return rows
 
 
+def _rounded(row: dict[str, Any], whole: tuple[str, ...], tenths: tuple[str, ...]) -> dict[str, Any]:
+    """``row`` for a table: the ``whole`` rates (per second) without decimals, the ``tenths``
+    (MB/s) to 0.1."""
+    return {**row, **{k: f"{row[k]:.0f}" for k in whole}, **{k: f"{row[k]:.1f}" for k in tenths}}
+
+
 def display_lun(row: dict[str, Any]) -> dict[str, Any]:
     """``row`` of :func:`lun_rates` rounded for a table."""
-    return {**row, **{k: f"{row[k]:.0f}" for k in ("reads_per_s", "writes_per_s", "other_per_s")},
-            **{k: f"{row[k]:.1f}" for k in ("read_mb_per_s", "write_mb_per_s")}}
+    return _rounded(row, ("reads_per_s", "writes_per_s", "other_per_s"), ("read_mb_per_s", "write_mb_per_s"))
 
 
 def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -97,9 +102,8 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def display(row: dict[str, Any]) -> dict[str, Any]:
-    """``row`` with its rates rounded for a table (commands/s whole, MB/s to 0.1)."""
-    return {**row, "cmds_per_s": f"{row['cmds_per_s']:.0f}", "rx_mb_per_s": f"{row['rx_mb_per_s']:.1f}",
-            "tx_mb_per_s": f"{row['tx_mb_per_s']:.1f}"}
+    """``row`` of :func:`rates` (or :func:`totals`) rounded for a table."""
+    return _rounded(row, ("cmds_per_s",), ("rx_mb_per_s", "tx_mb_per_s"))
 
 
 def human_bytes(n: float) -> str:
