@@ -176,6 +176,10 @@ async def run(session: Session, lun: int, *, block_size: int, blocks: int, bs: i
         if task.underflow or task.overflow:
             task.underflow = task.overflow = False
             task.residual = 0
+        if task.solicited:
+            # A write larger than the unsolicited burst was asked for by R2Ts: their count
+            # starts again from 0 for the next command (RFC 7143 §11.8.2).
+            task.next_r2tsn = task.solicited = 0
         submit(task)
 
     def completed_timed(task: Task) -> None:

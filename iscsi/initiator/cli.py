@@ -26,8 +26,8 @@ from ..keys import format_portal
 from ..log import setup as log_setup
 from . import attach as attach_mod
 from . import bench as bench_mod
-from .client import discover as do_discover, open_device, open_session, validate_keys
-from .device import BlockDevice
+from .client import check_iscsi_name, discover as do_discover, open_device, open_session, validate_keys
+from .device import BlockDevice, check_lu_present
 from .errors import ConfigError, IscsiError, ScsiError
 from .nodes import NodeRecord, NodeStore
 from .session import LOGIN_TIMEOUT, SessionOptions
@@ -37,6 +37,8 @@ _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.I)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 #: dd keeps this many chunks in flight (each of ``bs`` bytes).
 DD_QUEUE_DEPTH = 8
+#: Most commands dd and bench keep in flight.
+MAX_QUEUE_DEPTH = 1024
 
 
 def parse_size(text: str, *, what: str = "size", minimum: int = 0) -> int:
@@ -60,13 +62,16 @@ def _byte_value(text: str, what: str, high: int) -> int:
     return n
 
 
-def _count(ops: dict[str, str], key: str, default: int | None, minimum: int = 0) -> int | None:
-    """A dd operand that must be a whole number >= ``minimum``."""
+def _count(ops: dict[str, str], key: str, default: int | None, minimum: int = 0,
+           maximum: int | None = None) -> int | None:
+    """A dd operand that must be a whole number from ``minimum`` to ``maximum``."""
     if key not in ops:
         return default
     text = ops[key]
     if not text.isdigit() or int(text) < minimum:
         raise click.UsageError(f"dd: {key}={text!r} must be a whole number >= {minimum}")
+    if maximum is not None and int(text) > maximum:
+        raise click.UsageError(f"dd: {key}={text!r} must be at most {maximum}")
     return int(text)
 
 
@@ -188,6 +193,8 @@ def _guard(fn):
         except (IscsiError, ScsiError, OSError, EOFError, asyncio.TimeoutError, ValueError,
                 RuntimeError) as exc:
             _fail(str(exc) or type(exc).__name__)
+        except MemoryError:
+            _fail("out of memory (is bs= or --bs too large?)")
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)   # 128 + SIGINT, as shells report it
@@ -208,7 +215,10 @@ def discover(obj: _Ctx, portal: str, save: bool) -> None:
     if portal.startswith("iscsi://"):
         u = _url(portal, require_target=False)
     else:
-        host, port = parse_portal(portal)
+        try:
+            host, port = parse_portal(portal)
+        except UrlError as exc:      # a usage error, as a bad URL is
+            raise click.BadParameter(str(exc), param_hint="PORTAL") from None
         u = IscsiUrl(host=host, port=port)
     targets = _run(do_discover(u.host, u.port, url=u, initiator_name=obj.initiator_name, keys=obj.keys,
                                timeout=min(LOGIN_TIMEOUT, obj.timeout)))
@@ -243,18 +253,27 @@ def _same_address(a: str, b: str) -> bool:
         return a.strip("[]").lower() == b.strip("[]").lower()
 
 
+async def _report_luns(session, lun: int) -> list[int] | None:
+    """REPORT LUNS sent to ``lun``, then to LUN 0 (tgtd refuses it at a LUN that is not
+    there; SPC-4 §6.33 requires LUN 0 to answer it); None when neither answers."""
+    for probe in dict.fromkeys((lun, 0)):
+        try:
+            return await BlockDevice(session, probe).report_luns()
+        except ScsiError:
+            continue
+    return None
+
+
 async def _lun_table(u: IscsiUrl, obj: _Ctx) -> list[dict]:
     session = await open_session(u, **obj.login_kw())
     rows = []
     try:
-        probe = BlockDevice(session, u.lun)
-        try:
-            luns = await probe.report_luns()
-        except ScsiError:
-            luns = [u.lun]
-        for lun in luns:
+        reported = await _report_luns(session, u.lun)
+        for lun in reported if reported is not None else [u.lun]:
             dev = BlockDevice(session, lun)
             inq = await dev.inquiry()
+            if reported is None:
+                check_lu_present(lun, inq)     # not a row for a LUN that is not there
             row: dict[str, Any] = {"lun": lun, "type": inq.device_type, "vendor": inq.vendor,
                                    "product": inq.product}
             if inq.device_type == 0 and inq.peripheral_qualifier == 0:
@@ -332,9 +351,12 @@ def readcap(obj: _Ctx, url: str) -> None:
     u = _url(url)
 
     async def go():
-        session = await open_session(u, **obj.login_kw())
+        # Through open_device: a LUN that is not there, or is not a block device (tgtd's
+        # LUN 0 controller), is named as such instead of failing READ CAPACITY (10).
+        session, dev = await open_device(u, **obj.login_kw())
         try:
-            return await BlockDevice(session, u.lun).read_capacity()
+            assert dev.info is not None
+            return dev.info.capacity
         finally:
             await _close(session, obj.timeout)
 
@@ -510,7 +532,8 @@ def dd(obj: _Ctx, operands: tuple[str, ...], progress: bool | None) -> None:
     bs = parse_size(ops.get("bs", "1M"), what="bs", minimum=1)
     count = _count(ops, "count", None)
     skip, seek = _count(ops, "skip", 0), _count(ops, "seek", 0)
-    qd = _count(ops, "qd", DD_QUEUE_DEPTH, minimum=1)
+    # Each chunk in flight holds bs bytes: bounded as bench's --qd is.
+    qd = _count(ops, "qd", DD_QUEUE_DEPTH, minimum=1, maximum=MAX_QUEUE_DEPTH)
     assert skip is not None and seek is not None and qd is not None
     if progress is None:
         progress = sys.stderr.isatty()
@@ -623,7 +646,7 @@ _RW = {"randread": ("random", 100), "randwrite": ("random", 0), "randrw": ("rand
 @click.option("--rwmixread", type=click.IntRange(0, 100), default=70, show_default=True,
               help="read percentage for randrw/rw")
 @click.option("--bs", default="4k", show_default=True)
-@click.option("--qd", "--iodepth", type=click.IntRange(1, 1024), default=32, show_default=True)
+@click.option("--qd", "--iodepth", type=click.IntRange(1, MAX_QUEUE_DEPTH), default=32, show_default=True)
 @click.option("--runtime", "-t", type=float, default=10.0, show_default=True, help="seconds")
 @click.option("--size", default=None, help="limit the region used (e.g. 1G)")
 @click.option("--json", "as_json", is_flag=True)
@@ -744,6 +767,7 @@ def node() -> None:
 
 @node.command("list")
 @click.option("--json", "as_json", is_flag=True)
+@_guard
 def node_list(as_json: bool) -> None:
     nodes = NodeStore().load()
     if as_json:
@@ -756,9 +780,15 @@ def node_list(as_json: bool) -> None:
 @node.command("add")
 @click.argument("url")
 @click.option("--startup", type=click.Choice(["manual", "automatic"]), default="manual")
+@_guard
 def node_add(url: str, startup: str) -> None:
     """Save URL (iscsi://[user%pw@]host[:port]/iqn[/lun]) as a node record."""
     u = _url(url)
+    try:
+        # A record no login could use (the target would only answer "not found") is not saved.
+        check_iscsi_name(u.target or "", "target name")
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="URL") from None
     NodeStore().upsert(NodeRecord(target=u.target or "", host=u.host, port=u.port,
                                   luns=[u.lun] if url.split("?", 1)[0].rstrip("/").count("/") >= 4 else None,
                                   user=u.user, password=u.password, target_user=u.target_user,
@@ -770,8 +800,11 @@ def node_add(url: str, startup: str) -> None:
 @node.command("delete")
 @click.argument("target")
 @click.option("--portal")
+@_guard
 def node_delete(target: str, portal: str | None) -> None:
     n = NodeStore().delete(target, portal)
+    if not n:
+        _fail(f"no node record for {target}" + (f" at {portal}" if portal else ""))
     click.echo(f"deleted {n} record(s)")
 
 

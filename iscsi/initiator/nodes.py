@@ -60,6 +60,10 @@ class NodeRecord:
         return d
 
 
+class NodeStoreError(ValueError):
+    """The records file exists but cannot be read as one (hand-edited, truncated...)."""
+
+
 class NodeStore:
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or config_dir() / "nodes.json"
@@ -69,9 +73,15 @@ class NodeStore:
             raw = json.loads(self.path.read_text())
         except FileNotFoundError:
             return []
-        if raw.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{self.path}: unknown format version {raw.get('version')!r}")
-        return [NodeRecord(**r) for r in raw.get("nodes", [])]
+        except ValueError as exc:          # not JSON, or not UTF-8
+            raise NodeStoreError(f"{self.path}: not a node record file ({exc})") from None
+        version = raw.get("version") if isinstance(raw, dict) else None
+        if version != FORMAT_VERSION:
+            raise NodeStoreError(f"{self.path}: unknown format version {version!r}")
+        try:
+            return [NodeRecord(**r) for r in raw.get("nodes", [])]
+        except TypeError as exc:           # a record with missing or unknown fields
+            raise NodeStoreError(f"{self.path}: bad node record ({exc})") from None
 
     def save(self, nodes: list[NodeRecord]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -93,7 +103,8 @@ class NodeStore:
     def delete(self, target: str, portal: str | None = None) -> int:
         nodes = self.load()
         keep = [n for n in nodes if not (n.target == target and (portal is None or n.portal == portal))]
-        self.save(keep)
+        if len(keep) != len(nodes):
+            self.save(keep)
         return len(nodes) - len(keep)
 
     def find(self, target: str | None = None, portal: str | None = None) -> list[NodeRecord]:
