@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import os
 import logging
+import socket
 import struct
 from collections import deque
 from typing import Any, Callable, Protocol
@@ -43,6 +44,7 @@ from typing import Any, Callable, Protocol
 from .. import pdu as P
 from ..digest import RESIDUE, crc32c, pack_digest
 from ..framing import LOGIN_MAX_DATA_SEGMENT, MAX_AHS_LENGTH, encode as encode_pdu
+from ..keys import format_portal
 from ..log import event
 from .errors import ConnectionLost, ProtocolViolation
 
@@ -848,13 +850,21 @@ class Connection(asyncio.BufferedProtocol):
 async def open_connection(host: str, port: int, *, timeout: float, name: str = "") -> Connection:
     """TCP connect with a bound wait; returns the protocol object."""
     loop = asyncio.get_running_loop()
+    portal = format_portal(host, port)
     try:
         _t, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: Connection(name=name or f"{host}:{port}"), host, port), timeout)
+            loop.create_connection(lambda: Connection(name=name or portal), host, port), timeout)
     except asyncio.TimeoutError:
-        raise ConnectionLost(f"connect to {host}:{port} timed out after {timeout:.0f}s") from None
+        raise ConnectionLost(f"connect to {portal} timed out after {timeout:.0f}s") from None
     except OSError as exc:
-        # asyncio's connect error keeps errno but says "Connect call failed (...)": name it.
-        reason = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))
-        raise ConnectionLost(f"connect to {host}:{port}: {reason}") from None
+        raise ConnectionLost(f"connect to {portal}: {_connect_reason(exc)}") from None
     return conn
+
+
+def _connect_reason(exc: OSError) -> str:
+    """Why a connect failed, in the system's words.  asyncio's message is "Connect call
+    failed (...)", so the errno is named instead; a name lookup error (socket.gaierror)
+    carries a resolver code, which os.strerror would misread, and its own text."""
+    if isinstance(exc, socket.gaierror) or not exc.errno:
+        return exc.strerror or str(exc)
+    return os.strerror(exc.errno)
