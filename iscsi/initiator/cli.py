@@ -402,15 +402,19 @@ def read(obj: _Ctx, url: str, lba: int, count: int, output: str | None) -> None:
 @click.option("--lba", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--input", "-i", "input_", type=click.Path(exists=True, dir_okay=False), help="data file")
 @click.option("--pattern", type=str, help="fill with this byte (e.g. 0xab) ...")
-@click.option("--count", "-n", type=click.IntRange(min=1), default=1, help="... for COUNT blocks")
+@click.option("--count", "-n", type=click.IntRange(min=1), default=None, help="... for COUNT blocks [default: 1]")
 @click.option("--fua", is_flag=True, help="force unit access (durable on return)")
 @click.pass_obj
 @_guard
-def write(obj: _Ctx, url: str, lba: int, input_: str | None, pattern: str | None, count: int, fua: bool) -> None:
+def write(obj: _Ctx, url: str, lba: int, input_: str | None, pattern: str | None, count: int | None,
+          fua: bool) -> None:
     """WRITE (16) at LBA from a file (zero-padded to whole blocks) or a byte pattern."""
     u = _url(url)
     if (input_ is None) == (pattern is None):
         raise click.UsageError("give exactly one of --input or --pattern")
+    if input_ is not None and count is not None:
+        raise click.UsageError("--count goes with --pattern: --input writes the whole file")
+    count = count or 1
     fill = _byte_value(pattern, "--pattern", 0xFF) if pattern is not None else 0
 
     async def go():

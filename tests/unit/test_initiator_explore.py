@@ -125,3 +125,12 @@ async def test_connect_error_of_a_name_lookup_says_so():
     err = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
     assert _connect_reason(err) == "Name or service not known"
     assert _connect_reason(ConnectionRefusedError(111, "Connect call failed")) == "Connection refused"
+
+
+def test_write_refuses_a_count_it_would_ignore(tmp_path):
+    # --count sizes a --pattern write; with --input it used to be dropped without a word.
+    data = tmp_path / "d.bin"
+    data.write_bytes(b"x" * 512)
+    r = run_cli("write", "iscsi://127.0.0.1:1/iqn.2026-11.org.example:disk/0", "--input", str(data), "-n", "4")
+    assert r.exit_code == 2
+    assert "--count goes with --pattern" in r.output
