@@ -781,15 +781,27 @@ def session() -> None:
 @_control_option
 def session_list(iqn: str | None, as_json: bool, control: Path | None) -> None:
     """Sessions (of one target or all), with commands and bytes since login."""
-    rows = _call(control, "status")["sessions"]
+    st = _call(control, "status")
+    rows = st["sessions"]
     if iqn is not None:
-        rows = [r for r in rows if str(r.get("target", "")).lower() == iqn.lower()]
+        name = _known_target(st, iqn)
+        rows = [r for r in rows if str(r.get("target", "")).lower() == name]
     if as_json:
         _echo_json(rows)
     elif not rows:
         click.echo("no sessions")
     else:
         click.echo(_sessions_table(rows))
+
+
+def _known_target(st: dict, iqn: str) -> str:
+    """``iqn`` in canonical form when the daemon has that target: a mistyped name must not
+    read as "no sessions" (the other list commands refuse it the same way)."""
+    name = _check(lambda: C.canonical_iscsi_name(iqn))
+    known = [str(t.get("iqn")) for t in st.get("targets") or []]
+    if name not in known:
+        raise Failed(f"no target {name} (targets: {', '.join(known) or 'none'})")
+    return name
 
 
 @session.command("drop")

@@ -202,6 +202,9 @@ def parse_portal(text: str) -> tuple[str, int]:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         # [::ffff:a.b.c.d] cannot be bound (IPv6 sockets here are V6ONLY) and names the IPv4 portal.
         addr = addr.ipv4_mapped
+    if port_text == "" and text.endswith(":"):
+        # "127.0.0.1:$PORT" with PORT unset: listening on 3260 instead would be a surprise.
+        raise ConfigError(f"portal {text!r}: no port after ':' (write {text}3260, or leave out the ':')")
     if port_text == "":
         port = DEFAULT_PORT
     else:
@@ -284,6 +287,9 @@ def param_name(key: str) -> str:
 def canonical_param(key: str, value: Any) -> tuple[str, str]:
     """Validate one key preference; returns (RFC key name, value as text)."""
     name = param_name(key)
+    if value is None or isinstance(value, (list, dict)):
+        # null read as the text "None" would silently mean "no digest" for HeaderDigest.
+        raise ConfigError(f"parameter {name}={json.dumps(value)}: expected a text or number value")
     if isinstance(value, bool):
         text = "Yes" if value else "No"
     else:
@@ -428,7 +434,7 @@ class Config:
 
     def validate(self) -> None:
         """Check every rule; raises ConfigError naming the first bad entry."""
-        if self.version != CONFIG_VERSION:
+        if isinstance(self.version, bool) or self.version != CONFIG_VERSION:  # true == 1 in Python
             raise ConfigError(f"version: {self.version!r} is not supported (this daemon reads version {CONFIG_VERSION})")
         if self.data_dir is not None and not (isinstance(self.data_dir, str) and self.data_dir.strip()):
             raise ConfigError(f"data_dir: {self.data_dir!r} must be a directory path (a non-empty string) or null")
@@ -856,6 +862,25 @@ def loads(text: str) -> Config:
 # --------------------------------------------------------------------------- files
 
 
+def text_digest(text: str) -> str:
+    """The :func:`file_digest` of a file holding ``text`` (written as UTF-8, as saved)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str | None:
+    """The digest of the file's bytes now, or None when there is no file.
+
+    The daemon keeps the digest of what it last read or wrote, so it can tell that someone
+    edited the file since and refuse to save over the edit (a hand edit not yet reloaded
+    would otherwise be lost without a word at the next admin command).
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    return hashlib.sha256(data).hexdigest()
+
+
 def load_config(path: str | os.PathLike) -> Config:
     """Load a config file, all or nothing.  Errors name the file and the bad entry.
 
@@ -863,9 +888,15 @@ def load_config(path: str | os.PathLike) -> Config:
     file's own directory, and so is a relative ``data_dir`` (never from the daemon's
     working directory).
     """
+    return read_config(path)[0]
+
+
+def read_config(path: str | os.PathLike) -> tuple[Config, str]:
+    """:func:`load_config`, and the :func:`file_digest` of the bytes it was built from."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -880,7 +911,7 @@ def load_config(path: str | os.PathLike) -> Config:
         # A relative data_dir is taken from the file's directory too: the daemon's working
         # directory (/ under systemd) must not decide where images are created.
         cfg.data_dir = str(path.absolute().parent / cfg.data_dir)
-    return cfg
+    return cfg, hashlib.sha256(data).hexdigest()
 
 
 def check_not_writable_by_others(path: str | os.PathLike) -> None:
@@ -898,11 +929,12 @@ def file_is_private(path: str | os.PathLike) -> bool:
     return stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0
 
 
-def save_config(cfg: Config, path: str | os.PathLike) -> None:
+def save_config(cfg: Config, path: str | os.PathLike) -> str:
     """Validate, then write atomically: temp file in the same directory, fsync, rename, fsync dir.
 
     A crash at any point leaves either the previous file or the new one; a leftover
     temp file is ignored by :func:`load_config` and removed by the next save.
+    Returns the :func:`text_digest` of what was written.
     """
     cfg.validate()
     text = dumps(cfg)
@@ -934,6 +966,7 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    return text_digest(text)
 
 
 # --------------------------------------------------------------------------- LUN specs

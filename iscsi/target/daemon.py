@@ -6,7 +6,8 @@ Every runtime change goes through one path (:meth:`TargetDaemon.change`):
    targetcli-fb PR #161), copy the config and let the operation edit the copy;
 2. validate the copy;
 3. *prepare* what can fail: open new images, resize, bind new portals;
-4. save the copy atomically (if the daemon has a config file);
+4. save the copy atomically (if the daemon has a config file; refused when the
+   file was edited since the daemon read or wrote it, so a hand edit is never lost);
 5. *commit* what cannot fail: swap LUN maps in place (REPORTED LUNS DATA HAS
    CHANGED goes out), drop sessions that lost their access, unbind old portals,
    close images nobody uses any more.
@@ -613,6 +614,8 @@ class TargetDaemon:
         self.config = config
         # None = quick start: changes apply to the running daemon only and are not saved.
         self.config_path = Path(config_path) if config_path is not None else None
+        # What the file held when this daemon last read or wrote it (see _check_file_unchanged).
+        self._file_digest = C.file_digest(self.config_path) if self.config_path is not None else None
         self.control_path = Path(control_path) if control_path is not None else None
         self.open_files = 0  # the descriptor limit in force, set by start()
         # Quick start: when another daemon already owns the control socket, serve anyway
@@ -785,9 +788,10 @@ class TargetDaemon:
         if self.config_path is None:
             raise AdminError("this daemon was started without a config file (quick start); nothing to reload")
         async with self._lock:
-            new = await asyncio.to_thread(C.load_config, self.config_path)
+            new, digest = await asyncio.to_thread(C.read_config, self.config_path)
             C.check_not_writable_by_others(self.config_path)
             await self._apply(new, save=False)
+            self._file_digest = digest
         event(log, "config.reloaded", path=self.config_path, targets=len(self.config.targets))
         return {"targets": len(self.config.targets)}
 
@@ -796,6 +800,20 @@ class TargetDaemon:
             await self.reload()
         except Exception as e:
             event(log, "config.reload_failed", logging.ERROR, path=self.config_path, error=str(e))
+
+    def _check_file_unchanged(self) -> None:
+        """Refuse to save over an edit made to the config file since this daemon last read or
+        wrote it: the next admin command would otherwise throw a hand edit (not yet reloaded,
+        or refused by a reload) away without a word."""
+        try:
+            now = C.file_digest(self.config_path)
+        except OSError as e:
+            raise DaemonError(f"cannot read {self.config_path}: {e.strerror or e}; nothing was changed") from None
+        if now is not None and now != self._file_digest:
+            raise AdminError(
+                f"{self.config_path} was changed since the daemon last read or wrote it (edited by hand?) and "
+                "saving would throw that edit away; apply it with `iscsi-target config reload` (or undo it), "
+                "then try again; nothing was changed")
 
     async def _apply(self, new: Config, save: bool) -> None:
         """Move the running daemon from self.config to ``new`` (see module docstring)."""
@@ -852,10 +870,12 @@ class TargetDaemon:
                           note="reachable from other hosts")
             # ---- persist
             if save and self.config_path is not None:
+                await asyncio.to_thread(self._check_file_unchanged)
                 try:
-                    await asyncio.to_thread(C.save_config, new, self.config_path)
+                    digest = await asyncio.to_thread(C.save_config, new, self.config_path)
                 except OSError as e:
                     raise DaemonError(f"cannot save {self.config_path}: {e.strerror or e}; nothing was changed") from None
+                self._file_digest = digest if isinstance(digest, str) else C.file_digest(self.config_path)
         except BaseException:
             await self._undo(opened, resized, bound)
             raise
@@ -1503,4 +1523,6 @@ def _check_arg_types(op: str, method: Callable, args: dict) -> None:
     for name, value in args.items():
         hint = hints.get(name)
         if hint is not None and not _type_ok(value, hint):
-            raise AdminError(f"{op}: {name} must be {_type_name(hint)}, not {json.dumps(value)[:40]}")
+            # The refusal is logged too: a secret sent as, say, a list must not be quoted.
+            shown = "***" if any(w in name.lower() for w in _SECRET_WORDS) else json.dumps(value)[:40]
+            raise AdminError(f"{op}: {name} must be {_type_name(hint)}, not {shown}")
