@@ -86,14 +86,17 @@ class CommandWindow:
         return top
 
     def in_window(self, cmdsn: int) -> bool:
-        """Is ``cmdsn`` in [ExpCmdSN, MaxCmdSN] (RFC 7143 §4.2.2.1)?
+        """Is ``cmdsn`` a new CmdSN in [ExpCmdSN, MaxCmdSN] (RFC 7143 §4.2.2.1)?
 
         MaxCmdSN is the highest one advertised, not ExpCmdSN + depth: ExpCmdSN moves up with
         every command that arrives in order, so a bound relative to it alone lets an initiator
-        that ignores MaxCmdSN keep any number of commands (and their data) in the target."""
+        that ignores MaxCmdSN keep any number of commands (and their data) in the target.
+        The CmdSN of a command held back (``pending``) is taken: §4.2.2.1, the target "MUST
+        silently ignore ... non-immediate duplicates within the range" (a duplicate let in
+        would never run, keep its place in the window and its data for good)."""
         exp = self.expcmdsn
         ahead = (cmdsn - exp) & 0xFFFFFFFF
-        if ahead >= self.depth:
+        if ahead >= self.depth or cmdsn in self.pending:
             return False
         self.maxcmdsn  # noqa: B018 - refreshes ``highest`` (after a reinstatement moved ExpCmdSN)
         limit = (self.highest - exp) & 0xFFFFFFFF
@@ -102,7 +105,7 @@ class CommandWindow:
     def arrive(self, cmdsn: int, item: object, immediate: bool = False) -> list[object]:
         if immediate:
             return [item]
-        if not self.in_window(cmdsn) or cmdsn in self.pending:
+        if not self.in_window(cmdsn):  # outside the window, or a duplicate (§4.2.2.1)
             return []
         self.pending[cmdsn] = item
         ready = []

@@ -155,6 +155,7 @@ class TargetConnection(asyncio.Protocol):
         self.text_in = K.TextAccumulator(TEXT_EXCHANGE_LIMIT)
         self.text_out: list[bytes] = []
         self.text_itt: int | None = None  # ITT of that exchange (§11.10.3)
+        self.text_ttt: int | None = None  # TTT of our last Text Response with F=0 (§11.10.4)
         # Zero-copy READs (iscsi/scsi/zerocopy.py): our duplicate of the socket (None: not
         # possible), the smallest/largest READ sent that way (an empty range: off), whether ``_out`` holds
         # a FileExtent, and the held ranges whose status the initiator has not yet

@@ -47,6 +47,13 @@ SHUTDOWN_DRAIN_TIMEOUT = 10.0
 SHUTDOWN_LOGOUT_GRACE = 2.0
 
 
+# The TTTs of our Text Responses with F=0 (§11.10.4): one asks for the rest of a request
+# continued with C=1, the other carries on an exchange (the rest of our answer, or the next step
+# of a request with F=0).  The initiator copies the one it got into its next request.
+TEXT_TTT_MORE_REQUEST = 0x7FFF0000
+TEXT_TTT_GO_ON = 0x7FFF0001
+
+
 def _text_response(conn: TargetConnection, req: P.TextRequest, data: bytes, *, more: bool) -> None:
     """One piece of our answer to ``req``; ``more``: pieces of it are still to come (C bit).
 
@@ -54,8 +61,22 @@ def _text_response(conn: TargetConnection, req: P.TextRequest, data: bytes, *, m
     a response with F=0 carries a TTT the initiator echoes to get the rest (§11.11.4).
     """
     final = not more and req.final
-    conn.send(P.TextResponse(itt=req.itt, cont=more, final=final,
-                             ttt=P.RESERVED_TAG if final else 0x7FFF0001, data=data))
+    _send_text(conn, req, data, cont=more, ttt=P.RESERVED_TAG if final else TEXT_TTT_GO_ON)
+
+
+def _send_text(conn: TargetConnection, req: P.TextRequest, data: bytes, *, cont: bool, ttt: int) -> None:
+    """A Text Response; F=1 exactly when ``ttt`` is 0xffffffff (§11.11.1, §11.11.4).  The TTT
+    of one with F=0 is the only one the next request of the exchange may carry."""
+    final = ttt == P.RESERVED_TAG
+    conn.text_ttt = None if final else ttt
+    conn.send(P.TextResponse(itt=req.itt, cont=cont, final=final, ttt=ttt, data=data))
+
+
+def _text_reset(conn: TargetConnection) -> None:
+    """Forget the text exchange in progress: its half-sent request, the rest of our answer."""
+    conn.text_in.reset()
+    conn.text_out.clear()
+    conn.text_ttt = None
 
 
 class TargetSession:
@@ -105,24 +126,29 @@ class TargetSession:
         if req.ttt == P.RESERVED_TAG:
             # §11.10.4: TTT 0xffffffff starts a new request; whatever text exchange was in
             # progress (its half-sent request, the rest of our answer) is reset.
-            acc.reset()
-            pending.clear()
-            conn.text_itt = req.itt
-        elif (acc.pending or pending) and req.itt != conn.text_itt:
-            # §11.10.3: every request of one sequence carries the same ITT.
-            acc.reset()
-            pending.clear()
+            _text_reset(conn)
+        elif (req.ttt, req.itt) != (conn.text_ttt, conn.text_itt):
+            # §11.10.3/§11.10.4: a request going on with an exchange carries its ITT and copies
+            # the TTT of our last response (F=0).  Another ITT, or a TTT we did not give (or no
+            # longer stands: the exchange ended), is an invalid field (§11.17.1 reason 0x09,
+            # "invalid TTT"); the exchange is dropped.
+            _text_reset(conn)
             conn._reject(req, P.RejectReason.INVALID_PDU_FIELD)
             return
-        if pending and req.ttt != P.RESERVED_TAG:
+        if pending:
+            if req.data:
+                # The initiator asks for the rest of an answer cut with C=1 by an empty request
+                # (§6.2, as at login); text in it could be neither answered nor told apart.
+                _text_reset(conn)
+                conn._reject(req, P.RejectReason.PROTOCOL_ERROR)
+                return
             # Continuation of a long answer of ours (§11.11.1).
             _text_response(conn, req, pending.pop(0), more=bool(pending))
             return
-        pending.clear()
         conn.text_itt = req.itt
         if req.cont and req.final:
             # §11.10.2: a Text Request with C=1 must have F=0.
-            acc.reset()
+            _text_reset(conn)
             conn._reject(req, P.RejectReason.PROTOCOL_ERROR)
             return
         answers: list[tuple[str, str]] = []
@@ -130,7 +156,7 @@ class TargetSession:
         try:
             complete = acc.append(req.data, req.cont)
             if complete is None:
-                conn.send(P.TextResponse(itt=req.itt, final=False, ttt=0x7FFF0000, data=b""))
+                _send_text(conn, req, b"", cont=False, ttt=TEXT_TTT_MORE_REQUEST)
                 return
             received = K.parse_text(complete)
             rest = []
@@ -148,7 +174,7 @@ class TargetSession:
             # Text too long, not key=value, a key twice (§6.2): the request is refused
             # (§11.17.1 reason 0x04) and the connection goes on; a text sequence in progress
             # is dropped.
-            acc.reset()
+            _text_reset(conn)
             conn._reject(req, P.RejectReason.PROTOCOL_ERROR)
             return
         text = K.encode_text(answers)
@@ -252,7 +278,7 @@ class TargetSession:
         TMF's own CmdSN (RFC 7143 §11.6.1 b)."""
         window = self.window
         ref = req.refcmdsn
-        return (window.in_window(ref) and ref not in window.pending
+        return (window.in_window(ref)  # (a held command's CmdSN is not in it: it did arrive)
                 and sn_lt(ref, req.cmdsn) and sn_le(req.cmdsn, sn_add(window.expcmdsn, window.depth)))
 
     # -- Logout (§11.14) ---------------------------------------------------------
@@ -274,6 +300,12 @@ class TargetSession:
         pending = [t.future for t in conn.tasks.values() if t.future is not None and not t.future.done()]
         if pending:
             await asyncio.wait(pending, timeout=SHUTDOWN_DRAIN_TIMEOUT)
+            if self.connection is not conn:
+                # While we waited, a login with this TSIH and CID reinstated the connection
+                # (§6.3.4): the old one, this Logout with it, was terminated, and the session
+                # lives on the new one -- ending it now would take it from the tables (and its
+                # nexus from the LUs) under a connection that goes on using it.
+                return
         # The session ends now, before the response: an initiator that logs straight
         # back in must not find its old nexus still holding a RESERVE(6) (SAM-5 §6.3.4).
         self.server.end_session(self, reason="logout")
