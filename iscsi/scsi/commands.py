@@ -111,7 +111,10 @@ def base_commands() -> list[CommandSpec]:
         C(Op.MODE_SELECT_6, None, "MODE SELECT(6)", spc.mode_select_6, usage(0x15, 0x11, 0, 0, 0xFF, 0), 0, _dout_p4),
         C(Op.MODE_SENSE_6, None, "MODE SENSE(6)", spc.mode_sense_6, usage(0x1A, 0x08, 0xFF, 0xFF, 0xFF, 0), 0),
         C(Op.START_STOP_UNIT, None, "START STOP UNIT", sbc.start_stop_unit, usage(0x1B, 0x01, 0, 0x0F, 0xF7, 0), 0),
-        C(Op.SEND_DIAGNOSTIC, None, "SEND DIAGNOSTIC", spc.send_diagnostic, usage(0x1D, 0xF7, 0, 0xFF, 0xFF, 0), 0, _dout_p3),
+        # Usage maps mark only what the handler acts on: a field it refuses whatever its non-zero
+        # value is "treated as reserved" and its bits are zero (SPC-4 §6.35.3).  SEND DIAGNOSTIC:
+        # no diagnostic pages (PF, PARAMETER LIST LENGTH) and DEVOFFL/UNITOFFL have no effect.
+        C(Op.SEND_DIAGNOSTIC, None, "SEND DIAGNOSTIC", spc.send_diagnostic, usage(0x1D, 0xE4, 0, 0, 0, 0), 0, _dout_p3),
         C(Op.PREVENT_ALLOW_MEDIUM_REMOVAL, None, "PREVENT ALLOW MEDIUM REMOVAL", spc.prevent_allow_medium_removal,
           usage(0x1E, 0, 0, 0, 0x03, 0), 0),
         C(Op.READ_CAPACITY_10, None, "READ CAPACITY(10)", sbc.read_capacity_10,
@@ -155,8 +158,9 @@ def base_commands() -> list[CommandSpec]:
           usage(0x91, 0x02, *_ff(8), *_ff(4), 0, 0), M),
         C(Op.WRITE_SAME_16, None, "WRITE SAME(16)", sbc.write_same_16, usage(0x93, 0x09, *_ff(8), *_ff(4), 0, 0), M,
           sbc.write_same_data_out_length),
+        # ATOMIC BOUNDARY must be 0 (MAXIMUM ATOMIC BOUNDARY SIZE 0): not evaluated (SPC-4 §6.35.3).
         C(Op.WRITE_ATOMIC_16, None, "WRITE ATOMIC(16)", sbc.write_atomic_16,
-          usage(0x9C, 0x18, *_ff(8), 0xFF, 0xFF, 0xFF, 0xFF, 0, 0), M, _dout_atomic),
+          usage(0x9C, 0x18, *_ff(8), 0, 0, 0xFF, 0xFF, 0, 0), M, _dout_atomic),
         C(Op.SERVICE_ACTION_IN_16, None, "SERVICE ACTION IN(16)", None, b"", M, sub={
             SaIn16.READ_CAPACITY_16: C(Op.SERVICE_ACTION_IN_16, SaIn16.READ_CAPACITY_16, "READ CAPACITY(16)",
                                        sbc.read_capacity_16, usage(0x9E, 0x10, *_ff(8), *_ff(4), 0x01, 0), M),
@@ -198,10 +202,10 @@ def pr_commands(pr_in, pr_out, reserve6, release6, reserve10, release10) -> list
     return [
         C(Op.RESERVE_6, None, "RESERVE(6)", reserve6, usage(0x16, 0, 0, 0, 0, 0), 0),
         C(Op.RELEASE_6, None, "RELEASE(6)", release6, usage(0x17, 0, 0, 0, 0, 0), 0),
-        C(Op.RESERVE_10, None, "RESERVE(10)", reserve10, usage(0x56, 0x12, 0xFF, 0, 0, 0, 0, 0xFF, 0xFF, 0), 0,
-          _dout_p7),
-        C(Op.RELEASE_10, None, "RELEASE(10)", release10, usage(0x57, 0x12, 0xFF, 0, 0, 0, 0, 0xFF, 0xFF, 0), 0,
-          _dout_p7),
+        # Third-party reservations (3RDPTY, LONGID, THIRD PARTY DEVICE ID and the parameter list
+        # that carries a long id) are refused: those bits are not evaluated (SPC-4 §6.35.3).
+        C(Op.RESERVE_10, None, "RESERVE(10)", reserve10, usage(0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0), 0, _dout_p7),
+        C(Op.RELEASE_10, None, "RELEASE(10)", release10, usage(0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0), 0, _dout_p7),
         C(Op.PERSISTENT_RESERVE_IN, None, "PERSISTENT RESERVE IN", None, b"", 0, sub={
             sa: C(Op.PERSISTENT_RESERVE_IN, sa, "PERSISTENT RESERVE IN", pr_in,
                   usage(0x5E, sa, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0), 0)

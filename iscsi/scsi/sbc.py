@@ -400,10 +400,18 @@ def synchronize_cache_16(lu: LogicalUnit, cmd: ScsiCommand):
     return _sync(lu, lba, n)
 
 
-def _prefetch(lu: LogicalUnit, lba: int, n: int) -> ScsiResult:
-    """PRE-FETCH (SBC-4 §5.11): a read-ahead hint; GOOD since nothing is promised to stay cached."""
+def _prefetch(lu: LogicalUnit, lba: int, n: int, len_field: int) -> ScsiResult:
+    """PRE-FETCH (SBC-4 §5.11): a read-ahead hint; GOOD since nothing is promised to stay cached.
+
+    The PREFETCH LENGTH is held to the MAXIMUM PREFETCH LENGTH of the Block Limits page, which
+    advertises the MAXIMUM TRANSFER LENGTH (SBC-4 §6.6.4, Table "Transfer limits for commands":
+    INVALID FIELD IN CDB beyond it).  Unchecked, one PRE-FETCH of 2^32 - 1 blocks had the
+    kernel read terabytes of image into the page cache, evicting every other LU's data.
+    """
     if lba + (n or 1) > lu.num_blocks:
         raise _oob()
+    if n > lu.max_transfer:
+        raise S.illegal_field(len_field)
     hint = getattr(lu.backstore, "prefetch", None)
     if hint is not None and n:
         bs = lu.block_size
@@ -413,12 +421,12 @@ def _prefetch(lu: LogicalUnit, lba: int, n: int) -> ScsiResult:
 
 def pre_fetch_10(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     _flags, lba, _g, n = RW10.unpack_from(cmd.cdb)
-    return _prefetch(lu, lba, n)
+    return _prefetch(lu, lba, n, 7)
 
 
 def pre_fetch_16(lu: LogicalUnit, cmd: ScsiCommand) -> ScsiResult:
     _flags, lba, n, _g = RW16.unpack_from(cmd.cdb)
-    return _prefetch(lu, lba, n)
+    return _prefetch(lu, lba, n, 10)
 
 
 # -- READ CAPACITY ------------------------------------------------------------------------
