@@ -149,10 +149,11 @@ def _with_name(u: IscsiUrl, obj: _Ctx) -> IscsiUrl:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--initiator-name", "-i", envvar="ISCSI_INITIATOR_NAME", help="our IQN")
+@click.option("--initiator-name", "-i", envvar="ISCSI_INITIATOR_NAME",
+              help="our IQN [default: $ISCSI_INITIATOR_NAME, else InitiatorName in /etc/iscsi/initiatorname.iscsi]")
 @click.option("--key", "-k", "keys", multiple=True, metavar="NAME=VALUE",
               help="login key preference, e.g. -k MaxBurstLength=262144 -k HeaderDigest=CRC32C")
-@click.option("--log-level", default="WARNING", show_default=True)
+@click.option("--log-level", default="WARNING", show_default=True, help="debug, info, warning or error")
 @click.option("--timeout", type=click.FloatRange(min=1, max=3600), default=CLI_TIMEOUT, show_default=True,
               help="seconds to wait for a portal, or for a lost session to come back, before failing")
 @click.pass_context
@@ -401,8 +402,9 @@ def read(obj: _Ctx, url: str, lba: int, count: int, output: str | None) -> None:
 @click.argument("url")
 @click.option("--lba", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--input", "-i", "input_", type=click.Path(exists=True, dir_okay=False), help="data file")
-@click.option("--pattern", type=str, help="fill with this byte (e.g. 0xab) ...")
-@click.option("--count", "-n", type=click.IntRange(min=1), default=None, help="... for COUNT blocks [default: 1]")
+@click.option("--pattern", type=str, help="fill with this byte (e.g. 0xab) instead of a file")
+@click.option("--count", "-n", type=click.IntRange(min=1), default=None,
+              help="blocks to write with --pattern [default: 1]")
 @click.option("--fua", is_flag=True, help="force unit access (durable on return)")
 @click.pass_obj
 @_guard
@@ -649,8 +651,9 @@ _RW = {"randread": ("random", 100), "randwrite": ("random", 0), "randrw": ("rand
 @click.option("--rw", type=click.Choice(sorted(_RW)), default="randread", show_default=True)
 @click.option("--rwmixread", type=click.IntRange(0, 100), default=70, show_default=True,
               help="read percentage for randrw/rw")
-@click.option("--bs", default="4k", show_default=True)
-@click.option("--qd", "--iodepth", type=click.IntRange(1, MAX_QUEUE_DEPTH), default=32, show_default=True)
+@click.option("--bs", default="4k", show_default=True, help="bytes per command (e.g. 4k, 128k, 1M)")
+@click.option("--qd", "--iodepth", type=click.IntRange(1, MAX_QUEUE_DEPTH), default=32, show_default=True,
+              help="commands in flight")
 @click.option("--runtime", "-t", type=float, default=10.0, show_default=True, help="seconds")
 @click.option("--size", default=None, help="limit the region used (e.g. 1G)")
 @click.option("--json", "as_json", is_flag=True)
@@ -730,7 +733,7 @@ def attach_cmd(obj: _Ctx, urls: tuple[str, ...], replacement_timeout: float, pol
 
 @main.command()
 @click.argument("what", required=False)
-@click.option("--all", "all_", is_flag=True)
+@click.option("--all", "all_", is_flag=True, help="every attached LUN")
 @_guard
 def detach(what: str | None, all_: bool) -> None:
     """Detach /dev/loopN (or an attachment id or URL); --all detaches everything."""
@@ -773,6 +776,7 @@ def node() -> None:
 @click.option("--json", "as_json", is_flag=True)
 @_guard
 def node_list(as_json: bool) -> None:
+    """Saved node records: PORTAL,TPGT TARGET."""
     nodes = NodeStore().load()
     if as_json:
         click.echo(json.dumps([n.public() for n in nodes], indent=2))
@@ -803,9 +807,10 @@ def node_add(url: str, startup: str) -> None:
 
 @node.command("delete")
 @click.argument("target")
-@click.option("--portal")
+@click.option("--portal", metavar="HOST:PORT", help="only the record for this portal (as `node list` shows it)")
 @_guard
 def node_delete(target: str, portal: str | None) -> None:
+    """Delete the saved node record(s) of TARGET."""
     n = NodeStore().delete(target, portal)
     if not n:
         _fail(f"no node record for {target}" + (f" at {portal}" if portal else ""))
@@ -826,7 +831,7 @@ def _select_nodes(target: str | None, portal: str | None, all_: bool) -> list[No
 
 @main.command()
 @click.argument("target", required=False)
-@click.option("--portal")
+@click.option("--portal", metavar="HOST:PORT", help="only the record for this portal (as `node list` shows it)")
 @click.option("--all", "all_", is_flag=True, help="every record")
 @click.pass_obj
 @_guard
@@ -848,8 +853,8 @@ def login(obj: _Ctx, target: str | None, portal: str | None, all_: bool) -> None
 
 @main.command()
 @click.argument("target", required=False)
-@click.option("--portal")
-@click.option("--all", "all_", is_flag=True)
+@click.option("--portal", metavar="HOST:PORT", help="only the record for this portal (as `node list` shows it)")
+@click.option("--all", "all_", is_flag=True, help="every record")
 @_guard
 def logout(target: str | None, portal: str | None, all_: bool) -> None:
     """Log out of node(s): detach their LUNs."""

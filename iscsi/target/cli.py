@@ -207,9 +207,11 @@ def main(ctx: click.Context, control: Path | None) -> None:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Serve from this config file (changes are saved to it).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="SANSTACK_DATA_DIR",
-              help="Config and default images [default: /var/lib/sanstack as root, else ~/.local/share/sanstack].")
+              help="Config (target.json) and default images [default: $SANSTACK_DATA_DIR, else /var/lib/sanstack as "
+                   "root, else ~/.local/share/sanstack].")
 @click.option("--portal", "portals", multiple=True, metavar="HOST:PORT",
-              help="Quick start: listen here; repeat for multipath (one portal group each).")
+              help="Quick start (with --target and --lun): listen here; repeat for multipath (one portal group each). "
+                   "[default: 127.0.0.1:3260]")
 @click.option("--target", "target_name", metavar="IQN", help="Quick start: the target's name.")
 @click.option("--lun", "luns", multiple=True, metavar="PATH[:SIZE][:OPTION]...",
               help="Quick start: an image, created sparse if missing; repeat for more LUNs. "
@@ -246,6 +248,10 @@ def serve(config_file: Path | None, data_dir: Path | None, portals: tuple[str, .
         config_path = None
     else:
         config_path = (config_file.expanduser().absolute() if config_file else data / C.CONFIG_FILENAME)
+        if config_file is not None and not config_path.exists():
+            raise Failed(f"{config_path}: no such config file; write one (README.md, \"The config file\"), or run "
+                         f"`iscsi-target serve --data-dir DIR` once: it creates DIR/{C.CONFIG_FILENAME} with a "
+                         "default target")
         if config_path.exists() or config_file is not None:
             cfg = _check(lambda: C.load_config(config_path))
             _check(lambda: C.check_not_writable_by_others(config_path))
@@ -306,10 +312,11 @@ def target() -> None:
 
 @target.command("add")
 @click.argument("iqn")
-@click.option("--alias")
+@click.option("--alias", help="TargetAlias shown to initiators.")
 @click.option("--portal", "portals", multiple=True, metavar="HOST:PORT",
               help=f"One portal group per portal [default: {DEFAULT_PORTAL}].")
-@click.option("--open-access", is_flag=True, help="Any initiator may log in (no ACL needed).")
+@click.option("--open-access", is_flag=True,
+              help="Any initiator may log in (no ACL needed) [default: only initiators with an ACL].")
 @_control_option
 def target_add(iqn: str, alias: str | None, portals: tuple[str, ...], open_access: bool, control: Path | None) -> None:
     """Create a target."""
@@ -331,7 +338,7 @@ def target_remove(iqn: str, force: bool, control: Path | None) -> None:
 
 @target.command("set")
 @click.argument("iqn")
-@click.option("--alias")
+@click.option("--alias", help="New TargetAlias.")
 @click.option("--no-alias", is_flag=True, help="Remove the alias.")
 @click.option("--open-access/--no-open-access", default=None, help="Let any initiator in, or only ACLs.")
 @click.option("--target-reset/--no-target-reset", default=None,
@@ -339,7 +346,8 @@ def target_remove(iqn: str, force: bool, control: Path | None) -> None:
                    "cold also ends every session), or refuse it (TMF response 6).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Target-side iSCSI key preference, e.g. HeaderDigest=CRC32C (require) or CRC32C,None.")
-@click.option("--clear-param", "clear_params", multiple=True, metavar="KEY")
+@click.option("--clear-param", "clear_params", multiple=True, metavar="KEY",
+              help="Drop a --param preference (back to the default).")
 @_control_option
 def target_set(iqn: str, alias: str | None, no_alias: bool, open_access: bool | None, target_reset: bool | None,
                params: tuple[str, ...], clear_params: tuple[str, ...], control: Path | None) -> None:
@@ -399,12 +407,12 @@ def lun() -> None:
 @click.argument("spec", metavar="PATH[:SIZE][:OPTION]...")
 @click.option("--lun", "number", type=click.IntRange(0, C.MAX_LUN), help="LUN number [default: lowest free].")
 @click.option("--size", help="Size, e.g. 1G (needed when the image does not exist).")
-@click.option("--block-size", type=click.Choice(["512", "4096"]))
-@click.option("--read-only", is_flag=True, default=None)
-@click.option("--removable", is_flag=True, default=None)
-@click.option("--serial")
-@click.option("--vendor")
-@click.option("--product")
+@click.option("--block-size", type=click.Choice(["512", "4096"]), help="Logical block size [default: 512].")
+@click.option("--read-only", is_flag=True, default=None, help="Initiators may not write.")
+@click.option("--removable", is_flag=True, default=None, help="Report a removable medium (RMB).")
+@click.option("--serial", help="Unit serial number (VPD 0x80) [default: derived from target, LUN and path].")
+@click.option("--vendor", help="INQUIRY vendor (8 characters) [default: SANSTACK].")
+@click.option("--product", help="INQUIRY product (16 characters) [default: VIRTUAL-DISK].")
 @_control_option
 def lun_add(iqn: str, spec: str, number: int | None, size: str | None, block_size: str | None,
             read_only: bool | None, removable: bool | None, serial: str | None, vendor: str | None,
