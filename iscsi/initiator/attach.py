@@ -481,16 +481,17 @@ def _reap(proc: subprocess.Popen, timeout: float = 5.0) -> None:
 
 
 def find_attachment(what: str) -> dict | None:
-    """By loop device, id, or URL."""
+    """By loop device, id, or URL (of any path of a multipath attachment)."""
     for st in load_states():
         if what in (st.get("loop"), st.get("id"), st.get("url")):
             return st
         try:
             u = parse_url(what)
-            if (u.target, u.lun, u.portal) == (st.get("target"), st.get("lun"), st.get("portal")):
-                return st
         except ValueError:
-            pass
+            continue
+        if (u.target, u.lun) == (st.get("target"), st.get("lun")) and \
+                u.portal in (st.get("paths") or [st.get("portal")]):
+            return st
     return None
 
 

@@ -836,20 +836,47 @@ def _select_nodes(target: str | None, portal: str | None, all_: bool) -> list[No
 @click.pass_obj
 @_guard
 def login(obj: _Ctx, target: str | None, portal: str | None, all_: bool) -> None:
-    """Log in to saved node(s): attach each of their disk LUNs as /dev/loopN."""
-    for n in _select_nodes(target, portal, all_):
-        luns = n.luns
-        if luns is None:
-            rows = _run(_lun_table(n.url(0), obj))
-            luns = [r["lun"] for r in rows if r["type"] == 0 and "size" in r]
-        for lun in luns:
-            url = n.url(lun)
-            if attach_mod.find_attachment(url.to_string()):
-                click.echo(f"{url} already logged in")
-                continue
-            st = attach_mod.start_daemon(_with_name(url, obj).to_string(secrets=True), keys=obj.keys)
-            click.echo(f"{st['loop']} {url}")
+    """Log in to saved node(s): attach each of their disk LUNs as /dev/loopN.
 
+    The records of one target at several portals are paths to the same LUs: each LU is
+    attached once, as one multipath device over all of them (as `attach URL1 URL2`), never
+    once per path -- two loop devices of one LU invite mounting its filesystem twice."""
+    for paths in _by_target(_select_nodes(target, portal, all_)):
+        for lun in _disk_luns(paths, obj):
+            urls = [n.url(lun) for n in paths if n.luns is None or lun in n.luns]
+            if any(attach_mod.find_attachment(u.to_string()) for u in urls):
+                click.echo(f"{urls[0]} already logged in")
+                continue
+            named = [_with_name(u, obj).to_string(secrets=True) for u in urls]
+            st = attach_mod.start_daemon(named if len(named) > 1 else named[0], keys=obj.keys)
+            click.echo(f"{st['loop']} {urls[0]}" + (f" ({len(urls)} paths)" if len(urls) > 1 else ""))
+
+
+def _by_target(nodes: list[NodeRecord]) -> list[list[NodeRecord]]:
+    """Node records grouped by target name (iSCSI names compare without case, RFC 3722)."""
+    groups: dict[str, list[NodeRecord]] = {}
+    for n in nodes:
+        groups.setdefault(n.target.lower(), []).append(n)
+    return list(groups.values())
+
+
+def _disk_luns(paths: list[NodeRecord], obj: _Ctx) -> list[int]:
+    """The LUNs to attach through these records of one target: those they name, and for a
+    record that names none, the disk LUNs the target reports (asked through the first
+    portal that answers)."""
+    luns = sorted({lun for n in paths for lun in n.luns or ()})
+    if any(n.luns is None for n in paths):
+        problem: Exception | None = None
+        for n in (n for n in paths if n.luns is None):
+            try:
+                rows = _run(_lun_table(n.url(0), obj))
+            except (IscsiError, OSError) as exc:
+                problem = exc
+                continue
+            return sorted(set(luns) | {r["lun"] for r in rows if r["type"] == 0 and "size" in r})
+        if problem is not None:
+            raise problem
+    return luns
 
 @main.command()
 @click.argument("target", required=False)
@@ -862,7 +889,8 @@ def logout(target: str | None, portal: str | None, all_: bool) -> None:
         raise click.UsageError("give a target name or --all")
     found = 0
     for st in attach_mod.load_states():
-        if all_ or (st.get("target") == target and (portal is None or st.get("portal") == portal)):
+        if all_ or (st.get("target") == target
+                    and (portal is None or portal in (st.get("paths") or [st.get("portal")]))):
             attach_mod.stop_daemon(st)
             found += 1
             click.echo(f"logged out {st.get('url')} ({st.get('loop')})")

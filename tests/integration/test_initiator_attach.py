@@ -138,3 +138,30 @@ def test_multipath_attach(kind, tmp_path, run_dir):
         assert back.read_bytes() == data
     finally:
         peer.stop()
+
+
+def test_login_attaches_a_target_saved_at_two_portals_once_with_both_paths(tmp_path, run_dir):
+    """discover --save records the target at each portal SendTargets lists; login must make
+    one multipath device of each LU over those records, not one loop device per portal (two
+    devices of one LU invite mounting its filesystem twice)."""
+    peer = start_peer("sanstack", tmp_path, size="64M", portals=2)
+    env = {"SANSTACK_INITIATOR_RUN": str(run_dir)}
+    try:
+        res = _cli("discover", str(peer.portals[0]), "--save", env_extra=env)
+        assert res.returncode == 0, res.stderr
+        import json
+        records = json.loads(_cli("node", "list", "--json", env_extra=env).stdout)
+        assert len([r for r in records if r["target"] == peer.iqn]) == 2, records
+        res = _cli("login", peer.iqn, env_extra=env)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.count("/dev/loop") == 1 and "(2 paths)" in res.stdout, res.stdout
+        states = json.loads(_cli("list", "--json", env_extra=env).stdout)
+        assert len(states) == 1 and len(states[0]["paths"]) == 2, states
+        again = _cli("login", peer.iqn, env_extra=env)
+        assert again.returncode == 0 and "already logged in" in again.stdout, again.stdout
+        assert len(json.loads(_cli("list", "--json", env_extra=env).stdout)) == 1
+        res = _cli("logout", peer.iqn, "--portal", str(peer.portals[1]), env_extra=env)
+        assert res.returncode == 0, res.stderr
+        assert _cli("session", env_extra=env).stdout.strip() == ""
+    finally:
+        peer.stop()
