@@ -8,8 +8,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
 
+from ..log import event
 from .base import DeferredWriteError
 from .gather import WriteGather
 
@@ -24,6 +26,8 @@ SUPPORTED_BLOCK_SIZES = (512, 4096)
 # syscall, small enough not to matter as a permanent allocation.
 ZERO_CHUNK = 1 << 20
 _ZEROES = bytes(ZERO_CHUNK)
+
+log = logging.getLogger(__name__)
 
 
 def _load_fallocate():
@@ -55,6 +59,13 @@ def parse_size(text: str) -> int:
     if value <= 0:
         raise ValueError("size must be positive")
     return value
+
+
+def _file_size(fd: int) -> int | None:
+    try:
+        return os.fstat(fd).st_size
+    except OSError:
+        return None
 
 
 def _truncate(fd: int, size: int, path: str) -> None:
@@ -125,6 +136,13 @@ class FileBackstore:
         self._punch_ok = _fallocate is not None
         self._zero_range_ok = _fallocate is not None
         self._gather = WriteGather(self._fd, self.path) if gather_writes and not read_only else None
+        # The first write-back failure (fdatasync, or a gathered write already acknowledged):
+        # once set, every later flush fails with it (see ``flush``).
+        self.write_error: OSError | None = None
+        # A read that finds the file shorter than the LU (cut short behind the daemon's back)
+        # fails with EIO when set, instead of reading the missing tail as zeroes.  The SCSI
+        # logical unit sets it: acknowledged data that vanished must not read back as GOOD.
+        self.short_file_fails = False
 
     # -- properties ---------------------------------------------------------------
 
@@ -152,7 +170,25 @@ class FileBackstore:
             if gather.error is not None:
                 err = gather.take_error()
                 assert err is not None
+                self._write_back_failed(err, "gathered write")
                 raise DeferredWriteError(err.errno, err.strerror, self.path) from err
+
+    def _write_back_failed(self, err: OSError, what: str) -> None:
+        """Written data that was acknowledged (or handed to the page cache) did not reach the
+        image: remember it for good (the first error only), and say so once."""
+        if self.write_error is None:
+            self.write_error = err
+            event(log, "backstore.write_back_failed", logging.ERROR, image=self.path, during=what,
+                  errno=errno.errorcode.get(err.errno or 0, err.errno), error=err.strerror,
+                  consequence="every later SYNCHRONIZE CACHE of this LU fails until the image is opened again")
+
+    def _short(self, offset: int, got: int) -> None:
+        """A read ended at EOF before ``self._size``: the file was cut short underneath us."""
+        if self.short_file_fails:
+            event(log, "backstore.image_shorter", logging.ERROR, image=self.path, offset=offset + got,
+                  file_size=_file_size(self._fd), lu_size=self._size)
+            raise OSError(errno.EIO, "image file is shorter than the logical unit (truncated behind "
+                          "the daemon's back?)", self.path)
 
     def read(self, offset: int, length: int) -> bytes:
         gather = self._gather
@@ -160,6 +196,7 @@ class FileBackstore:
             self.drain()
         data = os.pread(self._fd, length, offset)
         if len(data) < length:  # a short read only happens at EOF; the LU never reads past size
+            self._short(offset, len(data))
             data += bytes(length - len(data))
         return data
 
@@ -172,6 +209,7 @@ class FileBackstore:
         while dest:
             n = os.preadv(fd, [dest], offset)
             if n <= 0:  # at EOF (the LU never reads past size): the rest reads as zeroes
+                self._short(offset, 0)
                 dest[:] = bytes(len(dest))
                 return
             dest = dest[n:]
@@ -189,11 +227,29 @@ class FileBackstore:
             view = view[n:]
             offset += n
         if fua:
-            os.fdatasync(fd)
+            self._sync()
 
     def flush(self) -> None:
+        """Make every write so far stable (fdatasync), or raise.
+
+        Once a write-back failed, every later flush raises that error again: Linux reports a
+        write-back error to fdatasync once and then forgets it (the dirty pages are dropped
+        or marked clean: "fsyncgate"), so the next fdatasync would succeed although the data
+        never reached the disk, and the initiator's SYNCHRONIZE CACHE would get GOOD for it.
+        """
         self.drain()
-        os.fdatasync(self._fd)
+        self._sync()
+
+    def _sync(self) -> None:
+        err = self.write_error
+        if err is not None:
+            raise OSError(err.errno, f"an earlier write-back of the image failed ({err.strerror}): "
+                          "written data may be lost", self.path)
+        try:
+            os.fdatasync(self._fd)
+        except OSError as err:
+            self._write_back_failed(err, "fdatasync")
+            raise
 
     def _fallocate(self, mode: int, offset: int, length: int) -> bool:
         if _fallocate is None:

@@ -21,6 +21,7 @@ import time
 from collections import deque
 from typing import Awaitable, Callable, Iterable
 
+from ..log import event
 from . import commands as C
 from . import sbc
 from . import sense as S
@@ -69,6 +70,10 @@ UNMAP_GRANULARITY_BYTES = 4096
 
 # errno values that mean "no room for this write", not "the medium failed".
 _NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# An LU whose image keeps failing logs one ``lu.io_error`` line per errno at most this
+# often (the next one counts those left out): a dead disk under a busy initiator must not
+# write a log line per command.
+IO_ERROR_LOG_INTERVAL = 1.0
 
 # SANITIZE OVERWRITE runs in a worker thread at no more than this rate, so that it does
 # not starve the other LUs whose images share the disk (a sanitize is a background job:
@@ -210,6 +215,15 @@ class LogicalUnit:
         self._sanitize_done = 0  # bytes of the running sanitize done so far (worker thread writes it)
         self._sanitize_total = 1
         self._prevent: set[ITNexus] = set()
+        # Backstore I/O errors answered so far (MEDIUM ERROR / DATA PROTECT), the latest in
+        # words, and the log rate limit per errno: (when logged, how many left out since).
+        self.io_errors = 0
+        self.last_io_error: str | None = None
+        self._io_log: dict[int | None, list] = {}
+        if hasattr(backstore, "short_file_fails"):
+            # An image cut short underneath the daemon: its lost blocks are a MEDIUM ERROR,
+            # not zeroes under GOOD status (FileBackstore reads them as zeroes otherwise).
+            backstore.short_file_fails = True
 
         # providers the target level may replace
         self.lun_numbers: Callable[[], list[int]] = lambda: [self.lun_id]
@@ -954,25 +968,60 @@ class LogicalUnit:
         if isinstance(e, SenseError):
             return self._error(e)
         if isinstance(e, OSError):
-            log.error("backstore I/O error on opcode 0x%02x: %s", cdb[0], e)
             # No room left under the image (full filesystem, quota): a resource exhaustion of
             # a thin-provisioned LU (SBC-4 §4.7.3.7), which initiators treat as "out of space"
             # (ESXi pauses the VM, Windows alerts) rather than as a failing disk.
             full = e.errno in _NO_SPACE_ERRNOS
             key, asc = (SenseKey.DATA_PROTECT, S.SPACE_ALLOCATION_FAILED_WRITE_PROTECT) if full \
                 else (SenseKey.MEDIUM_ERROR, S.WRITE_ERROR)
-            if getattr(e, "deferred", False):
+            deferred = bool(getattr(e, "deferred", False))
+            if not full and not deferred:
+                # A failed flush (SYNCHRONIZE CACHE, START STOP UNIT, FUA) lost written data too.
+                writes = (spec is not None and spec.dout is not None) or cdb[0] in _FLUSH_OPCODES
+                asc = S.WRITE_ERROR if writes else S.UNRECOVERED_READ_ERROR
+            self._io_failed(cdb, e, key, asc, deferred)
+            if deferred:
                 # An earlier, acknowledged write failed on its way to the image: a deferred
                 # error, reported instead of running this command (SPC-4 §4.5.4).
                 return ScsiResult(Status.CHECK_CONDITION, b"", build_sense(
                     key, asc, descriptor=self.mode.d_sense, deferred=True))
-            if full:
-                return self._sense(key, asc)
-            # A failed flush (SYNCHRONIZE CACHE, START STOP UNIT, FUA) lost written data too.
-            writes = (spec is not None and spec.dout is not None) or cdb[0] in _FLUSH_OPCODES
-            return self._sense(SenseKey.MEDIUM_ERROR, S.WRITE_ERROR if writes else S.UNRECOVERED_READ_ERROR)
+            return self._sense(key, asc)
         log.error("internal error executing opcode 0x%02x", cdb[0], exc_info=e)
         return self._sense(SenseKey.HARDWARE_ERROR, S.INTERNAL_TARGET_FAILURE)
+
+    def _io_failed(self, cdb: bytes, e: OSError, key: int, asc_ascq: tuple[int, int], deferred: bool) -> None:
+        """Count, and log (rate-limited), a backstore error answered with sense ``key/asc_ascq``.
+
+        A medium error (anything but a full filesystem) also stops zero-copy READs of this
+        LU: a READ sent with sendfile has its GOOD status queued before the kernel reads the
+        image, so a failing page can only drop the connection -- and the initiator's retry
+        would meet the same page again, forever.  Copied, the READ gets its MEDIUM ERROR.
+        """
+        op = cdb[0]
+        self.io_errors += 1
+        name = errno.errorcode.get(e.errno or 0, str(e.errno))
+        self.last_io_error = f"{name} on opcode 0x{op:02x}: {e.strerror or e}"
+        zero_copy_off = False
+        if e.errno not in _NO_SPACE_ERRNOS and self.fence.sendfile_ok and self.zero_copy_source is not None:
+            self.fence.sendfile_ok = False
+            zero_copy_off = True
+        now = time.monotonic()
+        slot = self._io_log.get(e.errno)
+        if slot is not None and now - slot[0] < IO_ERROR_LOG_INTERVAL and not zero_copy_off:
+            slot[1] += 1
+            return
+        left_out = slot[1] if slot is not None else 0
+        self._io_log[e.errno] = [now, 0]
+        span = zerocopy.READ_SPANS.get(op) or zerocopy.WRITE_SPANS.get(op)
+        try:
+            lba = span(cdb)[0] if span is not None else None
+        except (struct.error, IndexError):
+            lba = None
+        event(log, "lu.io_error", logging.ERROR, lun=self.lun_id, serial=self.identity.serial,
+              image=getattr(self.backstore, "path", None) or type(self.backstore).__name__,
+              opcode=f"0x{op:02x}", lba=lba, errno=name, error=e.strerror or str(e),
+              sense=f"{SenseKey(key).name}/{asc_ascq[0]:02X}/{asc_ascq[1]:02X}", deferred=deferred or None,
+              zero_copy="off" if zero_copy_off else None, left_out=left_out or None)
 
     # -- events from the transport and the daemon --------------------------------------------
     def establish_ua(self, asc_ascq: tuple[int, int], except_nexus: ITNexus | None = None) -> None:

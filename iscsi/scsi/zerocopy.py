@@ -28,6 +28,7 @@ hold never starts under a write that has passed its gate but not yet written.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import struct
 import time
@@ -156,8 +157,14 @@ class FileExtent:
             raise OSError("the image was closed before a READ's data was sent")
         want = self.length - skip
         data = os.pread(fd, want, self.offset + skip)
-        if len(data) < want:  # past the end of a shorter file: reads as zeroes, like FileBackstore.read
-            data += bytes(want - len(data))
+        if len(data) < want:
+            # The image ends before the LU does: cut short behind the daemon's back (the LU
+            # never reads past its size).  Its lost blocks must not go out as zeroes under the
+            # GOOD status already queued: fail the send (the connection drops), and copy this
+            # LU's READs from now on, so the retry gets the backstore's MEDIUM ERROR.
+            self.fence.sendfile_ok = False
+            raise OSError(errno.EIO, "image file is shorter than the logical unit (truncated behind "
+                          "the daemon's back?)", getattr(self.source, "path", None))
         return data
 
     def release(self) -> None:

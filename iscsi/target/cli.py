@@ -492,7 +492,8 @@ def lun_list(iqn: str | None, as_json: bool, control: Path | None) -> None:
         r["size_h"] = C.format_size(r["size"]) if r.get("size") is not None else "-"
         r["used"] = S.allocation(r.get("allocated"), r.get("size"))
         r["mode"] = (("ro" if r["read_only"] else "rw") + (",swp" if r.get("swp") else "")
-                     + (",removable" if r["removable"] else "") + (",ejected" if r.get("ejected") else ""))
+                     + (",removable" if r["removable"] else "") + (",ejected" if r.get("ejected") else "")
+                     + (",io-errors" if r.get("io_errors") else ""))
     click.echo(_table(rows, [("target", "TARGET"), ("lun", "LUN"), ("size_h", "SIZE"), ("used", "USED"),
                              ("block_size", "BS"), ("mode", "MODE"), ("serial", "SERIAL"), ("path", "IMAGE")]))
     for warning in S.overcommitted(rows):
@@ -503,6 +504,14 @@ def lun_list(iqn: str | None, as_json: bool, control: Path | None) -> None:
     if any(r.get("ejected") for r in rows):
         click.echo("\nejected: an initiator unloaded the medium (START STOP UNIT, LOEJ=1, e.g. eject); "
                    "I/O gets NOT READY, MEDIUM NOT PRESENT until an initiator loads it again")
+    for r in rows:
+        if r.get("io_errors"):
+            click.echo(f"\nio-errors: {r['target']} LUN {r['lun']}: {r['io_errors']} command(s) failed on "
+                       f"the image since it was opened (MEDIUM ERROR or DATA PROTECT); latest: {r.get('last_io_error')}")
+        if r.get("write_back_failed"):
+            click.echo(f"\n{r['target']} LUN {r['lun']}: written data did not reach the image "
+                       f"({r['write_back_failed']}): every SYNCHRONIZE CACHE fails until the image is opened "
+                       "again (lun remove + lun add, or a daemon restart); check the disk first")
 
 
 # --------------------------------------------------------------------------- acl

@@ -1240,6 +1240,7 @@ class TargetDaemon:
             # SBC-4 §4.4: an initiator ejected a removable LU's medium (START STOP UNIT LOEJ=1):
             # every medium access gets NOT READY, MEDIUM NOT PRESENT until one loads it.
             "ejected": not getattr(getattr(unit, "lu", None), "medium_present", True),
+            **_io_health(getattr(unit, "lu", None)),
             "serial": self.config.serial_for(target, lun),
             **_space_of(self.config.resolve_path(lun.path)),
         }
@@ -1508,6 +1509,16 @@ def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) is dict or hint is dict:
         return "an object"
     return {str: "a string", int: "a number", bool: "true/false"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _io_health(lu: object) -> dict:
+    """Backstore errors an LU answered (MEDIUM ERROR / DATA PROTECT) since its image was
+    opened, the latest in words, and a write-back failure that makes every later flush fail
+    until the image is opened again (lun remove + add, or a restart)."""
+    write_error = getattr(getattr(lu, "backstore", None), "write_error", None)
+    return {"io_errors": getattr(lu, "io_errors", 0),
+            "last_io_error": getattr(lu, "last_io_error", None),
+            "write_back_failed": None if write_error is None else (write_error.strerror or str(write_error))}
 
 
 def _check_arg_types(op: str, method: Callable, args: dict) -> None:

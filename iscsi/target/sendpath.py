@@ -26,6 +26,9 @@ _MSG_MORE = socket.MSG_MORE
 _os_sendfile = os.sendfile  # (module-level names: one lookup fewer per READ in send_parts)
 # sendfile errors that mean "not from this file" rather than a broken socket or image.
 _SENDFILE_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+# sendfile errors that come from the socket side (the peer went away), not from the image.
+_SOCKET_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNABORTED,
+                            errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EBADF})
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +56,8 @@ def _send(sock: socket.socket, parts: list, flags: int) -> list:
 def _sendfile(fd: int, extent: FileExtent) -> tuple[int, bool]:
     """Send as much of ``extent`` as the socket takes now: (bytes sent, socket full).
 
-    Short of the end and not full: the image ends early (the rest reads as zeroes) or its
-    filesystem refused to splice; the caller copies the rest.
+    Short of the end and not full: the image ends early or its filesystem refused to splice;
+    the caller copies the rest (FileExtent.read, which fails for an image cut short).
     """
     src = extent.source.fileno
     if src < 0:
@@ -68,6 +71,7 @@ def _sendfile(fd: int, extent: FileExtent) -> tuple[int, bool]:
             return sent, True
         except OSError as err:
             if err.errno not in _SENDFILE_UNSUPPORTED:
+                _maybe_image_failed(extent, err)
                 raise
             # The image's filesystem cannot splice: copy this one, and hold no more READs there.
             extent.fence.sendfile_ok = False
@@ -79,6 +83,19 @@ def _sendfile(fd: int, extent: FileExtent) -> tuple[int, bool]:
         sent += n
         left -= n
     return sent, False
+
+
+def _maybe_image_failed(extent: FileExtent, err: OSError) -> None:
+    """A sendfile failed for a reason other than the socket: the image could not be read (EIO
+    from a failing disk).  The READ's GOOD status is already queued, so the connection must
+    drop; zero-copy is turned off for this LU so that the initiator's retry is copied and
+    gets its MEDIUM ERROR, instead of meeting the same page (and the same drop) forever."""
+    if err.errno in _SOCKET_ERRNOS or not extent.fence.sendfile_ok:
+        return
+    extent.fence.sendfile_ok = False
+    event(log, "zero_copy.image_read_failed", logging.ERROR, image=getattr(extent.source, "path", "?"),
+          offset=extent.offset, errno=errno.errorcode.get(err.errno or 0, err.errno), error=err.strerror,
+          consequence="connection dropped; READs of this LU are copied from now on")
 
 
 def send_parts(sock: socket.socket, parts: list) -> list:
@@ -120,6 +137,7 @@ def send_parts(sock: socket.socket, parts: list) -> list:
             return parts[i:]
         except OSError as err:
             if err.errno not in _SENDFILE_UNSUPPORTED:
+                _maybe_image_failed(part, err)
                 raise
             k = -1  # _sendfile meets the refusal again and falls back to a copy
         if k == length:  # the usual case: all of it at once
@@ -134,7 +152,7 @@ def send_parts(sock: socket.socket, parts: list) -> list:
             rest = FileExtent(part.source, part.offset + sent, part.length - sent, part.fence)
             return [rest, *parts[i + 1:]]
         else:
-            parts[i] = part.read(sent)  # past the image's end, or no splicing there: copy
+            parts[i] = part.read(sent)  # no splicing there: copy (an image cut short fails)
     return []
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import struct
 
@@ -106,7 +107,11 @@ async def test_clear_drops_a_holder_that_never_acknowledges():
     assert hold.released and not other.released
 
 
-async def test_extent_read_pads_past_the_end_and_fails_once_closed(tmp_path):
+async def test_extent_read_of_an_image_cut_short_fails_and_stops_zero_copy(tmp_path):
+    """The LU never reads past its size, so an image shorter than the extent was truncated
+    behind the daemon's back: its lost blocks must not be sent as zeroes under the GOOD
+    status already queued.  The read fails and the LU's READs are copied from then on (the
+    retry gets the backstore's MEDIUM ERROR)."""
     path = tmp_path / "f"
     path.write_bytes(b"x" * 1000)
     fd = os.open(path, os.O_RDONLY)
@@ -114,13 +119,19 @@ async def test_extent_read_pads_past_the_end_and_fails_once_closed(tmp_path):
     class Source:
         fileno = fd
 
-    ext = ReadFence().hold(Source(), 512, 1024)
-    assert ext.read() == b"x" * 488 + bytes(536)
-    assert ext.read(400) == b"x" * 88 + bytes(536)
+    fence = ReadFence()
+    whole = fence.hold(Source(), 0, 1000)
+    assert whole.read() == b"x" * 1000 and whole.read(400) == b"x" * 600
+    assert fence.sendfile_ok
+    ext = fence.hold(Source(), 512, 1024)
+    with pytest.raises(OSError) as err:
+        ext.read()
+    assert err.value.errno == errno.EIO and "shorter than the logical unit" in str(err.value)
+    assert not fence.sendfile_ok
     os.close(fd)
     Source.fileno = -1
     with pytest.raises(OSError):
-        ext.read()
+        whole.read()
 
 
 # -- the logical unit ----------------------------------------------------------------------
