@@ -356,6 +356,14 @@ class Session:
                 conn.abort("portal group tag changed")
                 raise LoginError(f"login to {name}: target portal group tag changed from {old} to {new} "
                                  f"(RFC 7143 §13.9: not the same I_T nexus, the session cannot be reinstated)")
+        if conn.closed:
+            # The target dropped the connection right after its final Login Response (a
+            # crash, a crash loop, a reset in between): that close reached a connection that
+            # had no session to tell yet.  Taken as logged in, the session would sit on a
+            # dead connection — every command queued for ever, the keepalive skipping closed
+            # connections, no recovery running.  It is a failed login attempt instead.
+            raise ConnectionLost(f"login to {name}: connection lost right after the login "
+                                 f"({conn.close_reason})")
         self._logged_in_at = (host, port)
         self._enter_ffp(conn, result)
         return result
@@ -1222,9 +1230,19 @@ class Session:
     def _let_go(self, task: Task, exc: BaseException) -> None:
         """End a sent ``task`` here while the target may still answer it: its later Data-In
         and status are discarded (unknown ITT), and a payload arriving into its buffer right
-        now is diverted, so nothing writes the caller's buffer once it has it back."""
+        now is diverted, so nothing writes the caller's buffer once it has it back.
+
+        A connection loss while the caller waited for its abort may have put the task back in
+        the queue for re-sending after the reconnect (rx_lost): it leaves the queue too, or
+        the command the caller was told failed would be carried out after all: a READ into
+        a buffer handed back, a WRITE landing after its caller was told it failed."""
         if self._tasks.get(task.itt) is task:
             del self._tasks[task.itt]
+        elif not task.done:
+            try:
+                self._waiting.remove(task)
+            except ValueError:
+                pass
         if self.conn is not None:
             self.conn.stop_receiving_into(task.itt)
         self._finish(task, exc)

@@ -680,6 +680,11 @@ async def test_short_read_capacity_is_an_error_line_not_a_traceback(fake):
     """READ CAPACITY (16) not supported, READ CAPACITY (10) answered GOOD with 4 of its 8
     bytes (and the residual saying so): 'readcap' printed a struct.error traceback."""
     async def short_rc10(conn, pdu):
+        if read_cmd(pdu, 0x12) and not pdu.cdb[1] & 1:
+            # readcap opens the LU as a device first: a standard INQUIRY of a disk (SPC-4 §6.6.2).
+            inquiry = bytes([0x00, 0x00, 0x06, 0x02, 31]) + bytes(3) + b"FAKE    " + b"DISK".ljust(16) + b"0001"
+            data_in(conn, pdu, [(0, inquiry)])
+            return True
         if read_cmd(pdu, 0x25):
             data_in(conn, pdu, [(0, b"\x00\x00\x10\x00")], underflow=4)
             return True
