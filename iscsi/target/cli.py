@@ -493,7 +493,7 @@ def lun_list(iqn: str | None, as_json: bool, control: Path | None) -> None:
         r["used"] = S.allocation(r.get("allocated"), r.get("size"))
         r["mode"] = (("ro" if r["read_only"] else "rw") + (",swp" if r.get("swp") else "")
                      + (",removable" if r["removable"] else "") + (",ejected" if r.get("ejected") else "")
-                     + (",io-errors" if r.get("io_errors") else ""))
+                     + (",io-errors" if r.get("io_errors") else "") + (",deleted" if r.get("image_deleted") else ""))
     click.echo(_table(rows, [("target", "TARGET"), ("lun", "LUN"), ("size_h", "SIZE"), ("used", "USED"),
                              ("block_size", "BS"), ("mode", "MODE"), ("serial", "SERIAL"), ("path", "IMAGE")]))
     for warning in S.overcommitted(rows):
@@ -505,6 +505,10 @@ def lun_list(iqn: str | None, as_json: bool, control: Path | None) -> None:
         click.echo("\nejected: an initiator unloaded the medium (START STOP UNIT, LOEJ=1, e.g. eject); "
                    "I/O gets NOT READY, MEDIUM NOT PRESENT until an initiator loads it again")
     for r in rows:
+        if r.get("image_deleted"):
+            click.echo(f"\ndeleted: {r['target']} LUN {r['lun']}: its image {r['path']} was deleted while served; "
+                       f"the data lives on only in the open file until the daemon stops: copy it back now, "
+                       f"e.g. cp --sparse=always {r['image_deleted']} {r['path']}.recovered")
         if r.get("io_errors"):
             click.echo(f"\nio-errors: {r['target']} LUN {r['lun']}: {r['io_errors']} command(s) failed on "
                        f"the image since it was opened (MEDIUM ERROR or DATA PROTECT); latest: {r.get('last_io_error')}")

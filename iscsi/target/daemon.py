@@ -110,6 +110,10 @@ class Unit:
     created: bool = False
     lock: Any = None  # the provider's hold on the image (ImageLocks key), released at close
     in_use_elsewhere: bool = False  # another process holds the image's lock (see ImageLocks)
+    # The note that this image was served (see ScsiUnitProvider.open), and whether this open
+    # wrote it: a change that fails takes it back with the image.
+    served_marker: Path | None = None
+    marker_written: bool = False
 
     @property
     def size(self) -> int:
@@ -197,10 +201,17 @@ class ImageLocks:
 
 
 class ScsiUnitProvider:
-    """The real provider: sparse image files (iscsi.backstore.file) under iscsi.scsi LUs."""
+    """The real provider: sparse image files (iscsi.backstore.file) under iscsi.scsi LUs.
 
-    def __init__(self) -> None:
+    ``remember_images``: note each image served (a small file beside the LU's other saved
+    state) and refuse to create a new, empty one where a served image has gone missing.  A
+    daemon run from a config file does (its LUNs outlive it); a quick start, whose
+    ``--lun PATH:SIZE`` asks for a missing image to be created, does not.
+    """
+
+    def __init__(self, remember_images: bool = False) -> None:
         self.locks = ImageLocks()
+        self.remember_images = remember_images
 
     def open(self, cfg: Config, target: Target, lun: Lun) -> Unit:
         from ..backstore.file import FileBackstore
@@ -209,6 +220,15 @@ class ScsiUnitProvider:
         where = f"{target.iqn} LUN {lun.number}"
         image = cfg.resolve_path(lun.path)
         exists = image.exists()
+        marker = self.state_path(cfg, cfg.serial_for(target, lun), image, "served") if self.remember_images else None
+        if not exists and marker is not None and _served_before(marker, image):
+            # Created anew, the LU would come back blank under the same identity: initiators
+            # would see their data gone without an error (a deleted or moved image, a disk not
+            # mounted yet).  The admin decides.
+            raise AdminError(
+                f"{where}: image {image} is missing, but this daemon served it before (noted in {marker}); "
+                f"restore the file (or mount its filesystem), or, to start the LUN over with a new empty "
+                f"image, delete {marker}")
         if not exists and lun.size is None:
             raise AdminError(f"{where}: image {image} does not exist; give a size to create it")
         if not exists and lun.read_only:
@@ -271,7 +291,24 @@ class ScsiUnitProvider:
             raise
         unit = Unit(lu=lu, backstore=backstore, lun=lun, image=image, created=not exists)
         unit.lock, unit.in_use_elsewhere = lock, in_use
+        if marker is not None and not _served_before(marker, image):
+            try:
+                _save_json_atomically(marker, {"image": str(image), "first_served": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                unit.served_marker, unit.marker_written = marker, True
+            except OSError as e:  # serving goes on; only the guard against re-creation is lost
+                event(log, "lun.served_note_failed", logging.WARNING, target=target.iqn, lun=lun.number,
+                      path=marker, error=e.strerror or str(e))
+        else:
+            unit.served_marker = marker
         return unit
+
+    @staticmethod
+    def forget(unit: Unit) -> None:
+        """The LUN is gone from the config (or its adding was undone): a new image may be
+        created at its path again."""
+        if unit.served_marker is not None:
+            with contextlib.suppress(FileNotFoundError):
+                unit.served_marker.unlink()
 
     @staticmethod
     def state_path(cfg: Config, serial: str, image: Path, kind: str) -> Path:
@@ -412,6 +449,14 @@ def _load_mode_state(path: Path, where: str) -> dict | None:
 def _unrestorable(where: str, what: str, path: Path, e: Exception) -> AdminError:
     return AdminError(f"{where}: {what} {path} cannot be restored ({type(e).__name__}: {e}); "
                       "repair it, or move it aside to start without them")
+
+
+def _served_before(marker: Path, image: Path) -> bool:
+    """The note says this image (this path) was served by a daemon with this config."""
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")).get("image") == str(image)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _save_json_atomically(path: Path, data: Any) -> None:
@@ -621,7 +666,7 @@ class TargetDaemon:
         # Quick start: when another daemon already owns the control socket, serve anyway
         # (without runtime administration) instead of refusing to start.
         self.control_optional = control_optional
-        self.provider: UnitProvider = provider or ScsiUnitProvider()
+        self.provider: UnitProvider = provider or ScsiUnitProvider(remember_images=self.config_path is not None)
         self._server_factory = server_factory or _default_server
         self.server: Server | None = None
         self._control: Any = None
@@ -914,6 +959,8 @@ class TargetDaemon:
                 event(log, "lun.resize_undo_failed", logging.ERROR, lun=unit.lun.number, error=repr(e))
         for (iqn, _n), unit in opened.items():
             await self._close_unit(iqn, unit)
+            if getattr(unit, "marker_written", False):
+                self._forget(unit)
             if getattr(unit, "created", False):
                 try:
                     unit.image.unlink()
@@ -1004,8 +1051,19 @@ class TargetDaemon:
                 notify(iqn, **_accepted_kwargs(notify, maps=maps))
             except Exception as e:
                 event(log, "luns.notify_failed", logging.ERROR, target=iqn, error=repr(e))
+        kept = {(t.iqn, l.number) for t in new.targets for l in t.luns}
         for iqn, unit in to_close:
             await self._close_unit(iqn, unit)
+            if (iqn, unit.lun.number) not in kept:
+                self._forget(unit)
+
+    def _forget(self, unit: Unit) -> None:
+        forget = getattr(self.provider, "forget", None)
+        if forget is not None:
+            try:
+                forget(unit)
+            except OSError as e:
+                event(log, "lun.served_note_remove_failed", logging.WARNING, image=unit.image, error=e.strerror or str(e))
 
     async def _drop(self, drops: list[tuple[str, str | None]]) -> None:
         """Log out sessions that lost their access; initiator names match case-insensitively."""
@@ -1241,6 +1299,7 @@ class TargetDaemon:
             # every medium access gets NOT READY, MEDIUM NOT PRESENT until one loads it.
             "ejected": not getattr(getattr(unit, "lu", None), "medium_present", True),
             **_io_health(getattr(unit, "lu", None)),
+            "image_deleted": _deleted_while_open(unit),
             "serial": self.config.serial_for(target, lun),
             **_space_of(self.config.resolve_path(lun.path)),
         }
@@ -1509,6 +1568,19 @@ def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) is dict or hint is dict:
         return "an object"
     return {str: "a string", int: "a number", bool: "true/false"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _deleted_while_open(unit: Unit | None) -> str | None:
+    """Where the data of an image deleted while served still is (``/proc/PID/fd/N``: readable
+    until the daemon closes it), or None while the image has a name."""
+    fd = getattr(getattr(unit, "backstore", None), "fileno", None)
+    if not isinstance(fd, int) or fd < 0:
+        return None
+    try:
+        deleted = os.fstat(fd).st_nlink == 0
+    except OSError:
+        return None
+    return f"/proc/{os.getpid()}/fd/{fd}" if deleted else None
 
 
 def _io_health(lu: object) -> dict:
