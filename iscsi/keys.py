@@ -727,7 +727,12 @@ class Negotiator:
                 if value not in ("Yes", "No"):
                     raise ValueError(f"local {key}={value!r} must be Yes or No")
         if int(self.local["FirstBurstLength"]) > int(self.local["MaxBurstLength"]):
-            raise ValueError("local FirstBurstLength exceeds MaxBurstLength (RFC 7143 §13.14)")
+            # RFC 7143 §13.14: FirstBurstLength MUST NOT exceed MaxBurstLength. A MaxBurstLength
+            # pinned below the default FirstBurstLength (262144) without a FirstBurstLength of its
+            # own lowers the default with it; only an explicit contradictory pair is an error.
+            if "FirstBurstLength" in self._explicit:
+                raise ValueError("local FirstBurstLength exceeds MaxBurstLength (RFC 7143 §13.14)")
+            self.local["FirstBurstLength"] = self.local["MaxBurstLength"]
 
     def _acceptable(self, spec: KeySpec, current: str) -> bool:
         """Whether a value in force would be acceptable to this side."""

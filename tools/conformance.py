@@ -21,6 +21,8 @@ interrupted suite runs one test per process and the remaining suites run togethe
     python -m tools.conformance --peer sanstack --compare tests/conformance/sanstack-expected.json
     python -m tools.conformance --peer sanstack --write-expected   # refresh the expectation file
     python -m tools.conformance --url iscsi://127.0.0.1:3260/iqn.../0   # an already running target
+    python -m tools.conformance --variant bs4096 --compare tests/conformance/sanstack-bs4096.json
+                                          # our target configured as a deployment variant (VARIANTS)
 """
 from __future__ import annotations
 
@@ -88,6 +90,92 @@ PROFILES = {
                          "ALL.WriteSame10.InvalidDataOutSize,ALL.WriteSame16.UnmapUnaligned,"
                          "ALL.WriteSame16.InvalidDataOutSize",
                 "lun": {"physical_block_size": 4096}},
+}
+
+#: Deployment variants: the CI profiles all use one configuration shape (no digests, no CHAP,
+#: 512-byte blocks, a 1 GiB LUN 0, IPv4 loopback). Each variant runs our target configured the
+#: way real deployments differ, like profile "basic" (``--dataloss``, one portal), against its
+#: own expectation file tests/conformance/sanstack-<variant>.json (a whole run). ``ci_tests`` is
+#: the subset tests/integration/test_conformance_variants.py runs: the families that depend on
+#: what the variant changes, a few seconds each.
+#:
+#: Keys: ``peer`` -> SanstackPeer.create() arguments; ``url`` -> libiscsi URL arguments;
+#: ``lun_numbers`` -> the LUN numbers of the target's LUNs (default 0, 1, ...); ``lun_index`` ->
+#: which LUN the suite runs against; ``url_lun`` -> the LUN as written in the URL when it
+#: differs from the LUN number (see lun16383).
+VARIANT_CHAP = ("suite-user", "suite-secret-0123", "sanstack-target", "target-secret-4567")
+VARIANTS: dict[str, dict] = {
+    # RFC 7143 §13.1: the target requires CRC32C header digests (libiscsi has no data digest).
+    "hdigest": {
+        "peer": {"params": {"HeaderDigest": "CRC32C"}}, "url": {"header_digest": "crc32c"},
+        "ci_tests": "ALL.Inquiry,ALL.Read10,ALL.Write10,ALL.CompareAndWrite,ALL.iSCSITMF,ALL.iSCSIcmdsn,"
+                    "ALL.iSCSIdatasn,ALL.iSCSIResiduals",
+    },
+    # RFC 7143 §12.1.3: the target requires CHAP, and authenticates itself to the initiator.
+    "chap": {
+        "peer": {"chap": VARIANT_CHAP},
+        "ci_tests": "ALL.Inquiry,ALL.Read10,ALL.Write10,ALL.iSCSITMF,ALL.Reserve6",
+    },
+    # SBC-4 §6.5.2: a 4Kn LU (4096-byte logical blocks).
+    "bs4096": {
+        "peer": {"block_size": 4096},
+        "ci_tests": "ALL.Read10,ALL.Read16,ALL.Write10,ALL.Write16,ALL.WriteSame10,ALL.WriteSame16,ALL.Unmap,"
+                    "ALL.CompareAndWrite,ALL.GetLBAStatus,ALL.Verify16,ALL.WriteVerify16,ALL.OrWrite,"
+                    "ALL.ReadCapacity10,ALL.ReadCapacity16,ALL.ExtendedCopy",
+    },
+    # SBC-4 §5.19: more than 2^32 blocks, so READ CAPACITY(10) says FFFFFFFFh and the suite
+    # switches to 16-byte CDBs. Sparse: the image holds only what the suite writes.
+    "large": {
+        "peer": {"size": "3T"},
+        # Failures of the suite, not of the target: these tests address "num_blocks + 1",
+        # "num_blocks - i" or 2^31 with 10/12-byte CDBs, whose 32-bit LBA field truncates them
+        # to LBAs inside a LUN of more than 2^32 blocks (Read10/Write10 skip "LUN too big" here).
+        "not_ours": {
+            "Verify10.ZeroBlocks": "LBAs 2^31 and 0xFFFFFFFF are in range; VERIFY of 0 blocks there is GOOD (SBC-4 §5.38)",
+            "Verify12.ZeroBlocks": "as Verify10.ZeroBlocks (SBC-4 §5.39)",
+            "WriteSame10.UnmapUntilEnd": "NUMBER OF LOGICAL BLOCKS 0 from the truncated LBA 7FFFFFFFh means ~2^32 "
+                                         "blocks, more than MAXIMUM WRITE SAME LENGTH: INVALID FIELD IN CDB "
+                                         "(SBC-4 §5.48, WSNZ=0)",
+        },
+        "ci_tests": "ALL.ReadCapacity10,ALL.ReadCapacity16,ALL.Read16,ALL.Write16,ALL.WriteSame16,"
+                    "ALL.Unmap,ALL.GetLBAStatus,ALL.Verify16,ALL.Prefetch16",
+    },
+    # A LUN of a few MiB: the suite's "end of LUN" arithmetic with a small num_blocks.
+    "small": {
+        "peer": {"size": "8M"},
+        "ci_tests": "ALL.Read10,ALL.Write10,ALL.WriteSame10,ALL.Unmap,ALL.GetLBAStatus,ALL.Prefetch10",
+    },
+    # A multi-LUN target, the suite on LUN 1 / LUN 255 (LUN 0 is another, smaller LU).
+    "lun1": {
+        "peer": {"sizes": ["64M", "1G"]}, "lun_index": 1,
+        "ci_tests": "ALL.Inquiry,ALL.ReportSupportedOpcodes,ALL.Read10,ALL.Write10,ALL.iSCSITMF",
+    },
+    "lun255": {
+        "peer": {"sizes": ["64M", "1G"]}, "lun_numbers": [0, 255], "lun_index": 1,
+        "ci_tests": "ALL.Inquiry,ALL.Read10,ALL.Write10,ALL.iSCSITMF,ALL.PrinReadKeys,ALL.ProutRegister",
+    },
+    # LUN 16383, the highest flat-space LUN (SAM-5 §4.7.7). libiscsi copies the URL's LUN into
+    # LUN bytes 0-1 as is, so the URL must carry the flat-space form 0x4000 | 16383 = 32767;
+    # "/16383" would be peripheral device addressing with BUS IDENTIFIER 3Fh, which names a
+    # different bus (SAM-5 §4.7.6) and is rightly LOGICAL UNIT NOT SUPPORTED.
+    "lun16383": {
+        "peer": {"sizes": ["64M", "1G"]}, "lun_numbers": [0, 16383], "lun_index": 1, "url_lun": 0x4000 | 16383,
+        "ci_tests": "ALL.Inquiry,ALL.Read10,ALL.Write10,ALL.iSCSITMF",
+    },
+    # An IPv6 portal.
+    "ipv6": {
+        "peer": {"host": "::1"},
+        "ci_tests": "ALL.Inquiry,ALL.Read10,ALL.Write10,ALL.iSCSITMF,ALL.iSCSIcmdsn",
+    },
+    # Target login keys pinned the conservative way (RFC 7143 §13.10-§13.14): no immediate
+    # data, an R2T for every write, small bursts and PDUs. MaxBurstLength below the default
+    # FirstBurstLength (262144) without a FirstBurstLength of its own once failed every login.
+    "keys": {
+        "peer": {"params": {"ImmediateData": "No", "InitialR2T": "Yes", "MaxBurstLength": "8192",
+                            "MaxRecvDataSegmentLength": "4096"}},
+        "ci_tests": "ALL.Write10,ALL.Write16,ALL.WriteVerify10,ALL.CompareAndWrite,ALL.WriteSame10,"
+                    "ALL.ExtendedCopy,ALL.iSCSITMF,ALL.iSCSIdatasn,ALL.iSCSIResiduals",
+    },
 }
 
 
@@ -503,6 +591,72 @@ def run_against_peer(peer_kind: str, workdir: Path, *, profile: str = "full", si
     return report, peer
 
 
+def variant_peer(variant: str, workdir: Path, *, host: str | None = None):
+    """A not-yet-started SanstackPeer configured as ``VARIANTS[variant]`` says."""
+    from tools.peers.base import Chap
+    from tools.peers.sanstack import SanstackPeer
+
+    spec = VARIANTS[variant]
+    kwargs = {"size": "1G", **spec.get("peer", {})}
+    if isinstance(kwargs.get("chap"), tuple):
+        kwargs["chap"] = Chap(*kwargs["chap"])
+    if host is not None:
+        kwargs["host"] = host
+    numbers = spec.get("lun_numbers")
+    if numbers is None:
+        return SanstackPeer.create(workdir, **kwargs)
+    kwargs["use_config"] = True  # LUN numbers other than 0, 1, ... need the config-file form
+
+    class NumberedLunPeer(SanstackPeer):
+        def config_dict(self) -> dict:
+            doc = super().config_dict()
+            for lun, number in zip(doc["targets"][0]["luns"], numbers):
+                lun["number"] = number
+            return doc
+
+        def start(self):
+            super().start()
+            self.lun_ids = list(numbers)
+            return self
+
+    return NumberedLunPeer.create(workdir, **kwargs)
+
+
+def variant_url(variant: str, peer) -> str:
+    spec = VARIANTS[variant]
+    index = spec.get("lun_index", 0)
+    if "url_lun" in spec:
+        from tools.peers.base import iscsi_url
+
+        return iscsi_url(peer.portals[0], peer.iqn, spec["url_lun"], chap=peer.chap, **spec.get("url", {}))
+    return peer.url(index, **spec.get("url", {}))
+
+
+def run_variant(variant: str, workdir: Path, *, tests: str = "ALL", idle_timeout: float = IDLE_TIMEOUT,
+                timeout: float = RUN_TIMEOUT, progress: Callable[[str], None] | None = None):
+    """Start our target configured as variant ``variant``, run the suite like profile "basic"
+    (``--dataloss``, one portal), stop the target. Returns (report, peer)."""
+    peer = variant_peer(variant, workdir)
+    peer.start()
+    report = None
+    try:
+        report = run_suite([variant_url(variant, peer)], flags=PROFILES["basic"]["flags"], tests=tests,
+                           idle_timeout=idle_timeout, timeout=timeout, log=workdir / "iscsi-test-cu.log",
+                           target_alive=peer.alive, progress=progress)
+    finally:
+        if peer.alive():
+            status = peer.stop()
+            if report is not None and status not in (0, None):
+                report.notes.append(f"daemon exit status after SIGTERM: {status}")
+        elif report is not None:
+            report.notes.append(f"target was not running at the end (exit {peer.proc.returncode})")
+    return report, peer
+
+
+def variant_expectation_path(variant: str) -> Path:
+    return EXPECT_DIR / f"sanstack-{variant}.json"
+
+
 def default_expectation_path(peer: str, profile: str) -> Path:
     if peer == "tgt":
         return EXPECT_DIR / ("tgt-baseline.json" if profile == "basic" else f"tgt-{profile}.json")
@@ -518,6 +672,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--profile", choices=sorted(PROFILES), default="full",
                     help="full: --dataloss --allow-sanitize + 2 portals; basic: --dataloss, 1 portal (issue 2); "
                          "readonly / removable: the suites that need such a LU")
+    ap.add_argument("--variant", choices=sorted(VARIANTS),
+                    help="run our target configured as this deployment variant (header digest, CHAP, 4096-byte "
+                         "blocks, a 3 TiB LUN, LUN 1/255/16383, IPv6, pinned login keys...) like profile basic; "
+                         "expectation file tests/conformance/sanstack-<variant>.json")
     ap.add_argument("--size", default="1G", help="scratch LUN size (default 1G)")
     ap.add_argument("-t", "--tests", default="ALL", help="ALL, ALL.Suite, ALL.Suite.Test or a comma list")
     ap.add_argument("--compare", type=Path, help="expectation file: exit 1 on any regression")
@@ -536,7 +694,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     prof = PROFILES[args.profile]
     progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     with work_dir(args.workdir, "conformance-") as workdir:
-        if args.url:
+        if args.variant:
+            report, _ = run_variant(args.variant, workdir, tests=args.tests, idle_timeout=args.idle_timeout,
+                                    timeout=args.timeout, progress=progress)
+            peer_name = "sanstack"
+        elif args.url:
             report = run_suite(args.url, flags=prof["flags"], tests=prof.get("tests", "ALL") if args.tests == "ALL" else args.tests, idle_timeout=args.idle_timeout,
                                timeout=args.timeout, log=workdir / "iscsi-test-cu.log", progress=progress)
             peer_name = "url"
@@ -566,12 +728,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{len(regressions)} regression(s), {len(improvements)} improvement(s) against {args.compare}")
             rc = rc or (1 if regressions else 0)
         if args.write_expected is not None:
-            path = Path(args.write_expected) if args.write_expected else default_expectation_path(peer_name, args.profile)
-            extra = {}
-            if peer_name == "sanstack":
-                extra = parity_fields(report, args.profile)
-            doc = expectation_document(report, peer=peer_name, profile=args.profile, flags=prof["flags"],
-                                       urls=2 if prof["multipath"] else 1,
+            if args.variant:
+                prof = PROFILES["basic"]
+                path = Path(args.write_expected) if args.write_expected else variant_expectation_path(args.variant)
+                extra = {"variant": args.variant, "variant_config": _variant_description(args.variant)}
+            else:
+                path = Path(args.write_expected) if args.write_expected else default_expectation_path(peer_name, args.profile)
+                extra = {}
+                if peer_name == "sanstack":
+                    extra = parity_fields(report, args.profile)
+            doc = expectation_document(report, peer=peer_name, profile="basic" if args.variant else args.profile,
+                                       flags=prof["flags"], urls=2 if prof["multipath"] else 1,
                                        tests=args.tests if args.tests != "ALL" else prof.get("tests", "ALL"),
                                        peer_version=tgt_version() if peer_name == "tgt" else "", extra=extra)
             path.write_text(json.dumps(doc, indent=1) + "\n")
@@ -583,6 +750,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                             for n in report.order},
             }, indent=1) + "\n")
         return rc
+
+
+def _variant_description(variant: str) -> dict:
+    spec = VARIANTS[variant]
+    peer = dict(spec.get("peer", {}))
+    if "chap" in peer:
+        peer["chap"] = "mutual CHAP required"  # no secrets in the expectation file
+    return {k: v for k, v in {**spec, "peer": peer}.items() if k != "ci_tests"}
 
 
 def parity_fields(report: Report, profile: str) -> dict:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..keys import TARGET_DEFAULTS
 from ..keys import format_portal  # noqa: F401  (also the admin side's C.format_portal)
 
 CONFIG_VERSION = 1
@@ -561,6 +562,19 @@ def _validate_params(params: dict, where: str) -> dict[str, str]:
     return out
 
 
+def _check_bursts(params: dict[str, str], where: str) -> None:
+    """RFC 7143 §13.14: FirstBurstLength MUST NOT exceed MaxBurstLength. A pinned
+    FirstBurstLength above the pinned (or default) MaxBurstLength is refused here rather than
+    failing every login; a MaxBurstLength pinned alone lowers the default FirstBurstLength
+    with it (iscsi/keys.py Negotiator)."""
+    first = params.get("FirstBurstLength")
+    if first is None:
+        return
+    most = params.get("MaxBurstLength", TARGET_DEFAULTS["MaxBurstLength"])
+    if int(first) > int(most):
+        raise ConfigError(f"{where}: FirstBurstLength={first} exceeds MaxBurstLength={most} (RFC 7143 §13.14)")
+
+
 def _validate_target(cfg: Config, target: Target, where: str, seen_images: dict[Path, str]) -> None:
     if target.alias is not None:
         _check_text(target.alias, f"{where}.alias", MAX_ALIAS_BYTES)
@@ -571,6 +585,7 @@ def _validate_target(cfg: Config, target: Target, where: str, seen_images: dict[
     if target.chap is not None:
         _validate_chap(target.chap, f"{where}.chap")
     target.params = _validate_params(target.params, f"{where}.params")
+    _check_bursts(target.params, f"{where}.params")
 
     tags: set[int] = set()
     portals: set[tuple[str, int]] = set()
@@ -656,6 +671,7 @@ def _validate_target(cfg: Config, target: Target, where: str, seen_images: dict[
         if acl.chap is not None:
             _validate_chap(acl.chap, f"{aw}.chap")
         acl.params = _validate_params(acl.params, f"{aw}.params")
+        _check_bursts({**target.params, **acl.params}, f"{aw}.params (with the target's)")  # as merged at login
         if acl.lun_map is not None:
             used: dict[int, int] = {}
             for acl_lun, target_lun in acl.lun_map.items():
