@@ -337,6 +337,11 @@ class FileBackstore:
         self.drain()
         return os.fstat(self._fd).st_blocks * 512
 
+    def free_bytes(self) -> int:
+        """Bytes the filesystem under the image can still give an unprivileged writer."""
+        st = os.fstatvfs(self._fd)
+        return st.f_bavail * st.f_frsize
+
     def close(self) -> None:
         gather = self._gather
         if gather is not None and self._fd >= 0:

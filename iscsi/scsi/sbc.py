@@ -771,6 +771,25 @@ def sanitize_data_out_length(cdb: bytes, block_size: int) -> int:
 _RESTRICTED_COMPLETION: "weakref.WeakSet[LogicalUnit]" = weakref.WeakSet()
 
 
+def _check_room_to_overwrite(lu: LogicalUnit, block: bytes) -> None:
+    """An OVERWRITE writes every block: on a thin LU whose filesystem cannot hold that, it
+    would fill it (and starve every other image there) hours in, then fail.  It is refused
+    before it starts, as a write that cannot get its space is (SBC-4 §4.7.3.7).  An all-zero
+    pattern deallocates instead (LBPRZ), so it needs no room."""
+    if lu.thin and lu.lbprz and not any(block):
+        return
+    free = getattr(lu.backstore, "free_bytes", None)
+    allocated = getattr(lu.backstore, "allocated_bytes", None)
+    if free is None or allocated is None:
+        return
+    try:
+        short = free() < lu.num_blocks * lu.block_size - allocated()
+    except OSError:
+        return  # cannot tell: the overwrite itself reports a lack of room
+    if short:
+        raise SenseError(SenseKey.DATA_PROTECT, S.SPACE_ALLOCATION_FAILED_WRITE_PROTECT)
+
+
 def sanitize(lu: LogicalUnit, cmd: ScsiCommand):
     """SANITIZE (SBC-4 §5.30): OVERWRITE, BLOCK ERASE, CRYPTOGRAPHIC ERASE, EXIT FAILURE MODE.
 
@@ -824,6 +843,8 @@ def sanitize(lu: LogicalUnit, cmd: ScsiCommand):
     else:
         raise S.illegal_field(1, 4)
     lu.check_writable()
+    if job[0] == "overwrite":
+        _check_room_to_overwrite(lu, job[1])
     if ause:
         _RESTRICTED_COMPLETION.discard(lu)
     else:

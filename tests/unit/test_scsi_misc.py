@@ -285,3 +285,25 @@ async def test_persistent_reservation_unit_attentions_reach_the_right_nexus():
     await b.ok(*prout(0x04, 0xB, sa_key=0xA, prtype=0x01))  # PREEMPT A
     assert (await a.fails(bytes(6))).code == (0x6, 0x2A, 0x05)  # REGISTRATIONS PREEMPTED
     await b.ok(write10(0, 1), bytes(512))
+
+
+async def test_sanitize_overwrite_without_room_for_it_is_refused_before_it_starts(tmp_path):
+    """A thin LU whose filesystem cannot hold every block: OVERWRITE would fill it hours in
+    (and starve the other images there), then fail.  It is refused at once with DATA
+    PROTECT, SPACE ALLOCATION FAILED WRITE PROTECT (SBC-4 §4.7.3.7), nothing started; an
+    all-zero pattern deallocates instead and needs no room."""
+    lu = make_lu("file", tmp_path, size=8 << 20)
+    ini = await ready(lu)
+    await ini.ok(write10(0, 8), b"a" * 4096)
+    lu.backstore.free_bytes = lambda: (8 << 20) // 2        # half of what the LU needs
+    params = bytes((0x01, 0, 0, 4)) + b"\xde\xad\xbe\xef"
+    refused = await ini.fails(sanitize_cdb(0x01, len(params)), params)
+    assert refused.code == (0x7, 0x27, 0x07)
+    assert not lu.sanitizing and not lu.sanitize_failed
+    assert (await ini.ok(read10(0, 8))).data == b"a" * 4096   # nothing was overwritten
+    zeros = bytes((0x01, 0, 0, 4)) + bytes(4)
+    await ini.ok(sanitize_cdb(0x01, len(zeros)), zeros)
+    assert (await ini.ok(read10(0, 8))).data == bytes(4096)
+    lu.backstore.free_bytes = lambda: 1 << 40                  # room enough: the pattern is written
+    await ini.ok(sanitize_cdb(0x01, len(params)), params)
+    assert (await ini.ok(read10(lu.num_blocks - 1, 1))).data == b"\xde\xad\xbe\xef" * 128
