@@ -82,9 +82,8 @@ def test_readcap_still_reports_the_capacity(target):
     assert "Blocks: 32768" in r.output and "Block size: 512" in r.output
 
 
+@pytest.mark.parametrize("target", ["tgt"], indirect=True)  # only tgtd has a controller LUN (type 0Ch)
 def test_readcap_of_tgtd_controller_lun(target):
-    if target.kind != "tgt":
-        pytest.skip("tgtd's LUN 0 is its controller (peripheral device type 0Ch)")
     r = run_cli("readcap", lun_url(target, 0))
     assert r.exit_code == 1, r.output
     assert "LUN 0 is not a block device" in r.output, r.output
