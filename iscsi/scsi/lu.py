@@ -259,8 +259,14 @@ class LogicalUnit:
             def wrap(fn):
                 return lambda lu, cmd: _maybe_await(fn(cmd))
 
+            async def persistent_reserve_out(lu, cmd):
+                result = await _maybe_await(pr.persistent_reserve_out(cmd))
+                if result.extra:
+                    lu._preempted_and_aborted(result.extra.get("abort_nexuses"))
+                return result
+
             specs += C.pr_commands(
-                wrap(pr.persistent_reserve_in), wrap(pr.persistent_reserve_out),
+                wrap(pr.persistent_reserve_in), persistent_reserve_out,
                 wrap(pr.reserve6), wrap(pr.release6), wrap(pr.reserve10), wrap(pr.release10),
             )
         if self.xcopy is not None:
@@ -362,6 +368,16 @@ class LogicalUnit:
         for n in self.ua.known():
             if n != except_nexus and (n == target or (match is not None and match(target, n))):
                 self.ua.establish(asc_ascq, nexus=n)
+
+    def _preempted_and_aborted(self, patterns) -> None:
+        """PREEMPT AND ABORT: SPC-4 §5.13.11.2.6 h) acts as PREVENT ALLOW MEDIUM REMOVAL with
+        PREVENT=0 from every preempted I_T nexus (a fenced node must not keep the medium locked).
+        Aborting their tasks is the transport's part (``abort_nexuses``)."""
+        match = self._nexus_matches
+        if not patterns or not self._prevent or match is None:
+            return
+        for n in [n for n in self._prevent if any(match(p, n) for p in patterns)]:
+            self._prevent.discard(n)
 
     # CopyTarget protocol of xcopy.py
     @property

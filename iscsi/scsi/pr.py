@@ -795,6 +795,7 @@ class PersistentReservations:
                 removed = [r for r in self._regs.values() if r.key == sa_key and r is not reg]
             for r in removed:
                 del self._regs[(r.initiator_port, r.target_port)]
+            lost = removed
             self._res_type = new_type
             self._res_holder = None if new_type in _ALL_REGISTRANTS else reg
             if new_type != res_type:
@@ -807,13 +808,22 @@ class PersistentReservations:
                 if res_type is None:
                     return _conflict()  # key zero identifies no registration
                 raise illegal_param(8)  # SPC-4 §5.13.11.4.3: zero key with a non-all-registrants reservation
-            removed = [r for r in self._regs.values() if r.key == sa_key and r is not reg]
-            if not removed and reg.key != sa_key:
-                return _conflict()  # SPC-4 §5.13.11.4.2: the key identifies no registration
-            for r in removed:
+            # SPC-4 §5.13.11.2.5: every registration with that key goes, the sender's own
+            # included when it names its own key ("The registration is removed"; no unit
+            # attention for it, and its PERSISTENT RESERVE OUT is not aborted).
+            gone = [r for r in self._regs.values() if r.key == sa_key]
+            if not gone:
+                return _conflict()  # SPC-4 §5.13.11.2.5: the key identifies no registration
+            for r in gone:
                 del self._regs[(r.initiator_port, r.target_port)]
+            removed = [r for r in gone if r is not reg]
+            # _ua() leaves the sending I_T nexus out, but reaches the other target ports of
+            # its own registration when that one had ALL_TG_PT=1.
+            lost = gone
+            if res_type in _ALL_REGISTRANTS and not self._regs:
+                self._drop_reservation()  # SPC-4 Table 71: the last registrant of an all-registrants type left
         self._bump_generation()
-        self._ua(removed, REGISTRATIONS_PREEMPTED, nexus)
+        self._ua(lost, REGISTRATIONS_PREEMPTED, nexus)
         result = ScsiResult()
         if abort:
             result.extra = {"abort_nexuses": [r.as_nexus() for r in removed]}
@@ -833,8 +843,7 @@ class PersistentReservations:
             return _conflict()
         if self._res_type is None or not self._is_holder(reg) or self._res_type in _ALL_REGISTRANTS:
             return _conflict()
-        if cdb[2] >> 4 != LU_SCOPE:
-            raise illegal_field(2, 7)
+        # SPC-4 §5.13.8 b): the SCOPE and TYPE fields are ignored (the reservation keeps its own).
         if sa_key == 0:
             raise illegal_param(8)
         if aptpl and self._persist is None:
@@ -847,12 +856,18 @@ class PersistentReservations:
         if target_port is None:
             raise illegal_param(18)
         dest = ITNexus(port_name, target_port, rel_port)
-        if reg.covers(dest):
-            raise illegal_param(24)  # moving to the I_T nexus that already holds it
+        if reg.covers(dest) or port_name in (nexus.initiator_port, nexus.initiator_name):
+            # SPC-4 §5.13.8: a TransportID naming the initiator port the command came from
+            # (through whichever target port) is INVALID FIELD IN PARAMETER LIST.
+            raise illegal_param(24)
         dest_reg = self.lookup(dest)
         if dest_reg is None:
             dest_reg = Registration(port_name, target_port, rel_port, sa_key)
             self._regs[(port_name, target_port)] = dest_reg
+        else:
+            # SPC-4 §5.13.8 c)-e): the destination is registered with the SERVICE ACTION
+            # RESERVATION KEY whether or not it was registered before (with another key).
+            dest_reg.key = sa_key
         self._res_holder = dest_reg
         if unreg:
             del self._regs[(reg.initiator_port, reg.target_port)]
