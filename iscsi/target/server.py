@@ -252,9 +252,12 @@ class TargetSession:
             # reset every LU, or end every session, of the target for all (§11.6.1 response 6).
             response = R.AUTHORIZATION_FAILED
         elif fn in (P.TmfFunction.TARGET_WARM_RESET, P.TmfFunction.TARGET_COLD_RESET):
-            for other in list(self.server.session_table.values()):
-                if other.target_name == self.target_name and other.connection is not None:
-                    other.connection.abort_tasks(lambda t: True, by_tmf=True)
+            # RFC 7143 §11.5.1: a target reset "cancels all pending operations across all
+            # LUs known to the issuing initiator" -- the LUs its ACL maps (SAM access controls:
+            # no change to an LU it is denied).  Tasks another initiator has on an LU this one
+            # cannot reach are not its to abort: they were aborted silently (no response, no
+            # unit attention: that LU is not reset) and the other initiator's I/O hung.
+            self.server.abort_tasks_on(luns.logical_units() if luns is not None else [])
             if fn == P.TmfFunction.TARGET_WARM_RESET:
                 luns.warm_reset()
             else:
@@ -482,6 +485,18 @@ class IscsiServer:
             if conn.abort_tasks(lambda t, s=session: s.luns.get(t.lun) is lu, by_tmf=True):
                 affected.append(session.nexus)
         return affected
+
+    def abort_tasks_on(self, lus: list[Any]) -> None:
+        """Abort, in every session, the tasks on any of ``lus`` (a target reset of the LUs one
+        initiator may reach; RFC 7143 §11.5.1)."""
+        if not lus:
+            return
+        reset = {id(lu) for lu in lus}
+        for session in list(self.session_table.values()):
+            conn = session.connection
+            if conn is None or session.luns is None:
+                continue
+            conn.abort_tasks(lambda t, s=session: id(s.luns.get(t.lun)) in reset, by_tmf=True)
 
     def abort_tasks_of_nexuses(self, lu: Any, patterns: list[ITNexus]) -> None:
         """Abort the tasks on ``lu`` of every session whose nexus one of ``patterns`` names."""
