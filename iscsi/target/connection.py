@@ -187,7 +187,7 @@ class TargetConnection(asyncio.Protocol):
         self.peer, self.local = (peer[0], peer[1]), (local[0], local[1])
         self.login = TargetLogin(self.server.registry, self.local[0], self.local[1],
                                  self.server.allocate_tsih, self.stat.statsn,
-                                 session_params=self._joined_session_params)
+                                 session_params=self._joined_session_params, peer=self._peer_str())
         self._login_timer = self.loop.call_later(LOGIN_TIMEOUT, self._login_timeout)
         self.server.connections.add(self)
         sock = transport.get_extra_info("socket")

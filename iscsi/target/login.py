@@ -125,9 +125,11 @@ class TargetLogin:
     def __init__(self, registry: TargetRegistry, local_host: str, local_port: int,
                  allocate_tsih: Callable[[int, str, str, int, int], int],
                  statsn_start: int = 0, *,
-                 session_params: Callable[[int, str, str, int], K.Negotiated | None] | None = None) -> None:
+                 session_params: Callable[[int, str, str, int], K.Negotiated | None] | None = None,
+                 peer: str = "") -> None:
         self.registry = registry
         self.local_host, self.local_port = local_host, local_port
+        self.peer = peer  # the initiator's address:port, for the log (who failed to log in, from where)
         self.allocate_tsih = allocate_tsih
         self.session_params = session_params
         self.outcome: LoginSuccess | LoginFailure | None = None
@@ -378,7 +380,7 @@ class TargetLogin:
         self.outcome = LoginFailure(status, reason)
         event(log, "login.failed", logging.WARNING, initiator=self._initiator_name,
               target=self._target.name if self._target else self._target_name, status=f"0x{status:04x}",
-              reason=reason, portal=format_portal(self.local_host, self.local_port))
+              reason=reason, portal=format_portal(self.local_host, self.local_port), peer=self.peer or None)
         resp = self._response(req, b"", transit=False, status=int(status))
         resp.csg, resp.nsg = req.csg, 0
         return resp

@@ -90,3 +90,18 @@ def test_a_target_warm_reset_leaves_another_initiators_private_lu_alone(daemon):
     finally:
         a.close()
         b.close()
+
+
+def test_a_refused_login_is_logged_with_the_address_it_came_from(daemon):
+    """Who tried, and from where: an admin looking at refused logins (wrong ACL, bad CHAP,
+    a guessing initiator) needs the initiator's address, not only the portal it reached."""
+    s = raw(daemon)
+    try:
+        here = "%s:%d" % s.sock.getsockname()[:2]
+        resp = s.login(TARGET, initiator="iqn.2026-11.org.sanstack.lsx:stranger", ready=False)
+        assert (resp.status_class, resp.status_detail) == (2, 2)   # authorization failure (0x0202)
+    finally:
+        s.close()
+    lines = [line for line in daemon.log_path.read_text().splitlines()
+             if "login.failed" in line and "stranger" in line]
+    assert lines and f"peer={here}" in lines[-1], lines
