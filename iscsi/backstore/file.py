@@ -167,9 +167,10 @@ class FileBackstore:
         gather = self._gather
         if gather is not None and (gather.buffers or gather.error is not None):
             gather.drain()
-            if gather.error is not None:
-                err = gather.take_error()
-                assert err is not None
+            # take_error hands the error to one caller only: the flush thread and the event
+            # loop may both get here, and the one that finds it taken has nothing to report.
+            err = gather.take_error() if gather.error is not None else None
+            if err is not None:
                 self._write_back_failed(err, "gathered write")
                 raise DeferredWriteError(err.errno, err.strerror, self.path) from err
 
