@@ -588,6 +588,27 @@ def acl_list(iqn: str | None, as_json: bool, control: Path | None) -> None:
         r["auth"] = r["chap"] + (" (mutual)" if r["mutual_chap"] else "")
     click.echo(_table(rows, [("target", "TARGET"), ("initiator", "INITIATOR"), ("luns", "LUNS (ACL->TARGET)"),
                              ("auth", "CHAP"), ("params", "PARAMS")]))
+    for warning in _shared_chap_warnings(rows):
+        click.echo("\n" + warning)
+
+
+def _shared_chap_warnings(rows: list[dict]) -> list[str]:
+    """Targets whose one CHAP secret admits ACLs that see different LUNs: whoever has the
+    secret may log in under any of those initiator names and reach that one's LUNs (RFC 7143
+    §12.1.3: a secret SHOULD NOT authenticate several initiators, and implementations should
+    warn about it)."""
+    by_target: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("chap") == "target":
+            by_target.setdefault(r["target"], []).append(r)
+    out = []
+    for target, shared in by_target.items():
+        if len({tuple(sorted(r["lun_map"].items())) for r in shared}) > 1:
+            names = ", ".join(r["initiator"] for r in shared)
+            out.append(f"warning: {target}: ACLs {names} see different LUNs but log in with the target's one CHAP "
+                       "secret, so any of them can log in as another and reach its LUNs; give each its own "
+                       "(iscsi-target chap set --target IQN --initiator IQN ...)")
+    return out
 
 
 # --------------------------------------------------------------------------- chap

@@ -205,3 +205,19 @@ def test_a_secret_of_the_wrong_type_is_not_quoted_in_the_refusal_or_the_log(live
 def test_a_wrong_type_in_a_field_that_is_no_secret_is_still_quoted(live):
     answer = live.raw({"op": "lun.remove", "args": {"iqn": T1, "number": "zero"}})
     assert answer == {"ok": False, "error": 'lun.remove: number must be a number, not "zero"'}
+
+
+def test_acl_list_warns_when_one_target_secret_admits_acls_with_different_luns():
+    # RFC 7143 §12.1.3: one secret for several initiators lets any of them log in as another.
+    from iscsi.target.cli import _shared_chap_warnings
+
+    def row(ini, lun_map, chap="target"):
+        return {"target": "iqn.2026-11.org.example:t", "initiator": ini, "lun_map": lun_map, "chap": chap}
+
+    same = [row("iqn.2026-11.org.example:a", {"0": 0}), row("iqn.2026-11.org.example:b", {"0": 0})]
+    assert _shared_chap_warnings(same) == []
+    own = [row("iqn.2026-11.org.example:a", {"0": 0}), row("iqn.2026-11.org.example:b", {"0": 1}, chap="own")]
+    assert _shared_chap_warnings(own) == []
+    apart = [row("iqn.2026-11.org.example:a", {"0": 0}), row("iqn.2026-11.org.example:b", {"0": 1})]
+    (warning,) = _shared_chap_warnings(apart)
+    assert "iqn.2026-11.org.example:a, iqn.2026-11.org.example:b" in warning and "chap set" in warning
