@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -80,9 +80,13 @@ class Witness:
 
 
 @contextmanager
-def running_daemon(workdir: Path, size: int | str = LUN_SIZE) -> Iterator[SanstackPeer]:
-    """Our target daemon with one LU of ``size``, stopped and cleaned up afterwards."""
-    peer = SanstackPeer.create(workdir, size=size)
+def running_daemon(workdir: Path, size: int | str = LUN_SIZE, *, sizes: list | None = None,
+                   configure: Callable[[SanstackPeer], None] | None = None) -> Iterator[SanstackPeer]:
+    """Our target daemon with one LU of ``size`` (or one per ``sizes``), stopped and cleaned
+    up afterwards; ``configure`` changes the peer (e.g. where an image lives) before it starts."""
+    peer = SanstackPeer.create(workdir, sizes=sizes) if sizes is not None else SanstackPeer.create(workdir, size=size)
+    if configure is not None:
+        configure(peer)
     peer.start()
     try:
         yield peer
@@ -117,3 +121,11 @@ def baseline(daemon, witness):
     witness.check()
     grown = rss_bytes(daemon.proc.pid) - before
     assert grown < RSS_GROWTH_LIMIT, f"target RSS grew by {grown >> 20} MiB during one case"
+
+
+@pytest.fixture
+def clean_log(daemon, baseline):
+    """No case may end in the connection's catch-all (a traceback instead of an answer)."""
+    before = daemon.log_text().count("conn.internal_error")
+    yield
+    assert daemon.log_text().count("conn.internal_error") == before, daemon.log_text()[-3000:]

@@ -220,3 +220,32 @@ class RawSession:
             pdu = self.recv()
             if isinstance(pdu, P.LogoutResponse):
                 return pdu
+
+
+# -- helpers of the hostile-peer and RFC review cases ----------------------------------------
+
+def logged_in(daemon, **login_kw) -> RawSession:
+    """A raw session logged in to ``daemon``'s target (a SanstackPeer) at its first portal."""
+    s = RawSession(daemon.portals[0].host, daemon.portals[0].port)
+    resp = s.login(daemon.iqn, **login_kw)
+    assert resp.status_class == 0, resp
+    return s
+
+
+def still_works(s: RawSession, lba: int, size: int = 2048) -> None:
+    """The session still writes and reads back ``size`` bytes at ``lba``."""
+    payload = (bytes(range(256)) * (size // 256 + 1))[:size]
+    assert s.write(lba, payload) == 0
+    status, data = s.read(lba, len(payload))
+    assert status == 0 and data == payload
+
+
+def expect_reject(s: RawSession, header: bytes, reason: int) -> None:
+    """A Reject with ``reason`` carrying ``header`` (RFC 7143 §11.17), the connection kept."""
+    try:
+        pdu = s.recv(timeout=3.0)
+    except Closed:
+        raise AssertionError("connection dropped instead of a Reject") from None
+    assert isinstance(pdu, P.Reject), f"expected Reject, got {pdu}"
+    assert pdu.reason == reason, f"Reject reason {pdu.reason:#x}"
+    assert bytes(pdu.data)[:P.BHS_LEN] == header[:P.BHS_LEN]

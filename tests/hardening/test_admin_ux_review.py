@@ -26,6 +26,7 @@ from iscsi.target import cli as CLI
 from iscsi.target import config as C
 from iscsi.target.config import ConfigError, Lun, PortalGroup, Target
 from iscsi.target.daemon import TargetDaemon
+from tests.cli_checks import one_line_error
 
 from ..threaded_daemon import ThreadedDaemon
 
@@ -37,13 +38,6 @@ MIB = 1 << 20
 def run(*args: str, input: str | None = None):
     return CliRunner().invoke(CLI.main, list(args), input=input, catch_exceptions=False)
 
-
-def _one_line_error(output: str, *needles: str) -> None:
-    assert "Traceback" not in output and "internal error" not in output, output
-    errors = [l for l in output.splitlines() if l.startswith("iscsi-target: error:")]
-    assert len(errors) == 1, output
-    for n in needles:
-        assert n in errors[0], output
 
 
 # --------------------------------------------------------------------------- fakes
@@ -118,19 +112,19 @@ def _serve(tmp: Path, *args: str, timeout: float = 20) -> subprocess.CompletedPr
 # --------------------------------------------------------------------------- serve: images
 
 
-def test_serve_an_image_that_is_not_whole_blocks_is_a_one_line_error(tmp_path):
+def test_serve_an_image_that_is_not_whole_blocks_is_aone_line_error(tmp_path):
     odd = tmp_path / "odd.img"
     odd.write_bytes(bytes(1000))
     r = _serve(tmp_path, "--target", T, "--lun", str(odd), "--portal", "127.0.0.1:1")
     assert r.returncode == 1
-    _one_line_error(r.stderr, str(odd), "1000 bytes", "512")
+    one_line_error(r.stderr, str(odd), "1000 bytes", "512")
     assert odd.stat().st_size == 1000  # untouched
 
 
 def test_serve_a_character_device_is_refused_clearly(tmp_path):
     r = _serve(tmp_path, "--target", T, "--lun", "/dev/null", "--portal", "127.0.0.1:1")
     assert r.returncode == 1
-    _one_line_error(r.stderr, "/dev/null", "not a regular file")
+    one_line_error(r.stderr, "/dev/null", "not a regular file")
 
 
 async def test_an_empty_image_with_a_size_is_grown_like_a_missing_one(tmp_path):
@@ -170,7 +164,7 @@ def test_lun_spec_with_a_bad_size_is_refused_not_taken_as_a_file_name(tmp_path, 
         C.parse_lun_spec(spec)
     r = run("--control", str(tmp_path / "c.sock"), "serve", "--target", T, "--lun", spec)
     assert r.exit_code == 1
-    _one_line_error(r.output, words)
+    one_line_error(r.output, words)
     assert list(tmp_path.iterdir()) == []  # no "a.img:1GiB" or "a.img:-1" created
 
 
@@ -182,7 +176,7 @@ def test_lun_spec_keeps_paths_with_a_colon_and_good_sizes(tmp_path):
 def test_unknown_lun_option_says_it_became_part_of_the_file_name(tmp_path):
     r = run("--control", str(tmp_path / "c.sock"), "serve", "--target", T, "--lun", f"{tmp_path}/a.img:readonly")
     assert r.exit_code == 1
-    _one_line_error(r.output, "'readonly' was taken as part of the file name", "ro,")
+    one_line_error(r.output, "'readonly' was taken as part of the file name", "ro,")
 
 
 # --------------------------------------------------------------------------- serve: config files
@@ -196,7 +190,7 @@ def test_config_with_a_non_string_data_dir_is_a_config_error(tmp_path):
         C.load_config(cf)
     r = run("--control", str(tmp_path / "c.sock"), "serve", "--config", str(cf))
     assert r.exit_code == 1
-    _one_line_error(r.output, "data_dir")
+    one_line_error(r.output, "data_dir")
 
 
 def test_reload_of_a_bad_config_is_refused_and_the_old_one_stays(live, tmp_path):
@@ -209,7 +203,7 @@ def test_reload_of_a_bad_config_is_refused_and_the_old_one_stays(live, tmp_path)
         live.path.write_text(json.dumps(bad))
         r = live.cli("config", "reload")
         assert r.exit_code == 1
-        _one_line_error(r.output)
+        one_line_error(r.output)
     assert sorted(live.daemon.find_target(T).units) == [0]
     live.path.write_text(good)
     assert live.cli("config", "reload").exit_code == 0
@@ -224,7 +218,7 @@ def test_lun_add_of_an_image_that_is_not_whole_blocks(live, tmp_path):
     before = live.saved()
     r = live.cli("lun", "add", T, str(odd))
     assert r.exit_code == 1
-    _one_line_error(r.output, "1000 bytes")
+    one_line_error(r.output, "1000 bytes")
     assert live.saved() == before and sorted(live.daemon.find_target(T).units) == [0]
 
 
@@ -238,7 +232,7 @@ def test_resize_past_the_file_size_limit_names_the_lun_and_changes_nothing(live)
     before = live.saved()
     r = live.cli("lun", "resize", T, "0", "1E")
     assert r.exit_code == 1
-    _one_line_error(r.output, f"{T} LUN 0", "1EiB")
+    one_line_error(r.output, f"{T} LUN 0", "1EiB")
     assert "Errno" not in r.output
     assert live.saved() == before
     rows = json.loads(live.cli("lun", "list", "--json").output)
@@ -248,7 +242,7 @@ def test_resize_past_the_file_size_limit_names_the_lun_and_changes_nothing(live)
 def test_target_set_refuses_an_unknown_clear_param_and_contradictory_alias(live):
     r = live.cli("target", "set", T, "--clear-param", "HeaderDigets")
     assert r.exit_code == 1
-    _one_line_error(r.output, "unknown iSCSI parameter 'HeaderDigets'")
+    one_line_error(r.output, "unknown iSCSI parameter 'HeaderDigets'")
     r = live.cli("target", "set", T, "--alias", "a", "--no-alias")
     assert r.exit_code == 2 and "not both" in r.output
     # the daemon refuses the unknown key too (a hand-written request)
@@ -288,12 +282,12 @@ def _chap(live: Live, secret_file: str, input: str | None = None):
     return live.cli("chap", "set", "--target", T, "--username", "u", "--secret-file", secret_file, input=input)
 
 
-def test_secret_file_that_is_not_text_is_a_one_line_error(live, tmp_path):
+def test_secret_file_that_is_not_text_is_aone_line_error(live, tmp_path):
     f = tmp_path / "bin"
     f.write_bytes(b"\xff\xfe" + b"x" * 14)
     r = _chap(live, str(f))
     assert r.exit_code == 1
-    _one_line_error(r.output, "not UTF-8")
+    one_line_error(r.output, "not UTF-8")
 
 
 def _limit_memory() -> None:  # an unbounded read then fails in the child, not in the machine
@@ -309,7 +303,7 @@ def test_secret_file_read_is_bounded(live):
                        check=False, capture_output=True, text=True, timeout=30, env=env, stdin=subprocess.DEVNULL,
                        preexec_fn=_limit_memory)
     assert r.returncode == 1
-    _one_line_error(r.stderr, "longer than 255 bytes")
+    one_line_error(r.stderr, "longer than 255 bytes")
 
 
 def test_secret_length_errors_say_it_once(live, tmp_path):
@@ -317,7 +311,7 @@ def test_secret_length_errors_say_it_once(live, tmp_path):
     f.write_text("short")
     r = _chap(live, str(f))
     assert r.exit_code == 1
-    _one_line_error(r.output, "5 bytes is too short", "RFC 7143")
+    one_line_error(r.output, "5 bytes is too short", "RFC 7143")
     assert r.output.count("CHAP secret") == 1
 
 
@@ -355,7 +349,7 @@ def test_control_socket_under_a_regular_file_names_the_path(tmp_path):
                         "serve", "--config", str(cf)],
                        check=False, capture_output=True, text=True, timeout=20, env=env, stdin=subprocess.DEVNULL)
     assert r.returncode == 1
-    _one_line_error(r.stderr, f"{tmp_path / 'plain'} is not a directory")
+    one_line_error(r.stderr, f"{tmp_path / 'plain'} is not a directory")
     assert "ERROR asyncio" not in r.stderr
 
 
@@ -363,7 +357,7 @@ def test_admin_command_on_a_regular_file_is_not_called_a_stale_socket(tmp_path):
     (tmp_path / "plain").touch()
     r = run("--control", str(tmp_path / "plain"), "status")
     assert r.exit_code == 1
-    _one_line_error(r.output, "is not a control socket")
+    one_line_error(r.output, "is not a control socket")
     assert "stale" not in r.output
 
 
@@ -377,7 +371,7 @@ def test_lun_add_that_cannot_be_saved_leaves_no_new_image(live, tmp_path, monkey
     monkeypatch.setattr(C, "save_config", disk_full)
     r = live.cli("lun", "add", T, f"{tmp_path}/new.img:1M")
     assert r.exit_code == 1
-    _one_line_error(r.output, "No space left on device", "nothing was changed")
+    one_line_error(r.output, "No space left on device", "nothing was changed")
     assert not (tmp_path / "new.img").exists()
     assert sorted(live.daemon.find_target(T).units) == [0]
 
@@ -389,7 +383,7 @@ def test_serve_on_a_busy_port_leaves_no_new_image(tmp_path):
         port = busy.getsockname()[1]
         r = _serve(tmp_path, "--target", T, "--lun", f"{tmp_path}/fresh.img:1M", "--portal", f"127.0.0.1:{port}")
     assert r.returncode == 1
-    _one_line_error(r.stderr, f"cannot listen on 127.0.0.1:{port}", "address already in use")
+    one_line_error(r.stderr, f"cannot listen on 127.0.0.1:{port}", "address already in use")
     assert not (tmp_path / "fresh.img").exists()
 
 
@@ -569,7 +563,7 @@ def test_a_mutual_secret_that_authenticates_initiators_elsewhere_is_refused(live
                  "--secret-file", str(tmp_path / "b"), "--mutual-username", "t",
                  "--mutual-secret-file", str(tmp_path / "a"))
     assert r.exit_code == 1
-    _one_line_error(r.output, "mutual_secret", "RFC 7143 §12.1.3")
+    one_line_error(r.output, "mutual_secret", "RFC 7143 §12.1.3")
     assert "target-secret-AAAA" not in r.output
     assert live.saved() == before
 
@@ -649,12 +643,12 @@ def test_a_config_others_may_write_is_refused_at_serve_and_reload(live, tmp_path
     os.chmod(cf, 0o666)
     r = run("--control", str(tmp_path / "c.sock"), "serve", "--config", str(cf))
     assert r.exit_code == 1
-    _one_line_error(r.output, "writable by group or others", "chmod 600")
+    one_line_error(r.output, "writable by group or others", "chmod 600")
     os.chmod(live.path, 0o620)
     try:
         r = live.cli("config", "reload")
         assert r.exit_code == 1
-        _one_line_error(r.output, "writable by group or others")
+        one_line_error(r.output, "writable by group or others")
     finally:
         os.chmod(live.path, 0o600)
     assert live.cli("config", "reload").exit_code == 0
@@ -710,7 +704,7 @@ def test_chap_for_a_missing_acl_says_how_to_add_it(live, tmp_path):
     r = live.cli("chap", "set", "--target", T, "--initiator", "iqn.2026-11.org.example:nobody", "--username", "u",
                  "--secret-file", str(tmp_path / "s"))
     assert r.exit_code == 1
-    _one_line_error(r.output, "has no ACL for", f"iscsi-target acl add {T} iqn.2026-11.org.example:nobody")
+    one_line_error(r.output, "has no ACL for", f"iscsi-target acl add {T} iqn.2026-11.org.example:nobody")
 
 
 def test_a_target_left_without_portals_is_pointed_out(live, tmp_path, caplog):

@@ -16,34 +16,12 @@ from iscsi import keys as K
 from iscsi import pdu as P
 from iscsi.session import CommandWindow
 
-from .raw import Closed, RawSession, read10, write10
+from .raw import RawSession, expect_reject, logged_in, read10, still_works, write10
+
+#: Where each case checks that its session still writes and reads.
+WITNESS_LBA = 4200
 
 BLOCK = 512
-
-
-def session(daemon, **login_kw) -> RawSession:
-    s = RawSession(daemon.portals[0].host, daemon.portals[0].port)
-    resp = s.login(daemon.iqn, **login_kw)
-    assert resp.status_class == 0, resp
-    return s
-
-
-def still_works(s: RawSession, lba: int = 4200) -> None:
-    payload = bytes(range(256)) * 4
-    assert s.write(lba, payload) == 0
-    status, data = s.read(lba, len(payload))
-    assert status == 0 and data == payload
-
-
-def expect_reject(s: RawSession, header: bytes, reason: int) -> None:
-    """A Reject with ``reason`` carrying ``header`` (§11.17), the connection kept."""
-    try:
-        pdu = s.recv(timeout=3.0)
-    except Closed:
-        pytest.fail("connection dropped instead of a Reject")
-    assert isinstance(pdu, P.Reject), f"expected Reject, got {pdu}"
-    assert pdu.reason == reason, f"Reject reason {pdu.reason:#x}"
-    assert bytes(pdu.data)[:P.BHS_LEN] == header[:P.BHS_LEN]
 
 
 def answers_until_ping(s: RawSession) -> list[P.Pdu]:
@@ -59,14 +37,6 @@ def answers_until_ping(s: RawSession) -> list[P.Pdu]:
         got.append(pdu)
 
 
-@pytest.fixture
-def clean_log(daemon, baseline):
-    """The case must not end in the connection's catch-all (a traceback, no answer)."""
-    before = daemon.log_text().count("conn.internal_error")
-    yield
-    assert daemon.log_text().count("conn.internal_error") == before, daemon.log_text()[-3000:]
-
-
 # -- duplicate CmdSN (§4.2.2.1) ----------------------------------------------------------------
 
 def test_a_duplicate_of_a_held_cmdsn_is_ignored_and_the_window_stays_whole(daemon, clean_log):
@@ -76,7 +46,7 @@ def test_a_duplicate_of_a_held_cmdsn_is_ignored_and_the_window_stays_whole(daemo
     gap closes.  Was: each duplicate became a task that never ran, kept its immediate data and
     its place in the window for the life of the session (MaxCmdSN one lower per duplicate:
     enough of them closed the window for good and pinned ~64 KiB each)."""
-    s = session(daemon)
+    s = logged_in(daemon)
     width = (s.maxcmdsn - s.expcmdsn) & 0xFFFFFFFF
     gap = s.cmdsn
     held = s.command(read10(0, 1), read=True, edtl=BLOCK, cmdsn=gap + 1)
@@ -92,7 +62,7 @@ def test_a_duplicate_of_a_held_cmdsn_is_ignored_and_the_window_stays_whole(daemo
     assert (s.maxcmdsn - s.expcmdsn) & 0xFFFFFFFF == width, "the duplicates kept places in the window"
     status, data = s.read(4300, 2 * BLOCK)
     assert status == 0 and data != b"\x99" * (2 * BLOCK), "a duplicate's data was written"
-    still_works(s)
+    still_works(s, WITNESS_LBA)
     s.close()
 
 
@@ -184,12 +154,12 @@ def test_text_continuation_with_a_ttt_the_target_never_gave_is_rejected(daemon, 
     """§11.10.4: the initiator goes on with an exchange by copying the TTT of the target's last
     Text Response; §11.17.1 names "invalid TTT" as a case of reason 0x09.  Was: any TTT but
     0xffffffff was taken as "send the rest"."""
-    s = session(daemon, extra=[("MaxRecvDataSegmentLength", "512")])
+    s = logged_in(daemon, extra=[("MaxRecvDataSegmentLength", "512")])
     itt, _ = long_answer_started(s)
     req = text_request(s, b"", itt=itt, ttt=ttt)
     expect_reject(s, req.header(), P.RejectReason.INVALID_PDU_FIELD)
     assert_fresh_request_answered(s, daemon)
-    still_works(s)
+    still_works(s, WITNESS_LBA)
     s.close()
 
 
@@ -197,7 +167,7 @@ def test_text_continuation_after_the_exchange_ended_is_rejected(daemon, clean_lo
     """The TTT of a Text Response stands until the exchange ends (F=1 carries 0xffffffff,
     §11.11.4): copied into a request after that, it is stale (Reject 0x09).  Was: answered as
     a new, empty request."""
-    s = session(daemon, extra=[("MaxRecvDataSegmentLength", "512")])
+    s = logged_in(daemon, extra=[("MaxRecvDataSegmentLength", "512")])
     itt, pdu = long_answer_started(s)
     ttt = pdu.ttt
     while not pdu.final:
@@ -215,19 +185,19 @@ def test_text_in_a_request_for_the_rest_of_an_answer_is_rejected(daemon, clean_l
     empty request (§6.2; at login the target refuses text there too).  Text in it is refused
     (Reject 0x04) and the exchange dropped.  Was: the piece was sent and the initiator's keys
     were dropped without a word -- never answered."""
-    s = session(daemon, extra=[("MaxRecvDataSegmentLength", "512")])
+    s = logged_in(daemon, extra=[("MaxRecvDataSegmentLength", "512")])
     itt, pdu = long_answer_started(s)
     req = text_request(s, b"X-org.example.late=1\0", itt=itt, ttt=pdu.ttt)
     expect_reject(s, req.header(), P.RejectReason.PROTOCOL_ERROR)
     assert_fresh_request_answered(s, daemon)
-    still_works(s)
+    still_works(s, WITNESS_LBA)
     s.close()
 
 
 def test_a_long_answer_followed_to_its_end_is_whole(daemon, clean_log):
     """The honest path the checks above must not break: each piece asked for with the TTT just
     received; the pieces join to every key answered, the last with F=1 and TTT 0xffffffff."""
-    s = session(daemon, extra=[("MaxRecvDataSegmentLength", "512")])
+    s = logged_in(daemon, extra=[("MaxRecvDataSegmentLength", "512")])
     itt, pdu = long_answer_started(s)
     text = bytearray(pdu.data)
     for _ in range(16):

@@ -12,40 +12,10 @@ from iscsi import keys as K
 from iscsi import pdu as P
 
 from .conftest import BLOCK, running_daemon
-from .raw import Closed, RawSession, read10, write10
+from .raw import RawSession, expect_reject, logged_in, read10, still_works, write10
 
-
-def session(daemon, **login_kw) -> RawSession:
-    s = RawSession(daemon.portals[0].host, daemon.portals[0].port)
-    resp = s.login(daemon.iqn, **login_kw)
-    assert resp.status_class == 0, resp
-    return s
-
-
-def still_works(s: RawSession, lba: int = 3000) -> None:
-    payload = bytes(range(256)) * 8
-    assert s.write(lba, payload) == 0
-    status, data = s.read(lba, len(payload))
-    assert status == 0 and data == payload
-
-
-def expect_reject(s: RawSession, header: bytes, reason: int) -> None:
-    """A Reject with ``reason`` carrying ``header`` (§11.17), the connection kept."""
-    try:
-        pdu = s.recv(timeout=3.0)
-    except Closed:
-        pytest.fail("connection dropped instead of a Reject")
-    assert isinstance(pdu, P.Reject), f"expected Reject, got {pdu}"
-    assert pdu.reason == reason, f"Reject reason {pdu.reason:#x}"
-    assert bytes(pdu.data)[:P.BHS_LEN] == header[:P.BHS_LEN]
-
-
-@pytest.fixture
-def clean_log(daemon, baseline):
-    """The case must not end in the connection's catch-all (a traceback, no answer)."""
-    before = daemon.log_text().count("conn.internal_error")
-    yield
-    assert daemon.log_text().count("conn.internal_error") == before, daemon.log_text()[-3000:]
+#: Where each case checks that its session still writes and reads.
+WITNESS_LBA = 3000
 
 
 def text_request(s: RawSession, data: bytes, *, itt: int | None = None, cont: bool = False,
@@ -96,14 +66,14 @@ def test_a_login_answer_longer_than_one_pdu_keeps_the_c_bit_until_its_last_piece
 def test_nop_echo_is_cut_to_the_initiators_max_recv_data_segment_length(daemon, clean_log):
     """§11.18.3: ping data is reflected, limited to the initiator's MaxRecvDataSegmentLength.
     Was: 4 KiB echoed to an initiator that declared 512."""
-    s = session(daemon, extra=[("MaxRecvDataSegmentLength", "512")])
+    s = logged_in(daemon, extra=[("MaxRecvDataSegmentLength", "512")])
     itt = s.next_itt()
     ping = bytes(range(256)) * 16
     s.send(P.NopOut(itt=itt, cmdsn=s.cmdsn, expstatsn=s.expstatsn, immediate=True, data=ping))
     pdu = s.recv()
     assert isinstance(pdu, P.NopIn) and pdu.itt == itt, pdu
     assert bytes(pdu.data) == ping[:512], f"echo of {len(pdu.data)} bytes to a 512-byte receiver"
-    still_works(s)
+    still_works(s, WITNESS_LBA)
     s.close()
 
 
@@ -112,17 +82,17 @@ def test_nop_echo_is_cut_to_the_initiators_max_recv_data_segment_length(daemon, 
 def test_text_request_with_a_key_twice_is_rejected_and_the_connection_lives(daemon, clean_log):
     """§6.2 a key negotiated twice, in a Text Request: Reject 0x04 with its header (§11.17).
     Was: an unhandled NegotiationError, a traceback and the connection closed without answer."""
-    s = session(daemon)
+    s = logged_in(daemon)
     req = text_request(s, b"MaxRecvDataSegmentLength=4096\0MaxRecvDataSegmentLength=8192\0")
     expect_reject(s, req.header(), P.RejectReason.PROTOCOL_ERROR)
-    still_works(s)
+    still_works(s, WITNESS_LBA)
     s.close()
 
 
 def test_text_continuations_past_the_limit_are_rejected_and_the_connection_lives(daemon, clean_log):
     """C-bit continuations past TEXT_EXCHANGE_LIMIT (64 KiB): Reject, the text is dropped.
     Was: an unhandled ProtocolError, a traceback and the connection closed without answer."""
-    s = session(daemon)
+    s = logged_in(daemon)
     itt = s.next_itt()
     chunk = b"X-org.example.pad=" + b"p" * 8000 + b"\0"
     ttt = P.RESERVED_TAG
@@ -143,20 +113,20 @@ def test_text_continuations_past_the_limit_are_rejected_and_the_connection_lives
     pdu = s.recv()
     assert isinstance(pdu, P.TextResponse) and pdu.final
     assert ("TargetName", daemon.iqn) in K.parse_text(bytes(pdu.data))
-    still_works(s)
+    still_works(s, WITNESS_LBA)
     s.close()
 
 
 def test_text_request_with_both_c_and_f_is_rejected(daemon, clean_log):
     """§11.10.2: C=1 requires F=0.  Was: taken as a continuation, never answered."""
-    s = session(daemon)
+    s = logged_in(daemon)
     req = text_request(s, b"SendTargets=All\0", cont=True, final=True)
     expect_reject(s, req.header(), P.RejectReason.PROTOCOL_ERROR)
     text_request(s, b"SendTargets=All\0")
     pdu = s.recv()
     assert isinstance(pdu, P.TextResponse) and pdu.final
     assert ("TargetName", daemon.iqn) in K.parse_text(bytes(pdu.data)), "stale continued text was kept"
-    still_works(s)
+    still_works(s, WITNESS_LBA)
     s.close()
 
 
@@ -164,7 +134,7 @@ def test_text_request_with_ttt_ffffffff_starts_afresh(daemon, clean_log):
     """§11.10.4: TTT 0xffffffff tells the target this is a new request; the state of the
     exchange in progress is reset.  Was: the new request's text was appended to a stale
     half-sent one ("SendTarg" + "SendTargets=All" answered SendTargSendTargets=NotUnderstood)."""
-    s = session(daemon)
+    s = logged_in(daemon)
     text_request(s, b"SendTarg", cont=True, final=False)
     pdu = s.recv()
     assert isinstance(pdu, P.TextResponse) and not pdu.final, pdu
@@ -172,14 +142,14 @@ def test_text_request_with_ttt_ffffffff_starts_afresh(daemon, clean_log):
     pdu = s.recv()
     assert isinstance(pdu, P.TextResponse) and pdu.final, pdu
     assert ("TargetName", daemon.iqn) in K.parse_text(bytes(pdu.data)), K.parse_text(bytes(pdu.data))
-    still_works(s)
+    still_works(s, WITNESS_LBA)
     s.close()
 
 
 def test_text_continuation_with_another_itt_is_rejected(daemon, clean_log):
     """§11.10.3: every request of a text sequence carries the same ITT; a continuation (our
     TTT copied) under another ITT is refused (Reject 0x09) and the sequence dropped."""
-    s = session(daemon)
+    s = logged_in(daemon)
     itt = s.next_itt()
     text_request(s, b"SendTarg", itt=itt, cont=True, final=False)
     pdu = s.recv()
@@ -194,14 +164,14 @@ def test_text_continuation_with_another_itt_is_rejected(daemon, clean_log):
     pdu = s.recv()
     assert isinstance(pdu, P.TextResponse) and pdu.final, pdu
     assert ("TargetName", daemon.iqn) in K.parse_text(bytes(pdu.data))
-    still_works(s)
+    still_works(s, WITNESS_LBA)
     s.close()
 
 
 def test_max_recv_data_segment_length_declared_in_ffp_is_honoured(daemon, clean_log):
     """§13.12: MaxRecvDataSegmentLength is declarative and usable in Full Feature Phase (Use:
     ALL).  Was: answered, then ignored -- a 32 KiB READ came back as one 32 KiB Data-In."""
-    s = session(daemon)
+    s = logged_in(daemon)
     text_request(s, b"MaxRecvDataSegmentLength=4096\0")
     pdu = s.recv()
     assert isinstance(pdu, P.TextResponse) and pdu.final, pdu
@@ -232,12 +202,12 @@ def test_logout_of_a_connection_the_session_does_not_have(daemon, clean_log):
     """§11.14.1 / §11.15.1: reason 1 (close the connection) names a CID; one the session does
     not have is response 1 (CID not found), and the connection asking is not closed.
     Was: response 0 and the asking connection (CID 0) closed."""
-    s = session(daemon)
+    s = logged_in(daemon)
     s.send(P.LogoutRequest(reason=1, cid=7, itt=s.next_itt(), cmdsn=s.cmdsn, expstatsn=s.expstatsn,
                            immediate=True))
     resp = s.recv()
     assert isinstance(resp, P.LogoutResponse) and resp.response == 1, resp
-    still_works(s)
+    still_works(s, WITNESS_LBA)
     assert s.logout().response == 0
     s.close()
 
@@ -248,7 +218,7 @@ def test_immediate_data_beyond_first_burst_length_is_refused_and_not_written(dae
     """§13.14: unsolicited data (here all immediate) must not exceed FirstBurstLength (64 KiB).
     Was: the fast lane wrote 128 KiB of immediate data and answered GOOD (the general path
     already refused it)."""
-    s = session(daemon)
+    s = logged_in(daemon)
     lba, size = 3200, 128 * 1024
     assert s.write(lba, bytes(size)) == 0  # known contents (zeros) first, within the burst
     cmd = P.ScsiCommandPdu(write=True, edtl=size, cmdsn=s.cmdsn, expstatsn=s.expstatsn,
@@ -259,14 +229,14 @@ def test_immediate_data_beyond_first_burst_length_is_refused_and_not_written(dae
     # the next command reuses it.
     status, data = s.read(lba, size)
     assert status == 0 and data == bytes(size), "refused immediate data was written"
-    still_works(s)
+    still_works(s, WITNESS_LBA)
     s.close()
 
 
 def test_immediate_data_with_edtl_0_is_refused_and_not_written(daemon, clean_log):
     """Immediate data on a write that announces EDTL 0: more data than the EDTL, refused as
     with any other EDTL (Reject 0x04).  Was: the data silently dropped, GOOD (overflow)."""
-    s = session(daemon)
+    s = logged_in(daemon)
     lba = 3400
     pattern = b"\x11" * BLOCK
     assert s.write(lba, pattern) == 0
@@ -276,7 +246,7 @@ def test_immediate_data_with_edtl_0_is_refused_and_not_written(daemon, clean_log
     expect_reject(s, cmd.header(), P.RejectReason.PROTOCOL_ERROR)
     status, data = s.read(lba, BLOCK)  # the rejected CmdSN is reused (§7.3)
     assert status == 0 and data == pattern
-    still_works(s)
+    still_works(s, WITNESS_LBA)
     s.close()
 
 
@@ -291,7 +261,7 @@ def test_connection_reinstatement_gives_back_the_window_of_the_aborted_tasks(dae
     from .raw import INITIATOR, OPERATIONAL
 
     isid = 0x400000000900
-    a = session(daemon, isid=isid, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
+    a = logged_in(daemon, isid=isid, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
     for i in range(10):
         a.command(write10(3800 + i * 8, 4), write=True, edtl=2048)
     r2ts = [a.recv() for _ in range(10)]
@@ -311,10 +281,9 @@ def test_connection_reinstatement_gives_back_the_window_of_the_aborted_tasks(dae
     free = (b.maxcmdsn - b.expcmdsn + 1) & 0xFFFFFFFF
     assert free == busy + 10, f"window {free} after the reinstatement, {busy} with 10 writes in flight"
     assert a.closed_by_target(3.0)
-    still_works(b)
+    still_works(b, WITNESS_LBA)
     a.close()
     b.close()
-
 
 
 def test_connection_reinstatement_after_a_lost_command_does_not_hang(daemon, clean_log):
@@ -326,7 +295,7 @@ def test_connection_reinstatement_after_a_lost_command_does_not_hang(daemon, cle
     from .raw import INITIATOR, OPERATIONAL
 
     isid = 0x400000000901
-    a = session(daemon, isid=isid)
+    a = logged_in(daemon, isid=isid)
     n = a.cmdsn
     a.command(read10(0, 1), read=True, edtl=BLOCK, cmdsn=(n + 1) & 0xFFFFFFFF)  # N is lost
     a.ping()  # N+1 has arrived (and waits)
@@ -339,7 +308,7 @@ def test_connection_reinstatement_after_a_lost_command_does_not_hang(daemon, cle
     b.cmdsn, b.expstatsn = (n + 2) & 0xFFFFFFFF, (resp.statsn + 1) & 0xFFFFFFFF
     status, _ = b.read(0, BLOCK)
     assert status == 0
-    still_works(b)
+    still_works(b, WITNESS_LBA)
     a.close()
     b.close()
 
@@ -352,7 +321,7 @@ def test_abort_task_of_a_command_that_never_arrived_closes_the_cmdsn_gap(daemon,
     complete.  (A command rejected for a data digest error leaves exactly such a gap, §7.3.)
     Was: 'task does not exist', and the commands held behind the gap never ran -- the session
     hung."""
-    s = session(daemon)
+    s = logged_in(daemon)
     n = s.cmdsn
     held = s.command(read10(0, 1), read=True, edtl=BLOCK, cmdsn=(n + 1) & 0xFFFFFFFF)  # n is lost
     lost_itt = s.next_itt()
@@ -376,9 +345,8 @@ def test_abort_task_of_a_command_that_never_arrived_closes_the_cmdsn_gap(daemon,
         assert getattr(pdu, "itt", None) != lost_itt, f"late command answered: {pdu}"
         if isinstance(pdu, P.NopIn) and pdu.itt == ping_itt:
             break
-    still_works(s)
+    still_works(s, WITNESS_LBA)
     s.close()
-
 
 
 def _no_reject_before_ping(s: RawSession) -> None:
@@ -396,7 +364,7 @@ def test_data_out_answering_the_r2t_of_an_aborted_task_is_dropped_quietly(daemon
     """RFC 7143 §11.6.2: the initiator goes on answering the R2Ts of an aborted task.  That
     Data-Out is dropped without a Reject -- libiscsi treats a Reject it cannot match to a
     request as a connection error.  Was: Reject 0x09 for each such Data-Out."""
-    s = session(daemon, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
+    s = logged_in(daemon, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
     itt = s.command(write10(3500, 4), write=True, edtl=2048)
     r2t = s.recv()
     assert isinstance(r2t, P.R2T)
@@ -409,7 +377,7 @@ def test_data_out_answering_the_r2t_of_an_aborted_task_is_dropped_quietly(daemon
     _no_reject_before_ping(s)
     status, data = s.read(3500, 2048)
     assert status == 0 and b"\x42" * 512 not in data, "data of an aborted write was written"
-    still_works(s)
+    still_works(s, WITNESS_LBA)
     s.close()
 
 
@@ -424,8 +392,8 @@ def test_data_out_of_a_write_another_session_reset_is_dropped_quietly(tmp_path):
 
 
 def _reset_while_another_session_writes(daemon) -> None:
-    a = session(daemon, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
-    b = session(daemon)
+    a = logged_in(daemon, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
+    b = logged_in(daemon)
     itt = a.command(write10(3600, 4), write=True, edtl=2048)
     r2t = a.recv()
     assert isinstance(r2t, P.R2T)
@@ -437,9 +405,9 @@ def _reset_while_another_session_writes(daemon) -> None:
                      data=b"\x43" * 2048))
     _no_reject_before_ping(a)
     a.clear_unit_attentions()
-    still_works(a)
+    still_works(a, WITNESS_LBA)
     b.clear_unit_attentions()
-    still_works(b, lba=3700)
+    still_works(b, 3700)
     a.close()
     b.close()
 

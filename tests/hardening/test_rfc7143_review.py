@@ -17,27 +17,16 @@ from iscsi import keys as K
 from iscsi import pdu as P
 
 from .conftest import BLOCK
-from .raw import INITIATOR, OPERATIONAL, Closed, RawSession, read10, write10
+from .raw import Closed, INITIATOR, OPERATIONAL, RawSession, logged_in, read10, still_works, write10
+
+#: Where each case checks that its session still writes and reads.
+WITNESS_LBA = 9000
 
 ISID = 0x400000007100
 
 
-def session(daemon, **login_kw) -> RawSession:
-    s = RawSession(daemon.portals[0].host, daemon.portals[0].port)
-    resp = s.login(daemon.iqn, **login_kw)
-    assert resp.status_class == 0, resp
-    return s
-
-
 def raw(daemon) -> RawSession:
     return RawSession(daemon.portals[0].host, daemon.portals[0].port)
-
-
-def still_works(s: RawSession, lba: int = 9000) -> None:
-    payload = bytes(range(256)) * 8
-    assert s.write(lba, payload) == 0
-    status, data = s.read(lba, len(payload))
-    assert status == 0 and data == payload
 
 
 def login_keys(daemon, extra=()) -> list[tuple[str, str]]:
@@ -45,14 +34,6 @@ def login_keys(daemon, extra=()) -> list[tuple[str, str]]:
     override = dict(extra)
     return [("InitiatorName", INITIATOR), ("TargetName", daemon.iqn), ("SessionType", "Normal")] + \
         [(k, override.pop(k, v)) for k, v in OPERATIONAL] + list(override.items())
-
-
-@pytest.fixture
-def clean_log(daemon, baseline):
-    """No case may end in the connection's catch-all (a traceback instead of an answer)."""
-    before = daemon.log_text().count("conn.internal_error")
-    yield
-    assert daemon.log_text().count("conn.internal_error") == before, daemon.log_text()[-3000:]
 
 
 # -- login: keys declared twice (§6.2) ------------------------------------------------------
@@ -100,7 +81,7 @@ def test_commands_beyond_the_advertised_max_cmd_sn_are_ignored(daemon, clean_log
     with every command that arrives in order -- so an initiator that ignores MaxCmdSN could
     park any number of writes waiting for their data (each holding its immediate data):
     memory without bound, from one session."""
-    s = session(daemon, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
+    s = logged_in(daemon, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
     room = (s.maxcmdsn - s.cmdsn + 1) & 0xFFFFFFFF
     assert 0 < room <= 1024, (s.cmdsn, s.maxcmdsn)
     extra = 40
@@ -163,7 +144,7 @@ def test_text_answer_longer_than_the_initiators_segment_is_continued(daemon, cle
     MaxRecvDataSegmentLength (512 here) is cut into pieces <= 512 bytes; every piece but the
     last has C=1, F=0 and a TTT other than 0xffffffff, which the initiator copies into an
     empty request to get the next; the last has C=0, F=1, TTT 0xffffffff."""
-    s = session(daemon, extra=[("MaxRecvDataSegmentLength", "512")])
+    s = logged_in(daemon, extra=[("MaxRecvDataSegmentLength", "512")])
     keys = [(f"X-org.example.k{i:03d}", "v") for i in range(60)]  # ~60 x 34 bytes answered
     itt = s.next_itt()
     s.send(P.TextRequest(itt=itt, cmdsn=s.cmdsn, expstatsn=s.expstatsn, immediate=True,
@@ -182,7 +163,7 @@ def test_text_answer_longer_than_the_initiators_segment_is_continued(daemon, cle
         s.send(P.TextRequest(itt=itt, ttt=pdu.ttt, cmdsn=s.cmdsn, expstatsn=s.expstatsn, immediate=True))
     assert pieces > 2
     assert K.parse_text(bytes(answer)) == [(k, "NotUnderstood") for k, _ in keys]
-    still_works(s)
+    still_works(s, WITNESS_LBA)
     s.close()
 
 
@@ -191,7 +172,7 @@ def test_text_request_with_f_0_is_answered_with_f_0(daemon, clean_log):
     the F bit set to 0 is a protocol error'; a response with F=0 carries a TTT other than
     0xffffffff (§11.11.4), which the initiator's next (F=1) request copies to end the
     exchange."""
-    s = session(daemon)
+    s = logged_in(daemon)
     itt = s.next_itt()
     s.send(P.TextRequest(itt=itt, final=False, cmdsn=s.cmdsn, expstatsn=s.expstatsn, immediate=True,
                          data=b"SendTargets=All\0"))
@@ -210,7 +191,7 @@ def test_second_connection_with_another_cid_is_refused_and_the_session_lives(dae
     """A login with the TSIH of a live session and a new CID asks for a second connection;
     MaxConnections is 1: 0x0206 (too many connections), and the first connection goes on."""
     isid = ISID + 2
-    a = session(daemon, isid=isid)
+    a = logged_in(daemon, isid=isid)
     b = raw(daemon)
     b.send(P.LoginRequest(transit=True, csg=1, nsg=3, isid=isid, tsih=a.tsih, cid=1, itt=1, cmdsn=a.cmdsn,
                           data=K.encode_text(login_keys(daemon))))
@@ -218,7 +199,7 @@ def test_second_connection_with_another_cid_is_refused_and_the_session_lives(dae
     assert isinstance(resp, P.LoginResponse) and (resp.status_class, resp.status_detail) == (2, 6), resp
     assert b.closed_by_target(3.0)
     b.close()
-    still_works(a)
+    still_works(a, WITNESS_LBA)
     a.close()
 
 
@@ -244,7 +225,7 @@ def test_connection_reinstatement_keeps_the_session_wide_values(daemon, clean_lo
     go through.  Was: the new connection took the RFC defaults (FirstBurstLength 65536,
     InitialR2T=Yes ...), so the initiator's writes were rejected."""
     isid = ISID + 3
-    a = session(daemon, isid=isid, extra=[("FirstBurstLength", "262144")])
+    a = logged_in(daemon, isid=isid, extra=[("FirstBurstLength", "262144")])
     assert a.login_answers.get("FirstBurstLength") == "262144", a.login_answers
     conn_only = [("InitiatorName", INITIATOR), ("TargetName", daemon.iqn), ("SessionType", "Normal"),
                  ("HeaderDigest", "None"), ("DataDigest", "None"), ("MaxRecvDataSegmentLength", "262144")]
@@ -302,7 +283,7 @@ def test_burst_ended_by_an_empty_final_data_out(daemon, clean_log):
     """§11.7.7: 'initiators and targets MUST be able to properly receive 0-length data
     segments'.  A burst whose data all came with F=0 is ended by an empty Data-Out with F=1
     (DataSN and offset following on): the write completes GOOD with the data sent."""
-    s = session(daemon, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
+    s = logged_in(daemon, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
     payload = bytes(range(256)) * 4
     itt = s.command(write10(9400, 2), write=True, edtl=len(payload))
     r2t = s.recv()
@@ -321,7 +302,7 @@ def test_unsolicited_data_out_without_immediate_data(daemon, clean_log):
     """ImmediateData=No, InitialR2T=No (§13.10, §13.11): no data in the command PDU, the first
     burst as unsolicited Data-Out (TTT 0xffffffff, DataSN from 0, F on its last PDU), the rest
     solicited by R2T from the end of the first burst."""
-    s = session(daemon, extra=[("ImmediateData", "No"), ("InitialR2T", "No"), ("FirstBurstLength", "4096")])
+    s = logged_in(daemon, extra=[("ImmediateData", "No"), ("InitialR2T", "No"), ("FirstBurstLength", "4096")])
     payload = bytes((i * 7) & 0xFF for i in range(8192))
     itt = s.command(write10(9500, len(payload) // BLOCK), write=True, edtl=len(payload), final=False)
     for sn, off in enumerate(range(0, 4096, 1024)):
@@ -338,7 +319,7 @@ def test_unsolicited_data_out_without_immediate_data(daemon, clean_log):
 def test_immediate_data_when_immediate_data_is_no_is_rejected(daemon, clean_log):
     """§13.11: with ImmediateData=No the initiator MUST NOT send data with the command; the
     target refuses it (Reject 0x04 carrying the header) and writes nothing."""
-    s = session(daemon, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
+    s = logged_in(daemon, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
     assert s.write(9600, b"\x11" * BLOCK) == 0
     cmd = P.ScsiCommandPdu(write=True, edtl=BLOCK, cmdsn=s.cmdsn, expstatsn=s.expstatsn, cdb=write10(9600, 1),
                            itt=s.next_itt(), data=b"\x99" * BLOCK)
@@ -359,7 +340,7 @@ def test_logout_with_a_reserved_reason_code_is_rejected(daemon, clean_log, reaso
     one is refused (Reject 0x09, invalid PDU field, with its header) and the session goes on.
     Was: taken as 'close the session' -- the session and its nexus (reservations, unit
     attentions) ended on a code the initiator never defined."""
-    s = session(daemon)
+    s = logged_in(daemon)
     req = P.LogoutRequest(reason=reason, itt=s.next_itt(), cmdsn=s.cmdsn, expstatsn=s.expstatsn, immediate=True)
     s.send(req)
     try:
@@ -368,7 +349,7 @@ def test_logout_with_a_reserved_reason_code_is_rejected(daemon, clean_log, reaso
         pytest.fail("session closed on a reserved Logout reason")
     assert isinstance(rej, P.Reject) and rej.reason == P.RejectReason.INVALID_PDU_FIELD, rej
     assert bytes(rej.data)[:P.BHS_LEN] == req.header()[:P.BHS_LEN]
-    still_works(s)
+    still_works(s, WITNESS_LBA)
     assert s.logout().response == 0
     s.close()
 
@@ -379,7 +360,7 @@ def test_unsolicited_data_out_out_of_order_fails_the_task(daemon, clean_log, off
     ended (512 here).  A PDU at 1024 leaves a hole that no R2T would ever ask for; one at 256
     overlaps.  Either ends the task with CHECK CONDITION and writes nothing.  Was: GOOD, with
     zeros written in the hole (R2Ts started after the highest offset seen)."""
-    s = session(daemon, extra=[("InitialR2T", "No")])
+    s = logged_in(daemon, extra=[("InitialR2T", "No")])
     lba = 9700
     assert s.write(lba, b"\x11" * 2048) == 0
     itt = s.command(write10(lba, 4), write=True, edtl=2048, data=b"\x22" * 512, final=False)
@@ -401,7 +382,7 @@ def test_unsolicited_data_out_out_of_order_fails_the_task(daemon, clean_log, off
     assert pdu.status == 0x02, f"status {pdu.status:#x} for a write with a hole in its unsolicited data"
     st, data = s.read(lba, 2048)
     assert st == 0 and data == b"\x11" * 2048, "a failed write changed the blocks"
-    still_works(s)
+    still_works(s, WITNESS_LBA)
     s.close()
 
 
@@ -434,7 +415,7 @@ def test_a_request_under_the_reserved_itt_is_rejected(daemon, clean_log, kind):
     under it is refused with Reject 0x09 carrying its header, and the session goes on (the
     rejected CmdSN is used again).  Was: executed and answered under 0xffffffff -- a task no
     ABORT TASK can name; a Logout under it ended the session."""
-    s = session(daemon)
+    s = logged_in(daemon)
     R = P.RESERVED_TAG
     req = {
         "scsi": P.ScsiCommandPdu(read=True, edtl=BLOCK, cmdsn=s.cmdsn, expstatsn=s.expstatsn, cdb=read10(0, 1), itt=R),
@@ -450,7 +431,7 @@ def test_a_request_under_the_reserved_itt_is_rejected(daemon, clean_log, kind):
         pytest.fail("connection closed")
     assert isinstance(rej, P.Reject) and rej.reason == P.RejectReason.INVALID_PDU_FIELD, rej
     assert bytes(rej.data)[:P.BHS_LEN] == req.header()[:P.BHS_LEN]
-    still_works(s)
+    still_works(s, WITNESS_LBA)
     s.close()
 
 
@@ -517,7 +498,7 @@ def test_logout_while_a_write_waits_for_its_data(daemon, clean_log, reason):
     waits for the Data-Out its R2T asked for: the target does not wait for data that will not
     come; it answers the Logout (response 0), closes the connection, and the write is not
     performed."""
-    s = session(daemon, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
+    s = logged_in(daemon, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
     lba = 9800
     assert s.write(lba, b"\x55" * BLOCK) == 0
     itt = s.command(write10(lba, 1), write=True, edtl=BLOCK)
@@ -529,7 +510,7 @@ def test_logout_while_a_write_waits_for_its_data(daemon, clean_log, reason):
     assert isinstance(resp, P.LogoutResponse) and resp.response == 0, resp
     assert s.closed_by_target(3.0)
     s.close()
-    t = session(daemon)
+    t = logged_in(daemon)
     st, data = t.read(lba, BLOCK)
     assert st == 0 and data == b"\x55" * BLOCK
     t.close()
@@ -543,7 +524,7 @@ def test_abort_task_set_ends_writes_waiting_for_data_and_held_commands(daemon, c
     answers for all of them (no SCSI Response for an aborted task), their late Data-Out is
     dropped without a Reject (§11.6.2), nothing is written, and the session (its window
     included) goes on when the missing CmdSN arrives."""
-    s = session(daemon, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
+    s = logged_in(daemon, extra=[("ImmediateData", "No"), ("InitialR2T", "Yes")])
     lba = 9900
     assert s.write(lba, b"\x66" * 2048) == 0
     writes = [s.command(write10(lba + 2 * i, 2), write=True, edtl=1024) for i in range(2)]
@@ -575,7 +556,7 @@ def test_abort_task_set_ends_writes_waiting_for_data_and_held_commands(daemon, c
         assert getattr(pdu, "itt", None) not in writes + [held], f"aborted task answered: {pdu}"
         if isinstance(pdu, P.NopIn) and pdu.itt == ping:
             break
-    still_works(s)
+    still_works(s, WITNESS_LBA)
     s.close()
 
 
@@ -626,7 +607,7 @@ def test_offers_out_of_range_or_of_the_wrong_type_are_answered_reject_and_the_lo
     odd = [("MaxBurstLength", "100"), ("FirstBurstLength", "abc"), ("InitialR2T", "Maybe"),
            ("DataDigest", "Bogus"), ("MaxOutstandingR2T", "0"), ("DefaultTime2Wait", "3601"),
            ("ErrorRecoveryLevel", "2"), ("X-org.example.odd", "1")]
-    s = session(daemon, isid=ISID + 6, extra=odd)
+    s = logged_in(daemon, isid=ISID + 6, extra=odd)
     got = s.login_answers
     assert {k: got.get(k) for k, _ in odd} == {
         "MaxBurstLength": "Reject", "FirstBurstLength": "Reject", "InitialR2T": "Reject", "DataDigest": "Reject",
@@ -651,18 +632,18 @@ def test_a_failed_login_with_a_live_sessions_isid_leaves_that_session_alone(daem
     login succeeds.  One that fails (here: a key declared twice, §6.2) must not end or disturb
     the live session; the one that succeeds afterwards replaces it and closes its connection."""
     isid = ISID + 7
-    a = session(daemon, isid=isid)
+    a = logged_in(daemon, isid=isid)
     b = raw(daemon)
     bad = K.encode_text(login_keys(daemon) + [("InitiatorName", INITIATOR + "x")])
     b.send(P.LoginRequest(transit=True, csg=1, nsg=3, isid=isid, itt=1, cmdsn=b.cmdsn, data=bad))
     resp = b.recv()
     assert resp.status_class == 2, resp
     b.close()
-    still_works(a)
-    c = session(daemon, isid=isid)
+    still_works(a, WITNESS_LBA)
+    c = logged_in(daemon, isid=isid)
     assert c.tsih != a.tsih
     assert a.closed_by_target(3.0), "the reinstated session's connection was kept"
-    still_works(c)
+    still_works(c, WITNESS_LBA)
     a.close()
     c.close()
 
@@ -674,9 +655,9 @@ def test_an_initiator_name_in_other_case_is_the_same_initiator(daemon, clean_log
     session with the same I_T nexus (the nexus is case-folded) -- the first one's end (or a
     reset of either) then dropped the other's reservations and unit attentions."""
     isid = ISID + 8
-    a = session(daemon, isid=isid)
-    b = session(daemon, isid=isid, initiator=INITIATOR.upper())
+    a = logged_in(daemon, isid=isid)
+    b = logged_in(daemon, isid=isid, initiator=INITIATOR.upper())
     assert a.closed_by_target(3.0), "two sessions of one initiator port (names differing in case only)"
-    still_works(b)
+    still_works(b, WITNESS_LBA)
     a.close()
     b.close()

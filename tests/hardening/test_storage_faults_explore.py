@@ -27,6 +27,7 @@ import pytest
 from iscsi import pdu as P
 from tools.peers.sanstack import SanstackPeer
 
+from .conftest import running_daemon
 from .raw import Closed, RawSession, read10, write10
 
 BLOCK = 512
@@ -53,15 +54,20 @@ def _umount(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def mounted_tmpfs(mnt: Path, size: str):
-    mnt.mkdir()
-    r = _run("mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mnt))
+def _mounted(mnt: Path, *mount_args: str, what: str):
+    """``mount MOUNT_ARGS MNT`` for the block, unmounted after it (skips if mount refuses)."""
+    r = _run("mount", *mount_args, str(mnt))
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+        pytest.skip(f"cannot mount {what}: {r.stderr.strip()}")
     try:
         yield mnt
     finally:
         _umount(mnt)
+
+
+def mounted_tmpfs(mnt: Path, size: str):
+    mnt.mkdir()
+    return _mounted(mnt, "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", what="a tmpfs")
 
 
 @contextlib.contextmanager
@@ -81,13 +87,8 @@ def mounted_ext4(backing: Path, mnt: Path, size: int = 64 << 20):
     dev = r.stdout.strip()
     try:
         mnt.mkdir()
-        r = _run("mount", "-t", "ext4", dev, str(mnt))
-        if r.returncode != 0:
-            pytest.skip(f"cannot mount ext4 on {dev}: {r.stderr.strip()}")
-        try:
+        with _mounted(mnt, "-t", "ext4", dev, what=f"ext4 on {dev}"):
             yield mnt
-        finally:
-            _umount(mnt)
     finally:
         _run("losetup", "-d", dev)
 
@@ -130,20 +131,12 @@ def shutdown_fs(mnt: Path) -> None:
         os.close(fd)
 
 
-@contextlib.contextmanager
 def daemon_with_image_at(workdir: Path, image: Path, size: int = 64 << 20):
     """The daemon with LUN 0 at ``image`` (on the faulty filesystem) and LUN 1 in ``workdir``."""
-    peer = SanstackPeer.create(workdir, sizes=[size, 16 << 20])
-    peer.luns[0] = dataclasses.replace(peer.luns[0], path=image)
-    peer.start()
-    try:
-        yield peer
-    finally:
-        try:
-            if peer.alive():
-                peer.stop()
-        finally:
-            peer.cleanup()
+    def lun0_at_image(peer: SanstackPeer) -> None:
+        peer.luns[0] = dataclasses.replace(peer.luns[0], path=image)
+
+    return running_daemon(workdir, sizes=[size, 16 << 20], configure=lun0_at_image)
 
 
 # -- a raw session addressing any LUN ----------------------------------------------------------
@@ -317,15 +310,7 @@ def test_zero_copy_read_as_the_first_command_to_meet_a_dead_disk(tmp_path, ext4)
         fine(s.write(0, 0, os.urandom(256 << 10)))
         fine(s.sync(0))
         shutdown_fs(ext4)
-        for _ in range(3):  # the initiator retries on a new connection
-            try:
-                ans = s.read(0, 0, 128 << 10)
-                break
-            except Closed:
-                s.close()
-                s = Session(peer)
-        else:
-            raise Closed("every retry of the READ lost its connection")
+        ans = read_retrying(peer, s, 128 << 10)
         assert ans.code == UNRECOVERED_READ_ERROR
 
 
@@ -391,16 +376,20 @@ def test_zero_copy_read_of_a_truncated_image_is_not_good(tmp_path):
         fine(s.write(0, 0, os.urandom(256 << 10)))
         fine(s.sync(0))
         os.truncate(tmp_path / "lun0.img", 64 << 10)
-        for _ in range(3):  # the initiator retries on a new connection
-            try:
-                ans = s.read(0, 0, 256 << 10)
-                break
-            except Closed:
-                s.close()
-                s = Session(peer)
-        else:
-            raise Closed("every retry of the READ lost its connection")
+        ans = read_retrying(peer, s, 256 << 10)
         assert ans.status == 0x02 and ans.code == UNRECOVERED_READ_ERROR, "READ of lost blocks was GOOD"
+
+
+def read_retrying(peer, s: "Session", length: int) -> "Answer":
+    """READ ``length`` bytes at LBA 0 of LUN 0 as an initiator does: a dropped connection is
+    retried on a new one (at most three times); the answer that finally comes."""
+    for _ in range(3):
+        try:
+            return s.read(0, 0, length)
+        except Closed:
+            s.close()
+            s = Session(peer)
+    raise Closed("every retry of the READ lost its connection")
 
 
 # -- the same defects at the backstore, without root ------------------------------------------

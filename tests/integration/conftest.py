@@ -9,7 +9,9 @@ A test skips only when a Debian tool it drives is missing (CI installs them all:
 """
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from typing import Callable
@@ -131,3 +133,15 @@ def known_gap(request, peer_kind: str, kind: str, reason: str) -> None:
     the test still runs, and an unexpected pass fails so the note gets removed."""
     if peer_kind == kind:
         request.applymarker(pytest.mark.xfail(reason=f"{kind}: {reason}", strict=True))
+
+
+@pytest.fixture
+def own_target(tmp_path):
+    """Our target of this test's own, to kill or stop (SIGSTOP): one 8 MiB LUN.  It is
+    continued (SIGCONT) and stopped afterwards if it still runs."""
+    peer = make_peer("sanstack", tmp_path / "own", size="8M")
+    peer.start()
+    yield peer
+    if peer.proc is not None and peer.proc.poll() is None:
+        os.kill(peer.proc.pid, signal.SIGCONT)
+        peer.stop()

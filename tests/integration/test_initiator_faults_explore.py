@@ -25,7 +25,6 @@ import signal
 import socket
 import struct
 import time
-from pathlib import Path
 
 import pytest
 
@@ -164,15 +163,6 @@ def target(tmp_path_factory):
     peer.stop()
 
 
-@pytest.fixture
-def own_target(tmp_path):
-    """A daemon of this test's own, to stop with SIGSTOP."""
-    peer = make_peer("sanstack", tmp_path / "own", size="8M")
-    peer.start()
-    yield peer
-    if peer.proc is not None and peer.proc.poll() is None:
-        os.kill(peer.proc.pid, signal.SIGCONT)
-        peer.stop()
 
 
 def portal(peer, i: int = 0) -> tuple[str, int]:

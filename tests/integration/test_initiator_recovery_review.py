@@ -22,9 +22,9 @@ import pytest
 from iscsi import pdu as P
 from iscsi.framing import encode as encode_pdu
 from iscsi.initiator import scsi
-from iscsi.initiator.client import open_device, open_session
+from iscsi.initiator.client import open_device
 from iscsi.initiator.device import BlockDevice
-from iscsi.initiator.errors import ConnectionLost, LoginError, SessionFailed
+from iscsi.initiator.errors import ConnectionLost, SessionFailed
 from iscsi.initiator.multipath import open_multipath
 from iscsi.initiator.session import SessionOptions, State
 from tools.peers import make_peer
@@ -498,15 +498,6 @@ async def test_fail_fast_hands_back_commands_still_waiting_for_the_window(target
 
 
 # --------------------------------------------------------------------------- target restart / stall
-@pytest.fixture
-def own_target(tmp_path):
-    """A target of this test's own, to kill and stop: one 8 MiB LUN."""
-    peer = make_peer("sanstack", tmp_path / "own", size="8M")
-    peer.start()
-    yield peer
-    if peer.proc is not None and peer.proc.poll() is None:
-        os.kill(peer.proc.pid, signal.SIGCONT)
-        peer.stop()
 
 
 async def _writes_survive_a_restart(s, dev, peer, n: int) -> None:

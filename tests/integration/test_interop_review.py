@@ -26,6 +26,7 @@ from iscsi.backstore.file import FileBackstore
 from iscsi.target import cli as CLI
 from iscsi.target import config as C
 from iscsi.target.config import ConfigError, Lun, PortalGroup, Target
+from tests.cli_checks import one_line_error
 
 from ..threaded_daemon import ThreadedDaemon
 from .conftest import require, require_qemu_iscsi
@@ -54,14 +55,6 @@ def _ipv6_loopback() -> bool:
 def cli(*args: str):
     return CliRunner().invoke(CLI.main, list(args), catch_exceptions=False)
 
-
-def _one_line_error(output: str, *needles: str) -> str:
-    assert "Traceback" not in output and "internal error" not in output, output
-    errors = [l for l in output.splitlines() if l.startswith("iscsi-target: error:")]
-    assert len(errors) == 1, output
-    for n in needles:
-        assert n in errors[0], output
-    return errors[0]
 
 
 def client(cmd: list[str], *, check: bool = True) -> subprocess.CompletedProcess:
@@ -114,7 +107,7 @@ def test_a_lun_bigger_than_a_linux_file_is_a_config_error_not_a_traceback(tmp_pa
     r = cli("--control", str(tmp_path / "c.sock"), "serve", "--data-dir", str(tmp_path / "data"),
             "--target", T, "--lun", f"{tmp_path}/huge.img:{size}", "--portal", f"127.0.0.1:{_free_port()}")
     assert r.exit_code == 1
-    _one_line_error(r.output, "8EiB")
+    one_line_error(r.output, "8EiB")
     assert not (tmp_path / "huge.img").exists()
 
 
@@ -122,11 +115,11 @@ def test_lun_add_and_resize_past_a_linux_file_name_the_limit(daemon, tmp_path):
     before = daemon.path.read_text()
     r = daemon.cli("lun", "add", T, f"{tmp_path}/huge.img:9E")
     assert r.exit_code == 1
-    _one_line_error(r.output, "8EiB")
+    one_line_error(r.output, "8EiB")
     assert not (tmp_path / "huge.img").exists()
     r = daemon.cli("lun", "resize", T, "0", "100E")
     assert r.exit_code == 1
-    _one_line_error(r.output, "8EiB")
+    one_line_error(r.output, "8EiB")
     assert daemon.path.read_text() == before
     assert daemon.raw({"op": "status", "args": {}})["ok"] is True
 
@@ -140,7 +133,7 @@ def test_a_config_file_with_a_huge_size_names_the_entry(tmp_path, busy_portal):
     path.chmod(0o600)
     r = cli("--control", str(tmp_path / "c.sock"), "serve", "--config", str(path))
     assert r.exit_code == 1
-    _one_line_error(r.output, "luns[0]", "8EiB")
+    one_line_error(r.output, "luns[0]", "8EiB")
     assert (tmp_path / "a.img").stat().st_size == MIB
 
 
@@ -167,7 +160,7 @@ def test_an_image_too_big_for_its_filesystem_says_so_not_cannot_open(daemon, tmp
     monkeypatch.setattr(os, "ftruncate", too_big)  # what ext4 answers past 16 TiB
     r = daemon.cli("lun", "add", T, f"{tmp_path}/big.img:64T")
     assert r.exit_code == 1
-    line = _one_line_error(r.output, f"{T} LUN 1", "cannot make", "64TiB", "File too large")
+    line = one_line_error(r.output, f"{T} LUN 1", "cannot make", "64TiB", "File too large")
     assert "cannot open" not in line
     assert not (tmp_path / "big.img").exists()
 
@@ -178,7 +171,7 @@ def test_an_image_in_a_directory_nobody_may_create_in_gets_no_read_only_hint(dae
         pytest.skip("no sysfs at /sys")
     r = daemon.cli("lun", "add", T, "/sys/sanstack-review.img:1M")
     assert r.exit_code == 1
-    line = _one_line_error(r.output, "/sys/sanstack-review.img", "cannot be created", "writable")
+    line = one_line_error(r.output, "/sys/sanstack-review.img", "cannot be created", "writable")
     assert ":ro" not in line and "read-only" not in line
 
 
@@ -218,7 +211,7 @@ def test_a_path_with_a_nul_byte_is_refused_by_name(daemon, tmp_path, busy_portal
     path.chmod(0o600)
     r = cli("--control", str(tmp_path / "c.sock"), "serve", "--config", str(path))
     assert r.exit_code == 1
-    _one_line_error(r.output, "luns[0]", "NUL")
+    one_line_error(r.output, "luns[0]", "NUL")
     res = daemon.raw({"op": "lun.add", "args": {"iqn": T, "path": f"{tmp_path}/b\u0000.img", "size": MIB}})
     assert res["ok"] is False and "NUL" in res["error"] and "internal error" not in res["error"], res
     assert daemon.raw({"op": "status", "args": {}})["ok"] is True
@@ -281,7 +274,7 @@ def test_a_busy_port_says_what_may_hold_it_without_python_tuples(tmp_path):
         r = cli("--control", str(tmp_path / "c.sock"), "serve", "--data-dir", str(tmp_path / "data"),
                 "--target", T, "--lun", f"{tmp_path}/x.img:1M", "--portal", f"127.0.0.1:{port}")
     assert r.exit_code == 1
-    line = _one_line_error(r.output, f"cannot listen on 127.0.0.1:{port}", "address already in use", "iscsi-target")
+    line = one_line_error(r.output, f"cannot listen on 127.0.0.1:{port}", "address already in use", "iscsi-target")
     assert "('127.0.0.1'" not in line
 
 
@@ -290,7 +283,7 @@ def test_a_portal_on_an_address_this_host_lacks_is_named_so(daemon):
         pytest.skip("ip_nonlocal_bind is on: any address binds")
     r = daemon.cli("portal", "add", T, "192.0.2.1:3260")  # TEST-NET-1 (RFC 5737): never local
     assert r.exit_code == 1
-    line = _one_line_error(r.output, "192.0.2.1:3260", "no network interface")
+    line = one_line_error(r.output, "192.0.2.1:3260", "no network interface")
     assert "('192.0.2.1'" not in line
     assert "192.0.2.1" not in daemon.path.read_text()
 
@@ -376,7 +369,7 @@ def test_a_resize_no_force_can_make_valid_does_not_suggest_force(daemon, size, w
     for force in ((), ("--force",)):
         r = daemon.cli("lun", "resize", *force, T, "0", size)
         assert r.exit_code == 1
-        line = _one_line_error(r.output, f"{T} LUN 0", words)
+        line = one_line_error(r.output, f"{T} LUN 0", words)
         assert "--force" not in line and "targets[0]" not in line, line
     assert daemon.path.read_text() == before
 
@@ -440,7 +433,7 @@ def test_a_config_key_given_twice_is_refused_not_last_one_wins(tmp_path, busy_po
             % (T, busy_portal))
     r = _serve_config(tmp_path, text)
     assert r.exit_code == 1
-    _one_line_error(r.output, "'read_only' appears twice")
+    one_line_error(r.output, "'read_only' appears twice")
     assert not (tmp_path / "a.img").exists()
 
 
@@ -451,7 +444,7 @@ def test_a_config_lun_map_naming_one_acl_lun_twice_is_refused(tmp_path, busy_por
         "acls": [{"initiator": "iqn.2026-11.org.example:i", "lun_map": {"0": 0, "00": 1}}]}]})
     r = _serve_config(tmp_path, text)
     assert r.exit_code == 1
-    _one_line_error(r.output, "acls[0]", "lun_map", "twice")
+    one_line_error(r.output, "acls[0]", "lun_map", "twice")
 
 
 # --------------------------------------------------------------------------- SendTargets
@@ -509,11 +502,11 @@ def test_two_luns_with_one_serial_are_refused(tmp_path):
         before = d.path.read_text()
         r = d.cli("lun", "add", "--serial", "SAME1", t2, f"{tmp_path}/c.img:1M")
         assert r.exit_code == 1
-        _one_line_error(r.output, "SAME1", f"{T} LUN 0", "paths to one disk")
+        one_line_error(r.output, "SAME1", f"{T} LUN 0", "paths to one disk")
         taken = json.loads(d.cli("lun", "list", "--json", t2).output)[0]["serial"]  # a derived one
         r = d.cli("lun", "add", "--serial", taken, T, f"{tmp_path}/c.img:1M")
         assert r.exit_code == 1
-        _one_line_error(r.output, taken, "review2", "paths to one disk")
+        one_line_error(r.output, taken, "review2", "paths to one disk")
         assert d.path.read_text() == before
         assert not (tmp_path / "c.img").exists()
 

@@ -16,6 +16,7 @@ import pytest
 from iscsi.target import config as C
 from iscsi.target.config import ConfigError
 from iscsi.target.daemon import TargetDaemon
+from tests.cli_checks import one_line_error
 
 from .test_cli import LiveDaemon, run
 from .test_target_daemon import T1, T2
@@ -38,14 +39,6 @@ def _hand_edit(path, edit) -> str:
     return text
 
 
-def _one_line_error(output: str, *needles: str) -> str:
-    assert "Traceback" not in output and "internal error" not in output, output
-    errors = [l for l in output.splitlines() if l.startswith("iscsi-target: error:")]
-    assert len(errors) == 1, output
-    for n in needles:
-        assert n in errors[0], output
-    return errors[0]
-
 
 # --------------------------------------------------------------------------- hand edits
 
@@ -62,7 +55,7 @@ def test_an_admin_change_never_saves_over_a_hand_edit_not_yet_reloaded(live):
     r = live.cli("acl", "add", T1, NEW_INITIATOR)
 
     assert r.exit_code == 1
-    _one_line_error(r.output, str(live.path), "config reload", "nothing was changed")
+    one_line_error(r.output, str(live.path), "config reload", "nothing was changed")
     assert live.path.read_text() == edited  # the edit is still there
     acls = json.loads(live.cli("acl", "list", T1, "--json").output)
     assert NEW_INITIATOR not in [a["initiator"] for a in acls]  # and nothing half-applied
@@ -87,7 +80,7 @@ def test_a_reload_refused_for_a_broken_edit_keeps_the_edit_safe_from_the_next_ch
     r = live.cli("lun", "resize", T2, "0", "4M")
 
     assert r.exit_code == 1
-    _one_line_error(r.output, "config reload")
+    one_line_error(r.output, "config reload")
     assert live.path.read_text() == '{"version": 1, "targets": ['
 
 
@@ -115,13 +108,13 @@ def test_a_deleted_config_file_is_written_again(live):
 def test_session_list_of_an_unknown_target_names_it(live):
     r = live.cli("session", "list", "iqn.2026-11.org.example:typo")
     assert r.exit_code == 1
-    _one_line_error(r.output, "no target iqn.2026-11.org.example:typo", T1)
+    one_line_error(r.output, "no target iqn.2026-11.org.example:typo", T1)
 
 
 def test_session_list_of_a_malformed_name_says_why(live):
     r = live.cli("session", "list", "t1")
     assert r.exit_code == 1
-    _one_line_error(r.output, "must start with iqn.")
+    one_line_error(r.output, "must start with iqn.")
 
 
 def test_session_list_of_a_known_target_in_other_case_is_fine(live):
@@ -179,7 +172,7 @@ def test_serve_with_an_empty_port_is_a_one_line_usage_error(tmp_path, monkeypatc
     r = run("serve", "--target", T1, "--lun", f"{tmp_path}/d.img:1M", "--portal", "127.0.0.1:",
             "--control", str(tmp_path / "c.sock"))
     assert r.exit_code == 1
-    _one_line_error(r.output, "127.0.0.1:", "no port")
+    one_line_error(r.output, "127.0.0.1:", "no port")
     assert not (tmp_path / "d.img").exists()
 
 
