@@ -970,5 +970,7 @@ class PersistentReservations:
                     raise ValueError(f"reservation holder {holder!r} is not a registration")
                 self._res_holder = regs[int(holder)]
             self._res_type = pr_type
-        self.generation = int(state.get("generation", 0)) & GENERATION_MASK
+        # The registrations and the reservation come back (APTPL), but PRgeneration starts
+        # again from zero: a restart is the LU's power on (SPC-4 §6.15.2).
+        self.generation = 0
         self._aptpl = True

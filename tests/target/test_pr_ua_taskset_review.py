@@ -166,16 +166,18 @@ async def test_preempt_changing_type_tells_the_senders_other_target_port():
 # -- PERSISTENT RESERVE IN data (SPC-4 §6.15) -------------------------------------------------
 
 async def test_prgeneration_wraps_at_32_bits():
-    """SPC-4 §6.15.2: PRGENERATION is a four-byte wrapping counter.  A logical unit whose saved
-    (APTPL) state was at 0xFFFFFFFF answered every PERSISTENT RESERVE IN after the next
-    REGISTER with HARDWARE ERROR: the counter had grown to 2**32 and no longer packed."""
+    """SPC-4 §6.15.2: PRGENERATION is a four-byte wrapping counter.  A logical unit whose
+    counter was at 0xFFFFFFFF answered every PERSISTENT RESERVE IN after the next REGISTER
+    with HARDWARE ERROR: the counter had grown to 2**32 and no longer packed."""
     saved: list[dict] = []
-    state = {"version": 1, "aptpl": True, "generation": 0xFFFFFFFF,
+    state = {"version": 1, "aptpl": True, "generation": 0x1234,
              "registrations": [{"initiator_port": nexus("node1").initiator_port,
                                 "target_port": nexus("node1").target_port,
                                 "relative_port_id": 1, "key": 0x11}],
              "reservation": None}
     lu = make_lu("ram", size=1 << 20, pr_state=state, pr_persist=saved.append)
+    assert lu.pr.generation == 0   # a restart is the LU's power on: PRgeneration starts again
+    lu.pr.generation = 0xFFFFFFFF  # (after 2**32 - 1 changes)
     node1, = await ready(lu, nexus("node1"))
     assert await status(node1, *prout(REGISTER, key=0x11, sa_key=0x12, flags=0x01)) == Status.GOOD
     for sa in (READ_KEYS, READ_RESERVATION, READ_FULL_STATUS):
