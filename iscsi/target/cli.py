@@ -68,12 +68,13 @@ def default_control_path() -> Path:
 # --------------------------------------------------------------------------- config builders
 
 
-def default_config(data_dir: Path, portal: str = DEFAULT_PORTAL) -> Config:
-    """First run: one open target with one 1 GiB sparse LUN on loopback."""
+def default_config(data_dir: Path, portals: Iterable[str] = (DEFAULT_PORTAL,)) -> Config:
+    """First run: one open target with one 1 GiB sparse LUN, on loopback unless ``portals``
+    say otherwise (one portal group each, as the quick start makes them)."""
     target = Target(
         iqn=DEFAULT_TARGET,
         alias="sanstack default target",
-        portal_groups=[PortalGroup(1, [C.canonical_portal(portal)])],
+        portal_groups=[PortalGroup(tag, [C.canonical_portal(p)]) for tag, p in enumerate(portals, 1)],
         luns=[Lun(number=0, path=DEFAULT_LUN_FILE, size=DEFAULT_LUN_SIZE)],
         open_access=True,
     )
@@ -210,7 +211,8 @@ def main(ctx: click.Context, control: Path | None) -> None:
               help="Config (target.json) and default images [default: $SANSTACK_DATA_DIR, else /var/lib/sanstack as "
                    "root, else ~/.local/share/sanstack].")
 @click.option("--portal", "portals", multiple=True, metavar="HOST:PORT",
-              help="Quick start (with --target and --lun): listen here; repeat for multipath (one portal group each). "
+              help="Listen here; repeat for multipath (one portal group each): for the quick start (with "
+                   "--target and --lun), or for the default target when its config is first created. "
                    "[default: 127.0.0.1:3260]")
 @click.option("--target", "target_name", metavar="IQN", help="Quick start: the target's name.")
 @click.option("--lun", "luns", multiple=True, metavar="PATH[:SIZE][:OPTION]...",
@@ -234,15 +236,18 @@ def serve(config_file: Path | None, data_dir: Path | None, portals: tuple[str, .
         raise click.UsageError("give either --config or the quick-start options (--target/--lun/--portal), not both")
     if quick and not (target_name and luns):
         raise click.UsageError("quick start needs --target IQN and at least one --lun PATH[:SIZE]")
-    if portals and not quick:
+    config_path: Path | None
+    data = (data_dir or default_data_dir()).expanduser().absolute()
+    if portals and not quick and (config_file is not None or (data / C.CONFIG_FILENAME).exists()):
+        # The default form takes portals only while it creates its config: after that the
+        # file says where the target listens, and one place to change it is enough.
+        where = config_file or data / C.CONFIG_FILENAME
         raise click.UsageError(
-            "--portal belongs to the quick-start form (with --target and --lun); "
-            "to add a portal to a configured daemon use `iscsi-target portal add`"
+            f"--portal sets the portals of a new config (the quick start, or the default target's first "
+            f"run); {where} already exists: change its portals with `iscsi-target portal add` / `portal remove`"
         )
     logsetup.setup(log_level)
 
-    config_path: Path | None
-    data = (data_dir or default_data_dir()).expanduser().absolute()
     if quick:
         cfg = _check(lambda: quickstart_config(target_name, luns, portals, alias, data))
         config_path = None
@@ -259,10 +264,11 @@ def serve(config_file: Path | None, data_dir: Path | None, portals: tuple[str, .
                 click.echo(f"iscsi-target: warning: {config_path} is readable by others and may hold CHAP secrets; "
                            "chmod 600 it", err=True)
         else:
-            cfg = default_config(data)
+            cfg = _check(lambda: default_config(data, portals or (DEFAULT_PORTAL,)))
             _check(lambda: _save_first(cfg, config_path))
             click.echo(f"iscsi-target: created {config_path} with target {DEFAULT_TARGET} "
-                       f"(LUN 0: {data / DEFAULT_LUN_FILE}, 1 GiB sparse) on {DEFAULT_PORTAL}", err=True)
+                       f"(LUN 0: {data / DEFAULT_LUN_FILE}, 1 GiB sparse) on {', '.join(portals or (DEFAULT_PORTAL,))}",
+                       err=True)
 
     control_path = control or (click.get_current_context().find_root().obj or {}).get("control") or default_control_path()
     try:

@@ -214,3 +214,35 @@ def test_acl_list_warns_when_one_target_secret_admits_acls_with_different_luns()
     apart = [row("iqn.2026-11.org.example:a", {"0": 0}), row("iqn.2026-11.org.example:b", {"0": 1})]
     (warning,) = _shared_chap_warnings(apart)
     assert "iqn.2026-11.org.example:a, iqn.2026-11.org.example:b" in warning and "chap set" in warning
+
+
+# --------------------------------------------------------------------------- default serve, --portal
+
+def test_default_serve_takes_its_portals_on_its_first_run(tmp_path):
+    """`iscsi-target serve --portal H:P` without --target/--lun: the default target's config
+    is created with those portals (it was refused, so the default target could not be put on
+    a real address from the command line)."""
+    import signal
+    import subprocess
+    import sys
+
+    from tools.peers.base import free_portals, stop_process, wait_listening
+
+    portals = free_portals(2)
+    data = tmp_path / "data"
+    cmd = [sys.executable, "-m", "iscsi.target", "serve", "--data-dir", str(data),
+           "--control", str(tmp_path / "ctl.sock"), *(a for p in portals for a in ("--portal", str(p)))]
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_listening(portals, proc, 30, log)
+        cfg = C.load_config(data / C.CONFIG_FILENAME)
+        (target,) = cfg.targets
+        assert [p for _, p in target.portals()] == [str(p) for p in portals]
+        assert [g.tag for g in target.portal_groups] == [1, 2]
+    finally:
+        stop_process(proc, signal.SIGTERM)
+    # The config exists now: --portal would be a second place to say where it listens.
+    r = run("serve", "--data-dir", str(data), "--portal", str(portals[0]))
+    assert r.exit_code == 2 and "portal add" in r.output and str(data / C.CONFIG_FILENAME) in r.output, r.output

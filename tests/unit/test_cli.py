@@ -76,11 +76,13 @@ def captured(monkeypatch):
     return seen
 
 
-def test_serve_usage_errors_exit_2():
+def test_serve_usage_errors_exit_2(tmp_path):
+    (tmp_path / C.CONFIG_FILENAME).write_text("{}")  # a default form whose config exists: --portal is refused
     for args in (["serve", "--target", "iqn.2026-11.org.example:t1"],
                  ["serve", "--lun", "/x.img:1G"],
                  ["serve", "--config", "/x.json", "--target", "iqn.2026-11.org.example:t1", "--lun", "/x:1G"],
-                 ["serve", "--portal", "127.0.0.1:3261"]):
+                 ["serve", "--config", "/x.json", "--portal", "127.0.0.1:3261"],
+                 ["serve", "--data-dir", str(tmp_path), "--portal", "127.0.0.1:3261"]):
         r = run(*args)
         assert r.exit_code == 2, (args, r.output)
 
