@@ -878,9 +878,13 @@ def loads(text: str) -> Config:
 # --------------------------------------------------------------------------- files
 
 
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def text_digest(text: str) -> str:
     """The :func:`file_digest` of a file holding ``text`` (written as UTF-8, as saved)."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return _digest(text.encode("utf-8"))
 
 
 def file_digest(path: str | os.PathLike) -> str | None:
@@ -894,7 +898,7 @@ def file_digest(path: str | os.PathLike) -> str | None:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         return None
-    return hashlib.sha256(data).hexdigest()
+    return _digest(data)
 
 
 def load_config(path: str | os.PathLike) -> Config:
@@ -927,7 +931,7 @@ def read_config(path: str | os.PathLike) -> tuple[Config, str]:
         # A relative data_dir is taken from the file's directory too: the daemon's working
         # directory (/ under systemd) must not decide where images are created.
         cfg.data_dir = str(path.absolute().parent / cfg.data_dir)
-    return cfg, hashlib.sha256(data).hexdigest()
+    return cfg, _digest(data)
 
 
 def check_not_writable_by_others(path: str | os.PathLike) -> None:

@@ -221,7 +221,8 @@ class ScsiUnitProvider:
         image = cfg.resolve_path(lun.path)
         exists = image.exists()
         marker = self.state_path(cfg, cfg.serial_for(target, lun), image, "served") if self.remember_images else None
-        if not exists and marker is not None and _served_before(marker, image):
+        served = marker is not None and _served_before(marker, image)
+        if not exists and served:
             # Created anew, the LU would come back blank under the same identity: initiators
             # would see their data gone without an error (a deleted or moved image, a disk not
             # mounted yet).  The admin decides.
@@ -291,7 +292,7 @@ class ScsiUnitProvider:
             raise
         unit = Unit(lu=lu, backstore=backstore, lun=lun, image=image, created=not exists)
         unit.lock, unit.in_use_elsewhere = lock, in_use
-        if marker is not None and not _served_before(marker, image):
+        if marker is not None and not served:
             try:
                 _save_json_atomically(marker, {"image": str(image), "first_served": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
                 unit.served_marker, unit.marker_written = marker, True
@@ -920,7 +921,7 @@ class TargetDaemon:
                     digest = await asyncio.to_thread(C.save_config, new, self.config_path)
                 except OSError as e:
                     raise DaemonError(f"cannot save {self.config_path}: {e.strerror or e}; nothing was changed") from None
-                self._file_digest = digest if isinstance(digest, str) else C.file_digest(self.config_path)
+                self._file_digest = digest
         except BaseException:
             await self._undo(opened, resized, bound)
             raise
